@@ -1,0 +1,37 @@
+"""The QLoRAJob API: the one source of truth shared by the operator, the trainer and the CRD.
+
+Importing this package needs pydantic only (no kopf, no torch), so the trainer validates its
+config with exactly the models the operator and the API server's schema come from.
+"""
+
+from qlora_api.meta import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from qlora_api.protocol import (
+    ExitCode,
+    TrainerError,
+    TrainerProgressLine,
+    TrainerResultMessage,
+    TrainerRunConfig,
+)
+from qlora_api.spec import QLoRAJobSpec
+from qlora_api.status import Condition, PublishedFile, QLoRAJobStatus, TrainingProgress, TrainingResult
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SHORT_NAMES",
+    "SINGULAR",
+    "VERSION",
+    "Condition",
+    "ExitCode",
+    "PublishedFile",
+    "QLoRAJobSpec",
+    "QLoRAJobStatus",
+    "TrainerError",
+    "TrainerProgressLine",
+    "TrainerResultMessage",
+    "TrainerRunConfig",
+    "TrainingProgress",
+    "TrainingResult",
+]

@@ -1,0 +1,107 @@
+"""The contract between the operator and the trainer pod, which holds no Kubernetes credentials.
+
+operator -> trainer: a TrainerRunConfig as JSON in a ConfigMap mounted at CONFIG_PATH.
+trainer -> operator: one JSON object per stdout line for progress (read through pods/log), and
+a TrainerResultMessage or TrainerError in the container's termination message; the exit code
+says whether a retry can help.
+"""
+
+import json
+from enum import IntEnum
+from typing import Literal
+
+from pydantic import Field
+
+from qlora_api.base import ApiModel
+from qlora_api.spec import QLoRAJobSpec
+from qlora_api.status import TrainingProgress, TrainingResult
+
+CONFIG_MOUNT_DIR = "/etc/qlora"
+CONFIG_FILE = "config.json"
+CONFIG_PATH = f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE}"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+# The kubelet keeps at most 4096 bytes of a termination message.
+TERMINATION_MESSAGE_LIMIT = 4096
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    UNEXPECTED = 1  # a bug or an unclassified error: retried
+    INVALID_CONFIG = 2  # permanent
+    BAD_DATA = 3  # permanent: the message names the file and line
+    MODEL_NOT_FOUND = 4  # permanent
+    STORAGE_UNAVAILABLE = 5  # S3 unreachable or refusing: retried
+    OUT_OF_MEMORY = 6  # CUDA OOM: permanent until the spec changes; the message has a hint
+    INTERRUPTED = 7  # SIGTERM (preemption, suspend): retried, resumes from the last checkpoint
+
+    @property
+    def retryable(self) -> bool:
+        return self in (ExitCode.UNEXPECTED, ExitCode.STORAGE_UNAVAILABLE, ExitCode.INTERRUPTED)
+
+
+class TrainerRunConfig(ApiModel):
+    """Everything the trainer needs, with the job's identity for its output paths."""
+
+    namespace: str
+    name: str
+    run_id: str = Field(description="Stable across attempts (the QLoRAJob's uid), so a new pod resumes the run.")
+    attempt: int = Field(1, ge=1)
+    spec: QLoRAJobSpec
+
+
+class TrainerProgressLine(TrainingProgress):
+    """A progress report as printed on stdout: {"event": "progress", ...TrainingProgress}."""
+
+    event: Literal["progress"] = "progress"
+
+    @staticmethod
+    def parse(line: str) -> "TrainerProgressLine | None":
+        """The report in one log line, or None for human-readable lines and other events."""
+        line = line.strip()
+        if not (line.startswith("{") and '"progress"' in line):
+            return None
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.get("event") != "progress":
+            return None
+        try:
+            return TrainerProgressLine.model_validate(data)
+        except ValueError:
+            return None
+
+
+class TrainerResultMessage(ApiModel):
+    """The termination message of a trainer that published its adapter."""
+
+    event: Literal["result"] = "result"
+    result: TrainingResult
+
+
+class TrainerError(ApiModel):
+    """The termination message of a trainer that failed: one reason, one line for humans."""
+
+    event: Literal["error"] = "error"
+    reason: str = Field(pattern=r"^[A-Z][A-Za-z0-9]*$", description="CamelCase, e.g. BadData, CudaOutOfMemory.")
+    message: str
+    exit_code: int
+
+
+def parse_termination_message(text: str | None) -> TrainerResultMessage | TrainerError | None:
+    """The trainer's termination message, or None if the container wrote none (or something else)."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    kind = data.get("event") if isinstance(data, dict) else None
+    try:
+        if kind == "result":
+            return TrainerResultMessage.model_validate(data)
+        if kind == "error":
+            return TrainerError.model_validate(data)
+    except ValueError:
+        return None
+    return None

@@ -1,0 +1,231 @@
+"""QLoRAJobSpec: what to fine-tune, on what data, how, where it runs and where the adapter goes.
+
+Defaults follow the QLoRA paper (NF4, double quantization, bf16 compute, paged AdamW,
+max grad norm 0.3) except where noted beside the field.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from qlora_api.base import ApiModel
+from qlora_api.rules import CrossFieldRule, RuledModel, immutable
+
+# RE2-compatible patterns: the API server evaluates them too.
+S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$"
+HF_URI = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+HTTPS_URI = r"^https://[^\s]+$"
+
+
+def _any_of(*patterns: str) -> str:
+    return "^(" + "|".join(p.removeprefix("^").removesuffix("$") for p in patterns) + ")$"
+
+
+MODEL_URI = _any_of(HF_URI, S3_URI, PVC_URI)
+DATA_URI = _any_of(S3_URI, HTTPS_URI, PVC_URI)
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+
+Uri = Annotated[str, Field(max_length=2048)]
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+
+
+class ModelSource(RuledModel):
+    """The base model to quantize and adapt."""
+
+    uri: Uri = Field(
+        pattern=MODEL_URI,
+        description="hf://<org>/<name> (a Hugging Face model id), s3://bucket/path/ (a folder with "
+        "config.json, tokenizer and safetensors) or pvc://<claim>/<path> (a folder on a PersistentVolumeClaim).",
+    )
+    revision: str | None = Field(
+        None, max_length=255, description="Branch, tag or commit of an hf:// model (default: main)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code to run.")
+
+    cross_field_rules = (
+        CrossFieldRule(
+            cel="!has(self.revision) || self.uri.startsWith('hf://')",
+            message="revision applies only to hf:// models",
+            check=lambda m: m.revision is None or m.uri.startswith("hf://"),
+            field_path=".revision",
+        ),
+    )
+
+
+class DatasetSource(ApiModel):
+    """Training data: JSONL or Parquet records of one of three shapes."""
+
+    uri: Uri = Field(pattern=DATA_URI, description="s3://, https:// or pvc://<claim>/<path> of the training file.")
+    format: Literal["auto", "jsonl", "parquet"] = Field(
+        "auto", description="File format; auto decides by the file extension (.jsonl/.json/.parquet)."
+    )
+    record_format: Literal["auto", "messages", "promptCompletion", "text"] = Field(
+        "auto",
+        description="messages: chat records rendered with the tokenizer's chat template; promptCompletion: "
+        "loss on the completion only; text: loss on everything; auto: decided by each file's first record.",
+    )
+    eval_uri: Uri | None = Field(None, pattern=DATA_URI, description="A separate eval split.")
+    eval_fraction: float = Field(
+        0.1, ge=0.0, le=0.5, description="Without evalUri: fraction carved off the training data with the seed."
+    )
+
+
+class QuantizationSpec(ApiModel):
+    """How the frozen base model is quantized (bitsandbytes)."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 as in the QLoRA paper.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Matmul dtype; auto is bfloat16 where the GPU supports it, else float16."
+    )
+
+
+class LoRASpec(RuledModel):
+    """The low-rank adapter trained on top of the frozen 4-bit base."""
+
+    r: int = Field(16, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, le=4096, description="Scaling numerator; usually 2*r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt, or the single value all-linear (every linear layer but the output head).",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+
+    cross_field_rules = (
+        CrossFieldRule(
+            cel="!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+            message="all-linear cannot be combined with other target modules",
+            check=lambda m: "all-linear" not in m.target_modules or len(m.target_modules) == 1,
+            field_path=".targetModules",
+        ),
+    )
+
+
+class TrainingSpec(RuledModel):
+    """The optimisation schedule (supervised fine-tuning)."""
+
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training data (maxSteps wins if set).")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float | None = Field(
+        None, ge=0, le=0.5, description="Warm-up as a fraction of all steps (default 0.03 when neither is set)."
+    )
+    warmup_steps: int | None = Field(None, ge=0, le=1_000_000, description="Warm-up in steps.")
+    batch_size: int = Field(4, ge=1, le=1024, description="Sequences per micro-batch on each GPU.")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    max_seq_length: int = Field(2048, ge=16, le=262_144, description="Tokens per sequence (packed or truncated).")
+    packing: bool = Field(True, description="Pack records into full sequences without attention across them.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass.")
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"] = "paged_adamw_32bit"
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(0.3, ge=0, le=1000, description="Gradient clipping; 0.3 as in the QLoRA paper.")
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    completion_only_loss: bool = Field(
+        True, description="For promptCompletion and messages records: loss on the completion/assistant turns only."
+    )
+    logging_steps: int = Field(10, ge=1, le=100_000, description="Report progress every this many steps.")
+    eval_steps: int | None = Field(None, ge=1, le=10_000_000, description="Evaluate during training (default: at the end).")
+    checkpoint_steps: int = Field(
+        100, ge=0, le=10_000_000, description="Save a resumable checkpoint to S3 every this many steps (0: never)."
+    )
+
+    cross_field_rules = (
+        CrossFieldRule(
+            cel="!(has(self.warmupRatio) && has(self.warmupSteps))",
+            message="set warmupRatio or warmupSteps, not both",
+            check=lambda m: m.warmup_ratio is None or m.warmup_steps is None,
+        ),
+    )
+
+
+class GPURequest(ApiModel):
+    count: int = Field(1, ge=1, le=16, description="nvidia.com/gpu requested by the trainer pod.")
+    product: str | None = Field(
+        None,
+        max_length=128,
+        description="Required GPU product (the nvidia.com/gpu.product node label, e.g. NVIDIA-H100-80GB-HBM3).",
+    )
+
+
+class Toleration(ApiModel):
+    key: str | None = Field(None, max_length=316)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourcesSpec(ApiModel):
+    """Where and how the trainer pod runs."""
+
+    gpu: GPURequest = Field(default_factory=GPURequest)
+    cpu: str | None = Field(None, pattern=QUANTITY, max_length=32, description="CPU request, e.g. 8.")
+    memory: str | None = Field(
+        None, pattern=QUANTITY, max_length=32, description="Memory request and limit, e.g. 64Gi (host RAM, not GPU)."
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description="A core/v1 Affinity, passed to the pod as is (validated by the API server when the Job is created).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: Name | None = None
+    runtime_class_name: Name | None = None
+    image: str | None = Field(None, max_length=512, description="Trainer image override.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_secrets: list[Name] = Field(default_factory=list, max_length=16)
+
+
+class SecretKeyRefs(ApiModel):
+    """A Secret in the QLoRAJob's own namespace holding S3 credentials."""
+
+    name: Name
+    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", max_length=253)
+    secret_access_key_key: str = Field("AWS_SECRET_ACCESS_KEY", max_length=253)
+    session_token_key: str | None = Field(None, max_length=253)
+
+
+class OutputSpec(ApiModel):
+    """Where the adapter is published; the same S3 connection reads s3:// model and data URIs."""
+
+    bucket: str = Field(pattern=S3_BUCKET, max_length=63)
+    prefix: str = Field("adapters", max_length=512, pattern=r"^[^\s]*$", description="Key prefix inside the bucket.")
+    endpoint_url: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$", max_length=512, description="S3-compatible endpoint (MinIO, Ceph, R2)."
+    )
+    region: str = Field("us-east-1", max_length=64)
+    addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="path for most MinIO/Ceph setups.")
+    credentials_secret_ref: SecretKeyRefs | None = Field(
+        None, description="Without it the pod uses ambient credentials (workload identity, instance role)."
+    )
+    merged_export: bool = Field(False, description="Also publish the adapter merged into a bf16 copy of the base.")
+
+
+class QLoRAJobSpec(ApiModel):
+    """A QLoRA fine-tuning job. Everything but suspend, backoffLimit, activeDeadlineSeconds and
+    ttlSecondsAfterFinished is fixed once the job exists."""
+
+    model: ModelSource = Field(json_schema_extra=immutable("spec.model"))
+    dataset: DatasetSource = Field(json_schema_extra=immutable("spec.dataset"))
+    output: OutputSpec = Field(json_schema_extra=immutable("spec.output"))
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, json_schema_extra=immutable("spec.quantization"))
+    lora: LoRASpec = Field(default_factory=LoRASpec, json_schema_extra=immutable("spec.lora"))
+    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra=immutable("spec.training"))
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, json_schema_extra=immutable("spec.resources"))
+    suspend: bool = Field(False, description="Stop the trainer pod (it resumes from its last checkpoint when unset).")
+    backoff_limit: int = Field(2, ge=0, le=20, description="Retries after a retryable failure (pod loss, S3 outage).")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Wall-clock limit for the whole job, all attempts together."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the finished trainer Job and its pods this long after the end (status stays)."
+    )

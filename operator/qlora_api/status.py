@@ -1,0 +1,87 @@
+"""QLoRAJobStatus: what the operator observed, as Conditions a human and `kubectl wait` can act on."""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from qlora_api.base import ApiModel
+
+Phase = Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]
+
+
+class ConditionType:
+    """Condition types (each True, False or Unknown, with a CamelCase reason)."""
+
+    ACCEPTED = "Accepted"  # the spec is valid and the operator owns the job
+    SCHEDULED = "Scheduled"  # the trainer pod is bound to a GPU node (False: Unschedulable, with the scheduler's words)
+    RUNNING = "Running"  # the trainer is training
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"  # the adapter is published; terminal
+    FAILED = "Failed"  # terminal; the reason says why (OOMKilled, DeadlineExceeded, TrainerError, ...)
+
+
+class Condition(ApiModel):
+    type: str = Field(max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field("", max_length=32768)
+    last_transition_time: datetime
+    observed_generation: int | None = Field(None, ge=0)
+
+
+class TrainingProgress(ApiModel):
+    """The trainer's latest progress report."""
+
+    step: int = Field(0, ge=0)
+    total_steps: int | None = Field(None, ge=0)
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    mfu: float | None = Field(None, description="Model FLOPs utilisation, 0-1, where the GPU's peak is known.")
+    gpu_memory_gib: float | None = Field(None, description="Peak GPU memory allocated so far.")
+    eta_seconds: float | None = None
+    summary: str | None = Field(None, max_length=64, description="step/total (percent), for kubectl get.")
+    updated_at: datetime | None = None
+
+
+class PublishedFile(ApiModel):
+    path: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class TrainingResult(ApiModel):
+    """What the trainer published."""
+
+    adapter_uri: str = Field(description="s3:// folder with the adapter, tokenizer, config, metrics and manifest.")
+    manifest_uri: str | None = None
+    manifest_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    files: list[PublishedFile] = Field(default_factory=list)
+    total_bytes: int | None = Field(None, ge=0)
+    base_model_revision: str | None = None
+    merged_model_uri: str | None = None
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    train_seconds: float | None = None
+    resumed_from_step: int | None = None
+
+
+class QLoRAJobStatus(ApiModel):
+    phase: Phase | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = None
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    attempts: int | None = Field(None, ge=0, description="Trainer Jobs created so far (one per attempt).")
+    job_name: str | None = Field(None, description="The current attempt's batch/v1 Job.")
+    message: str | None = Field(None, max_length=32768, description="The latest human-readable status line.")
+    progress: TrainingProgress | None = None
+    result: TrainingResult | None = None
