@@ -1,0 +1,128 @@
+"""Detached background processes tracked by pid files, so `up` and `down` can run in different shells."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Component:
+    """One process of the cluster: its name, command line and where its pid and log go."""
+
+    name: str
+    argv: list[str]
+    state_dir: Path
+    env: dict[str, str] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.state_dir / "logs" / f"{self.name}.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.state_dir / "pids" / f"{self.name}.pid"
+
+
+def running_pid(pidfile: Path) -> int | None:
+    """The pid recorded in `pidfile` if that process is still alive (zombies count as dead)."""
+    try:
+        pid_line, _, program = pidfile.read_text().partition("\n")
+        pid = int(pid_line)
+    except (FileNotFoundError, ValueError):
+        return None
+    if not _alive(pid):
+        return None
+    # After a reboot the pid may belong to something else: check it still runs our program.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return pid
+    return pid if program.strip() in cmdline else None
+
+
+def start(component: Component) -> int:
+    component.log.parent.mkdir(parents=True, exist_ok=True)
+    component.pidfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(component.log, "ab") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(component.argv)}\n".encode())
+        log.flush()
+        # A session of its own: the process outlives this shell and gets no terminal signals, and
+        # `down` can signal its whole process group.
+        proc = subprocess.Popen(
+            component.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(component.env or {})},
+            cwd=component.state_dir,
+        )
+    component.pidfile.write_text(f"{proc.pid}\n{component.argv[0]}\n")
+    return proc.pid
+
+
+def stop(component: Component, timeout: float) -> str:
+    """SIGTERM the component's process group, SIGKILL it after `timeout` s. Returns what happened."""
+    pid = running_pid(component.pidfile)
+    if pid is None:
+        component.pidfile.unlink(missing_ok=True)
+        return "not running"
+    started = time.monotonic()
+    _signal_group(pid, signal.SIGTERM)
+    while time.monotonic() - started < timeout:
+        if not _alive(pid):
+            component.pidfile.unlink(missing_ok=True)
+            return f"stopped in {time.monotonic() - started:.1f} s"
+        time.sleep(0.2)
+    _signal_group(pid, signal.SIGKILL)
+    while _alive(pid):
+        time.sleep(0.1)
+    component.pidfile.unlink(missing_ok=True)
+    return f"killed after {timeout:.0f} s"
+
+
+def exited(pid: int) -> bool:
+    return not _alive(pid)
+
+
+def log_tail(component: Component, lines: int = 25) -> str:
+    try:
+        text = component.log.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    # When this Python process started the component itself, a dead child stays a zombie until
+    # reaped; reap it here so it does not look alive.
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True
