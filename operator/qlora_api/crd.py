@@ -17,7 +17,11 @@ from qlora_api.status import QLoRAJobStatus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = f"{GROUP}_{PLURAL}.yaml"
-CRD_TARGETS = [REPO_ROOT / "crds" / CRD_FILE, REPO_ROOT / "charts" / "qlora-operator" / "crds" / CRD_FILE]
+CRD_PATH = REPO_ROOT / "crds" / CRD_FILE
+# The chart installs the CRD from a template so that `helm upgrade` updates it too (files in a
+# chart's crds/ folder are installed once and never upgraded) and so that crds.install/crds.keep
+# can switch it; the template is the same document wrapped in those switches.
+CHART_CRD_PATH = REPO_ROOT / "charts" / "qlora-operator" / "templates" / "crd-qlorajobs.yaml"
 
 # JSON Schema keywords that a Kubernetes structural schema accepts as they are.
 _KEPT = {
@@ -137,22 +141,40 @@ def render_crd() -> dict:
     }
 
 
+HEADER = "# Generated from operator/qlora_api by `make crds` (python -m qlora_api.crd). Do not edit.\n"
+
+
 def render_crd_yaml() -> str:
-    header = "# Generated from operator/qlora_api by `make crds` (python -m qlora_api.crd). Do not edit.\n"
-    return header + yaml.safe_dump(render_crd(), sort_keys=False, width=100)
+    return HEADER + yaml.safe_dump(render_crd(), sort_keys=False, width=100)
+
+
+def render_chart_crd_template() -> str:
+    body = yaml.safe_dump(render_crd(), sort_keys=False, width=100)
+    keep = (
+        "  annotations:\n"
+        "    {{- if .Values.crds.keep }}\n"
+        "    helm.sh/resource-policy: keep\n"
+        "    {{- end }}\n"
+    )
+    body = body.replace("  annotations:\n", keep, 1)
+    return HEADER + "{{- if .Values.crds.install }}\n" + body + "{{- end }}\n"
+
+
+def rendered_targets() -> dict[Path, str]:
+    return {CRD_PATH: render_crd_yaml(), CHART_CRD_PATH: render_chart_crd_template()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if the checked-in CRDs are stale")
     args = parser.parse_args(argv)
-    text = render_crd_yaml()
-    stale = [p for p in CRD_TARGETS if not p.exists() or p.read_text() != text]
+    targets = rendered_targets()
+    stale = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for path in stale:
             print(f"{path.relative_to(REPO_ROOT)} is out of date: run `make crds`", file=sys.stderr)
         return 1 if stale else 0
-    for path in CRD_TARGETS:
+    for path, text in targets.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         print(f"wrote {path.relative_to(REPO_ROOT)}")

