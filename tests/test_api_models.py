@@ -124,3 +124,11 @@ def test_samples_are_valid_qlorajobs(path):
     doc = yaml.safe_load(path.read_text())
     assert doc["kind"] == "QLoRAJob"
     assert QLoRAJobSpec.model_validate(doc["spec"]).output.bucket
+
+
+def test_readme_field_reference_is_generated_from_the_models():
+    from qlora_api.field_reference import README, updated_readme
+
+    text = README.read_text()
+    assert updated_readme(text) == text, "run `make crds`"
+    assert "| `spec.lora.r` |" in text and "`16`" in text

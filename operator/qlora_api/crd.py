@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if the checked-in CRDs are stale")
     args = parser.parse_args(argv)
+    from qlora_api.field_reference import README, updated_readme
+
     targets = rendered_targets()
+    if README.exists():
+        targets[README] = updated_readme(README.read_text())
     stale = [p for p, text in targets.items() if not p.exists() or p.read_text() != text]
     if args.check:
         for path in stale:
