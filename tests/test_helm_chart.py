@@ -1,0 +1,83 @@
+"""The Helm chart: lint, schema, rendering, and an install into the local cluster's real API server."""
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from qlora_api.crd import CHART_CRD_PATH, render_crd
+from qlora_localcluster import build
+from qlora_localcluster.testing import kubectl
+
+CHART = CHART_CRD_PATH.parents[1]
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    binary = build.ensure_binaries(["helm"])["helm"]
+    result = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+def rendered(*values: str) -> list[dict]:
+    args = ["template", "qlora", str(CHART), "--namespace", "qlora-system"]
+    for value in values:
+        args += ["--set", value]
+    return [doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_chart_lints_cleanly():
+    result = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_default_render_has_the_crd_operator_and_least_privilege_rbac():
+    docs = rendered()
+    crd = by_kind(docs, "CustomResourceDefinition")[0]
+    assert crd["spec"] == render_crd()["spec"]
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    rules = by_kind(docs, "ClusterRole")[0]["rules"]
+    resources = {r for rule in rules for r in rule["resources"]}
+    assert "secrets" not in resources, "the operator must never read Secrets"
+    assert {"qlorajobs/status", "jobs", "pods/log", "configmaps", "events"} <= resources
+    container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["QLORA_TRAINER_IMAGE"] == "ghcr.io/qlora-operator/trainer:0.1.0"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_switches_change_what_is_rendered():
+    docs = rendered("crds.install=false", "rbac.create=false", "watchNamespaces={ml,research}",
+                    "trainerImage.tag=v9")
+    assert not by_kind(docs, "CustomResourceDefinition") and not by_kind(docs, "ClusterRole")
+    env = {e["name"]: e["value"]
+           for e in by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["QLORA_WATCH_NAMESPACES"] == "ml,research"
+    assert env["QLORA_TRAINER_IMAGE"].endswith(":v9")
+    crd_kept = by_kind(rendered("crds.keep=false"), "CustomResourceDefinition")[0]
+    assert "helm.sh/resource-policy" not in (crd_kept["metadata"].get("annotations") or {})
+
+
+@pytest.mark.parametrize("value,complaint", [
+    ("imagee.tag=x", "imagee"),
+    ("logLevel=LOUD", "logLevel"),
+    ("reconcileIntervalSeconds=0", "reconcileIntervalSeconds"),
+])
+def test_schema_rejects_bad_values_by_name(value, complaint):
+    result = helm("template", "qlora", str(CHART), "--set", value, check=False)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+def test_rendered_chart_is_accepted_by_the_api_server(local_cluster, namespace):
+    docs = rendered(f"watchNamespaces={{{namespace}}}")
+    manifest = "\n---\n".join(json.dumps(d) for d in docs)
+    result = kubectl(local_cluster, "apply", "--dry-run=server", "-n", namespace, "-f", "-", input=manifest)
+    assert "customresourcedefinition.apiextensions.k8s.io/qlorajobs.training.qlora-operator.dev" in result.stdout
+    assert "clusterrole.rbac.authorization.k8s.io/qlora-qlora-operator" in result.stdout
