@@ -1,0 +1,343 @@
+"""Training data: read JSONL/Parquet records, check their shape, tokenize, pack, split off eval.
+
+Three record shapes (one per file, decided by `dataset.recordFormat` or the first record):
+  {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
+      rendered with the tokenizer's chat template; with completionOnlyLoss the loss covers the
+      assistant turns only (their content and the template's end-of-turn tokens);
+  {"prompt": "...", "completion": "..."}
+      loss on the completion (+ EOS) only, with completionOnlyLoss;
+  {"text": "..."}
+      loss on every token (+ EOS).
+A record that does not fit its shape stops the run with the file and line (exit 3), before the
+model is downloaded.
+
+Packing: records are placed into rows of at most maxSeqLength tokens (best-fit decreasing, so
+rows are nearly full and no record is split). Each record's position_ids restart at 0 and no
+attention mask is passed, so transformers builds a block-diagonal causal mask from the position
+resets (`masking_utils.find_packed_sequence_indices`, for sdpa/eager and flash-attention varlen
+alike): no token attends to another record. The first token of each record carries no label, so
+no record is trained to predict the next record's first token either.
+"""
+
+import bisect
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_api.spec import DatasetSource, TrainingSpec
+
+from qlora_trainer.errors import bad_data
+from qlora_trainer.storage import S3Storage, fetch_file
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label of tokens that carry no loss (transformers' convention)
+SHAPES = ("messages", "promptCompletion", "text")
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+@dataclass
+class Record:
+    where: str  # "train.jsonl line 7": what an error message names
+    shape: str
+    value: dict[str, Any]
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Records:
+    train: list[Record]
+    eval: list[Record]
+
+
+# -- reading and checking ---------------------------------------------------------------------------
+
+
+def load_records(source: DatasetSource, storage: S3Storage, workdir: Path, seed: int) -> Records:
+    """Download, parse and check the data; carve the eval split off with the seed if none is given."""
+    train = read_file(_fetch(source.uri, storage, workdir / "data"), source.format, source.record_format, source.uri)
+    if source.eval_uri:
+        eval_records = read_file(
+            _fetch(source.eval_uri, storage, workdir / "eval-data"), source.format, source.record_format, source.eval_uri
+        )
+        return Records(train, eval_records)
+    return split_eval(train, source.eval_fraction, seed)
+
+
+def _fetch(uri: str, storage: S3Storage, dest: Path) -> Path:
+    try:
+        return fetch_file(uri, storage, dest)
+    except FileNotFoundError as exc:
+        raise bad_data(f"dataset {exc}") from exc
+
+
+def read_file(path: Path, fmt: str, record_format: str, uri: str = "") -> list[Record]:
+    name = (uri or str(path)).rstrip("/").rsplit("/", 1)[-1]
+    if fmt == "auto":
+        fmt = "parquet" if path.suffix.lower() in (".parquet", ".pq") else "jsonl"
+    rows = _parquet_rows(path, name) if fmt == "parquet" else _jsonl_rows(path, name)
+    records = []
+    shape = None if record_format == "auto" else record_format
+    for where, value in rows:
+        if shape is None:
+            shape = detect_shape(value, where)
+        records.append(Record(where, shape, check_record(value, shape, where)))
+    if not records:
+        raise bad_data(f"{name}: no records")
+    return records
+
+
+def _jsonl_rows(path: Path, name: str):
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{name} line {number}"
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                raise bad_data(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)} at column "
+                               f"{getattr(exc, 'colno', '?')})") from exc
+            yield where, value
+
+
+def _parquet_rows(path: Path, name: str):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise bad_data(f"{name}: not a readable Parquet file ({exc})") from exc
+    for number, value in enumerate(table.to_pylist(), 1):
+        yield f"{name} row {number}", value
+
+
+def detect_shape(value: Any, where: str) -> str:
+    if isinstance(value, dict):
+        if "messages" in value:
+            return "messages"
+        if "prompt" in value or "completion" in value:
+            return "promptCompletion"
+        if "text" in value:
+            return "text"
+    raise bad_data(f'{where}: expected an object with "messages", "prompt"/"completion" or "text"')
+
+
+def check_record(value: Any, shape: str, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise bad_data(f"{where}: expected a JSON object, got {type(value).__name__}")
+    if shape == "messages":
+        messages = value.get("messages")
+        if not isinstance(messages, list) or not messages or not all(_is_message(m) for m in messages):
+            raise bad_data(f'{where}: "messages" must be a list of {{role, content}}')
+        bad_roles = sorted({m["role"] for m in messages} - ROLES)
+        if bad_roles:
+            raise bad_data(f"{where}: unknown role {bad_roles[0]!r} (expected one of {', '.join(sorted(ROLES))})")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise bad_data(f'{where}: "messages" has no assistant turn to learn from')
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    if shape == "promptCompletion":
+        for key in ("prompt", "completion"):
+            if not isinstance(value.get(key), str):
+                raise bad_data(f'{where}: "{key}" must be a string')
+        if not value["completion"]:
+            raise bad_data(f'{where}: "completion" is empty')
+        return {"prompt": value["prompt"], "completion": value["completion"]}
+    if shape == "text":
+        if not isinstance(value.get("text"), str) or not value["text"]:
+            raise bad_data(f'{where}: "text" must be a non-empty string')
+        return {"text": value["text"]}
+    raise bad_data(f"{where}: unknown record format {shape!r}")
+
+
+def _is_message(m: Any) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+
+
+def split_eval(records: list[Record], fraction: float, seed: int) -> Records:
+    """A fixed-seed eval split: the same records on every attempt, so a resumed run sees the same data."""
+    if fraction <= 0 or len(records) < 2:
+        return Records(records, [])
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(records) - 1, max(1, round(len(records) * fraction)))
+    held_out = set(order[:n_eval])
+    return Records(
+        [r for i, r in enumerate(records) if i not in held_out],
+        [r for i, r in enumerate(records) if i in held_out],
+    )
+
+
+# -- tokenizing ---------------------------------------------------------------------------------------
+
+
+def tokenize(record: Record, tokenizer, completion_only: bool) -> Example:
+    if record.shape == "messages":
+        ids, labels = _tokenize_chat(record, tokenizer, completion_only)
+    elif record.shape == "promptCompletion":
+        prompt = tokenizer(record.value["prompt"], add_special_tokens=True)["input_ids"]
+        completion = _with_eos(tokenizer(record.value["completion"], add_special_tokens=False)["input_ids"], tokenizer)
+        ids = prompt + completion
+        labels = ([IGNORE] * len(prompt) if completion_only else list(prompt)) + completion
+    else:
+        ids = _with_eos(tokenizer(record.value["text"], add_special_tokens=True)["input_ids"], tokenizer)
+        labels = list(ids)
+    if labels:
+        labels[0] = IGNORE  # nothing predicts a record's first token (see the module docstring)
+    return Example(ids, labels)
+
+
+def _with_eos(ids: list[int], tokenizer) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def _tokenize_chat(record: Record, tokenizer, completion_only: bool) -> tuple[list[int], list[int]]:
+    messages = record.value["messages"]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans = _assistant_spans(messages, tokenizer, text) if completion_only else None
+    except Exception as exc:  # jinja's raise_exception (e.g. roles must alternate) and template bugs
+        raise bad_data(f"{record.where}: the chat template rejected the messages: {exc}") from exc
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=spans is not None)
+    ids = encoded["input_ids"]
+    if spans is None:
+        return ids, list(ids)
+    labels = [
+        token if any(start < end_ and end > start_ for start_, end_ in spans) else IGNORE
+        for token, (start, end) in zip(ids, encoded["offset_mapping"])
+    ]
+    return ids, labels
+
+
+def _assistant_spans(messages, tokenizer, text: str) -> list[tuple[int, int]] | None:
+    """Character spans of the assistant turns in the rendered conversation.
+
+    Rendering the conversation up to each assistant turn (with the generation prompt) and up to its
+    end gives the turn's span, as long as the template renders prefixes as prefixes. Templates that
+    rewrite earlier turns (e.g. dropping reasoning) do not; such records train on every token.
+    """
+    if not tokenizer.is_fast:
+        return None
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through) and len(before) < len(through)):
+            _warn_once("the chat template does not render prefixes stably; training on whole conversations")
+            return None
+        spans.append((len(before), len(through)))
+    return spans
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+# -- packing and batching -------------------------------------------------------------------------------
+
+
+def build_examples(records: list[Record], tokenizer, spec: TrainingSpec, split: str) -> list[Example]:
+    """Tokenize, truncate to maxSeqLength, drop records left with nothing to learn, and pack."""
+    if any(r.shape == "messages" for r in records[:1]) and not tokenizer.chat_template:
+        raise bad_data(f"{records[0].where}: chat records need a tokenizer with a chat template; this model has none")
+    examples, truncated, dropped = [], 0, 0
+    for record in records:
+        example = tokenize(record, tokenizer, spec.completion_only_loss)
+        if len(example.input_ids) > spec.max_seq_length:
+            truncated += 1
+            example = Example(example.input_ids[: spec.max_seq_length], example.labels[: spec.max_seq_length])
+        if all(label == IGNORE for label in example.labels):
+            dropped += 1
+            continue
+        examples.append(example)
+    if truncated or dropped:
+        log.warning("%s: %d record(s) truncated to maxSeqLength=%d, %d left with no completion tokens and dropped",
+                    split, truncated, spec.max_seq_length, dropped)
+    if not examples:
+        raise bad_data(f"{split} data: no record has tokens to learn from within maxSeqLength={spec.max_seq_length}")
+    rows = pack(examples, spec.max_seq_length) if spec.packing else [_single(e) for e in examples]
+    tokens = sum(len(e.input_ids) for e in examples)
+    log.info("%s: %d records, %d tokens, %d rows of at most %d tokens%s", split, len(examples), tokens, len(rows),
+             spec.max_seq_length, " (packed)" if spec.packing else "")
+    return rows
+
+
+def _single(example: Example) -> Example:
+    return Example(example.input_ids, example.labels, list(range(len(example.input_ids))))
+
+
+def pack(examples: list[Example], capacity: int) -> list[Example]:
+    """Best-fit decreasing: each record (longest first) goes into the fullest row it still fits."""
+    rows: list[Example] = []
+    free: list[tuple[int, int]] = []  # (space left, row index), sorted
+    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        n = len(example.input_ids)
+        i = bisect.bisect_left(free, (n, -1))
+        if i < len(free):
+            space, row_index = free.pop(i)
+        else:
+            rows.append(Example([], [], []))
+            space, row_index = capacity, len(rows) - 1
+        row = rows[row_index]
+        row.input_ids += example.input_ids
+        row.labels += example.labels
+        row.position_ids += range(n)
+        if space - n > 0:
+            bisect.insort(free, (space - n, row_index))
+    return rows
+
+
+def to_dataset(rows: list[Example]):
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "input_ids": [r.input_ids for r in rows],
+        "labels": [r.labels for r in rows],
+        "position_ids": [r.position_ids for r in rows],
+    })
+
+
+@dataclass
+class Collator:
+    """Pads a batch of rows. Packed rows get no attention mask (see the module docstring); the
+    padding is a segment of its own (positions restart at 0) with no labels."""
+
+    pad_token_id: int
+    packed: bool
+    pad_to_multiple_of: int = 8
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        longest = max(len(r["input_ids"]) for r in rows)
+        length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids, labels, positions, mask = [], [], [], []
+        for r in rows:
+            pad = length - len(r["input_ids"])
+            ids.append(list(r["input_ids"]) + [self.pad_token_id] * pad)
+            labels.append(list(r["labels"]) + [IGNORE] * pad)
+            positions.append(list(r["position_ids"]) + list(range(pad)))
+            mask.append([1] * len(r["input_ids"]) + [0] * pad)
+        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        if self.packed:
+            batch["position_ids"] = torch.tensor(positions)
+        else:
+            batch["attention_mask"] = torch.tensor(mask)
+        return batch

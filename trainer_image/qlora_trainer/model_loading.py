@@ -1,0 +1,149 @@
+"""The frozen 4-bit base model with a trainable LoRA adapter on top, and where its files come from.
+
+An s3:// model is a folder (config.json, tokenizer files, *.safetensors) read through the run's S3
+connection; pvc:// is a folder on a mounted claim; hf:// is a Hugging Face model id.
+"""
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from qlora_api.spec import LoRASpec, ModelSource, QuantizationSpec, TrainingSpec
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from qlora_trainer.errors import model_not_found
+from qlora_trainer.storage import S3Storage, S3Uri, pvc_path
+
+log = logging.getLogger(__name__)
+
+# Only what from_pretrained reads: a folder may also hold *.bin/*.pth duplicates or GGUF copies.
+_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken", ".py")
+
+
+@dataclass
+class ModelFiles:
+    path: Path  # a local folder (or an hf model id for hf://)
+    revision: str  # what exactly was loaded: a commit for hf://, a content fingerprint otherwise
+    hf_id: str | None = None
+
+
+def fetch_model(source: ModelSource, storage: S3Storage, workdir: Path) -> ModelFiles:
+    if source.uri.startswith("s3://"):
+        uri = S3Uri.parse(source.uri)
+        objects = [o for o in storage.list_objects(uri) if o.key.endswith(_MODEL_FILE_SUFFIXES)]
+        names = {o.key[len(uri.as_prefix()):] for o in objects}
+        if "config.json" not in names:
+            raise model_not_found(f"{source.uri} holds no config.json: not a model folder (or it does not exist)")
+        if not any(n.endswith(".safetensors") for n in names):
+            raise model_not_found(f"{source.uri} holds no .safetensors weights")
+        dest = workdir / "model"
+        storage.download_folder(uri, dest, objects)
+        # The folder's identity without hashing gigabytes: names, sizes and ETags of its files.
+        fingerprint = "\n".join(sorted(f"{o.key[len(uri.as_prefix()):]} {o.size} {o.etag}" for o in objects))
+        return ModelFiles(dest, "sha256:" + hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
+    if source.uri.startswith("pvc://"):
+        path = pvc_path(source.uri)
+        if not (path / "config.json").is_file():
+            raise model_not_found(f"{source.uri} ({path}) holds no config.json")
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        fingerprint = "\n".join(f"{p.relative_to(path)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
+        return ModelFiles(path, "sha256:" + hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
+    return _fetch_hf(source, workdir)
+
+
+def _fetch_hf(source: ModelSource, workdir: Path) -> ModelFiles:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    repo = source.uri[len("hf://"):]
+    try:
+        path = Path(snapshot_download(
+            repo, revision=source.revision, allow_patterns=[f"*{s}" for s in _MODEL_FILE_SUFFIXES],
+            cache_dir=workdir / "hf-cache",
+        ))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise model_not_found(f"{source.uri} (revision {source.revision or 'main'}): {exc}") from exc
+    return ModelFiles(path, path.name, hf_id=repo)  # the snapshot folder is named by the commit
+
+
+def compute_dtype(spec: QuantizationSpec) -> torch.dtype:
+    """bf16 where the GPU has it, fp16 on older GPUs; float32 on a CPU, where bf16 matmuls are slow."""
+    if spec.compute_dtype != "auto":
+        return getattr(torch, spec.compute_dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(spec: QuantizationSpec) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.quant_type,
+        bnb_4bit_use_double_quant=spec.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(spec),
+    )
+
+
+def lora_config(spec: LoRASpec) -> LoraConfig:
+    targets = "all-linear" if spec.target_modules == ["all-linear"] else list(spec.target_modules)
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        bias=spec.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_tokenizer(files: ModelFiles, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(str(files.path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding carries no labels and no attention (see data.Collator), so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_quantized_model(files: ModelFiles, source: ModelSource, quant: QuantizationSpec, training: TrainingSpec):
+    """The base in 4 bits, prepared for k-bit training (norms in fp32, input grads for checkpointing)."""
+    dtype = compute_dtype(quant)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(files.path),
+        quantization_config=quantization_config(quant),
+        dtype=dtype,
+        device_map={"": 0} if torch.cuda.is_available() else "cpu",
+        attn_implementation="sdpa",
+        trust_remote_code=source.trust_remote_code,
+    )
+    # A KV cache during training would also switch off the packed-sequence masks (data.py).
+    model.config.use_cache = False
+    if not torch.cuda.is_available():
+        _keep_cpu_4bit_differentiable(model)
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    return model
+
+
+def _keep_cpu_4bit_differentiable(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster kernel the first
+    time the layer runs in eval mode under no_grad (our eval before training), and keeps it so: that
+    kernel has no backward, so the adapters below such a layer would silently get no gradient."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_adapter(model, spec: LoRASpec):
+    model = get_peft_model(model, lora_config(spec))
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d alpha=%d on %s: %.2fM trainable of %.1fM parameters", spec.r, spec.alpha,
+             ",".join(spec.target_modules), trainable / 1e6, total / 1e6)
+    return model

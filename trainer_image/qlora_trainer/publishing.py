@@ -1,0 +1,124 @@
+"""Publishing: every file first, `manifest.json` (each file's size and sha256) last.
+
+A reader that finds the manifest finds a complete adapter; one that does not, finds nothing it
+should use. The same rule makes checkpoints resumable (checkpoints.py).
+"""
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_api import PublishedFile, TrainingResult
+
+from qlora_trainer.storage import S3Storage, S3Uri
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+CONFIG = "training_config.json"
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    """s3://<bucket>/<prefix>/<namespace>/<job name>/<runId>/ and the folders under it."""
+
+    root: S3Uri
+
+    @classmethod
+    def of(cls, bucket: str, prefix: str, namespace: str, name: str, run_id: str) -> "RunLocation":
+        return cls(S3Uri(bucket, "").join(prefix, namespace, name, run_id))
+
+    @property
+    def uri(self) -> str:
+        return str(self.root) + "/"
+
+    @property
+    def manifest(self) -> S3Uri:
+        return self.root.join(MANIFEST)
+
+    @property
+    def checkpoints(self) -> S3Uri:
+        return self.root.join("checkpoints")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_files(files: dict[str, Path]) -> list[PublishedFile]:
+    return [PublishedFile(path=rel, size=p.stat().st_size, sha256=sha256_file(p)) for rel, p in sorted(files.items())]
+
+
+def files_under(folder: Path, prefix: str = "") -> dict[str, Path]:
+    return {prefix + str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def upload_with_manifest(storage: S3Storage, root: S3Uri, files: dict[str, Path], extra: dict) -> tuple[bytes, list[PublishedFile]]:
+    """Upload the files, then the manifest; return the manifest's bytes and its file entries."""
+    entries = describe_files(files)
+    for entry in entries:
+        storage.upload_file(files[entry.path], root.join(entry.path))
+    manifest = {**extra, "files": [e.model_dump() for e in entries]}
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    storage.put_bytes(body, root.join(MANIFEST))
+    return body, entries
+
+
+def publish(
+    storage: S3Storage,
+    run: RunLocation,
+    adapter_dir: Path,
+    resolved_config: dict,
+    metrics: dict,
+    result: TrainingResult,
+    merged_dir: Path | None = None,
+) -> TrainingResult:
+    """Upload adapter, tokenizer, config, metrics (and the merged model); the manifest goes last."""
+    staging = adapter_dir.parent / "publish-extra"
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / CONFIG).write_text(json.dumps(resolved_config, indent=2, sort_keys=True))
+    (staging / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    files = {**files_under(adapter_dir), **files_under(staging)}
+    if merged_dir is not None:
+        files.update(files_under(merged_dir, "merged/"))
+    body, entries = upload_with_manifest(
+        storage, run.root, files,
+        {"adapterUri": run.uri, "baseModelRevision": result.base_model_revision, "metrics": metrics},
+    )
+    log.info("published %d files (%.1f MB) to %s", len(entries), sum(e.size for e in entries) / 1e6, run.uri)
+    return result.model_copy(update={
+        "adapter_uri": run.uri,
+        "manifest_uri": str(run.manifest),
+        "manifest_sha256": hashlib.sha256(body).hexdigest(),
+        "files": entries,
+        "total_bytes": sum(e.size for e in entries),
+        "merged_model_uri": run.uri + "merged/" if merged_dir is not None else None,
+    })
+
+
+def already_published(storage: S3Storage, run: RunLocation) -> TrainingResult | None:
+    """The result of an earlier attempt of this run that published before its pod went away."""
+    body = storage.get_bytes(run.manifest)
+    if body is None:
+        return None
+    manifest = json.loads(body)
+    entries = [PublishedFile.model_validate(e) for e in manifest.get("files", [])]
+    metrics = manifest.get("metrics", {})
+    return TrainingResult(
+        adapter_uri=run.uri,
+        manifest_uri=str(run.manifest),
+        manifest_sha256=hashlib.sha256(body).hexdigest(),
+        files=entries,
+        total_bytes=sum(e.size for e in entries),
+        base_model_revision=manifest.get("baseModelRevision"),
+        merged_model_uri=run.uri + "merged/" if any(e.path.startswith("merged/") for e in entries) else None,
+        **{k: metrics.get(k) for k in ("eval_loss_before", "eval_loss_after", "perplexity_before",
+                                        "perplexity_after", "train_seconds", "resumed_from_step")},
+    )

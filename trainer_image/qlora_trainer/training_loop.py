@@ -1,0 +1,253 @@
+"""Supervised fine-tuning through trl's SFTTrainer, with the run's own progress, checkpoints and stop.
+
+The data arrives tokenized and packed (data.py), so SFTTrainer skips its own preparation; it still
+provides the memory-lean loss (its fused LM head never builds the full logits), token accounting
+and the Trainer machinery: paged AdamW, schedules with warm-up, gradient accumulation and
+checkpointing, and resumable checkpoints (optimizer, scheduler, RNG and data position).
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from qlora_api import TrainerProgressLine
+from qlora_api.spec import TrainingSpec
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from trl import SFTConfig, SFTTrainer
+
+from qlora_trainer import evaluation
+from qlora_trainer.checkpoints import CheckpointStore
+from qlora_trainer.data import Collator, Example, to_dataset
+from qlora_trainer.reporting import ProgressReporter, summary
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WARMUP_RATIO = 0.03
+# Dense bf16/fp16 tensor-core peaks (datasheets), for MFU; GPUs not listed report no MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+@dataclass
+class Interruption:
+    """Set by the SIGTERM handler while training runs: the loop saves a checkpoint and stops."""
+
+    requested: bool = False
+    training: bool = False
+
+
+@dataclass
+class TrainOutcome:
+    seconds: float
+    steps: int
+    tokens: int
+    final_loss: float | None
+    peak_gpu_memory_gib: float | None
+    tokens_per_second: float | None
+    interrupted: bool = False
+    progress: list = field(default_factory=list)
+
+
+def optimizer_name(spec: TrainingSpec) -> str:
+    """Paged and 8-bit optimizers need CUDA (paging uses its unified memory); on a CPU, plain AdamW."""
+    if spec.optimizer != "adamw_torch" and not torch.cuda.is_available():
+        log.warning("optimizer %s needs a GPU; using adamw_torch on the CPU", spec.optimizer)
+        return "adamw_torch"
+    return spec.optimizer
+
+
+def sft_config(spec: TrainingSpec, output_dir: Path, dtype: torch.dtype, checkpoints: bool) -> SFTConfig:
+    warmup = spec.warmup_steps if spec.warmup_steps is not None else (
+        spec.warmup_ratio if spec.warmup_ratio is not None else DEFAULT_WARMUP_RATIO)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps or -1,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.scheduler,
+        warmup_steps=warmup,  # an int is steps, a float below 1 a fraction of all steps
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim=optimizer_name(spec),
+        weight_decay=spec.weight_decay,
+        max_grad_norm=spec.max_grad_norm,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        logging_steps=spec.logging_steps,
+        save_strategy="steps" if checkpoints else "no",
+        save_steps=max(spec.checkpoint_steps, 1),
+        save_total_limit=1,  # local copies only; S3 holds the resumable ones
+        eval_strategy="no",  # evaluation runs through evaluation.py (token-weighted), see EvalCallback
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        packing=False,  # packed already
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+class ProgressReport(TrainerCallback):
+    """A TrainerProgressLine at every loggingSteps (Trainer's own log events)."""
+
+    def __init__(self, reporter: ProgressReporter, flops_per_token: float, peak_flops: float | None):
+        self.reporter = reporter
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.eval_loss: float | None = None
+        self.lines: list[TrainerProgressLine] = []
+        self._start = self._last_time = None
+        self._start_step = self._last_tokens = self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = self._last_time = time.monotonic()
+        self._start_step = state.global_step
+        # After a resume the state holds the earlier attempts' counts: rates count this session only.
+        self._last_tokens = self.start_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs or self._start is None:
+            return
+        now = time.monotonic()
+        tokens = state.num_input_tokens_seen - self._last_tokens
+        tps = tokens / (now - self._last_time) if now > self._last_time else None
+        self._last_time, self._last_tokens = now, state.num_input_tokens_seen
+        done = state.global_step - self._start_step
+        eta = (now - self._start) / done * (state.max_steps - state.global_step) if done else None
+        line = TrainerProgressLine(
+            step=state.global_step,
+            total_steps=state.max_steps,
+            epoch=round(state.epoch, 4) if state.epoch is not None else None,
+            loss=logs.get("loss"),
+            learning_rate=logs.get("learning_rate"),
+            eval_loss=self.eval_loss,
+            tokens_per_second=round(tps, 1) if tps else None,
+            mfu=round(tps * self.flops_per_token / self.peak_flops, 4) if tps and self.peak_flops else None,
+            gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            eta_seconds=round(eta, 1) if eta is not None else None,
+            summary=summary(state.global_step, state.max_steps),
+        )
+        self.lines.append(line)
+        self.reporter.report(line)
+
+
+class EvalCallback(TrainerCallback):
+    """Eval loss every evalSteps (token-weighted, evaluation.py), shown in the next progress line."""
+
+    def __init__(self, every: int, rows: list[Example], collator: Collator, batch_size: int, dtype, progress):
+        self.every, self.rows, self.collator, self.batch_size, self.dtype = every, rows, collator, batch_size, dtype
+        self.progress = progress
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.rows and state.global_step % self.every == 0:
+            loss = evaluation.eval_loss(model, self.rows, self.collator, self.batch_size, self.dtype)
+            self.progress.eval_loss = loss
+            log.info("step %d: eval loss %.4f", state.global_step, loss)
+
+
+class CheckpointUpload(TrainerCallback):
+    """Every checkpoint the Trainer writes goes to S3 at once (manifest last): pods are ephemeral."""
+
+    def __init__(self, store: CheckpointStore):
+        self.store = store
+
+    def on_save(self, args, state, control, **kwargs):
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if local.is_dir():
+            self.store.save(local, state.global_step)
+
+
+class StopOnInterruption(TrainerCallback):
+    def __init__(self, interruption: Interruption, can_save: bool):
+        self.interruption = interruption
+        self.can_save = can_save
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interruption.requested:
+            log.warning("SIGTERM: %s and stopping at step %d",
+                        "saving a checkpoint" if self.can_save else "no checkpoint location; not saving", state.global_step)
+            control.should_save = self.can_save
+            control.should_training_stop = True
+
+
+def linear_flops_per_token(model) -> float:
+    """4·N: forward (2N) and backward through the frozen weights (2N), N the base's matmul weights.
+
+    Not 6N: the frozen 4-bit base has no weight gradients. Attention scores are left out.
+    """
+    n = 0
+    for name, module in model.named_modules():
+        if "lora_" in name:
+            continue
+        if hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight"):
+            n += module.in_features * module.out_features
+    return 4.0 * n
+
+
+def peak_flops(dtype: torch.dtype) -> float | None:
+    if not torch.cuda.is_available() or dtype == torch.float32:
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_FLOPS.items():  # "H100 PCIe" before "H100"
+        if key in name:
+            return value
+    return None
+
+
+def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, output_dir: Path, dtype,
+                  reporter: ProgressReporter, store: CheckpointStore | None, interruption: Interruption):
+    collator = Collator(tokenizer.pad_token_id, packed=spec.packing)
+    progress = ProgressReport(reporter, linear_flops_per_token(model), peak_flops(dtype))
+    callbacks = [progress, StopOnInterruption(interruption, store is not None)]
+    if store is not None:
+        callbacks.append(CheckpointUpload(store))
+    if spec.eval_steps and eval_rows:
+        callbacks.append(EvalCallback(spec.eval_steps, eval_rows, collator, spec.batch_size, dtype, progress))
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(spec, output_dir, dtype, checkpoints=store is not None and spec.checkpoint_steps > 0),
+        train_dataset=to_dataset(train_rows),
+        processing_class=tokenizer,
+        data_collator=collator,
+        callbacks=callbacks,
+    )
+    # Trainer prints its log dicts to stdout; progress lines are the only thing there.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.progress_report = progress
+    return trainer
+
+
+def train(trainer, resume_dir: Path | None, interruption: Interruption) -> TrainOutcome:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.monotonic()
+    interruption.training = True
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    finally:
+        interruption.training = False
+    seconds = time.monotonic() - start
+    tokens = trainer.state.num_input_tokens_seen - trainer.progress_report.start_tokens
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return TrainOutcome(
+        seconds=seconds,
+        steps=trainer.state.global_step,
+        tokens=tokens,
+        final_loss=losses[-1] if losses else output.training_loss,
+        peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        tokens_per_second=tokens / seconds if seconds else None,
+        interrupted=interruption.requested,
+        progress=trainer.progress_report.lines,
+    )
