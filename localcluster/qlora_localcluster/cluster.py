@@ -146,12 +146,12 @@ class LocalCluster:
         _say(f"API ready at {self.api_url} after {timings['api_ready_s']:.1f} s")
         launch("kube-controller-manager")
         launch("kube-scheduler")
+        for node in self.settings.node_names():
+            launch(f"node-agent-{node}")
         wait("kube-controller-manager", "default ServiceAccount",
              lambda: self._api_ok("/api/v1/namespaces/default/serviceaccounts/default"))
         wait("kube-scheduler", "scheduler healthy",
              lambda: _https_ok(f"https://127.0.0.1:{self.settings.scheduler_port}/healthz"))
-        for node in self.settings.node_names():
-            launch(f"node-agent-{node}")
         for node in self.settings.node_names():
             wait(f"node-agent-{node}", f"node {node} Ready", lambda node=node: self._node_ready(node))
         timings["nodes_ready_s"] = time.monotonic() - started
@@ -323,11 +323,17 @@ class LocalCluster:
             return False
 
     def _node_ready(self, node: str) -> bool:
+        """Ready, and schedulable: the node lifecycle controller lifts its `not-ready` and
+        `unreachable` taints a monitor period after the Ready condition flips (on every restart
+        of a kept etcd), and until then the scheduler reports taints, not resources."""
         try:
-            conditions = self.api_get(f"/api/v1/nodes/{node}").get("status", {}).get("conditions", [])
+            obj = self.api_get(f"/api/v1/nodes/{node}")
         except (OSError, ValueError):
             return False
-        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        conditions = obj.get("status", {}).get("conditions", [])
+        taints = obj.get("spec", {}).get("taints", [])
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions) and not any(
+            t.get("key", "").startswith("node.kubernetes.io/") for t in taints)
 
     def _wait(self, component: Component, pid: int, what: str, timeout: float, ready) -> None:
         deadline = time.monotonic() + timeout
