@@ -7,7 +7,9 @@ Processes share the host's filesystem, so container paths are mapped to host pat
     at the start of the string or after a character that cannot be part of a path (space, `=`,
     `:`, quote, ...), and followed by `/`, the end of the string or such a character. The longest
     mountPath wins. `--config=/etc/qlora/job.yaml` and `cat /etc/qlora/job.yaml` are rewritten;
-    `/etc/qlora2`, `s3://b/etc/qlora` and relative paths are not.
+    `/etc/qlora2`, `s3://b/etc/qlora` and relative paths are not. Other absolute paths are left
+    alone and mean the host's files (there is no image filesystem), except workingDir: outside
+    every mount it becomes `<pod dir>/rootfs/<workingDir>`. HOME is the pod directory.
 
 The mapping is also exported to the process: NODEAGENT_PATH_MAP (JSON {container path: host
 path}), NODEAGENT_POD_DIR and NODEAGENT_TERMINATION_MESSAGE_PATH, so programs that build paths at
@@ -227,6 +229,17 @@ def container_path_map(container: dict, volume_host_paths: dict[str, str], conta
     return mapping, term_host
 
 
+def working_dir(requested: str | None, paths: PathMap, pod_dir: Path) -> str:
+    """Inside a volumeMount: mapped like any path. Anywhere else: the same path under
+    `<pod dir>/rootfs`, the container's private filesystem, never the host's own directory."""
+    if not requested:
+        return str(pod_dir)
+    mapped = paths.rewrite(requested)
+    if mapped != requested:
+        return mapped
+    return str(pod_dir / "rootfs") + "/" + requested.lstrip("/")
+
+
 def build_launch(pod: dict, container: dict, *, images: ImageTable, reader: ResourceReader,
                  pod_dir: Path, volume_host_paths: dict[str, str], pass_env: list[str]) -> ContainerLaunch:
     name = container["name"]
@@ -244,10 +257,6 @@ def build_launch(pod: dict, container: dict, *, images: ImageTable, reader: Reso
     env["NODEAGENT_TERMINATION_MESSAGE_PATH"] = term_host
     argv = images.argv(container.get("image", ""), container.get("command"), container.get("args"))
     argv = [paths.rewrite(expand_refs(a, pod_env)) for a in argv]
-    cwd = paths.rewrite(container.get("workingDir") or str(pod_dir))
-    if not os.path.isdir(cwd):
-        # A runtime creates a missing workingDir inside the container; never create it on the
-        # host's root, put it under the pod directory instead.
-        cwd = cwd if cwd.startswith(str(pod_dir)) else str(pod_dir / "workdir") + cwd
-        os.makedirs(cwd, exist_ok=True)
+    cwd = working_dir(container.get("workingDir"), paths, pod_dir)
+    os.makedirs(cwd, exist_ok=True)  # a runtime creates a missing workingDir too
     return ContainerLaunch(name, argv, env, cwd, term_host, entry.image_id)

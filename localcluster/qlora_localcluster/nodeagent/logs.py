@@ -26,8 +26,8 @@ def parse_time(text: str) -> dt.datetime:
     text = text.replace("Z", "+00:00")
     if "." in text:  # nanoseconds do not fit datetime: keep six digits
         head, _, rest = text.partition(".")
-        digits = "".join(c for c in rest if c.isdigit())
-        text = f"{head}.{digits[:6].ljust(6, '0')}{rest[len(digits):]}"
+        n = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[:n][:6].ljust(6, '0')}{rest[n:]}"
     return dt.datetime.fromisoformat(text)
 
 
@@ -131,16 +131,8 @@ def read_log(path: Path, opts: LogOptions, still_running: Callable[[], bool] = l
         complete_end = content.rfind(b"\n") + 1
         records = [r for r in (_parse_record(l) for l in content[:complete_end].splitlines()) if r]
         records = [r for r in records if admit(r)]
-        if opts.tail_lines is not None:
-            # A "line" is a full line: count F records from the end, keeping their P prefixes.
-            full, start = 0, len(records)
-            for i in range(len(records) - 1, -1, -1):
-                if not records[i][2]:
-                    full += 1
-                    if full > opts.tail_lines:
-                        break
-                start = i
-            records = records[start:] if opts.tail_lines > 0 else []
+        if opts.tail_lines is not None:  # as kubelet: the last N records of the file
+            records = records[-opts.tail_lines:] if opts.tail_lines > 0 else []
         for r in records:
             data, done = emit(_render(r, opts.timestamps))
             if data:

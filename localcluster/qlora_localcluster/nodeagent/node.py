@@ -18,6 +18,7 @@ import psutil
 
 from .kube_api import ApiError, KubeApi
 from .logs import now_rfc3339
+from .status import now_status
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _os_image() -> str:
 
 def node_status(cfg: NodeConfig, kubelet_version: str, ready: bool, old_conditions: list[dict],
                 message: str = "") -> dict:
-    now = now_rfc3339()
+    now = now_status()
     disk = psutil.disk_usage("/")
     resources = {"cpu": cfg.cpu, "memory": cfg.memory, "pods": str(cfg.max_pods),
                  "ephemeral-storage": f"{disk.total // 1024}Ki", "nvidia.com/gpu": str(cfg.gpus)}

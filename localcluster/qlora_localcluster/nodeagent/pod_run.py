@@ -22,9 +22,9 @@ from pathlib import Path
 from .container_process import ContainerProcess, Exit
 from .image_table import ImageNotInTable, ImageTable
 from .launch import ContainerConfigError, build_launch
-from .logs import LogOptions, now_rfc3339, read_log
+from .logs import LogOptions, read_log
 from .quantity import parse_quantity
-from .status import ContainerRecord, build_pod_status, terminated_state
+from .status import ContainerRecord, build_pod_status, now_status, terminated_state
 from .volumes import VolumeError, materialize
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class PodRun:
             init = [s.rec for s in self.slots if s.init]
             main = [s.rec for s in self.slots if not s.init]
             o = self.outcome
-            return build_pod_status(self.pod, init, main, start_time=self.start_time, now=now_rfc3339(),
+            return build_pod_status(self.pod, init, main, start_time=self.start_time, now=now_status(),
                                     sandbox_ready=self.sandbox_ready, phase=o.phase if o else None,
                                     reason=o.reason if o else None, message=o.message if o else None)
 
@@ -159,7 +159,7 @@ class PodRun:
     def _main(self) -> None:
         try:
             with self.lock:
-                self.start_time = (self.pod.get("status") or {}).get("startTime") or now_rfc3339()
+                self.start_time = (self.pod.get("status") or {}).get("startTime") or now_status()
             self._started_mono = time.monotonic()
             self._notify()
             if self._prepare_volumes():
@@ -273,7 +273,7 @@ class PodRun:
         s.term_host_path = Path(launch.termination_message_host_path)
         s.term_host_path.write_bytes(b"")  # a fresh, empty file per container instance
         s.oom = False
-        started = now_rfc3339()
+        started = now_status()
         try:
             proc = ContainerProcess(launch, self.log_path(s.rec.name, s.rec.restart_count))
         except OSError as e:
@@ -301,7 +301,7 @@ class PodRun:
             message = termination_message(s.term_host_path, s.spec.get("terminationMessagePolicy", "File"),
                                           exit_.exit_code, self.log_path(s.rec.name, s.rec.restart_count))
         state = terminated_state(137 if s.oom else exit_.exit_code, started_at=s.rec.started_at,
-                                 finished_at=now_rfc3339(), oom=s.oom, signal=exit_.signal,
+                                 finished_at=now_status(), oom=s.oom, signal=exit_.signal,
                                  message=message, container_id=s.rec.container_id, reason=reason)
         again = restart and (policy == "Always" or (policy == "OnFailure" and state["exitCode"] != 0))
         with self.lock:
@@ -348,7 +348,7 @@ class PodRun:
         with self.lock:
             for s in self.slots:
                 if s.rec.terminated is None:  # never started, or waiting to restart
-                    s.rec.terminated = terminated_state(137, started_at=None, finished_at=now_rfc3339(),
+                    s.rec.terminated = terminated_state(137, started_at=None, finished_at=now_status(),
                                                         reason="ContainerStatusUnknown", message=LOST_MESSAGE)
                     s.rec.started_at = None
             if outcome is None:

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .container_process import kill_recorded
-from .logs import LogOptions, now_rfc3339, read_log
+from .logs import LogOptions, read_log
 from .pod_run import LOST_MESSAGE, Outcome, PodRun, RuntimeConfig
-from .status import terminated_state
+from .status import now_status, terminated_state
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class ProcessProvider:
         st = pod.get("status") or {}
         by_name = {cs["name"]: cs for cs in (st.get("containerStatuses") or [])
                    + (st.get("initContainerStatuses") or [])}
-        now = now_rfc3339()
+        now = now_status()
         for slot in run.slots:
             cs = by_name.get(slot.rec.name, {})
             state = cs.get("state") or {}

@@ -9,7 +9,14 @@ ContainersReady, Ready and PodReadyToStartContainers are the agent's; every othe
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
+
+
+def now_status() -> str:
+    """metav1.Time: the API server keeps whole seconds, so we send exactly what it will store."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
 
 OWN_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
 HOST_IP = "127.0.0.1"
