@@ -73,6 +73,15 @@ def test_scheduler_refuses_a_pod_that_wants_more_gpus_than_a_node_has(cluster, n
     assert phase == "Pending"
 
 
+def test_kubectl_logs_reach_the_node_agent_through_the_apiserver(cluster, namespace):
+    """The apiserver's kubelet-client cert and the agent's serving cert, both checked against the CA."""
+    kubectl(cluster, "-n", namespace, "run", "hello", "--image=busybox", "--restart=Never",
+            "--", "sh", "-c", "echo hello from a pod")
+    kubectl(cluster, "-n", namespace, "wait", "--for=jsonpath={.status.phase}=Succeeded", "pod/hello",
+            "--timeout=60s")
+    assert kubectl(cluster, "-n", namespace, "logs", "hello").stdout == "hello from a pod\n"
+
+
 def test_s3_server_stores_and_returns_objects(cluster):
     boto3 = pytest.importorskip("boto3")
     s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1",
