@@ -1,0 +1,142 @@
+"""The trainer end to end on the CPU: the real CLI in a subprocess fine-tunes a tiny Llama from an
+s3:// model folder on a learnable chat task, publishes to a real S3 server over HTTP, and the
+published adapter is downloaded and loaded again with peft on a 4-bit and on a plain base."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from qlora_api import TrainerProgressLine, TrainerResultMessage
+from trainer_fixtures.fixtures import colour_data, s3, tiny_model_dir, tiny_model_uri  # noqa: F401
+from trainer_fixtures.runs import run_config, run_trainer, trainer_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(s3, tiny_model_uri, colour_data, tmp_path_factory):  # noqa: F811
+    """One real run, shared by the assertions below."""
+    config = run_config(s3, tiny_model_uri, colour_data["train"], "run-e2e", eval_uri=colour_data["eval"],
+                        training={"evalSteps": 20}, output={"mergedExport": True})
+    proc = run_trainer(tmp_path_factory.mktemp("e2e"), config, trainer_env(s3))
+    assert proc.proc.returncode == 0, proc.log_tail()
+    return proc
+
+
+def _published(s3, key_prefix: str) -> dict[str, bytes]:  # noqa: F811
+    return {k[len(key_prefix):]: s3.get("adapters", k) for k in s3.keys("adapters", key_prefix)}
+
+
+def test_result_reports_a_lower_eval_loss_in_the_termination_message(trained):
+    message = trained.termination
+    assert isinstance(message, TrainerResultMessage)
+    result = message.result
+    assert result.adapter_uri == "s3://adapters/adapters/team-a/colours/run-e2e/"
+    assert result.eval_loss_after < 0.5 * result.eval_loss_before, result
+    assert result.perplexity_after == pytest.approx(torch.tensor(result.eval_loss_after).exp().item(), rel=1e-4)
+    assert result.resumed_from_step is None
+    assert result.base_model_revision.startswith("sha256:")
+    assert result.merged_model_uri == result.adapter_uri + "merged/"
+    assert len(trained.termination_text.encode()) <= 4096
+
+
+def test_stdout_holds_only_progress_lines_at_the_logging_steps(trained):
+    assert trained.stdout, "no progress reported"
+    for line in trained.stdout:  # exactly TrainerProgressLine JSON, nothing else
+        parsed = TrainerProgressLine.parse(line)
+        assert parsed is not None, line
+        assert line == parsed.model_dump_json(by_alias=True, exclude_none=True)
+    progress = trained.progress
+    assert [p.step for p in progress] == list(range(5, 41, 5))
+    assert all(p.total_steps == 40 for p in progress)
+    assert progress[3].summary == "20/40 (50%)"
+    assert progress[-1].eta_seconds == 0
+    assert all(p.loss is not None and p.learning_rate is not None and p.tokens_per_second > 0 for p in progress)
+    assert progress[-1].loss < progress[0].loss
+    # evalSteps=20: the eval loss appears from the first report after step 20 on.
+    assert progress[3].eval_loss is not None and progress[2].eval_loss is None
+
+
+def test_manifest_is_written_last_and_matches_every_object(trained, s3):  # noqa: F811
+    result = trained.termination.result
+    prefix = "adapters/team-a/colours/run-e2e/"
+    objects = _published(s3, prefix)
+    manifest_bytes = objects.pop("manifest.json")
+    assert hashlib.sha256(manifest_bytes).hexdigest() == result.manifest_sha256
+    manifest = json.loads(manifest_bytes)
+    listed = {f["path"]: f for f in manifest["files"]}
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "training_config.json", "metrics.json", "merged/config.json", "merged/model.safetensors"):
+        assert name in listed, name
+    published = {k: v for k, v in objects.items() if not k.startswith("checkpoints/")}
+    assert set(published) == set(listed)
+    for name, body in published.items():
+        assert listed[name]["size"] == len(body)
+        assert listed[name]["sha256"] == hashlib.sha256(body).hexdigest(), name
+    assert {f.path for f in result.files} == set(listed)
+    # Written last: nothing of the run is newer than the manifest.
+    client = s3.client()
+    stamp = {o["Key"]: o["LastModified"] for o in client.list_objects_v2(Bucket="adapters", Prefix=prefix)["Contents"]}
+    assert stamp[prefix + "manifest.json"] == max(stamp.values())
+    config = json.loads(objects["training_config.json"])
+    assert config["run"]["spec"]["training"]["maxSteps"] == 40
+    assert config["resolved"]["computeDtype"] == "float32"  # auto on a CPU
+
+
+def _download(s3, prefix, dest):  # noqa: F811
+    for key in s3.keys("adapters", prefix):
+        path = dest / key[len(prefix):]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(s3.get("adapters", key))
+    return dest
+
+
+def _eval_loss(model, tokenizer, records):
+    from qlora_api.spec import TrainingSpec
+    from qlora_trainer import data, evaluation
+
+    spec = TrainingSpec(maxSeqLength=64)
+    rows = data.build_examples([data.Record(f"eval line {i}", "messages", r) for i, r in enumerate(records)],
+                               tokenizer, spec, "eval")
+    return evaluation.eval_loss(model, rows, data.Collator(tokenizer.pad_token_id, packed=True), 8)
+
+
+def test_published_adapter_loads_on_4bit_and_plain_base_and_beats_the_base(trained, s3, tiny_model_dir,  # noqa: F811
+                                                                              colour_data, tmp_path):  # noqa: F811
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    adapter = _download(s3, "adapters/team-a/colours/run-e2e/", tmp_path / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    records = colour_data["eval_records"]
+    result = trained.termination.result
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base_loss = _eval_loss(plain, tokenizer, records)
+    tuned_loss = _eval_loss(PeftModel.from_pretrained(plain, adapter), tokenizer, records)
+    assert tuned_loss < 0.6 * base_loss, (base_loss, tuned_loss)
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=nf4, device_map="cpu")
+    quantized_base_loss = _eval_loss(quantized, tokenizer, records)
+    tuned_4bit_loss = _eval_loss(PeftModel.from_pretrained(quantized, adapter), tokenizer, records)
+    assert tuned_4bit_loss < 0.6 * quantized_base_loss
+    # The same adapter the trainer evaluated: its own after-training number comes back.
+    assert tuned_4bit_loss == pytest.approx(result.eval_loss_after, rel=1e-3)
+    assert quantized_base_loss == pytest.approx(result.eval_loss_before, rel=1e-3)
+
+    merged = AutoModelForCausalLM.from_pretrained(adapter / "merged", dtype=torch.float32)
+    merged_loss = _eval_loss(merged, tokenizer, records)
+    assert merged_loss == pytest.approx(tuned_loss, rel=0.05)  # bf16 rounding of the merged weights
+
+
+def test_a_rerun_of_a_published_run_reports_it_without_training(trained, s3, tiny_model_uri, colour_data,  # noqa: F811
+                                                                 tmp_path):
+    config = json.loads(trained.config_path.read_text())
+    again = run_trainer(tmp_path, config, trainer_env(s3))
+    assert again.proc.returncode == 0, again.log_tail()
+    assert again.stdout == []  # no training happened
+    assert again.termination.result.manifest_sha256 == trained.termination.result.manifest_sha256
+    assert any("already published" in line for line in again.stderr)

@@ -1,0 +1,1 @@
+"""Fixtures for the trainer tests: a tiny Llama-shaped model, its tokenizer, data, an S3 server."""
