@@ -21,8 +21,8 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def rendered(*values: str) -> list[dict]:
-    args = ["template", "qlora", str(CHART), "--namespace", "qlora-system"]
+def rendered(*values: str, namespace: str = "qlora-system") -> list[dict]:
+    args = ["template", "qlora", str(CHART), "--namespace", namespace]
     for value in values:
         args += ["--set", value]
     return [doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]
@@ -76,7 +76,7 @@ def test_schema_rejects_bad_values_by_name(value, complaint):
 
 
 def test_rendered_chart_is_accepted_by_the_api_server(local_cluster, namespace):
-    docs = rendered(f"watchNamespaces={{{namespace}}}")
+    docs = rendered(f"watchNamespaces={{{namespace}}}", namespace=namespace)
     manifest = "\n---\n".join(json.dumps(d) for d in docs)
     result = kubectl(local_cluster, "apply", "--dry-run=server", "-n", namespace, "-f", "-", input=manifest)
     assert "customresourcedefinition.apiextensions.k8s.io/qlorajobs.training.qlora-operator.dev" in result.stdout
