@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
 from .logs import LogOptions
+from .process_runtime import PodNotFound
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,10 @@ class _Handler(BaseHTTPRequestHandler):
             chunks = self.server.provider.get_container_logs(namespace, pod, container, opts)
         except ValueError as e:
             return self._plain(400, str(e))
-        except LookupError as e:
-            return self._plain(404, str(e.args[0] if e.args else e))
+        except PodNotFound as e:
+            return self._plain(404, str(e))
+        except LookupError as e:  # kubelet answers 400, and the API server then shows the message
+            return self._plain(400, str(e.args[0] if e.args else e))
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Transfer-Encoding", "chunked")

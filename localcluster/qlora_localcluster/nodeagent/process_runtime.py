@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 AGENT_RESTARTED = "NodeAgentRestarted"
 
 
+class PodNotFound(LookupError):
+    """The API server's pod is not (yet) known here: 404. Other LookupErrors are 400, as kubelet's."""
+
+
 class ProcessProvider:
     def __init__(self, state_dir: Path, config: RuntimeConfig, notify: Callable[[str], None]):
         self.pods_dir = Path(state_dir) / "pods"
@@ -109,7 +113,7 @@ class ProcessProvider:
         """Raises LookupError (-> 404) when the pod, container or previous instance is unknown."""
         run = self._find(namespace, name)
         if run is None:
-            raise LookupError(f'pod "{name}" in namespace "{namespace}" is not on this node')
+            raise PodNotFound(f'pod "{name}" in namespace "{namespace}" is not on this node')
         slot = run.slot(container)
         if slot is None:
             raise LookupError(f'container "{container}" is not in pod "{name}"')

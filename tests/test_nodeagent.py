@@ -1,0 +1,189 @@
+"""The node agent against the real local cluster: what a user sees through kubectl.
+
+Pods are scheduled by the real scheduler onto the agent's node, Jobs are driven by the real Job
+controller, and logs come through the API server's pods/log proxy to the agent's HTTPS endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from qlora_localcluster.testing import kubectl
+
+pytestmark = pytest.mark.cluster
+
+
+def apply(cluster, namespace: str, *objects: dict) -> None:
+    doc = {"apiVersion": "v1", "kind": "List", "items": list(objects)}
+    kubectl(cluster, "-n", namespace, "apply", "-f", "-", input=json.dumps(doc))
+
+
+def get(cluster, namespace: str, kind: str, name: str) -> dict | None:
+    r = kubectl(cluster, "-n", namespace, "get", kind, name, "-o", "json", check=False)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def wait_for(what: str, probe, timeout: float = 60.0, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+def pod(name: str, *containers: dict, restart: str = "Never", **spec) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"restartPolicy": restart, "containers": list(containers),
+                     "terminationGracePeriodSeconds": 5, **spec}}
+
+
+def sh(script: str, name: str = "main", **extra) -> dict:
+    return {"name": name, "image": "busybox:1.36", "command": ["sh", "-c", script], **extra}
+
+
+def terminal_pod(cluster, namespace: str, name: str, timeout: float = 60.0) -> dict:
+    def probe():
+        p = get(cluster, namespace, "pod", name)
+        return p if p and p["status"].get("phase") in ("Succeeded", "Failed") else None
+
+    return wait_for(f"pod {name} to finish", probe, timeout)
+
+
+def container_state(p: dict, i: int = 0) -> dict:
+    return p["status"]["containerStatuses"][i]["state"]
+
+
+def test_node_is_ready_with_gpu_capacity(local_cluster):
+    nodes = json.loads(kubectl(local_cluster, "get", "nodes", "-o", "json").stdout)["items"]
+    node = next(n for n in nodes if n["metadata"]["name"] == "gpu-node-0")
+    ready = next(c for c in node["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
+    assert node["metadata"]["labels"]["nvidia.com/gpu.product"]
+    lease = json.loads(kubectl(local_cluster, "-n", "kube-node-lease", "get", "lease", "gpu-node-0",
+                               "-o", "json").stdout)
+    assert lease["spec"]["holderIdentity"] == "gpu-node-0"
+
+
+def test_exit_code_and_termination_message(local_cluster, namespace):
+    apply(local_cluster, namespace,
+          pod("exit3", sh("echo hi; echo 'it went wrong' > /dev/termination-log; exit 3")),
+          pod("fallback", sh("echo the last line; exit 4", terminationMessagePolicy="FallbackToLogsOnError")))
+    p = terminal_pod(local_cluster, namespace, "exit3")
+    t = container_state(p)["terminated"]
+    assert (p["status"]["phase"], t["exitCode"], t["reason"]) == ("Failed", 3, "Error")
+    assert t["message"] == "it went wrong\n"
+    assert p["status"]["podIP"] == "127.0.0.1"
+    f = container_state(terminal_pod(local_cluster, namespace, "fallback"))["terminated"]
+    assert (f["exitCode"], f["message"]) == (4, "the last line\n")
+
+
+def test_logs_through_the_api_server(local_cluster, namespace):
+    apply(local_cluster, namespace, pod("talker", sh("for i in 1 2 3; do echo line $i; sleep 1; done")))
+    wait_for("talker running", lambda: (get(local_cluster, namespace, "pod", "talker") or {})
+             .get("status", {}).get("phase") == "Running")
+    followed = kubectl(local_cluster, "-n", namespace, "logs", "-f", "talker").stdout
+    assert followed == "line 1\nline 2\nline 3\n"
+    assert kubectl(local_cluster, "-n", namespace, "logs", "talker", "--tail=1").stdout == "line 3\n"
+    stamped = kubectl(local_cluster, "-n", namespace, "logs", "talker", "--timestamps").stdout.splitlines()
+    assert stamped[0].endswith(" line 1") and stamped[0].split(" ")[0].endswith("Z")
+
+
+def test_memory_limit_is_enforced_as_oomkilled(local_cluster, namespace):
+    hog = {"name": "hog", "image": "python:3.11", "resources": {"limits": {"memory": "64Mi"}},
+           "command": ["python", "-c", "import time; b = b'x' * (256 << 20); time.sleep(60)"]}
+    apply(local_cluster, namespace, pod("hog", hog))
+    t = container_state(terminal_pod(local_cluster, namespace, "hog"))["terminated"]
+    assert (t["reason"], t["exitCode"]) == ("OOMKilled", 137)
+
+
+def test_delete_terminates_the_process_and_the_object_goes(local_cluster, namespace):
+    apply(local_cluster, namespace, pod("sleeper", sh("trap 'echo got TERM; exit 0' TERM; sleep 300 & wait")))
+    p = wait_for("sleeper running", lambda: (lambda x: x if x and x["status"].get("phase") == "Running"
+                                              else None)(get(local_cluster, namespace, "pod", "sleeper")))
+    pid = int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
+    assert os.path.exists(f"/proc/{pid}")
+    started = time.monotonic()
+    kubectl(local_cluster, "-n", namespace, "delete", "pod", "sleeper", "--timeout=60s")
+    assert get(local_cluster, namespace, "pod", "sleeper") is None
+    assert time.monotonic() - started < 30
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_secret_env_configmap_volume_and_field_refs_reach_the_process(local_cluster, namespace):
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
+              "stringData": {"token": "s3cr3t"}}
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"job.yaml": "steps: 3"}}
+    reader = sh('echo "token=$TOKEN pod=$POD"; cat /etc/qlora/job.yaml',
+                env=[{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+                     {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                volumeMounts=[{"name": "cfg", "mountPath": "/etc/qlora"}])
+    apply(local_cluster, namespace, secret, cm,
+          pod("reader", reader, volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}]))
+    p = terminal_pod(local_cluster, namespace, "reader")
+    assert p["status"]["phase"] == "Succeeded"
+    out = kubectl(local_cluster, "-n", namespace, "logs", "reader").stdout
+    assert out == "token=s3cr3t pod=reader\nsteps: 3"
+
+
+def test_job_completes_through_the_job_controller(local_cluster, namespace):
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "ok"},
+           "spec": {"backoffLimit": 0, "template": {"spec": {
+               "restartPolicy": "Never", "containers": [sh("echo trained")],
+               "terminationGracePeriodSeconds": 5}}}}
+    apply(local_cluster, namespace, job)
+    kubectl(local_cluster, "-n", namespace, "wait", "--for=condition=Complete", "job/ok", "--timeout=90s")
+    j = get(local_cluster, namespace, "job", "ok")
+    assert j["status"]["succeeded"] == 1
+    assert kubectl(local_cluster, "-n", namespace, "logs", "job/ok").stdout == "trained\n"
+
+
+def test_unknown_image_is_err_image_pull(local_cluster, namespace):
+    apply(local_cluster, namespace, pod("nope", {"name": "main", "image": "registry.example/not-here:1"}))
+
+    def waiting():
+        p = get(local_cluster, namespace, "pod", "nope")
+        statuses = (p or {}).get("status", {}).get("containerStatuses") or []
+        return statuses and statuses[0]["state"].get("waiting")
+
+    w = wait_for("ErrImagePull", lambda: (lambda x: x if x and x["reason"] in ("ErrImagePull", "ImagePullBackOff")
+                                          else None)(waiting()))
+    assert "local image table" in w["message"]
+    assert get(local_cluster, namespace, "pod", "nope")["status"]["phase"] == "Pending"
+    backoff = wait_for("ImagePullBackOff", lambda: (lambda x: x if x and x["reason"] == "ImagePullBackOff"
+                                                    else None)(waiting()), timeout=30)
+    assert "not-here" in backoff["message"]
+
+
+def test_eviction_stops_the_pod(local_cluster, namespace):
+    apply(local_cluster, namespace, pod("evictee", sh("sleep 300")))
+    wait_for("evictee running", lambda: (get(local_cluster, namespace, "pod", "evictee") or {})
+             .get("status", {}).get("phase") == "Running")
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": "evictee", "namespace": namespace}}
+    kubectl(local_cluster, "create", "--raw", f"/api/v1/namespaces/{namespace}/pods/evictee/eviction",
+            "-f", "-", input=json.dumps(eviction))
+    wait_for("evicted pod to go", lambda: get(local_cluster, namespace, "pod", "evictee") is None, timeout=30)
+
+
+def test_kubectl_logs_of_unknown_container_is_an_error(local_cluster, namespace):
+    apply(local_cluster, namespace, pod("quiet", sh("true")))
+    terminal_pod(local_cluster, namespace, "quiet")
+    r = kubectl(local_cluster, "-n", namespace, "logs", "quiet", "--previous", check=False)
+    assert r.returncode != 0 and "previous terminated container" in r.stderr
+
+
+def test_restart_policy_on_failure_restarts_in_place(local_cluster, namespace):
+    script = "n=$(cat $HOME/n 2>/dev/null || echo 0); echo $((n+1)) > $HOME/n; [ $n -ge 1 ]"
+    apply(local_cluster, namespace, pod("flaky", sh(script), restart="OnFailure"))
+    p = terminal_pod(local_cluster, namespace, "flaky", timeout=60)
+    cs = p["status"]["containerStatuses"][0]
+    assert p["status"]["phase"] == "Succeeded" and cs["restartCount"] == 1
+    assert cs["lastState"]["terminated"]["exitCode"] == 1
