@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
-
 from qlora_localcluster.testing import kubectl
 
 pytestmark = pytest.mark.cluster
@@ -39,9 +39,17 @@ def wait_for(what: str, probe, timeout: float = 60.0, every: float = 0.5):
 
 
 def pod(name: str, *containers: dict, restart: str = "Never", **spec) -> dict:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-            "spec": {"restartPolicy": restart, "containers": list(containers),
-                     "terminationGracePeriodSeconds": 5, **spec}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": restart,
+            "containers": list(containers),
+            "terminationGracePeriodSeconds": 5,
+            **spec,
+        },
+    }
 
 
 def sh(script: str, name: str = "main", **extra) -> dict:
@@ -67,15 +75,19 @@ def test_node_is_ready_with_gpu_capacity(local_cluster):
     assert ready["status"] == "True"
     assert int(node["status"]["allocatable"]["nvidia.com/gpu"]) >= 1
     assert node["metadata"]["labels"]["nvidia.com/gpu.product"]
-    lease = json.loads(kubectl(local_cluster, "-n", "kube-node-lease", "get", "lease", "gpu-node-0",
-                               "-o", "json").stdout)
+    lease = json.loads(
+        kubectl(local_cluster, "-n", "kube-node-lease", "get", "lease", "gpu-node-0", "-o", "json").stdout
+    )
     assert lease["spec"]["holderIdentity"] == "gpu-node-0"
 
 
 def test_exit_code_and_termination_message(local_cluster, namespace):
-    apply(local_cluster, namespace,
-          pod("exit3", sh("echo hi; echo 'it went wrong' > /dev/termination-log; exit 3")),
-          pod("fallback", sh("echo the last line; exit 4", terminationMessagePolicy="FallbackToLogsOnError")))
+    apply(
+        local_cluster,
+        namespace,
+        pod("exit3", sh("echo hi; echo 'it went wrong' > /dev/termination-log; exit 3")),
+        pod("fallback", sh("echo the last line; exit 4", terminationMessagePolicy="FallbackToLogsOnError")),
+    )
     p = terminal_pod(local_cluster, namespace, "exit3")
     t = container_state(p)["terminated"]
     assert (p["status"]["phase"], t["exitCode"], t["reason"]) == ("Failed", 3, "Error")
@@ -87,8 +99,12 @@ def test_exit_code_and_termination_message(local_cluster, namespace):
 
 def test_logs_through_the_api_server(local_cluster, namespace):
     apply(local_cluster, namespace, pod("talker", sh("for i in 1 2 3; do echo line $i; sleep 1; done")))
-    wait_for("talker running", lambda: (get(local_cluster, namespace, "pod", "talker") or {})
-             .get("status", {}).get("phase") == "Running")
+    wait_for(
+        "talker running",
+        lambda: (
+            (get(local_cluster, namespace, "pod", "talker") or {}).get("status", {}).get("phase") == "Running"
+        ),
+    )
     followed = kubectl(local_cluster, "-n", namespace, "logs", "-f", "talker").stdout
     assert followed == "line 1\nline 2\nline 3\n"
     assert kubectl(local_cluster, "-n", namespace, "logs", "talker", "--tail=1").stdout == "line 3\n"
@@ -97,8 +113,12 @@ def test_logs_through_the_api_server(local_cluster, namespace):
 
 
 def test_memory_limit_is_enforced_as_oomkilled(local_cluster, namespace):
-    hog = {"name": "hog", "image": "python:3.11", "resources": {"limits": {"memory": "64Mi"}},
-           "command": ["python", "-c", "import time; b = b'x' * (256 << 20); time.sleep(60)"]}
+    hog = {
+        "name": "hog",
+        "image": "python:3.11",
+        "resources": {"limits": {"memory": "64Mi"}},
+        "command": ["python", "-c", "import time; b = b'x' * (256 << 20); time.sleep(60)"],
+    }
     apply(local_cluster, namespace, pod("hog", hog))
     t = container_state(terminal_pod(local_cluster, namespace, "hog"))["terminated"]
     assert (t["reason"], t["exitCode"]) == ("OOMKilled", 137)
@@ -106,8 +126,12 @@ def test_memory_limit_is_enforced_as_oomkilled(local_cluster, namespace):
 
 def test_delete_terminates_the_process_and_the_object_goes(local_cluster, namespace):
     apply(local_cluster, namespace, pod("sleeper", sh("trap 'echo got TERM; exit 0' TERM; sleep 300 & wait")))
-    p = wait_for("sleeper running", lambda: (lambda x: x if x and x["status"].get("phase") == "Running"
-                                              else None)(get(local_cluster, namespace, "pod", "sleeper")))
+    p = wait_for(
+        "sleeper running",
+        lambda: (lambda x: x if x and x["status"].get("phase") == "Running" else None)(
+            get(local_cluster, namespace, "pod", "sleeper")
+        ),
+    )
     pid = int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
     assert os.path.exists(f"/proc/{pid}")
     started = time.monotonic()
@@ -118,15 +142,33 @@ def test_delete_terminates_the_process_and_the_object_goes(local_cluster, namesp
 
 
 def test_secret_env_configmap_volume_and_field_refs_reach_the_process(local_cluster, namespace):
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
-              "stringData": {"token": "s3cr3t"}}
-    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"job.yaml": "steps: 3"}}
-    reader = sh('echo "token=$TOKEN pod=$POD"; cat /etc/qlora/job.yaml',
-                env=[{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
-                     {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-                volumeMounts=[{"name": "cfg", "mountPath": "/etc/qlora"}])
-    apply(local_cluster, namespace, secret, cm,
-          pod("reader", reader, volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}]))
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "creds"},
+        "stringData": {"token": "s3cr3t"},
+    }
+    cm = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "cfg"},
+        "data": {"job.yaml": "steps: 3"},
+    }
+    reader = sh(
+        'echo "token=$TOKEN pod=$POD"; cat /etc/qlora/job.yaml',
+        env=[
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
+        volumeMounts=[{"name": "cfg", "mountPath": "/etc/qlora"}],
+    )
+    apply(
+        local_cluster,
+        namespace,
+        secret,
+        cm,
+        pod("reader", reader, volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}]),
+    )
     p = terminal_pod(local_cluster, namespace, "reader")
     assert p["status"]["phase"] == "Succeeded"
     out = kubectl(local_cluster, "-n", namespace, "logs", "reader").stdout
@@ -134,10 +176,21 @@ def test_secret_env_configmap_volume_and_field_refs_reach_the_process(local_clus
 
 
 def test_job_completes_through_the_job_controller(local_cluster, namespace):
-    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "ok"},
-           "spec": {"backoffLimit": 0, "template": {"spec": {
-               "restartPolicy": "Never", "containers": [sh("echo trained")],
-               "terminationGracePeriodSeconds": 5}}}}
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "ok"},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [sh("echo trained")],
+                    "terminationGracePeriodSeconds": 5,
+                }
+            },
+        },
+    }
     apply(local_cluster, namespace, job)
     kubectl(local_cluster, "-n", namespace, "wait", "--for=condition=Complete", "job/ok", "--timeout=90s")
     j = get(local_cluster, namespace, "job", "ok")
@@ -153,23 +206,45 @@ def test_unknown_image_is_err_image_pull(local_cluster, namespace):
         statuses = (p or {}).get("status", {}).get("containerStatuses") or []
         return statuses and statuses[0]["state"].get("waiting")
 
-    w = wait_for("ErrImagePull", lambda: (lambda x: x if x and x["reason"] in ("ErrImagePull", "ImagePullBackOff")
-                                          else None)(waiting()))
+    w = wait_for(
+        "ErrImagePull",
+        lambda: (lambda x: x if x and x["reason"] in ("ErrImagePull", "ImagePullBackOff") else None)(
+            waiting()
+        ),
+    )
     assert "local image table" in w["message"]
     assert get(local_cluster, namespace, "pod", "nope")["status"]["phase"] == "Pending"
-    backoff = wait_for("ImagePullBackOff", lambda: (lambda x: x if x and x["reason"] == "ImagePullBackOff"
-                                                    else None)(waiting()), timeout=30)
+    backoff = wait_for(
+        "ImagePullBackOff",
+        lambda: (lambda x: x if x and x["reason"] == "ImagePullBackOff" else None)(waiting()),
+        timeout=30,
+    )
     assert "not-here" in backoff["message"]
 
 
 def test_eviction_stops_the_pod(local_cluster, namespace):
     apply(local_cluster, namespace, pod("evictee", sh("sleep 300")))
-    wait_for("evictee running", lambda: (get(local_cluster, namespace, "pod", "evictee") or {})
-             .get("status", {}).get("phase") == "Running")
-    eviction = {"apiVersion": "policy/v1", "kind": "Eviction",
-                "metadata": {"name": "evictee", "namespace": namespace}}
-    kubectl(local_cluster, "create", "--raw", f"/api/v1/namespaces/{namespace}/pods/evictee/eviction",
-            "-f", "-", input=json.dumps(eviction))
+    wait_for(
+        "evictee running",
+        lambda: (
+            (get(local_cluster, namespace, "pod", "evictee") or {}).get("status", {}).get("phase")
+            == "Running"
+        ),
+    )
+    eviction = {
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": "evictee", "namespace": namespace},
+    }
+    kubectl(
+        local_cluster,
+        "create",
+        "--raw",
+        f"/api/v1/namespaces/{namespace}/pods/evictee/eviction",
+        "-f",
+        "-",
+        input=json.dumps(eviction),
+    )
     wait_for("evicted pod to go", lambda: get(local_cluster, namespace, "pod", "evictee") is None, timeout=30)
 
 
@@ -187,3 +262,28 @@ def test_restart_policy_on_failure_restarts_in_place(local_cluster, namespace):
     cs = p["status"]["containerStatuses"][0]
     assert p["status"]["phase"] == "Succeeded" and cs["restartCount"] == 1
     assert cs["lastState"]["terminated"]["exitCode"] == 1
+
+
+def test_agent_restart_fails_the_pods_it_cannot_reattach(local_cluster, namespace):
+    """A crashed agent leaves a running pod behind; the next agent stops it and reports it Failed."""
+    from qlora_localcluster import processes
+
+    apply(local_cluster, namespace, pod("orphan", sh("sleep 300")))
+    p = wait_for(
+        "orphan running",
+        lambda: (lambda x: x if x and x["status"].get("phase") == "Running" else None)(
+            get(local_cluster, namespace, "pod", "orphan")
+        ),
+    )
+    pid = int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
+    node = p["spec"]["nodeName"]
+    agent_pid = processes.running_pid(local_cluster.state_dir / "pids" / f"node-agent-{node}.pid")
+    assert agent_pid
+    os.kill(agent_pid, signal.SIGKILL)  # a crash: no clean shutdown
+    wait_for("agent gone", lambda: processes.exited(agent_pid), timeout=10)
+    assert os.path.exists(f"/proc/{pid}")  # the container outlived its agent
+    local_cluster.up()
+    p = terminal_pod(local_cluster, namespace, "orphan", timeout=30)
+    assert (p["status"]["phase"], p["status"]["reason"]) == ("Failed", "NodeAgentRestarted")
+    assert container_state(p)["terminated"]["reason"] == "ContainerStatusUnknown"
+    wait_for("leftover process killed", lambda: not os.path.exists(f"/proc/{pid}"), timeout=10)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from qlora_localcluster.nodeagent.image_table import ImageNotInTable, ImageTable, repository_path
 from qlora_localcluster.nodeagent.launch import (
     ContainerConfigError,
@@ -39,11 +37,16 @@ class DictReader:
     """Secrets and ConfigMaps from dicts, as the API would return them."""
 
     def __init__(self, secrets=None, configmaps=None):
-        self.secrets = {k: {"metadata": {"name": k, "namespace": "ns"},
-                            "data": {kk: base64.b64encode(v.encode()).decode() for kk, v in d.items()}}
-                        for k, d in (secrets or {}).items()}
-        self.configmaps = {k: {"metadata": {"name": k, "namespace": "ns"}, "data": d}
-                           for k, d in (configmaps or {}).items()}
+        self.secrets = {
+            k: {
+                "metadata": {"name": k, "namespace": "ns"},
+                "data": {kk: base64.b64encode(v.encode()).decode() for kk, v in d.items()},
+            }
+            for k, d in (secrets or {}).items()
+        }
+        self.configmaps = {
+            k: {"metadata": {"name": k, "namespace": "ns"}, "data": d} for k, d in (configmaps or {}).items()
+        }
 
     def get_secret(self, namespace, name):
         return self.secrets.get(name)
@@ -58,8 +61,14 @@ class DictReader:
 def make_pod(containers, init=None, restart="Never", **spec):
     return {
         "metadata": {"name": "p", "namespace": "ns", "uid": str(uuid.uuid4())},
-        "spec": {"containers": containers, "initContainers": init or [], "restartPolicy": restart,
-                 "nodeName": "n0", "terminationGracePeriodSeconds": 2, **spec},
+        "spec": {
+            "containers": containers,
+            "initContainers": init or [],
+            "restartPolicy": restart,
+            "nodeName": "n0",
+            "terminationGracePeriodSeconds": 2,
+            **spec,
+        },
         "status": {},
     }
 
@@ -116,18 +125,28 @@ def test_resolve_env_sources_and_order():
     pod = make_pod([])
     pod["status"]["podIP"] = "127.0.0.1"
     container = {
-        "name": "c", "image": "busybox",
+        "name": "c",
+        "image": "busybox",
         "envFrom": [{"configMapRef": {"name": "c"}, "prefix": "CM_"}],
-        "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "token"}}},
-                {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-                {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                {"name": "MODE2", "value": "$(CM_MODE)-$(POD)"},
-                {"name": "OPT", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k", "optional": True}}}],
+        "env": [
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "token"}}},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "MODE2", "value": "$(CM_MODE)-$(POD)"},
+            {"name": "OPT", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k", "optional": True}}},
+        ],
     }
     env = resolve_env(pod, container, reader)
-    assert env == {"CM_MODE": "fast", "CM_X": "cm", "TOKEN": "sekret", "POD": "p", "NODE": "n0",
-                   "IP": "127.0.0.1", "MODE2": "fast-p"}
+    assert env == {
+        "CM_MODE": "fast",
+        "CM_X": "cm",
+        "TOKEN": "sekret",
+        "POD": "p",
+        "NODE": "n0",
+        "IP": "127.0.0.1",
+        "MODE2": "fast-p",
+    }
     container["env"].append({"name": "BAD", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k"}}})
     with pytest.raises(ContainerConfigError, match='secret "gone" not found'):
         resolve_env(pod, container, reader)
@@ -136,13 +155,18 @@ def test_resolve_env_sources_and_order():
 def test_volumes_and_launch_map_container_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("AGENT_ONLY_SECRET", "x")
     monkeypatch.setenv("PASSED_ON", "y")
-    reader = DictReader(secrets={"creds": {"key": "v1", "other": "v2"}}, configmaps={"cfg": {"job.yaml": "a: 1"}})
-    pod = make_pod([], volumes=[
-        {"name": "cfg", "configMap": {"name": "cfg"}},
-        {"name": "creds", "secret": {"secretName": "creds", "items": [{"key": "key", "path": "sub/k"}]}},
-        {"name": "scratch", "emptyDir": {}},
-        {"name": "token", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}},
-    ])
+    reader = DictReader(
+        secrets={"creds": {"key": "v1", "other": "v2"}}, configmaps={"cfg": {"job.yaml": "a: 1"}}
+    )
+    pod = make_pod(
+        [],
+        volumes=[
+            {"name": "cfg", "configMap": {"name": "cfg"}},
+            {"name": "creds", "secret": {"secretName": "creds", "items": [{"key": "key", "path": "sub/k"}]}},
+            {"name": "scratch", "emptyDir": {}},
+            {"name": "token", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}},
+        ],
+    )
     paths = materialize(pod, tmp_path, reader)
     assert Path(paths["cfg"], "job.yaml").read_text() == "a: 1"
     assert Path(paths["creds"], "sub/k").read_text() == "v1"
@@ -150,13 +174,26 @@ def test_volumes_and_launch_map_container_paths(tmp_path, monkeypatch):
     assert Path(paths["token"], "token").read_text() == "token-for-p"
     assert Path(paths["scratch"]).is_dir() and str(tmp_path) in paths["scratch"]
 
-    container = {"name": "main", "image": "qlora-trainer:1", "args": ["--config", "/etc/qlora/job.yaml"],
-                 "workingDir": "/work", "env": [{"name": "OUT", "value": "/scratch/out"},
-                                                {"name": "TMSG", "value": "/dev/termination-log"}],
-                 "volumeMounts": [{"name": "cfg", "mountPath": "/etc/qlora"},
-                                  {"name": "scratch", "mountPath": "/scratch"}]}
-    launch = build_launch(pod, container, images=ImageTable(), reader=reader, pod_dir=tmp_path,
-                          volume_host_paths=paths, pass_env=["PASSED_ON"])
+    container = {
+        "name": "main",
+        "image": "qlora-trainer:1",
+        "args": ["--config", "/etc/qlora/job.yaml"],
+        "workingDir": "/work",
+        "env": [{"name": "OUT", "value": "/scratch/out"}, {"name": "TMSG", "value": "/dev/termination-log"}],
+        "volumeMounts": [
+            {"name": "cfg", "mountPath": "/etc/qlora"},
+            {"name": "scratch", "mountPath": "/scratch"},
+        ],
+    }
+    launch = build_launch(
+        pod,
+        container,
+        images=ImageTable(),
+        reader=reader,
+        pod_dir=tmp_path,
+        volume_host_paths=paths,
+        pass_env=["PASSED_ON"],
+    )
     assert launch.argv == [sys.executable, "-m", "qlora_trainer", "--config", f"{paths['cfg']}/job.yaml"]
     assert launch.env["OUT"] == f"{paths['scratch']}/out"
     assert launch.env["TMSG"] == launch.termination_message_host_path
@@ -201,8 +238,13 @@ def test_build_pod_status_keeps_foreign_conditions_and_transition_times():
     scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}
     ready_before = {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:00:01Z"}
     pod["status"] = {"conditions": [scheduled, ready_before]}
-    st = build_pod_status(pod, [], [rec("a", terminated={"exitCode": 0, "reason": "Completed"})],
-                          start_time="2026-01-01T00:00:00Z", now="2026-01-01T00:00:09Z")
+    st = build_pod_status(
+        pod,
+        [],
+        [rec("a", terminated={"exitCode": 0, "reason": "Completed"})],
+        start_time="2026-01-01T00:00:00Z",
+        now="2026-01-01T00:00:09Z",
+    )
     by_type = {c["type"]: c for c in st["conditions"]}
     assert st["phase"] == "Succeeded"
     assert by_type["PodScheduled"] == scheduled
@@ -222,14 +264,19 @@ def test_node_advertises_gpus():
     assert st["daemonEndpoints"]["kubeletEndpoint"]["Port"] == 20257
     assert {"type": "InternalIP", "address": "127.0.0.1"} in st["addresses"]
     assert [c for c in st["conditions"] if c["type"] == "Ready"][0]["status"] == "True"
-    assert [c for c in node_status(cfg, "v", False, [])["conditions"] if c["type"] == "Ready"][0]["status"] == "False"
+    assert [c for c in node_status(cfg, "v", False, [])["conditions"] if c["type"] == "Ready"][0][
+        "status"
+    ] == "False"
 
 
 # ---- logs ----------------------------------------------------------------------------------------
 def test_log_file_round_trip_with_tail_limit_and_timestamps(tmp_path):
     path = tmp_path / "0.log"
-    proc = subprocess.Popen(["sh", "-c", "echo one; echo two >&2; printf three; sleep 0.1; echo -n"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["sh", "-c", "echo one; echo two >&2; printf three; sleep 0.1; echo -n"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     w = LogWriter(path)
     w.attach("stdout", proc.stdout)
     w.attach("stderr", proc.stderr)
@@ -247,8 +294,11 @@ def test_log_file_round_trip_with_tail_limit_and_timestamps(tmp_path):
 
 def test_follow_streams_until_the_process_ends(tmp_path):
     path = tmp_path / "0.log"
-    proc = subprocess.Popen(["sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.3; done"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.3; done"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     w = LogWriter(path)
     w.attach("stdout", proc.stdout)
     w.attach("stderr", proc.stderr)
@@ -260,8 +310,12 @@ def test_follow_streams_until_the_process_ends(tmp_path):
 def test_log_query_and_client_identity():
     o = parse_log_options("follow=true&tailLines=10&limitBytes=5&timestamps=true&previous=false")
     assert (o.follow, o.tail_lines, o.limit_bytes, o.timestamps, o.previous) == (True, 10, 5, True, False)
-    apiserver = {"subject": ((("organizationName", "system:masters"),),
-                             (("commonName", "kube-apiserver-kubelet-client"),))}
+    apiserver = {
+        "subject": (
+            (("organizationName", "system:masters"),),
+            (("commonName", "kube-apiserver-kubelet-client"),),
+        )
+    }
     a_node = {"subject": ((("organizationName", "system:nodes"),), (("commonName", "system:node:n"),))}
     assert client_authorized(apiserver)
     assert not client_authorized(a_node) and not client_authorized(None)
@@ -269,8 +323,12 @@ def test_log_query_and_client_identity():
 
 # ---- the process runtime -------------------------------------------------------------------------
 def run_pod(tmp_path, pod, reader=None, timeout=20.0) -> PodRun:
-    run = PodRun(pod, tmp_path / pod["metadata"]["uid"], RuntimeConfig(ImageTable(), reader or DictReader(), []),
-                 notify=lambda uid: None)
+    run = PodRun(
+        pod,
+        tmp_path / pod["metadata"]["uid"],
+        RuntimeConfig(ImageTable(), reader or DictReader(), []),
+        notify=lambda uid: None,
+    )
     run.dir.mkdir(parents=True)
     run.start()
     assert run.wait(timeout), run.status()
@@ -282,9 +340,13 @@ def state(status, i=0):
 
 
 def test_runtime_exit_code_message_and_fallback_to_logs(tmp_path):
-    pod = make_pod([sh("a", "echo hi; echo 'from file' > /dev/termination-log; exit 3"),
-                    sh("b", "echo last words; exit 2", terminationMessagePolicy="FallbackToLogsOnError"),
-                    sh("c", "exit 0")])
+    pod = make_pod(
+        [
+            sh("a", "echo hi; echo 'from file' > /dev/termination-log; exit 3"),
+            sh("b", "echo last words; exit 2", terminationMessagePolicy="FallbackToLogsOnError"),
+            sh("c", "exit 0"),
+        ]
+    )
     st = run_pod(tmp_path, pod).status()
     assert st["phase"] == "Failed"
     a, b, c = (state(st, i)["terminated"] for i in range(3))
@@ -294,8 +356,10 @@ def test_runtime_exit_code_message_and_fallback_to_logs(tmp_path):
 
 
 def test_runtime_init_containers_run_first_in_order(tmp_path):
-    pod = make_pod([sh("main", "cat $HOME/order")],
-                   init=[sh("one", "echo one >> $HOME/order"), sh("two", "echo two >> $HOME/order")])
+    pod = make_pod(
+        [sh("main", "cat $HOME/order")],
+        init=[sh("one", "echo one >> $HOME/order"), sh("two", "echo two >> $HOME/order")],
+    )
     run = run_pod(tmp_path, pod)
     st = run.status()
     assert st["phase"] == "Succeeded"
@@ -304,8 +368,12 @@ def test_runtime_init_containers_run_first_in_order(tmp_path):
 
 
 def test_runtime_oom_kill(tmp_path):
-    hog = {"name": "hog", "image": "python:3.11", "resources": {"limits": {"memory": "64Mi"}},
-           "command": ["python", "-c", "import time; b = b'x' * (256 << 20); time.sleep(30)"]}
+    hog = {
+        "name": "hog",
+        "image": "python:3.11",
+        "resources": {"limits": {"memory": "64Mi"}},
+        "command": ["python", "-c", "import time; b = b'x' * (256 << 20); time.sleep(30)"],
+    }
     st = run_pod(tmp_path, make_pod([hog])).status()
     t = state(st)["terminated"]
     assert (t["reason"], t["exitCode"], st["phase"]) == ("OOMKilled", 137, "Failed")
@@ -340,7 +408,9 @@ def test_runtime_unknown_image_waits_in_err_image_pull(tmp_path):
     run.dir.mkdir()
     run.start()
     deadline = time.monotonic() + 5
-    while state(run.status()).get("waiting", {}).get("reason") != "ErrImagePull" and time.monotonic() < deadline:
+    while (
+        state(run.status()).get("waiting", {}).get("reason") != "ErrImagePull" and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     waiting = state(run.status())["waiting"]
     assert waiting["reason"] == "ErrImagePull" and "local image table" in waiting["message"]
@@ -357,8 +427,12 @@ def test_provider_after_restart_kills_leftovers_and_reports_failed(tmp_path):
     d = provider.pod_dir(pod["metadata"]["uid"])
     d.mkdir(parents=True)
     (d / "run.json").write_text(json.dumps({"running": {"main": {"pid": leftover.pid, "create_time": 0}}}))
-    pod["status"] = {"phase": "Running", "containerStatuses": [
-        {"name": "main", "restartCount": 0, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]}
+    pod["status"] = {
+        "phase": "Running",
+        "containerStatuses": [
+            {"name": "main", "restartCount": 0, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}
+        ],
+    }
     assert provider.previously_started(pod)
     provider.adopt_lost(pod)
     assert leftover.wait(5) == -9
@@ -376,8 +450,11 @@ def test_provider_serves_logs_of_running_container(tmp_path):
     provider.create_pod(pod)
     time.sleep(0.2)
     got = []
-    t = threading.Thread(target=lambda: got.append(b"".join(
-        provider.get_container_logs("ns", "p", "main", LogOptions(follow=True)))))
+    t = threading.Thread(
+        target=lambda: got.append(
+            b"".join(provider.get_container_logs("ns", "p", "main", LogOptions(follow=True)))
+        )
+    )
     t.start()
     t.join(10)
     assert got == [b"a\nb\n"]

@@ -17,7 +17,7 @@ from .logs import LogWriter
 
 @dataclass
 class Exit:
-    exit_code: int          # as a runtime reports it: 128+N after signal N
+    exit_code: int  # as a runtime reports it: 128+N after signal N
     signal: int | None
 
 

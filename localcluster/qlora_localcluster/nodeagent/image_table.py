@@ -67,12 +67,19 @@ def default_entries() -> list[ImageEntry]:
     py = _python_binaries()
     shell = {"sh": "/bin/sh", "bash": "/bin/bash" if Path("/bin/bash").exists() else "/bin/sh"}
     return [
-        ImageEntry("qlora-trainer",
-                   ("qlora-trainer", "*/qlora-trainer", "qlora-operator/trainer", "*/qlora-operator/trainer"),
-                   entrypoint=(sys.executable, "-m", "qlora_trainer"), binaries=py),
+        ImageEntry(
+            "qlora-trainer",
+            ("qlora-trainer", "*/qlora-trainer", "qlora-operator/trainer", "*/qlora-operator/trainer"),
+            entrypoint=(sys.executable, "-m", "qlora_trainer"),
+            binaries=py,
+        ),
         ImageEntry("python", ("python", "*/python"), cmd=("python3",), binaries=py),
-        ImageEntry("busybox", ("busybox", "*/busybox", "alpine", "*/alpine", "debian", "*/debian",
-                               "ubuntu", "*/ubuntu"), cmd=("sh",), binaries={**shell, **py}),
+        ImageEntry(
+            "busybox",
+            ("busybox", "*/busybox", "alpine", "*/alpine", "debian", "*/debian", "ubuntu", "*/ubuntu"),
+            cmd=("sh",),
+            binaries={**shell, **py},
+        ),
         ImageEntry("pause", ("pause", "*/pause"), entrypoint=("sleep", "infinity")),
     ]
 
@@ -104,8 +111,16 @@ class ImageTable:
                 import yaml
 
                 raw = yaml.safe_load(text)
-            extra = [ImageEntry(e["name"], tuple(e["patterns"]), tuple(e.get("entrypoint", ())),
-                                tuple(e.get("cmd", ())), dict(e.get("binaries", {}))) for e in raw]
+            extra = [
+                ImageEntry(
+                    e["name"],
+                    tuple(e["patterns"]),
+                    tuple(e.get("entrypoint", ())),
+                    tuple(e.get("cmd", ())),
+                    dict(e.get("binaries", {})),
+                )
+                for e in raw
+            ]
             entries = extra + entries
         return cls(entries)
 

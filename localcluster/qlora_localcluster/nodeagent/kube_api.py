@@ -87,14 +87,28 @@ class KubeApi:
             self._local.session = s
         return s
 
-    def request(self, method: str, path: str, *, body: Any = None, params: dict | None = None,
-                content_type: str = "application/json", timeout: float | None = None) -> dict:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict | None = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> dict:
         data = None if body is None else json.dumps(body)
         headers = {"Accept": "application/json"}
         if data is not None:
             headers["Content-Type"] = content_type
-        resp = self._session().request(method, self.creds.server + path, data=data, params=params,
-                                       headers=headers, timeout=timeout or self.timeout)
+        resp = self._session().request(
+            method,
+            self.creds.server + path,
+            data=data,
+            params=params,
+            headers=headers,
+            timeout=timeout or self.timeout,
+        )
         if resp.status_code >= 400:
             raise ApiError(resp.status_code, resp.text, method, path)
         return resp.json() if resp.content else {}
@@ -114,16 +128,21 @@ class KubeApi:
     def delete(self, path: str, body: dict | None = None) -> dict:
         return self.request("DELETE", path, body=body)
 
-    def watch(self, path: str, resource_version: str, timeout_seconds: int = 300,
-              **params) -> Iterator[dict]:
+    def watch(self, path: str, resource_version: str, timeout_seconds: int = 300, **params) -> Iterator[dict]:
         """Yields watch events ({type, object}) until the server closes the stream.
 
         Raises ApiError(410) when the resourceVersion is too old (the caller re-lists).
         """
-        query = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
-                 "timeoutSeconds": str(timeout_seconds), **params}
-        resp = self._session().get(self.creds.server + path, params=query, stream=True,
-                                   timeout=(10, timeout_seconds + 30))
+        query = {
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_seconds),
+            **params,
+        }
+        resp = self._session().get(
+            self.creds.server + path, params=query, stream=True, timeout=(10, timeout_seconds + 30)
+        )
         try:
             if resp.status_code >= 400:
                 raise ApiError(resp.status_code, resp.text, "WATCH", path)

@@ -78,8 +78,8 @@ def expand_refs(text: str, env: dict[str, str]) -> str:
             if end == -1:
                 out.append(text[i:])
                 break
-            name = text[i + 2:end]
-            out.append(env[name] if name in env else text[i:end + 1])
+            name = text[i + 2 : end]
+            out.append(env[name] if name in env else text[i : end + 1])
             i = end + 1
         else:
             out.append(text[i])
@@ -139,7 +139,9 @@ def _key_of(obj: dict | None, key: str, kind: str, name: str, optional: bool, de
         elif optional:
             return None
         else:
-            raise ContainerConfigError(f"couldn't find key {key} in {kind} {obj['metadata']['namespace']}/{name}")
+            raise ContainerConfigError(
+                f"couldn't find key {key} in {kind} {obj['metadata']['namespace']}/{name}"
+            )
     value = data[key]
     if decode:
         import base64
@@ -154,8 +156,10 @@ def resolve_env(pod: dict, container: dict, reader: ResourceReader) -> dict[str,
     env: dict[str, str] = {}
     for source in container.get("envFrom") or []:
         prefix = source.get("prefix", "")
-        for kind, ref_key, getter, decode in (("configmap", "configMapRef", reader.get_configmap, False),
-                                              ("secret", "secretRef", reader.get_secret, True)):
+        for kind, ref_key, getter, decode in (
+            ("configmap", "configMapRef", reader.get_configmap, False),
+            ("secret", "secretRef", reader.get_secret, True),
+        ):
             ref = source.get(ref_key)
             if not ref:
                 continue
@@ -174,12 +178,24 @@ def resolve_env(pod: dict, container: dict, reader: ResourceReader) -> dict[str,
         vf = var["valueFrom"]
         if "secretKeyRef" in vf:
             ref = vf["secretKeyRef"]
-            value = _key_of(reader.get_secret(ns, ref["name"]), ref["key"], "secret", ref["name"],
-                            bool(ref.get("optional")), True)
+            value = _key_of(
+                reader.get_secret(ns, ref["name"]),
+                ref["key"],
+                "secret",
+                ref["name"],
+                bool(ref.get("optional")),
+                True,
+            )
         elif "configMapKeyRef" in vf:
             ref = vf["configMapKeyRef"]
-            value = _key_of(reader.get_configmap(ns, ref["name"]), ref["key"], "configmap", ref["name"],
-                            bool(ref.get("optional")), False)
+            value = _key_of(
+                reader.get_configmap(ns, ref["name"]),
+                ref["key"],
+                "configmap",
+                ref["name"],
+                bool(ref.get("optional")),
+                False,
+            )
         elif "fieldRef" in vf:
             value = field_ref(pod, vf["fieldRef"]["fieldPath"])
         elif "resourceFieldRef" in vf:
@@ -207,8 +223,9 @@ def base_env(pod_dir: Path, pass_env: list[str], environ: dict[str, str] | None 
     return env
 
 
-def container_path_map(container: dict, volume_host_paths: dict[str, str], container_dir: Path,
-                       env: dict[str, str]) -> tuple[dict[str, str], str]:
+def container_path_map(
+    container: dict, volume_host_paths: dict[str, str], container_dir: Path, env: dict[str, str]
+) -> tuple[dict[str, str], str]:
     """({container path: host path}, host termination-message file) for one container."""
     mapping: dict[str, str] = {}
     for mount in container.get("volumeMounts") or []:
@@ -240,8 +257,16 @@ def working_dir(requested: str | None, paths: PathMap, pod_dir: Path) -> str:
     return str(pod_dir / "rootfs") + "/" + requested.lstrip("/")
 
 
-def build_launch(pod: dict, container: dict, *, images: ImageTable, reader: ResourceReader,
-                 pod_dir: Path, volume_host_paths: dict[str, str], pass_env: list[str]) -> ContainerLaunch:
+def build_launch(
+    pod: dict,
+    container: dict,
+    *,
+    images: ImageTable,
+    reader: ResourceReader,
+    pod_dir: Path,
+    volume_host_paths: dict[str, str],
+    pass_env: list[str],
+) -> ContainerLaunch:
     name = container["name"]
     container_dir = pod_dir / "containers" / name
     container_dir.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,15 @@ def parse_log_options(query: str) -> LogOptions:
     def number(name: str) -> int | None:
         return int(q[name]) if q.get(name, "") != "" else None
 
-    return LogOptions(follow=flag("follow"), previous=flag("previous"), timestamps=flag("timestamps"),
-                      tail_lines=number("tailLines"), limit_bytes=number("limitBytes"),
-                      since_seconds=number("sinceSeconds"), since_time=q.get("sinceTime") or None)
+    return LogOptions(
+        follow=flag("follow"),
+        previous=flag("previous"),
+        timestamps=flag("timestamps"),
+        tail_lines=number("tailLines"),
+        limit_bytes=number("limitBytes"),
+        since_seconds=number("sinceSeconds"),
+        since_time=q.get("sinceTime") or None,
+    )
 
 
 def client_authorized(cert: dict | None) -> bool:
@@ -75,8 +81,10 @@ class _Handler(BaseHTTPRequestHandler):
         if len(parts) != 4 or parts[0] != "containerLogs":
             return self._plain(404, f"not found: {url.path} (this node agent serves only containerLogs)")
         if self.server.verify_clients and not client_authorized(self.request.getpeercert()):
-            return self._plain(403 if self.request.getpeercert() else 401,
-                               "a client certificate of the API server is required")
+            return self._plain(
+                403 if self.request.getpeercert() else 401,
+                "a client certificate of the API server is required",
+            )
         _, namespace, pod, container = parts
         try:
             opts = parse_log_options(url.query)
@@ -125,8 +133,15 @@ class _Handler(BaseHTTPRequestHandler):
 class LogServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: str, port: int, provider, cert_file: str, key_file: str,
-                 client_ca_file: str | None = None):
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        provider,
+        cert_file: str,
+        key_file: str,
+        client_ca_file: str | None = None,
+    ):
         self.provider = provider
         self.verify_clients = bool(client_ca_file)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -42,8 +42,12 @@ class LogWriter:
         self._threads: list[threading.Thread] = []
 
     def attach(self, stream_name: str, pipe: IO[bytes]) -> None:
-        t = threading.Thread(target=self._copy, args=(stream_name, pipe), daemon=True,
-                             name=f"log-{self.path.parent.name}-{stream_name}")
+        t = threading.Thread(
+            target=self._copy,
+            args=(stream_name, pipe),
+            daemon=True,
+            name=f"log-{self.path.parent.name}-{stream_name}",
+        )
         t.start()
         self._threads.append(t)
 
@@ -80,7 +84,7 @@ class LogOptions:
     since_seconds: int | None = None
     since_time: str | None = None
     previous: bool = False
-    cancel: threading.Event | None = None   # set when a follower goes away
+    cancel: threading.Event | None = None  # set when a follower goes away
 
 
 def _parse_record(line: bytes) -> tuple[str, bytes, bool] | None:
@@ -101,8 +105,9 @@ def _render(record: tuple[str, bytes, bool], timestamps: bool) -> bytes:
     return (ts.encode() + b" " + out) if timestamps else out
 
 
-def read_log(path: Path, opts: LogOptions, still_running: Callable[[], bool] = lambda: False,
-             poll: float = 0.2) -> Iterator[bytes]:
+def read_log(
+    path: Path, opts: LogOptions, still_running: Callable[[], bool] = lambda: False, poll: float = 0.2
+) -> Iterator[bytes]:
     """Yields the rendered log; with follow, keeps yielding until the container stops running."""
     since = None
     if opts.since_time:
@@ -129,10 +134,10 @@ def read_log(path: Path, opts: LogOptions, still_running: Callable[[], bool] = l
     with f:
         content = f.read()
         complete_end = content.rfind(b"\n") + 1
-        records = [r for r in (_parse_record(l) for l in content[:complete_end].splitlines()) if r]
+        records = [r for r in map(_parse_record, content[:complete_end].splitlines()) if r]
         records = [r for r in records if admit(r)]
         if opts.tail_lines is not None:  # as kubelet: the last N records of the file
-            records = records[-opts.tail_lines:] if opts.tail_lines > 0 else []
+            records = records[-opts.tail_lines :] if opts.tail_lines > 0 else []
         for r in records:
             data, done = emit(_render(r, opts.timestamps))
             if data:

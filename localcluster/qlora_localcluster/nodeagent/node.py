@@ -54,12 +54,14 @@ def node_labels(cfg: NodeConfig) -> dict[str, str]:
         "beta.kubernetes.io/arch": cfg.arch,
     }
     if cfg.gpus:
-        labels.update({
-            "nvidia.com/gpu.present": "true",
-            "nvidia.com/gpu.product": cfg.gpu_product,
-            "nvidia.com/gpu.count": str(cfg.gpus),
-            "nvidia.com/gpu.memory": str(cfg.gpu_memory_mib),
-        })
+        labels.update(
+            {
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": cfg.gpu_product,
+                "nvidia.com/gpu.count": str(cfg.gpus),
+                "nvidia.com/gpu.memory": str(cfg.gpu_memory_mib),
+            }
+        )
     labels.update(cfg.extra_labels)
     return labels
 
@@ -78,32 +80,50 @@ def _os_image() -> str:
     return "Linux"
 
 
-def node_status(cfg: NodeConfig, kubelet_version: str, ready: bool, old_conditions: list[dict],
-                message: str = "") -> dict:
+def node_status(
+    cfg: NodeConfig, kubelet_version: str, ready: bool, old_conditions: list[dict], message: str = ""
+) -> dict:
     now = now_status()
     disk = psutil.disk_usage("/")
-    resources = {"cpu": cfg.cpu, "memory": cfg.memory, "pods": str(cfg.max_pods),
-                 "ephemeral-storage": f"{disk.total // 1024}Ki", "nvidia.com/gpu": str(cfg.gpus)}
+    resources = {
+        "cpu": cfg.cpu,
+        "memory": cfg.memory,
+        "pods": str(cfg.max_pods),
+        "ephemeral-storage": f"{disk.total // 1024}Ki",
+        "nvidia.com/gpu": str(cfg.gpus),
+    }
     old = {c["type"]: c for c in old_conditions or []}
 
     def cond(ctype: str, status: str, reason: str, msg: str) -> dict:
         prev = old.get(ctype)
         since = prev["lastTransitionTime"] if prev and prev.get("status") == status else now
-        return {"type": ctype, "status": status, "reason": reason, "message": msg,
-                "lastHeartbeatTime": now, "lastTransitionTime": since}
+        return {
+            "type": ctype,
+            "status": status,
+            "reason": reason,
+            "message": msg,
+            "lastHeartbeatTime": now,
+            "lastTransitionTime": since,
+        }
 
     conditions = [
-        cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+        cond(
+            "MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"
+        ),
         cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
         cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-        cond("Ready", "True", "KubeletReady", message or "node agent is posting ready status") if ready else
-        cond("Ready", "False", "KubeletNotReady", message or "node agent stopped"),
+        cond("Ready", "True", "KubeletReady", message or "node agent is posting ready status")
+        if ready
+        else cond("Ready", "False", "KubeletNotReady", message or "node agent stopped"),
     ]
     return {
         "capacity": resources,
         "allocatable": dict(resources),
         "conditions": conditions,
-        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": cfg.name}],
+        "addresses": [
+            {"type": "InternalIP", "address": "127.0.0.1"},
+            {"type": "Hostname", "address": cfg.name},
+        ],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": cfg.port}},
         "nodeInfo": {
             "machineID": _read("/etc/machine-id", cfg.name),
@@ -145,9 +165,14 @@ class NodeHeartbeat:
         except ApiError as e:
             if not e.not_found:
                 raise
-            node = self.api.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node",
-                                                     "metadata": {"name": self.cfg.name,
-                                                                  "labels": node_labels(self.cfg)}})
+            node = self.api.create(
+                "/api/v1/nodes",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": self.cfg.name, "labels": node_labels(self.cfg)},
+                },
+            )
             log.info("registered node %s", self.cfg.name)
         self._node_uid = node["metadata"]["uid"]
         self.post_status(ready=True)
@@ -161,14 +186,22 @@ class NodeHeartbeat:
                 self.register()
                 return
             raise
-        status = node_status(self.cfg, self.kubelet_version, ready,
-                             (current.get("status") or {}).get("conditions") or [], message)
+        status = node_status(
+            self.cfg,
+            self.kubelet_version,
+            ready,
+            (current.get("status") or {}).get("conditions") or [],
+            message,
+        )
         self.api.merge_patch(self.path + "/status", {"status": status})
 
     def renew_lease(self) -> None:
         path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.cfg.name}"
-        spec = {"holderIdentity": self.cfg.name, "leaseDurationSeconds": self.cfg.lease_seconds,
-                "renewTime": now_rfc3339()}
+        spec = {
+            "holderIdentity": self.cfg.name,
+            "leaseDurationSeconds": self.cfg.lease_seconds,
+            "renewTime": now_rfc3339(),
+        }
         try:
             lease = self.api.get(path)
             lease["spec"].update(spec)
@@ -176,12 +209,21 @@ class NodeHeartbeat:
         except ApiError as e:
             if not e.not_found:
                 raise
-            self.api.create("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", {
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": self.cfg.name, "namespace": "kube-node-lease",
-                             "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": self.cfg.name,
-                                                  "uid": self._node_uid}]},
-                "spec": spec})
+            self.api.create(
+                "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+                {
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": {
+                        "name": self.cfg.name,
+                        "namespace": "kube-node-lease",
+                        "ownerReferences": [
+                            {"apiVersion": "v1", "kind": "Node", "name": self.cfg.name, "uid": self._node_uid}
+                        ],
+                    },
+                    "spec": spec,
+                },
+            )
 
     def run_forever(self) -> None:
         renew_every = self.cfg.lease_seconds / 4

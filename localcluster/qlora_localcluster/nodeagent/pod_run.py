@@ -54,7 +54,7 @@ def termination_message(path: Path, policy: str, exit_code: int, log_path: Path)
 @dataclass
 class RuntimeConfig:
     images: ImageTable
-    reader: object          # ResourceReader + VolumeSourceReader
+    reader: object  # ResourceReader + VolumeSourceReader
     pass_env: list[str]
 
 
@@ -67,7 +67,7 @@ class Slot:
     next_start: float = 0.0
     crashes: int = 0
     pull_failures: int = 0
-    done: bool = False      # exited and will not be restarted
+    done: bool = False  # exited and will not be restarted
     oom: bool = False
     term_host_path: Path | None = None
 
@@ -94,16 +94,20 @@ class PodRun:
         self.lock = threading.RLock()
         spec = pod["spec"]
         first_wait = "PodInitializing" if spec.get("initContainers") else "ContainerCreating"
-        self.slots = [Slot(c, ContainerRecord(c["name"], c.get("image", ""), waiting_reason="PodInitializing"), True)
-                      for c in spec.get("initContainers") or []]
-        self.slots += [Slot(c, ContainerRecord(c["name"], c.get("image", ""), waiting_reason=first_wait), False)
-                       for c in spec.get("containers") or []]
+        self.slots = [
+            Slot(c, ContainerRecord(c["name"], c.get("image", ""), waiting_reason="PodInitializing"), True)
+            for c in spec.get("initContainers") or []
+        ]
+        self.slots += [
+            Slot(c, ContainerRecord(c["name"], c.get("image", ""), waiting_reason=first_wait), False)
+            for c in spec.get("containers") or []
+        ]
         self.start_time: str | None = None
         self.volume_paths: dict[str, str] = {}
         self.sandbox_ready = False
-        self.outcome: Outcome | None = None      # set when the agent decides the phase itself
+        self.outcome: Outcome | None = None  # set when the agent decides the phase itself
         self.finished = threading.Event()
-        self.adopted_terminal = False            # terminal before this agent started: never re-reported
+        self.adopted_terminal = False  # terminal before this agent started: never re-reported
         self._wake = threading.Event()
         self._stop: tuple[float, Outcome | None] | None = None
         self._started_mono = 0.0
@@ -139,9 +143,17 @@ class PodRun:
             init = [s.rec for s in self.slots if s.init]
             main = [s.rec for s in self.slots if not s.init]
             o = self.outcome
-            return build_pod_status(self.pod, init, main, start_time=self.start_time, now=now_status(),
-                                    sandbox_ready=self.sandbox_ready, phase=o.phase if o else None,
-                                    reason=o.reason if o else None, message=o.message if o else None)
+            return build_pod_status(
+                self.pod,
+                init,
+                main,
+                start_time=self.start_time,
+                now=now_status(),
+                sandbox_ready=self.sandbox_ready,
+                phase=o.phase if o else None,
+                reason=o.reason if o else None,
+                message=o.message if o else None,
+            )
 
     def slot(self, container: str) -> Slot | None:
         return next((s for s in self.slots if s.rec.name == container), None)
@@ -171,7 +183,9 @@ class PodRun:
             log.exception("pod %s: agent error", self.name)
             self._kill_all(0)
             with self.lock:
-                self.outcome = Outcome("Failed", "NodeAgentError", f"the node agent failed to run the pod: {e}")
+                self.outcome = Outcome(
+                    "Failed", "NodeAgentError", f"the node agent failed to run the pod: {e}"
+                )
         finally:
             shutil.rmtree(self.dir / "volumes", ignore_errors=True)  # secrets do not outlive the pod
             self.finished.set()
@@ -193,7 +207,9 @@ class PodRun:
 
     def _set_waiting_all(self, reason: str, message: str) -> None:
         with self.lock:
-            changed = any((x.rec.waiting_reason, x.rec.waiting_message) != (reason, message) for x in self.slots)
+            changed = any(
+                (x.rec.waiting_reason, x.rec.waiting_message) != (reason, message) for x in self.slots
+            )
             for x in self.slots:
                 x.rec.waiting_reason, x.rec.waiting_message = reason, message
         if changed:
@@ -204,8 +220,12 @@ class PodRun:
         if deadline is None or time.monotonic() - self._started_mono < deadline:
             return False
         grace = float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
-        self.request_stop(grace, Outcome("Failed", "DeadlineExceeded",
-                                         "Pod was active on the node longer than the specified deadline"))
+        self.request_stop(
+            grace,
+            Outcome(
+                "Failed", "DeadlineExceeded", "Pod was active on the node longer than the specified deadline"
+            ),
+        )
         return True
 
     def _step(self) -> bool:
@@ -246,9 +266,15 @@ class PodRun:
     def _start(self, s: Slot, policy: str) -> None:
         pod_name = self.pod["metadata"]["name"]
         try:
-            launch = build_launch(self.pod, s.spec, images=self.config.images, reader=self.config.reader,
-                                  pod_dir=self.dir, volume_host_paths=self.volume_paths,
-                                  pass_env=self.config.pass_env)
+            launch = build_launch(
+                self.pod,
+                s.spec,
+                images=self.config.images,
+                reader=self.config.reader,
+                pod_dir=self.dir,
+                volume_host_paths=self.volume_paths,
+                pass_env=self.config.pass_env,
+            )
         except ImageNotInTable as e:
             s.pull_failures += 1
             delay = backoff_seconds(s.pull_failures)
@@ -291,18 +317,43 @@ class PodRun:
             s.rec.terminated = None
             s.rec.waiting_reason, s.rec.waiting_message = "", ""
         self._save_pids()
-        log.info("pod %s/%s container %s started: pid %d argv %s", self.pod["metadata"]["namespace"],
-                 pod_name, s.rec.name, proc.pid, launch.argv)
+        log.info(
+            "pod %s/%s container %s started: pid %d argv %s",
+            self.pod["metadata"]["namespace"],
+            pod_name,
+            s.rec.name,
+            proc.pid,
+            launch.argv,
+        )
         self._notify()
 
-    def _record_exit(self, s: Slot, exit_: Exit, policy: str, *, reason: str | None = None,
-                     message: str | None = None, restart: bool = True) -> None:
+    def _record_exit(
+        self,
+        s: Slot,
+        exit_: Exit,
+        policy: str,
+        *,
+        reason: str | None = None,
+        message: str | None = None,
+        restart: bool = True,
+    ) -> None:
         if message is None:
-            message = termination_message(s.term_host_path, s.spec.get("terminationMessagePolicy", "File"),
-                                          exit_.exit_code, self.log_path(s.rec.name, s.rec.restart_count))
-        state = terminated_state(137 if s.oom else exit_.exit_code, started_at=s.rec.started_at,
-                                 finished_at=now_status(), oom=s.oom, signal=exit_.signal,
-                                 message=message, container_id=s.rec.container_id, reason=reason)
+            message = termination_message(
+                s.term_host_path,
+                s.spec.get("terminationMessagePolicy", "File"),
+                exit_.exit_code,
+                self.log_path(s.rec.name, s.rec.restart_count),
+            )
+        state = terminated_state(
+            137 if s.oom else exit_.exit_code,
+            started_at=s.rec.started_at,
+            finished_at=now_status(),
+            oom=s.oom,
+            signal=exit_.signal,
+            message=message,
+            container_id=s.rec.container_id,
+            reason=reason,
+        )
         again = restart and (policy == "Always" or (policy == "OnFailure" and state["exitCode"] != 0))
         with self.lock:
             s.proc = None
@@ -315,9 +366,11 @@ class PodRun:
                 s.rec.started_at = None
                 s.rec.restart_count += 1
                 s.rec.waiting_reason = "CrashLoopBackOff"
-                s.rec.waiting_message = (f"back-off {delay:.0f}s restarting failed container={s.rec.name} "
-                                         f"pod={self.pod['metadata']['name']}_{self.pod['metadata']['namespace']}"
-                                         f"({self.uid})")
+                s.rec.waiting_message = (
+                    f"back-off {delay:.0f}s restarting failed container={s.rec.name} "
+                    f"pod={self.pod['metadata']['name']}_{self.pod['metadata']['namespace']}"
+                    f"({self.uid})"
+                )
             else:
                 s.rec.terminated = state
                 s.done = True
@@ -348,8 +401,13 @@ class PodRun:
         with self.lock:
             for s in self.slots:
                 if s.rec.terminated is None:  # never started, or waiting to restart
-                    s.rec.terminated = terminated_state(137, started_at=None, finished_at=now_status(),
-                                                        reason="ContainerStatusUnknown", message=LOST_MESSAGE)
+                    s.rec.terminated = terminated_state(
+                        137,
+                        started_at=None,
+                        finished_at=now_status(),
+                        reason="ContainerStatusUnknown",
+                        message=LOST_MESSAGE,
+                    )
                     s.rec.started_at = None
             if outcome is None:
                 ok = all(s.rec.succeeded for s in self.slots)
@@ -357,8 +415,11 @@ class PodRun:
             self.outcome = outcome
 
     def _save_pids(self) -> None:
-        pids = {s.rec.name: {"pid": s.proc.pid, "create_time": s.proc.create_time}
-                for s in self.slots if s.proc is not None}
+        pids = {
+            s.rec.name: {"pid": s.proc.pid, "create_time": s.proc.create_time}
+            for s in self.slots
+            if s.proc is not None
+        }
         record = {"uid": self.uid, "started": True, "running": pids}
         tmp = self.dir / ".run.json.tmp"
         tmp.write_text(json.dumps(record))

@@ -46,14 +46,17 @@ class ApiResourceReader:
     def service_account_token(self, pod: dict, audience: str | None, expiration_seconds: int) -> str:
         meta = pod["metadata"]
         sa = pod["spec"].get("serviceAccountName") or "default"
-        spec = {"expirationSeconds": max(expiration_seconds, 600),
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}}
+        spec = {
+            "expirationSeconds": max(expiration_seconds, 600),
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+        }
         if audience:
             spec["audiences"] = [audience]
         try:
-            resp = self.api.create(f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token",
-                                   {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                                    "spec": spec})
+            resp = self.api.create(
+                f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa}/token",
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+            )
         except ApiError as e:
             raise ContainerConfigError(f"cannot get a token for service account {sa}: {e.message}") from e
         return resp["status"]["token"]
@@ -64,9 +67,9 @@ class PodController:
         self.api = api
         self.node_name = node_name
         self.provider = provider
-        self.pods: dict[str, dict] = {}          # uid -> latest object seen
-        self.pushed: dict[str, dict] = {}        # uid -> last status sent
-        self.deleted: set[str] = set()           # uids we deleted (finalizers may keep them visible)
+        self.pods: dict[str, dict] = {}  # uid -> latest object seen
+        self.pushed: dict[str, dict] = {}  # uid -> last status sent
+        self.deleted: set[str] = set()  # uids we deleted (finalizers may keep them visible)
         self._dirty: set[str] = set()
         self._cv = threading.Condition()
         self._stopping = threading.Event()
@@ -80,6 +83,7 @@ class PodController:
 
     def watch_forever(self) -> None:
         selector = f"spec.nodeName={self.node_name}"
+        first_list = True
         while not self._stopping.is_set():
             try:
                 listing = self.api.get("/api/v1/pods", fieldSelector=selector)
@@ -89,6 +93,9 @@ class PodController:
                     self.sync(pod)
                 for uid in set(self.pods) - seen:
                     self.gone(uid)
+                if first_list:
+                    self.provider.collect_garbage(seen)
+                    first_list = False
                 rv = listing["metadata"]["resourceVersion"]
                 while not self._stopping.is_set():
                     for event in self.api.watch("/api/v1/pods", rv, fieldSelector=selector):
@@ -118,11 +125,16 @@ class PodController:
             elif is_terminal((pod.get("status") or {}).get("phase")):
                 self.provider.adopt_finished(pod)
             elif self.provider.previously_started(pod):
-                log.warning("pod %s/%s was started by an earlier agent: reporting it Failed",
-                            pod["metadata"]["namespace"], pod["metadata"]["name"])
+                log.warning(
+                    "pod %s/%s was started by an earlier agent: reporting it Failed",
+                    pod["metadata"]["namespace"],
+                    pod["metadata"]["name"],
+                )
                 self.provider.adopt_lost(pod)
             else:
-                log.info("pod %s/%s bound here: starting", pod["metadata"]["namespace"], pod["metadata"]["name"])
+                log.info(
+                    "pod %s/%s bound here: starting", pod["metadata"]["namespace"], pod["metadata"]["name"]
+                )
                 self.provider.create_pod(pod)
         self.mark_dirty(uid)
 
@@ -165,8 +177,10 @@ class PodController:
         meta = pod["metadata"]
         if status is not None and status != self.pushed.get(uid):
             try:
-                updated = self.api.merge_patch(pod_path(meta["namespace"], meta["name"], "status"),
-                                               {"metadata": {"uid": uid}, "status": status})
+                updated = self.api.merge_patch(
+                    pod_path(meta["namespace"], meta["name"], "status"),
+                    {"metadata": {"uid": uid}, "status": status},
+                )
             except ApiError as e:
                 if e.not_found or e.conflict or e.status == 422:
                     return  # gone, or a new pod with the same name: the watch will say
@@ -183,9 +197,15 @@ class PodController:
         meta = pod["metadata"]
         uid = meta["uid"]
         try:
-            self.api.delete(pod_path(meta["namespace"], meta["name"]),
-                            {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
-                             "preconditions": {"uid": uid}})
+            self.api.delete(
+                pod_path(meta["namespace"], meta["name"]),
+                {
+                    "apiVersion": "v1",
+                    "kind": "DeleteOptions",
+                    "gracePeriodSeconds": 0,
+                    "preconditions": {"uid": uid},
+                },
+            )
         except ApiError as e:
             if not (e.not_found or e.conflict):
                 raise

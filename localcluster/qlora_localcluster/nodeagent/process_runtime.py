@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,8 +72,31 @@ class ProcessProvider:
             run.request_stop(grace)
 
     def forget(self, uid: str) -> None:
+        """The pod object is gone: drop it and its directory (logs included, as kubelet does)."""
         with self._lock:
             self._runs.pop(uid, None)
+        shutil.rmtree(self.pod_dir(uid), ignore_errors=True)
+
+    def collect_garbage(self, live_uids: set[str]) -> None:
+        """Directories of pods deleted while no agent ran: stop their leftovers, remove them."""
+        for d in self.pods_dir.iterdir():
+            if d.name in live_uids or self.knows(d.name):
+                continue
+            self._kill_leftovers(d, d.name)
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _kill_leftovers(self, pod_dir: Path, what: str) -> None:
+        try:
+            for name, rec in json.loads((pod_dir / "run.json").read_text()).get("running", {}).items():
+                if kill_recorded(rec["pid"], rec.get("create_time", 0)):
+                    log.info(
+                        "pod %s: killed container %s (pid %d) left by an earlier agent",
+                        what,
+                        name,
+                        rec["pid"],
+                    )
+        except (OSError, ValueError):
+            pass
 
     def shutdown(self, grace: float, outcome: Outcome) -> None:
         """Stops every running pod (node shutdown) and waits for them."""
@@ -103,13 +127,17 @@ class ProcessProvider:
 
     def _find(self, namespace: str, name: str) -> PodRun | None:
         with self._lock:
-            runs = [r for r in self._runs.values()
-                    if r.pod["metadata"]["namespace"] == namespace and r.pod["metadata"]["name"] == name]
+            runs = [
+                r
+                for r in self._runs.values()
+                if r.pod["metadata"]["namespace"] == namespace and r.pod["metadata"]["name"] == name
+            ]
         # a recreated pod with the same name: the newest object wins
         return runs[-1] if runs else None
 
-    def get_container_logs(self, namespace: str, name: str, container: str,
-                           opts: LogOptions) -> Iterator[bytes]:
+    def get_container_logs(
+        self, namespace: str, name: str, container: str, opts: LogOptions
+    ) -> Iterator[bytes]:
         """Raises LookupError (-> 404) when the pod, container or previous instance is unknown."""
         run = self._find(namespace, name)
         if run is None:
@@ -156,14 +184,7 @@ class ProcessProvider:
 
     def adopt_lost(self, pod: dict) -> None:
         """A non-terminal pod an earlier agent started: stop leftovers, report it Failed."""
-        run_file = self.pod_dir(pod["metadata"]["uid"]) / "run.json"
-        try:
-            for name, rec in json.loads(run_file.read_text()).get("running", {}).items():
-                if kill_recorded(rec["pid"], rec.get("create_time", 0)):
-                    log.info("pod %s: killed container %s (pid %d) left by an earlier agent",
-                             pod["metadata"]["name"], name, rec["pid"])
-        except (OSError, ValueError):
-            pass
+        self._kill_leftovers(self.pod_dir(pod["metadata"]["uid"]), pod["metadata"]["name"])
         self._adopt(pod, lost=True)
         self.notify(pod["metadata"]["uid"])
 
@@ -171,8 +192,10 @@ class ProcessProvider:
         uid = pod["metadata"]["uid"]
         run = PodRun(pod, self.pod_dir(uid), self.config, self.notify)
         st = pod.get("status") or {}
-        by_name = {cs["name"]: cs for cs in (st.get("containerStatuses") or [])
-                   + (st.get("initContainerStatuses") or [])}
+        by_name = {
+            cs["name"]: cs
+            for cs in (st.get("containerStatuses") or []) + (st.get("initContainerStatuses") or [])
+        }
         now = now_status()
         for slot in run.slots:
             cs = by_name.get(slot.rec.name, {})
@@ -184,16 +207,24 @@ class ProcessProvider:
             rec.terminated = state.get("terminated")
             if rec.terminated is None and lost:
                 started = (state.get("running") or {}).get("startedAt")
-                rec.terminated = terminated_state(137, started_at=started, finished_at=now,
-                                                  reason="ContainerStatusUnknown", message=LOST_MESSAGE)
+                rec.terminated = terminated_state(
+                    137,
+                    started_at=started,
+                    finished_at=now,
+                    reason="ContainerStatusUnknown",
+                    message=LOST_MESSAGE,
+                )
             elif rec.terminated is None:
                 rec.waiting_reason = (state.get("waiting") or {}).get("reason", "")
             slot.done = True
         run.start_time = st.get("startTime")
         if lost:
-            run.outcome = Outcome("Failed", AGENT_RESTARTED,
-                                  "The node agent restarted while this pod was running; it cannot re-attach "
-                                  "to the container processes it had started, so it stopped them.")
+            run.outcome = Outcome(
+                "Failed",
+                AGENT_RESTARTED,
+                "The node agent restarted while this pod was running; it cannot re-attach "
+                "to the container processes it had started, so it stopped them.",
+            )
         else:
             run.adopted_terminal = True
         run.finished.set()

@@ -33,8 +33,8 @@ class ContainerRecord:
     restart_count: int = 0
     waiting_reason: str = "ContainerCreating"
     waiting_message: str = ""
-    started_at: str | None = None       # set while running
-    terminated: dict | None = None      # the current terminated state
+    started_at: str | None = None  # set while running
+    terminated: dict | None = None  # the current terminated state
     last_terminated: dict | None = None  # lastState.terminated
 
     @property
@@ -46,9 +46,17 @@ class ContainerRecord:
         return self.terminated is not None and self.terminated.get("exitCode") == 0
 
 
-def terminated_state(exit_code: int, *, started_at: str | None, finished_at: str, oom: bool = False,
-                     signal: int | None = None, message: str = "", container_id: str = "",
-                     reason: str | None = None) -> dict:
+def terminated_state(
+    exit_code: int,
+    *,
+    started_at: str | None,
+    finished_at: str,
+    oom: bool = False,
+    signal: int | None = None,
+    message: str = "",
+    container_id: str = "",
+    reason: str | None = None,
+) -> dict:
     if reason is None:
         reason = "OOMKilled" if oom else ("Completed" if exit_code == 0 else "Error")
     state = {"exitCode": exit_code, "reason": reason, "startedAt": started_at, "finishedAt": finished_at}
@@ -118,12 +126,16 @@ def pod_phase(restart_policy: str, init: list[ContainerRecord], main: list[Conta
     return "Pending"
 
 
-def _condition(old: dict[str, dict], ctype: str, ok: bool, now: str, reason: str = "",
-               message: str = "") -> dict:
+def _condition(
+    old: dict[str, dict], ctype: str, ok: bool, now: str, reason: str = "", message: str = ""
+) -> dict:
     status = "True" if ok else "False"
     prev = old.get(ctype)
-    since = prev["lastTransitionTime"] if prev and prev.get("status") == status and \
-        prev.get("lastTransitionTime") else now
+    since = (
+        prev["lastTransitionTime"]
+        if prev and prev.get("status") == status and prev.get("lastTransitionTime")
+        else now
+    )
     cond = {"type": ctype, "status": status, "lastProbeTime": None, "lastTransitionTime": since}
     if not ok and reason:
         cond["reason"] = reason
@@ -132,8 +144,14 @@ def _condition(old: dict[str, dict], ctype: str, ok: bool, now: str, reason: str
     return cond
 
 
-def pod_conditions(old_conditions: list[dict], init: list[ContainerRecord], main: list[ContainerRecord],
-                   phase: str, sandbox_ready: bool, now: str) -> list[dict]:
+def pod_conditions(
+    old_conditions: list[dict],
+    init: list[ContainerRecord],
+    main: list[ContainerRecord],
+    phase: str,
+    sandbox_ready: bool,
+    now: str,
+) -> list[dict]:
     old = {c["type"]: c for c in old_conditions or []}
     pending_init = [r.name for r in init if not r.succeeded]
     unready = [r.name for r in main if not r.running]
@@ -144,8 +162,14 @@ def pod_conditions(old_conditions: list[dict], init: list[ContainerRecord], main
     unready_msg = "" if completed else f"containers with unready status: [{' '.join(unready)}]"
     own = [
         _condition(old, "PodReadyToStartContainers", sandbox_ready and not completed, now),
-        _condition(old, "Initialized", init_ok, now, init_reason,
-                   f"containers with incomplete status: [{' '.join(pending_init)}]"),
+        _condition(
+            old,
+            "Initialized",
+            init_ok,
+            now,
+            init_reason,
+            f"containers with incomplete status: [{' '.join(pending_init)}]",
+        ),
         _condition(old, "ContainersReady", not unready, now, unready_reason, unready_msg),
         _condition(old, "Ready", not unready, now, unready_reason, unready_msg),
     ]
@@ -155,10 +179,18 @@ def pod_conditions(old_conditions: list[dict], init: list[ContainerRecord], main
     return foreign + own
 
 
-def build_pod_status(pod: dict, init: list[ContainerRecord], main: list[ContainerRecord], *,
-                     start_time: str | None, now: str, sandbox_ready: bool = True,
-                     phase: str | None = None, reason: str | None = None,
-                     message: str | None = None) -> dict:
+def build_pod_status(
+    pod: dict,
+    init: list[ContainerRecord],
+    main: list[ContainerRecord],
+    *,
+    start_time: str | None,
+    now: str,
+    sandbox_ready: bool = True,
+    phase: str | None = None,
+    reason: str | None = None,
+    message: str | None = None,
+) -> dict:
     """The full `status` to send as a merge patch (lists replace, None clears)."""
     restart_policy = pod["spec"].get("restartPolicy", "Always")
     phase = phase or pod_phase(restart_policy, init, main)

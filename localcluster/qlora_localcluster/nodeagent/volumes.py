@@ -47,8 +47,16 @@ def _key_files(obj: dict, decode: bool) -> dict[str, bytes]:
     return files
 
 
-def _project_keys(root: Path, kind: str, name: str, obj: dict | None, decode: bool, items: list | None,
-                  default_mode: int | None, optional: bool) -> None:
+def _project_keys(
+    root: Path,
+    kind: str,
+    name: str,
+    obj: dict | None,
+    decode: bool,
+    items: list | None,
+    default_mode: int | None,
+    optional: bool,
+) -> None:
     if obj is None:
         if optional:
             return
@@ -101,11 +109,27 @@ def materialize(pod: dict, pod_dir: Path, reader: VolumeSourceReader) -> dict[st
         if kind == "emptyDir":
             pass
         elif kind == "configMap":
-            _project_keys(root, "configmap", src["name"], reader.get_configmap(ns, src["name"]), False,
-                          src.get("items"), src.get("defaultMode"), bool(src.get("optional")))
+            _project_keys(
+                root,
+                "configmap",
+                src["name"],
+                reader.get_configmap(ns, src["name"]),
+                False,
+                src.get("items"),
+                src.get("defaultMode"),
+                bool(src.get("optional")),
+            )
         elif kind == "secret":
-            _project_keys(root, "secret", src["secretName"], reader.get_secret(ns, src["secretName"]), True,
-                          src.get("items"), src.get("defaultMode"), bool(src.get("optional")))
+            _project_keys(
+                root,
+                "secret",
+                src["secretName"],
+                reader.get_secret(ns, src["secretName"]),
+                True,
+                src.get("items"),
+                src.get("defaultMode"),
+                bool(src.get("optional")),
+            )
         elif kind == "downwardAPI":
             _downward_items(root, pod, src.get("items"), src.get("defaultMode"))
         elif kind == "projected":
@@ -113,18 +137,35 @@ def materialize(pod: dict, pod_dir: Path, reader: VolumeSourceReader) -> dict[st
             for source in src.get("sources") or []:
                 if "configMap" in source:
                     s = source["configMap"]
-                    _project_keys(root, "configmap", s["name"], reader.get_configmap(ns, s["name"]), False,
-                                  s.get("items"), mode, bool(s.get("optional")))
+                    _project_keys(
+                        root,
+                        "configmap",
+                        s["name"],
+                        reader.get_configmap(ns, s["name"]),
+                        False,
+                        s.get("items"),
+                        mode,
+                        bool(s.get("optional")),
+                    )
                 elif "secret" in source:
                     s = source["secret"]
-                    _project_keys(root, "secret", s["name"], reader.get_secret(ns, s["name"]), True,
-                                  s.get("items"), mode, bool(s.get("optional")))
+                    _project_keys(
+                        root,
+                        "secret",
+                        s["name"],
+                        reader.get_secret(ns, s["name"]),
+                        True,
+                        s.get("items"),
+                        mode,
+                        bool(s.get("optional")),
+                    )
                 elif "downwardAPI" in source:
                     _downward_items(root, pod, source["downwardAPI"].get("items"), mode)
                 elif "serviceAccountToken" in source:
                     s = source["serviceAccountToken"]
-                    token = reader.service_account_token(pod, s.get("audience"),
-                                                         int(s.get("expirationSeconds", 3607)))
+                    token = reader.service_account_token(
+                        pod, s.get("audience"), int(s.get("expirationSeconds", 3607))
+                    )
                     _write_file(root, s["path"], token.encode(), mode)
                 else:
                     raise VolumeError(f"projected volume {name}: unsupported source {sorted(source)}")
