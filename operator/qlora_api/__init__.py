@@ -13,7 +13,15 @@ from qlora_api.protocol import (
     TrainerRunConfig,
 )
 from qlora_api.spec import QLoRAJobSpec
-from qlora_api.status import Condition, PublishedFile, QLoRAJobStatus, TrainingProgress, TrainingResult
+from qlora_api.status import (
+    Condition,
+    ConditionType,
+    PublishedFile,
+    QLoRAJobStatus,
+    Reason,
+    TrainingProgress,
+    TrainingResult,
+)
 
 __all__ = [
     "API_VERSION",
@@ -24,10 +32,12 @@ __all__ = [
     "SINGULAR",
     "VERSION",
     "Condition",
+    "ConditionType",
     "ExitCode",
     "PublishedFile",
     "QLoRAJobSpec",
     "QLoRAJobStatus",
+    "Reason",
     "TrainerError",
     "TrainerProgressLine",
     "TrainerResultMessage",

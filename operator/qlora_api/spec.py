@@ -92,6 +92,7 @@ class LoRASpec(RuledModel):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["all-linear"],
+        json_schema_extra={"default": ["all-linear"]},  # the API server defaults it too (the CEL rule reads it)
         min_length=1,
         max_length=64,
         description="Module names to adapt, or the single value all-linear (every linear layer but the output head).",
@@ -100,7 +101,7 @@ class LoRASpec(RuledModel):
 
     cross_field_rules = (
         CrossFieldRule(
-            cel="!('all-linear' in self.targetModules) || size(self.targetModules) == 1",
+            cel="!has(self.targetModules) || !('all-linear' in self.targetModules) || size(self.targetModules) == 1",
             message="all-linear cannot be combined with other target modules",
             check=lambda m: "all-linear" not in m.target_modules or len(m.target_modules) == 1,
             field_path=".targetModules",
@@ -217,10 +218,16 @@ class QLoRAJobSpec(ApiModel):
     model: ModelSource = Field(json_schema_extra=immutable("spec.model"))
     dataset: DatasetSource = Field(json_schema_extra=immutable("spec.dataset"))
     output: OutputSpec = Field(json_schema_extra=immutable("spec.output"))
-    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, json_schema_extra=immutable("spec.quantization"))
-    lora: LoRASpec = Field(default_factory=LoRASpec, json_schema_extra=immutable("spec.lora"))
-    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra=immutable("spec.training"))
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, json_schema_extra=immutable("spec.resources"))
+    # `default: {}` makes the API server store these sections even when a manifest leaves them out;
+    # a transition rule (self == oldSelf) only runs where an old value exists, so without it a
+    # later patch could add the section unchecked.
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec,
+                                           json_schema_extra={**immutable("spec.quantization"), "default": {}})
+    lora: LoRASpec = Field(default_factory=LoRASpec, json_schema_extra={**immutable("spec.lora"), "default": {}})
+    training: TrainingSpec = Field(default_factory=TrainingSpec,
+                                   json_schema_extra={**immutable("spec.training"), "default": {}})
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
+                                     json_schema_extra={**immutable("spec.resources"), "default": {}})
     suspend: bool = Field(False, description="Stop the trainer pod (it resumes from its last checkpoint when unset).")
     backoff_limit: int = Field(2, ge=0, le=20, description="Retries after a retryable failure (pod loss, S3 outage).")
     active_deadline_seconds: int | None = Field(

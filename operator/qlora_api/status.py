@@ -21,6 +21,33 @@ class ConditionType:
     FAILED = "Failed"  # terminal; the reason says why (OOMKilled, DeadlineExceeded, TrainerError, ...)
 
 
+class Reason:
+    """CamelCase reasons the operator sets on conditions and Events. A trainer that fails with a
+    TrainerError message lends its own reason (BadData, CudaOutOfMemory, ...) to Failed."""
+
+    ACCEPTED = "Accepted"
+    INVALID_SPEC = "InvalidSpec"  # the API server took a spec the operator's models refuse (version skew)
+    JOB_CREATED = "JobCreated"  # Event only: a trainer Job for a new attempt
+    PENDING = "Pending"  # waiting for the Job controller, the scheduler or the container to start
+    SCHEDULED = "Scheduled"
+    UNSCHEDULABLE = "Unschedulable"  # the message is the scheduler's own
+    IMAGE_PULL_FAILED = "ImagePullFailed"  # ErrImagePull / ImagePullBackOff / InvalidImageName
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"  # e.g. the S3 credentials Secret or a key is missing
+    TRAINING = "Training"
+    EVICTED = "Evicted"  # the Job replaces the pod; the trainer resumes from its checkpoint
+    PREEMPTED = "Preempted"
+    RETRYING = "Retrying"  # a retryable failure; the next attempt is planned
+    SUSPENDED = "Suspended"
+    RESUMED = "Resumed"
+    COMPLETED = "Completed"  # Running=False once the trainer exited
+    SUCCEEDED = "Succeeded"
+    OOM_KILLED = "OOMKilled"  # over spec.resources.memory
+    DEADLINE_EXCEEDED = "DeadlineExceeded"  # spec.activeDeadlineSeconds, all attempts together
+    POD_LOST = "PodLost"  # the pod or the Job vanished without an exit code (node lost, deleted)
+    TRAINER_CRASHED = "TrainerCrashed"  # an exit code outside qlora_api.ExitCode (a signal, a segfault)
+    RESULT_MISSING = "ResultMissing"  # exit 0 without a readable result message
+
+
 class Condition(ApiModel):
     type: str = Field(max_length=316)
     status: Literal["True", "False", "Unknown"]
