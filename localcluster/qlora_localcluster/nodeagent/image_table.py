@@ -21,6 +21,7 @@ with ErrImagePull, then ImagePullBackOff.
     busybox, */busybox, alpine, */alpine,
       debian, */debian, ubuntu, */ubuntu                    -                               [sh]
     pause, */pause                                          [sleep, infinity]               []
+    qlora-fake-trainer, */qlora-fake-trainer                [python, tests/support/fake_trainer.py]  []
 
 `python`/`python3` mean the agent's own interpreter (the venv with the project installed); `sh`
 means /bin/sh. `--image-table FILE` (JSON or YAML list of entries with the same fields as
@@ -35,6 +36,9 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+_REPO = Path(__file__).resolve().parents[3]
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,10 @@ def default_entries() -> list[ImageEntry]:
             binaries={**shell, **py},
         ),
         ImageEntry("pause", ("pause", "*/pause"), entrypoint=("sleep", "infinity")),
+        # The operator tests' scripted trainer (fast, no torch): tests/support/fake_trainer.py.
+        ImageEntry("qlora-fake-trainer", ("qlora-fake-trainer", "*/qlora-fake-trainer"),
+                   entrypoint=(sys.executable, str(_REPO / "tests" / "support" / "fake_trainer.py")),
+                   binaries=py),
     ]
 
 
