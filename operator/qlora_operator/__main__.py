@@ -1,0 +1,3 @@
+from qlora_operator.main import run
+
+run()

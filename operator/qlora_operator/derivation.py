@@ -1,0 +1,136 @@
+"""derive_status(job, observed) -> (status, events): the QLoRAJob's status from its children. Pure.
+
+The status is a function of the observed children and the previous status only where the
+children cannot say it any more: a terminal status is final (a TTL may delete the finished Job,
+the result stays), the attempt count never goes down, and lastTransitionTime only moves when a
+condition's status changes. Events are the differences between the old and the new conditions,
+so a replayed event or a restarted operator derives the same status and emits nothing.
+"""
+
+from dataclasses import dataclass
+
+from qlora_api import ConditionType, QLoRAJobStatus, Reason, TrainingProgress
+
+from qlora_operator import timestamps
+from qlora_operator.attempts import AttemptPhase, Verdict, judge
+from qlora_operator.conditions import find, is_terminal, is_true, set_condition
+from qlora_operator.naming import trainer_job_name
+from qlora_operator.observation import Observed
+from qlora_operator.resource import QLoRAJob
+from qlora_operator.settings import DEFAULTS, OperatorSettings
+
+NORMAL_REASONS = {Reason.ACCEPTED, Reason.PENDING, Reason.SCHEDULED, Reason.TRAINING, Reason.SUSPENDED,
+                  Reason.RESUMED, Reason.COMPLETED, Reason.SUCCEEDED}
+QUIET_REASONS = {Reason.PENDING, Reason.COMPLETED}
+EVENT_MESSAGE_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class OperatorEvent:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+def derive_status(job: QLoRAJob, observed: Observed,
+                  settings: OperatorSettings = DEFAULTS) -> tuple[QLoRAJobStatus, list[OperatorEvent]]:
+    old = job.status
+    new = old.model_copy(deep=True)
+    if is_terminal(old):
+        return new, []
+    now, gen = observed.now, job.generation
+    new.observed_generation = gen
+    if job.spec is None:
+        for ctype in (ConditionType.ACCEPTED, ConditionType.FAILED):
+            set_condition(new, ctype, ctype == ConditionType.FAILED, Reason.INVALID_SPEC, job.spec_error or "", gen, now)
+        new.phase, new.message, new.completion_time = "Failed", job.spec_error, now
+        return new, transition_events(old, new)
+    set_condition(new, ConditionType.ACCEPTED, True, Reason.ACCEPTED, "the spec is valid", gen, now)
+
+    verdict = judge(job, observed, settings, _start_time(observed, old))
+    new.start_time = _start_time(observed, old, verdict)
+    new.attempts = verdict.attempt
+    new.job_name = trainer_job_name(job.name, verdict.attempt) if verdict.attempt else None
+    _apply_verdict(new, verdict, job, gen, now)
+    if observed.progress is not None:
+        new.progress = _with_summary(observed.progress)
+    return new, transition_events(old, new)
+
+
+def _start_time(observed: Observed, old: QLoRAJobStatus, verdict: Verdict | None = None):
+    """When the first trainer Job was created; a resume starts the clock again (as batch/v1 does)."""
+    resumed = verdict is not None and verdict.state.phase != AttemptPhase.SUSPENDED
+    if resumed and is_true(old, ConditionType.SUSPENDED):
+        return observed.now
+    if old.start_time is not None:
+        return old.start_time
+    first = observed.jobs.get(min(observed.jobs, default=0))
+    return timestamps.parse(first["metadata"].get("creationTimestamp")) if first else None
+
+
+def _apply_verdict(new: QLoRAJobStatus, verdict: Verdict, job: QLoRAJob, gen: int, now) -> None:
+    state = verdict.state
+
+    def cond(ctype: str, value: bool | str, reason: str, message: str) -> None:
+        set_condition(new, ctype, value, reason, message, gen, now)
+
+    if state.scheduled:
+        cond(ConditionType.SCHEDULED, *state.scheduled)
+    if state.phase != AttemptPhase.SUSPENDED and is_true(new, ConditionType.SUSPENDED):
+        cond(ConditionType.SUSPENDED, False, Reason.RESUMED, "resumed; the trainer continues from its last checkpoint")
+
+    if state.phase == AttemptPhase.RUNNING:
+        new.phase = "Running"
+        cond(ConditionType.RUNNING, True, state.reason, state.message)
+    elif state.phase in (AttemptPhase.PENDING, AttemptPhase.DISRUPTED):
+        new.phase = "Pending"
+        cond(ConditionType.RUNNING, False, state.reason, state.message)
+    elif state.phase == AttemptPhase.SUSPENDED:
+        new.phase = "Suspended"
+        cond(ConditionType.SUSPENDED, True, Reason.SUSPENDED, state.message)
+        cond(ConditionType.RUNNING, False, Reason.SUSPENDED, state.message)
+    elif state.phase == AttemptPhase.SUCCEEDED:
+        new.phase, new.result = "Succeeded", state.result
+        new.completion_time = state.finished_at or now
+        cond(ConditionType.RUNNING, False, Reason.COMPLETED, "the trainer finished")
+        cond(ConditionType.SUCCEEDED, True, state.reason, state.message)
+    elif verdict.next_attempt_at is not None:  # a retryable failure
+        new.phase = "Pending"
+        when = "now" if verdict.next_attempt_at <= now else f"at {timestamps.format(verdict.next_attempt_at)}"
+        cond(ConditionType.RUNNING, False, state.reason,
+             f"attempt {verdict.attempt} failed: {state.message}; attempt {verdict.attempt + 1} of "
+             f"{job.spec.backoff_limit + 1} starts {when}")
+    else:
+        new.phase = "Failed"
+        new.completion_time = state.finished_at or now
+        cond(ConditionType.RUNNING, False, state.reason, state.message)
+        cond(ConditionType.FAILED, True, state.reason, state.message)
+    driving = find(new, {"Succeeded": ConditionType.SUCCEEDED, "Failed": ConditionType.FAILED}.get(
+        new.phase, ConditionType.RUNNING))
+    new.message = driving.message if driving else None
+
+
+def _with_summary(progress: TrainingProgress) -> TrainingProgress:
+    if progress.summary or not progress.total_steps:
+        return progress
+    percent = 100 * progress.step // progress.total_steps
+    return progress.model_copy(update={"summary": f"{progress.step}/{progress.total_steps} ({percent}%)"})
+
+
+def transition_events(old: QLoRAJobStatus, new: QLoRAJobStatus) -> list[OperatorEvent]:
+    """One Event per condition whose status or reason changed (deduplicated: Running=False and
+    Failed=True with the same reason are one story)."""
+    events: list[OperatorEvent] = []
+    seen = set()
+    for cond in new.conditions:
+        before = find(old, cond.type)
+        if before is not None and (before.status, before.reason) == (cond.status, cond.reason):
+            continue
+        if cond.reason in QUIET_REASONS or (cond.type == ConditionType.SCHEDULED and cond.status == "True"):
+            continue  # said better by another event (JobCreated, Succeeded, the scheduler's own)
+        if cond.reason in seen:
+            continue
+        seen.add(cond.reason)
+        kind = "Normal" if cond.reason in NORMAL_REASONS else "Warning"
+        events.append(OperatorEvent(kind, cond.reason, cond.message[:EVENT_MESSAGE_LIMIT]))
+    return events

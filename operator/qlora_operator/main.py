@@ -1,0 +1,73 @@
+"""The kopf edge: handler registration and start-up. Each handler body is one call.
+
+    qlora-operator                          # every namespace; settings from QLORA_* variables
+    qlora-operator -n team-a -n team-b      # only these namespaces
+    python -m qlora_operator --help
+
+kopf is edge-triggered: create/update/resume handlers and the Job/pod events only make a
+reconcile happen sooner. The timer re-derives every job from its actual children every few
+seconds, which is what makes the operator level-triggered (a missed event or a restart costs at
+most one interval).
+"""
+
+import logging
+
+import kopf
+from qlora_api import GROUP, PLURAL, VERSION
+from qlora_api.meta import LABEL_MANAGED_BY, MANAGED_BY
+
+from qlora_operator import kube, metrics, settings
+from qlora_operator.kopf_setup import configure_kopf, log_in, run_kopf
+from qlora_operator.reconcile import Reconciler
+
+CHILDREN = {LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def register(reconciler: Reconciler, config: settings.OperatorSettings,
+             registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
+    registry = registry or kopf.OperatorRegistry()
+    qlorajobs = {"group": GROUP, "version": VERSION, "plural": PLURAL, "registry": registry}
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_) -> None:
+        configure_kopf(settings, config)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs) -> kopf.ConnectionInfo | None:
+        return log_in(**kwargs)
+
+    @kopf.on.resume(**qlorajobs, id="reconcile-on-resume")
+    @kopf.on.create(**qlorajobs, id="reconcile-on-create")
+    @kopf.on.update(**qlorajobs, id="reconcile-on-update")
+    def on_change(namespace: str, name: str, **_) -> None:
+        reconciler.reconcile(namespace, name)
+
+    @kopf.timer(**qlorajobs, id="resync", interval=config.reconcile_interval, initial_delay=0.0)
+    def resync(namespace: str, name: str, **_) -> None:
+        reconciler.reconcile(namespace, name)
+
+    @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN, registry=registry)
+    @kopf.on.event("", "v1", "pods", labels=CHILDREN, registry=registry)
+    def on_child_event(body: kopf.Body, **_) -> None:
+        reconciler.reconcile_owner_of(dict(body))
+
+    @kopf.on.delete(**qlorajobs, optional=True, id="forget")
+    def on_delete(namespace: str, name: str, **_) -> None:
+        reconciler.forget(namespace, name)
+
+    return registry
+
+
+def run(argv: list[str] | None = None) -> None:
+    config = settings.parse(argv)
+    kopf.configure(debug=config.log_level == "DEBUG", quiet=config.log_level in ("WARNING", "ERROR"))
+    logging.getLogger("qlora_operator").setLevel(config.log_level)
+    if config.log_level != "DEBUG":  # kopf logs every timer tick at INFO; the reconciles log what changed
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    reconciler = Reconciler(kube.Kube(kube.load_client()), config)
+    metrics.serve(config.metrics_port)
+    run_kopf(register(reconciler, config), config)
+
+
+if __name__ == "__main__":
+    run()

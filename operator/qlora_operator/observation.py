@@ -1,0 +1,58 @@
+"""The observed world of one QLoRAJob: its trainer Jobs, their pods and ConfigMaps, grouped by
+attempt, and the trainer's latest progress line. Built by `kube.observe`; pure data from here on."""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from qlora_api import TrainerProgressLine, TrainingProgress
+
+from qlora_operator import pod_facts as pf
+from qlora_operator.naming import attempt_of
+from qlora_operator.resource import owned_by
+
+
+@dataclass(frozen=True)
+class Observed:
+    now: datetime
+    jobs: dict[int, dict] = field(default_factory=dict)  # attempt -> batch/v1 Job
+    pods: dict[int, list[dict]] = field(default_factory=dict)  # attempt -> that Job's pods
+    config_maps: dict[int, dict] = field(default_factory=dict)  # attempt -> ConfigMap
+    progress: TrainingProgress | None = None  # the newest progress line in the trainer's log
+
+    @property
+    def latest_attempt(self) -> int:
+        return max(self.jobs, default=0)
+
+
+def group_children(owner_uid: str, now: datetime, config_maps: list[dict], jobs: list[dict],
+                   pods: list[dict]) -> Observed:
+    """Keeps only what this QLoRAJob (by uid) controls: a QLoRAJob deleted and created again under the
+    same name must not adopt the children the garbage collector has yet to remove."""
+    own_jobs = {attempt_of(j): j for j in jobs if owned_by(j, owner_uid) and attempt_of(j)}
+    attempt_by_job_uid = {j["metadata"]["uid"]: a for a, j in own_jobs.items()}
+    own_pods: dict[int, list[dict]] = {}
+    for pod in pods:
+        for ref in pod["metadata"].get("ownerReferences") or []:
+            attempt = attempt_by_job_uid.get(ref.get("uid"))
+            if attempt is not None:
+                own_pods.setdefault(attempt, []).append(pod)
+    own_maps = {attempt_of(c): c for c in config_maps if owned_by(c, owner_uid) and attempt_of(c)}
+    return Observed(now=now, jobs=own_jobs, pods=own_pods, config_maps=own_maps)
+
+
+def pod_to_tail(observed: Observed) -> dict | None:
+    """The latest attempt's newest pod whose trainer has started (running or just exited)."""
+    pods = pf.by_age(observed.pods.get(observed.latest_attempt, []))
+    for pod in reversed(pods):
+        if pf.trainer_running(pod) or pf.trainer_terminated(pod):
+            return pod
+    return None
+
+
+def latest_progress(log_text: str) -> TrainingProgress | None:
+    """The last progress report in a log tail, as the status stores it."""
+    for line in reversed(log_text.splitlines()):
+        report = TrainerProgressLine.parse(line)
+        if report is not None:
+            return TrainingProgress.model_validate(report.model_dump(exclude={"event"}))
+    return None

@@ -1,0 +1,119 @@
+"""One reconcile of one QLoRAJob: read it fresh, observe its children, derive its status, plan the
+children's changes, apply. Whatever woke it (a create, an update, a child's event, the timer, a
+restart) it does the same thing, so it can run any number of times.
+"""
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from qlora_api import ConditionType, QLoRAJobStatus, Reason
+
+from qlora_operator import metrics, timestamps
+from qlora_operator.conditions import find, is_terminal
+from qlora_operator.derivation import OperatorEvent, derive_status
+from qlora_operator.kube import Conflict, Kube
+from qlora_operator.naming import ANNOTATION_JOB_NAME
+from qlora_operator.planning import Create, plan_actions
+from qlora_operator.resource import QLoRAJob
+from qlora_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+BEFORE_FIRST_RUN = {None, Reason.PENDING, Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED,
+                    Reason.CONTAINER_CONFIG_ERROR}
+
+
+@dataclass
+class _Gate:
+    """At most one reconcile per job at a time; a request that arrives meanwhile makes the running
+    one go round again instead of waiting (child events come in bursts)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: bool = False
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, settings: OperatorSettings, phases: metrics.PhaseBook | None = None,
+                 clock: Callable[[], datetime] = timestamps.now):
+        self.kube = kube
+        self.settings = settings
+        self.phases = phases or metrics.PhaseBook()
+        self.clock = clock
+        self._gates: dict[str, _Gate] = {}
+        self._gates_lock = threading.Lock()
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        key = f"{namespace}/{name}"
+        with self._gates_lock:
+            gate = self._gates.setdefault(key, _Gate())
+        gate.pending = True
+        while gate.pending:
+            if not gate.lock.acquire(blocking=False):
+                return  # the reconcile running now will see pending and go again
+            try:
+                while gate.pending:
+                    gate.pending = False
+                    self._reconcile_fresh(namespace, name)
+            except Exception:
+                metrics.RECONCILE_ERRORS.labels(kind="QLoRAJob").inc()
+                raise
+            finally:
+                gate.lock.release()
+
+    def reconcile_owner_of(self, child: dict) -> None:
+        """A Job or pod of ours changed: reconcile the QLoRAJob it belongs to now, not at the next tick."""
+        meta = child.get("metadata", {})
+        name = (meta.get("annotations") or {}).get(ANNOTATION_JOB_NAME)
+        if name and meta.get("namespace"):
+            self.reconcile(meta["namespace"], name)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.phases.forget(f"{namespace}/{name}")
+        with self._gates_lock:
+            self._gates.pop(f"{namespace}/{name}", None)
+
+    def _reconcile_fresh(self, namespace: str, name: str) -> None:
+        for _ in range(3):
+            try:
+                return self.reconcile_once(namespace, name)
+            except Conflict as conflict:
+                log.debug("%s; reconciling again", conflict)
+        log.info("%s/%s kept changing during reconciles; the next one will catch up", namespace, name)
+
+    def reconcile_once(self, namespace: str, name: str) -> None:
+        body = self.kube.get_qlorajob(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # the garbage collector removes the children through their owner references
+        job = QLoRAJob.from_body(body)
+        now = self.clock()
+        observed = self.kube.observe(job, now, self.settings.log_tail_lines,
+                                     with_pods=not is_terminal(job.status))
+        status, events = derive_status(job, observed, self.settings)
+        if status != job.status:
+            self.kube.patch_status(job, status)
+            log.info("%s: %s", job.key, status.message or status.phase)
+        for event in events:
+            self._record(job, event, now)
+        if _first_run(job.status, status):
+            metrics.observe_time_to_running(job.created, now)
+        for action in plan_actions(job, observed, status, self.settings):
+            changed = self.kube.apply(job.namespace, action)
+            log.info("%s: %s %s %s (%s)", job.key, type(action).__name__.lower(), action.kind, action.name,
+                     action.why if changed else "already done")
+            if changed and isinstance(action, Create) and action.kind == "Job":
+                self._record(job, OperatorEvent("Normal", Reason.JOB_CREATED,
+                                                f"created trainer Job {action.name} ({action.why})"), now)
+        self.phases.record(job.key, status.phase)
+
+    def _record(self, job: QLoRAJob, event: OperatorEvent, now: datetime) -> None:
+        self.kube.post_event(job, event, now)
+        metrics.TRANSITIONS.labels(reason=event.reason).inc()
+
+
+def _first_run(old: QLoRAJobStatus, new: QLoRAJobStatus) -> bool:
+    before, after = find(old, ConditionType.RUNNING), find(new, ConditionType.RUNNING)
+    started = after is not None and after.status == "True"
+    was_waiting = before is None or (before.status != "True" and before.reason in BEFORE_FIRST_RUN)
+    return started and was_waiting and (new.attempts or 0) <= 1

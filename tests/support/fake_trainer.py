@@ -1,0 +1,102 @@
+"""A scripted stand-in for the trainer image, for operator tests that must be fast and need no torch.
+
+It speaks the real trainer's protocol (qlora_api): reads the TrainerRunConfig at --config, prints
+TrainerProgressLine JSON on stdout, writes a TrainerResultMessage or TrainerError to
+--termination-log and exits with an ExitCode. What it does is chosen by the model URI:
+
+    hf://fake/succeed       train spec.training.maxSteps steps (default 10) of 0.2 s, then publish
+    hf://fake/bad-data      fail at once: BadData (permanent)
+    hf://fake/flaky         attempt 1 fails with StorageUnavailable (retryable), later attempts succeed
+    hf://fake/oom           allocate memory until the node agent kills it (OOMKilled)
+
+On SIGTERM it "checkpoints" (the step, under $TMPDIR/qlora-fake-trainer/<runId>.json), reports
+Interrupted and exits 7; the next pod of the same run resumes from that step, like the real one.
+
+The local cluster's node agent runs it for the image `qlora-fake-trainer` (see its image table).
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qlora_api import ExitCode, TrainerError, TrainerProgressLine, TrainerResultMessage, TrainerRunConfig
+from qlora_api.status import TrainingResult
+
+STEP_SECONDS = 0.2
+
+
+def write(path: str, message) -> None:
+    Path(path).write_text(message.model_dump_json(by_alias=True, exclude_none=True))
+
+
+def fail(args, reason: str, message: str, code: ExitCode) -> int:
+    print(f"error: {reason}: {message}", file=sys.stderr, flush=True)
+    write(args.termination_log, TrainerError(reason=reason, message=message, exit_code=int(code)))
+    return int(code)
+
+
+def checkpoint_file(run_id: str) -> Path:
+    folder = Path(tempfile.gettempdir()) / "qlora-fake-trainer"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{run_id}.json"
+
+
+def train(args, cfg: TrainerRunConfig) -> int:
+    total = cfg.spec.training.max_steps or 10
+    saved = checkpoint_file(cfg.run_id)
+    start = json.loads(saved.read_text())["step"] if saved.exists() else 0
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    print(f"run {cfg.run_id} attempt {cfg.attempt}: resuming at step {start} of {total}", flush=True)
+    step = start
+    while step < total:
+        if stop["requested"]:
+            saved.write_text(json.dumps({"step": step}))
+            print(f"SIGTERM: checkpoint saved at step {step}", flush=True)
+            return fail(args, "Interrupted", f"stopped by SIGTERM at step {step} (checkpoint saved)",
+                        ExitCode.INTERRUPTED)
+        time.sleep(STEP_SECONDS)
+        step += 1
+        line = TrainerProgressLine(step=step, total_steps=total, loss=round(3.0 / step, 4), epoch=step / total)
+        print(line.model_dump_json(by_alias=True, exclude_none=True), flush=True)
+    out = cfg.spec.output
+    uri = f"s3://{out.bucket}/{out.prefix}/{cfg.namespace}/{cfg.name}/{cfg.run_id}/"
+    write(args.termination_log, TrainerResultMessage(result=TrainingResult(
+        adapter_uri=uri, train_seconds=STEP_SECONDS * (total - start), resumed_from_step=start or None)))
+    print(f"published {uri}", flush=True)
+    return int(ExitCode.OK)
+
+
+def hog_memory() -> int:
+    hoard = []
+    while True:  # the node agent kills the process group once it is over its memory limit
+        hoard.append(bytearray(32 * 1024 * 1024))
+        time.sleep(0.05)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--termination-log", required=True)
+    args = parser.parse_args(argv)
+    cfg = TrainerRunConfig.model_validate_json(Path(args.config).read_text())
+    scenario = cfg.spec.model.uri.removeprefix("hf://fake/")
+    print(f"fake trainer pid {os.getpid()}: scenario {scenario}", flush=True)
+    if scenario == "bad-data":
+        return fail(args, "BadData", f"{cfg.spec.dataset.uri} line 3: a record without 'messages'",
+                    ExitCode.BAD_DATA)
+    if scenario == "flaky" and cfg.attempt == 1:
+        return fail(args, "StorageUnavailable", "S3 answered 503 Slow Down three times",
+                    ExitCode.STORAGE_UNAVAILABLE)
+    if scenario == "oom":
+        return hog_memory()
+    return train(args, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

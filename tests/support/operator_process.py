@@ -1,0 +1,124 @@
+"""The operator as a real subprocess, authenticated as its own ServiceAccount bound to the
+ClusterRole in deploy/rbac.yaml, so every API call it makes is checked by the real RBAC authorizer.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from qlora_localcluster.testing import kubectl
+
+REPO = Path(__file__).resolve().parents[2]
+RBAC = REPO / "deploy" / "rbac.yaml"
+CRDS = REPO / "crds"
+SERVICE_ACCOUNT, SA_NAMESPACE = "qlora-operator", "qlora-system"
+FAKE_TRAINER_IMAGE = "qlora-fake-trainer:test"
+
+
+def install_crd_and_rbac(cluster) -> None:
+    if kubectl(cluster, "get", "namespace", SA_NAMESPACE, check=False).returncode != 0:
+        kubectl(cluster, "create", "namespace", SA_NAMESPACE, check=False)
+    kubectl(cluster, "apply", "-f", str(CRDS), "-f", str(RBAC))
+    kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s",
+            "crd/qlorajobs.training.qlora-operator.dev")
+
+
+def service_account_kubeconfig(cluster, path: Path) -> Path:
+    token = kubectl(cluster, "create", "token", SERVICE_ACCOUNT, "-n", SA_NAMESPACE, "--duration=2h").stdout.strip()
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    cluster_entry = admin["clusters"][0]
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster_entry],
+        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": cluster_entry["name"], "user": SERVICE_ACCOUNT}}],
+        "current-context": "operator",
+    }))
+    path.chmod(0o600)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OperatorProcess:
+    """`python -m qlora_operator -n <namespace>`: started, killed and restarted by the test."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, interval: float = 1.0):
+        self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
+        self.metrics_port, self.health_port = free_port(), free_port()
+        self.interval = interval
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "OperatorProcess":
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "KUBERNETES_"))}
+        env.update({
+            "KUBECONFIG": str(self.kubeconfig),
+            "QLORA_TRAINER_IMAGE": FAKE_TRAINER_IMAGE,
+            "QLORA_RECONCILE_INTERVAL_SECONDS": str(self.interval),
+            "QLORA_RETRY_DELAY_SECONDS": "0",
+            "QLORA_METRICS_PORT": str(self.metrics_port),
+            "QLORA_HEALTH_PORT": str(self.health_port),
+            "QLORA_LOG_LEVEL": "INFO",
+        })
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it
+        self.proc = subprocess.Popen([sys.executable, "-m", "qlora_operator", "--namespace", self.namespace],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        log.close()
+        self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"the operator's /healthz did not answer in {timeout} s:\n{self.log_tail()}")
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def errors_in_log(self) -> list[str]:
+        text = self.log_path.read_text(errors="replace")
+        return [line for line in text.splitlines() if "403" in line or "Forbidden" in line or "Traceback" in line]
+
+
+def get_json(cluster, *args: str) -> dict:
+    return json.loads(kubectl(cluster, "get", *args, "-o", "json").stdout)
