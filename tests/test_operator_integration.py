@@ -206,12 +206,25 @@ def test_a_retryable_failure_runs_a_second_attempt_of_the_same_run(env):
     assert configs[0]["runId"] == configs[1]["runId"] == env.get("flaky")["metadata"]["uid"]
 
 
-def test_the_deadline_covers_the_whole_job(env):
-    env.apply("late", steps=500, activeDeadlineSeconds=5)
+def test_a_deadline_shortened_while_running_stops_the_job(env):
+    env.apply("late", steps=500, activeDeadlineSeconds=600)
+    env.wait_progress("late", 1)
+    env.kubectl("patch", "qlorajob", "late", "--type=merge", "-p", '{"spec":{"activeDeadlineSeconds":4}}')
     failed = env.wait_condition("late", "Failed", reason="DeadlineExceeded", timeout=40)
     assert "deadline" in failed["message"]
     trainer_job = json.loads(env.kubectl("get", "job", "late-1", "-o", "json").stdout)
-    assert 1 <= trainer_job["spec"]["activeDeadlineSeconds"] <= 5
+    assert trainer_job["spec"]["activeDeadlineSeconds"] <= 4  # what was left of the QLoRAJob's deadline
+    assert env.status("late")["attempts"] == 1
+
+
+def test_ttl_deletes_the_finished_job_but_the_status_stays(env):
+    env.apply("short", ttlSecondsAfterFinished=0)
+    env.wait_condition("short", "Succeeded")
+    env.wait_for("the TTL controller deleting short-1", lambda: not env.children("jobs", "short"), timeout=30)
+    time.sleep(2)  # several resyncs without the Job
+    status = env.status("short")
+    assert status["phase"] == "Succeeded" and status["result"]["adapterUri"].startswith("s3://adapters/")
+    assert env.children("jobs", "short") == []  # and no new attempt was started
 
 
 def test_eviction_gets_a_replacement_pod_without_burning_an_attempt(env):

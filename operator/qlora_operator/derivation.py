@@ -36,10 +36,10 @@ def derive_status(job: QLoRAJob, observed: Observed,
                   settings: OperatorSettings = DEFAULTS) -> tuple[QLoRAJobStatus, list[OperatorEvent]]:
     old = job.status
     new = old.model_copy(deep=True)
+    now, gen = observed.now, job.generation
+    new.observed_generation = gen  # seen, even when finished (a later TTL change still applies)
     if is_terminal(old):
         return new, []
-    now, gen = observed.now, job.generation
-    new.observed_generation = gen
     if job.spec is None:
         for ctype in (ConditionType.ACCEPTED, ConditionType.FAILED):
             set_condition(new, ctype, ctype == ConditionType.FAILED, Reason.INVALID_SPEC, job.spec_error or "", gen, now)
