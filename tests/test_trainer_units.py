@@ -275,3 +275,50 @@ def test_only_complete_and_intact_checkpoints_are_resumed(s3, tmp_path, monkeypa
     path, step = store.restore_latest(tmp_path / "restore")
     assert step == 20 and json.loads((path / "state.json").read_text()) == {"step": 20}
     assert path.name == "checkpoint-20"  # Trainer's own layout, for resume_from_checkpoint
+
+
+def test_https_data_is_downloaded_and_a_404_is_bad_data(tmp_path, monkeypatch):
+    """An https:// dataset through a real TLS server on 127.0.0.1 (its self-signed CA trusted)."""
+    import datetime
+    import http.server
+    import ipaddress
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    served = tmp_path / "www"
+    served.mkdir()
+    write_jsonl(served / "chat.jsonl", chat_records(3))
+
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **kw)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+    try:
+        base = f"https://127.0.0.1:{server.server_address[1]}"
+        path = fetch_file(f"{base}/chat.jsonl", storage=None, dest_dir=tmp_path / "dl")
+        assert [r.shape for r in data.read_file(path, "auto", "auto")] == ["messages"] * 3
+        with pytest.raises(FileNotFoundError, match="HTTP 404"):
+            fetch_file(f"{base}/missing.jsonl", storage=None, dest_dir=tmp_path / "dl")
+    finally:
+        server.shutdown()
