@@ -14,6 +14,8 @@ import time
 import pytest
 import yaml
 from qlora_localcluster.testing import kubectl
+from qlora_operator.rendering import render_config_map, render_trainer_job
+from support.objects import FULL_RESOURCES, qlorajob
 from support.operator_process import (
     FAKE_TRAINER_IMAGE,
     OperatorProcess,
@@ -288,6 +290,17 @@ def test_suspend_stops_the_pod_and_resume_continues_from_the_checkpoint(env):
     env.wait_condition("pause", "Succeeded", timeout=90)
     status = env.status("pause")
     assert status["attempts"] == 1 and status["result"]["resumedFromStep"] >= 3
+
+
+def test_a_trainer_job_using_every_resources_field_is_valid_for_the_api_server(env):
+    job = qlorajob(namespace=env.ns, spec={"resources": {**FULL_RESOURCES, "tolerations": [
+        {"key": "spot", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}]},
+        "output": {"credentialsSecretRef": {"name": "s3", "sessionTokenKey": "token"}}})
+    manifests = [render_config_map(job, 1), render_trainer_job(job, 1, default_image="x", active_deadline_seconds=60)]
+    created = env.kubectl("create", "--dry-run=server", "-o", "name", "-f", "-",
+                          input="\n---\n".join(json.dumps(m) for m in manifests), check=False)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.split() == ["configmap/demo-1-config", "job.batch/demo-1"]
 
 
 def test_invalid_specs_are_refused_by_the_api_server_with_the_field_path(env):

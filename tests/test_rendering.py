@@ -6,22 +6,7 @@ from qlora_api import TrainerRunConfig
 from qlora_api.protocol import CONFIG_MOUNT_DIR, CONFIG_PATH, TERMINATION_MESSAGE_PATH
 from qlora_operator.naming import config_map_name, trainer_job_name
 from qlora_operator.rendering import render_config_map, render_trainer_job
-from support.objects import qlorajob
-
-FULL_RESOURCES = {
-    "gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"},
-    "cpu": "8",
-    "memory": "64Gi",
-    "nodeSelector": {"pool": "training"},
-    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
-    "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-        {"weight": 1, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}]}},
-    "priorityClassName": "training-low",
-    "runtimeClassName": "nvidia",
-    "image": "registry.example/custom-trainer:2",
-    "imagePullPolicy": "Always",
-    "imagePullSecrets": ["regcred"],
-}
+from support.objects import FULL_RESOURCES, qlorajob
 
 
 def render(spec=None, attempt=1, deadline=None, **kw):

@@ -31,6 +31,22 @@ MINIMAL_SPEC = {
     "output": {"bucket": "adapters", "credentialsSecretRef": {"name": "s3-creds"}},
 }
 
+# Every field of spec.resources set, for rendering tests and the API server's own validation.
+FULL_RESOURCES = {
+    "gpu": {"count": 2, "product": "NVIDIA-H100-80GB-HBM3"},
+    "cpu": "8",
+    "memory": "64Gi",
+    "nodeSelector": {"pool": "training"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}]}},
+    "priorityClassName": "training-low",
+    "runtimeClassName": "nvidia",
+    "image": "registry.example/custom-trainer:2",
+    "imagePullPolicy": "Always",
+    "imagePullSecrets": ["regcred"],
+}
+
 
 def qlorajob_body(name: str = "demo", namespace: str = "ml", spec: dict | None = None, status: dict | None = None,
                   generation: int = 1, uid: str = "0f0e0d0c-0000-4000-8000-000000000001") -> dict:
