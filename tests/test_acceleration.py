@@ -1,0 +1,256 @@
+"""The fast path computes what the plain recipe computes, and the memory plan keeps its promises.
+
+CPU only and small: the GPU numbers come from benchmarks/speed_vs_unsloth.py.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from qlora_trainer.acceleration import GIB, GpuSpec, JobShape, ModelShape, PlanDoesNotFit, plan_memory
+from qlora_trainer.acceleration.planner import baseline_peak_bytes, plan_peak_bytes
+
+QWEN_7B = ModelShape(layers=28, hidden=3584, intermediate=18944, heads=28, kv_heads=4, head_dim=128, vocab=152064)
+QWEN_1_5B = ModelShape(layers=28, hidden=1536, intermediate=8960, heads=12, kv_heads=2, head_dim=128,
+                       vocab=151936, tied_embeddings=True)
+H100 = GpuSpec(memory_bytes=80 * GIB)
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,seq,batch", [(QWEN_1_5B, 512, 4), (QWEN_1_5B, 2048, 8), (QWEN_7B, 1024, 4)])
+def test_plan_keeps_the_effective_batch_and_stays_under_the_standard_recipe(shape, seq, batch):
+    job = JobShape(seq_len=seq, micro_batch=batch, grad_accum=2)
+    plan = plan_memory(shape, job, H100)
+    assert plan.micro_batch * plan.grad_accum == job.effective_batch
+    assert plan.predicted_peak_bytes <= baseline_peak_bytes(shape, job)
+    assert plan.recompute in ("none", "selective", "full", "offload")
+    assert "micro-batch" in plan.describe()
+
+
+def test_more_memory_buys_less_recompute():
+    job = JobShape(seq_len=2048, micro_batch=8, grad_accum=1)
+    roomy = plan_memory(QWEN_1_5B, job, H100, policy="max")
+    tight = plan_memory(QWEN_1_5B, job, GpuSpec(memory_bytes=12 * GIB), policy="max")
+    assert roomy.recompute_layers < tight.recompute_layers or roomy.micro_batch > tight.micro_batch
+    assert roomy.predicted_tokens_per_s > tight.predicted_tokens_per_s
+
+
+def test_a_tight_card_gets_the_lean_plan():
+    job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
+    plan = plan_memory(QWEN_7B, job, GpuSpec(memory_bytes=24 * GIB))
+    assert plan.policy == "lean" and plan.recompute == "full"
+    assert plan.predicted_peak_bytes < 9 * GIB
+
+
+def test_a_job_that_cannot_fit_is_refused_with_the_largest_setting_that_would():
+    job = JobShape(seq_len=262_144, micro_batch=1, grad_accum=1)
+    with pytest.raises(PlanDoesNotFit, match=r"largest setting that fits is maxSeqLength (\d+)") as err:
+        plan_memory(QWEN_7B, job, GpuSpec(memory_bytes=24 * GIB, name="L4"))
+    longest = int(err.value.args[0].split("maxSeqLength ")[-1].split()[0])
+    fits, _ = plan_peak_bytes(QWEN_7B, JobShape(longest, 1, 1), 1, QWEN_7B.layers, 0, offload=True)
+    assert fits <= 24 * GIB
+
+
+def test_weights_alone_too_big_says_so():
+    with pytest.raises(PlanDoesNotFit, match="weights and adapter alone"):
+        plan_memory(QWEN_7B, JobShape(1024, 1, 1), GpuSpec(memory_bytes=4 * GIB))
+
+
+# --- the kernels --------------------------------------------------------------------------------
+
+def _lora_modules(rank=4, fin=24, fout=20, seed=0):
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(fin, fout, bias=True).requires_grad_(False)
+    a = torch.nn.Parameter(torch.randn(rank, fin) * 0.3)
+    b = torch.nn.Parameter(torch.randn(fout, rank) * 0.3)
+    return base, a, b
+
+
+def test_lora_linear_function_matches_the_peft_formula_and_its_gradients():
+    from qlora_trainer.acceleration.kernels import FrozenWeight, LoRALinearFunction, Projection
+
+    base, a, b = _lora_modules()
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    base, a, b = base.double(), torch.nn.Parameter(a.double()), torch.nn.Parameter(b.double())
+    proj = Projection(FrozenWeight(base, torch.float64), scaling=2.0, dropout=0.0)
+    assert torch.autograd.gradcheck(lambda x, a, b: LoRALinearFunction.apply(x, a, b, proj, True), (x, a, b))
+    ref = base(x) + (x @ a.t() @ b.t()) * 2.0
+    torch.testing.assert_close(LoRALinearFunction.apply(x, a, b, proj, True), ref)
+
+
+def test_lora_dropout_masks_the_adapter_input_only():
+    from qlora_trainer.acceleration.kernels import FrozenWeight, LoRALinearFunction, Projection
+
+    base, a, b = _lora_modules()
+    proj = Projection(FrozenWeight(base, torch.float32), scaling=1.0, dropout=0.5)
+    x = torch.randn(64, 24)
+    y_train = LoRALinearFunction.apply(x, a, b, proj, True)
+    y_eval = LoRALinearFunction.apply(x, a, b, proj, False)
+    torch.testing.assert_close(y_eval, base(x) + x @ a.t() @ b.t())
+    assert not torch.allclose(y_train, y_eval)
+    # Without the adapter's contribution both are the base layer exactly.
+    torch.testing.assert_close(LoRALinearFunction.apply(x, a, torch.zeros_like(b), proj, True), base(x))
+
+
+def test_gated_mlp_function_equals_the_three_separate_projections():
+    from qlora_trainer.acceleration.kernels import FrozenWeight, LoRAGatedMLPFunction, Projection
+
+    torch.manual_seed(1)
+    mods = [_lora_modules(4, 16, 40, 1), _lora_modules(4, 16, 40, 2), _lora_modules(4, 40, 16, 3)]
+    mods = [(m.double(), torch.nn.Parameter(a.double()), torch.nn.Parameter(b.double())) for m, a, b in mods]
+    projs = tuple(Projection(FrozenWeight(m, torch.float64), 1.5, 0.0) for m, _, _ in mods)
+    params = [t for _, a, b in mods for t in (a, b)]
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+
+    def ref(x, *p):
+        lin = [m(x if i < 2 else None) if i < 2 else None for i, (m, _, _) in enumerate(mods)]
+        g = lin[0] + x @ p[0].t() @ p[1].t() * 1.5
+        u = lin[1] + x @ p[2].t() @ p[3].t() * 1.5
+        h = F.silu(g) * u
+        return mods[2][0](h) + h @ p[4].t() @ p[5].t() * 1.5
+
+    fused = LoRAGatedMLPFunction.apply(x, *params, projs, True)
+    torch.testing.assert_close(fused, ref(x, *params))
+    assert torch.autograd.gradcheck(lambda x, *p: LoRAGatedMLPFunction.apply(x, *p, projs, True), (x, *params))
+
+
+def test_rmsnorm_function_matches_transformers():
+    from qlora_trainer.acceleration.kernels import RMSNormFunction
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    norm = Qwen2RMSNorm(32, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = torch.randn(32).to(torch.bfloat16)
+    xb = torch.randn(4, 6, 32).to(torch.bfloat16)
+    torch.testing.assert_close(RMSNormFunction.apply(xb, norm.weight, 1e-6), norm(xb), rtol=0, atol=0)
+    norm = norm.double()
+    x = torch.randn(4, 6, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: RMSNormFunction.apply(x, norm.weight.detach(), 1e-6), (x,))
+
+
+def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradient():
+    from qlora_trainer.acceleration.kernels import chunked_cross_entropy
+
+    torch.manual_seed(2)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    labels = torch.randint(0, 50, (37,))
+    labels[::5] = -100
+    ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="sum") / 11.0
+    ref.backward()
+    ref_grad, hidden.grad = hidden.grad.clone(), None
+    loss = chunked_cross_entropy(hidden, weight, labels, denominator=11.0, chunk=8)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(hidden.grad, ref_grad)
+
+
+# --- the whole model ----------------------------------------------------------------------------
+
+def _tiny_peft_model(dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(config)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"]))
+    for name, p in model.named_parameters():  # LoRA B starts at zero; make the adapter matter
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    return model
+
+
+def _plan(recompute_layers=0, recompute="none"):
+    from qlora_trainer.acceleration.planner import MemoryPlan
+
+    return MemoryPlan(micro_batch=2, grad_accum=1, recompute=recompute, recompute_layers=recompute_layers,
+                      cached_layers=2, ce_chunk_tokens=7, packing=True, predicted_peak_bytes=0,
+                      predicted_tokens_per_s=0.0, budget_bytes=0, policy="test")
+
+
+@pytest.mark.parametrize("recompute_layers,recompute", [(0, "none"), (1, "selective"), (2, "full")])
+def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_layers, recompute):
+    from qlora_trainer.acceleration import apply_acceleration
+
+    plain = _tiny_peft_model()
+    fast = copy.deepcopy(plain)
+    report = apply_acceleration(fast, _plan(recompute_layers, recompute))
+    assert report.lora_layers == 14 and report.fused_mlps == 2 and report.fused_cross_entropy
+    assert report.recompute_layers == recompute_layers
+    fast.train(), plain.train()
+    ids = torch.randint(0, 96, (2, 12))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    ref = plain(input_ids=ids, labels=labels)
+    out = fast(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    ref.loss.backward()
+    out.loss.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_packed_records_do_not_see_each_other():
+    """Changing one packed record changes no other record's logits, and each record's logits
+    equal those of the record run alone."""
+    from qlora_trainer.acceleration import apply_acceleration
+    from qlora_trainer.acceleration.packing import pack_records
+
+    model = _tiny_peft_model()
+    apply_acceleration(model, _plan())
+    model.eval()
+    torch.manual_seed(3)
+    recs = [torch.randint(0, 96, (n,)).tolist() for n in (5, 9, 4)]
+
+    def logits_of(records):
+        batch = pack_records([(r, r) for r in records])
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"],
+                         max_length_q=batch["max_length_q"], max_length_k=batch["max_length_k"]).logits[0]
+
+    packed = logits_of(recs)
+    changed = logits_of([recs[0], [(t + 7) % 96 for t in recs[1]], recs[2]])
+    torch.testing.assert_close(packed[:5], changed[:5])
+    torch.testing.assert_close(packed[14:], changed[14:])
+    assert not torch.allclose(packed[5:14], changed[5:14])
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([recs[2]])).logits[0]
+    torch.testing.assert_close(packed[14:], alone, rtol=1e-5, atol=1e-5)
+    # The trainer's packed [B, S] rows (positions restart per record, no cu_seq_lens) give the same.
+    row = pack_records([(r, r) for r in recs])
+    with torch.no_grad():
+        by_positions = model(input_ids=row["input_ids"], position_ids=row["position_ids"]).logits[0]
+    torch.testing.assert_close(by_positions, packed)
+
+
+def test_packing_masks_the_label_across_a_record_boundary():
+    from qlora_trainer.acceleration.packing import pack_records
+
+    batch = pack_records([([1, 2, 3], [1, 2, 3]), ([4, 5], [4, 5])])
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5]
+
+
+def test_lora_dropout_gradients_match_finite_differences_with_the_same_mask():
+    from qlora_trainer.acceleration.kernels import FrozenWeight, LoRALinearFunction, Projection
+
+    base, a, b = _lora_modules()
+    base, a, b = base.double(), torch.nn.Parameter(a.double()), torch.nn.Parameter(b.double())
+    proj = Projection(FrozenWeight(base, torch.float64), scaling=2.0, dropout=0.3)
+    x = torch.randn(6, 24, dtype=torch.float64, requires_grad=True)
+
+    def f(x, a, b):
+        torch.manual_seed(7)  # the same dropout mask on every evaluation
+        return LoRALinearFunction.apply(x, a, b, proj, True)
+
+    assert torch.autograd.gradcheck(f, (x, a, b))

@@ -1,0 +1,258 @@
+"""apply_acceleration(model, plan): put the fast path under a peft + bitsandbytes model in place.
+
+The model stays an ordinary peft model (same parameters, same adapter files, generation and eval
+unchanged); what changes is how its modules compute in training:
+- LoRA layers over frozen linears run as one autograd function (LoRALinearFunction);
+- gated SiLU MLPs (Llama, Qwen2, Mistral, ...) run as one function that keeps x, gate and up;
+- Llama-style RMSNorms keep their compute-dtype input instead of fp32 copies;
+- the plan's layers keep a bf16 copy of their NF4 weights (no dequantization per pass);
+- the plan's layers recompute in backward (or none, or all with inputs offloaded to host memory);
+- attention runs per packed record through variable-length flash attention;
+- with labels, the causal-LM forward computes the loss a chunk of tokens at a time.
+Anything it does not recognise keeps its own forward, so any HF causal LM still trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from .kernels import (
+    FrozenWeight,
+    LoRAGatedMLPFunction,
+    LoRALinearFunction,
+    Projection,
+    RMSNormFunction,
+    chunked_cross_entropy,
+)
+from .packing import register_varlen_attention
+from .planner import MemoryPlan
+
+log = logging.getLogger(__name__)
+
+_RMSNORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Qwen2MoeRMSNorm",
+                    "Phi3RMSNorm", "GraniteRMSNorm", "OlmoRMSNorm", "SmolLM3RMSNorm"}
+
+
+@dataclass
+class AccelerationReport:
+    lora_layers: int = 0
+    fused_mlps: int = 0
+    rms_norms: int = 0
+    cached_layers: int = 0
+    cached_bytes: int = 0
+    recompute_layers: int = 0
+    recompute: str = "none"
+    attention: str = "unchanged"
+    fused_cross_entropy: bool = False
+    recast_to_compute_dtype: int = 0
+    skipped: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (f"fast path: {self.lora_layers} LoRA layers, {self.fused_mlps} fused MLPs, {self.rms_norms} RMSNorms, "
+                f"bf16 weights kept in {self.cached_layers} layers ({self.cached_bytes / 2**30:.2f} GiB), "
+                f"recompute {self.recompute} ({self.recompute_layers} layers), attention {self.attention}, "
+                f"chunked cross-entropy {'on' if self.fused_cross_entropy else 'off'}")
+
+
+def _compute_dtype(model) -> torch.dtype:
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    for p in model.parameters():
+        if p.is_floating_point() and not p.requires_grad:
+            return p.dtype
+    return torch.float32
+
+
+def _is_vanilla_lora(module) -> bool:
+    if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")):
+        return False
+    adapters = list(getattr(module, "active_adapters", []))
+    if len(adapters) != 1 or adapters[0] not in module.lora_A:
+        return False
+    name = adapters[0]
+    if getattr(module, "merged", False) or getattr(module, "use_dora", {}).get(name, False):
+        return False
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(name, False):
+        return False
+    return isinstance(module.lora_A[name], nn.Linear) and module.lora_A[name].bias is None
+
+
+def _patch_lora_linear(module, dtype) -> None:
+    name = module.active_adapters[0]
+    drop = module.lora_dropout[name]
+    p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+    module._qlora_adapter = name
+    module._qlora_proj = Projection(FrozenWeight(module.base_layer, dtype), module.scaling[name], p)
+    original = module.forward
+
+    def forward(self, x, *args, **kwargs):
+        if (args or kwargs or self.disable_adapters or self.merged
+                or list(self.active_adapters) != [self._qlora_adapter]):
+            return original(x, *args, **kwargs)
+        a, b = self.lora_A[self._qlora_adapter].weight, self.lora_B[self._qlora_adapter].weight
+        x = x.to(self._qlora_proj.weight.dtype)
+        return LoRALinearFunction.apply(x, a, b, self._qlora_proj, self.training)
+
+    module._qlora_original_forward = original
+    module.forward = types.MethodType(forward, module)
+
+
+def _patch_gated_mlp(mlp) -> bool:
+    parts = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(p is not None and hasattr(p, "_qlora_proj") for p in parts):
+        return False
+    act = getattr(mlp, "act_fn", None)
+    if not isinstance(act, nn.SiLU) and type(act).__name__ not in ("SiLU", "SiLUActivation"):
+        return False
+    original = mlp.forward
+
+    def forward(self, x):
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        if any(m.disable_adapters or m.merged or list(m.active_adapters) != [m._qlora_adapter] for m in (g, u, d)):
+            return original(x)
+        weights = []
+        for m in (g, u, d):
+            weights += [m.lora_A[m._qlora_adapter].weight, m.lora_B[m._qlora_adapter].weight]
+        x = x.to(g._qlora_proj.weight.dtype)
+        return LoRAGatedMLPFunction.apply(x, *weights, (g._qlora_proj, u._qlora_proj, d._qlora_proj),
+                                          self.training)
+
+    mlp.forward = types.MethodType(forward, mlp)
+    return True
+
+
+def _patch_rmsnorm(norm) -> bool:
+    if type(norm).__name__ not in _RMSNORM_CLASSES or not hasattr(norm, "variance_epsilon"):
+        return False
+
+    def forward(self, x):
+        return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
+
+    norm.forward = types.MethodType(forward, norm)
+    return True
+
+
+def _decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """Checkpoint whose saved layer input waits in pinned host memory until backward."""
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+def _set_recompute(layers, plan: MemoryPlan) -> int:
+    func = offloaded_checkpoint if plan.recompute == "offload" else partial(
+        torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    count = 0
+    for i, layer in enumerate(layers):
+        on = i < plan.recompute_layers
+        layer.gradient_checkpointing = on
+        if on:
+            layer._gradient_checkpointing_func = func
+            count += 1
+    return count
+
+
+def _cache_weights(layers, plan: MemoryPlan) -> tuple[int, int]:
+    # Recomputed layers first (they dequantize three times per step, the others twice).
+    n, total = 0, 0
+    for layer in layers[: plan.cached_layers]:
+        for module in layer.modules():
+            proj = getattr(module, "_qlora_proj", None)
+            if proj is not None and proj.weight.cache is None:
+                total += proj.weight.keep_copy()
+        n += 1
+    return n, total
+
+
+def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
+    config = getattr(lm, "config", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    backbone = getattr(lm, getattr(lm, "base_model_prefix", "model"), None)
+    if config is None or head is None or backbone is None or getattr(head, "bias", None) is not None:
+        return False
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) \
+            or getattr(config, "logits_scaling", None):
+        return False
+    original = lm.forward
+
+    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None or not self.training or head.weight.requires_grad:
+            if labels is not None:
+                kwargs["labels"] = labels
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original(input_ids=input_ids, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("logits_to_keep", None)
+        kwargs["use_cache"] = False
+        out = backbone(input_ids=input_ids, **kwargs)
+        hidden = out.last_hidden_state
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
+        loss = chunked_cross_entropy(hidden, head.weight, shifted, num_items_in_batch, plan.ce_chunk_tokens)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
+
+    lm.forward = types.MethodType(forward, lm)
+    return True
+
+
+def _recast_frozen_floats(model, dtype) -> int:
+    """Undo peft's prepare_model_for_kbit_training upcast of frozen norms and embeddings to fp32:
+    they were loaded in the compute dtype, so casting back is exact, and the residual stream stays
+    in the compute dtype instead of making a round trip through fp32 at every layer."""
+    if dtype == torch.float32:
+        return 0
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype == torch.float32 and p.__class__.__name__ != "Params4bit":
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
+def apply_acceleration(model, plan: MemoryPlan) -> AccelerationReport:
+    """Install the fast path on a peft model (see the module docstring). Returns what it did."""
+    report = AccelerationReport()
+    dtype = _compute_dtype(model)
+    report.recast_to_compute_dtype = _recast_frozen_floats(model, dtype)
+    for module in model.modules():
+        if _is_vanilla_lora(module):
+            _patch_lora_linear(module, dtype)
+            report.lora_layers += 1
+    for module in model.modules():
+        if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and _patch_gated_mlp(module):
+            report.fused_mlps += 1
+        elif _patch_rmsnorm(module):
+            report.rms_norms += 1
+    layers = _decoder_layers(model)
+    report.recompute = plan.recompute
+    report.recompute_layers = _set_recompute(layers, plan)
+    report.cached_layers, report.cached_bytes = _cache_weights(layers, plan)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        name = register_varlen_attention()
+        if hasattr(lm, "set_attn_implementation"):
+            lm.set_attn_implementation(name)
+        else:
+            lm.config._attn_implementation = name
+        report.attention = "varlen flash (per packed record)"
+    except Exception as exc:  # an architecture that refuses custom attention keeps its own
+        report.skipped.append(f"attention: {exc}")
+    report.fused_cross_entropy = _patch_causal_lm_loss(lm, plan)
+    if not report.lora_layers:
+        report.skipped.append("no vanilla LoRA layers found: adapters keep peft's forward")
+    log.info("%s", report.describe())
+    return report

@@ -1,0 +1,227 @@
+"""Autograd functions of the fast path: LoRA over a frozen (NF4) linear, the gated MLP as one
+function, a memory-lean RMSNorm, and cross-entropy that never builds the full-vocabulary logits.
+
+Numerics follow the plain recipe op for op: the base matmul is F.linear(x, dequantize_4bit(W)) as
+in bitsandbytes' training path, the LoRA branch is lora_B(lora_A(dropout(x))) * scaling in the
+compute dtype (what autocast does to peft's fp32 adapters), SiLU and the product in the compute
+dtype, RMSNorm in fp32, the loss from compute-dtype logits upcast to fp32. What changes is what is
+kept for backward (inputs and 1-byte dropout masks instead of every intermediate), how often the
+frozen weights are dequantized (never, where a bf16 copy is cached), and the logits (a chunk at a
+time).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class FrozenWeight:
+    """The compute-dtype weight of a frozen base linear: a cached copy, or a fresh dequantization."""
+
+    def __init__(self, base_layer: torch.nn.Module, dtype: torch.dtype):
+        self.base = base_layer
+        self.dtype = dtype
+        self.cache: torch.Tensor | None = None
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self.base, "bias", None)
+        return None if b is None else b.to(self.dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        qs = getattr(self.base.weight, "quant_state", None)
+        return tuple(qs.shape) if qs is not None else tuple(self.base.weight.shape)
+
+    def get(self) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache
+        w = self.base.weight
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.dequantize_4bit(w.data, qs).to(self.dtype)
+        return w.detach().to(self.dtype)
+
+    def keep_copy(self) -> int:
+        """Cache the dequantized weight (same values bitsandbytes computes every pass); bytes used."""
+        self.cache = self.get().detach().contiguous()
+        return self.cache.numel() * self.cache.element_size()
+
+
+class Projection:
+    """One LoRA-wrapped linear as the functions below see it (non-tensor parts)."""
+
+    def __init__(self, weight: FrozenWeight, scaling: float, dropout: float):
+        self.weight, self.scaling, self.dropout = weight, float(scaling), float(dropout)
+
+
+def _lora_forward(x2, proj: Projection, A, B, training: bool):
+    """y = x W^T + b + s * (drop(x) A^T) B^T. Returns y, the dropout mask (or None) and
+    drop(x) A^T. The scalings ride on the small LoRA matrices and the LoRA product is accumulated
+    into the base output by the GEMM itself (addmm), so the branch costs no full-width passes
+    beyond the dropout mask."""
+    y = F.linear(x2, proj.weight.get(), proj.weight.bias)
+    mask = None
+    if training and proj.dropout > 0:
+        mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - proj.dropout)
+        a = F.linear(x2 * mask, (A * (1.0 / (1.0 - proj.dropout))).to(x2.dtype))
+    else:
+        a = F.linear(x2, A.to(x2.dtype))
+    y.addmm_(a, (B * proj.scaling).to(x2.dtype).t())
+    return y, mask, a
+
+
+def _lora_backward(gy, x2, mask, a, proj: Projection, A, B, need_input_grad: bool):
+    """Gradients of _lora_forward: input (base + LoRA branch), A and B."""
+    keep = 1.0 / (1.0 - proj.dropout) if mask is not None else 1.0
+    Bs = (B * proj.scaling).to(gy.dtype)
+    gB = (gy.t() @ a) * proj.scaling
+    ga = gy @ Bs
+    xd = x2 if mask is None else x2 * mask
+    gA = (ga.t() @ xd) * keep
+    gx = None
+    if need_input_grad:
+        gx = gy @ proj.weight.get()
+        As = (A * keep).to(gy.dtype)
+        if mask is None:
+            gx.addmm_(ga, As)
+        else:
+            gx.addcmul_(ga @ As, mask)
+    return gx, gA.to(A.dtype), gB.to(B.dtype)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, proj: Projection, training: bool):
+        x2 = x.reshape(-1, x.shape[-1])
+        y, mask, a = _lora_forward(x2, proj, A, B, training)
+        ctx.proj, ctx.in_shape = proj, x.shape
+        ctx.save_for_backward(x2, mask, a, A, B)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, mask, a, A, B = ctx.saved_tensors
+        gx, gA, gB = _lora_backward(gy.reshape(-1, gy.shape[-1]), x2, mask, a, ctx.proj, A, B,
+                                    ctx.needs_input_grad[0])
+        return (None if gx is None else gx.view(ctx.in_shape)), gA, gB, None, None
+
+
+class LoRAGatedMLPFunction(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)), every projection with LoRA; keeps x, gate and up for backward
+    and recomputes silu and the product (cheap elementwise) instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, projs, training: bool):
+        pg, pu, pd = projs
+        x2 = x.reshape(-1, x.shape[-1])
+        g, mg, ag = _lora_forward(x2, pg, Ag, Bg, training)
+        s = F.silu(g)
+        u, mu, au = _lora_forward(x2, pu, Au, Bu, training)
+        h = s * u
+        del s
+        y, md, ad = _lora_forward(h, pd, Ad, Bd, training)
+        del h
+        ctx.projs, ctx.in_shape = projs, x.shape
+        ctx.save_for_backward(x2, g, u, mg, mu, md, ag, au, ad, Ag, Bg, Au, Bu, Ad, Bd)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, g, u, mg, mu, md, ag, au, ad, Ag, Bg, Au, Bu, Ad, Bd = ctx.saved_tensors
+        pg, pu, pd = ctx.projs
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        s = F.silu(g)
+        h = s * u
+        gh, gAd, gBd = _lora_backward(gy2, h, md, ad, pd, Ad, Bd, True)
+        del h
+        gu = gh * s
+        gs = gh * u
+        del gh, s
+        gg = torch.ops.aten.silu_backward(gs, g)
+        del gs
+        need_x = ctx.needs_input_grad[0]
+        gxg, gAg, gBg = _lora_backward(gg, x2, mg, ag, pg, Ag, Bg, need_x)
+        del gg
+        gxu, gAu, gBu = _lora_backward(gu, x2, mu, au, pu, Au, Bu, need_x)
+        gx = None if not need_x else (gxg + gxu).view(ctx.in_shape)
+        return gx, gAg, gBg, gAu, gBu, gAd, gBd, None, None
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * (x * rsqrt(mean(x^2) + eps)) in fp32, cast back, as transformers' Llama/Qwen2
+    RMSNorm; keeps the compute-dtype input and one fp32 scale per token instead of fp32 copies."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = weight * (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd
+        gn = (gy * weight).to(rstd.dtype)
+        gx = rstd * (gn - xhat * (gn * xhat).mean(-1, keepdim=True))
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (gy * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return gx.to(x.dtype), gw, None
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over valid tokens of CE(hidden @ W^T, label) / denominator, a chunk of tokens at a time.
+
+    The gradient with respect to `hidden` is computed chunk by chunk in the forward pass (the LM
+    head is frozen, so that is all backward needs) and scaled in backward: the peak is one chunk of
+    logits, not all of them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, denominator: float, chunk: int):
+        n = hidden.shape[0]
+        w = weight.to(hidden.dtype)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16, as transformers' loss
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad = torch.empty_like(hidden) if hidden.requires_grad else None
+        inv = 1.0 / float(denominator)
+        for start in range(0, n, chunk):
+            h = hidden[start:start + chunk]
+            lab = labels[start:start + chunk]
+            logits = F.linear(h, w).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = lab != -100
+            safe = torch.where(valid, lab, torch.zeros_like(lab))
+            target = logits.gather(1, safe[:, None]).squeeze(1)
+            total += torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
+                probs.mul_((valid.to(probs.dtype) * inv)[:, None])
+                grad[start:start + chunk] = probs.to(hidden.dtype) @ w
+                del probs
+            del logits
+        ctx.save_for_backward(grad)
+        return total * inv
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None, None, None
+
+
+def chunked_cross_entropy(hidden, weight, labels, denominator=None, chunk: int = 4096):
+    """Mean next-token loss over labels != -100 (labels already shifted), or sum / denominator."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    if denominator is None:
+        denominator = max(int((labels != -100).sum()), 1)
+    if isinstance(denominator, torch.Tensor):
+        denominator = float(denominator.item())
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, float(denominator), int(chunk))

@@ -1,0 +1,368 @@
+"""The memory plan: how a QLoRA job uses the GPU it landed on, decided before any weights load.
+
+A plan fixes the micro-batch and gradient accumulation (their product, the effective batch, is the
+job's and never changes), how many decoder layers recompute their activations in the backward pass
+(none, some, all, or all with the saved layer inputs offloaded to host memory), how many layers
+keep a dequantized bf16 copy of their frozen NF4 weights (no dequantization per pass), and the
+token chunk of the fused cross-entropy (the full-vocabulary logits are never built).
+
+Pure Python on purpose: it runs before torch touches the GPU and is unit-tested on any machine.
+Every number below is an estimate in bytes per token per layer, or a time in a simple roofline
+model; `benchmarks/NOTES.md` compares them with what was measured.
+
+Budget policy ("auto"): the plan never needs more memory than the standard recipe would for the same
+job (full recompute, full fp32 logits), nor more than the card has less a margin. Within that it
+takes the fastest plan, and among plans within 3% of the fastest the one that needs least memory.
+When the card is tight (less than 1.5x what the standard recipe needs), it goes lean: full
+recompute with the smallest micro-batch that still feeds the matrix units, so that variable-length
+batches and fragmentation keep their margin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+GIB = 1024**3
+RECOMPUTE_MODES = ("none", "selective", "full", "offload")
+
+# Roofline constants (H100-class defaults; `GpuSpec` overrides). Calibrated in benchmarks/NOTES.md.
+_GEMM_TOKENS_HALF_EFFICIENCY = 384  # tokens per micro-step at which GEMMs run at half their peak
+_GEMM_EFFICIENCY = 0.72  # best achieved fraction of the dense peak for these shapes
+_LAYER_OVERHEAD_S = 0.0011  # host-side launch cost per decoder layer per micro-step (fwd + bwd)
+_DEQUANT_OVERHEAD_S = 0.0004  # host cost of dequantizing one layer's 7 weights (one pass)
+_ELEMENTWISE_PASSES = 16  # passes over a layer's saved activations (norms, RoPE, SwiGLU, dropout, copies)
+_STEP_OVERHEAD_S = 0.010  # fused AdamW step, clipping, data: per optimizer step
+# bitsandbytes' optimizers synchronize the GPU after every parameter: ~0.2 s per step for the ~400
+# LoRA tensors of a 1.5B-8B model (measured, benchmarks/NOTES.md). LoRA's optimizer states are small
+# and counted in the plan, so paging buys nothing once the plan fits: the plan asks for fused AdamW
+# (the same 32-bit AdamW update).
+OPTIMIZER = "adamw_torch_fused"
+
+
+class PlanDoesNotFit(ValueError):
+    """The job cannot run on this GPU in any plan; the message says what would fit."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs to know of a decoder-only transformer (from its HF config)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelShape:
+        get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+        heads = get("num_attention_heads")
+        hidden = get("hidden_size")
+        return cls(
+            layers=get("num_hidden_layers"),
+            hidden=hidden,
+            intermediate=get("intermediate_size"),
+            heads=heads,
+            kv_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or hidden // heads,
+            vocab=get("vocab_size"),
+            tied_embeddings=bool(get("tie_word_embeddings", False)),
+        )
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def linear_params_per_layer(self) -> int:
+        h, i = self.hidden, self.intermediate
+        return h * self.q_width * 2 + h * self.kv_width * 2 + 3 * h * i
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * self.linear_params_per_layer
+
+    def lora_params(self, rank: int) -> int:
+        h, i, q, kv = self.hidden, self.intermediate, self.q_width, self.kv_width
+        per_layer = (h + q) * 2 + (h + kv) * 2 + (h + i) * 3
+        return self.layers * rank * per_layer
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Useful training FLOPs per token: forward and input-gradient matmuls of the frozen base
+        (4 per weight; the base has no weight gradients), the LM head, and causal attention."""
+        linear = 4.0 * (self.linear_params + self.vocab * self.hidden)
+        # Causal attention: 2*s*d per token per layer forward (QK^T and PV, half masked), ~3x with backward.
+        attention = 3.0 * self.layers * 2 * seq_len * self.q_width
+        return linear + attention
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """The job as the user wrote it: the effective batch is micro_batch x grad_accum sequences."""
+
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    lora_rank: int = 16
+    lora_dropout: float = 0.05
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    memory_bytes: int
+    peak_flops: float = 989e12  # dense bf16
+    bandwidth: float = 3.0e12  # bytes/s, measured copy rate
+    name: str = "gpu"
+
+
+@dataclass
+class MemoryPlan:
+    micro_batch: int
+    grad_accum: int
+    recompute: str  # none | selective | full | offload
+    recompute_layers: int  # how many decoder layers recompute (== layers for full/offload)
+    cached_layers: int  # layers keeping a bf16 copy of their NF4 weights
+    ce_chunk_tokens: int
+    packing: bool
+    predicted_peak_bytes: int
+    predicted_tokens_per_s: float
+    budget_bytes: int
+    policy: str
+    optimizer: str = "adamw_torch_fused"
+    breakdown: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (
+            f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, recompute {self.recompute}"
+            f" ({self.recompute_layers} layers), bf16 weight copies in {self.cached_layers} layers,"
+            f" cross-entropy in chunks of {self.ce_chunk_tokens} tokens, packing {'on' if self.packing else 'off'},"
+            f" {self.optimizer};"
+            f" predicted peak {self.predicted_peak_bytes / GIB:.2f} GiB of a {self.budget_bytes / GIB:.2f} GiB"
+            f" budget ({self.policy}), about {self.predicted_tokens_per_s:,.0f} tokens/s"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory model (bytes)
+
+
+def static_bytes(shape: ModelShape, lora_rank: int) -> dict:
+    """Weights and optimizer: NF4 with double quantization (4 bits + an 8-bit absmax per 64 weights
+    + an fp32 scale per 256 absmax), bf16 embeddings/LM head, fp32 LoRA with grad and two Adam states."""
+    nf4 = shape.linear_params * (0.5 + 1 / 64 + 4 / (64 * 256))
+    embed = shape.vocab * shape.hidden * 2 * (1 if shape.tied_embeddings else 2)
+    lora = shape.lora_params(lora_rank) * 16
+    return {"nf4_weights": int(nf4), "embeddings": int(embed), "lora_and_optimizer": int(lora)}
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, dropout: float) -> int:
+    """What a decoder layer keeps for backward in the fused path (bf16), with nothing recomputed:
+    the norm inputs, the attention input, q/k/v after RoPE, the attention output (and its
+    reshaped copy for o_proj), the MLP input, gate and up (silu and the product are recomputed),
+    plus a 1-byte dropout mask per LoRA input when dropout is on."""
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
+    saved = 2 * (4 * h + q + 2 * kv + q + 2 * i)
+    masks = (5 * h + q + i) if dropout > 0 else 0
+    return saved + masks
+
+
+def transient_bytes_per_token(shape: ModelShape) -> int:
+    """Working memory of the layer being run or recomputed: the MLP's gate/up/product and their
+    gradients dominate."""
+    return 2 * (3 * shape.intermediate + 4 * shape.hidden)
+
+
+def ce_chunk_bytes(shape: ModelShape, chunk_tokens: int) -> int:
+    """One chunk of the fused cross-entropy: bf16 logits, fp32 copy, fp32 softmax/gradient."""
+    return chunk_tokens * shape.vocab * (2 + 4 + 4)
+
+
+def choose_ce_chunk(shape: ModelShape, tokens: int) -> int:
+    """About half a GiB of logits work per chunk, at least 256 tokens, at most the micro-step."""
+    chunk = max(256, int(GIB // 2 // (shape.vocab * 10)) // 256 * 256)
+    return max(1, min(chunk, tokens))
+
+
+def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recompute_layers: int,
+                    cached_layers: int, offload: bool = False) -> tuple[int, dict]:
+    tokens = micro_batch * job.seq_len
+    static = static_bytes(shape, job.lora_rank)
+    kept_layers = shape.layers - recompute_layers
+    act = activation_bytes_per_token_layer(shape, job.lora_dropout)
+    checkpoints = 0 if offload else recompute_layers * 2 * shape.hidden
+    parts = dict(static)
+    parts["bf16_weight_copies"] = cached_layers * shape.linear_params_per_layer * 2
+    parts["activations"] = tokens * (kept_layers * act + checkpoints)
+    # Recomputing a layer rebuilds its activations while its backward runs.
+    parts["recompute_working_set"] = tokens * act if recompute_layers else 0
+    parts["transient"] = tokens * (transient_bytes_per_token(shape) + 8 * shape.hidden)
+    chunk = choose_ce_chunk(shape, tokens)
+    parts["cross_entropy"] = ce_chunk_bytes(shape, chunk) + tokens * shape.hidden * 2
+    # A dequantized weight of the largest matrix (not cached) lives while its matmul runs.
+    parts["dequant_buffer"] = 2 * shape.hidden * shape.intermediate * 2 if cached_layers < shape.layers else 0
+    total = sum(parts.values())
+    parts["fragmentation"] = int(0.03 * (total - static["nf4_weights"] - static["embeddings"]))
+    return int(sum(parts.values())), parts
+
+
+def baseline_peak_bytes(shape: ModelShape, job: JobShape) -> int:
+    """The standard recipe (what this plan must never exceed): peft + bitsandbytes, norms and
+    embeddings upcast to fp32, checkpointing on every layer with fp32 hidden states, and the loss
+    over full-vocabulary logits (bf16 logits, their fp32 copy, log-softmax and its gradient)."""
+    tokens = job.micro_batch * job.seq_len
+    static = static_bytes(shape, job.lora_rank)
+    embed_fp32 = static["embeddings"] * 2
+    h, i = shape.hidden, shape.intermediate
+    checkpoints = shape.layers * tokens * h * 4
+    layer_eager = tokens * (4 * (10 * h + 5 * i) + 2 * (3 * h + 2 * i))
+    logits = tokens * shape.vocab * (2 + 4 + 4 + 4)
+    return int(static["nf4_weights"] + embed_fp32 + static["lora_and_optimizer"] + checkpoints
+               + layer_eager + logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed model (seconds per optimizer step)
+
+
+def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: int, recompute_layers: int,
+                 cached_layers: int, offload: bool = False) -> float:
+    tokens = micro_batch * job.seq_len
+    accum = job.effective_batch // micro_batch
+    eff = _GEMM_EFFICIENCY * tokens / (tokens + _GEMM_TOKENS_HALF_EFFICIENCY)
+    frac_recomputed = recompute_layers / shape.layers
+    linear = 2.0 * shape.linear_params * tokens * (2 + frac_recomputed)
+    head = 4.0 * shape.vocab * shape.hidden * tokens
+    attention = shape.layers * 2 * job.seq_len * shape.q_width * tokens * (3 + frac_recomputed)
+    gemm_s = (linear + head + attention) / (gpu.peak_flops * eff)
+    # Dequantizing one layer: read 0.53 B/weight, write 2 B, and the GEMM reads the 2 B again.
+    # Uncached layers pay it per pass; recomputed uncached layers once more. Cached layers go to
+    # the recomputed ones first (they dequantize three times).
+    cached_recomputed = min(cached_layers, recompute_layers)
+    cached_kept = cached_layers - cached_recomputed
+    passes = (2 * (shape.layers - recompute_layers - cached_kept) + 3 * (recompute_layers - cached_recomputed))
+    dequant_s = passes * shape.linear_params_per_layer * 2.6 / gpu.bandwidth
+    # Elementwise work (norms, RoPE, SwiGLU, dropout, copies): passes over a layer's saved
+    # activations per token, forward and backward.
+    elem = tokens * shape.layers * activation_bytes_per_token_layer(shape, job.lora_dropout) * _ELEMENTWISE_PASSES
+    elem_s = elem * (1 + 0.4 * frac_recomputed) / gpu.bandwidth
+    offload_s = (tokens * shape.layers * shape.hidden * 2 * 2 / 25e9) if offload else 0.0
+    gpu_s = gemm_s + dequant_s + elem_s
+    # The host issues ~300 kernels per layer per micro-step; small micro-steps are bound by it.
+    host_s = (shape.layers * _LAYER_OVERHEAD_S * (1 + 0.4 * frac_recomputed) + passes * _DEQUANT_OVERHEAD_S)
+    micro_s = max(gpu_s + offload_s * 0.2, host_s) + 0.1 * min(gpu_s, host_s)
+    return accum * micro_s + _STEP_OVERHEAD_S
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def _usable(gpu: GpuSpec) -> int:
+    """Leave room for the CUDA context, cuBLAS workspaces and the allocator's slack."""
+    return int(gpu.memory_bytes * 0.92 - 1.0 * GIB)
+
+
+def _candidates(shape: ModelShape, job: JobShape, gpu: GpuSpec):
+    divisors = [b for b in range(1, job.effective_batch + 1) if job.effective_batch % b == 0]
+    layer_steps = sorted(set([0, shape.layers] + list(range(0, shape.layers, max(1, shape.layers // 16)))))
+    for b in divisors:
+        for rec in layer_steps:
+            for cached in layer_steps:
+                for offload in ((False, True) if rec == shape.layers else (False,)):
+                    peak, parts = plan_peak_bytes(shape, job, b, rec, cached, offload)
+                    secs = step_seconds(shape, job, gpu, b, rec, cached, offload)
+                    yield b, rec, cached, offload, peak, secs, parts
+
+
+def _make_plan(shape, job, gpu, cand, budget, policy, packing) -> MemoryPlan:
+    b, rec, cached, offload, peak, secs, parts = cand
+    mode = "offload" if offload else ("none" if rec == 0 else ("full" if rec == shape.layers else "selective"))
+    return MemoryPlan(
+        micro_batch=b,
+        grad_accum=job.effective_batch // b,
+        recompute=mode,
+        recompute_layers=rec,
+        cached_layers=cached,
+        ce_chunk_tokens=choose_ce_chunk(shape, b * job.seq_len),
+        packing=packing,
+        predicted_peak_bytes=peak,
+        predicted_tokens_per_s=job.effective_batch * job.seq_len / secs,
+        budget_bytes=budget,
+        policy=policy,
+        optimizer=OPTIMIZER,
+        breakdown={k: int(v) for k, v in parts.items()},
+    )
+
+
+def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "auto",
+                packing: bool = True) -> MemoryPlan:
+    """The fastest plan that fits (see the module docstring for the policies: auto, lean, max).
+
+    Raises PlanDoesNotFit, naming the largest sequence length that would fit, when nothing fits.
+    """
+    if policy not in ("auto", "lean", "max"):
+        raise ValueError(f"unknown memory policy {policy!r}")
+    usable = _usable(gpu)
+    baseline = baseline_peak_bytes(shape, job)
+    if policy == "auto" and usable < 1.5 * baseline:
+        policy = "lean"
+    # 10% under the standard recipe: both numbers are estimates, and the promise is "never more".
+    budget = usable if policy == "max" else (min(usable, int(0.9 * baseline)) if policy == "auto" else usable)
+    cands = [c for c in _candidates(shape, job, gpu) if c[4] <= budget]
+    if not cands:
+        raise PlanDoesNotFit(_does_not_fit_message(shape, job, gpu, usable))
+    if policy == "lean":
+        lean = _lean_choice(shape, job, cands)
+        return _make_plan(shape, job, gpu, lean, budget, "lean", packing)
+    best = min(c[5] for c in cands)
+    near = [c for c in cands if c[5] <= best * 1.03]
+    choice = min(near, key=lambda c: (c[4], c[5]))
+    return _make_plan(shape, job, gpu, choice, budget, policy, packing)
+
+
+def _lean_choice(shape: ModelShape, job: JobShape, cands):
+    """Lean: every layer recomputed, no weight copies, and the fastest micro-batch whose peak stays
+    within 1.3x the weights-and-optimizer footprint (activations get less than a third of what the
+    model itself needs)."""
+    full = [c for c in cands if c[1] == shape.layers and c[2] == 0]
+    if not full:
+        return min(cands, key=lambda c: c[4])
+    cap = 1.3 * sum(static_bytes(shape, job.lora_rank).values()) + 0.25 * GIB
+    within = [c for c in full if c[4] <= cap and not c[3]] or [c for c in full if c[4] <= cap]
+    if not within:
+        return min(full, key=lambda c: c[4])
+    return min(within, key=lambda c: (c[5], c[4]))
+
+
+def _does_not_fit_message(shape: ModelShape, job: JobShape, gpu: GpuSpec, usable: int) -> str:
+    smallest, _ = plan_peak_bytes(shape, job, 1, shape.layers, 0, offload=True)
+    lo, hi = 0, job.seq_len
+    while lo < hi:  # the longest sequence that fits at micro-batch 1 with everything offloaded
+        mid = (lo + hi + 1) // 2
+        peak, _ = plan_peak_bytes(shape, replace(job, seq_len=mid, micro_batch=1, grad_accum=1), 1,
+                                  shape.layers, 0, offload=True)
+        lo, hi = (mid, hi) if peak <= usable else (lo, mid - 1)
+    static = sum(static_bytes(shape, job.lora_rank).values())
+    if lo < 16:
+        hint = (f"even the weights and adapter alone need {static / GIB:.1f} GiB: use a GPU with at least "
+                f"{math.ceil((static + GIB) / 0.92 / GIB + 1)} GiB, or a lower LoRA rank")
+    else:
+        hint = f"the largest setting that fits is maxSeqLength {lo // 8 * 8} at micro-batch 1 (offloaded recompute)"
+    return (f"this job does not fit on {gpu.name} ({gpu.memory_bytes / GIB:.1f} GiB, {usable / GIB:.1f} GiB usable): "
+            f"maxSeqLength {job.seq_len} at micro-batch 1 needs about {smallest / GIB:.1f} GiB even with every layer "
+            f"recomputed and its inputs offloaded; {hint}")

@@ -1,0 +1,68 @@
+"""The two calls the trainer makes (sft.py): a memory plan before the weights load, and the fast
+path once the adapter is on.
+
+    plan = trainer_hooks.plan_before_loading(model_files.path, spec)       # may refuse the job
+    ...load the 4-bit model, add the adapter...
+    training = trainer_hooks.accelerate(model, plan, spec.training)        # the spec the Trainer runs
+
+On a CPU, for architectures the planner does not know, or with QLORA_ACCELERATION=0, the plan is
+None and the trainer runs the plain recipe unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from . import JobShape, MemoryPlan, ModelShape, PlanDoesNotFit, apply_acceleration, plan_for_gpu
+
+log = logging.getLogger(__name__)
+
+
+def plan_before_loading(model_path, spec) -> MemoryPlan | None:
+    """The plan for this job on this GPU, or None. A job that cannot fit fails here, before any
+    weights load, with the largest setting that would fit (exit code OUT_OF_MEMORY)."""
+    import torch
+
+    if os.environ.get("QLORA_ACCELERATION", "1") == "0" or not torch.cuda.is_available():
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=spec.model.trust_remote_code)
+    try:
+        shape = ModelShape.from_hf_config(config.get_text_config())
+    except (TypeError, KeyError, AttributeError) as exc:
+        log.info("no memory plan for %s (%s): the plain recipe runs", type(config).__name__, exc)
+        return None
+    if None in (shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.vocab):
+        log.info("no memory plan for %s: its config lacks the sizes the planner needs", type(config).__name__)
+        return None
+    t = spec.training
+    job = JobShape(seq_len=t.max_seq_length, micro_batch=t.batch_size, grad_accum=t.gradient_accumulation_steps,
+                   lora_rank=spec.lora.r, lora_dropout=spec.lora.dropout)
+    try:
+        plan = plan_for_gpu(config.get_text_config(), job, packing=t.packing)
+    except PlanDoesNotFit as exc:
+        from qlora_api.protocol import ExitCode
+
+        from qlora_trainer.errors import TrainerFailure
+
+        raise TrainerFailure(ExitCode.OUT_OF_MEMORY, "DoesNotFit", str(exc)) from exc
+    log.info("memory plan: %s", plan.describe())
+    return plan
+
+
+def accelerate(model, plan: MemoryPlan | None, training):
+    """Install the fast path and return the TrainingSpec the Trainer should run: the plan's
+    micro-batch and accumulation (same effective batch), recompute left to the plan (set per layer,
+    so the Trainer must not switch it on for all), and fused AdamW in place of the paged 32-bit one
+    (the same update; see planner.OPTIMIZER)."""
+    if plan is None:
+        return training
+    report = apply_acceleration(model, plan)
+    log.info("%s", report.describe())
+    update = {"batch_size": plan.micro_batch, "gradient_accumulation_steps": plan.grad_accum,
+              "gradient_checkpointing": False}
+    if training.optimizer == "paged_adamw_32bit":
+        update["optimizer"] = plan.optimizer
+    return training.model_copy(update=update)
