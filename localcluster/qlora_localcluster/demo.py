@@ -76,8 +76,9 @@ def run_job(cluster: LocalCluster, timeout: float = 1800) -> dict:
         job = json.loads(operator_install.kubectl(cluster, "get", "qlorajob", name, "-o", "json"))
         status = job.get("status", {})
         progress = status.get("progress") or {}
-        line = f"{status.get('phase', 'Pending'):10} {progress.get('summary', ''):18} " \
-               f"loss={progress.get('loss', '-')}  {status.get('message', '')}"
+        loss = f"{progress['loss']:.3f}" if progress.get("loss") is not None else "-"
+        line = f"{status.get('phase', 'Pending'):10} {progress.get('summary', ''):14} loss={loss:6}  " \
+               f"{status.get('message', '')}"
         if line != last:
             say(line)
             last = line

@@ -81,6 +81,8 @@ def operator_component(cluster: LocalCluster, kubeconfig: Path, env: dict[str, s
         env={
             "KUBECONFIG": str(kubeconfig),
             "QLORA_TRAINER_IMAGE": TRAINER_IMAGE,
+            # The demo's namespace only: tests run operators of their own in their own namespaces.
+            "QLORA_WATCH_NAMESPACES": "default",
             "QLORA_RECONCILE_INTERVAL_SECONDS": "2",
             "QLORA_METRICS_PORT": "18080",
             "QLORA_HEALTH_PORT": "18081",
