@@ -39,5 +39,16 @@ def apply_acceleration(model, plan: MemoryPlan):
     return _apply(model, plan)
 
 
-__all__ = ["GIB", "GpuSpec", "JobShape", "MemoryPlan", "ModelShape", "PlanDoesNotFit", "PEAK_BF16_FLOPS",
-           "apply_acceleration", "gpu_spec", "plan_for_gpu", "plan_memory"]
+__all__ = [
+    "GIB",
+    "PEAK_BF16_FLOPS",
+    "GpuSpec",
+    "JobShape",
+    "MemoryPlan",
+    "ModelShape",
+    "PlanDoesNotFit",
+    "apply_acceleration",
+    "gpu_spec",
+    "plan_for_gpu",
+    "plan_memory",
+]

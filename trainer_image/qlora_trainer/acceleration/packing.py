@@ -93,10 +93,26 @@ def _per_record_sdpa(q, k, v, cu, scale):
 _GQA_NATIVE = {"ok": True}
 
 
+_DEVICE_CU: list = []  # [(host tensor, device tensor)]: one upload per forward, not one per layer
+
+
+def _on_device(cu: torch.Tensor, device) -> torch.Tensor:
+    """A pageable host-to-device copy waits for the GPU to drain; doing it per layer serialises the
+    host and the GPU. Upload each cumulative-lengths tensor once (pinned) and reuse it."""
+    if cu.device == device:
+        return cu
+    for host, dev in _DEVICE_CU:
+        if host is cu:
+            return dev
+    dev = cu.pin_memory().to(device, non_blocking=True)
+    _DEVICE_CU[:] = [(cu, dev)] + _DEVICE_CU[:1]
+    return dev
+
+
 def _varlen(q, k, v, cu, max_len, scale):
     from torch.nn.attention.varlen import varlen_attn
 
-    cu = cu.to(q.device, non_blocking=True)
+    cu = _on_device(cu, q.device)
     if k.shape[1] != q.shape[1] and not _GQA_NATIVE["ok"]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)

@@ -33,10 +33,10 @@ _LAYER_OVERHEAD_S = 0.0011  # host-side launch cost per decoder layer per micro-
 _DEQUANT_OVERHEAD_S = 0.0004  # host cost of dequantizing one layer's 7 weights (one pass)
 _ELEMENTWISE_PASSES = 16  # passes over a layer's saved activations (norms, RoPE, SwiGLU, dropout, copies)
 _STEP_OVERHEAD_S = 0.010  # fused AdamW step, clipping, data: per optimizer step
-# bitsandbytes' optimizers synchronize the GPU after every parameter: ~0.2 s per step for the ~400
-# LoRA tensors of a 1.5B-8B model (measured, benchmarks/NOTES.md). LoRA's optimizer states are small
-# and counted in the plan, so paging buys nothing once the plan fits: the plan asks for fused AdamW
-# (the same 32-bit AdamW update).
+# bitsandbytes' optimizers synchronize the GPU after every parameter: 35-50 ms per step for the ~400
+# LoRA tensors of a 1.5B-8B model against 8-11 ms for fused AdamW (measured, benchmarks/NOTES.md).
+# LoRA's optimizer states are small and counted in the plan, so paging buys nothing once the plan
+# fits: the plan asks for fused AdamW (the same 32-bit AdamW update).
 OPTIMIZER = "adamw_torch_fused"
 
 
