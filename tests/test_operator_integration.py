@@ -3,7 +3,7 @@ scheduler and garbage collector, a node agent running pods as processes, and a s
 (tests/support/fake_trainer.py) that finishes in seconds.
 
 The operator runs as a subprocess authenticated as its own ServiceAccount, bound to the ClusterRole
-in deploy/rbac.yaml, with a 1 s resync. Everything a user does goes through kubectl.
+that the Helm chart renders, with a 1 s resync. Everything a user does goes through kubectl.
 
     .venv/bin/pytest tests/test_operator_integration.py      # ~2-3 minutes once the cluster is up
 """

@@ -55,7 +55,7 @@ def apply_chart(cluster: LocalCluster) -> None:
             "crd/qlorajobs.training.qlora-operator.dev")
 
 
-def service_account_kubeconfig(cluster: LocalCluster) -> Path:
+def service_account_kubeconfig(cluster: LocalCluster, path: Path | None = None) -> Path:
     """A kubeconfig that authenticates as the operator's ServiceAccount (a 24 h bound token)."""
     token = kubectl(cluster, "create", "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--duration=24h").strip()
     admin = yaml.safe_load(cluster.kubeconfig.read_text())
@@ -67,7 +67,7 @@ def service_account_kubeconfig(cluster: LocalCluster) -> Path:
         "contexts": [{"name": "operator", "context": {"cluster": admin["clusters"][0]["name"], "user": SERVICE_ACCOUNT}}],
         "current-context": "operator",
     }
-    path = cluster.state_dir / "operator.kubeconfig"
+    path = path or cluster.state_dir / "operator.kubeconfig"
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
     return path

@@ -1,5 +1,5 @@
 """The operator as a real subprocess, authenticated as its own ServiceAccount bound to the
-ClusterRole in deploy/rbac.yaml, so every API call it makes is checked by the real RBAC authorizer.
+ClusterRole that the Helm chart renders, so every API call it makes is checked by the real RBAC authorizer.
 """
 
 import json
@@ -12,38 +12,20 @@ import time
 import urllib.request
 from pathlib import Path
 
-import yaml
+from qlora_localcluster import operator_install
 from qlora_localcluster.testing import kubectl
 
 REPO = Path(__file__).resolve().parents[2]
-RBAC = REPO / "deploy" / "rbac.yaml"
-CRDS = REPO / "crds"
-SERVICE_ACCOUNT, SA_NAMESPACE = "qlora-operator", "qlora-system"
 FAKE_TRAINER_IMAGE = "qlora-fake-trainer:test"
 
 
 def install_crd_and_rbac(cluster) -> None:
-    if kubectl(cluster, "get", "namespace", SA_NAMESPACE, check=False).returncode != 0:
-        kubectl(cluster, "create", "namespace", SA_NAMESPACE, check=False)
-    kubectl(cluster, "apply", "-f", str(CRDS), "-f", str(RBAC))
-    kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s",
-            "crd/qlorajobs.training.qlora-operator.dev")
+    """The CRD, ServiceAccount and ClusterRole exactly as the Helm chart renders them."""
+    operator_install.apply_chart(cluster)
 
 
 def service_account_kubeconfig(cluster, path: Path) -> Path:
-    token = kubectl(cluster, "create", "token", SERVICE_ACCOUNT, "-n", SA_NAMESPACE, "--duration=2h").stdout.strip()
-    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
-    cluster_entry = admin["clusters"][0]
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [cluster_entry],
-        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": cluster_entry["name"], "user": SERVICE_ACCOUNT}}],
-        "current-context": "operator",
-    }))
-    path.chmod(0o600)
-    return path
+    return operator_install.service_account_kubeconfig(cluster, path)
 
 
 def free_port() -> int:
@@ -55,8 +37,10 @@ def free_port() -> int:
 class OperatorProcess:
     """`python -m qlora_operator -n <namespace>`: started, killed and restarted by the test."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, interval: float = 1.0):
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, interval: float = 1.0,
+                 trainer_image: str = FAKE_TRAINER_IMAGE):
         self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
+        self.trainer_image = trainer_image
         self.metrics_port, self.health_port = free_port(), free_port()
         self.interval = interval
         self.proc: subprocess.Popen | None = None
@@ -65,7 +49,7 @@ class OperatorProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "KUBERNETES_"))}
         env.update({
             "KUBECONFIG": str(self.kubeconfig),
-            "QLORA_TRAINER_IMAGE": FAKE_TRAINER_IMAGE,
+            "QLORA_TRAINER_IMAGE": self.trainer_image,
             "QLORA_RECONCILE_INTERVAL_SECONDS": str(self.interval),
             "QLORA_RETRY_DELAY_SECONDS": "0",
             "QLORA_METRICS_PORT": str(self.metrics_port),
