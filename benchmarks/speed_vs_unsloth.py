@@ -64,7 +64,7 @@ WARMUP, TIMED = 3, 10
 
 def configs(only: set[str] | None) -> list[dict]:
     out = [dict(name="checks/kernels", task="checks", engine="ours", row="checks", timeout=60)]
-    for row, (shape, seq, batch) in ROWS.items():
+    for row, (shape, _seq, _batch) in ROWS.items():
         big = shape != "qwen2.5-1.5b"
         t = 150 if big else 110
         out += [dict(name=f"{row}/plain", task="fixed", engine="plain", row=row, timeout=t),
@@ -251,8 +251,8 @@ def render(results: list[dict]) -> str:
              "| ours MFU | lean tok/s | lean GiB | lean/Unsloth | ours plan |", "|" + "---|" * 13]
     for row in ROWS:
         p, u, o, ln = (cell(f"{row}/{e}") for e in ("plain", "unsloth", "ours", "lean"))
-        ratio = lambda a, b: (f"{by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.2f}x"
-                              if all(n in by and "error" not in by[n] for n in (a, b)) else "-")
+        def ratio(a, b):
+            return (f"{by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.2f}x" if all(n in by and "error" not in by[n] for n in (a, b)) else "-")
         ours = by.get(f"{row}/ours", {})
         lines.append(f"| {row} | {p[0]} | {p[1]} | {u[0]} | {u[1]} | {o[0]} | {o[1]} | "
                      f"{ratio(f'{row}/ours', f'{row}/unsloth')} | {ours.get('mfu', '-')} | {ln[0]} | {ln[1]} | "

@@ -4,7 +4,6 @@ its binaries are built) and every cluster test works in a namespace of its own."
 import uuid
 
 import pytest
-
 from qlora_localcluster import testing as cluster_testing
 
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 from pydantic import ValidationError
-
 from qlora_api import ExitCode, QLoRAJobSpec, TrainerProgressLine, TrainerRunConfig
-from qlora_api.crd import CRD_PATH, main as crd_main, render_crd
+from qlora_api.crd import CRD_PATH, render_crd
+from qlora_api.crd import main as crd_main
 from qlora_api.protocol import TrainerError, TrainerResultMessage, parse_termination_message
 
 MINIMAL = {

@@ -5,7 +5,6 @@ import subprocess
 
 import pytest
 import yaml
-
 from qlora_api.crd import CHART_CRD_PATH, render_crd
 from qlora_localcluster import build
 from qlora_localcluster.testing import kubectl

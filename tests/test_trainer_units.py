@@ -1,6 +1,7 @@
 """The trainer's pieces on their own: record checks, tokenization and packing, the translators to
 bitsandbytes/peft, the termination message, S3 transfers and checkpoint selection."""
 
+import functools
 import hashlib
 import itertools
 import json
@@ -307,7 +308,7 @@ def test_https_data_is_downloaded_and_a_404_is_bad_data(tmp_path, monkeypatch):
     served.mkdir()
     write_jsonl(served / "chat.jsonl", chat_records(3))
 
-    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **kw)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")

@@ -98,7 +98,7 @@ def _finished_job_ttls(job: QLoRAJob, observed: Observed) -> list[Action]:
     status, so the TTL controller can never delete a result before the operator has read it."""
     ttl = job.spec.ttl_seconds_after_finished
     actions: list[Action] = []
-    for attempt, trainer_job in sorted(observed.jobs.items()):
+    for _attempt, trainer_job in sorted(observed.jobs.items()):
         if not pf.job_finished(trainer_job):
             continue
         if (trainer_job.get("spec") or {}).get("ttlSecondsAfterFinished") != ttl:

@@ -37,7 +37,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 _REPO = Path(__file__).resolve().parents[3]
 
 

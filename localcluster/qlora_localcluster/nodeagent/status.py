@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 def now_status() -> str:
     """metav1.Time: the API server keeps whole seconds, so we send exactly what it will store."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 OWN_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
