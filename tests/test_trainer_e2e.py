@@ -82,6 +82,11 @@ def test_manifest_is_written_last_and_matches_every_object(trained, s3):  # noqa
     config = json.loads(objects["training_config.json"])
     assert config["run"]["spec"]["training"]["maxSteps"] == 40
     assert config["resolved"]["computeDtype"] == "float32"  # auto on a CPU
+    # No memory plan on a CPU: the batch as configured is what ran.
+    spec_training = config["run"]["spec"]["training"]
+    assert config["resolved"]["memoryPlan"] is None
+    assert config["resolved"]["batchSize"] == spec_training["batchSize"]
+    assert config["resolved"]["gradientAccumulationSteps"] == spec_training["gradientAccumulationSteps"]
 
 
 def _download(s3, prefix, dest):  # noqa: F811

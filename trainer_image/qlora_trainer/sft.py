@@ -109,11 +109,14 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
         **{k: metrics[k] for k in ("eval_loss_before", "eval_loss_after", "perplexity_before",
                                     "perplexity_after", "train_seconds", "resumed_from_step")},
     )
-    return publishing.publish(storage, run, adapter_dir, resolved_config(cfg, dtype), metrics, result, merged_dir)
+    return publishing.publish(storage, run, adapter_dir, resolved_config(cfg, dtype, planned, plan), metrics, result,
+                              merged_dir)
 
 
-def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype) -> dict:
-    """The config as run: the job's spec plus what the trainer decided and the library versions."""
+def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, plan=None) -> dict:
+    """The config as run: the job's spec plus what the trainer decided (the memory plan may have
+    re-planned micro-batch, accumulation, recompute and optimizer) and the library versions."""
+    training = planned or cfg.spec.training
     versions = {}
     for package in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate"):
         try:
@@ -124,7 +127,11 @@ def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype) -> dict:
         "run": cfg.to_wire(),
         "resolved": {
             "computeDtype": str(dtype).removeprefix("torch."),
-            "optimizer": training_loop.optimizer_name(cfg.spec.training),
+            "optimizer": training_loop.optimizer_name(training),
+            "batchSize": training.batch_size,
+            "gradientAccumulationSteps": training.gradient_accumulation_steps,
+            "gradientCheckpointing": training.gradient_checkpointing,
+            "memoryPlan": plan.describe() if plan is not None else None,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         },
         "versions": versions,
