@@ -1,23 +1,14 @@
 """The Helm chart: lint, schema, rendering, and an install into the local cluster's real API server."""
 
 import json
-import subprocess
 
 import pytest
 import yaml
 from qlora_api.crd import CHART_CRD_PATH, render_crd
-from qlora_localcluster import build
 from qlora_localcluster.testing import kubectl
+from support.helm import helm
 
 CHART = CHART_CRD_PATH.parents[1]
-
-
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    binary = build.ensure_binaries(["helm"])["helm"]
-    result = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=120)
-    if check and result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed: {result.stderr}")
-    return result
 
 
 def rendered(*values: str, namespace: str = "qlora-system") -> list[dict]:

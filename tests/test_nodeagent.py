@@ -175,6 +175,29 @@ def test_secret_env_configmap_volume_and_field_refs_reach_the_process(local_clus
     assert out == "token=s3cr3t pod=reader\nsteps: 3"
 
 
+WHO_AM_I = """
+import base64, json, os
+from kubernetes import client, config
+config.load_config()  # no /var/run/secrets here: falls back to the $KUBECONFIG the agent wrote
+review = client.AuthenticationV1Api().create_self_subject_review(
+    {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
+token = open(os.environ["KUBECONFIG"]).read().split("tokenFile: ")[1].split()[0]
+claims = json.loads(base64.urlsafe_b64decode(open(token).read().split(".")[1] + "=="))
+print(json.dumps({"user": review.status.user_info.username, "hours": (claims["exp"] - claims["iat"]) / 3600}))
+"""
+
+
+def test_a_pod_authenticates_as_its_service_account(local_cluster, namespace):
+    apply(local_cluster, namespace, pod("who", {"name": "main", "image": "python:3.11",
+                                                "command": ["python", "-c", WHO_AM_I]}))
+    assert terminal_pod(local_cluster, namespace, "who")["status"]["phase"] == "Succeeded"
+    seen = json.loads(kubectl(local_cluster, "-n", namespace, "logs", "who").stdout)
+    assert seen["user"] == f"system:serviceaccount:{namespace}:default"
+    # kube-api-access asks for 3607 s; the API server extends such pod-bound tokens to a year, so a
+    # token requested once at pod start outlives any pod here (the agent does not refresh tokens).
+    assert seen["hours"] >= 24
+
+
 def test_job_completes_through_the_job_controller(local_cluster, namespace):
     job = {
         "apiVersion": "batch/v1",

@@ -97,6 +97,14 @@ def test_image_table_follows_kubernetes_entrypoint_rules():
         t.lookup("nginx:latest")
 
 
+def test_operator_image_runs_the_operator_module():
+    operator = [sys.executable, "-m", "qlora_operator"]
+    t = ImageTable()
+    assert t.argv("ghcr.io/qlora-operator/operator:0.1.0", None, None) == operator
+    assert t.argv("qlora-operator/operator", None, ["-n", "ml"]) == operator + ["-n", "ml"]
+    assert t.argv("registry.local:5000/acme/qlora-operator/operator@sha256:ab", None, None) == operator
+
+
 def test_image_table_file_adds_entries(tmp_path):
     f = tmp_path / "images.json"
     f.write_text(json.dumps([{"name": "tool", "patterns": ["acme/tool"], "entrypoint": ["/bin/echo"]}]))
@@ -201,6 +209,77 @@ def test_volumes_and_launch_map_container_paths(tmp_path, monkeypatch):
     assert json.loads(launch.env["NODEAGENT_PATH_MAP"])["/etc/qlora"] == paths["cfg"]
     assert launch.cwd.startswith(str(tmp_path)) and launch.cwd.endswith("/work")  # never the host's /work
     assert "AGENT_ONLY_SECRET" not in launch.env and launch.env["PASSED_ON"] == "y"
+
+
+# What the ServiceAccount admission plugin adds to every pod that automounts its token.
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+KUBE_API_ACCESS = {
+    "name": "kube-api-access-x1y2z",
+    "projected": {
+        "defaultMode": 420,
+        "sources": [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+        ],
+    },
+}
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def in_cluster_pod(*containers):
+    pod = make_pod(list(containers), volumes=[KUBE_API_ACCESS], serviceAccountName="robot")
+    for c in pod["spec"]["containers"]:
+        c.setdefault("volumeMounts", []).append({"name": KUBE_API_ACCESS["name"], "mountPath": SA_DIR, "readOnly": True})
+    return pod
+
+
+def test_a_service_account_token_mount_becomes_the_containers_kubeconfig(tmp_path):
+    from kubernetes import client, config
+
+    reader = DictReader(configmaps={"kube-root-ca.crt": {"ca.crt": CA_PEM}})
+    pod = in_cluster_pod({"name": "op", "image": "qlora-operator/operator:1"})
+    paths = materialize(pod, tmp_path, reader)
+    launch = build_launch(pod, pod["spec"]["containers"][0], images=ImageTable(), reader=reader,
+                          pod_dir=tmp_path, volume_host_paths=paths, pass_env=[],
+                          api_server="https://127.0.0.1:16443")
+    kubeconfig = Path(launch.env["KUBECONFIG"])
+    assert kubeconfig.is_relative_to(tmp_path) and kubeconfig.stat().st_mode & 0o077 == 0
+
+    # What any client library makes of it: the API server, the pod's token and CA, its namespace.
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
+    assert cfg.host == "https://127.0.0.1:16443"
+    bearer = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    assert bearer == "Bearer token-for-p"
+    assert Path(cfg.ssl_ca_cert).read_text() == CA_PEM
+    _, context = config.list_kube_config_contexts(str(kubeconfig))
+    assert context["context"]["namespace"] == "ns"
+    assert context["context"]["user"] == "system:serviceaccount:ns:robot"
+
+
+def test_kubeconfig_only_for_a_token_volume_and_never_over_the_containers_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", "/agents/own/kubeconfig")
+    reader = DictReader(configmaps={"kube-root-ca.crt": {"ca.crt": CA_PEM}, "cfg": {"a": "1"}})
+    own = {"name": "own", "image": "busybox", "env": [{"name": "KUBECONFIG", "value": "/etc/kc/config"}]}
+    plain = {"name": "plain", "image": "busybox"}
+    pod = in_cluster_pod(own, plain)
+    pod["spec"]["containers"].append({"name": "none", "image": "busybox"})  # automount off, in effect
+    pod["spec"]["containers"].append({"name": "impostor", "image": "busybox",
+                                      "volumeMounts": [{"name": "cfg", "mountPath": SA_DIR}]})
+    pod["spec"]["volumes"].append({"name": "cfg", "projected": {"sources": [{"configMap": {"name": "cfg"}}]}})
+    paths = materialize(pod, tmp_path, reader)
+
+    def env_of(name, api_server="https://127.0.0.1:16443"):
+        container = next(c for c in pod["spec"]["containers"] if c["name"] == name)
+        return build_launch(pod, container, images=ImageTable(), reader=reader, pod_dir=tmp_path,
+                            volume_host_paths=paths, pass_env=["KUBECONFIG"], api_server=api_server).env
+
+    assert env_of("own")["KUBECONFIG"] == "/etc/kc/config"
+    assert env_of("plain")["KUBECONFIG"].startswith(str(tmp_path))  # the pod's identity, not the agent's
+    assert env_of("plain", api_server="")["KUBECONFIG"] == "/agents/own/kubeconfig"  # no server known
+    assert env_of("none")["KUBECONFIG"] == "/agents/own/kubeconfig"
+    assert env_of("impostor")["KUBECONFIG"] == "/agents/own/kubeconfig"
 
 
 def test_missing_volume_source_fails_the_mount(tmp_path):
@@ -353,6 +432,17 @@ def test_runtime_exit_code_message_and_fallback_to_logs(tmp_path):
     assert (a["exitCode"], a["reason"], a["message"]) == (3, "Error", "from file\n")
     assert (b["exitCode"], b["message"]) == (2, "last words\n")
     assert (c["exitCode"], c["reason"]) == (0, "Completed")
+
+
+def test_runtime_hands_the_pods_kubeconfig_to_its_process(tmp_path):
+    reader = DictReader(configmaps={"kube-root-ca.crt": {"ca.crt": CA_PEM}})
+    pod = in_cluster_pod(sh("main", 'cat "$(sed -n "s/.*tokenFile: //p" "$KUBECONFIG")" > /dev/termination-log'))
+    run = PodRun(pod, tmp_path / "p", RuntimeConfig(ImageTable(), reader, [], "https://127.0.0.1:16443"),
+                 notify=lambda uid: None)
+    run.dir.mkdir()
+    run.start()
+    assert run.wait(10), run.status()
+    assert state(run.status())["terminated"]["message"] == "token-for-p"
 
 
 def test_runtime_init_containers_run_first_in_order(tmp_path):

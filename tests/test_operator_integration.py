@@ -22,6 +22,7 @@ from support.operator_process import (
     install_crd_and_rbac,
     service_account_kubeconfig,
 )
+from support.shared_gpu import wait_for_the_gpu
 
 pytestmark = pytest.mark.cluster
 LABEL = "training.qlora-operator.dev/qlorajob"
@@ -108,21 +109,9 @@ class Env:
         return self.wait_for(f"running pod of {name}", find)
 
 
-def gpu_holders(cluster) -> list[str]:
-    """Pods elsewhere in the cluster that hold a GPU (a demo, another suite on the shared cluster)."""
-    pods = json.loads(kubectl(cluster, "get", "pods", "-A", "-o", "json").stdout)["items"]
-    return [f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in pods
-            if p["spec"].get("nodeName") and p["status"].get("phase") in ("Pending", "Running")
-            and any("nvidia.com/gpu" in (c.get("resources", {}).get("limits") or {}) for c in p["spec"]["containers"])]
-
-
 @pytest.fixture
 def env(local_cluster, namespace, operator_kubeconfig, tmp_path):
-    # The local cluster has one GPU: wait for whoever else uses it rather than fail on timeouts.
-    deadline = time.monotonic() + 600
-    while (holders := gpu_holders(local_cluster)) and time.monotonic() < deadline:
-        time.sleep(2)
-    assert not holders, f"the local cluster's GPU is busy with {holders}"
+    wait_for_the_gpu(local_cluster)
     kubectl(local_cluster, "-n", namespace, "create", "secret", "generic", "s3",
             "--from-literal=AWS_ACCESS_KEY_ID=test", "--from-literal=AWS_SECRET_ACCESS_KEY=test-secret")
     operator = OperatorProcess(operator_kubeconfig, namespace, tmp_path / "operator.log").start()

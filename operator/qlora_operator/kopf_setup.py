@@ -26,9 +26,11 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, config: OperatorSetting
 
 
 def log_in(**kwargs) -> kopf.ConnectionInfo | None:
-    """The same credentials the kubernetes client uses: the pod's ServiceAccount, else $KUBECONFIG.
+    """The same credentials the kubernetes client uses (kube.load_client), through the same loader:
+    the pod's ServiceAccount, else $KUBECONFIG. kopf's own minimal kubeconfig reader ignores
+    `tokenFile`, which the local cluster's node agent uses for a pod's ServiceAccount token.
     (A registry of our own gets none of kopf's default login handlers.)"""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_via_client(**kwargs)
 
 
 def run_kopf(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:

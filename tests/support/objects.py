@@ -48,15 +48,17 @@ FULL_RESOURCES = {
 }
 
 
+def qlorajob_manifest(name: str, namespace: str, spec: dict | None = None) -> dict:
+    """A QLoRAJob as a user writes it for `kubectl apply`: MINIMAL_SPEC with `spec` merged in."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": namespace},
+            "spec": merge(copy.deepcopy(MINIMAL_SPEC), spec or {})}
+
+
 def qlorajob_body(name: str = "demo", namespace: str = "ml", spec: dict | None = None, status: dict | None = None,
                   generation: int = 1, uid: str = "0f0e0d0c-0000-4000-8000-000000000001") -> dict:
-    body = {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {"name": name, "namespace": namespace, "uid": uid, "generation": generation,
-                     "resourceVersion": "100", "creationTimestamp": ts(0)},
-        "spec": merge(copy.deepcopy(MINIMAL_SPEC), spec or {}),
-    }
+    """The same QLoRAJob as the API server returns it."""
+    body = qlorajob_manifest(name, namespace, spec)
+    body["metadata"].update(uid=uid, generation=generation, resourceVersion="100", creationTimestamp=ts(0))
     if status is not None:
         body["status"] = status
     return body

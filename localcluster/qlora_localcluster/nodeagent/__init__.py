@@ -18,6 +18,7 @@ One process per node name (the local cluster starts one per GPU node):
     pod_run.py          one pod's lifecycle: volumes, init containers, restarts, OOM and deadline kills
     container_process.py  one container = one process group
     launch.py           argv/env/workingDir from a container spec; the container->host path rule
+    in_cluster.py       the kubeconfig that stands in for in-cluster config (a pod's ServiceAccount token)
     volumes.py          configMap/secret/emptyDir/downwardAPI/projected/hostPath as directories
     image_table.py      image name -> host ENTRYPOINT/CMD
     status.py           kubelet-style pod status, phase and conditions (pure)

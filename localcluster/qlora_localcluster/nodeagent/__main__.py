@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     controller: PodController | None = None
-    config = RuntimeConfig(ImageTable.with_file(args.image_table), ApiResourceReader(api), args.pass_env)
+    config = RuntimeConfig(
+        ImageTable.with_file(args.image_table), ApiResourceReader(api), args.pass_env, api.creds.server
+    )
     provider = ProcessProvider(root, config, notify=lambda uid: controller and controller.mark_dirty(uid))
     controller = PodController(api, args.node_name, provider)
     server = LogServer(

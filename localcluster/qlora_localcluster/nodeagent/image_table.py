@@ -17,6 +17,7 @@ with ErrImagePull, then ImagePullBackOff.
     image (repository glob)                                 ENTRYPOINT                      CMD
     qlora-trainer, */qlora-trainer,
       qlora-operator/trainer, */qlora-operator/trainer      [python, -m, qlora_trainer]     []
+    qlora-operator/operator, */qlora-operator/operator      [python, -m, qlora_operator]    []
     python, */python                                        -                               [python3]
     busybox, */busybox, alpine, */alpine,
       debian, */debian, ubuntu, */ubuntu                    -                               [sh]
@@ -74,6 +75,13 @@ def default_entries() -> list[ImageEntry]:
             "qlora-trainer",
             ("qlora-trainer", "*/qlora-trainer", "qlora-operator/trainer", "*/qlora-operator/trainer"),
             entrypoint=(sys.executable, "-m", "qlora_trainer"),
+            binaries=py,
+        ),
+        # The Helm chart's Deployment (`ghcr.io/qlora-operator/operator:<appVersion>`).
+        ImageEntry(
+            "qlora-operator",
+            ("qlora-operator/operator", "*/qlora-operator/operator"),
+            entrypoint=(sys.executable, "-m", "qlora_operator"),
             binaries=py,
         ),
         ImageEntry("python", ("python", "*/python"), cmd=("python3",), binaries=py),

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .image_table import ImageTable
+from .in_cluster import write_kubeconfig
 
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 _PATH_CHAR = r"A-Za-z0-9_.\-"
@@ -266,6 +267,7 @@ def build_launch(
     pod_dir: Path,
     volume_host_paths: dict[str, str],
     pass_env: list[str],
+    api_server: str = "",
 ) -> ContainerLaunch:
     name = container["name"]
     container_dir = pod_dir / "containers" / name
@@ -276,6 +278,9 @@ def build_launch(
     paths = PathMap(mapping)
     env = base_env(pod_dir, pass_env)
     env["HOSTNAME"] = pod["metadata"]["name"]
+    kubeconfig = write_kubeconfig(pod, container, mapping, api_server, container_dir / "kubeconfig")
+    if kubeconfig:  # in_cluster.py: the stand-in for in-cluster config; the container's own wins
+        env["KUBECONFIG"] = kubeconfig
     env.update({k: paths.rewrite(v) for k, v in pod_env.items()})
     env["NODEAGENT_PATH_MAP"] = json.dumps(mapping, sort_keys=True)
     env["NODEAGENT_POD_DIR"] = str(pod_dir)

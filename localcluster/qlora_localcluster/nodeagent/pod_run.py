@@ -56,6 +56,7 @@ class RuntimeConfig:
     images: ImageTable
     reader: object  # ResourceReader + VolumeSourceReader
     pass_env: list[str]
+    api_server: str = ""  # written into the kubeconfig of pods with a ServiceAccount token (in_cluster.py)
 
 
 @dataclass
@@ -274,6 +275,7 @@ class PodRun:
                 pod_dir=self.dir,
                 volume_host_paths=self.volume_paths,
                 pass_env=self.config.pass_env,
+                api_server=self.config.api_server,
             )
         except ImageNotInTable as e:
             s.pull_failures += 1

@@ -44,6 +44,8 @@ class ApiResourceReader:
         return self._get("configmaps", namespace, name)
 
     def service_account_token(self, pod: dict, audience: str | None, expiration_seconds: int) -> str:
+        """Requested once per pod, never refreshed: kube-api-access asks for 3607 s, which the API
+        server extends to a year for a pod-bound token (--service-account-extend-token-expiration)."""
         meta = pod["metadata"]
         sa = pod["spec"].get("serviceAccountName") or "default"
         spec = {
