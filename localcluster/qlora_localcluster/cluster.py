@@ -166,11 +166,6 @@ class LocalCluster:
         """Stop in dependency order; the apiserver drains for >15 s after SIGTERM, so wait for it
         before taking etcd away (without etcd its shutdown only gets slower)."""
         components = self._components(None)
-        # The operator is ours, not the cluster's, but it was started against this cluster (by
-        # operator_install) and would only log connection errors once the apiserver is gone.
-        operator = Component("qlora-operator", [], self.state_dir)
-        if processes.running_pid(operator.pidfile):
-            _say(f"qlora-operator: {processes.stop(operator, 20.0)}")
         order = [f"node-agent-{n}" for n in self._known_nodes()] + [
             "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd", "minio"]
         for name in order:

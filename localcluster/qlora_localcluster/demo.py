@@ -128,7 +128,8 @@ def main() -> int:
     base_dir = upload_model_once(s3, cluster.state_dir / "models" / "smollm2-135m-instruct")
     upload_dataset(s3)
     ensure_bucket(s3, "adapters")
-    say(f"operator running (pid {operator_install.install(cluster)}), authenticated as its ServiceAccount")
+    pod = operator_install.install(cluster)
+    say(f"operator installed with helm: pod {operator_install.NAMESPACE}/{pod}, as its own ServiceAccount")
     credentials_secret(cluster)
     job = run_job(cluster)
     status = job["status"]

@@ -1,21 +1,25 @@
-"""Installs the operator into the local cluster the way a platform team would, minus the image:
-the CRD and the chart's ServiceAccount and least-privilege RBAC are applied from the Helm chart,
-and the operator runs as a local process authenticated as that ServiceAccount (a bound token),
-so every API call it makes goes through the real RBAC authorizer."""
+"""The operator in the local cluster, from the Helm chart.
+
+- `install(cluster)` (the demo): `helm upgrade --install` of the chart, as a platform team would run
+  it; the node agent runs the Deployment's pod (its image table maps the operator image to
+  `python -m qlora_operator`) with the pod's own ServiceAccount token.
+- `apply_chart` + `service_account_kubeconfig` (the tests): the chart's CRD and RBAC, and a
+  kubeconfig for that ServiceAccount, for an operator the test runs as a subprocess in its own
+  namespace, to kill and restart it at will.
+
+Either way every API call the operator makes goes through the real RBAC authorizer."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from . import build, processes
+from . import build
 from .cluster import LocalCluster
-from .processes import Component
 
 NAMESPACE = "qlora-system"
 RELEASE = "qlora"
@@ -23,7 +27,6 @@ SERVICE_ACCOUNT = "qlora-qlora-operator"  # the chart's fullname for release "ql
 CHART = Path(__file__).resolve().parents[2] / "charts" / "qlora-operator"
 # Kinds taken from the chart: the Deployment would ask the node agent for an image it cannot run.
 INSTALLED_KINDS = {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
-TRAINER_IMAGE = "ghcr.io/qlora-operator/trainer:0.1.0"
 
 
 def _tool(name: str) -> str:
@@ -73,39 +76,30 @@ def service_account_kubeconfig(cluster: LocalCluster, path: Path | None = None) 
     return path
 
 
-def operator_component(cluster: LocalCluster, kubeconfig: Path, env: dict[str, str] | None = None) -> Component:
-    return Component(
-        name="qlora-operator",
-        argv=[sys.executable, "-m", "qlora_operator"],
-        state_dir=cluster.state_dir,
-        env={
-            "KUBECONFIG": str(kubeconfig),
-            "QLORA_TRAINER_IMAGE": TRAINER_IMAGE,
-            # The demo's namespace only: tests run operators of their own in their own namespaces.
-            "QLORA_WATCH_NAMESPACES": "default",
-            "QLORA_RECONCILE_INTERVAL_SECONDS": "2",
-            "QLORA_METRICS_PORT": "18080",
-            "QLORA_HEALTH_PORT": "18081",
-            **(env or {}),
-        },
-    )
+DEMO_RELEASE = "qlora-operator"  # fullname "qlora-operator": apart from the tests' "qlora-qlora-operator"
+DEMO_NAMESPACE = "default"
 
 
-def install(cluster: LocalCluster, restart: bool = False) -> int:
-    """Apply the chart's CRD and RBAC, and (re)start the operator. Returns its pid."""
+def install(cluster: LocalCluster) -> str:
+    """The CRD (applied like the tests do, so neither owns it alone), then the chart's release
+    watching the demo's namespace. Returns the operator pod's name once it runs."""
     apply_chart(cluster)
-    component = operator_component(cluster, service_account_kubeconfig(cluster))
-    pid = processes.running_pid(component.pidfile)
-    if pid and restart:
-        processes.stop(component, timeout=20)
-        pid = None
-    if not pid:
-        pid = processes.start(component)
+    helm = subprocess.run(
+        [_tool("helm"), "upgrade", "--install", DEMO_RELEASE, str(CHART), "--namespace", NAMESPACE,
+         "--kubeconfig", str(cluster.kubeconfig),
+         "--set", "crds.install=false", "--set", f"watchNamespaces={{{DEMO_NAMESPACE}}}",
+         "--set", "reconcileIntervalSeconds=2",
+         # The pod's processes share the host's network: ports of their own, not 8080/8081.
+         "--set", "metrics.port=18080", "--set", "healthPort=18081", "--wait", "--timeout=120s"],
+        capture_output=True, text=True, timeout=180)
+    if helm.returncode != 0:
+        raise RuntimeError(f"helm upgrade --install {DEMO_RELEASE}: {helm.stderr.strip()}")
+    selector = f"app.kubernetes.io/instance={DEMO_RELEASE}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pods = json.loads(kubectl(cluster, "-n", NAMESPACE, "get", "pods", "-l", selector, "-o", "json"))["items"]
+        running = [p["metadata"]["name"] for p in pods if p.get("status", {}).get("phase") == "Running"]
+        if running:
+            return running[0]
         time.sleep(1)
-        if processes.exited(pid):
-            raise RuntimeError(f"the operator exited at start:\n{processes.log_tail(component)}")
-    return pid
-
-
-def uninstall(cluster: LocalCluster) -> str:
-    return processes.stop(operator_component(cluster, cluster.state_dir / "operator.kubeconfig"), timeout=20)
+    raise RuntimeError(f"the operator pod did not start:\n{kubectl(cluster, '-n', NAMESPACE, 'describe', 'pods', '-l', selector)}")
