@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from qlora_localcluster.nodeagent.image_table import ImageNotInTable, ImageTable, repository_path
+from qlora_localcluster.nodeagent.image_table import ImageEntry, ImageNotInTable, ImageTable, repository_path
 from qlora_localcluster.nodeagent.launch import (
     ContainerConfigError,
     PathMap,
@@ -209,6 +209,17 @@ def test_volumes_and_launch_map_container_paths(tmp_path, monkeypatch):
     assert json.loads(launch.env["NODEAGENT_PATH_MAP"])["/etc/qlora"] == paths["cfg"]
     assert launch.cwd.startswith(str(tmp_path)) and launch.cwd.endswith("/work")  # never the host's /work
     assert "AGENT_ONLY_SECRET" not in launch.env and launch.env["PASSED_ON"] == "y"
+
+
+def test_the_image_tables_host_argv_is_never_path_mapped(tmp_path):
+    # The chart mounts an emptyDir at /tmp; a checkout (and so its venv) may live under /tmp too.
+    table = ImageTable([ImageEntry("op", ("op",), entrypoint=("/tmp/checkout/.venv/bin/python", "-m", "op"))])
+    pod = {"metadata": {"name": "p", "namespace": "ns", "uid": "u"}, "spec": {"nodeName": "n"}, "status": {}}
+    container = {"name": "c", "image": "op:1", "args": ["--scratch", "/tmp/work"],
+                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
+    launch = build_launch(pod, container, images=table, reader=DictReader(), pod_dir=tmp_path,
+                          volume_host_paths={"tmp": str(tmp_path / "vol-tmp")}, pass_env=[])
+    assert launch.argv == ["/tmp/checkout/.venv/bin/python", "-m", "op", "--scratch", f"{tmp_path}/vol-tmp/work"]
 
 
 # What the ServiceAccount admission plugin adds to every pod that automounts its token.

@@ -148,14 +148,25 @@ class ImageTable:
 
     def argv(self, image: str, command: list[str] | None, args: list[str] | None) -> list[str]:
         """The host argv for a container, before $(VAR) expansion and path mapping."""
+        from_image, from_pod = self.argv_parts(image, command, args)
+        return from_image + from_pod
+
+    def argv_parts(self, image: str, command: list[str] | None,
+                   args: list[str] | None) -> tuple[list[str], list[str]]:
+        """(what the image table supplies, what the pod spec supplies). Only the second holds
+        container paths to map: the first is host paths (this venv's interpreter, say), which a
+        volume mounted at /tmp must not rewrite when the checkout itself lives under /tmp."""
         entry = self.lookup(image)
         if command:
-            argv = list(command) + list(args or [])
+            from_image, from_pod = [], list(command) + list(args or [])
         elif args:
-            argv = list(entry.entrypoint) + list(args)
+            from_image, from_pod = list(entry.entrypoint), list(args)
         else:
-            argv = list(entry.entrypoint) + list(entry.cmd)
-        if not argv:
+            from_image, from_pod = list(entry.entrypoint) + list(entry.cmd), []
+        if not from_image and not from_pod:
             raise ValueError(f'image "{image}" has no ENTRYPOINT or CMD and the container sets no command')
-        argv[0] = entry.binaries.get(argv[0], argv[0])
-        return argv
+        if from_image:
+            from_image[0] = entry.binaries.get(from_image[0], from_image[0])
+        elif from_pod[0] in entry.binaries:  # `command: [python, ...]` runs this venv's interpreter
+            from_image, from_pod = [entry.binaries[from_pod[0]]], from_pod[1:]
+        return from_image, from_pod

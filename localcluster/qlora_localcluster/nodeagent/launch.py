@@ -285,8 +285,9 @@ def build_launch(
     env["NODEAGENT_PATH_MAP"] = json.dumps(mapping, sort_keys=True)
     env["NODEAGENT_POD_DIR"] = str(pod_dir)
     env["NODEAGENT_TERMINATION_MESSAGE_PATH"] = term_host
-    argv = images.argv(container.get("image", ""), container.get("command"), container.get("args"))
-    argv = [paths.rewrite(expand_refs(a, pod_env)) for a in argv]
+    from_image, from_pod = images.argv_parts(container.get("image", ""), container.get("command"),
+                                             container.get("args"))
+    argv = from_image + [paths.rewrite(expand_refs(a, pod_env)) for a in from_pod]
     cwd = working_dir(container.get("workingDir"), paths, pod_dir)
     os.makedirs(cwd, exist_ok=True)  # a runtime creates a missing workingDir too
     return ContainerLaunch(name, argv, env, cwd, term_host, entry.image_id)
