@@ -84,7 +84,6 @@ def finished_job(local_cluster, namespace, minio, tiny_base, tmp_path):
         job = json.loads(kubectl(local_cluster, "-n", namespace, "get", "qlorajob", "colours", "-o", "json").stdout)
         yield {"job": job, "logs": trainer_logs, "seconds": time.monotonic() - started, "namespace": namespace}
     finally:
-        # While the operator still runs: it removes its finalizer, so the namespace can go.
         kubectl(local_cluster, "-n", namespace, "delete", "qlorajob", "colours", "--timeout=60s", check=False)
         operator.stop()
 

@@ -42,7 +42,7 @@ def release(local_cluster, namespace):
          "--set", "reconcileIntervalSeconds=1",
          cluster=local_cluster)
     yield name, fullname, metrics_port
-    # While the operator still runs (kopf holds a finalizer), then the release, if the test left it.
+    # The QLoRAJobs, then the release, if the test left it.
     kubectl(local_cluster, "-n", namespace, "delete", "qlorajobs", "--all", "--timeout=60s", check=False)
     helm("uninstall", name, "-n", namespace, "--ignore-not-found", "--wait", cluster=local_cluster, check=False)
 
@@ -86,7 +86,7 @@ def test_helm_install_runs_the_operator_as_its_own_service_account(local_cluster
     denied = [line for line in log.splitlines() if "403" in line or "Forbidden" in line or "Traceback" in line]
     assert denied == [], "the chart's RBAC lets the operator do all it needs"
 
-    k("delete", "qlorajob", "happy", "--timeout=60s")  # while the operator runs: it holds a finalizer
+    k("delete", "qlorajob", "happy", "--timeout=60s")
     helm("uninstall", name, "-n", namespace, "--wait", cluster=local_cluster)
     k("wait", "--for=delete", "pod", "-l", f"app.kubernetes.io/instance={name}", "--timeout=30s")
     for kind in ("deployment", "serviceaccount", "clusterrole", "clusterrolebinding"):

@@ -79,6 +79,16 @@ class Kube:
                 return None
             raise
 
+    def list_qlorajobs(self, namespaces: tuple[str, ...]) -> list[tuple[str, str]]:
+        """(namespace, name) of every QLoRAJob in `namespaces` (all namespaces when empty)."""
+        paths = ([self._qlorajob_path(ns) for ns in namespaces] if namespaces
+                 else [f"/apis/{GROUP}/{VERSION}/{PLURAL}"])
+        found = []
+        for path in paths:
+            for item in self._call("GET", path).get("items", []):
+                found.append((item["metadata"]["namespace"], item["metadata"]["name"]))
+        return found
+
     def observe(self, job: QLoRAJob, now: datetime, log_tail_lines: int, with_pods: bool = True) -> Observed:
         """The job's children, fresh from the API server (not from a cache that may lag), and the
         trainer's newest progress line from its log. A finished job needs its Jobs only (for TTLs)."""

@@ -5,9 +5,9 @@
     python -m qlora_operator --help
 
 kopf is edge-triggered: create/update/resume handlers and the Job/pod events only make a
-reconcile happen sooner. The timer re-derives every job from its actual children every few
-seconds, which is what makes the operator level-triggered (a missed event or a restart costs at
-most one interval).
+reconcile happen sooner. The resync (resync.py) re-derives every job from its actual children every
+few seconds, which is what makes the operator level-triggered (a missed event or a restart costs at
+most one interval); it is a thread, not a kopf timer, so QLoRAJobs carry no finalizer.
 """
 
 import logging
@@ -19,12 +19,13 @@ from qlora_api.meta import LABEL_MANAGED_BY, MANAGED_BY
 from qlora_operator import kube, metrics, settings
 from qlora_operator.kopf_setup import configure_kopf, log_in, run_kopf
 from qlora_operator.reconcile import Reconciler
+from qlora_operator.resync import Resync
 
 CHILDREN = {LABEL_MANAGED_BY: MANAGED_BY}
 
 
 def register(reconciler: Reconciler, config: settings.OperatorSettings,
-             registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
+             registry: kopf.OperatorRegistry | None = None, resync: Resync | None = None) -> kopf.OperatorRegistry:
     registry = registry or kopf.OperatorRegistry()
     qlorajobs = {"group": GROUP, "version": VERSION, "plural": PLURAL, "registry": registry}
 
@@ -42,9 +43,15 @@ def register(reconciler: Reconciler, config: settings.OperatorSettings,
     def on_change(namespace: str, name: str, **_) -> None:
         reconciler.reconcile(namespace, name)
 
-    @kopf.timer(**qlorajobs, id="resync", interval=config.reconcile_interval, initial_delay=0.0)
-    def resync(namespace: str, name: str, **_) -> None:
-        reconciler.reconcile(namespace, name)
+    @kopf.on.startup(registry=registry, id="start-resync")
+    def start_resync(**_) -> None:
+        if resync is not None:
+            resync.start()
+
+    @kopf.on.cleanup(registry=registry, id="stop-resync")
+    def stop_resync(**_) -> None:
+        if resync is not None:
+            resync.stop()
 
     @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN, registry=registry)
     @kopf.on.event("", "v1", "pods", labels=CHILDREN, registry=registry)
@@ -62,11 +69,13 @@ def run(argv: list[str] | None = None) -> None:
     config = settings.parse(argv)
     kopf.configure(debug=config.log_level == "DEBUG", quiet=config.log_level in ("WARNING", "ERROR"))
     logging.getLogger("qlora_operator").setLevel(config.log_level)
-    if config.log_level != "DEBUG":  # kopf logs every timer tick at INFO; the reconciles log what changed
+    if config.log_level != "DEBUG":  # kopf logs every handler call at INFO; the reconciles log what changed
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    reconciler = Reconciler(kube.Kube(kube.load_client()), config)
+    client = kube.Kube(kube.load_client())
+    reconciler = Reconciler(client, config)
+    resync = Resync(client, reconciler, config.namespaces, config.reconcile_interval)
     metrics.serve(config.metrics_port)
-    run_kopf(register(reconciler, config), config)
+    run_kopf(register(reconciler, config, resync=resync), config)
 
 
 if __name__ == "__main__":

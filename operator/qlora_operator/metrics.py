@@ -35,6 +35,13 @@ class PhaseBook:
             self._phases.pop(key, None)
             self._publish()
 
+    def retain(self, keys: set[str]) -> None:
+        """Forget every job not in `keys` (the jobs that still exist)."""
+        with self._lock:
+            for key in set(self._phases) - keys:
+                del self._phases[key]
+            self._publish()
+
     def _publish(self) -> None:
         for phase in PHASES:
             JOBS.labels(phase=phase).set(sum(1 for p in self._phases.values() if p == phase))
