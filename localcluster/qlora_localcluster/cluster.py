@@ -171,6 +171,10 @@ class LocalCluster:
         for name in order:
             timeout = 60.0 if name == "kube-apiserver" else 20.0
             _say(f"{name}: {processes.stop(components[name], timeout)}")
+            if name.startswith("node-agent-"):
+                left = processes.kill_pod_processes(self.state_dir / "nodes")
+                if left:
+                    _say(f"{name}: killed {left} pod process(es) it left behind")
 
     def is_ready(self) -> bool:
         return all(health == "healthy" for _, health in self.status().values())

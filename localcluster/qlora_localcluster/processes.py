@@ -86,6 +86,27 @@ def stop(component: Component, timeout: float) -> str:
     return f"killed after {timeout:.0f} s"
 
 
+def kill_pod_processes(nodes_dir: Path) -> int:
+    """SIGKILL every process that a node agent under `nodes_dir` started for a pod (the agent gives
+    each one NODEAGENT_POD_DIR), so `down` leaves nothing running even if an agent died first."""
+    marker = f"NODEAGENT_POD_DIR={nodes_dir.resolve()}".encode()
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if any(var.startswith(marker) for var in environ.split(b"\0")):
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
 def exited(pid: int) -> bool:
     return not _alive(pid)
 
