@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import ssl
+import subprocess
 import sys
 import time
 import urllib.error
@@ -92,6 +93,12 @@ class LocalCluster:
     def s3_credentials(self) -> dict[str, str]:
         return {"aws_access_key_id": self.settings.s3_access_key,
                 "aws_secret_access_key": self.settings.s3_secret_key}
+
+    def kubectl(self, *args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The kubectl built at the server's version, as admin; output captured as text, not checked."""
+        binary = build.ensure_binaries(["kubectl"])["kubectl"]
+        return subprocess.run([str(binary), "--kubeconfig", str(self.kubeconfig), *args],
+                              input=input, capture_output=True, text=True, timeout=timeout)
 
     def env(self) -> dict[str, str]:
         """Environment for kubectl, helm, boto3 and the operator to reach this cluster."""

@@ -34,8 +34,7 @@ def _tool(name: str) -> str:
 
 
 def kubectl(cluster: LocalCluster, *args: str, input: str | None = None) -> str:
-    result = subprocess.run([_tool("kubectl"), "--kubeconfig", str(cluster.kubeconfig), *args],
-                            input=input, capture_output=True, text=True, timeout=120)
+    result = cluster.kubectl(*args, input=input)
     if result.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
     return result.stdout

@@ -18,7 +18,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import build
 from .cluster import LocalCluster
 
 
@@ -36,10 +35,8 @@ def running_cluster(state_dir: Path | str | None = None) -> Iterator[LocalCluste
 
 def kubectl(cluster: LocalCluster, *args: str, check: bool = True,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the kubectl built at the server's version against `cluster`; output captured as text."""
-    binary = build.ensure_binaries(["kubectl"])["kubectl"]
-    result = subprocess.run([str(binary), "--kubeconfig", str(cluster.kubeconfig), *args],
-                            check=False, capture_output=True, text=True, timeout=60, input=input)
+    """kubectl against `cluster`, failing the test (unless check=False) when it fails."""
+    result = cluster.kubectl(*args, input=input, timeout=60)
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
     return result
