@@ -63,22 +63,46 @@ WARMUP, TIMED = 3, 10
 
 
 def configs(only: set[str] | None) -> list[dict]:
-    out = [dict(name="checks/kernels", task="checks", engine="ours", row="checks", timeout=60)]
-    for row, (shape, _seq, _batch) in ROWS.items():
-        big = shape != "qwen2.5-1.5b"
-        t = 150 if big else 110
-        out += [dict(name=f"{row}/plain", task="fixed", engine="plain", row=row, timeout=t),
-                dict(name=f"{row}/unsloth", task="fixed", engine="unsloth", row=row, timeout=t + 60),
-                dict(name=f"{row}/ours", task="fixed", engine="ours", row=row, timeout=t)]
-        if big:
-            out.append(dict(name=f"{row}/lean", task="fixed", engine="ours", row=row, timeout=t,
-                            simulate_card_gb=24))
-    out += [dict(name=f"varlen/{e}", task="varlen", engine=e, row="varlen", timeout=150 if e == "unsloth" else 110)
-            for e in ("plain", "unsloth", "ours")]
-    out += [dict(name=f"lossmatch/{e}", task="lossmatch", engine=e.split("-")[0], row="lossmatch", timeout=90,
+    """Every run, in order. Runs of the same engine on the same model share a process (a group):
+    the model loads once, and Unsloth compiles once instead of once per row."""
+    def fixed(row, engine, **kw):
+        return dict(name=f"{row}/{engine}", task="fixed", engine=engine, row=row, **kw)
+
+    def varlen(engine):
+        return dict(name=f"varlen/{engine}", task="varlen", engine=engine, row="varlen")
+
+    out = [dict(name="checks/kernels", task="checks", engine="ours", row="checks", timeout=90)]
+    for engine in ("plain", "unsloth"):  # the 1.5B rows and the variable-length case, one process each
+        runs = [fixed("1.5b-512", engine), fixed("1.5b-2048", engine), varlen(engine)]
+        out.append(dict(name=f"1.5b/{engine}", task="group", engine=engine, row="1.5b-512", runs=runs,
+                        timeout=260 if engine == "unsloth" else 150))
+    out += [dict(fixed("1.5b-512", "ours"), timeout=110), dict(fixed("1.5b-2048", "ours"), timeout=110),
+            dict(varlen("ours"), timeout=110)]
+    for row in ("7b-1024", "8b-1024"):
+        out += [dict(fixed(row, "plain"), timeout=150), dict(fixed(row, "unsloth"), timeout=210),
+                dict(fixed(row, "ours"), timeout=150),
+                dict(fixed(row, "ours", simulate_card_gb=24), name=f"{row}/lean", timeout=150)]
+    runs = [dict(name=f"lossmatch/{e}", task="lossmatch", engine=e.split("-")[0], row="lossmatch",
                  dropout_seed=1 if e.endswith("reseed") else 0) for e in ("plain", "plain-reseed", "ours")]
+    out.append(dict(name="lossmatch", task="group", engine="plain", row="lossmatch", runs=runs, timeout=120))
     if only:
-        out = [c for c in out if any(c["name"].startswith(o) for o in only)]
+        flat = []
+        for c in out:  # a group named by one of its runs keeps only the runs named
+            if c["task"] == "group" and not any(c["name"].startswith(o) for o in only):
+                c = dict(c, runs=[r for r in c["runs"] if any(r["name"].startswith(o) for o in only)])
+                if not c["runs"]:
+                    continue
+            elif c["task"] != "group" and not any(c["name"].startswith(o) for o in only):
+                continue
+            flat.append(c)
+        out = flat
+    if only:
+        # Variants run only when named: <row>/ours-max (the plan may use the whole card).
+        extra = [dict(name=f"{row}/ours-max", task="fixed", engine="ours", row=row, timeout=150, policy="max")
+                 for row in ROWS if f"{row}/ours-max" in only]
+        extra += [dict(name=f"{row}/ours-unfused", task="fixed", engine="ours", row=row, timeout=150,
+                       env={"QLORA_FUSED_LAYER": "0"}) for row in ROWS if f"{row}/ours-unfused" in only]
+        out += extra
     return out
 
 
@@ -168,18 +192,18 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, _ = self.proc.communicate()
-            return {"name": self.cfg["name"], "error": f"timed out after {timeout:.0f} s", "wall_s": timeout}
+            done = [json.loads(x[7:]) for x in (out or "").splitlines() if x.startswith("RESULT ")]
+            return done + [{"name": r["name"], "error": f"timed out after {timeout:.0f} s", "wall_s": timeout}
+                           for r in self.cfg.get("runs", [self.cfg])[len(done):]]
         except BrokenPipeError:
             out, _ = self.proc.communicate()
-        result = None
-        for line in (out or "").splitlines():
-            if line.startswith("RESULT "):
-                result = json.loads(line[7:])
-        if result is None:
+        results = [json.loads(x[7:]) for x in (out or "").splitlines() if x.startswith("RESULT ")]
+        if not results:
             tail = Path(self.log.name).read_text()[-600:]
-            result = {"name": self.cfg["name"], "error": f"exit {self.proc.returncode}: {tail}"}
-        result["wall_s"] = round(time.monotonic() - start, 1)
-        return result
+            results = [{"name": self.cfg["name"], "error": f"exit {self.proc.returncode}: {tail}"}]
+        for r in results:
+            r["wall_s"] = round(time.monotonic() - start, 1)
+        return results
 
 
 def drive(args) -> None:
@@ -192,6 +216,9 @@ def drive(args) -> None:
     site = prepare_site()
     env = worker_env(site)
     todo = configs(set(args.only.split(",")) if args.only else None)
+    for c in todo:
+        c["profile"] = bool(args.profile) and c["task"] == "fixed"
+
     shapes = sorted({ROWS[c["row"]][0] for c in todo if c["row"] in ROWS}
                     | ({"qwen2.5-1.5b"} if any(c["row"] == "varlen" for c in todo) else set())
                     | ({"smollm2-135m"} if any(c["row"] == "lossmatch" for c in todo) else set()))
@@ -213,12 +240,15 @@ def drive(args) -> None:
             queue.append(Worker(todo[i + 2], env, log_dir))
         if time.monotonic() > deadline - 10:
             cur.proc.kill()
-            res = {"name": cfg["name"], "error": "skipped: out of time"}
+            batch = [{"name": r["name"], "error": "skipped: out of time"} for r in cfg.get("runs", [cfg])]
         else:
-            res = cur.go_and_wait(deadline)
-        res["config"] = cfg
-        results.append(res)
-        print(f"[bench] {time.monotonic() - t0:6.1f}s {cfg['name']}: " + _brief(res), flush=True)
+            batch = cur.go_and_wait(deadline)
+        for res in batch:
+            res["config"] = cfg
+            results.append(res)
+            print(f"[bench] {time.monotonic() - t0:6.1f}s {res['name']}: " + _brief(res), flush=True)
+            if "profile" in res:
+                print(json.dumps(res["profile"], indent=None).replace("], [", "],\n   ["), flush=True)
         (out_dir / "results.json").write_text(json.dumps({"env": env_info, "results": results}, indent=1))
     for w in queue:
         w.proc.kill()
@@ -307,6 +337,22 @@ def _row_job(cfg):
     return shape, seq, batch
 
 
+_SHARED: dict = {}
+
+
+def shared_model(engine: str, folder: Path, seq: int, dropout: float):
+    """One plain or Unsloth model per process for the speed runs of a group (their loss values do
+    not matter, only their step times); `ours` always loads its own (its plan changes the model).
+    Unsloth is loaded for the longest sequence it will see (2048)."""
+    if engine == "ours":
+        return load_model(engine, folder, seq, dropout)
+    key = (engine, str(folder), dropout)
+    if key not in _SHARED:
+        _SHARED.clear()
+        _SHARED[key] = load_model(engine, folder, max(seq, 2048), dropout)
+    return _SHARED[key]
+
+
 def load_model(engine: str, folder: Path, seq: int, dropout: float, device: str = "cuda"):
     import torch
 
@@ -361,7 +407,8 @@ def plan_job(cfg, folder: Path, seq: int, micro: int, accum: int, dropout: float
 
     fraction = cfg.get("memory_fraction")
     job = JobShape(seq_len=seq, micro_batch=micro, grad_accum=accum, lora_rank=16, lora_dropout=dropout)
-    return plan_for_gpu(AutoConfig.from_pretrained(str(folder)), job, memory_fraction=fraction)
+    return plan_for_gpu(AutoConfig.from_pretrained(str(folder)), job, memory_fraction=fraction,
+                        policy=cfg.get("policy", "auto"))
 
 
 def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda", autocast=True, items=True):
@@ -438,7 +485,7 @@ def run_fixed(cfg) -> dict:
         result["plan"] = plan.describe()
         result["predicted_peak_gib"] = round(plan.predicted_peak_bytes / 2**30, 2)
     t_load = time.perf_counter()
-    model = load_model(engine, folder, seq, dropout)
+    model = shared_model(engine, folder, seq, dropout)
     if plan is not None:
         from qlora_trainer.acceleration import apply_acceleration
 
@@ -456,7 +503,40 @@ def run_fixed(cfg) -> dict:
                   step_s=round(step, 4), step_times=[round(t, 4) for t in times], micro_batch=micro, grad_accum=accum,
                   losses=[round(x, 4) for x in losses], mfu=_mfu(model, shape, seq, tokens / step),
                   optimizer_s=round(statistics.median(train_steps.optimizer_seconds[WARMUP:]), 4))
+    if cfg.get("profile"):
+        result["profile"] = profile_steps(model, params, opt, _fixed_batches(vocab, micro, seq, accum), engine)
     return result
+
+
+_KERNEL_KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitk")), ("attention", ("flash", "fmha", "attn")),
+                 ("dequant", ("dequant",)), ("optimizer", ("adam", "multi_tensor")),
+                 ("copy/cast", ("copy", "convert", "cast")), ("reduce", ("reduce", "norm")))
+
+
+def profile_steps(model, params, opt, batches, engine, steps=2) -> dict:
+    """Two optimizer steps under torch.profiler: GPU busy time vs wall time, kernel launches per
+    step, the time per kind of kernel and the top kernels (where the step's time goes)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        train_steps(model, params, opt, batches, steps, items=engine != "unsloth")
+        wall = time.perf_counter() - t
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+    count = sum(e.count for e in kernels) / steps
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        low = e.key.lower()
+        kind = next((k for k, words in _KERNEL_KINDS if any(w in low for w in words)), "elementwise/other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e3 / steps
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]
+    return {"wall_ms_per_step": round(wall * 1e3 / steps, 1), "gpu_busy_ms_per_step": round(busy, 1),
+            "kernels_per_step": int(count), "ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items())},
+            "top": [(e.key[:70], round(e.self_device_time_total / 1e3 / steps, 2), e.count // steps) for e in top]}
 
 
 def _mfu(model, shape, seq, tps):
@@ -495,7 +575,7 @@ def run_varlen(cfg) -> dict:
     if engine == "ours":
         plan = plan_job(cfg, folder, max_len, micro, accum, dropout)
         result["plan"] = plan.describe()
-    model = load_model(engine, folder, max_len, dropout)
+    model = shared_model(engine, folder, max_len, dropout)
     if plan is not None:
         from qlora_trainer.acceleration import apply_acceleration
 
@@ -674,11 +754,121 @@ def run_checks(cfg) -> dict:
     loss.backward()
     checks["chunked_ce_loss_abs_err"] = float((loss - ref).abs())
     checks["chunked_ce_grad_rel_err"] = float((h.grad.float() - g_ref.float()).norm() / g_ref.float().norm())
+    checks.update(fused_op_checks())
+    checks.update(fused_layer_checks())
     checks["ok"] = all(v < 1e-2 for k, v in checks.items() if k != "ok")
     return {"name": cfg["name"], "checks": checks}
 
 
+def _rel(out, ref) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    if not torch_isfinite(out):
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def torch_isfinite(t) -> bool:
+    import torch
+
+    return bool(torch.isfinite(t).all())
+
+
+def fused_op_checks() -> dict:
+    """Each Triton kernel of the fused layer against its torch reference (fused_ops on CPU, fp64
+    from the same bf16 inputs; the masked LoRA ops with the kernel's own dropout mask)."""
+    import torch
+    from qlora_trainer.acceleration import fused_ops as ref
+    from qlora_trainer.acceleration import triton_ops as tri
+
+    out = {}
+    torch.manual_seed(1)
+    n, h, i, r = 3000, 1536, 4480, 16
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(n, h, **bf)
+    w = torch.rand(h, **bf) + 0.5
+    y, rstd = tri.rms_norm(x, w, 1e-6)
+    y_ref, _ = ref.rms_norm(x.cpu().double(), w.cpu().double(), 1e-6)
+    out["triton_rms_norm"] = _rel(y, y_ref)
+    gy = torch.randn(n, h, **bf)
+    out["triton_rms_norm_bwd"] = _rel(tri.rms_norm_backward(gy, x, w, rstd),
+                                      ref.rms_norm_backward(gy.cpu().double(), x.cpu().double(), w.cpu().double(),
+                                                            rstd.cpu().double()))
+    buf = torch.randn(n, 12 + 2 * 2, 128, **bf)
+    cos, sin = torch.randn(n, 128, **bf), torch.randn(n, 128, **bf)
+    qk = buf[:, :14]
+    expect = qk.cpu().double().clone()
+    ref.rope_(expect, cos.cpu().double(), sin.cpu().double())
+    tri.rope_(qk, cos, sin)
+    out["triton_rope"] = _rel(qk, expect)
+    expect = qk.cpu().double().clone()
+    ref.rope_backward_(expect, cos.cpu().double(), sin.cpu().double())
+    tri.rope_backward_(qk, cos, sin)
+    out["triton_rope_bwd"] = _rel(qk, expect)
+    gu = torch.randn(n, 2 * i, **bf)
+    out["triton_swiglu"] = _rel(tri.swiglu(gu), ref.swiglu(gu.cpu().double()))
+    gh = torch.randn(n, i, **bf)
+    out["triton_swiglu_bwd"] = _rel(tri.swiglu_backward(gh, gu), ref.swiglu_backward(gh.cpu().double(),
+                                                                                     gu.cpu().double()))
+    for k in (1, 3):
+        A = torch.randn(k * r, h, **bf) * 0.05
+        seed, p = 1234 + k, 0.05
+        masks = [tri.dropout_mask(seed, j, n, h, p, "cuda").cpu().double() for j in range(k)]
+        xd = x.cpu().double()
+        a_ref = torch.cat([(xd * masks[j]) @ A[j * r:(j + 1) * r].cpu().double().t() for j in range(k)], 1)
+        out[f"triton_lora_a_{k}"] = _rel(tri.lora_a(x, A, seed, p, k), a_ref)
+        ga = torch.randn(n, k * r, **bf)
+        gad = ga.cpu().double()
+        gA_ref = torch.cat([gad[:, j * r:(j + 1) * r].t() @ (xd * masks[j]) for j in range(k)], 0)
+        out[f"triton_lora_a_bwd_{k}"] = _rel(tri.lora_a_backward(ga, x, seed, p, k), gA_ref)
+        gx = torch.randn(n, h, **bf)
+        gx_ref = gx.cpu().double() + sum((gad[:, j * r:(j + 1) * r] @ A[j * r:(j + 1) * r].cpu().double()) * masks[j]
+                                         for j in range(k))
+        tri.lora_x_backward_(gx, ga, A, seed, p, k)
+        out[f"triton_lora_x_bwd_{k}"] = _rel(gx, gx_ref)
+        out[f"mask_keep_error_{k}"] = abs(float(masks[0].mean()) - (1 - p))
+    return {k: round(v, 6) for k, v in out.items()}
+
+
+def fused_layer_checks() -> dict:
+    """A small bf16 Qwen2 with LoRA (dropout 0): the fused decoder layers' loss and LoRA gradients
+    against the same model's original forward."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from qlora_trainer.acceleration import apply_acceleration
+    from qlora_trainer.acceleration.planner import MemoryPlan
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=1000, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(config).to("cuda", torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    fast = copy.deepcopy(model)
+    plan = MemoryPlan(micro_batch=2, grad_accum=1, recompute="none", recompute_layers=0, cached_layers=1,
+                      ce_chunk_tokens=512, packing=True, predicted_peak_bytes=0, predicted_tokens_per_s=0.0,
+                      budget_bytes=0, policy="check")
+    report = apply_acceleration(fast, plan)
+    ids = torch.randint(0, 1000, (2, 300), device="cuda")
+    losses, grads = [], []
+    for m in (model, fast):
+        m.train()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten().float() for n, p in m.named_parameters() if p.requires_grad]))
+    return {"fused_layers": 0.0 if report.fused_layers == 2 else 1.0,
+            "fused_model_loss": round(_rel(losses[1], losses[0]), 6),
+            "fused_model_lora_grads": round(_rel(grads[1], grads[0]), 6)}
+
+
 def worker(cfg: dict) -> None:
+    os.environ.update(cfg.get("env", {}))
     import torch  # noqa: F401  (imports first, then wait: the previous run still has the GPU)
 
     if cfg["engine"] == "unsloth":
@@ -688,15 +878,21 @@ def worker(cfg: dict) -> None:
     import transformers  # noqa: F401
 
     _wait_for_go()
-    runner = {"fixed": run_fixed, "varlen": run_varlen, "lossmatch": run_lossmatch, "checks": run_checks}[cfg["task"]]
-    try:
-        result = runner(cfg)
-    except Exception as exc:
-        import traceback
+    for run in cfg.get("runs", [cfg]):
+        run = dict(run, profile=cfg.get("profile", False))
+        runner = {"fixed": run_fixed, "varlen": run_varlen, "lossmatch": run_lossmatch, "checks": run_checks}[run["task"]]
+        try:
+            result = runner(run)
+        except Exception as exc:
+            import traceback
 
-        traceback.print_exc()
-        result = {"name": cfg["name"], "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-    print("RESULT " + json.dumps(result), flush=True)
+            traceback.print_exc()
+            result = {"name": run["name"], "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        print("RESULT " + json.dumps(result), flush=True)
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def lossmatch_cpu() -> None:
@@ -738,6 +934,7 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated prefixes of configuration names")
     ap.add_argument("--out", help="folder for results.json, table.md and logs (default $OUT)")
     ap.add_argument("--budget-s", type=float, default=560.0, help="stop starting runs after this many seconds")
+    ap.add_argument("--profile", action="store_true", help="profile two extra steps of each fixed-shape run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--make-models", help=argparse.SUPPRESS)
     ap.add_argument("--lossmatch-cpu", action="store_true", help="real-weights loss match on this CPU")

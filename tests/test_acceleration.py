@@ -182,6 +182,7 @@ def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_lay
     fast = copy.deepcopy(plain)
     report = apply_acceleration(fast, _plan(recompute_layers, recompute))
     assert report.lora_layers == 14 and report.fused_mlps == 2 and report.fused_cross_entropy
+    assert report.fused_layers == 2, report.skipped
     assert report.recompute_layers == recompute_layers
     fast.train(), plain.train()
     ids = torch.randint(0, 96, (2, 12))
@@ -254,3 +255,89 @@ def test_lora_dropout_gradients_match_finite_differences_with_the_same_mask():
         return LoRALinearFunction.apply(x, a, b, proj, True)
 
     assert torch.autograd.gradcheck(f, (x, a, b))
+
+
+def _fused_double_layer(dropout: float):
+    """Decoder layer 0 of the tiny model in float64 with the fused path installed."""
+    from qlora_trainer.acceleration import apply_acceleration
+
+    model = _tiny_peft_model(dropout).double()
+    report = apply_acceleration(model, _plan())
+    assert report.fused_layers == 2, report.skipped
+    model.train()
+    lm = model.get_base_model()
+    layer = lm.model.layers[0]
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    positions = torch.arange(7)[None].expand(2, -1)
+    rope = lm.model.rotary_emb(x, positions)
+    return model, layer, x, rope
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_decoder_layer_gradients_match_finite_differences(dropout):
+    """The fused functions' hand-written backward is the gradient of their forward, dropout masks
+    included (the same seed draws the same masks): input gradient by gradcheck, the LoRA
+    parameters' by a central difference along a random direction."""
+    model, layer, x, rope = _fused_double_layer(dropout)
+    params = [p for n, p in layer.named_parameters() if p.requires_grad]
+    assert len(params) == 14
+    weight = torch.randn(2, 7, 32, dtype=torch.float64)
+
+    def loss(inp):
+        torch.manual_seed(11)
+        return (layer(inp, position_embeddings=rope) * weight).sum()
+
+    assert torch.autograd.gradcheck(lambda inp: loss(inp), (x.clone().requires_grad_(),))
+    loss(x).backward()
+    direction = [torch.randn_like(p) for p in params]
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction))
+    eps = 1e-6
+
+    def shifted_loss(step):  # the training forward (grad enabled) at params + step * direction
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(step * d)
+        value = loss(x).detach()
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(step * d)
+        return value
+
+    numeric = (shifted_loss(eps) - shifted_loss(-eps)) / (2 * eps)
+    torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_fused_layer_dropout_draws_fresh_masks_and_keeps_the_expectation():
+    """With dropout the output changes from call to call (new masks), and its mean over many calls
+    is the dropout-free output: masks are drawn per forward and scaled by 1/(1-p)."""
+    model, layer, x, rope = _fused_double_layer(0.3)
+    with torch.enable_grad():  # the fused path is the training forward: grad mode on
+        outs = torch.stack([layer(x, position_embeddings=rope).detach() for _ in range(400)])
+        for m in layer.modules():
+            if hasattr(m, "_qlora_proj"):
+                m._qlora_proj.dropout = 0.0
+        for s in (layer._qlora_qkv_lora, layer._qlora_o_lora, layer._qlora_gate_up_lora, layer._qlora_down_lora):
+            s.p, s.keep, s._key = 0.0, 1.0, None
+    with torch.enable_grad():
+        clean = layer(x, position_embeddings=rope).detach()
+    assert not torch.allclose(outs[0], outs[1])
+    spread = (outs - clean).abs().mean()
+    bias = (outs.mean(0) - clean).abs().mean()
+    assert bias < spread / 8, (float(bias), float(spread))
+
+
+def test_recomputed_fused_layers_draw_the_same_dropout_masks_again():
+    """A recomputed layer reruns its forward in backward: it must draw the masks of the first run,
+    so gradients with full recompute equal those without (same seed, dropout on)."""
+    from qlora_trainer.acceleration import apply_acceleration
+
+    grads = []
+    for layers, mode in ((0, "none"), (2, "full")):
+        model = _tiny_peft_model(0.3)
+        apply_acceleration(model, _plan(layers, mode))
+        model.train()
+        torch.manual_seed(5)
+        ids = torch.randint(0, 96, (2, 12))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

@@ -15,6 +15,7 @@ Anything it does not recognise keeps its own forward, so any HF causal LM still 
 from __future__ import annotations
 
 import logging
+import os
 import types
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +23,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from . import fused_layer
 from .kernels import (
     FrozenWeight,
     LoRAGatedMLPFunction,
@@ -42,6 +44,7 @@ _RMSNORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSN
 @dataclass
 class AccelerationReport:
     lora_layers: int = 0
+    fused_layers: int = 0
     fused_mlps: int = 0
     rms_norms: int = 0
     cached_layers: int = 0
@@ -54,7 +57,8 @@ class AccelerationReport:
     skipped: list = field(default_factory=list)
 
     def describe(self) -> str:
-        return (f"fast path: {self.lora_layers} LoRA layers, {self.fused_mlps} fused MLPs, {self.rms_norms} RMSNorms, "
+        return (f"fast path: {self.lora_layers} LoRA layers, {self.fused_layers} fused decoder layers, "
+                f"{self.fused_mlps} fused MLPs, {self.rms_norms} RMSNorms, "
                 f"bf16 weights kept in {self.cached_layers} layers ({self.cached_bytes / 2**30:.2f} GiB), "
                 f"recompute {self.recompute} ({self.recompute_layers} layers), attention {self.attention}, "
                 f"chunked cross-entropy {'on' if self.fused_cross_entropy else 'off'}")
@@ -169,12 +173,28 @@ def _cache_weights(layers, plan: MemoryPlan) -> tuple[int, int]:
     # Recomputed layers first (they dequantize three times per step, the others twice).
     n, total = 0, 0
     for layer in layers[: plan.cached_layers]:
-        for module in layer.modules():
-            proj = getattr(module, "_qlora_proj", None)
-            if proj is not None and proj.weight.cache is None:
-                total += proj.weight.keep_copy()
+        if hasattr(layer, "_qlora_qkv"):
+            total += fused_layer.keep_weight_copies(layer)
+        else:
+            for module in layer.modules():
+                proj = getattr(module, "_qlora_proj", None)
+                if proj is not None and proj.weight.cache is None:
+                    total += proj.weight.keep_copy()
         n += 1
     return n, total
+
+
+def _install_fused_layers(layers, config, dtype, report) -> None:
+    if os.environ.get("QLORA_FUSED_LAYER", "1") == "0" or config is None:
+        return
+    reasons = set()
+    for layer in layers:
+        if fused_layer.install(layer, config, dtype):
+            report.fused_layers += 1
+        else:
+            reasons.add(fused_layer.fusable(layer) or "unknown")
+    if reasons:
+        report.skipped.append("decoder layers without the fused path: " + "; ".join(sorted(reasons)))
 
 
 def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
@@ -238,10 +258,12 @@ def apply_acceleration(model, plan: MemoryPlan) -> AccelerationReport:
         elif _patch_rmsnorm(module):
             report.rms_norms += 1
     layers = _decoder_layers(model)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    _install_fused_layers(layers, config.get_text_config() if config is not None else None, dtype, report)
     report.recompute = plan.recompute
     report.recompute_layers = _set_recompute(layers, plan)
     report.cached_layers, report.cached_bytes = _cache_weights(layers, plan)
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         name = register_varlen_attention()
         if hasattr(lm, "set_attn_implementation"):

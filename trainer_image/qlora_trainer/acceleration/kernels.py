@@ -45,6 +45,20 @@ class FrozenWeight:
             return bnbf.dequantize_4bit(w.data, qs).to(self.dtype)
         return w.detach().to(self.dtype)
 
+    def get_into(self, out: torch.Tensor) -> None:
+        """Write the compute-dtype weight into `out` (rows of a fused weight buffer)."""
+        if self.cache is not None:
+            out.copy_(self.cache)
+            return
+        w = self.base.weight
+        qs = getattr(w, "quant_state", None)
+        if qs is not None and qs.dtype == out.dtype:
+            import bitsandbytes.functional as bnbf
+
+            bnbf.dequantize_4bit(w.data, qs, out=out)
+            return
+        out.copy_(self.get())
+
     def keep_copy(self) -> int:
         """Cache the dequantized weight (same values bitsandbytes computes every pass); bytes used."""
         self.cache = self.get().detach().contiguous()

@@ -29,9 +29,11 @@ RECOMPUTE_MODES = ("none", "selective", "full", "offload")
 # Roofline constants (H100-class defaults; `GpuSpec` overrides). Calibrated in benchmarks/NOTES.md.
 _GEMM_TOKENS_HALF_EFFICIENCY = 384  # tokens per micro-step at which GEMMs run at half their peak
 _GEMM_EFFICIENCY = 0.72  # best achieved fraction of the dense peak for these shapes
-_LAYER_OVERHEAD_S = 0.0011  # host-side launch cost per decoder layer per micro-step (fwd + bwd)
+# Host-side cost per decoder layer per micro-step (fwd + bwd): the fused layer launches ~90 kernels
+# at ~25 us each; the unfused path's ~340 kernels measured 12.9 ms (benchmarks/NOTES.md).
+_LAYER_OVERHEAD_S = 0.0025
 _DEQUANT_OVERHEAD_S = 0.0004  # host cost of dequantizing one layer's 7 weights (one pass)
-_ELEMENTWISE_PASSES = 16  # passes over a layer's saved activations (norms, RoPE, SwiGLU, dropout, copies)
+_ELEMENTWISE_PASSES = 8  # passes over a layer's saved activations (norms, RoPE, SwiGLU, LoRA A side, copies)
 _STEP_OVERHEAD_S = 0.010  # fused AdamW step, clipping, data: per optimizer step
 # bitsandbytes' optimizers synchronize the GPU after every parameter: 35-50 ms per step for the ~400
 # LoRA tensors of a 1.5B-8B model against 8-11 ms for fused AdamW (measured, benchmarks/NOTES.md).
@@ -171,20 +173,19 @@ def static_bytes(shape: ModelShape, lora_rank: int) -> dict:
 
 
 def activation_bytes_per_token_layer(shape: ModelShape, dropout: float) -> int:
-    """What a decoder layer keeps for backward in the fused path (bf16), with nothing recomputed:
-    the norm inputs, the attention input, q/k/v after RoPE, the attention output (and its
-    reshaped copy for o_proj), the MLP input, gate and up (silu and the product are recomputed),
-    plus a 1-byte dropout mask per LoRA input when dropout is on."""
+    """What a fused decoder layer (fused_layer.py) keeps for backward, per token, with nothing
+    recomputed: both blocks' inputs, the qkv buffer, the attention output and its fp32 logsumexp,
+    gate|up, and the small LoRA A-side activations (r=16 assumed; masks are redrawn, not kept).
+    `dropout` no longer changes it: kept for callers that pass it."""
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
-    saved = 2 * (4 * h + q + 2 * kv + q + 2 * i)
-    masks = (5 * h + q + i) if dropout > 0 else 0
-    return saved + masks
+    del dropout
+    return 2 * (2 * h + q + 2 * kv + q + 2 * i + 7 * 16) + 4 * shape.heads
 
 
 def transient_bytes_per_token(shape: ModelShape) -> int:
-    """Working memory of the layer being run or recomputed: the MLP's gate/up/product and their
-    gradients dominate."""
-    return 2 * (3 * shape.intermediate + 4 * shape.hidden)
+    """Working memory of the layer being run or recomputed: in the MLP's backward, gate|up, the
+    SwiGLU output, its gradient and gate|up's gradient live together."""
+    return 2 * (4 * shape.intermediate + 4 * shape.hidden)
 
 
 def ce_chunk_bytes(shape: ModelShape, chunk_tokens: int) -> int:
@@ -192,14 +193,18 @@ def ce_chunk_bytes(shape: ModelShape, chunk_tokens: int) -> int:
     return chunk_tokens * shape.vocab * (2 + 4 + 4)
 
 
-def choose_ce_chunk(shape: ModelShape, tokens: int) -> int:
-    """About half a GiB of logits work per chunk, at least 256 tokens, at most the micro-step."""
-    chunk = max(256, int(GIB // 2 // (shape.vocab * 10)) // 256 * 256)
+CE_WORK_BYTES = int(1.5 * GIB)  # logits work per cross-entropy chunk; the lean plan uses a third
+
+
+def choose_ce_chunk(shape: ModelShape, tokens: int, work_bytes: int = CE_WORK_BYTES) -> int:
+    """About `work_bytes` of logits work per chunk (1.5 GiB: large enough for an efficient LM-head
+    GEMM), at least 256 tokens, at most the micro-step."""
+    chunk = max(256, int(work_bytes // (shape.vocab * 10)) // 256 * 256)
     return max(1, min(chunk, tokens))
 
 
 def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recompute_layers: int,
-                    cached_layers: int, offload: bool = False) -> tuple[int, dict]:
+                    cached_layers: int, offload: bool = False, ce_work_bytes: int = CE_WORK_BYTES) -> tuple[int, dict]:
     tokens = micro_batch * job.seq_len
     static = static_bytes(shape, job.lora_rank)
     kept_layers = shape.layers - recompute_layers
@@ -211,7 +216,7 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     # Recomputing a layer rebuilds its activations while its backward runs.
     parts["recompute_working_set"] = tokens * act if recompute_layers else 0
     parts["transient"] = tokens * (transient_bytes_per_token(shape) + 8 * shape.hidden)
-    chunk = choose_ce_chunk(shape, tokens)
+    chunk = choose_ce_chunk(shape, tokens, ce_work_bytes)
     parts["cross_entropy"] = ce_chunk_bytes(shape, chunk) + tokens * shape.hidden * 2
     # A dequantized weight of the largest matrix (not cached) lives while its matmul runs.
     parts["dequant_buffer"] = 2 * shape.hidden * shape.intermediate * 2 if cached_layers < shape.layers else 0
@@ -277,14 +282,14 @@ def _usable(gpu: GpuSpec) -> int:
     return int(gpu.memory_bytes * 0.92 - 1.0 * GIB)
 
 
-def _candidates(shape: ModelShape, job: JobShape, gpu: GpuSpec):
+def _candidates(shape: ModelShape, job: JobShape, gpu: GpuSpec, ce_work_bytes: int = CE_WORK_BYTES):
     divisors = [b for b in range(1, job.effective_batch + 1) if job.effective_batch % b == 0]
     layer_steps = sorted(set([0, shape.layers] + list(range(0, shape.layers, max(1, shape.layers // 16)))))
     for b in divisors:
         for rec in layer_steps:
             for cached in layer_steps:
                 for offload in ((False, True) if rec == shape.layers else (False,)):
-                    peak, parts = plan_peak_bytes(shape, job, b, rec, cached, offload)
+                    peak, parts = plan_peak_bytes(shape, job, b, rec, cached, offload, ce_work_bytes)
                     secs = step_seconds(shape, job, gpu, b, rec, cached, offload)
                     yield b, rec, cached, offload, peak, secs, parts
 
@@ -298,7 +303,7 @@ def _make_plan(shape, job, gpu, cand, budget, policy, packing) -> MemoryPlan:
         recompute=mode,
         recompute_layers=rec,
         cached_layers=cached,
-        ce_chunk_tokens=choose_ce_chunk(shape, b * job.seq_len),
+        ce_chunk_tokens=choose_ce_chunk(shape, b * job.seq_len, CE_WORK_BYTES // 3 if policy == "lean" else CE_WORK_BYTES),
         packing=packing,
         predicted_peak_bytes=peak,
         predicted_tokens_per_s=job.effective_batch * job.seq_len / secs,
@@ -323,7 +328,8 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
         policy = "lean"
     # 10% under the standard recipe: both numbers are estimates, and the promise is "never more".
     budget = usable if policy == "max" else (min(usable, int(0.9 * baseline)) if policy == "auto" else usable)
-    cands = [c for c in _candidates(shape, job, gpu) if c[4] <= budget]
+    ce_work = CE_WORK_BYTES // 3 if policy == "lean" else CE_WORK_BYTES
+    cands = [c for c in _candidates(shape, job, gpu, ce_work) if c[4] <= budget]
     if not cands:
         raise PlanDoesNotFit(_does_not_fit_message(shape, job, gpu, usable))
     if policy == "lean":

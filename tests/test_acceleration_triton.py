@@ -1,0 +1,323 @@
+"""The Triton kernels (acceleration/triton_ops.py) compute what the torch references in
+acceleration/fused_ops.py compute.
+
+Without a GPU the kernels run in Triton's interpreter (numpy on the CPU), which is chosen by
+TRITON_INTERPRET=1 before Triton is imported: so this module never imports Triton itself and runs
+the comparisons in a child Python that reports JSON. With a CUDA GPU, the same comparisons also
+run compiled, in bf16, against fp32 references on the CPU.
+
+LoRA dropout: the kernels' mask is Philox, not torch's generator, so the references are given the
+kernels' own mask (triton_ops.dropout_mask) in place of fused_ops.dropout_mask.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+TRAINER_DIR = Path(__file__).resolve().parents[1] / "trainer_image"
+
+# The child: argv[1] is "interpret" (fp32 CPU tensors, Triton's interpreter) or "cuda" (bf16).
+SCRIPT = r'''
+import json
+import os
+import sys
+
+MODE = sys.argv[1]
+INTERPRET = MODE == "interpret"
+
+if INTERPRET:
+    import numpy as np
+    from triton.runtime import interpreter as _interp
+
+    try:
+        int(np.array([1]))
+    except TypeError:
+        # numpy >= 2.4 refuses int() of a 1-element 1-d array, which is how Triton's (3.6)
+        # interpreter turns a scalar kernel argument into a loop bound (range(0, H, BLOCK)).
+        _patch = _interp._patch_lang_tensor
+
+        def _patch_lang_tensor(tensor, scope):
+            _patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+        _interp._patch_lang_tensor = _patch_lang_tensor
+
+import torch
+
+from qlora_trainer.acceleration import fused_ops as F
+from qlora_trainer.acceleration import triton_ops as T
+
+DEV = "cpu" if INTERPRET else "cuda"
+DT = torch.float32 if INTERPRET else torch.bfloat16
+TOL = 1e-4 if INTERPRET else 2e-2
+RESULTS = []
+torch.manual_seed(0)
+
+
+def _poisoned_empty(shape, dtype, device):
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan") if dtype.is_floating_point else 7)
+
+
+T._empty = _poisoned_empty  # every output a launcher allocates starts as NaN (or 7 for the mask)
+
+
+def mask(seed, j, rows, cols, p):
+    """The kernels' keep-mask of projection j, on the CPU."""
+    return T.dropout_mask(seed, j, rows, cols, p, DEV).cpu()
+
+
+def reference_mask(seed, j, n_rows, n_cols, p, device):
+    return mask(seed, j, n_rows, n_cols, p).to(device)
+
+
+F.dropout_mask = reference_mask  # fused_ops._masked looks the name up at call time
+
+
+def ref(t):
+    """The reference's own copy of an input: fp32 on the CPU (where fused_ops runs the torch code)."""
+    return t.detach().float().cpu().clone()
+
+
+def record(op, case, out, expected, tol=TOL):
+    out_c = out.detach().double().cpu()
+    exp_c = expected.detach().double().cpu()
+    entry = {"op": op, "case": case, "tol": tol, "unwritten": int(torch.isnan(out_c).sum())}
+    if out_c.shape != exp_c.shape:
+        entry.update(ok=False, error=f"shape {tuple(out_c.shape)} != expected {tuple(exp_c.shape)}")
+    else:
+        rel = float((out_c.nan_to_num(0.0) - exp_c).norm() / exp_c.norm().clamp_min(1e-30))
+        entry.update(rel_err=rel, ok=rel < tol and entry["unwritten"] == 0)
+    RESULTS.append(entry)
+
+
+def check(op, case, ok, detail=""):
+    RESULTS.append({"op": op, "case": case, "ok": bool(ok), "detail": detail})
+
+
+def raises(op, case, fn):
+    try:
+        fn()
+    except ValueError as e:
+        check(op, case, True, str(e))
+    except Exception as e:  # noqa: BLE001
+        check(op, case, False, f"{type(e).__name__} instead of ValueError: {e}")
+    else:
+        check(op, case, False, "no error raised")
+
+
+def rnd(*shape, scale=1.0):
+    return (torch.randn(*shape) * scale).to(DEV, DT)
+
+
+def run_rope(N, heads, D, kept_heads):
+    """RoPE in place on strided views of one [N, total, D] buffer; the other heads stay untouched."""
+    case = f"N={N} heads={heads}+{kept_heads} D={D}"
+    total = heads + 2 * kept_heads
+    cos, sin = rnd(N, D), rnd(N, D)
+    for name, fn, fn_ref in (("rope_", T.rope_, F.rope_), ("rope_backward_", T.rope_backward_, F.rope_backward_)):
+        buf = rnd(N, total, D)
+        original, expected = ref(buf), ref(buf)
+        for lo, hi in ((0, heads), (heads, heads + kept_heads)):  # "q" then "k"; "v" is left alone
+            fn(buf[:, lo:hi], cos, sin)
+            fn_ref(expected[:, lo:hi], ref(cos), ref(sin))
+        record(name, case, buf, expected)
+        untouched = bool(torch.equal(ref(buf[:, heads + kept_heads:]), original[:, heads + kept_heads:]))
+        check(name + ".untouched", case, untouched, "" if untouched else "heads outside the view were modified")
+
+
+def run_elementwise(N, H, I, heads, D, kept_heads):
+    case = f"N={N} H={H} I={I}"
+    # RMSNorm
+    x, w, gy = rnd(N, H, scale=3.0), rnd(H, scale=0.5) + 1.0, rnd(N, H)
+    y, rstd = T.rms_norm(x, w, 1e-6)
+    y_ref, rstd_ref = F.rms_norm(ref(x), ref(w), 1e-6)
+    record("rms_norm.y", case, y, y_ref)
+    record("rms_norm.rstd", case, rstd, rstd_ref)
+    gx = T.rms_norm_backward(gy, x, w, rstd)
+    record("rms_norm_backward", case, gx, F.rms_norm_backward(ref(gy), ref(x), ref(w), rstd_ref))
+    run_rope(N, heads, D, kept_heads)
+    # SwiGLU
+    gu, gh = rnd(N, 2 * I, scale=2.0), rnd(N, I)
+    record("swiglu", case, T.swiglu(gu), F.swiglu(ref(gu)))
+    record("swiglu_backward", case, T.swiglu_backward(gh, gu), F.swiglu_backward(ref(gh), ref(gu)))
+
+
+def run_lora(N, H, r, n, p, seed, splits=None):
+    case = f"N={N} H={H} r={r} n={n} p={p} seed={seed}" + (f" splits={splits}" if splits else "")
+    x, A, ga = rnd(N, H), rnd(n * r, H, scale=0.1), rnd(N, n * r)
+    gx0 = rnd(N, H)
+    masks = [mask(seed, j, N, H, p).double() for j in range(n)]
+    xd, Ad, gad = x.double().cpu(), A.double().cpu(), ga.double().cpu()
+    blocks = [slice(j * r, (j + 1) * r) for j in range(n)]
+    # float64 expectations from the written-out formulas
+    exp_a = torch.cat([(xd * masks[j]) @ Ad[b].t() for j, b in enumerate(blocks)], dim=1)
+    exp_gA = torch.cat([gad[:, b].t() @ (xd * masks[j]) for j, b in enumerate(blocks)], dim=0)
+    exp_gx = gx0.double().cpu() + sum((gad[:, b] @ Ad[b]) * masks[j] for j, b in enumerate(blocks))
+
+    a = T.lora_a(x, A, seed, p, n)
+    record("lora_a", case, a, exp_a)
+    record("lora_a.vs_fused_ops", case, a, F.lora_a(ref(x), ref(A), seed, p, n))
+    kw = {"splits": splits} if splits else {}
+    gA = T.lora_a_backward(ga, x, seed, p, n, **kw)
+    check("lora_a_backward.dtype", case, gA.dtype == torch.float32, str(gA.dtype))
+    record("lora_a_backward", case, gA, exp_gA)
+    record("lora_a_backward.vs_fused_ops", case, gA, F.lora_a_backward(ref(ga), ref(x), seed, p, n))
+    gx = gx0.clone()
+    T.lora_x_backward_(gx, ga, A, seed, p, n)
+    record("lora_x_backward_", case, gx, exp_gx)
+    gx_ref = ref(gx0)
+    F.lora_x_backward_(gx_ref, ref(ga), ref(A), seed, p, n)
+    record("lora_x_backward_.vs_fused_ops", case, gx, gx_ref)
+
+
+def run_masks():
+    rows, cols, p = 64, 500, 0.3
+    m = T.dropout_mask(7, 0, rows, cols, p, DEV)
+    raw = m.view(torch.uint8)
+    check("dropout_mask.written", "", bool(((raw == 0) | (raw == 1)).all()), "values other than 0/1 (unwritten)")
+    check("dropout_mask.dtype", "", m.dtype == torch.bool and tuple(m.shape) == (rows, cols), f"{m.dtype} {m.shape}")
+    frac = m.float().mean().item()
+    check("dropout_mask.keep_fraction", f"p={p}", abs(frac - (1 - p)) < 0.015, f"kept {frac:.4f}, expected {1 - p}")
+    frac9 = T.dropout_mask(7, 0, rows, cols, 0.9, DEV).float().mean().item()
+    check("dropout_mask.keep_fraction", "p=0.9", abs(frac9 - 0.1) < 0.01, f"kept {frac9:.4f}, expected 0.1")
+    check("dropout_mask.p0_keeps_all", "", bool(T.dropout_mask(7, 0, rows, cols, 0.0, DEV).all()), "")
+    check("dropout_mask.deterministic", "", torch.equal(m, T.dropout_mask(7, 0, rows, cols, p, DEV)), "")
+    # Same element, same mask, whatever the shape it is drawn in (offset row * n_cols + col)
+    check("dropout_mask.subblock", "", torch.equal(m[:40], T.dropout_mask(7, 0, 40, cols, p, DEV)), "")
+    expected_agreement = p * p + (1 - p) * (1 - p)  # of two independent masks
+    for what, other in (("j", T.dropout_mask(7, 1, rows, cols, p, DEV)),
+                        ("seed", T.dropout_mask(8, 0, rows, cols, p, DEV)),
+                        ("seed*64+j", T.dropout_mask(6, 63, rows, cols, p, DEV)),
+                        ("large seed", T.dropout_mask(2**40 + 7, 0, rows, cols, p, DEV))):
+        agree = (m == other).float().mean().item()
+        check("dropout_mask.independent_" + what, "", abs(agree - expected_agreement) < 0.02,
+              f"agreement {agree:.4f}, independent masks agree on {expected_agreement:.4f}")
+
+
+def run_errors():
+    x = rnd(8, 32)
+    raises("rms_norm", "non-contiguous x", lambda: T.rms_norm(x.t(), rnd(8), 1e-6))
+    raises("rms_norm", "w of the wrong size", lambda: T.rms_norm(x, rnd(31), 1e-6))
+    raises("rope_", "cos of the wrong shape", lambda: T.rope_(rnd(8, 2, 16), rnd(8, 8), rnd(8, 16)))
+    raises("rope_", "inner dim not contiguous", lambda: T.rope_(rnd(8, 16, 2).transpose(1, 2), rnd(8, 16), rnd(8, 16)))
+    raises("swiglu", "odd width", lambda: T.swiglu(rnd(8, 33)))
+    raises("swiglu_backward", "gh of the wrong shape", lambda: T.swiglu_backward(rnd(8, 15), rnd(8, 32)))
+    raises("lora_a", "A rows not n * r", lambda: T.lora_a(x, rnd(10, 32), 1, 0.1, 3))
+    raises("lora_a", "dtype mismatch", lambda: T.lora_a(x, rnd(16, 32).double(), 1, 0.1, 1))
+    raises("lora_a", "negative seed", lambda: T.lora_a(x, rnd(16, 32), -1, 0.1, 1))
+    raises("lora_a_backward", "N mismatch", lambda: T.lora_a_backward(rnd(7, 16), x, 1, 0.1, 1))
+    raises("lora_x_backward_", "ga width", lambda: T.lora_x_backward_(rnd(8, 32), rnd(8, 15), rnd(16, 32), 1, 0.1, 1))
+
+
+def run_dispatch():
+    """On a GPU the fused_ops entry points must reach the kernels (same names and signatures)."""
+    x, w = rnd(64, 256), rnd(256)
+    check("dispatch.rms_norm", "", torch.equal(F.rms_norm(x, w, 1e-6)[0], T.rms_norm(x, w, 1e-6)[0]), "")
+    gu = rnd(64, 512)
+    check("dispatch.swiglu", "", torch.equal(F.swiglu(gu), T.swiglu(gu)), "")
+    A = rnd(48, 256, scale=0.1)
+    check("dispatch.lora_a", "", torch.equal(F.lora_a(x, A, 3, 0.1, 3), T.lora_a(x, A, 3, 0.1, 3)), "")
+    check("dispatch.dropout_mask", "", F._kernel(x, "dropout_mask") is T.dropout_mask, "")
+
+
+run_masks()
+run_errors()
+run_elementwise(N=37, H=96, I=80, heads=3, D=16, kept_heads=2)
+run_elementwise(N=19, H=100, I=52, heads=5, D=12, kept_heads=1)
+run_rope(N=200, heads=3, D=16, kept_heads=2)  # several programs per view (256 (token, head) rows each)
+for r in (8, 16):
+    for n in (1, 2, 3):
+        run_lora(N=37, H=96, r=r, n=n, p=0.3, seed=1234 + 10 * r + n)
+run_lora(N=150, H=300, r=24, n=3, p=0.3, seed=1, splits=3)
+run_lora(N=150, H=300, r=8, n=2, p=0.9, seed=2**45 + 3)
+if not INTERPRET:
+    run_dispatch()
+    run_elementwise(N=1024, H=1536, I=8960, heads=12, D=128, kept_heads=2)
+    run_lora(N=2048, H=1536, r=16, n=3, p=0.1, seed=99)
+    run_lora(N=2048, H=1536, r=64, n=2, p=0.1, seed=99, splits=7)
+print("RESULTS_JSON=" + json.dumps(RESULTS))
+'''
+
+
+def _run_child(mode: str) -> list[dict]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TRAINER_DIR), env.get("PYTHONPATH")) if p)
+    if mode == "interpret":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS_JSON=")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"the {mode} child failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len("RESULTS_JSON="):])
+
+
+def _describe(entry: dict) -> str:
+    parts = [f"{entry['op']} [{entry.get('case', '')}]"]
+    if "rel_err" in entry:
+        parts.append(f"rel err {entry['rel_err']:.3g} (tol {entry['tol']:.0e})")
+    if entry.get("unwritten"):
+        parts.append(f"{entry['unwritten']} output elements never written (still NaN)")
+    for key in ("error", "detail"):
+        if entry.get(key):
+            parts.append(entry[key])
+    return ": ".join(parts[:1]) + (" -- " + "; ".join(parts[1:]) if parts[1:] else "")
+
+
+def _assert_group(results: list[dict], prefixes: tuple[str, ...]) -> None:
+    group = [e for e in results if e["op"].startswith(prefixes)]
+    assert group, f"the child reported nothing for {prefixes}"
+    bad = [_describe(e) for e in group if not e["ok"]]
+    assert not bad, f"{len(bad)} of {len(group)} checks failed:\n" + "\n".join(bad)
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> list[dict]:
+    return _run_child("interpret")
+
+
+def test_elementwise_kernels_match_the_references(interpreted):
+    _assert_group(interpreted, ("rms_norm", "rope_", "swiglu"))
+
+
+def test_dropout_mask_is_a_pure_function_of_seed_projection_and_position(interpreted):
+    _assert_group(interpreted, ("dropout_mask",))
+
+
+def test_lora_kernels_match_the_formulas_with_the_kernels_mask(interpreted):
+    _assert_group(interpreted, ("lora_",))
+
+
+def test_launchers_reject_bad_arguments_with_value_errors(interpreted):
+    errors = [e for e in interpreted if "detail" in e and e["op"] in
+              ("rms_norm", "rope_", "swiglu", "swiglu_backward", "lora_a", "lora_a_backward", "lora_x_backward_")]
+    assert len(errors) == 11
+    bad = [_describe(e) for e in errors if not e["ok"]]
+    assert not bad, "\n".join(bad)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU (compiled kernels, bf16)")
+def test_compiled_kernels_on_the_gpu_match_the_references():
+    results = _run_child("cuda")
+    bad = [_describe(e) for e in results if not e["ok"]]
+    assert not bad, f"{len(bad)} of {len(results)} checks failed:\n" + "\n".join(bad)

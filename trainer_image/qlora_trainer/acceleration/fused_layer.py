@@ -1,0 +1,387 @@
+"""The decoder layer of Llama-style models (Llama, Qwen2, Mistral, ...) as two autograd functions,
+for training with LoRA on every projection of a frozen (NF4 or bf16) base.
+
+    y = x + o_proj(attention(rope(qkv_proj(rms_norm(x)))))        FusedAttentionBlock
+    z = y + down_proj(silu(gate_proj(n)) * up_proj(n)), n = rms_norm(y)   FusedMLPBlock
+
+Same numerics as the plain recipe, far fewer kernel launches and bytes moved:
+- q, k and v run as one GEMM over their concatenated frozen weights, gate and up as another
+  (dequantized straight into one buffer, or a cached bf16 copy of the concatenation);
+- the LoRA A side of the projections that share an input is one kernel that applies each
+  projection's dropout mask while it reads the input (fused_ops.lora_a): no mask is stored, backward
+  draws it again from the same seed; the B side of q, k and v is one GEMM with a block-diagonal B;
+- the residual add rides on the o_proj and down_proj GEMMs (addmm);
+- RMSNorm, RoPE (in place on the qkv buffer) and SwiGLU are one kernel each (fused_ops);
+- attention is variable-length flash attention over the packed records, called directly.
+What is kept for backward: the layer input, the qkv buffer, the attention output and its
+logsumexp, gate|up, and the small LoRA A-side activations; the norms and SwiGLU are recomputed.
+
+Anything the functions do not cover (generation, eval, caches, disabled adapters, other
+architectures) keeps the original forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from . import fused_ops as ops
+from .packing import _on_device, _per_record_sdpa
+
+# ---------------------------------------------------------------------------------------------
+# Frozen weights of several projections as one matrix
+
+
+class FusedWeight:
+    """The compute-dtype weight [sum(out_j), in] of projections sharing an input: a cached copy, or
+    each NF4 weight dequantized into its rows of one fresh buffer."""
+
+    def __init__(self, projs, dtype: torch.dtype):
+        self.projs = projs  # kernels.Projection, each with .weight (FrozenWeight)
+        self.dtype = dtype
+        self.rows = [p.weight.shape[0] for p in projs]
+        self.in_features = projs[0].weight.shape[1]
+        self.cache: torch.Tensor | None = None
+        biases = [p.weight.bias for p in projs]
+        if any(b is not None for b in biases):
+            self.bias = torch.cat([b if b is not None else torch.zeros(r, dtype=dtype, device=self._device())
+                                   for b, r in zip(biases, self.rows)]).to(dtype)
+        else:
+            self.bias = None
+
+    def _device(self):
+        return self.projs[0].weight.base.weight.device
+
+    def get(self) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache
+        if len(self.projs) == 1:
+            return self.projs[0].weight.get()
+        out = torch.empty(sum(self.rows), self.in_features, dtype=self.dtype, device=self._device())
+        start = 0
+        for p, r in zip(self.projs, self.rows):
+            p.weight.get_into(out[start:start + r])
+            start += r
+        return out
+
+    def keep_copy(self) -> int:
+        """Cache the concatenated weight (same values as dequantizing every pass); bytes used."""
+        for p in self.projs:
+            p.weight.cache = None
+        self.cache = self.get().detach().contiguous()
+        return self.cache.numel() * self.cache.element_size()
+
+
+class LoRASet:
+    """The LoRA factors of projections sharing an input, as the fused functions use them:
+    A concatenated [n*r, in] in the compute dtype, and B with scaling (and the dropout's
+    1/(1-p)) folded in, as a block-diagonal [sum(out_j), n*r]. Rebuilt only when the optimizer
+    has changed a factor (tensor versions), not every micro-step."""
+
+    def __init__(self, modules, dtype: torch.dtype):
+        self.modules = modules
+        self.dtype = dtype
+        first = modules[0]
+        self.p = float(first._qlora_proj.dropout)
+        self.keep = 1.0 / (1.0 - self.p) if self.p > 0 else 1.0
+        self.rank = first.lora_A[first._qlora_adapter].weight.shape[0]
+        self._key = None
+        self._A = self._B = None
+
+    def params(self) -> list[torch.Tensor]:
+        out = []
+        for m in self.modules:
+            out += [m.lora_A[m._qlora_adapter].weight, m.lora_B[m._qlora_adapter].weight]
+        return out
+
+    def scales(self) -> list[float]:
+        return [m._qlora_proj.scaling * self.keep for m in self.modules]
+
+    def factors(self, params) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple((t.data_ptr(), t._version) for t in params)
+        if key != self._key:
+            with torch.no_grad():
+                As, Bs = params[0::2], params[1::2]
+                self._A = torch.cat([a.to(self.dtype) for a in As], 0).contiguous()
+                if len(Bs) == 1:
+                    self._B = (Bs[0] * self.scales()[0]).to(self.dtype).contiguous()
+                else:
+                    self._B = torch.block_diag(*[b * s for b, s in zip(Bs, self.scales())]).to(self.dtype)
+            self._key = key
+        return self._A, self._B
+
+    def grads(self, ga: torch.Tensor, gy: torch.Tensor, a: torch.Tensor, gA: torch.Tensor, rows: list[int],
+              params) -> list[torch.Tensor]:
+        """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes."""
+        out, r, start = [], self.rank, 0
+        for j, (s, n_out) in enumerate(zip(self.scales(), rows)):
+            gB = (gy[:, start:start + n_out].t() @ a[:, j * r:(j + 1) * r]).to(gA.dtype) * s
+            out += [gA[j * r:(j + 1) * r].to(params[2 * j].dtype), gB.to(params[2 * j + 1].dtype)]
+            start += n_out
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over packed records
+
+
+def _attention(q, k, v, cu, max_len, scale):
+    """Causal attention per record. Returns (out [N, Hq, D], state for _attention_backward)."""
+    if q.is_cuda:
+        out, lse, rng = torch.ops.torch_attn._varlen_attn(q, k, v, cu, cu, max_len, max_len, True, scale, [-1, 0])
+        return out, (lse, rng)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = _per_record_sdpa(*leaves, cu, scale)
+    return out.detach(), (leaves, out)
+
+
+def _attention_backward(g, q, k, v, out, state, cu, max_len, scale):
+    if q.is_cuda:
+        lse, rng = state
+        return torch.ops.torch_attn._varlen_attn_backward(g.contiguous(), q, k, v, out, lse, cu, cu, max_len,
+                                                         max_len, True, rng, scale, [-1, 0])
+    leaves, graph_out = state
+    return torch.autograd.grad(graph_out, leaves, g, retain_graph=True)
+
+
+class AttentionShape:
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, scale: float, eps: float):
+        self.heads, self.kv_heads, self.head_dim, self.scale, self.eps = heads, kv_heads, head_dim, scale, eps
+
+    def split(self, qkv):
+        """q, k, v as [N, heads, D] views of the qkv buffer (no copies)."""
+        n = qkv.shape[0]
+        heads = qkv.view(n, self.heads + 2 * self.kv_heads, self.head_dim)
+        hq, hk = self.heads, self.kv_heads
+        return heads[:, :hq], heads[:, hq:hq + hk], heads[:, hq + hk:], heads[:, :hq + hk]
+
+
+class FusedAttentionBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_w, rope, pack, layer, *lora_params):
+        cos, sin = rope
+        cu, max_len = pack
+        shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
+        qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
+        seeds = torch.randint(1, 2**30, (2,)).tolist()
+        A, B = qkv_lora.factors(lora_params[:6])
+        Ao, Bo = o_lora.factors(lora_params[6:])
+        h, rstd = ops.rms_norm(x, norm_w, shape.eps)
+        w = W.get()
+        qkv = torch.addmm(W.bias, h, w.t()) if W.bias is not None else h @ w.t()
+        del w
+        a = ops.lora_a(h, A, seeds[0], qkv_lora.p, 3)
+        del h
+        qkv.addmm_(a, B.t())
+        q, k, v, qk = shape.split(qkv)
+        ops.rope_(qk, cos, sin)
+        out, state = _attention(q, k, v, cu, max_len, shape.scale)
+        o2 = out.view(out.shape[0], -1)
+        ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1)
+        y = torch.addmm(x, o2, Wo.get().t())
+        y.addmm_(ao, Bo.t())
+        ctx.layer, ctx.seeds, ctx.pack, ctx.state, ctx.rope = layer, seeds, pack, state, rope
+        ctx.save_for_backward(x, norm_w, rstd, qkv, out, a, ao, *lora_params)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, norm_w, rstd, qkv, out, a, ao, *lora_params = ctx.saved_tensors
+        layer, seeds = ctx.layer, ctx.seeds
+        cos, sin = ctx.rope
+        cu, max_len = ctx.pack
+        shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
+        qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
+        A, B = qkv_lora.factors(lora_params[:6])
+        Ao, Bo = o_lora.factors(lora_params[6:])
+        gy = gy.contiguous()
+        o2 = out.view(out.shape[0], -1)
+        # o_proj (+ residual): y = x + o2 Wo^T + ao Bo^T
+        gao = gy @ Bo
+        go = gy @ Wo.get()
+        ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1)
+        gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1)
+        o_grads = o_lora.grads(gao, gy, ao, gAo, [gy.shape[1]], lora_params[6:])
+        # attention, then RoPE backward on the q|k part of the gradient buffer
+        q, k, v, _ = shape.split(qkv)
+        dq, dk, dv = _attention_backward(go.view_as(out), q, k, v, out, ctx.state, cu, max_len, shape.scale)
+        n = gy.shape[0]
+        gqkv = torch.cat((dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1)), dim=1)
+        ops.rope_backward_(shape.split(gqkv)[3], cos, sin)
+        # qkv projection: qkv = h W^T + b + a B^T
+        ga = gqkv @ B
+        gh = gqkv @ W.get()
+        ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3)
+        h, _ = ops.rms_norm(x, norm_w, shape.eps)
+        gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3)
+        del h
+        qkv_grads = qkv_lora.grads(ga, gqkv, a, gA, W.rows, lora_params[:6])
+        gx = ops.rms_norm_backward(gh, x, norm_w, rstd) + gy
+        return (gx, None, None, None, None, *qkv_grads, *o_grads)
+
+
+class FusedMLPBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_w, layer, *lora_params):
+        Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
+        gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
+        seeds = torch.randint(1, 2**30, (2,)).tolist()
+        A, B = gu_lora.factors(lora_params[:4])
+        Ad, Bd = d_lora.factors(lora_params[4:])
+        h, rstd = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps)
+        gu = h @ Wgu.get().t()
+        a = ops.lora_a(h, A, seeds[0], gu_lora.p, 2)
+        del h
+        gu.addmm_(a, B.t())
+        m = ops.swiglu(gu)
+        ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1)
+        y = torch.addmm(x, m, Wd.get().t())
+        del m
+        y.addmm_(ad, Bd.t())
+        ctx.layer, ctx.seeds = layer, seeds
+        ctx.save_for_backward(x, norm_w, rstd, gu, a, ad, *lora_params)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, norm_w, rstd, gu, a, ad, *lora_params = ctx.saved_tensors
+        layer, seeds = ctx.layer, ctx.seeds
+        Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
+        gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
+        A, B = gu_lora.factors(lora_params[:4])
+        Ad, Bd = d_lora.factors(lora_params[4:])
+        gy = gy.contiguous()
+        m = ops.swiglu(gu)
+        gad = gy @ Bd
+        gm = gy @ Wd.get()
+        ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
+        gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1)
+        d_grads = d_lora.grads(gad, gy, ad, gAd, [gy.shape[1]], lora_params[4:])
+        del m
+        ggu = ops.swiglu_backward(gm, gu)
+        del gm
+        ga = ggu @ B
+        gh = ggu @ Wgu.get()
+        ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2)
+        h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps)
+        gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2)
+        del h
+        gu_grads = gu_lora.grads(ga, ggu, a, gA, Wgu.rows, lora_params[:4])
+        gx = ops.rms_norm_backward(gh, x, norm_w, rstd) + gy
+        return (gx, None, None, *gu_grads, *d_grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Installing it on a decoder layer
+
+_NORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm"}
+
+
+def _adapters_live(modules) -> bool:
+    return all(not m.disable_adapters and not m.merged and list(m.active_adapters) == [m._qlora_adapter]
+               for m in modules)
+
+
+def fusable(layer) -> str | None:
+    """Why this decoder layer cannot take the fused path, or None if it can."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None:
+        return "no self_attn/mlp"
+    for norm in (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)):
+        if norm is None or type(norm).__name__ not in _NORM_CLASSES or not hasattr(norm, "variance_epsilon"):
+            return "norms are not Llama-style RMSNorms"
+    names = [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+            [(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+    mods = [getattr(o, n, None) for o, n in names]
+    if not all(m is not None and hasattr(m, "_qlora_proj") for m in mods):
+        return "not every projection carries a plain LoRA adapter"
+    if len({m._qlora_proj.dropout for m in mods}) != 1 or len({m.lora_A[m._qlora_adapter].weight.shape[0] for m in mods}) != 1:
+        return "projections differ in LoRA rank or dropout"
+    if getattr(attn, "sliding_window", None) or getattr(attn, "q_norm", None) is not None:
+        return "sliding-window or q/k-normed attention"
+    act = getattr(mlp, "act_fn", None)
+    if not isinstance(act, torch.nn.SiLU) and type(act).__name__ not in ("SiLU", "SiLUActivation"):
+        return "MLP activation is not SiLU"
+    if mods[3]._qlora_proj.weight.bias is not None or any(m._qlora_proj.weight.bias is not None for m in mods[4:]):
+        return "biased o_proj or MLP projections"
+    return None
+
+
+def install(layer, config, dtype: torch.dtype) -> bool:
+    """Give a decoder layer the fused training forward; False (layer untouched) if it cannot."""
+    if fusable(layer) is not None:
+        return False
+    attn, mlp = layer.self_attn, layer.mlp
+    heads = config.num_attention_heads
+    head_dim = getattr(attn, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    layer._qlora_attn_shape = AttentionShape(heads, kv_heads, head_dim, float(attn.scaling),
+                                             float(layer.input_layernorm.variance_epsilon))
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    gate_up = [mlp.gate_proj, mlp.up_proj]
+    layer._qlora_qkv = FusedWeight([m._qlora_proj for m in qkv], dtype)
+    layer._qlora_o = FusedWeight([attn.o_proj._qlora_proj], dtype)
+    layer._qlora_gate_up = FusedWeight([m._qlora_proj for m in gate_up], dtype)
+    layer._qlora_down = FusedWeight([mlp.down_proj._qlora_proj], dtype)
+    layer._qlora_qkv_lora = LoRASet(qkv, dtype)
+    layer._qlora_o_lora = LoRASet([attn.o_proj], dtype)
+    layer._qlora_gate_up_lora = LoRASet(gate_up, dtype)
+    layer._qlora_down_lora = LoRASet([mlp.down_proj], dtype)
+    layer._qlora_all_lora = qkv + [attn.o_proj] + gate_up + [mlp.down_proj]
+    original = layer.forward
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs):
+        if (not self.training or not torch.is_grad_enabled() or past_key_values is not None
+                or position_embeddings is None or not _adapters_live(self._qlora_all_lora)
+                or self.input_layernorm.weight.requires_grad or self.post_attention_layernorm.weight.requires_grad):
+            return original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, use_cache=use_cache,
+                            position_embeddings=position_embeddings, **kwargs)
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        cos, sin = (t.reshape(-1, t.shape[-1]) for t in position_embeddings)
+        if cos.shape[0] != x.shape[0]:  # one set of positions for every row
+            cos, sin = (t.repeat(shape[0], 1) for t in (cos, sin))
+        pack = packed_records(kwargs, position_ids, shape[0], shape[1], x.device)
+        y = FusedAttentionBlock.apply(x, self.input_layernorm.weight, (cos, sin), pack, self,
+                                      *self._qlora_qkv_lora.params(), *self._qlora_o_lora.params())
+        z = FusedMLPBlock.apply(y, self.post_attention_layernorm.weight, self,
+                                *self._qlora_gate_up_lora.params(), *self._qlora_down_lora.params())
+        return z.view(shape)
+
+    layer._qlora_original_layer_forward = original
+    layer.forward = types.MethodType(forward, layer)
+    return True
+
+
+def keep_weight_copies(layer) -> int:
+    """Cache the layer's concatenated bf16 weights; bytes used."""
+    return sum(w.keep_copy() for w in (layer._qlora_qkv, layer._qlora_o, layer._qlora_gate_up, layer._qlora_down)
+               if w.cache is None)
+
+
+def packed_records(kwargs: dict, position_ids, bsz: int, seq: int, device) -> tuple[torch.Tensor, int]:
+    """(cumulative record lengths on the device, longest record) for this forward."""
+    from .packing import _cu_for
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        max_len = int(kwargs.get("max_length_q") or seq)
+    elif position_ids is None:  # every row one record: the same tensor for every layer and step
+        key = (bsz, seq, str(device))
+        if key not in _ROWS:
+            _ROWS[key] = torch.arange(0, (bsz + 1) * seq, seq, dtype=torch.int32, device=device)
+        return _ROWS[key], seq
+    else:
+        cu, max_len = _cu_for(position_ids, bsz, seq)
+    return _on_device(cu, device), max_len
+
+
+_ROWS: dict = {}
+
+

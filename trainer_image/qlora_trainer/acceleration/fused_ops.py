@@ -1,0 +1,184 @@
+"""The element-wise and LoRA-side operations of the fused decoder layer (fused_layer.py).
+
+Each operation has one plain-torch reference here; on a CUDA tensor with Triton available the
+Triton kernel of the same name in `triton_ops` runs instead (one launch, one pass over memory, no
+intermediate tensors). The references are what the CPU tests run and what the Triton kernels are
+checked against (tests/test_acceleration_triton.py, in Triton's interpreter).
+
+Shapes: token-major 2-D tensors, N tokens. LoRA tensors of `n` projections that share one input
+are concatenated: A is [n*r, H] (projection j owns rows j*r:(j+1)*r), the A-side activations are
+[N, n*r]. LoRA dropout: projection j's keep-mask is a pure function of (seed, j, token, column), so
+backward regenerates it instead of keeping it; `dropout_mask` materialises it (tests only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+_TRITON: dict = {}
+
+
+def _triton_ops():
+    """The Triton module, or None (no Triton, or QLORA_TRITON=0)."""
+    if "mod" not in _TRITON:
+        mod = None
+        if os.environ.get("QLORA_TRITON", "1") != "0":
+            try:
+                from . import triton_ops as mod  # noqa: PLC0415
+            except Exception:  # noqa: BLE001  (no triton, or one too old)
+                mod = None
+        _TRITON["mod"] = mod
+    return _TRITON["mod"]
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype: fp32 for 16-bit inputs, the input's own for fp32/fp64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _kernel(t: torch.Tensor, name: str):
+    mod = _triton_ops() if t.is_cuda else None
+    return getattr(mod, name) if mod is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm: y = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), statistics in fp32 (as transformers)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] -> (y [N, H] in x.dtype, rstd [N] fp32)."""
+    k = _kernel(x, "rms_norm")
+    if k is not None:
+        return k(x, w, eps)
+    xf = x.to(_acc(x))
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    y = w.to(x.dtype) * (xf * rstd[:, None]).to(x.dtype)
+    return y, rstd
+
+
+def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """Gradient of rms_norm with respect to x (the norm weight is frozen)."""
+    k = _kernel(x, "rms_norm_backward")
+    if k is not None:
+        return k(gy, x, w, rstd)
+    xhat = x.to(_acc(x)) * rstd[:, None]
+    gn = gy.to(xhat.dtype) * w.to(xhat.dtype)
+    gx = rstd[:, None] * (gn - xhat * (gn * xhat).mean(-1, keepdim=True))
+    return gx.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding, in place on [N, heads, D] views (HF convention: rotate_half of two halves)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """x[n, h] <- x[n, h] * cos[n] + rotate_half(x[n, h]) * sin[n]; x may be a strided view of a
+    larger buffer (last dim contiguous). cos, sin: [N, D]."""
+    k = _kernel(x, "rope_")
+    if k is not None:
+        k(x, cos, sin)
+        return
+    d = x.shape[-1] // 2
+    xf = x.to(_acc(x))
+    c, s = cos.to(xf.dtype)[:, None, :], sin.to(xf.dtype)[:, None, :]
+    rot = torch.cat((-xf[..., d:], xf[..., :d]), dim=-1)
+    x.copy_(xf * c + rot * s)
+
+
+def rope_backward_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place: the gradient of rope_ with respect to its input (the transposed rotation)."""
+    k = _kernel(g, "rope_backward_")
+    if k is not None:
+        k(g, cos, sin)
+        return
+    d = g.shape[-1] // 2
+    gf = g.to(_acc(g))
+    c, s = cos.to(gf.dtype)[:, None, :], sin.to(gf.dtype)[:, None, :]
+    g1, g2 = gf[..., :d], gf[..., d:]
+    gx1 = g1 * c[..., :d] + g2 * s[..., d:]
+    gx2 = g2 * c[..., d:] - g1 * s[..., :d]
+    g.copy_(torch.cat((gx1, gx2), dim=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU on the fused gate|up output
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """gu [N, 2I] (gate in the first I columns, up in the last I) -> silu(gate) * up [N, I]."""
+    k = _kernel(gu, "swiglu")
+    if k is not None:
+        return k(gu)
+    g, u = gu.to(_acc(gu)).chunk(2, dim=-1)
+    return (F.silu(g) * u).to(gu.dtype)
+
+
+def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """Gradient of swiglu: [N, I] -> [N, 2I] (d gate | d up), in gu.dtype."""
+    k = _kernel(gu, "swiglu_backward")
+    if k is not None:
+        return k(gh, gu)
+    g, u = gu.to(_acc(gu)).chunk(2, dim=-1)
+    ghf = gh.to(g.dtype)
+    s = torch.sigmoid(g)
+    d_up = ghf * g * s
+    d_gate = ghf * u * s * (1 + g * (1 - s))
+    return torch.cat((d_gate, d_up), dim=-1).to(gu.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA A side with dropout: a_j = (x * mask_j) @ A_j^T for n projections sharing x
+
+
+def dropout_mask(seed: int, j: int, n_rows: int, n_cols: int, p: float, device) -> torch.Tensor:
+    """Projection j's keep-mask (True = kept), as the operations below draw it on `device`."""
+    k = _kernel(torch.empty(0, device=device), "dropout_mask")
+    if k is not None:
+        return k(seed, j, n_rows, n_cols, p, device)
+    g = torch.Generator().manual_seed(int(seed) * 64 + int(j))
+    return (torch.rand(n_rows, n_cols, generator=g) >= p).to(device)
+
+
+def _masked(x: torch.Tensor, seed: int, j: int, p: float) -> torch.Tensor:
+    return x * dropout_mask(seed, j, x.shape[0], x.shape[1], p, x.device).to(x.dtype)
+
+
+def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> torch.Tensor:
+    """x [N, H], A [n*r, H] -> [N, n*r]: block j is (x * mask_j) @ A_j^T (no mask when p == 0).
+    Any 1/(1-p) scale is the caller's, folded into A or B."""
+    if p == 0:
+        return x @ A.t()
+    k = _kernel(x, "lora_a")
+    if k is not None:
+        return k(x, A, seed, p, n)
+    r = A.shape[0] // n
+    return torch.cat([_masked(x, seed, j, p) @ A[j * r:(j + 1) * r].t() for j in range(n)], dim=-1)
+
+
+def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: int) -> torch.Tensor:
+    """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j)."""
+    if p == 0:
+        return (ga.t() @ x).to(_acc(x))
+    k = _kernel(x, "lora_a_backward")
+    if k is not None:
+        return k(ga, x, seed, p, n)
+    r = ga.shape[1] // n
+    return torch.cat([(ga[:, j * r:(j + 1) * r].t() @ _masked(x, seed, j, p)).to(_acc(x)) for j in range(n)], dim=0)
+
+
+def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> None:
+    """In place: gx += sum_j (ga_j @ A_j) * mask_j, the input gradient of lora_a."""
+    if p == 0:
+        gx.addmm_(ga, A)
+        return
+    k = _kernel(gx, "lora_x_backward_")
+    if k is not None:
+        k(gx, ga, A, seed, p, n)
+        return
+    r = A.shape[0] // n
+    for j in range(n):
+        part = ga[:, j * r:(j + 1) * r] @ A[j * r:(j + 1) * r]
+        gx.add_(_masked(part, seed, j, p))

@@ -1,0 +1,511 @@
+"""Triton kernels for the operations of fused_ops.py: same names, signatures and semantics.
+
+fused_ops.py holds the plain-torch reference of every function here and is the specification;
+its dispatcher calls these for CUDA tensors. Each is one launch that writes its output once, with
+fp32 arithmetic and one rounding on the store; the element-wise kernels also read each input once
+(the LoRA kernels read x once per projection, neighbouring programs sharing it through L2).
+
+LoRA dropout: projection j's keep-mask is `_keep` below, a pure function of (seed, j, token,
+column): keep = tl.rand(seed * 64 + j, token * n_cols + column) >= p (Philox, 10 rounds, 32-bit
+counter). Forward and both backward kernels regenerate it from those four numbers, so nothing is
+stored; `dropout_mask` materialises it (tests only). Callers guarantee n_rows * n_cols < 2**31.
+
+Importing this module needs Triton; fused_ops falls back to torch when the import fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import operator
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_DOT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TABLE_DTYPES = (torch.float64, *_FLOATS)  # cos and sin tables
+_MAX_ROW = 65536  # the widest row the one-row-per-program kernels take (registers)
+_MAX_SEED = 2**57  # seed * 64 + j stays below 2**63
+_MAX_PROJECTIONS = 64  # j < 64 keeps the streams of different (seed, j) apart
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every output tensor a launcher allocates comes from here (the tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _device_of(t: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # Triton's interpreter on the CPU: size grids as for an H100
+
+
+def _warps_for_row(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def _check_2d(name: str, t: torch.Tensor, dtypes=_FLOATS) -> None:
+    _check(t.dim() == 2, f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    _check(t.dtype in dtypes, f"{name} must have dtype in {dtypes}, got {t.dtype}")
+    _check(t.is_contiguous(), f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {str(t.device) for t in tensors.values()}
+    _check(len(devices) == 1, f"{', '.join(tensors)} must be on one device, got {sorted(devices)}")
+
+
+def _check_dropout(seed, p: float, n: int, n_rows: int, n_cols: int) -> int:
+    """Validate the dropout arguments; the seed as a Python int."""
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"seed must be an int, got {seed!r}") from None
+    _check(0 <= seed < _MAX_SEED, f"seed must be in [0, 2**57), got {seed}")
+    _check(0.0 <= float(p) < 1.0, f"dropout p must be in [0, 1), got {p}")
+    _check(1 <= n <= _MAX_PROJECTIONS, f"n (projections) must be in [1, {_MAX_PROJECTIONS}], got {n}")
+    _check(n_rows * n_cols < 2**31, f"the mask offset row * n_cols + col must fit int32: {n_rows} x {n_cols}")
+    return seed
+
+
+# ---------------------------------------------------------------------------------------------
+# The dropout keep-mask: the one definition every masked kernel uses
+
+
+@triton.jit
+def _keep(seed, j, rows, cols, n_cols, p):
+    """Keep (True) or drop element (rows, cols) of projection j. rows [M, 1] and cols [1, K]
+    (or any shapes that broadcast); the Philox counter is the int32 row-major offset."""
+    seed_j = seed.to(tl.int64) * 64 + j
+    offsets = (rows * n_cols + cols).to(tl.int32)
+    return tl.rand(seed_j, offsets) >= p
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b in fp32; fp32 inputs at full precision (no TF32), like torch's default matmul."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(out_ptr, n_rows, n_cols, seed, j, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    keep = _keep(seed, j, rows[:, None], cols[None, :], n_cols, p)
+    ptrs = out_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=inside)
+
+
+def dropout_mask(seed: int, j: int, n_rows: int, n_cols: int, p: float, device) -> torch.Tensor:
+    """Projection j's keep-mask [n_rows, n_cols] (True = kept), exactly as the kernels draw it."""
+    _check(0 <= int(j) < _MAX_PROJECTIONS, f"dropout_mask: j must be in [0, {_MAX_PROJECTIONS}), got {j}")
+    seed = _check_dropout(seed, p, int(j) + 1, n_rows, n_cols)
+    _check(n_rows >= 0 and n_cols >= 0, f"mask shape must be non-negative, got {n_rows} x {n_cols}")
+    out = _empty((n_rows, n_cols), torch.uint8, torch.device(device))
+    if out.numel():
+        block_m, block_n = 32, 128
+        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+        with _device_of(out):
+            _dropout_mask_kernel[grid](out, n_rows, n_cols, int(seed), int(j), float(p),
+                                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return out.view(torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm: one program per row, the whole row in registers
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < H
+    out_ty = y_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+    # As the reference: the normalised row is rounded to x.dtype, the weight too, then multiplied.
+    xhat = (x * rstd).to(out_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(out_ty).to(tl.float32)
+    tl.store(y_ptr + row * H + cols, (w * xhat).to(out_ty), mask=inside)
+    tl.store(rstd_ptr + row, rstd)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] -> (y [N, H] in x.dtype, rstd [N] fp32)."""
+    _check_2d("rms_norm: x", x)
+    _check(w.dim() == 1 and w.shape[0] == x.shape[1], f"rms_norm: w must be [{x.shape[1]}], got {tuple(w.shape)}")
+    _check(w.dtype in _FLOATS and w.is_contiguous(), f"rms_norm: w must be a contiguous float tensor ({w.dtype})")
+    _check_same_device(x=x, w=w)
+    N, H = x.shape
+    _check(H <= _MAX_ROW, f"rms_norm: rows wider than {_MAX_ROW} are not supported, got H={H}")
+    y = _empty((N, H), x.dtype, x.device)
+    rstd = _empty((N,), torch.float32, x.device)
+    if N and H:
+        block = triton.next_power_of_2(H)
+        with _device_of(x):
+            _rms_norm_kernel[(N,)](x, w, y, rstd, H, float(eps), BLOCK=block, num_warps=_warps_for_row(block))
+    return y, rstd
+
+
+@triton.jit
+def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, gx_ptr, H, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < H
+    x = tl.load(x_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
+    gy = tl.load(gy_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + row)
+    xhat = x * rstd
+    gn = gy * w
+    dot = tl.sum(gn * xhat, axis=0) / H
+    gx = rstd * (gn - xhat * dot)
+    tl.store(gx_ptr + row * H + cols, gx.to(gx_ptr.dtype.element_ty), mask=inside)
+
+
+def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype."""
+    _check_2d("rms_norm_backward: x", x)
+    _check_2d("rms_norm_backward: gy", gy)
+    _check(gy.shape == x.shape, f"rms_norm_backward: gy {tuple(gy.shape)} and x {tuple(x.shape)} differ in shape")
+    N, H = x.shape
+    _check(w.dim() == 1 and w.shape[0] == H and w.is_contiguous() and w.dtype in _FLOATS,
+           f"rms_norm_backward: w must be a contiguous float [{H}], got {tuple(w.shape)} {w.dtype}")
+    _check(rstd.dim() == 1 and rstd.shape[0] == N and rstd.dtype == torch.float32 and rstd.is_contiguous(),
+           f"rms_norm_backward: rstd must be contiguous fp32 [{N}], got {tuple(rstd.shape)} {rstd.dtype}")
+    _check_same_device(gy=gy, x=x, w=w, rstd=rstd)
+    _check(H <= _MAX_ROW, f"rms_norm_backward: rows wider than {_MAX_ROW} are not supported, got H={H}")
+    gx = _empty((N, H), x.dtype, x.device)
+    if N and H:
+        block = triton.next_power_of_2(H)
+        with _device_of(x):
+            _rms_norm_backward_kernel[(N,)](gy, x, w, rstd, gx, H, BLOCK=block, num_warps=_warps_for_row(block))
+    return gx
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding, in place. The (token, head) pairs are numbered token-major and each program
+# takes BLOCK_ROWS of them, both halves of each head: full tiles however few heads a view has
+# (a K view of 2 heads gets the same tiles as a Q view of 28). cos/sin rows are re-read per head,
+# from cache.
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, n_rows, heads, stride_n, stride_h, stride_cos, stride_sin, HALF,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    tok = rows // heads
+    head = rows % heads
+    d = tl.arange(0, BLOCK_D)
+    inside = (rows < n_rows)[:, None] & (d < HALF)[None, :]
+    c_ptrs = cos_ptr + (tok * stride_cos)[:, None] + d[None, :]
+    s_ptrs = sin_ptr + (tok * stride_sin)[:, None] + d[None, :]
+    c1 = tl.load(c_ptrs, mask=inside, other=0.0).to(tl.float32)
+    c2 = tl.load(c_ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptrs, mask=inside, other=0.0).to(tl.float32)
+    s2 = tl.load(s_ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
+    ptrs = x_ptr + (tok * stride_n + head * stride_h)[:, None] + d[None, :]
+    x1 = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
+    if BACKWARD:  # the transposed rotation
+        o1 = x1 * c1 + x2 * s2
+        o2 = x2 * c2 - x1 * s1
+    else:
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    out_ty = x_ptr.dtype.element_ty
+    tl.store(ptrs, o1.to(out_ty), mask=inside)
+    tl.store(ptrs + HALF, o2.to(out_ty), mask=inside)
+
+
+def _rope_launch(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
+    _check(x.dim() == 3, f"{name}: x must be [N, heads, D], got shape {tuple(x.shape)}")
+    _check(x.dtype in _FLOATS, f"{name}: x must be a float tensor, got {x.dtype}")
+    N, heads, D = x.shape
+    _check(D % 2 == 0, f"{name}: the head dim must be even, got {D}")
+    _check(x.stride(2) == 1 or D == 1, f"{name}: x's last dim must be contiguous, strides {x.stride()}")
+    for nm, t in (("cos", cos), ("sin", sin)):
+        _check(t.dim() == 2 and tuple(t.shape) == (N, D), f"{name}: {nm} must be [{N}, {D}], got {tuple(t.shape)}")
+        _check(t.dtype in _TABLE_DTYPES, f"{name}: {nm} must be a float tensor, got {t.dtype}")
+        _check(t.stride(1) == 1, f"{name}: {nm}'s last dim must be contiguous, strides {t.stride()}")
+    _check_same_device(x=x, cos=cos, sin=sin)
+    if not (N and heads and D):
+        return
+    half = D // 2
+    block_d = triton.next_power_of_2(half)
+    block_rows = max(1, 2048 // block_d)
+    grid = (triton.cdiv(N * heads, block_rows),)
+    with _device_of(x):
+        _rope_kernel[grid](x, cos, sin, N * heads, heads, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
+                           half, BLOCK_ROWS=block_rows, BLOCK_D=block_d, BACKWARD=backward, num_warps=4)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place on x [N, heads, D] (a strided view is fine; last dim contiguous); cos, sin [N, D]:
+    x1, x2 = halves of x; x <- (x1*c1 - x2*s1, x2*c2 + x1*s2)."""
+    _rope_launch("rope_", x, cos, sin, backward=False)
+
+
+def rope_backward_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place: the gradient of rope_ with respect to its input (the transposed rotation)."""
+    _rope_launch("rope_backward_", g, cos, sin, backward=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU on the fused gate|up output: one program per (token, block of I columns)
+
+_SWIGLU_BLOCK = 1024
+
+
+@triton.jit
+def _swiglu_kernel(gu_ptr, h_ptr, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < inter
+    gu_row = gu_ptr + row * (2 * inter)
+    g = tl.load(gu_row + cols, mask=inside, other=0.0).to(tl.float32)
+    u = tl.load(gu_row + inter + cols, mask=inside, other=0.0).to(tl.float32)
+    h = g * tl.sigmoid(g) * u
+    tl.store(h_ptr + row * inter + cols, h.to(h_ptr.dtype.element_ty), mask=inside)
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """gu [N, 2I] (gate in the first I columns, up in the last I) -> silu(gate) * up [N, I]."""
+    _check_2d("swiglu: gu", gu)
+    _check(gu.shape[1] % 2 == 0, f"swiglu: gu must have an even number of columns, got {gu.shape[1]}")
+    N, inter = gu.shape[0], gu.shape[1] // 2
+    h = _empty((N, inter), gu.dtype, gu.device)
+    if N and inter:
+        block = min(_SWIGLU_BLOCK, triton.next_power_of_2(inter))
+        with _device_of(gu):
+            _swiglu_kernel[(N, triton.cdiv(inter, block))](gu, h, inter, BLOCK=block, num_warps=4)
+    return h
+
+
+@triton.jit
+def _swiglu_backward_kernel(gh_ptr, gu_ptr, d_ptr, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < inter
+    gu_row = gu_ptr + row * (2 * inter)
+    d_row = d_ptr + row * (2 * inter)
+    g = tl.load(gu_row + cols, mask=inside, other=0.0).to(tl.float32)
+    u = tl.load(gu_row + inter + cols, mask=inside, other=0.0).to(tl.float32)
+    gh = tl.load(gh_ptr + row * inter + cols, mask=inside, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    d_up = gh * g * s
+    d_gate = gh * u * s * (1.0 + g * (1.0 - s))
+    out_ty = d_ptr.dtype.element_ty
+    tl.store(d_row + cols, d_gate.to(out_ty), mask=inside)
+    tl.store(d_row + inter + cols, d_up.to(out_ty), mask=inside)
+
+
+def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """Gradient of swiglu: gh [N, I] -> [N, 2I] (d gate | d up), in gu.dtype."""
+    _check_2d("swiglu_backward: gu", gu)
+    _check_2d("swiglu_backward: gh", gh)
+    _check(gu.shape[1] % 2 == 0, f"swiglu_backward: gu must have an even number of columns, got {gu.shape[1]}")
+    N, inter = gu.shape[0], gu.shape[1] // 2
+    _check(tuple(gh.shape) == (N, inter), f"swiglu_backward: gh must be [{N}, {inter}], got {tuple(gh.shape)}")
+    _check_same_device(gh=gh, gu=gu)
+    d = _empty((N, 2 * inter), gu.dtype, gu.device)
+    if N and inter:
+        block = min(_SWIGLU_BLOCK, triton.next_power_of_2(inter))
+        with _device_of(gu):
+            _swiglu_backward_kernel[(N, triton.cdiv(inter, block))](gh, gu, d, inter, BLOCK=block, num_warps=4)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA A side with dropout. r is padded to a power of two >= 16 (tl.dot's smallest side).
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _lora_shapes(name: str, x: torch.Tensor, rows_of_a: int, n: int) -> int:
+    _check(isinstance(n, int) and n >= 1, f"{name}: n must be a positive int, got {n!r}")
+    _check(rows_of_a % n == 0 and rows_of_a > 0,
+           f"{name}: the LoRA rank dimension ({rows_of_a}) must be n * r with n={n}")
+    r = rows_of_a // n
+    _check(r <= 256, f"{name}: r up to 256 is supported, got {r}")
+    return r
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, seed, p,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    # Flat grid, j fastest: the n programs of one token block run together and share x in L2.
+    pid = tl.program_id(0)
+    j = pid % n
+    rows = (pid // n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    row_in = rows < N
+    r_in = rr < r
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * H
+    a_cols = a_ptr + (j * r + rr).to(tl.int64)[None, :] * H  # A_j^T tile: [K, R]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_in = cols < H
+        xt = tl.load(x_rows + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
+        keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
+        xt = tl.where(keep, xt, tl.zeros_like(xt))
+        at = tl.load(a_cols + cols[:, None], mask=col_in[:, None] & r_in[None, :], other=0.0)
+        acc = _dot(xt, at, acc, IEEE)
+    out = out_ptr + rows.to(tl.int64)[:, None] * (n * r) + (j * r + rr)[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & r_in[None, :])
+
+
+def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> torch.Tensor:
+    """x [N, H], A [n*r, H] -> [N, n*r] in x.dtype: block j is (x * mask_j) @ A_j^T."""
+    _check_2d("lora_a: x", x, _DOT_DTYPES)
+    _check_2d("lora_a: A", A, _DOT_DTYPES)
+    _check(A.dtype == x.dtype, f"lora_a: A ({A.dtype}) and x ({x.dtype}) must have one dtype")
+    _check(A.shape[1] == x.shape[1], f"lora_a: A {tuple(A.shape)} does not match x {tuple(x.shape)} in H")
+    _check_same_device(x=x, A=A)
+    N, H = x.shape
+    r = _lora_shapes("lora_a", x, A.shape[0], n)
+    seed = _check_dropout(seed, p, n, N, H)
+    out = _empty((N, n * r), x.dtype, x.device)
+    if N == 0:
+        return out
+    block_m, block_r = 64, _block_r(r)
+    block_k = 64 if block_r <= 64 else 32
+    grid = (n * triton.cdiv(N, block_m),)
+    with _device_of(x):
+        _lora_a_kernel[grid](x, A, out, N, H, r, n, seed, float(p), BLOCK_M=block_m, BLOCK_K=block_k,
+                             BLOCK_R=block_r, IEEE=x.dtype == torch.float32, num_warps=4, num_stages=3)
+    return out
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_per_split, seed, p,
+                            BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+                            IEEE: tl.constexpr):
+    # Flat grid over (split of N, block of H, j), j fastest then H: neighbours share x tiles in L2.
+    pid = tl.program_id(0)
+    j = pid % n
+    rest = pid // n
+    cols = (rest % n_hblocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    start = (rest // n_hblocks) * rows_per_split
+    rr = tl.arange(0, BLOCK_R)
+    col_in = cols < H
+    r_in = rr < r
+    acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    for t0 in range(0, rows_per_split, BLOCK_N):
+        rows = start + t0 + tl.arange(0, BLOCK_N)
+        row_in = rows < N
+        rows64 = rows.to(tl.int64)
+        ga = tl.load(ga_ptr + rows64[:, None] * (n * r) + (j * r + rr)[None, :],
+                     mask=row_in[:, None] & r_in[None, :], other=0.0)  # [T, R]
+        xt = tl.load(x_ptr + rows64[:, None] * H + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
+        keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
+        xt = tl.where(keep, xt, tl.zeros_like(xt))
+        acc = _dot(tl.trans(ga), xt, acc, IEEE)
+    out = out_ptr + (j * r + rr).to(tl.int64)[:, None] * H + cols[None, :]
+    tl.atomic_add(out, acc, mask=r_in[:, None] & col_in[None, :], sem="relaxed")
+
+
+def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: int, *,
+                    splits: int | None = None) -> torch.Tensor:
+    """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j).
+
+    The token dimension is cut into `splits` ranges (default: enough for about 4 programs per SM)
+    whose partial sums meet in the output by fp32 atomic adds, so the summation order, and with
+    it the last bits of the result, can vary from run to run when there is more than one split."""
+    _check_2d("lora_a_backward: x", x, _DOT_DTYPES)
+    _check_2d("lora_a_backward: ga", ga, _DOT_DTYPES)
+    _check(ga.dtype == x.dtype, f"lora_a_backward: ga ({ga.dtype}) and x ({x.dtype}) must have one dtype")
+    _check(ga.shape[0] == x.shape[0], f"lora_a_backward: ga {tuple(ga.shape)} and x {tuple(x.shape)} differ in N")
+    _check_same_device(ga=ga, x=x)
+    N, H = x.shape
+    r = _lora_shapes("lora_a_backward", x, ga.shape[1], n)
+    seed = _check_dropout(seed, p, n, N, H)
+    out = torch.zeros((n * r, H), dtype=torch.float32, device=x.device)
+    if N == 0 or H == 0:
+        return out
+    block_n, block_h, block_r = 64, 64, _block_r(r)
+    n_hblocks = triton.cdiv(H, block_h)
+    token_blocks = triton.cdiv(N, block_n)
+    if splits is None:
+        splits = triton.cdiv(4 * _num_sms(x.device), n * n_hblocks)
+    splits = max(1, min(int(splits), token_blocks))
+    rows_per_split = triton.cdiv(token_blocks, splits) * block_n
+    splits = triton.cdiv(N, rows_per_split)
+    grid = (n * n_hblocks * splits,)
+    with _device_of(x):
+        _lora_a_backward_kernel[grid](ga, x, out, N, H, r, n, n_hblocks, rows_per_split, seed, float(p),
+                                      BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_R=block_r,
+                                      IEEE=x.dtype == torch.float32, num_warps=4, num_stages=3)
+    return out
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed, p,
+                            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+                            IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = (pid % n_hblocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = (pid // n_hblocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    row_in = rows < N
+    col_in = cols < H
+    r_in = rr < r
+    rows64 = rows.to(tl.int64)
+    total = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for j in range(0, n):
+        ga = tl.load(ga_ptr + rows64[:, None] * (n * r) + (j * r + rr)[None, :],
+                     mask=row_in[:, None] & r_in[None, :], other=0.0)  # [M, R]
+        a = tl.load(a_ptr + (j * r + rr).to(tl.int64)[:, None] * H + cols[None, :],
+                    mask=r_in[:, None] & col_in[None, :], other=0.0)  # [R, H]
+        part = _dot(ga, a, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IEEE)
+        keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
+        total += tl.where(keep, part, 0.0)
+    inside = row_in[:, None] & col_in[None, :]
+    ptrs = gx_ptr + rows64[:, None] * H + cols[None, :]
+    gx = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+    tl.store(ptrs, (gx + total).to(gx_ptr.dtype.element_ty), mask=inside)
+
+
+def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> None:
+    """In place: gx += sum_j (ga_j @ A_j) * mask_j, the input gradient of lora_a (fp32 sums, one
+    rounding to gx.dtype)."""
+    _check_2d("lora_x_backward_: gx", gx)
+    _check_2d("lora_x_backward_: ga", ga, _DOT_DTYPES)
+    _check_2d("lora_x_backward_: A", A, _DOT_DTYPES)
+    _check(ga.dtype == A.dtype, f"lora_x_backward_: ga ({ga.dtype}) and A ({A.dtype}) must have one dtype")
+    _check(A.shape[1] == gx.shape[1], f"lora_x_backward_: A {tuple(A.shape)} does not match gx {tuple(gx.shape)} in H")
+    _check(ga.shape[0] == gx.shape[0] and ga.shape[1] == A.shape[0],
+           f"lora_x_backward_: ga {tuple(ga.shape)} must be [{gx.shape[0]}, {A.shape[0]}]")
+    _check_same_device(gx=gx, ga=ga, A=A)
+    N, H = gx.shape
+    r = _lora_shapes("lora_x_backward_", gx, A.shape[0], n)
+    seed = _check_dropout(seed, p, n, N, H)
+    if N == 0 or H == 0:
+        return
+    block_m, block_h, block_r = 64, 128, _block_r(r)
+    n_hblocks = triton.cdiv(H, block_h)
+    grid = (n_hblocks * triton.cdiv(N, block_m),)
+    with _device_of(gx):
+        _lora_x_backward_kernel[grid](gx, ga, A, N, H, r, n, n_hblocks, seed, float(p),
+                                      BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_R=block_r,
+                                      IEEE=ga.dtype == torch.float32, num_warps=4, num_stages=2)
