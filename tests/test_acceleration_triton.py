@@ -216,6 +216,7 @@ def run_errors():
     raises("lora_a", "A rows not n * r", lambda: T.lora_a(x, rnd(10, 32), 1, 0.1, 3))
     raises("lora_a", "dtype mismatch", lambda: T.lora_a(x, rnd(16, 32).double(), 1, 0.1, 1))
     raises("lora_a", "negative seed", lambda: T.lora_a(x, rnd(16, 32), -1, 0.1, 1))
+    raises("lora_a", "width not divisible by 4", lambda: T.lora_a(rnd(8, 30), rnd(16, 30), 1, 0.1, 1))
     raises("lora_a_backward", "N mismatch", lambda: T.lora_a_backward(rnd(7, 16), x, 1, 0.1, 1))
     raises("lora_x_backward_", "ga width", lambda: T.lora_x_backward_(rnd(8, 32), rnd(8, 15), rnd(16, 32), 1, 0.1, 1))
 

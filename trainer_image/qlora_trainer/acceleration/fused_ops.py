@@ -44,6 +44,12 @@ def _kernel(t: torch.Tensor, name: str):
     return getattr(mod, name) if mod is not None else None
 
 
+def _masked_kernel(t: torch.Tensor, name: str, width: int):
+    """The masked LoRA kernels draw four mask values per Philox call: widths divisible by 4 only
+    (every real model's); any other width takes the reference for all three ops alike."""
+    return _kernel(t, name) if width % 4 == 0 else None
+
+
 # ---------------------------------------------------------------------------------------------
 # RMSNorm: y = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), statistics in fp32 (as transformers)
 
@@ -135,7 +141,7 @@ def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
 
 def dropout_mask(seed: int, j: int, n_rows: int, n_cols: int, p: float, device) -> torch.Tensor:
     """Projection j's keep-mask (True = kept), as the operations below draw it on `device`."""
-    k = _kernel(torch.empty(0, device=device), "dropout_mask")
+    k = _masked_kernel(torch.empty(0, device=device), "dropout_mask", n_cols)
     if k is not None:
         return k(seed, j, n_rows, n_cols, p, device)
     g = torch.Generator().manual_seed(int(seed) * 64 + int(j))
@@ -151,7 +157,7 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> tor
     Any 1/(1-p) scale is the caller's, folded into A or B."""
     if p == 0:
         return x @ A.t()
-    k = _kernel(x, "lora_a")
+    k = _masked_kernel(x, "lora_a", x.shape[1])
     if k is not None:
         return k(x, A, seed, p, n)
     r = A.shape[0] // n
@@ -162,7 +168,7 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j)."""
     if p == 0:
         return (ga.t() @ x).to(_acc(x))
-    k = _kernel(x, "lora_a_backward")
+    k = _masked_kernel(x, "lora_a_backward", x.shape[1])
     if k is not None:
         return k(ga, x, seed, p, n)
     r = ga.shape[1] // n
@@ -174,7 +180,7 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
     if p == 0:
         gx.addmm_(ga, A)
         return
-    k = _kernel(gx, "lora_x_backward_")
+    k = _masked_kernel(gx, "lora_x_backward_", gx.shape[1])
     if k is not None:
         k(gx, ga, A, seed, p, n)
         return

@@ -6,8 +6,8 @@ fp32 arithmetic and one rounding on the store; the element-wise kernels also rea
 (the LoRA kernels read x once per projection, neighbouring programs sharing it through L2).
 
 LoRA dropout: projection j's keep-mask is `_keep` below, a pure function of (seed, j, token,
-column): keep = tl.rand(seed * 64 + j, token * n_cols + column) >= p (Philox, 10 rounds, 32-bit
-counter). Forward and both backward kernels regenerate it from those four numbers, so nothing is
+column): element o = token * n_cols + column takes output o % 4 of tl.rand4x(seed * 64 + j, o // 4)
+(Philox, 10 rounds), compared with p; widths must be multiples of 4. Forward and both backward kernels regenerate it from those four numbers, so nothing is
 stored; `dropout_mask` materialises it (tests only). Callers guarantee n_rows * n_cols < 2**31.
 
 Importing this module needs Triton; fused_ops falls back to torch when the import fails.
@@ -78,6 +78,7 @@ def _check_dropout(seed, p: float, n: int, n_rows: int, n_cols: int) -> int:
     _check(0.0 <= float(p) < 1.0, f"dropout p must be in [0, 1), got {p}")
     _check(1 <= n <= _MAX_PROJECTIONS, f"n (projections) must be in [1, {_MAX_PROJECTIONS}], got {n}")
     _check(n_rows * n_cols < 2**31, f"the mask offset row * n_cols + col must fit int32: {n_rows} x {n_cols}")
+    _check(n_cols % 4 == 0, f"masked ops need a width divisible by 4 (one Philox call per four), got {n_cols}")
     return seed
 
 
@@ -87,11 +88,20 @@ def _check_dropout(seed, p: float, n: int, n_rows: int, n_cols: int) -> int:
 
 @triton.jit
 def _keep(seed, j, rows, cols, n_cols, p):
-    """Keep (True) or drop element (rows, cols) of projection j. rows [M, 1] and cols [1, K]
-    (or any shapes that broadcast); the Philox counter is the int32 row-major offset."""
+    """Keep (True) or drop element (rows, cols) of projection j. rows [M, 1], cols [1, K] with
+    K a multiple of 4, tiles starting at a column that is a multiple of 4, and n_cols % 4 == 0.
+    Element o = row * n_cols + col takes output o % 4 of one Philox call at counter o // 4
+    (tl.rand4x): a pure function of (seed, j, o), whatever the tile shape, at a quarter of the
+    Philox work of one call per element."""
     seed_j = seed.to(tl.int64) * 64 + j
     offsets = (rows * n_cols + cols).to(tl.int32)
-    return tl.rand(seed_j, offsets) >= p
+    M: tl.constexpr = offsets.shape[0]
+    K: tl.constexpr = offsets.shape[1]
+    firsts, _ = tl.split(tl.reshape(offsets, (M, K // 4, 2, 2)))
+    firsts, _ = tl.split(firsts)  # [M, K/4]: the offset of each group of four
+    r0, r1, r2, r3 = tl.rand4x(seed_j, firsts // 4)
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (M, K))  # position 4c + k holds r_k
+    return r >= p
 
 
 @triton.jit
