@@ -756,7 +756,7 @@ def run_checks(cfg) -> dict:
     checks["chunked_ce_grad_rel_err"] = float((h.grad.float() - g_ref.float()).norm() / g_ref.float().norm())
     checks.update(fused_op_checks())
     checks.update(fused_layer_checks())
-    checks["ok"] = all(v < 1e-2 for k, v in checks.items() if k != "ok")
+    checks["ok"] = all(v < 1e-2 for k, v in checks.items() if k != "ok" and not k.endswith("_info"))
     return {"name": cfg["name"], "checks": checks}
 
 
@@ -854,17 +854,23 @@ def fused_layer_checks() -> dict:
                       ce_chunk_tokens=512, packing=True, predicted_peak_bytes=0, predicted_tokens_per_s=0.0,
                       budget_bytes=0, policy="check")
     report = apply_acceleration(fast, plan)
+    exact = copy.deepcopy(model).float()  # the fp32 reference both bf16 paths are measured against
     ids = torch.randint(0, 1000, (2, 300), device="cuda")
     losses, grads = [], []
-    for m in (model, fast):
+    for m in (exact, model, fast):
         m.train()
         loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten().float() for n, p in m.named_parameters() if p.requires_grad]))
+    plain_err, fused_err = _rel(grads[1], grads[0]), _rel(grads[2], grads[0])
+    # bf16 rounding alone moves LoRA gradients by ~1%: the fused path must be no further from fp32
+    # than the plain bf16 path is (with a little slack).
     return {"fused_layers": 0.0 if report.fused_layers == 2 else 1.0,
-            "fused_model_loss": round(_rel(losses[1], losses[0]), 6),
-            "fused_model_lora_grads": round(_rel(grads[1], grads[0]), 6)}
+            "fused_model_loss_vs_fp32": round(_rel(losses[2], losses[0]), 6),
+            "plain_bf16_grads_vs_fp32_info": round(plain_err, 6),
+            "fused_grads_vs_fp32_info": round(fused_err, 6),
+            "fused_grads_excess_error": round(max(0.0, fused_err - 1.2 * plain_err), 6)}
 
 
 def worker(cfg: dict) -> None:

@@ -129,6 +129,8 @@ class LoRASet:
 def _attention(q, k, v, cu, max_len, scale):
     """Causal attention per record. Returns (out [N, Hq, D], state for _attention_backward)."""
     if q.is_cuda:
+        import torch.nn.attention.varlen  # noqa: F401  (registers the torch_attn ops)
+
         out, lse, rng = torch.ops.torch_attn._varlen_attn(q, k, v, cu, cu, max_len, max_len, True, scale, [-1, 0])
         return out, (lse, rng)
     with torch.enable_grad():
