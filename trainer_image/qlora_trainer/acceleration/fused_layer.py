@@ -129,7 +129,7 @@ class LoRASet:
 def _attention(q, k, v, cu, max_len, scale):
     """Causal attention per record. Returns (out [N, Hq, D], state for _attention_backward)."""
     if q.is_cuda:
-        import torch.nn.attention.varlen  # noqa: F401  (registers the torch_attn ops)
+        from torch.nn.attention import varlen  # noqa: F401  (importing it registers the torch_attn ops)
 
         out, lse, rng = torch.ops.torch_attn._varlen_attn(q, k, v, cu, cu, max_len, max_len, True, scale, [-1, 0])
         return out, (lse, rng)
@@ -167,7 +167,7 @@ class FusedAttentionBlock(torch.autograd.Function):
         cu, max_len = pack
         shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
         qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
-        seeds = torch.randint(1, 2**30, (2,)).tolist()
+        seeds = torch.randint(1, 2**30, (2,), device=x.device)  # on the device: no sync, graph-safe
         A, B = qkv_lora.factors(lora_params[:6])
         Ao, Bo = o_lora.factors(lora_params[6:])
         h, rstd = ops.rms_norm(x, norm_w, shape.eps)
@@ -229,7 +229,7 @@ class FusedMLPBlock(torch.autograd.Function):
     def forward(ctx, x, norm_w, layer, *lora_params):
         Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
         gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
-        seeds = torch.randint(1, 2**30, (2,)).tolist()
+        seeds = torch.randint(1, 2**30, (2,), device=x.device)  # on the device: no sync, graph-safe
         A, B = gu_lora.factors(lora_params[:4])
         Ad, Bd = d_lora.factors(lora_params[4:])
         h, rstd = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps)

@@ -8,7 +8,9 @@ checked against (tests/test_acceleration_triton.py, in Triton's interpreter).
 Shapes: token-major 2-D tensors, N tokens. LoRA tensors of `n` projections that share one input
 are concatenated: A is [n*r, H] (projection j owns rows j*r:(j+1)*r), the A-side activations are
 [N, n*r]. LoRA dropout: projection j's keep-mask is a pure function of (seed, j, token, column), so
-backward regenerates it instead of keeping it; `dropout_mask` materialises it (tests only).
+backward regenerates it instead of keeping it; `dropout_mask` materialises it (tests only). A seed
+is an int or a one-element int64 tensor on the data's device (the Triton kernels read it from
+memory, so a captured CUDA graph draws new masks whenever the seed tensor changes).
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def dropout_mask(seed: int, j: int, n_rows: int, n_cols: int, p: float, device) 
     k = _masked_kernel(torch.empty(0, device=device), "dropout_mask", n_cols)
     if k is not None:
         return k(seed, j, n_rows, n_cols, p, device)
-    g = torch.Generator().manual_seed(int(seed) * 64 + int(j))
+    g = torch.Generator().manual_seed(int(seed) * 64 + int(j))  # a CPU seed tensor converts without a sync
     return (torch.rand(n_rows, n_cols, generator=g) >= p).to(device)
 
 

@@ -29,9 +29,10 @@ RECOMPUTE_MODES = ("none", "selective", "full", "offload")
 # Roofline constants (H100-class defaults; `GpuSpec` overrides). Calibrated in benchmarks/NOTES.md.
 _GEMM_TOKENS_HALF_EFFICIENCY = 384  # tokens per micro-step at which GEMMs run at half their peak
 _GEMM_EFFICIENCY = 0.72  # best achieved fraction of the dense peak for these shapes
-# Host-side cost per decoder layer per micro-step (fwd + bwd): the fused layer launches ~90 kernels
-# at ~25 us each; the unfused path's ~340 kernels measured 12.9 ms (benchmarks/NOTES.md).
-_LAYER_OVERHEAD_S = 0.0025
+# Host-side cost per decoder layer per micro-step (fwd + bwd), measured on an H100 host: the fused
+# layer (~130 kernels and ~250 Python-level torch calls) 10.6 ms, the unfused path 12.9 ms
+# (benchmarks/NOTES.md). Small micro-steps are host-bound: fewer, larger micro-steps win.
+_LAYER_OVERHEAD_S = 0.0105
 _DEQUANT_OVERHEAD_S = 0.0004  # host cost of dequantizing one layer's 7 weights (one pass)
 _ELEMENTWISE_PASSES = 8  # passes over a layer's saved activations (norms, RoPE, SwiGLU, LoRA A side, copies)
 _STEP_OVERHEAD_S = 0.010  # fused AdamW step, clipping, data: per optimizer step

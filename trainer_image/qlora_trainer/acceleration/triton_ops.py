@@ -36,11 +36,6 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 def _device_of(t: torch.Tensor):
     """Launch on the tensor's GPU, not the current one."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -58,28 +53,46 @@ def _warps_for_row(block: int) -> int:
 
 
 def _check_2d(name: str, t: torch.Tensor, dtypes=_FLOATS) -> None:
-    _check(t.dim() == 2, f"{name} must be 2-D, got shape {tuple(t.shape)}")
-    _check(t.dtype in dtypes, f"{name} must have dtype in {dtypes}, got {t.dtype}")
-    _check(t.is_contiguous(), f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
+    if not (t.dim() == 2):
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+    if not (t.is_contiguous()):
+        raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
 
 
 def _check_same_device(**tensors: torch.Tensor) -> None:
     devices = {str(t.device) for t in tensors.values()}
-    _check(len(devices) == 1, f"{', '.join(tensors)} must be on one device, got {sorted(devices)}")
+    if not (len(devices) == 1):
+        raise ValueError(f"{', '.join(tensors)} must be on one device, got {sorted(devices)}")
 
 
-def _check_dropout(seed, p: float, n: int, n_rows: int, n_cols: int) -> int:
-    """Validate the dropout arguments; the seed as a Python int."""
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise ValueError(f"seed must be an int, got {seed!r}") from None
-    _check(0 <= seed < _MAX_SEED, f"seed must be in [0, 2**57), got {seed}")
-    _check(0.0 <= float(p) < 1.0, f"dropout p must be in [0, 1), got {p}")
-    _check(1 <= n <= _MAX_PROJECTIONS, f"n (projections) must be in [1, {_MAX_PROJECTIONS}], got {n}")
-    _check(n_rows * n_cols < 2**31, f"the mask offset row * n_cols + col must fit int32: {n_rows} x {n_cols}")
-    _check(n_cols % 4 == 0, f"masked ops need a width divisible by 4 (one Philox call per four), got {n_cols}")
-    return seed
+def _check_dropout(seed, p: float, n: int, n_rows: int, n_cols: int, device) -> torch.Tensor:
+    """Validate the dropout arguments; the seed as a one-element int64 tensor on `device` (the
+    kernels read it from memory, so a CUDA graph replays with whatever seed the tensor holds)."""
+    if isinstance(seed, torch.Tensor):
+        if not (seed.numel() == 1 and seed.dtype == torch.int64):
+            raise ValueError(f"a seed tensor must hold one int64, got {seed.dtype} of shape {tuple(seed.shape)}")
+        if not (seed.device == torch.device(device)):
+            raise ValueError(f"the seed tensor is on {seed.device}, the data on {device}")
+        seed_t = seed.reshape(1)
+    else:
+        try:
+            seed = operator.index(seed)
+        except TypeError:
+            raise ValueError(f"seed must be an int or an int64 tensor, got {seed!r}") from None
+        if not (0 <= seed < _MAX_SEED):
+            raise ValueError(f"seed must be in [0, 2**57), got {seed}")
+        seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+    if not (0.0 <= float(p) < 1.0):
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    if not (1 <= n <= _MAX_PROJECTIONS):
+        raise ValueError(f"n (projections) must be in [1, {_MAX_PROJECTIONS}], got {n}")
+    if not (n_rows * n_cols < 2**31):
+        raise ValueError(f"the mask offset row * n_cols + col must fit int32: {n_rows} x {n_cols}")
+    if not (n_cols % 4 == 0):
+        raise ValueError(f"masked ops need a width divisible by 4 (one Philox call per four), got {n_cols}")
+    return seed_t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +126,9 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(out_ptr, n_rows, n_cols, seed, j, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit
+def _dropout_mask_kernel(out_ptr, n_rows, n_cols, seed_ptr, j, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -125,15 +139,17 @@ def _dropout_mask_kernel(out_ptr, n_rows, n_cols, seed, j, p, BLOCK_M: tl.conste
 
 def dropout_mask(seed: int, j: int, n_rows: int, n_cols: int, p: float, device) -> torch.Tensor:
     """Projection j's keep-mask [n_rows, n_cols] (True = kept), exactly as the kernels draw it."""
-    _check(0 <= int(j) < _MAX_PROJECTIONS, f"dropout_mask: j must be in [0, {_MAX_PROJECTIONS}), got {j}")
-    seed = _check_dropout(seed, p, int(j) + 1, n_rows, n_cols)
-    _check(n_rows >= 0 and n_cols >= 0, f"mask shape must be non-negative, got {n_rows} x {n_cols}")
+    if not (0 <= int(j) < _MAX_PROJECTIONS):
+        raise ValueError(f"dropout_mask: j must be in [0, {_MAX_PROJECTIONS}), got {j}")
+    seed = _check_dropout(seed, p, int(j) + 1, n_rows, n_cols, device)
+    if not (n_rows >= 0 and n_cols >= 0):
+        raise ValueError(f"mask shape must be non-negative, got {n_rows} x {n_cols}")
     out = _empty((n_rows, n_cols), torch.uint8, torch.device(device))
     if out.numel():
         block_m, block_n = 32, 128
         grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
         with _device_of(out):
-            _dropout_mask_kernel[grid](out, n_rows, n_cols, int(seed), int(j), float(p),
+            _dropout_mask_kernel[grid](out, n_rows, n_cols, seed, int(j), float(p),
                                        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out.view(torch.bool)
 
@@ -160,11 +176,14 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, BLOCK: tl.constexpr)
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H] -> (y [N, H] in x.dtype, rstd [N] fp32)."""
     _check_2d("rms_norm: x", x)
-    _check(w.dim() == 1 and w.shape[0] == x.shape[1], f"rms_norm: w must be [{x.shape[1]}], got {tuple(w.shape)}")
-    _check(w.dtype in _FLOATS and w.is_contiguous(), f"rms_norm: w must be a contiguous float tensor ({w.dtype})")
+    if not (w.dim() == 1 and w.shape[0] == x.shape[1]):
+        raise ValueError(f"rms_norm: w must be [{x.shape[1]}], got {tuple(w.shape)}")
+    if not (w.dtype in _FLOATS and w.is_contiguous()):
+        raise ValueError(f"rms_norm: w must be a contiguous float tensor ({w.dtype})")
     _check_same_device(x=x, w=w)
     N, H = x.shape
-    _check(H <= _MAX_ROW, f"rms_norm: rows wider than {_MAX_ROW} are not supported, got H={H}")
+    if not (H <= _MAX_ROW):
+        raise ValueError(f"rms_norm: rows wider than {_MAX_ROW} are not supported, got H={H}")
     y = _empty((N, H), x.dtype, x.device)
     rstd = _empty((N,), torch.float32, x.device)
     if N and H:
@@ -194,14 +213,16 @@ def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: 
     """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype."""
     _check_2d("rms_norm_backward: x", x)
     _check_2d("rms_norm_backward: gy", gy)
-    _check(gy.shape == x.shape, f"rms_norm_backward: gy {tuple(gy.shape)} and x {tuple(x.shape)} differ in shape")
+    if not (gy.shape == x.shape):
+        raise ValueError(f"rms_norm_backward: gy {tuple(gy.shape)} and x {tuple(x.shape)} differ in shape")
     N, H = x.shape
-    _check(w.dim() == 1 and w.shape[0] == H and w.is_contiguous() and w.dtype in _FLOATS,
-           f"rms_norm_backward: w must be a contiguous float [{H}], got {tuple(w.shape)} {w.dtype}")
-    _check(rstd.dim() == 1 and rstd.shape[0] == N and rstd.dtype == torch.float32 and rstd.is_contiguous(),
-           f"rms_norm_backward: rstd must be contiguous fp32 [{N}], got {tuple(rstd.shape)} {rstd.dtype}")
+    if not (w.dim() == 1 and w.shape[0] == H and w.is_contiguous() and w.dtype in _FLOATS):
+        raise ValueError(f"rms_norm_backward: w must be a contiguous float [{H}], got {tuple(w.shape)} {w.dtype}")
+    if not (rstd.dim() == 1 and rstd.shape[0] == N and rstd.dtype == torch.float32 and rstd.is_contiguous()):
+        raise ValueError(f"rms_norm_backward: rstd must be contiguous fp32 [{N}], got {tuple(rstd.shape)} {rstd.dtype}")
     _check_same_device(gy=gy, x=x, w=w, rstd=rstd)
-    _check(H <= _MAX_ROW, f"rms_norm_backward: rows wider than {_MAX_ROW} are not supported, got H={H}")
+    if not (H <= _MAX_ROW):
+        raise ValueError(f"rms_norm_backward: rows wider than {_MAX_ROW} are not supported, got H={H}")
     gx = _empty((N, H), x.dtype, x.device)
     if N and H:
         block = triton.next_power_of_2(H)
@@ -246,15 +267,22 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, n_rows, heads, stride_n, stride_h, str
 
 
 def _rope_launch(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
-    _check(x.dim() == 3, f"{name}: x must be [N, heads, D], got shape {tuple(x.shape)}")
-    _check(x.dtype in _FLOATS, f"{name}: x must be a float tensor, got {x.dtype}")
+    if not (x.dim() == 3):
+        raise ValueError(f"{name}: x must be [N, heads, D], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{name}: x must be a float tensor, got {x.dtype}")
     N, heads, D = x.shape
-    _check(D % 2 == 0, f"{name}: the head dim must be even, got {D}")
-    _check(x.stride(2) == 1 or D == 1, f"{name}: x's last dim must be contiguous, strides {x.stride()}")
+    if not (D % 2 == 0):
+        raise ValueError(f"{name}: the head dim must be even, got {D}")
+    if not (x.stride(2) == 1 or D == 1):
+        raise ValueError(f"{name}: x's last dim must be contiguous, strides {x.stride()}")
     for nm, t in (("cos", cos), ("sin", sin)):
-        _check(t.dim() == 2 and tuple(t.shape) == (N, D), f"{name}: {nm} must be [{N}, {D}], got {tuple(t.shape)}")
-        _check(t.dtype in _TABLE_DTYPES, f"{name}: {nm} must be a float tensor, got {t.dtype}")
-        _check(t.stride(1) == 1, f"{name}: {nm}'s last dim must be contiguous, strides {t.stride()}")
+        if not (t.dim() == 2 and tuple(t.shape) == (N, D)):
+            raise ValueError(f"{name}: {nm} must be [{N}, {D}], got {tuple(t.shape)}")
+        if t.dtype not in _TABLE_DTYPES:
+            raise ValueError(f"{name}: {nm} must be a float tensor, got {t.dtype}")
+        if not (t.stride(1) == 1):
+            raise ValueError(f"{name}: {nm}'s last dim must be contiguous, strides {t.stride()}")
     _check_same_device(x=x, cos=cos, sin=sin)
     if not (N and heads and D):
         return
@@ -299,7 +327,8 @@ def _swiglu_kernel(gu_ptr, h_ptr, inter, BLOCK: tl.constexpr):
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
     """gu [N, 2I] (gate in the first I columns, up in the last I) -> silu(gate) * up [N, I]."""
     _check_2d("swiglu: gu", gu)
-    _check(gu.shape[1] % 2 == 0, f"swiglu: gu must have an even number of columns, got {gu.shape[1]}")
+    if not (gu.shape[1] % 2 == 0):
+        raise ValueError(f"swiglu: gu must have an even number of columns, got {gu.shape[1]}")
     N, inter = gu.shape[0], gu.shape[1] // 2
     h = _empty((N, inter), gu.dtype, gu.device)
     if N and inter:
@@ -331,9 +360,11 @@ def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
     """Gradient of swiglu: gh [N, I] -> [N, 2I] (d gate | d up), in gu.dtype."""
     _check_2d("swiglu_backward: gu", gu)
     _check_2d("swiglu_backward: gh", gh)
-    _check(gu.shape[1] % 2 == 0, f"swiglu_backward: gu must have an even number of columns, got {gu.shape[1]}")
+    if not (gu.shape[1] % 2 == 0):
+        raise ValueError(f"swiglu_backward: gu must have an even number of columns, got {gu.shape[1]}")
     N, inter = gu.shape[0], gu.shape[1] // 2
-    _check(tuple(gh.shape) == (N, inter), f"swiglu_backward: gh must be [{N}, {inter}], got {tuple(gh.shape)}")
+    if not (tuple(gh.shape) == (N, inter)):
+        raise ValueError(f"swiglu_backward: gh must be [{N}, {inter}], got {tuple(gh.shape)}")
     _check_same_device(gh=gh, gu=gu)
     d = _empty((N, 2 * inter), gu.dtype, gu.device)
     if N and inter:
@@ -352,17 +383,20 @@ def _block_r(r: int) -> int:
 
 
 def _lora_shapes(name: str, x: torch.Tensor, rows_of_a: int, n: int) -> int:
-    _check(isinstance(n, int) and n >= 1, f"{name}: n must be a positive int, got {n!r}")
-    _check(rows_of_a % n == 0 and rows_of_a > 0,
-           f"{name}: the LoRA rank dimension ({rows_of_a}) must be n * r with n={n}")
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"{name}: n must be a positive int, got {n!r}")
+    if not (rows_of_a % n == 0 and rows_of_a > 0):
+        raise ValueError(f"{name}: the LoRA rank dimension ({rows_of_a}) must be n * r with n={n}")
     r = rows_of_a // n
-    _check(r <= 256, f"{name}: r up to 256 is supported, got {r}")
+    if not (r <= 256):
+        raise ValueError(f"{name}: r up to 256 is supported, got {r}")
     return r
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, seed, p,
+@triton.jit
+def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, seed_ptr, p,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    seed = tl.load(seed_ptr)
     # Flat grid, j fastest: the n programs of one token block run together and share x in L2.
     pid = tl.program_id(0)
     j = pid % n
@@ -389,12 +423,14 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> tor
     """x [N, H], A [n*r, H] -> [N, n*r] in x.dtype: block j is (x * mask_j) @ A_j^T."""
     _check_2d("lora_a: x", x, _DOT_DTYPES)
     _check_2d("lora_a: A", A, _DOT_DTYPES)
-    _check(A.dtype == x.dtype, f"lora_a: A ({A.dtype}) and x ({x.dtype}) must have one dtype")
-    _check(A.shape[1] == x.shape[1], f"lora_a: A {tuple(A.shape)} does not match x {tuple(x.shape)} in H")
+    if not (A.dtype == x.dtype):
+        raise ValueError(f"lora_a: A ({A.dtype}) and x ({x.dtype}) must have one dtype")
+    if not (A.shape[1] == x.shape[1]):
+        raise ValueError(f"lora_a: A {tuple(A.shape)} does not match x {tuple(x.shape)} in H")
     _check_same_device(x=x, A=A)
     N, H = x.shape
     r = _lora_shapes("lora_a", x, A.shape[0], n)
-    seed = _check_dropout(seed, p, n, N, H)
+    seed = _check_dropout(seed, p, n, N, H, x.device)
     out = _empty((N, n * r), x.dtype, x.device)
     if N == 0:
         return out
@@ -407,10 +443,11 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> tor
     return out
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_per_split, seed, p,
+@triton.jit
+def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_per_split, seed_ptr, p,
                             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                             IEEE: tl.constexpr):
+    seed = tl.load(seed_ptr)
     # Flat grid over (split of N, block of H, j), j fastest then H: neighbours share x tiles in L2.
     pid = tl.program_id(0)
     j = pid % n
@@ -444,12 +481,14 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     it the last bits of the result, can vary from run to run when there is more than one split."""
     _check_2d("lora_a_backward: x", x, _DOT_DTYPES)
     _check_2d("lora_a_backward: ga", ga, _DOT_DTYPES)
-    _check(ga.dtype == x.dtype, f"lora_a_backward: ga ({ga.dtype}) and x ({x.dtype}) must have one dtype")
-    _check(ga.shape[0] == x.shape[0], f"lora_a_backward: ga {tuple(ga.shape)} and x {tuple(x.shape)} differ in N")
+    if not (ga.dtype == x.dtype):
+        raise ValueError(f"lora_a_backward: ga ({ga.dtype}) and x ({x.dtype}) must have one dtype")
+    if not (ga.shape[0] == x.shape[0]):
+        raise ValueError(f"lora_a_backward: ga {tuple(ga.shape)} and x {tuple(x.shape)} differ in N")
     _check_same_device(ga=ga, x=x)
     N, H = x.shape
     r = _lora_shapes("lora_a_backward", x, ga.shape[1], n)
-    seed = _check_dropout(seed, p, n, N, H)
+    seed = _check_dropout(seed, p, n, N, H, x.device)
     out = torch.zeros((n * r, H), dtype=torch.float32, device=x.device)
     if N == 0 or H == 0:
         return out
@@ -469,10 +508,11 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     return out
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed, p,
+@triton.jit
+def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_ptr, p,
                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                             IEEE: tl.constexpr):
+    seed = tl.load(seed_ptr)
     pid = tl.program_id(0)
     cols = (pid % n_hblocks) * BLOCK_H + tl.arange(0, BLOCK_H)
     rows = (pid // n_hblocks) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -502,14 +542,16 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
     _check_2d("lora_x_backward_: gx", gx)
     _check_2d("lora_x_backward_: ga", ga, _DOT_DTYPES)
     _check_2d("lora_x_backward_: A", A, _DOT_DTYPES)
-    _check(ga.dtype == A.dtype, f"lora_x_backward_: ga ({ga.dtype}) and A ({A.dtype}) must have one dtype")
-    _check(A.shape[1] == gx.shape[1], f"lora_x_backward_: A {tuple(A.shape)} does not match gx {tuple(gx.shape)} in H")
-    _check(ga.shape[0] == gx.shape[0] and ga.shape[1] == A.shape[0],
-           f"lora_x_backward_: ga {tuple(ga.shape)} must be [{gx.shape[0]}, {A.shape[0]}]")
+    if not (ga.dtype == A.dtype):
+        raise ValueError(f"lora_x_backward_: ga ({ga.dtype}) and A ({A.dtype}) must have one dtype")
+    if not (A.shape[1] == gx.shape[1]):
+        raise ValueError(f"lora_x_backward_: A {tuple(A.shape)} does not match gx {tuple(gx.shape)} in H")
+    if not (ga.shape[0] == gx.shape[0] and ga.shape[1] == A.shape[0]):
+        raise ValueError(f"lora_x_backward_: ga {tuple(ga.shape)} must be [{gx.shape[0]}, {A.shape[0]}]")
     _check_same_device(gx=gx, ga=ga, A=A)
     N, H = gx.shape
     r = _lora_shapes("lora_x_backward_", gx, A.shape[0], n)
-    seed = _check_dropout(seed, p, n, N, H)
+    seed = _check_dropout(seed, p, n, gx.shape[0], H, gx.device)
     if N == 0 or H == 0:
         return
     block_m, block_h, block_r = 64, 128, _block_r(r)
