@@ -102,6 +102,8 @@ def configs(only: set[str] | None) -> list[dict]:
                  for row in ROWS if f"{row}/ours-max" in only]
         extra += [dict(name=f"{row}/ours-unfused", task="fixed", engine="ours", row=row, timeout=150,
                        env={"QLORA_FUSED_LAYER": "0"}) for row in ROWS if f"{row}/ours-unfused" in only]
+        extra += [dict(name=f"{row}/ours-eager", task="fixed", engine="ours", row=row, timeout=150,
+                       env={"QLORA_CUDA_GRAPHS": "0"}) for row in ROWS if f"{row}/ours-eager" in only]
         out += extra
     return out
 
@@ -850,27 +852,44 @@ def fused_layer_checks() -> dict:
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
     fast = copy.deepcopy(model)
+    eager = copy.deepcopy(model)
     plan = MemoryPlan(micro_batch=2, grad_accum=1, recompute="none", recompute_layers=0, cached_layers=1,
                       ce_chunk_tokens=512, packing=True, predicted_peak_bytes=0, predicted_tokens_per_s=0.0,
                       budget_bytes=0, policy="check")
     report = apply_acceleration(fast, plan)
+    os.environ["QLORA_CUDA_GRAPHS"] = "0"
+    apply_acceleration(eager, plan)
+    os.environ.pop("QLORA_CUDA_GRAPHS")
     exact = copy.deepcopy(model).float()  # the fp32 reference both bf16 paths are measured against
     ids = torch.randint(0, 1000, (2, 300), device="cuda")
     losses, grads = [], []
-    for m in (exact, model, fast):
+    for m in (exact, model, fast, eager):
         m.train()
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for _ in range(3):  # the graphed model captures on its first step and replays after
+            for p in m.parameters():
+                p.grad = None
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten().float() for n, p in m.named_parameters() if p.requires_grad]))
     plain_err, fused_err = _rel(grads[1], grads[0]), _rel(grads[2], grads[0])
+    graphs = fast.get_base_model().model.layers[0]._qlora_graphs
+    for p in fast.parameters():  # gradient accumulation through replays: two backward passes, 2x
+        p.grad = None
+    for _ in range(2):
+        fast(input_ids=ids, labels=ids).loss.backward()
+    twice = torch.cat([p.grad.flatten().float() for n, p in fast.named_parameters() if p.requires_grad])
     # bf16 rounding alone moves LoRA gradients by ~1%: the fused path must be no further from fp32
     # than the plain bf16 path is (with a little slack).
     return {"fused_layers": 0.0 if report.fused_layers == 2 else 1.0,
             "fused_model_loss_vs_fp32": round(_rel(losses[2], losses[0]), 6),
             "plain_bf16_grads_vs_fp32_info": round(plain_err, 6),
             "fused_grads_vs_fp32_info": round(fused_err, 6),
-            "fused_grads_excess_error": round(max(0.0, fused_err - 1.2 * plain_err), 6)}
+            "fused_grads_excess_error": round(max(0.0, fused_err - 1.2 * plain_err), 6),
+            "graphs_captured": 0.0 if graphs.key is not None and len(graphs.cores) == 2 else 1.0,
+            "graphed_vs_eager_grads": round(_rel(grads[2], grads[3]), 6),
+            "graphed_vs_eager_loss": round(_rel(losses[2], losses[3]), 6),
+            "graphed_accumulation": round(_rel(twice, 2 * grads[2]), 6)}
 
 
 def worker(cfg: dict) -> None:

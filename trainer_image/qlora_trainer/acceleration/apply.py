@@ -45,6 +45,7 @@ _RMSNORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSN
 class AccelerationReport:
     lora_layers: int = 0
     fused_layers: int = 0
+    graphed_layers: int = 0
     fused_mlps: int = 0
     rms_norms: int = 0
     cached_layers: int = 0
@@ -57,7 +58,8 @@ class AccelerationReport:
     skipped: list = field(default_factory=list)
 
     def describe(self) -> str:
-        return (f"fast path: {self.lora_layers} LoRA layers, {self.fused_layers} fused decoder layers, "
+        return (f"fast path: {self.lora_layers} LoRA layers, {self.fused_layers} fused decoder layers "
+                f"({self.graphed_layers} as CUDA graphs for fixed-length rows), "
                 f"{self.fused_mlps} fused MLPs, {self.rms_norms} RMSNorms, "
                 f"bf16 weights kept in {self.cached_layers} layers ({self.cached_bytes / 2**30:.2f} GiB), "
                 f"recompute {self.recompute} ({self.recompute_layers} layers), attention {self.attention}, "
@@ -263,6 +265,8 @@ def apply_acceleration(model, plan: MemoryPlan) -> AccelerationReport:
     _install_fused_layers(layers, config.get_text_config() if config is not None else None, dtype, report)
     report.recompute = plan.recompute
     report.recompute_layers = _set_recompute(layers, plan)
+    if report.fused_layers:
+        report.graphed_layers = fused_layer.install_graphs(layers)
     report.cached_layers, report.cached_bytes = _cache_weights(layers, plan)
     try:
         name = register_varlen_attention()

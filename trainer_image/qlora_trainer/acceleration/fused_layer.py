@@ -99,8 +99,9 @@ class LoRASet:
         return [m._qlora_proj.scaling * self.keep for m in self.modules]
 
     def factors(self, params) -> tuple[torch.Tensor, torch.Tensor]:
-        key = tuple((t.data_ptr(), t._version) for t in params)
-        if key != self._key:
+        capturing = params[0].is_cuda and torch.cuda.is_current_stream_capturing()
+        key = None if capturing else tuple((t.data_ptr(), t._version) for t in params)
+        if capturing or key != self._key:  # a CUDA graph must rebuild them from the live parameters
             with torch.no_grad():
                 As, Bs = params[0::2], params[1::2]
                 self._A = torch.cat([a.to(self.dtype) for a in As], 0).contiguous()
@@ -346,19 +347,53 @@ def install(layer, config, dtype: torch.dtype) -> bool:
         x = hidden_states.reshape(-1, shape[-1])
         if x.dtype != dtype:
             x = x.to(dtype)
-        cos, sin = (t.reshape(-1, t.shape[-1]) for t in position_embeddings)
-        if cos.shape[0] != x.shape[0]:  # one set of positions for every row
-            cos, sin = (t.repeat(shape[0], 1) for t in (cos, sin))
+        cos, sin = _token_rope(position_embeddings, x.shape[0], shape[0])
         pack = packed_records(kwargs, position_ids, shape[0], shape[1], x.device)
-        y = FusedAttentionBlock.apply(x, self.input_layernorm.weight, (cos, sin), pack, self,
-                                      *self._qlora_qkv_lora.params(), *self._qlora_o_lora.params())
-        z = FusedMLPBlock.apply(y, self.post_attention_layernorm.weight, self,
-                                *self._qlora_gate_up_lora.params(), *self._qlora_down_lora.params())
-        return z.view(shape)
+        graphs = getattr(self, "_qlora_graphs", None)
+        if graphs is not None and pack[0] is _ROWS.get((shape[0], shape[1], str(x.device))):
+            z = graphs(self, x, cos, sin, pack)  # fixed-length rows: static boundaries, graphs apply
+            if z is not None:
+                return z.view(shape)
+        return run_fused_layer(self, x, cos, sin, pack).view(shape)
 
     layer._qlora_original_layer_forward = original
     layer.forward = types.MethodType(forward, layer)
     return True
+
+
+def run_fused_layer(layer, x, cos, sin, pack):
+    """One training forward of an installed layer: x [N, H] -> [N, H]."""
+    y = FusedAttentionBlock.apply(x, layer.input_layernorm.weight, (cos, sin), pack, layer,
+                                  *layer._qlora_qkv_lora.params(), *layer._qlora_o_lora.params())
+    return FusedMLPBlock.apply(y, layer.post_attention_layernorm.weight, layer,
+                               *layer._qlora_gate_up_lora.params(), *layer._qlora_down_lora.params())
+
+
+_ROPE: list = []  # [(cos, sin, result)]: one per forward, shared by every layer
+
+
+def _token_rope(position_embeddings, n_tokens: int, rows: int):
+    """cos, sin as [N, D] per token (HF gives [B or 1, S, D]); computed once per forward."""
+    cos, sin = position_embeddings
+    for c, s, result in _ROPE:
+        if c is cos and s is sin:
+            return result
+    c2, s2 = (t.reshape(-1, t.shape[-1]) for t in (cos, sin))
+    if c2.shape[0] != n_tokens:  # one set of positions for every row
+        c2, s2 = c2.repeat(rows, 1), s2.repeat(rows, 1)
+    _ROPE[:] = [(cos, sin, (c2, s2))]
+    return c2, s2
+
+
+def install_graphs(layers) -> int:
+    """Share one LayerGraphs among a model's installed layers; how many layers may be graphed."""
+    from .cuda_graphs import LayerGraphs
+
+    fused = [layer for layer in layers if hasattr(layer, "_qlora_qkv")]
+    graphs = LayerGraphs(fused, run_fused_layer)
+    for layer in fused:
+        layer._qlora_graphs = graphs
+    return 0 if graphs.failed else len(graphs._eligible())
 
 
 def keep_weight_copies(layer) -> int:
