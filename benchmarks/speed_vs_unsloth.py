@@ -403,14 +403,14 @@ def make_optimizer(model, device="cuda", plan=None):
     return params, torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
 
 
-def plan_job(cfg, folder: Path, seq: int, micro: int, accum: int, dropout: float):
+def plan_job(cfg, folder: Path, seq: int, micro: int, accum: int, dropout: float, packing: bool = False):
     from qlora_trainer.acceleration import JobShape, plan_for_gpu
     from transformers import AutoConfig
 
     fraction = cfg.get("memory_fraction")
     job = JobShape(seq_len=seq, micro_batch=micro, grad_accum=accum, lora_rank=16, lora_dropout=dropout)
     return plan_for_gpu(AutoConfig.from_pretrained(str(folder)), job, memory_fraction=fraction,
-                        policy=cfg.get("policy", "auto"))
+                        policy=cfg.get("policy", "auto"), packing=packing)
 
 
 def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda", autocast=True, items=True):
@@ -575,7 +575,7 @@ def run_varlen(cfg) -> dict:
               "frac_under_512": round(sum(n < 512 for n in lengths) / len(lengths), 3)}
     plan = None
     if engine == "ours":
-        plan = plan_job(cfg, folder, max_len, micro, accum, dropout)
+        plan = plan_job(cfg, folder, max_len, micro, accum, dropout, packing=True)
         result["plan"] = plan.describe()
     model = shared_model(engine, folder, max_len, dropout)
     if plan is not None:
@@ -689,7 +689,7 @@ def run_lossmatch(cfg, device="cuda", folder: Path | None = None) -> dict:
     plan = None
     if engine == "ours":
         if device == "cuda":
-            plan = plan_job(cfg, folder, max_len, micro, per_step // micro, 0.05)
+            plan = plan_job(cfg, folder, max_len, micro, per_step // micro, 0.05, packing=True)
         else:
             from qlora_trainer.acceleration.planner import MemoryPlan
 

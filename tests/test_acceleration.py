@@ -273,12 +273,14 @@ def _fused_double_layer(dropout: float):
     return model, layer, x, rope
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fused_decoder_layer_gradients_match_finite_differences(dropout):
+@pytest.mark.parametrize("dropout,recompute", [(0.0, False), (0.3, False), (0.3, True)])
+def test_fused_decoder_layer_gradients_match_finite_differences(dropout, recompute):
     """The fused functions' hand-written backward is the gradient of their forward, dropout masks
-    included (the same seed draws the same masks): input gradient by gradcheck, the LoRA
-    parameters' by a central difference along a random direction."""
+    included (the same seed draws the same masks), also when the layer recomputes its forward in
+    backward: input gradient by gradcheck, the LoRA parameters' by a central difference along a
+    random direction."""
     model, layer, x, rope = _fused_double_layer(dropout)
+    layer._qlora_recompute = recompute
     params = [p for n, p in layer.named_parameters() if p.requires_grad]
     assert len(params) == 14
     weight = torch.randn(2, 7, 32, dtype=torch.float64)
@@ -341,3 +343,25 @@ def test_recomputed_fused_layers_draw_the_same_dropout_masks_again():
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_fixed_length_rows_reach_the_cuda_graph_path_and_packed_rows_do_not(monkeypatch):
+    """Rows without position_ids get static record boundaries, so the layers ask their CUDA graphs
+    (which decline off CUDA: the eager layer runs); packed rows with per-batch boundaries never do."""
+    from qlora_trainer.acceleration import apply_acceleration
+    from qlora_trainer.acceleration.cuda_graphs import LayerGraphs
+    from qlora_trainer.acceleration.packing import pack_records
+
+    asked = []
+    original = LayerGraphs.__call__
+    monkeypatch.setattr(LayerGraphs, "__call__", lambda self, layer, *a: asked.append(layer) or original(self, layer, *a))
+    model = _tiny_peft_model()
+    report = apply_acceleration(model, _plan())
+    assert report.graphed_layers == 2
+    model.train()
+    ids = torch.randint(0, 96, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(asked) == 2
+    batch = pack_records([(r, r) for r in (ids[0, :5].tolist(), ids[1].tolist())])
+    model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"]).loss.backward()
+    assert len(asked) == 2

@@ -164,10 +164,14 @@ def _set_recompute(layers, plan: MemoryPlan) -> int:
     count = 0
     for i, layer in enumerate(layers):
         on = i < plan.recompute_layers
-        layer.gradient_checkpointing = on
-        if on:
+        # A fused layer recomputes inside its own functions (it stays graphable); offloading and
+        # other layers use torch's checkpoint around the whole layer.
+        own = on and hasattr(layer, "_qlora_qkv") and plan.recompute != "offload"
+        layer._qlora_recompute = own
+        layer.gradient_checkpointing = on and not own
+        if on and not own:
             layer._gradient_checkpointing_func = func
-            count += 1
+        count += on
     return count
 
 
@@ -221,6 +225,12 @@ def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
 
         kwargs.pop("logits_to_keep", None)
         kwargs["use_cache"] = False
+        if kwargs.get("position_ids") is None and kwargs.get("cu_seq_lens_q") is None and input_ids is not None:
+            # Fixed-length rows, each one record (right padding, if any, comes after the tokens and
+            # causal attention never looks forward): static boundaries, so the layers can replay
+            # as CUDA graphs (transformers would otherwise pass fresh position_ids every step).
+            cu, longest = fused_layer.rows_pack(input_ids.shape[0], input_ids.shape[1], input_ids.device)
+            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         out = backbone(input_ids=input_ids, **kwargs)
         hidden = out.last_hidden_state
         shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)

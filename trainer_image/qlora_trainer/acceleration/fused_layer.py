@@ -161,40 +161,60 @@ class AttentionShape:
         return heads[:, :hq], heads[:, hq:hq + hk], heads[:, hq + hk:], heads[:, :hq + hk]
 
 
+def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params):
+    """y = x + o_proj(attention(rope(qkv(rms_norm(x))))) and what backward needs."""
+    shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
+    qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
+    A, B = qkv_lora.factors(lora_params[:6])
+    Ao, Bo = o_lora.factors(lora_params[6:])
+    h, rstd = ops.rms_norm(x, norm_w, shape.eps)
+    w = W.get()
+    qkv = torch.addmm(W.bias, h, w.t()) if W.bias is not None else h @ w.t()
+    del w
+    a = ops.lora_a(h, A, seeds[0], qkv_lora.p, 3)
+    del h
+    qkv.addmm_(a, B.t())
+    q, k, v, qk = shape.split(qkv)
+    ops.rope_(qk, cos, sin)
+    out, state = _attention(q, k, v, pack[0], pack[1], shape.scale)
+    o2 = out.view(out.shape[0], -1)
+    ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1)
+    y = torch.addmm(x, o2, Wo.get().t())
+    y.addmm_(ao, Bo.t())
+    return y, (rstd, qkv, out, state, a, ao)
+
+
 class FusedAttentionBlock(torch.autograd.Function):
+    """Keeps rstd, qkv, the attention output and logsumexp, and the LoRA A sides; or, for a layer
+    that recomputes (layer._qlora_recompute), only x and the dropout seeds, and runs the forward
+    again in backward (inside the backward's CUDA graph, when the layer is graphed)."""
+
     @staticmethod
     def forward(ctx, x, norm_w, rope, pack, layer, *lora_params):
-        cos, sin = rope
-        cu, max_len = pack
-        shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
-        qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
         seeds = torch.randint(1, 2**30, (2,), device=x.device)  # on the device: no sync, graph-safe
-        A, B = qkv_lora.factors(lora_params[:6])
-        Ao, Bo = o_lora.factors(lora_params[6:])
-        h, rstd = ops.rms_norm(x, norm_w, shape.eps)
-        w = W.get()
-        qkv = torch.addmm(W.bias, h, w.t()) if W.bias is not None else h @ w.t()
-        del w
-        a = ops.lora_a(h, A, seeds[0], qkv_lora.p, 3)
-        del h
-        qkv.addmm_(a, B.t())
-        q, k, v, qk = shape.split(qkv)
-        ops.rope_(qk, cos, sin)
-        out, state = _attention(q, k, v, cu, max_len, shape.scale)
-        o2 = out.view(out.shape[0], -1)
-        ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1)
-        y = torch.addmm(x, o2, Wo.get().t())
-        y.addmm_(ao, Bo.t())
-        ctx.layer, ctx.seeds, ctx.pack, ctx.state, ctx.rope = layer, seeds, pack, state, rope
-        ctx.save_for_backward(x, norm_w, rstd, qkv, out, a, ao, *lora_params)
+        y, saved = _attention_forward(layer, x, norm_w, *rope, pack, seeds, lora_params)
+        ctx.layer, ctx.seeds, ctx.pack, ctx.rope = layer, seeds, pack, rope
+        ctx.recompute = bool(getattr(layer, "_qlora_recompute", False))
+        if ctx.recompute:
+            ctx.save_for_backward(x, norm_w, *lora_params)
+        else:
+            rstd, qkv, out, ctx.state, a, ao = saved
+            ctx.save_for_backward(x, norm_w, *lora_params, rstd, qkv, out, a, ao)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, norm_w, rstd, qkv, out, a, ao, *lora_params = ctx.saved_tensors
+        x, norm_w, *rest = ctx.saved_tensors
+        lora_params = rest[:8]
         layer, seeds = ctx.layer, ctx.seeds
         cos, sin = ctx.rope
         cu, max_len = ctx.pack
+        if ctx.recompute:
+            _, (rstd, qkv, out, state, a, ao) = _attention_forward(layer, x, norm_w, cos, sin, ctx.pack, seeds,
+                                                                   lora_params)
+        else:
+            rstd, qkv, out, a, ao = rest[8:]
+            state = ctx.state
         shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
         qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
         A, B = qkv_lora.factors(lora_params[:6])
@@ -209,7 +229,7 @@ class FusedAttentionBlock(torch.autograd.Function):
         o_grads = o_lora.grads(gao, gy, ao, gAo, [gy.shape[1]], lora_params[6:])
         # attention, then RoPE backward on the q|k part of the gradient buffer
         q, k, v, _ = shape.split(qkv)
-        dq, dk, dv = _attention_backward(go.view_as(out), q, k, v, out, ctx.state, cu, max_len, shape.scale)
+        dq, dk, dv = _attention_backward(go.view_as(out), q, k, v, out, state, cu, max_len, shape.scale)
         n = gy.shape[0]
         gqkv = torch.cat((dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1)), dim=1)
         ops.rope_backward_(shape.split(gqkv)[3], cos, sin)
@@ -225,32 +245,46 @@ class FusedAttentionBlock(torch.autograd.Function):
         return (gx, None, None, None, None, *qkv_grads, *o_grads)
 
 
+def _mlp_forward(layer, x, norm_w, seeds, lora_params):
+    """z = x + down(silu(gate(n)) * up(n)), n = rms_norm(x), and what backward needs."""
+    Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
+    gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
+    A, B = gu_lora.factors(lora_params[:4])
+    Ad, Bd = d_lora.factors(lora_params[4:])
+    h, rstd = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps)
+    gu = h @ Wgu.get().t()
+    a = ops.lora_a(h, A, seeds[0], gu_lora.p, 2)
+    del h
+    gu.addmm_(a, B.t())
+    m = ops.swiglu(gu)
+    ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1)
+    y = torch.addmm(x, m, Wd.get().t())
+    del m
+    y.addmm_(ad, Bd.t())
+    return y, (rstd, gu, a, ad)
+
+
 class FusedMLPBlock(torch.autograd.Function):
+    """Keeps rstd, gate|up and the LoRA A sides, or (recompute) only x and the seeds."""
+
     @staticmethod
     def forward(ctx, x, norm_w, layer, *lora_params):
-        Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
-        gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
-        seeds = torch.randint(1, 2**30, (2,), device=x.device)  # on the device: no sync, graph-safe
-        A, B = gu_lora.factors(lora_params[:4])
-        Ad, Bd = d_lora.factors(lora_params[4:])
-        h, rstd = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps)
-        gu = h @ Wgu.get().t()
-        a = ops.lora_a(h, A, seeds[0], gu_lora.p, 2)
-        del h
-        gu.addmm_(a, B.t())
-        m = ops.swiglu(gu)
-        ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1)
-        y = torch.addmm(x, m, Wd.get().t())
-        del m
-        y.addmm_(ad, Bd.t())
+        seeds = torch.randint(1, 2**30, (2,), device=x.device)
+        y, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params)
         ctx.layer, ctx.seeds = layer, seeds
-        ctx.save_for_backward(x, norm_w, rstd, gu, a, ad, *lora_params)
+        ctx.recompute = bool(getattr(layer, "_qlora_recompute", False))
+        ctx.save_for_backward(x, norm_w, *lora_params, *(() if ctx.recompute else saved))
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, norm_w, rstd, gu, a, ad, *lora_params = ctx.saved_tensors
+        x, norm_w, *rest = ctx.saved_tensors
+        lora_params = rest[:6]
         layer, seeds = ctx.layer, ctx.seeds
+        if ctx.recompute:
+            _, (rstd, gu, a, ad) = _mlp_forward(layer, x, norm_w, seeds, lora_params)
+        else:
+            rstd, gu, a, ad = rest[6:]
         Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
         gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
         A, B = gu_lora.factors(lora_params[:4])
@@ -410,15 +444,21 @@ def packed_records(kwargs: dict, position_ids, bsz: int, seq: int, device) -> tu
     if cu is not None:
         max_len = int(kwargs.get("max_length_q") or seq)
     elif position_ids is None:  # every row one record: the same tensor for every layer and step
-        key = (bsz, seq, str(device))
-        if key not in _ROWS:
-            _ROWS[key] = torch.arange(0, (bsz + 1) * seq, seq, dtype=torch.int32, device=device)
-        return _ROWS[key], seq
+        return rows_pack(bsz, seq, device)
     else:
         cu, max_len = _cu_for(position_ids, bsz, seq)
     return _on_device(cu, device), max_len
 
 
 _ROWS: dict = {}
+
+
+def rows_pack(bsz: int, seq: int, device) -> tuple[torch.Tensor, int]:
+    """Record boundaries of fixed-length rows (every row one record): one static device tensor per
+    shape, which is what lets the layers run as CUDA graphs."""
+    key = (bsz, seq, str(device))
+    if key not in _ROWS:
+        _ROWS[key] = torch.arange(0, (bsz + 1) * seq, seq, dtype=torch.int32, device=device)
+    return _ROWS[key], seq
 
 

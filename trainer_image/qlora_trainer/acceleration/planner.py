@@ -35,6 +35,7 @@ _GEMM_EFFICIENCY = 0.72  # best achieved fraction of the dense peak for these sh
 _LAYER_OVERHEAD_S = 0.0105
 _DEQUANT_OVERHEAD_S = 0.0004  # host cost of dequantizing one layer's 7 weights (one pass)
 _ELEMENTWISE_PASSES = 8  # passes over a layer's saved activations (norms, RoPE, SwiGLU, LoRA A side, copies)
+_GRAPH_REPLAY_S = 0.0004  # host cost of one graphed layer's forward and backward replays (estimate)
 _STEP_OVERHEAD_S = 0.010  # fused AdamW step, clipping, data: per optimizer step
 # bitsandbytes' optimizers synchronize the GPU after every parameter: 35-50 ms per step for the ~400
 # LoRA tensors of a 1.5B-8B model against 8-11 ms for fused AdamW (measured, benchmarks/NOTES.md).
@@ -205,7 +206,8 @@ def choose_ce_chunk(shape: ModelShape, tokens: int, work_bytes: int = CE_WORK_BY
 
 
 def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recompute_layers: int,
-                    cached_layers: int, offload: bool = False, ce_work_bytes: int = CE_WORK_BYTES) -> tuple[int, dict]:
+                    cached_layers: int, offload: bool = False, ce_work_bytes: int = CE_WORK_BYTES,
+                    graphs: bool = False) -> tuple[int, dict]:
     tokens = micro_batch * job.seq_len
     static = static_bytes(shape, job.lora_rank)
     kept_layers = shape.layers - recompute_layers
@@ -221,6 +223,8 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     parts["cross_entropy"] = ce_chunk_bytes(shape, chunk) + tokens * shape.hidden * 2
     # A dequantized weight of the largest matrix (not cached) lives while its matmul runs.
     parts["dequant_buffer"] = 2 * shape.hidden * shape.intermediate * 2 if cached_layers < shape.layers else 0
+    if graphs:  # a graphed layer keeps static input, output and gradient buffers of its own
+        parts["cuda_graph_buffers"] = 3 * tokens * shape.hidden * 2 * (kept_layers if offload else shape.layers)
     total = sum(parts.values())
     parts["fragmentation"] = int(0.03 * (total - static["nf4_weights"] - static["embeddings"]))
     return int(sum(parts.values())), parts
@@ -246,7 +250,7 @@ def baseline_peak_bytes(shape: ModelShape, job: JobShape) -> int:
 
 
 def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: int, recompute_layers: int,
-                 cached_layers: int, offload: bool = False) -> float:
+                 cached_layers: int, offload: bool = False, graphs: bool = False) -> float:
     tokens = micro_batch * job.seq_len
     accum = job.effective_batch // micro_batch
     eff = _GEMM_EFFICIENCY * tokens / (tokens + _GEMM_TOKENS_HALF_EFFICIENCY)
@@ -270,6 +274,9 @@ def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: in
     gpu_s = gemm_s + dequant_s + elem_s
     # The host issues ~300 kernels per layer per micro-step; small micro-steps are bound by it.
     host_s = (shape.layers * _LAYER_OVERHEAD_S * (1 + 0.4 * frac_recomputed) + passes * _DEQUANT_OVERHEAD_S)
+    if graphs:  # graphed layers cost the host one replay each (recompute included); offloaded ones run eagerly
+        eager = recompute_layers if offload else 0
+        host_s = eager * (_LAYER_OVERHEAD_S * 1.4 + 3 * _DEQUANT_OVERHEAD_S) + (shape.layers - eager) * _GRAPH_REPLAY_S
     micro_s = max(gpu_s + offload_s * 0.2, host_s) + 0.1 * min(gpu_s, host_s)
     return accum * micro_s + _STEP_OVERHEAD_S
 
@@ -283,15 +290,16 @@ def _usable(gpu: GpuSpec) -> int:
     return int(gpu.memory_bytes * 0.92 - 1.0 * GIB)
 
 
-def _candidates(shape: ModelShape, job: JobShape, gpu: GpuSpec, ce_work_bytes: int = CE_WORK_BYTES):
+def _candidates(shape: ModelShape, job: JobShape, gpu: GpuSpec, ce_work_bytes: int = CE_WORK_BYTES,
+                graphs: bool = False):
     divisors = [b for b in range(1, job.effective_batch + 1) if job.effective_batch % b == 0]
     layer_steps = sorted(set([0, shape.layers] + list(range(0, shape.layers, max(1, shape.layers // 16)))))
     for b in divisors:
         for rec in layer_steps:
             for cached in layer_steps:
                 for offload in ((False, True) if rec == shape.layers else (False,)):
-                    peak, parts = plan_peak_bytes(shape, job, b, rec, cached, offload, ce_work_bytes)
-                    secs = step_seconds(shape, job, gpu, b, rec, cached, offload)
+                    peak, parts = plan_peak_bytes(shape, job, b, rec, cached, offload, ce_work_bytes, graphs)
+                    secs = step_seconds(shape, job, gpu, b, rec, cached, offload, graphs)
                     yield b, rec, cached, offload, peak, secs, parts
 
 
@@ -330,7 +338,9 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
     # 10% under the standard recipe: both numbers are estimates, and the promise is "never more".
     budget = usable if policy == "max" else (min(usable, int(0.9 * baseline)) if policy == "auto" else usable)
     ce_work = CE_WORK_BYTES // 3 if policy == "lean" else CE_WORK_BYTES
-    cands = [c for c in _candidates(shape, job, gpu, ce_work) if c[4] <= budget]
+    # Fixed-length rows replay the fused layers as CUDA graphs; packed rows (boundaries change
+    # from batch to batch) run them eagerly (cuda_graphs.py).
+    cands = [c for c in _candidates(shape, job, gpu, ce_work, graphs=not packing) if c[4] <= budget]
     if not cands:
         raise PlanDoesNotFit(_does_not_fit_message(shape, job, gpu, usable))
     if policy == "lean":
