@@ -454,17 +454,16 @@ def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda"
 
 
 def _fixed_batches(vocab, micro, seq, accum, seed=0):
+    """Step s trains on the same micro*accum sequences whatever the split into micro-batches (a
+    pool of 4 full steps, cycled), so every engine and plan sees the same data in the same order."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    pool = [torch.randint(0, min(vocab, 49152), (micro, seq), generator=g) for _ in range(4)]
+    pool = [torch.randint(0, min(vocab, 49152), (micro * accum, seq), generator=g) for _ in range(4)]
 
     def make(step):
-        out = []
-        for m in range(accum):
-            ids = pool[(step * accum + m) % len(pool)]
-            out.append(({"input_ids": ids, "labels": ids}, ids.numel()))
-        return out
+        full = pool[step % len(pool)]
+        return [({"input_ids": ids, "labels": ids}, ids.numel()) for ids in full.split(micro)]
     return make
 
 
