@@ -365,3 +365,50 @@ def test_fixed_length_rows_reach_the_cuda_graph_path_and_packed_rows_do_not(monk
     batch = pack_records([(r, r) for r in (ids[0, :5].tolist(), ids[1].tolist())])
     model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"]).loss.backward()
     assert len(asked) == 2
+
+
+@pytest.mark.parametrize("cached_layers", [0, 2])
+def test_fused_layers_on_an_nf4_model_match_its_plain_forward(tmp_path, cached_layers):
+    """The fused path over real NF4 weights (double quantization, dequantized into one buffer per
+    fused projection group): same loss and LoRA gradients as the plain peft + bitsandbytes model."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from qlora_trainer.acceleration import apply_acceleration
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32,
+                                                 device_map="cpu")
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.2)
+    model.train()
+    ids = torch.randint(0, 96, (2, 10))
+
+    def loss_and_grads():
+        for p in model.parameters():
+            p.grad = None
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    plain_loss, plain_grads = loss_and_grads()
+    import dataclasses
+
+    report = apply_acceleration(model, dataclasses.replace(_plan(), cached_layers=cached_layers))
+    assert report.fused_layers == 2, report.skipped
+    assert report.cached_layers == cached_layers
+    fast_loss, fast_grads = loss_and_grads()
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_grads, plain_grads, rtol=1e-4, atol=1e-6)

@@ -5,7 +5,10 @@ fast path installed on the peft model after it is built.
     ...load the 4-bit model, add the adapter...
     report = apply_acceleration(model, plan)
 
-`planner` is pure Python (no torch); `kernels`, `packing` and `apply` need torch.
+`planner` is pure Python (no torch); the rest needs torch: `apply` installs the fast path,
+`fused_layer` is the decoder layer as two autograd functions, `fused_ops` its element-wise and LoRA
+operations (torch references) with `triton_ops` their GPU kernels, `cuda_graphs` replays the layers
+as CUDA graphs, `kernels` and `packing` the per-module functions and padding-free attention.
 """
 
 from .planner import GIB, GpuSpec, JobShape, MemoryPlan, ModelShape, PlanDoesNotFit, plan_memory

@@ -2,7 +2,11 @@
 
 The model stays an ordinary peft model (same parameters, same adapter files, generation and eval
 unchanged); what changes is how its modules compute in training:
-- LoRA layers over frozen linears run as one autograd function (LoRALinearFunction);
+- Llama-style decoder layers (Llama, Qwen2, Mistral, ...) run as two fused autograd functions
+  (fused_layer.py: fused q|k|v and gate|up GEMMs, in-kernel LoRA dropout, Triton norms, RoPE and
+  SwiGLU), replayed as CUDA graphs for fixed-length rows (cuda_graphs.py); QLORA_FUSED_LAYER=0 and
+  QLORA_CUDA_GRAPHS=0 turn them off;
+- other LoRA layers over frozen linears run as one autograd function (LoRALinearFunction);
 - gated SiLU MLPs (Llama, Qwen2, Mistral, ...) run as one function that keeps x, gate and up;
 - Llama-style RMSNorms keep their compute-dtype input instead of fp32 copies;
 - the plan's layers keep a bf16 copy of their NF4 weights (no dequantization per pass);

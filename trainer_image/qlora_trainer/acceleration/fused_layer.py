@@ -14,7 +14,9 @@ Same numerics as the plain recipe, far fewer kernel launches and bytes moved:
 - RMSNorm, RoPE (in place on the qkv buffer) and SwiGLU are one kernel each (fused_ops);
 - attention is variable-length flash attention over the packed records, called directly.
 What is kept for backward: the layer input, the qkv buffer, the attention output and its
-logsumexp, gate|up, and the small LoRA A-side activations; the norms and SwiGLU are recomputed.
+logsumexp, gate|up, and the small LoRA A-side activations; the norms and SwiGLU are recomputed. A
+layer the memory plan recomputes keeps only its input and its dropout seeds and runs its forward
+again inside backward (so it can still be captured as a CUDA graph: cuda_graphs.py).
 
 Anything the functions do not cover (generation, eval, caches, disabled adapters, other
 architectures) keeps the original forward.
@@ -112,7 +114,7 @@ class LoRASet:
             self._key = key
         return self._A, self._B
 
-    def grads(self, ga: torch.Tensor, gy: torch.Tensor, a: torch.Tensor, gA: torch.Tensor, rows: list[int],
+    def grads(self, gy: torch.Tensor, a: torch.Tensor, gA: torch.Tensor, rows: list[int],
               params) -> list[torch.Tensor]:
         """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes."""
         out, r, start = [], self.rank, 0
@@ -226,7 +228,7 @@ class FusedAttentionBlock(torch.autograd.Function):
         go = gy @ Wo.get()
         ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1)
         gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1)
-        o_grads = o_lora.grads(gao, gy, ao, gAo, [gy.shape[1]], lora_params[6:])
+        o_grads = o_lora.grads(gy, ao, gAo, [gy.shape[1]], lora_params[6:])
         # attention, then RoPE backward on the q|k part of the gradient buffer
         q, k, v, _ = shape.split(qkv)
         dq, dk, dv = _attention_backward(go.view_as(out), q, k, v, out, state, cu, max_len, shape.scale)
@@ -240,7 +242,7 @@ class FusedAttentionBlock(torch.autograd.Function):
         h, _ = ops.rms_norm(x, norm_w, shape.eps)
         gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3)
         del h
-        qkv_grads = qkv_lora.grads(ga, gqkv, a, gA, W.rows, lora_params[:6])
+        qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
         gx = ops.rms_norm_backward(gh, x, norm_w, rstd) + gy
         return (gx, None, None, None, None, *qkv_grads, *o_grads)
 
@@ -295,7 +297,7 @@ class FusedMLPBlock(torch.autograd.Function):
         gm = gy @ Wd.get()
         ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
         gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1)
-        d_grads = d_lora.grads(gad, gy, ad, gAd, [gy.shape[1]], lora_params[4:])
+        d_grads = d_lora.grads(gy, ad, gAd, [gy.shape[1]], lora_params[4:])
         del m
         ggu = ops.swiglu_backward(gm, gu)
         del gm
@@ -305,7 +307,7 @@ class FusedMLPBlock(torch.autograd.Function):
         h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps)
         gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2)
         del h
-        gu_grads = gu_lora.grads(ga, ggu, a, gA, Wgu.rows, lora_params[:4])
+        gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
         gx = ops.rms_norm_backward(gh, x, norm_w, rstd) + gy
         return (gx, None, None, *gu_grads, *d_grads)
 

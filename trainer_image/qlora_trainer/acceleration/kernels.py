@@ -52,7 +52,7 @@ class FrozenWeight:
             return
         w = self.base.weight
         qs = getattr(w, "quant_state", None)
-        if qs is not None and qs.dtype == out.dtype:
+        if qs is not None and qs.dtype == out.dtype and out.is_cuda:  # bitsandbytes has no CPU `out=` kernel
             import bitsandbytes.functional as bnbf
 
             bnbf.dequantize_4bit(w.data, qs, out=out)
