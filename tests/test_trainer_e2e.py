@@ -145,3 +145,19 @@ def test_a_rerun_of_a_published_run_reports_it_without_training(trained, s3, tin
     assert again.stdout == []  # no training happened
     assert again.termination.result.manifest_sha256 == trained.termination.result.manifest_sha256
     assert any("already published" in line for line in again.stderr)
+
+
+def test_the_fast_path_trains_through_the_real_trainer(s3, tiny_model_uri, colour_data, tmp_path):  # noqa: F811
+    """The GPU default path's wiring (memory plan, fused decoder layers with LoRA dropout, packed
+    rows, chunked cross-entropy) through the real Trainer, on the CPU's torch references
+    (QLORA_ACCELERATION=cpu): the run succeeds, learns, and records the plan it ran."""
+    config = run_config(s3, tiny_model_uri, colour_data["train"], "run-fast", eval_uri=colour_data["eval"],
+                        lora={"dropout": 0.05})
+    proc = run_trainer(tmp_path, config, trainer_env(s3, QLORA_ACCELERATION="cpu"))
+    assert proc.proc.returncode == 0, proc.log_tail()
+    log = proc.log_tail(100_000)
+    assert "fused decoder layers" in log and " 0 fused decoder layers" not in log, log[-3000:]
+    result = proc.termination.result
+    assert result.eval_loss_after < 0.5 * result.eval_loss_before, result
+    ran = json.loads(s3.get("adapters", "adapters/team-a/colours/run-fast/training_config.json"))
+    assert "micro-batch" in json.dumps(ran), ran

@@ -429,7 +429,8 @@ def install_graphs(layers) -> int:
     graphs = LayerGraphs(fused, run_fused_layer)
     for layer in fused:
         layer._qlora_graphs = graphs
-    return 0 if graphs.failed else len(graphs._eligible())
+    on_cuda = bool(fused) and fused[0].input_layernorm.weight.is_cuda
+    return len(graphs._eligible()) if on_cuda and not graphs.failed else 0
 
 
 def keep_weight_copies(layer) -> int:

@@ -6,7 +6,9 @@ path once the adapter is on.
     training = trainer_hooks.accelerate(model, plan, spec.training)        # the spec the Trainer runs
 
 On a CPU, for architectures the planner does not know, or with QLORA_ACCELERATION=0, the plan is
-None and the trainer runs the plain recipe unchanged.
+None and the trainer runs the plain recipe unchanged. QLORA_ACCELERATION=cpu runs the fast path on
+a CPU anyway (torch references instead of Triton kernels, no CUDA graphs): how the tests drive the
+GPU path's wiring through the real Trainer.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ from __future__ import annotations
 import logging
 import os
 
-from . import JobShape, MemoryPlan, ModelShape, PlanDoesNotFit, apply_acceleration, plan_for_gpu
+from . import (
+    GIB,
+    GpuSpec,
+    JobShape,
+    MemoryPlan,
+    ModelShape,
+    PlanDoesNotFit,
+    apply_acceleration,
+    plan_for_gpu,
+    plan_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +36,9 @@ def plan_before_loading(model_path, spec) -> MemoryPlan | None:
     weights load, with the largest setting that would fit (exit code OUT_OF_MEMORY)."""
     import torch
 
-    if os.environ.get("QLORA_ACCELERATION", "1") == "0" or not torch.cuda.is_available():
+    mode = os.environ.get("QLORA_ACCELERATION", "1")
+    on_cpu = mode == "cpu" and not torch.cuda.is_available()  # the fast path on torch references: tests
+    if mode == "0" or not (torch.cuda.is_available() or on_cpu):
         return None
     from transformers import AutoConfig
 
@@ -41,7 +55,11 @@ def plan_before_loading(model_path, spec) -> MemoryPlan | None:
     job = JobShape(seq_len=t.max_seq_length, micro_batch=t.batch_size, grad_accum=t.gradient_accumulation_steps,
                    lora_rank=spec.lora.r, lora_dropout=spec.lora.dropout)
     try:
-        plan = plan_for_gpu(config.get_text_config(), job, packing=t.packing)
+        if on_cpu:
+            plan = plan_memory(shape, job, GpuSpec(memory_bytes=64 * GIB, name="cpu (QLORA_ACCELERATION=cpu)"),
+                               packing=t.packing)
+        else:
+            plan = plan_for_gpu(config.get_text_config(), job, packing=t.packing)
     except PlanDoesNotFit as exc:
         from qlora_api.protocol import ExitCode
 
