@@ -16,7 +16,7 @@ from qlora_localcluster import operator_install
 from qlora_localcluster.testing import kubectl
 from support.helm import helm
 from support.objects import qlorajob_manifest
-from support.operator_process import free_port
+from support.operator_process import free_port, refusals_and_tracebacks
 from support.shared_gpu import wait_for_the_gpu
 
 pytestmark = pytest.mark.cluster
@@ -83,7 +83,7 @@ def test_helm_install_runs_the_operator_as_its_own_service_account(local_cluster
         assert 'qlora_operator_jobs{phase="Succeeded"} 1.0' in r.read().decode()
     log = operator_log()
     assert "Initial authentication has finished" in log
-    denied = [line for line in log.splitlines() if "403" in line or "Forbidden" in line or "Traceback" in line]
+    denied = refusals_and_tracebacks(log)
     assert denied == [], "the chart's RBAC lets the operator do all it needs"
 
     k("delete", "qlorajob", "happy", "--timeout=60s")
