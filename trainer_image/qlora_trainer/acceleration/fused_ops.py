@@ -82,18 +82,29 @@ def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: 
 # Rotary embedding, in place on [N, heads, D] views (HF convention: rotate_half of two halves)
 
 
+def _rope_reference_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
+    """Halves x1, x2 of each head: forward (x1 c1 - x2 s1, x2 c2 + x1 s2); backward the transposed
+    rotation (x1 c1 + x2 s2, x2 c2 - x1 s1)."""
+    d = x.shape[-1] // 2
+    xf = x.to(_acc(x))
+    c, s = cos.to(xf.dtype)[:, None, :], sin.to(xf.dtype)[:, None, :]
+    x1, x2 = xf[..., :d], xf[..., d:]
+    c1, c2, s1, s2 = c[..., :d], c[..., d:], s[..., :d], s[..., d:]
+    if backward:
+        out = (x1 * c1 + x2 * s2, x2 * c2 - x1 * s1)
+    else:
+        out = (x1 * c1 - x2 * s1, x2 * c2 + x1 * s2)
+    x.copy_(torch.cat(out, dim=-1))
+
+
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """x[n, h] <- x[n, h] * cos[n] + rotate_half(x[n, h]) * sin[n]; x may be a strided view of a
     larger buffer (last dim contiguous). cos, sin: [N, D]."""
     k = _kernel(x, "rope_")
     if k is not None:
         k(x, cos, sin)
-        return
-    d = x.shape[-1] // 2
-    xf = x.to(_acc(x))
-    c, s = cos.to(xf.dtype)[:, None, :], sin.to(xf.dtype)[:, None, :]
-    rot = torch.cat((-xf[..., d:], xf[..., :d]), dim=-1)
-    x.copy_(xf * c + rot * s)
+    else:
+        _rope_reference_(x, cos, sin, backward=False)
 
 
 def rope_backward_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -101,14 +112,8 @@ def rope_backward_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Non
     k = _kernel(g, "rope_backward_")
     if k is not None:
         k(g, cos, sin)
-        return
-    d = g.shape[-1] // 2
-    gf = g.to(_acc(g))
-    c, s = cos.to(gf.dtype)[:, None, :], sin.to(gf.dtype)[:, None, :]
-    g1, g2 = gf[..., :d], gf[..., d:]
-    gx1 = g1 * c[..., :d] + g2 * s[..., d:]
-    gx2 = g2 * c[..., d:] - g1 * s[..., :d]
-    g.copy_(torch.cat((gx1, gx2), dim=-1))
+    else:
+        _rope_reference_(g, cos, sin, backward=True)
 
 
 # ---------------------------------------------------------------------------------------------
