@@ -23,6 +23,7 @@ waits (imports done, no GPU touched) so imports overlap the previous run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -101,15 +102,35 @@ def configs(only: set[str] | None) -> list[dict]:
             flat.append(c)
         out = flat
     if only:
-        # Variants run only when named: <row>/ours-max (the plan may use the whole card).
-        extra = [dict(name=f"{row}/ours-max", task="fixed", engine="ours", row=row, timeout=150, policy="max")
-                 for row in ROWS if f"{row}/ours-max" in only]
-        extra += [dict(name=f"{row}/ours-unfused", task="fixed", engine="ours", row=row, timeout=150,
-                       env={"QLORA_FUSED_LAYER": "0"}) for row in ROWS if f"{row}/ours-unfused" in only]
-        extra += [dict(name=f"{row}/ours-eager", task="fixed", engine="ours", row=row, timeout=150,
-                       env={"QLORA_CUDA_GRAPHS": "0"}) for row in ROWS if f"{row}/ours-eager" in only]
-        out += extra
+        out += [v for v in (_variant(name) for name in sorted(only)) if v is not None]
     return out
+
+
+def _variant(name: str) -> dict | None:
+    """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], mods: max (the plan may use
+    the whole card), unfused (QLORA_FUSED_LAYER=0), eager (QLORA_CUDA_GRAPHS=0), mb<N> (micro-batch
+    pinned to N), none/selective/full/offload (recompute mode pinned); the rest is planned."""
+    row, _, rest = name.partition("/")
+    base, *mods = rest.split("-")
+    if row not in ROWS or base not in ("ours", "lean") or not mods:
+        return None
+    cfg = dict(name=name, task="fixed", engine="ours", row=row, timeout=150, env={})
+    if base == "lean":
+        cfg["simulate_card_gb"] = 24
+    for mod in mods:
+        if mod == "max":
+            cfg["policy"] = "max"
+        elif mod == "unfused":
+            cfg["env"]["QLORA_FUSED_LAYER"] = "0"
+        elif mod == "eager":
+            cfg["env"]["QLORA_CUDA_GRAPHS"] = "0"
+        elif mod in ("none", "selective", "full", "offload"):
+            cfg["recompute"] = mod
+        elif mod.startswith("mb") and mod[2:].isdigit():
+            cfg["micro_batch"] = int(mod[2:])
+        else:
+            raise SystemExit(f"unknown variant {mod!r} in {name!r}")
+    return cfg
 
 
 # ============================================================================================
@@ -414,7 +435,8 @@ def plan_job(cfg, folder: Path, seq: int, micro: int, accum: int, dropout: float
     fraction = cfg.get("memory_fraction")
     job = JobShape(seq_len=seq, micro_batch=micro, grad_accum=accum, lora_rank=16, lora_dropout=dropout)
     return plan_for_gpu(AutoConfig.from_pretrained(str(folder)), job, memory_fraction=fraction,
-                        policy=cfg.get("policy", "auto"), packing=packing)
+                        policy=cfg.get("policy", "auto"), packing=packing, micro_batch=cfg.get("micro_batch"),
+                        recompute=cfg.get("recompute"))
 
 
 def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda", autocast=True, items=True):
@@ -538,7 +560,7 @@ def profile_steps(model, params, opt, batches, engine, steps=2) -> dict:
         low = e.key.lower()
         kind = next((k for k, words in _KERNEL_KINDS if any(w in low for w in words)), "elementwise/other")
         kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e3 / steps
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:14]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:22]
     return {"wall_ms_per_step": round(wall * 1e3 / steps, 1), "gpu_busy_ms_per_step": round(busy, 1),
             "kernels_per_step": int(count), "ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items())},
             "top": [(e.key[:70], round(e.self_device_time_total / 1e3 / steps, 2), e.count // steps) for e in top]}
@@ -856,17 +878,19 @@ def fused_layer_checks() -> dict:
             p.data.normal_(0, 0.05)
     fast = copy.deepcopy(model)
     eager = copy.deepcopy(model)
+    recomputed = copy.deepcopy(model)
     plan = MemoryPlan(micro_batch=2, grad_accum=1, recompute="none", recompute_layers=0, cached_layers=1,
                       ce_chunk_tokens=512, packing=True, predicted_peak_bytes=0, predicted_tokens_per_s=0.0,
                       budget_bytes=0, policy="check")
     report = apply_acceleration(fast, plan)
+    apply_acceleration(recomputed, dataclasses.replace(plan, recompute="full", recompute_layers=2, cached_layers=0))
     os.environ["QLORA_CUDA_GRAPHS"] = "0"
     apply_acceleration(eager, plan)
     os.environ.pop("QLORA_CUDA_GRAPHS")
     exact = copy.deepcopy(model).float()  # the fp32 reference both bf16 paths are measured against
     ids = torch.randint(0, 1000, (2, 300), device="cuda")
     losses, grads = [], []
-    for m in (exact, model, fast, eager):
+    for m in (exact, model, fast, eager, recomputed):
         m.train()
         for _ in range(3):  # the graphed model captures on its first step and replays after
             for p in m.parameters():
@@ -889,7 +913,10 @@ def fused_layer_checks() -> dict:
             "plain_bf16_grads_vs_fp32_info": round(plain_err, 6),
             "fused_grads_vs_fp32_info": round(fused_err, 6),
             "fused_grads_excess_error": round(max(0.0, fused_err - 1.2 * plain_err), 6),
-            "graphs_captured": 0.0 if graphs.key is not None and len(graphs.cores) == 2 else 1.0,
+            "graphs_captured": 0.0 if graphs.key is not None and len(graphs.states) == 2 else 1.0,
+            "graphs_captured_recomputing": 0.0 if len(recomputed.get_base_model().model.layers[0]._qlora_graphs.states) == 2 else 1.0,
+            "graphed_recomputing_vs_eager_grads": round(_rel(grads[4], grads[3]), 6),
+            "graphed_recomputing_vs_eager_loss": round(_rel(losses[4], losses[3]), 6),
             "graphed_vs_eager_grads": round(_rel(grads[2], grads[3]), 6),
             "graphed_vs_eager_loss": round(_rel(losses[2], losses[3]), 6),
             "graphed_accumulation": round(_rel(twice, 2 * grads[2]), 6)}

@@ -367,6 +367,50 @@ def test_fixed_length_rows_reach_the_cuda_graph_path_and_packed_rows_do_not(monk
     assert len(asked) == 2
 
 
+@pytest.mark.parametrize("recompute_layers,recompute", [(0, "none"), (1, "selective"), (2, "full")])
+def test_chained_layer_graphs_train_like_the_eager_layers(monkeypatch, recompute_layers, recompute):
+    """The graph programs (QLORA_CUDA_GRAPHS=emulate runs them eagerly, on the CPU): layers chained
+    through static buffers, the gradient through two shared buffers, LoRA gradients added by the
+    backward program into static .grad buffers. Same loss and gradients as the eager fused layers,
+    over two accumulated micro-steps and again after zero_grad(set_to_none=True)."""
+    from qlora_trainer.acceleration import apply_acceleration
+
+    models = {}
+    for mode in ("0", "emulate"):
+        monkeypatch.setenv("QLORA_CUDA_GRAPHS", mode)
+        models[mode] = _tiny_peft_model()
+        apply_acceleration(models[mode], _plan(recompute_layers, recompute))
+        models[mode].train()
+    torch.manual_seed(3)
+    batches = [torch.randint(0, 96, (2, 12)) for _ in range(3)]
+    results = {}
+    for mode, model in models.items():
+        losses, grads = [], []
+        for step in ([batches[0], batches[1]], [batches[2]]):
+            for p in model.parameters():
+                p.grad = None
+            for ids in step:
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        results[mode] = losses, grads
+    graphs = models["emulate"].get_base_model().model.layers[0]._qlora_graphs
+    layers = models["emulate"].get_base_model().model.layers
+    assert graphs.key is not None and len(graphs.states) == 2
+    first, second = (graphs.states[id(layer)] for layer in layers)
+    assert first.x_out is second.x_in  # layer 0 writes straight into layer 1's input buffer
+    assert sum(not st.keep for st in (first, second)) == recompute_layers
+    grad_buffers = {id(b) for b in graphs.grads}
+    assert all(id(p.grad) in grad_buffers for p in graphs.params)
+    (eager_losses, eager_grads), (graph_losses, graph_grads) = results["0"], results["emulate"]
+    torch.testing.assert_close(torch.stack(graph_losses), torch.stack(eager_losses), rtol=1e-6, atol=1e-7)
+    for eager, graphed in zip(eager_grads, graph_grads):
+        assert eager.keys() == graphed.keys()
+        for n in eager:
+            torch.testing.assert_close(graphed[n], eager[n], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("cached_layers", [0, 2])
 def test_fused_layers_on_an_nf4_model_match_its_plain_forward(tmp_path, cached_layers):
     """The fused path over real NF4 weights (double quantization, dequantized into one buffer per

@@ -165,7 +165,7 @@ def run_lora(N, H, r, n, p, seed, splits=None):
     exp_gA = torch.cat([gad[:, b].t() @ (xd * masks[j]) for j, b in enumerate(blocks)], dim=0)
     exp_gx = gx0.double().cpu() + sum((gad[:, b] @ Ad[b]) * masks[j] for j, b in enumerate(blocks))
 
-    a = T.lora_a(x, A, seed, p, n)
+    a = T.lora_a(x, A, seed, p, n, **({"splits": splits} if splits else {}))
     record("lora_a", case, a, exp_a)
     record("lora_a.vs_fused_ops", case, a, F.lora_a(ref(x), ref(A), seed, p, n))
     kw = {"splits": splits} if splits else {}

@@ -30,10 +30,12 @@ def gpu_spec(device: int = 0, memory_fraction: float | None = None) -> GpuSpec:
 
 
 def plan_for_gpu(model_config, job: JobShape, policy: str = "auto", device: int = 0,
-                 memory_fraction: float | None = None, packing: bool = True) -> MemoryPlan:
+                 memory_fraction: float | None = None, packing: bool = True,
+                 micro_batch: int | None = None, recompute: str | None = None) -> MemoryPlan:
     """Plan from a transformers config (or its dict) for the GPU this process sees."""
     return plan_memory(ModelShape.from_hf_config(model_config), job, gpu_spec(device, memory_fraction),
-                       policy=policy, packing=packing)
+                       policy=policy, packing=packing, micro_batch=micro_batch,
+                       recompute=recompute)
 
 
 def apply_acceleration(model, plan: MemoryPlan):

@@ -2,15 +2,29 @@
 graph replay instead of ~130 kernels and ~250 Python-level calls (measured at ~10.6 ms per layer
 per micro-step on an H100 host, more than the GPU's own time on small micro-steps).
 
-When the same token count comes back (fixed-length rows: every row one record), the layers that do
-not recompute are captured once with torch.cuda.make_graphed_callables (forward and backward,
-sharing one memory pool) and replayed from then on. Anything else runs eagerly: other shapes,
-packed records whose boundaries change from batch to batch, recomputed layers, CPU.
+When the same token count comes back (fixed-length rows: every row one record), every fused layer
+that does not use transformers' own checkpointing is captured once, forward and backward as two
+graphs sharing one memory pool, and replayed from then on. Anything else runs eagerly: other
+shapes, packed records whose boundaries change from batch to batch, offloaded layers, CPU.
+
+The layers are chained through static buffers, so graphing costs almost no memory of its own:
+- layer i's forward graph reads its input buffer and writes straight into layer i+1's input
+  buffer; that buffer is also the checkpoint a recomputing layer keeps (nothing else is saved for
+  it), and what a non-recomputing layer's saved activations refer to;
+- backward graphs pass the gradient through two buffers shared by all layers (ping-pong);
+- each backward graph adds the layer's LoRA gradients into the parameters' .grad, which are static
+  buffers of their own (handed back to the parameters before the first backward of every
+  micro-step, so the optimizer's zero_grad(set_to_none=True) is fine).
+A recomputing layer's backward graph runs its forward again first; its temporaries are freed
+inside the capture, so the next layer's backward reuses that memory.
 
 What makes the layers capturable: no host syncs; dropout seeds drawn on the device inside the
-forward (torch's graph-safe generator: every replay draws new masks); LoRA factors rebuilt inside
-the graph from the live parameters (LoRASet.factors skips its cache while capturing); the record
-boundaries a static device tensor. QLORA_CUDA_GRAPHS=0 turns it off.
+forward graph into a static buffer the backward graph reads (torch's graph-safe generator: every
+replay draws new masks); LoRA factors rebuilt inside the graph from the live parameters
+(LoRASet.factors skips its cache while capturing); the record boundaries a static device tensor.
+
+QLORA_CUDA_GRAPHS=0 turns graphs off; QLORA_CUDA_GRAPHS=emulate runs the very same programs and
+buffers eagerly, on any device (how the CPU tests check the chaining and gradient bookkeeping).
 """
 
 from __future__ import annotations
@@ -20,89 +34,192 @@ import os
 
 import torch
 
+from .fused_layer import layer_backward, layer_forward, layer_lora_params
+
 log = logging.getLogger(__name__)
 
 
-class _LayerCore(torch.nn.Module):
-    """One fused decoder layer as make_graphed_callables wants it: tensors in, tensor out, the
-    layer's LoRA factors as its only parameters (the same Parameter objects, not copies)."""
+class _Program:
+    """One captured step (a CUDA graph), or, emulated, the function itself run on each replay."""
 
-    def __init__(self, layer, pack, run):
-        super().__init__()
-        params = [*layer._qlora_qkv_lora.params(), *layer._qlora_o_lora.params(),
-                  *layer._qlora_gate_up_lora.params(), *layer._qlora_down_lora.params()]
-        self.lora = torch.nn.ParameterList(params)
-        object.__setattr__(self, "_layer", layer)  # not a submodule: its frozen weights stay out
-        self._pack, self._run = pack, run
+    def __init__(self, fn, graph=None):
+        self.fn, self.graph = fn, graph
 
-    def forward(self, x, cos, sin):
-        return self._run(self._layer, x, cos, sin, self._pack)
+    def replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.fn()
+
+
+class _LayerState:
+    """The static buffers and programs of one graphed layer."""
+
+    def __init__(self, layer, index: int, x_in: torch.Tensor, x_out: torch.Tensor):
+        self.layer, self.index = layer, index
+        self.x_in, self.x_out = x_in, x_out  # x_out is the next graphed layer's x_in when chained
+        self.params = layer_lora_params(layer)
+        self.seeds = torch.ones(4, dtype=torch.int64, device=x_in.device)
+        self.keep = not getattr(layer, "_qlora_recompute", False)
+        self.saved = None  # what the forward keeps for backward (None: the backward recomputes)
+        self.forward: _Program | None = None
+        self.backward: _Program | None = None
+
+
+class _GraphedLayer(torch.autograd.Function):
+    """The autograd face of one graphed layer: its forward and backward are replays. The LoRA
+    gradients are added by the backward graph itself, so only the input gets a gradient here;
+    `anchor` (one of the layer's LoRA factors) makes the output require grad even when x does not."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, graphs, state):
+        ctx.graphs, ctx.state = graphs, state
+        return graphs.run_forward(state, x)
+
+    @staticmethod
+    def backward(ctx, gz):
+        return ctx.graphs.run_backward(ctx.state, gz), None, None, None
 
 
 class LayerGraphs:
     """The graphs of one model's fused layers, for one input shape."""
 
-    def __init__(self, layers, run):
+    def __init__(self, layers):
         self.layers = layers  # every fused decoder layer, in order
-        self.run = run  # run(layer, x, cos, sin, pack) -> y: the eager fused layer
+        mode = os.environ.get("QLORA_CUDA_GRAPHS", "1")
+        self.failed = mode == "0"
+        self.emulate = mode == "emulate"
         self.key = None
-        self.cores: dict = {}
-        self.failed = os.environ.get("QLORA_CUDA_GRAPHS", "1") == "0"
-        self.rope = None
-        self.first = None
+        self.states: dict[int, _LayerState] = {}
+        self.rope = self.pack = None
+        self.grad_io: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.params: list[torch.Tensor] = []
 
     def _eligible(self):
         return [layer for layer in self.layers if not getattr(layer, "gradient_checkpointing", False)]
 
-    def _capture(self, x, cos, sin, pack) -> None:
+    # -- capture ---------------------------------------------------------------------------
+
+    def _build(self, x, cos, sin, pack) -> None:
         layers = self._eligible()
         if not layers:
-            raise RuntimeError("every layer recomputes")
+            raise RuntimeError("every layer uses transformers' checkpointing (offloaded)")
         n, h = x.shape
+        new = lambda: torch.zeros(n, h, dtype=x.dtype, device=x.device)  # noqa: E731
         self.rope = (cos.detach().clone(), sin.detach().clone())
-        samples = []
-        for i in range(len(layers)):
-            xs = (torch.randn(n, h, device=x.device) * 0.02).to(x.dtype)
-            samples.append((xs.requires_grad_(x.requires_grad if i == 0 else True), *self.rope))
-        cores = tuple(_LayerCore(layer, pack, self.run) for layer in layers)
-        with torch.autocast(device_type="cuda", enabled=False):  # the fused functions cast explicitly
-            torch.cuda.make_graphed_callables(cores, tuple(samples))
-        self.cores = {id(layer): core for layer, core in zip(layers, cores)}
-        self.first = layers[0]
-        self.params = [p for core in cores for p in core.parameters()]
+        self.pack = pack
+        inputs = {id(layer): new() for layer in layers}
+        position = {id(layer): i for i, layer in enumerate(self.layers)}
+        states = []
+        for k, layer in enumerate(layers):
+            nxt = self.layers[position[id(layer)] + 1] if position[id(layer)] + 1 < len(self.layers) else None
+            out = inputs[id(nxt)] if nxt is not None and id(nxt) in inputs else new()
+            states.append(_LayerState(layer, k, inputs[id(layer)], out))
+        self.grad_io = [new(), new()]
+        self.params = [p for st in states for p in st.params]
         self.grads = [torch.zeros_like(p) for p in self.params]
+        self._give_grads()
+        for st in states:
+            st.forward = _Program(self._forward_fn(st))
+            st.backward = _Program(self._backward_fn(st))
+        if not self.emulate:
+            self._capture(states)
+        self.states = {id(st.layer): st for st in states}
+        self.last = states[-1]
+        self.first = states[0]
+
+    def _forward_fn(self, st: _LayerState):
+        def run():
+            st.seeds.copy_(torch.randint(1, 2**30, (4,), device=st.seeds.device))
+            z, st.saved = layer_forward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.keep)
+            st.x_out.copy_(z)
+        return run
+
+    def _backward_fn(self, st: _LayerState):
+        g_in, g_out = self.grad_io[(st.index + 1) % 2], self.grad_io[st.index % 2]
+
+        def run():
+            gx, grads = layer_backward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.saved, g_in)
+            g_out.copy_(gx)
+            torch._foreach_add_([p.grad for p in st.params], grads)
+        return run
+
+    def _capture(self, states) -> None:
+        grads_before = [p.grad.clone() for p in self.params]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS workspaces) off the graph
+            for st in states:
+                st.forward.fn()
+            for st in reversed(states):
+                st.backward.fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        pool = torch.cuda.graph_pool_handle()
+        for st in states:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                st.forward.fn()
+            st.forward.graph = graph
+        for st in reversed(states):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                st.backward.fn()
+            st.backward.graph = graph
+        for p, g in zip(self.params, grads_before):  # the warm-up's gradients were not real
+            p.grad.copy_(g)
+
+    # -- replay ----------------------------------------------------------------------------
 
     def _give_grads(self) -> None:
-        """A graph's backward hands out its own static buffers as the LoRA gradients; a parameter
-        whose .grad is None would take that buffer as its .grad (autograd keeps an unshared
-        incoming gradient), and the next replay, with gradient accumulation, would overwrite it.
-        So every graphed parameter enters backward with a .grad of its own, zeroed."""
-        missing = [i for i, p in enumerate(self.params) if p.grad is None]
-        if missing:
-            torch._foreach_zero_([self.grads[i] for i in missing])
-            for i in missing:
-                self.params[i].grad = self.grads[i]
+        """Every graphed parameter's .grad must be its static buffer when a backward graph runs:
+        a parameter without one gets it zeroed; one whose .grad was replaced has it copied in."""
+        for p, buf in zip(self.params, self.grads):
+            if p.grad is None:
+                buf.zero_()
+                p.grad = buf
+            elif p.grad is not buf:
+                buf.copy_(p.grad)
+                p.grad = buf
+
+    def run_forward(self, st: _LayerState, x: torch.Tensor) -> torch.Tensor:
+        if x.data_ptr() != st.x_in.data_ptr():  # chained layers already wrote it
+            st.x_in.copy_(x)
+        st.forward.replay()
+        return st.x_out.detach()  # a fresh alias: autograd may attach its history to it
+
+    def run_backward(self, st: _LayerState, gz: torch.Tensor) -> torch.Tensor:
+        if st is self.last:
+            self._give_grads()
+        g_in = self.grad_io[(st.index + 1) % 2]
+        if gz.data_ptr() != g_in.data_ptr():  # the layer above handed it over through the buffer
+            g_in.copy_(gz)
+        st.backward.replay()
+        return self.grad_io[st.index % 2].detach()
 
     def __call__(self, layer, x, cos, sin, pack):
         """The layer's output through its graph, or None (run it eagerly)."""
-        if self.failed or not x.is_cuda:
+        if self.failed or not (x.is_cuda or self.emulate):
             return None
         key = (tuple(x.shape), x.dtype, pack[0].data_ptr(), pack[1], tuple(cos.shape), cos.dtype)
         if self.key is None:
             if layer is not (self._eligible() or [None])[0]:
                 return None
             try:
-                self._capture(x, cos, sin, pack)
+                with torch.autocast(device_type=x.device.type, enabled=False):  # the fused functions cast explicitly
+                    self._build(x, cos, sin, pack)
             except Exception as exc:  # noqa: BLE001  (eager stays correct; say why once)
                 log.warning("CUDA graphs off for this model, the fused layers run eagerly: %s", exc)
                 self.failed = True
+                self.states = {}
                 return None
             self.key = key
-            log.info("captured CUDA graphs of %d decoder layers for %d tokens", len(self.cores), x.shape[0])
-        if key != self.key or id(layer) not in self.cores:
+            log.info("captured CUDA graphs of %d decoder layers for %d tokens", len(self.states), x.shape[0])
+        st = self.states.get(id(layer))
+        if key != self.key or st is None:
             return None
-        if layer is self.first:
+        if st is self.first:
             self.rope[0].copy_(cos)
             self.rope[1].copy_(sin)
-            self._give_grads()
-        return self.cores[id(layer)](x, *self.rope)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _GraphedLayer.apply(x, st.params[0], self, st)

@@ -130,7 +130,7 @@ class LoRASet:
 
 
 def _attention(q, k, v, cu, max_len, scale):
-    """Causal attention per record. Returns (out [N, Hq, D], state for _attention_backward)."""
+    """Causal attention per record. Returns (out [N, Hq, D], state for _attention_backward_kernels)."""
     if q.is_cuda:
         from torch.nn.attention import varlen  # noqa: F401  (importing it registers the torch_attn ops)
 
@@ -142,7 +142,7 @@ def _attention(q, k, v, cu, max_len, scale):
     return out.detach(), (leaves, out)
 
 
-def _attention_backward(g, q, k, v, out, state, cu, max_len, scale):
+def _attention_backward_kernels(g, q, k, v, out, state, cu, max_len, scale):
     if q.is_cuda:
         lse, rng = state
         return torch.ops.torch_attn._varlen_attn_backward(g.contiguous(), q, k, v, out, lse, cu, cu, max_len,
@@ -208,43 +208,47 @@ class FusedAttentionBlock(torch.autograd.Function):
     def backward(ctx, gy):
         x, norm_w, *rest = ctx.saved_tensors
         lora_params = rest[:8]
-        layer, seeds = ctx.layer, ctx.seeds
-        cos, sin = ctx.rope
-        cu, max_len = ctx.pack
-        if ctx.recompute:
-            _, (rstd, qkv, out, state, a, ao) = _attention_forward(layer, x, norm_w, cos, sin, ctx.pack, seeds,
-                                                                   lora_params)
-        else:
-            rstd, qkv, out, a, ao = rest[8:]
-            state = ctx.state
-        shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
-        qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
-        A, B = qkv_lora.factors(lora_params[:6])
-        Ao, Bo = o_lora.factors(lora_params[6:])
-        gy = gy.contiguous()
-        o2 = out.view(out.shape[0], -1)
-        # o_proj (+ residual): y = x + o2 Wo^T + ao Bo^T
-        gao = gy @ Bo
-        go = gy @ Wo.get()
-        ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1)
-        gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1)
-        o_grads = o_lora.grads(gy, ao, gAo, [gy.shape[1]], lora_params[6:])
-        # attention, then RoPE backward on the q|k part of the gradient buffer
-        q, k, v, _ = shape.split(qkv)
-        dq, dk, dv = _attention_backward(go.view_as(out), q, k, v, out, state, cu, max_len, shape.scale)
-        n = gy.shape[0]
-        gqkv = torch.cat((dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1)), dim=1)
-        ops.rope_backward_(shape.split(gqkv)[3], cos, sin)
-        # qkv projection: qkv = h W^T + b + a B^T
-        ga = gqkv @ B
-        gh = gqkv @ W.get()
-        ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3)
-        h, _ = ops.rms_norm(x, norm_w, shape.eps)
-        gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3)
-        del h
-        qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
-        gx = ops.rms_norm_backward(gh, x, norm_w, rstd) + gy
-        return (gx, None, None, None, None, *qkv_grads, *o_grads)
+        saved = None if ctx.recompute else (*rest[8:11], ctx.state, *rest[11:])
+        gx, grads = _attention_backward(ctx.layer, x, norm_w, ctx.rope, ctx.pack, ctx.seeds, lora_params, saved, gy)
+        return (gx, None, None, None, None, *grads)
+
+
+def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy):
+    """(gx, LoRA gradients in lora_params' order) of the attention block; `saved` is what
+    _attention_forward returned, or None to run that forward again first."""
+    cos, sin = rope
+    cu, max_len = pack
+    if saved is None:
+        _, saved = _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params)
+    rstd, qkv, out, state, a, ao = saved
+    shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
+    qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
+    A, B = qkv_lora.factors(lora_params[:6])
+    Ao, Bo = o_lora.factors(lora_params[6:])
+    gy = gy.contiguous()
+    o2 = out.view(out.shape[0], -1)
+    # o_proj (+ residual): y = x + o2 Wo^T + ao Bo^T
+    gao = gy @ Bo
+    go = gy @ Wo.get()
+    ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1)
+    gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1)
+    o_grads = o_lora.grads(gy, ao, gAo, [gy.shape[1]], lora_params[6:])
+    # attention, then RoPE backward on the q|k part of the gradient buffer
+    q, k, v, _ = shape.split(qkv)
+    dq, dk, dv = _attention_backward_kernels(go.view_as(out), q, k, v, out, state, cu, max_len, shape.scale)
+    n = gy.shape[0]
+    gqkv = torch.cat((dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1)), dim=1)
+    ops.rope_backward_(shape.split(gqkv)[3], cos, sin)
+    # qkv projection: qkv = h W^T + b + a B^T
+    ga = gqkv @ B
+    gh = gqkv @ W.get()
+    ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3)
+    h, _ = ops.rms_norm(x, norm_w, shape.eps)
+    gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3)
+    del h
+    qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd) + gy
+    return gx, [*qkv_grads, *o_grads]
 
 
 def _mlp_forward(layer, x, norm_w, seeds, lora_params):
@@ -282,34 +286,39 @@ class FusedMLPBlock(torch.autograd.Function):
     def backward(ctx, gy):
         x, norm_w, *rest = ctx.saved_tensors
         lora_params = rest[:6]
-        layer, seeds = ctx.layer, ctx.seeds
-        if ctx.recompute:
-            _, (rstd, gu, a, ad) = _mlp_forward(layer, x, norm_w, seeds, lora_params)
-        else:
-            rstd, gu, a, ad = rest[6:]
-        Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
-        gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
-        A, B = gu_lora.factors(lora_params[:4])
-        Ad, Bd = d_lora.factors(lora_params[4:])
-        gy = gy.contiguous()
-        m = ops.swiglu(gu)
-        gad = gy @ Bd
-        gm = gy @ Wd.get()
-        ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
-        gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1)
-        d_grads = d_lora.grads(gy, ad, gAd, [gy.shape[1]], lora_params[4:])
-        del m
-        ggu = ops.swiglu_backward(gm, gu)
-        del gm
-        ga = ggu @ B
-        gh = ggu @ Wgu.get()
-        ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2)
-        h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps)
-        gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2)
-        del h
-        gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
-        gx = ops.rms_norm_backward(gh, x, norm_w, rstd) + gy
-        return (gx, None, None, *gu_grads, *d_grads)
+        saved = None if ctx.recompute else tuple(rest[6:])
+        gx, grads = _mlp_backward(ctx.layer, x, norm_w, ctx.seeds, lora_params, saved, gy)
+        return (gx, None, None, *grads)
+
+
+def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy):
+    """(gx, LoRA gradients) of the MLP block; `saved` from _mlp_forward, or None to recompute."""
+    if saved is None:
+        _, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params)
+    rstd, gu, a, ad = saved
+    Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
+    gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
+    A, B = gu_lora.factors(lora_params[:4])
+    Ad, Bd = d_lora.factors(lora_params[4:])
+    gy = gy.contiguous()
+    m = ops.swiglu(gu)
+    gad = gy @ Bd
+    gm = gy @ Wd.get()
+    ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
+    gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1)
+    d_grads = d_lora.grads(gy, ad, gAd, [gy.shape[1]], lora_params[4:])
+    del m
+    ggu = ops.swiglu_backward(gm, gu)
+    del gm
+    ga = ggu @ B
+    gh = ggu @ Wgu.get()
+    ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2)
+    h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps)
+    gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2)
+    del h
+    gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd) + gy
+    return gx, [*gu_grads, *d_grads]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +414,34 @@ def run_fused_layer(layer, x, cos, sin, pack):
                                *layer._qlora_gate_up_lora.params(), *layer._qlora_down_lora.params())
 
 
+def layer_lora_params(layer) -> list[torch.Tensor]:
+    """The layer's 14 LoRA factors in the order the fused functions take them."""
+    return [*layer._qlora_qkv_lora.params(), *layer._qlora_o_lora.params(),
+            *layer._qlora_gate_up_lora.params(), *layer._qlora_down_lora.params()]
+
+
+def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool):
+    """One installed layer without autograd (what cuda_graphs.py captures): z, and what
+    layer_backward needs (None when `keep` is False: backward runs this forward again).
+    `seeds` [4] on the device: the attention block's two dropout seeds, then the MLP block's."""
+    params = layer_lora_params(layer)
+    y, attn = _attention_forward(layer, x, layer.input_layernorm.weight, cos, sin, pack, seeds[:2], params[:8])
+    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:])
+    return z, ((y, attn, mlp) if keep else None)
+
+
+def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz):
+    """(gx, the 14 LoRA gradients) of layer_forward; `saved` None recomputes the layer first."""
+    params = layer_lora_params(layer)
+    if saved is None:
+        _, saved = layer_forward(layer, x, cos, sin, pack, seeds, keep=True)
+    y, attn, mlp = saved
+    gy, mlp_grads = _mlp_backward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp, gz)
+    gx, attn_grads = _attention_backward(layer, x, layer.input_layernorm.weight, (cos, sin), pack, seeds[:2],
+                                         params[:8], attn, gy)
+    return gx, attn_grads + mlp_grads
+
+
 _ROPE: list = []  # [(cos, sin, result)]: one per forward, shared by every layer
 
 
@@ -426,7 +463,7 @@ def install_graphs(layers) -> int:
     from .cuda_graphs import LayerGraphs
 
     fused = [layer for layer in layers if hasattr(layer, "_qlora_qkv")]
-    graphs = LayerGraphs(fused, run_fused_layer)
+    graphs = LayerGraphs(fused)
     for layer in fused:
         layer._qlora_graphs = graphs
     on_cuda = bool(fused) and fused[0].input_layernorm.weight.is_cuda

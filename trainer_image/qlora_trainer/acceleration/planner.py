@@ -27,14 +27,22 @@ GIB = 1024**3
 RECOMPUTE_MODES = ("none", "selective", "full", "offload")
 
 # Roofline constants (H100-class defaults; `GpuSpec` overrides). Calibrated in benchmarks/NOTES.md.
-_GEMM_TOKENS_HALF_EFFICIENCY = 384  # tokens per micro-step at which GEMMs run at half their peak
-_GEMM_EFFICIENCY = 0.72  # best achieved fraction of the dense peak for these shapes
+_GEMM_TOKENS_HALF_EFFICIENCY = 64  # tokens per micro-step at which GEMMs run at half their peak
+_GEMM_EFFICIENCY = 0.70  # best achieved fraction of the dense peak for these shapes
 # Host-side cost per decoder layer per micro-step (fwd + bwd), measured on an H100 host: the fused
 # layer (~130 kernels and ~250 Python-level torch calls) 10.6 ms, the unfused path 12.9 ms
 # (benchmarks/NOTES.md). Small micro-steps are host-bound: fewer, larger micro-steps win.
 _LAYER_OVERHEAD_S = 0.0105
 _DEQUANT_OVERHEAD_S = 0.0004  # host cost of dequantizing one layer's 7 weights (one pass)
-_ELEMENTWISE_PASSES = 8  # passes over a layer's saved activations (norms, RoPE, SwiGLU, LoRA A side, copies)
+# Fitted to eight measured plans on an H100 (1.5B and 7B, micro-batches 1-8, no/selective/full/
+# offloaded recompute; within ~5% of every one, benchmarks/NOTES.md): the GEMMs run near a constant
+# efficiency from 1,024 tokens up, and what makes small micro-steps slow is a fixed cost per layer
+# per micro-step (dequantization, the LoRA side's small kernels), not the GEMMs themselves.
+_DEQUANT_BYTES = 2.6  # per weight and pass: read 0.53 B, write 2 B (and the absmax)
+_ATTENTION_EFFICIENCY = 0.20  # causal flash attention forward + backward, counted as dense FLOPs
+_CE_BYTES_PER_LOGIT = 12  # the chunked loss's passes over fp32 logits
+_LAYER_FIXED_GPU_S = 0.0006  # per layer per micro-step, forward and backward
+_ELEMENTWISE_PASSES = 16  # passes over a layer's saved activations (norms, RoPE, SwiGLU, LoRA A side, copies)
 _GRAPH_REPLAY_S = 0.0004  # host cost of one graphed layer's forward and backward replays (estimate)
 _STEP_OVERHEAD_S = 0.010  # fused AdamW step, clipping, data: per optimizer step
 # bitsandbytes' optimizers synchronize the GPU after every parameter: 35-50 ms per step for the ~400
@@ -223,8 +231,8 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     parts["cross_entropy"] = ce_chunk_bytes(shape, chunk) + tokens * shape.hidden * 2
     # A dequantized weight of the largest matrix (not cached) lives while its matmul runs.
     parts["dequant_buffer"] = 2 * shape.hidden * shape.intermediate * 2 if cached_layers < shape.layers else 0
-    if graphs:  # a graphed layer keeps static input, output and gradient buffers of its own
-        parts["cuda_graph_buffers"] = 3 * tokens * shape.hidden * 2 * (kept_layers if offload else shape.layers)
+    if graphs:  # chained graphs: two gradient buffers and the last layer's output (cuda_graphs.py)
+        parts["cuda_graph_buffers"] = 3 * tokens * shape.hidden * 2
     total = sum(parts.values())
     parts["fragmentation"] = int(0.03 * (total - static["nf4_weights"] - static["embeddings"]))
     return int(sum(parts.values())), parts
@@ -258,20 +266,22 @@ def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: in
     linear = 2.0 * shape.linear_params * tokens * (2 + frac_recomputed)
     head = 4.0 * shape.vocab * shape.hidden * tokens
     attention = shape.layers * 2 * job.seq_len * shape.q_width * tokens * (3 + frac_recomputed)
-    gemm_s = (linear + head + attention) / (gpu.peak_flops * eff)
+    gemm_s = (linear + head) / (gpu.peak_flops * eff) + attention / (gpu.peak_flops * _ATTENTION_EFFICIENCY)
     # Dequantizing one layer: read 0.53 B/weight, write 2 B, and the GEMM reads the 2 B again.
     # Uncached layers pay it per pass; recomputed uncached layers once more. Cached layers go to
     # the recomputed ones first (they dequantize three times).
     cached_recomputed = min(cached_layers, recompute_layers)
     cached_kept = cached_layers - cached_recomputed
     passes = (2 * (shape.layers - recompute_layers - cached_kept) + 3 * (recompute_layers - cached_recomputed))
-    dequant_s = passes * shape.linear_params_per_layer * 2.6 / gpu.bandwidth
+    dequant_s = passes * shape.linear_params_per_layer * _DEQUANT_BYTES / gpu.bandwidth
     # Elementwise work (norms, RoPE, SwiGLU, dropout, copies): passes over a layer's saved
     # activations per token, forward and backward.
     elem = tokens * shape.layers * activation_bytes_per_token_layer(shape, job.lora_dropout) * _ELEMENTWISE_PASSES
     elem_s = elem * (1 + 0.4 * frac_recomputed) / gpu.bandwidth
+    elem_s += tokens * shape.vocab * _CE_BYTES_PER_LOGIT / gpu.bandwidth  # the loss's softmax passes
     offload_s = (tokens * shape.layers * shape.hidden * 2 * 2 / 25e9) if offload else 0.0
-    gpu_s = gemm_s + dequant_s + elem_s
+    fixed_s = shape.layers * _LAYER_FIXED_GPU_S * (1 + 0.5 * frac_recomputed)
+    gpu_s = gemm_s + dequant_s + elem_s + fixed_s
     # The host issues ~300 kernels per layer per micro-step; small micro-steps are bound by it.
     host_s = (shape.layers * _LAYER_OVERHEAD_S * (1 + 0.4 * frac_recomputed) + passes * _DEQUANT_OVERHEAD_S)
     if graphs:  # graphed layers cost the host one replay each (recompute included); offloaded ones run eagerly
@@ -303,9 +313,14 @@ def _candidates(shape: ModelShape, job: JobShape, gpu: GpuSpec, ce_work_bytes: i
                     yield b, rec, cached, offload, peak, secs, parts
 
 
+def _mode(shape: ModelShape, cand) -> str:
+    _, rec, _, offload, *_ = cand
+    return "offload" if offload else ("none" if rec == 0 else ("full" if rec == shape.layers else "selective"))
+
+
 def _make_plan(shape, job, gpu, cand, budget, policy, packing) -> MemoryPlan:
     b, rec, cached, offload, peak, secs, parts = cand
-    mode = "offload" if offload else ("none" if rec == 0 else ("full" if rec == shape.layers else "selective"))
+    mode = _mode(shape, cand)
     return MemoryPlan(
         micro_batch=b,
         grad_accum=job.effective_batch // b,
@@ -324,13 +339,19 @@ def _make_plan(shape, job, gpu, cand, budget, policy, packing) -> MemoryPlan:
 
 
 def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "auto",
-                packing: bool = True) -> MemoryPlan:
+                packing: bool = True, micro_batch: int | None = None, recompute: str | None = None) -> MemoryPlan:
     """The fastest plan that fits (see the module docstring for the policies: auto, lean, max).
+    `micro_batch` pins the micro-batch (it must divide the effective batch) and `recompute` the
+    recompute mode (one of RECOMPUTE_MODES); the rest is planned.
 
     Raises PlanDoesNotFit, naming the largest sequence length that would fit, when nothing fits.
     """
     if policy not in ("auto", "lean", "max"):
         raise ValueError(f"unknown memory policy {policy!r}")
+    if micro_batch is not None and (micro_batch < 1 or job.effective_batch % micro_batch):
+        raise ValueError(f"micro-batch {micro_batch} does not divide the effective batch {job.effective_batch}")
+    if recompute is not None and recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"unknown recompute mode {recompute!r}: one of {', '.join(RECOMPUTE_MODES)}")
     usable = _usable(gpu)
     baseline = baseline_peak_bytes(shape, job)
     if policy == "auto" and usable < 1.5 * baseline:
@@ -340,7 +361,8 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
     ce_work = CE_WORK_BYTES // 3 if policy == "lean" else CE_WORK_BYTES
     # Fixed-length rows replay the fused layers as CUDA graphs; packed rows (boundaries change
     # from batch to batch) run them eagerly (cuda_graphs.py).
-    cands = [c for c in _candidates(shape, job, gpu, ce_work, graphs=not packing) if c[4] <= budget]
+    cands = [c for c in _candidates(shape, job, gpu, ce_work, graphs=not packing)
+             if c[4] <= budget and micro_batch in (None, c[0]) and recompute in (None, _mode(shape, c))]
     if not cands:
         raise PlanDoesNotFit(_does_not_fit_message(shape, job, gpu, usable))
     if policy == "lean":

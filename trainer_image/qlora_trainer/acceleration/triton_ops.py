@@ -394,33 +394,44 @@ def _lora_shapes(name: str, x: torch.Tensor, rows_of_a: int, n: int) -> int:
 
 
 @triton.jit
-def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, seed_ptr, p,
+def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, k_per_split, seed_ptr, p,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     seed = tl.load(seed_ptr)
-    # Flat grid, j fastest: the n programs of one token block run together and share x in L2.
+    # Flat grid over (split of H, token block, j), j fastest: the n programs of one token block run
+    # together and share x in L2. Split s writes its fp32 partial sums to plane s of out.
     pid = tl.program_id(0)
     j = pid % n
-    rows = (pid // n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mblock = (pid // n) % n_mblocks
+    split = pid // (n * n_mblocks)
+    rows = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     row_in = rows < N
     r_in = rr < r
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * H
     a_cols = a_ptr + (j * r + rr).to(tl.int64)[None, :] * H  # A_j^T tile: [K, R]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, H)
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_in = cols < H
+        col_in = cols < k_end
         xt = tl.load(x_rows + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
         keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
         xt = tl.where(keep, xt, tl.zeros_like(xt))
         at = tl.load(a_cols + cols[:, None], mask=col_in[:, None] & r_in[None, :], other=0.0)
         acc = _dot(xt, at, acc, IEEE)
-    out = out_ptr + rows.to(tl.int64)[:, None] * (n * r) + (j * r + rr)[None, :]
+    out = out_ptr + split.to(tl.int64) * N * (n * r) + rows.to(tl.int64)[:, None] * (n * r) + (j * r + rr)[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & r_in[None, :])
 
 
-def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> torch.Tensor:
-    """x [N, H], A [n*r, H] -> [N, n*r] in x.dtype: block j is (x * mask_j) @ A_j^T."""
+def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
+           splits: int | None = None) -> torch.Tensor:
+    """x [N, H], A [n*r, H] -> [N, n*r] in x.dtype: block j is (x * mask_j) @ A_j^T.
+
+    With few tokens there are too few token blocks to fill the GPU, and each would walk all of H
+    alone (18,944 columns for a 7B down_proj): H is then cut into `splits` ranges (default: about
+    two programs per SM) whose fp32 partial sums are added in a fixed order, so the result does
+    not depend on scheduling."""
     _check_2d("lora_a: x", x, _DOT_DTYPES)
     _check_2d("lora_a: A", A, _DOT_DTYPES)
     if not (A.dtype == x.dtype):
@@ -431,16 +442,25 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> tor
     N, H = x.shape
     r = _lora_shapes("lora_a", x, A.shape[0], n)
     seed = _check_dropout(seed, p, n, N, H, x.device)
-    out = _empty((N, n * r), x.dtype, x.device)
     if N == 0:
-        return out
+        return _empty((N, n * r), x.dtype, x.device)
     block_m, block_r = 64, _block_r(r)
     block_k = 64 if block_r <= 64 else 32
-    grid = (n * triton.cdiv(N, block_m),)
+    n_mblocks = triton.cdiv(N, block_m)
+    k_blocks = triton.cdiv(H, block_k)
+    if splits is None:
+        splits = triton.cdiv(2 * _num_sms(x.device), n * n_mblocks)
+    splits = max(1, min(int(splits), triton.cdiv(k_blocks, 4)))  # at least 4 K steps per split
+    k_per_split = triton.cdiv(k_blocks, splits) * block_k
+    splits = triton.cdiv(H, k_per_split)
+    out = _empty((N, n * r), x.dtype, x.device) if splits == 1 else \
+        _empty((splits, N, n * r), torch.float32, x.device)
+    grid = (n * n_mblocks * splits,)
     with _device_of(x):
-        _lora_a_kernel[grid](x, A, out, N, H, r, n, seed, float(p), BLOCK_M=block_m, BLOCK_K=block_k,
-                             BLOCK_R=block_r, IEEE=x.dtype == torch.float32, num_warps=4, num_stages=3)
-    return out
+        _lora_a_kernel[grid](x, A, out, N, H, r, n, n_mblocks, k_per_split, seed, float(p), BLOCK_M=block_m,
+                             BLOCK_K=block_k, BLOCK_R=block_r, IEEE=x.dtype == torch.float32, num_warps=4,
+                             num_stages=3)
+    return out if splits == 1 else out.sum(0).to(x.dtype)
 
 
 @triton.jit
