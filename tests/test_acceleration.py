@@ -146,6 +146,16 @@ def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradient():
     torch.testing.assert_close(hidden.grad, ref_grad)
 
 
+@pytest.mark.parametrize("bad", [50, -3])
+def test_chunked_cross_entropy_names_a_label_outside_the_vocabulary(bad):
+    from qlora_trainer.acceleration.kernels import chunked_cross_entropy
+
+    labels = torch.zeros(6, dtype=torch.long)
+    labels[4] = bad
+    with pytest.raises(ValueError, match=f"label {bad} is outside the vocabulary \\(0..49"):
+        chunked_cross_entropy(torch.randn(6, 16), torch.randn(50, 16), labels)
+
+
 # --- the whole model ----------------------------------------------------------------------------
 
 def _tiny_peft_model(dropout=0.0):

@@ -181,6 +181,26 @@ def run_lora(N, H, r, n, p, seed, splits=None):
     record("lora_x_backward_.vs_fused_ops", case, gx, gx_ref)
 
 
+def run_cross_entropy(C, V, scale):
+    """Loss per row and the gradient written over the logits; some rows ignored (-100), one label
+    at each end of the vocabulary, logits wide enough to take more than one block."""
+    case = f"C={C} V={V} scale={scale}"
+    logits = rnd(C, V, scale=3.0)
+    labels = torch.randint(0, V, (C,))
+    labels[1] = -100
+    labels[2], labels[3] = 0, V - 1
+    labels = labels.to(DEV)
+    expected = ref(logits)
+    loss_ref = F.cross_entropy_rows_(expected, labels.cpu(), scale)
+    loss = T.cross_entropy_rows_(logits, labels, scale)
+    record("cross_entropy_rows_.loss", case, loss, loss_ref)
+    if scale is not None:
+        record("cross_entropy_rows_.grad", case, logits, expected)
+        check("cross_entropy_rows_.ignored_row_zero", case, bool((logits[1] == 0).all()), "")
+    else:
+        record("cross_entropy_rows_.logits_untouched", case, logits, expected)
+
+
 def run_masks():
     rows, cols, p = 64, 500, 0.3
     m = T.dropout_mask(7, 0, rows, cols, p, DEV)
@@ -242,7 +262,11 @@ for r in (8, 16):
         run_lora(N=37, H=96, r=r, n=n, p=0.3, seed=1234 + 10 * r + n)
 run_lora(N=150, H=300, r=24, n=3, p=0.3, seed=1, splits=3)
 run_lora(N=150, H=300, r=8, n=2, p=0.9, seed=2**45 + 3)
+run_cross_entropy(C=6, V=5000, scale=0.25)
+run_cross_entropy(C=5, V=77, scale=None)
+raises("cross_entropy_rows_", "labels shape", lambda: T.cross_entropy_rows_(rnd(4, 8), torch.zeros(3, dtype=torch.long, device=DEV), 1.0))
 if not INTERPRET:
+    run_cross_entropy(C=1024, V=151936, scale=1e-3)
     run_dispatch()
     run_elementwise(N=1024, H=1536, I=8960, heads=12, D=128, kept_heads=2)
     run_lora(N=2048, H=1536, r=16, n=3, p=0.1, seed=99)
@@ -299,6 +323,10 @@ def test_dropout_mask_is_a_pure_function_of_seed_projection_and_position(interpr
 
 def test_lora_kernels_match_the_formulas_with_the_kernels_mask(interpreted):
     _assert_group(interpreted, ("lora_",))
+
+
+def test_cross_entropy_kernel_matches_the_reference(interpreted):
+    _assert_group(interpreted, ("cross_entropy_rows_",))
 
 
 def test_launchers_reject_bad_arguments_with_value_errors(interpreted):

@@ -75,6 +75,25 @@ class FusedWeight:
         return self.cache.numel() * self.cache.element_size()
 
 
+class held_weights:
+    """Dequantize these weights once and use that copy until the block ends: a recomputed layer's
+    forward and its backward then share one dequantization instead of two (one layer's bf16
+    weights live meanwhile)."""
+
+    def __init__(self, *weights: FusedWeight):
+        self.weights = [w for w in weights if w.cache is None]
+
+    def __enter__(self):
+        for w in self.weights:
+            w.cache = w.get()
+        return self
+
+    def __exit__(self, *exc):
+        for w in self.weights:
+            w.cache = None
+        return False
+
+
 class LoRASet:
     """The LoRA factors of projections sharing an input, as the fused functions use them:
     A concatenated [n*r, in] in the compute dtype, and B with scaling (and the dropout's
@@ -216,10 +235,12 @@ class FusedAttentionBlock(torch.autograd.Function):
 def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy):
     """(gx, LoRA gradients in lora_params' order) of the attention block; `saved` is what
     _attention_forward returned, or None to run that forward again first."""
+    if saved is None:
+        with held_weights(layer._qlora_qkv, layer._qlora_o):
+            _, saved = _attention_forward(layer, x, norm_w, *rope, pack, seeds, lora_params)
+            return _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy)
     cos, sin = rope
     cu, max_len = pack
-    if saved is None:
-        _, saved = _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params)
     rstd, qkv, out, state, a, ao = saved
     shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
     qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
@@ -294,7 +315,9 @@ class FusedMLPBlock(torch.autograd.Function):
 def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy):
     """(gx, LoRA gradients) of the MLP block; `saved` from _mlp_forward, or None to recompute."""
     if saved is None:
-        _, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params)
+        with held_weights(layer._qlora_gate_up, layer._qlora_down):
+            _, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params)
+            return _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy)
     rstd, gu, a, ad = saved
     Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
     gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
@@ -434,7 +457,9 @@ def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz):
     """(gx, the 14 LoRA gradients) of layer_forward; `saved` None recomputes the layer first."""
     params = layer_lora_params(layer)
     if saved is None:
-        _, saved = layer_forward(layer, x, cos, sin, pack, seeds, keep=True)
+        with held_weights(layer._qlora_qkv, layer._qlora_o, layer._qlora_gate_up, layer._qlora_down):
+            _, saved = layer_forward(layer, x, cos, sin, pack, seeds, keep=True)
+            return layer_backward(layer, x, cos, sin, pack, seeds, saved, gz)
     y, attn, mlp = saved
     gy, mlp_grads = _mlp_backward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp, gz)
     gx, attn_grads = _attention_backward(layer, x, layer.input_layernorm.weight, (cos, sin), pack, seeds[:2],

@@ -195,3 +195,29 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
     for j in range(n):
         part = ga[:, j * r:(j + 1) * r] @ A[j * r:(j + 1) * r]
         gx.add_(_masked(part, seed, j, p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-entropy over one chunk of logits, the gradient written over the logits
+
+
+def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """logits [C, V], labels [C] (-100: ignored) -> per-row loss [C] in the accumulation dtype
+    (lse - logit[label], 0 for ignored rows), computed from the logits as given. With `scale`, the
+    logits are overwritten with the loss's gradient times `scale`: (softmax - onehot(label)) *
+    scale on valid rows, 0 on ignored ones, rounded once to the logits' dtype."""
+    k = _kernel(logits, "cross_entropy_rows_")
+    if k is not None:
+        return k(logits, labels, scale)
+    lf = logits.to(_acc(logits))
+    lse = torch.logsumexp(lf, dim=-1)
+    valid = labels != -100
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    loss = torch.where(valid, lse - lf.gather(1, safe[:, None]).squeeze(1), torch.zeros_like(lse))
+    if scale is not None:
+        probs = lf.sub_(lse[:, None]).exp_()  # lf may be the logits themselves (fp32): overwritten anyway
+        probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
+        probs.mul_((valid.to(probs.dtype) * scale)[:, None])
+        if probs is not logits:
+            logits.copy_(probs)
+    return loss

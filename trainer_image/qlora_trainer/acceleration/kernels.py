@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fused_ops as ops
+
 
 class FrozenWeight:
     """The compute-dtype weight of a frozen base linear: a cached copy, or a fresh dequantization."""
@@ -206,20 +208,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
         inv = 1.0 / float(denominator)
         for start in range(0, n, chunk):
-            h = hidden[start:start + chunk]
-            lab = labels[start:start + chunk]
-            logits = F.linear(h, w).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            valid = lab != -100
-            safe = torch.where(valid, lab, torch.zeros_like(lab))
-            target = logits.gather(1, safe[:, None]).squeeze(1)
-            total += torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
+            logits = F.linear(hidden[start:start + chunk], w)
+            # the per-row losses, and (when a gradient is needed) the gradient over the logits
+            total += ops.cross_entropy_rows_(logits, labels[start:start + chunk],
+                                             inv if grad is not None else None).sum()
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
-                probs.mul_((valid.to(probs.dtype) * inv)[:, None])
-                grad[start:start + chunk] = probs.to(hidden.dtype) @ w
-                del probs
+                grad[start:start + chunk] = logits @ w
             del logits
         ctx.save_for_backward(grad)
         return total * inv
@@ -238,4 +232,8 @@ def chunked_cross_entropy(hidden, weight, labels, denominator=None, chunk: int =
         denominator = max(int((labels != -100).sum()), 1)
     if isinstance(denominator, torch.Tensor):
         denominator = float(denominator.item())
+    bad = ((labels < 0) & (labels != -100)) | (labels >= weight.shape[0])
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(f"label {value} is outside the vocabulary (0..{weight.shape[0] - 1}, or -100 to ignore)")
     return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, float(denominator), int(chunk))

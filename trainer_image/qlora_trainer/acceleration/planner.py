@@ -40,7 +40,7 @@ _DEQUANT_OVERHEAD_S = 0.0004  # host cost of dequantizing one layer's 7 weights 
 # per micro-step (dequantization, the LoRA side's small kernels), not the GEMMs themselves.
 _DEQUANT_BYTES = 2.6  # per weight and pass: read 0.53 B, write 2 B (and the absmax)
 _ATTENTION_EFFICIENCY = 0.20  # causal flash attention forward + backward, counted as dense FLOPs
-_CE_BYTES_PER_LOGIT = 12  # the chunked loss's passes over fp32 logits
+_CE_BYTES_PER_LOGIT = 10  # the LM head writes bf16 logits, the loss kernel reads them twice and writes the gradient, the GEMM reads it
 _LAYER_FIXED_GPU_S = 0.0006  # per layer per micro-step, forward and backward
 _ELEMENTWISE_PASSES = 16  # passes over a layer's saved activations (norms, RoPE, SwiGLU, LoRA A side, copies)
 _GRAPH_REPLAY_S = 0.0004  # host cost of one graphed layer's forward and backward replays (estimate)
@@ -193,14 +193,16 @@ def activation_bytes_per_token_layer(shape: ModelShape, dropout: float) -> int:
 
 
 def transient_bytes_per_token(shape: ModelShape) -> int:
-    """Working memory of the layer being run or recomputed: in the MLP's backward, gate|up, the
-    SwiGLU output, its gradient and gate|up's gradient live together."""
-    return 2 * (4 * shape.intermediate + 4 * shape.hidden)
+    """Working memory of the layer being run backward, beyond what it saved: in the MLP's backward
+    the SwiGLU output's gradient and gate|up's gradient live together (the recomputed SwiGLU
+    output is freed first), plus a few hidden-size gradients."""
+    return 2 * (3 * shape.intermediate + 2 * shape.hidden)
 
 
 def ce_chunk_bytes(shape: ModelShape, chunk_tokens: int) -> int:
-    """One chunk of the fused cross-entropy: bf16 logits, fp32 copy, fp32 softmax/gradient."""
-    return chunk_tokens * shape.vocab * (2 + 4 + 4)
+    """One chunk of the fused cross-entropy: its bf16 logits, which the loss kernel overwrites with
+    their gradient (fused_ops.cross_entropy_rows_)."""
+    return chunk_tokens * shape.vocab * 2
 
 
 CE_WORK_BYTES = int(1.5 * GIB)  # logits work per cross-entropy chunk; the lean plan uses a third
@@ -229,13 +231,18 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     parts["transient"] = tokens * (transient_bytes_per_token(shape) + 8 * shape.hidden)
     chunk = choose_ce_chunk(shape, tokens, ce_work_bytes)
     parts["cross_entropy"] = ce_chunk_bytes(shape, chunk) + tokens * shape.hidden * 2
-    # A dequantized weight of the largest matrix (not cached) lives while its matmul runs.
-    parts["dequant_buffer"] = 2 * shape.hidden * shape.intermediate * 2 if cached_layers < shape.layers else 0
+    # A dequantized weight of the largest matrix (not cached) lives while its matmul runs; a
+    # recomputed layer holds all its dequantized weights through its recompute and backward.
+    held = shape.linear_params_per_layer * 2 if recompute_layers > cached_layers else 2 * shape.hidden * shape.intermediate * 2
+    parts["dequant_buffer"] = held if cached_layers < shape.layers else 0
     if graphs:  # chained graphs: two gradient buffers and the last layer's output (cuda_graphs.py)
         parts["cuda_graph_buffers"] = 3 * tokens * shape.hidden * 2
-    total = sum(parts.values())
+    # The loss runs before any layer's backward: its chunk and a layer's backward working set are
+    # never live together, so the peak takes the larger of the two.
+    layer_phase = parts["recompute_working_set"] + parts["transient"] + parts["dequant_buffer"]
+    total = sum(parts.values()) - min(layer_phase, parts["cross_entropy"])
     parts["fragmentation"] = int(0.03 * (total - static["nf4_weights"] - static["embeddings"]))
-    return int(sum(parts.values())), parts
+    return int(total + parts["fragmentation"]), parts
 
 
 def baseline_peak_bytes(shape: ModelShape, job: JobShape) -> int:
@@ -268,11 +275,9 @@ def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: in
     attention = shape.layers * 2 * job.seq_len * shape.q_width * tokens * (3 + frac_recomputed)
     gemm_s = (linear + head) / (gpu.peak_flops * eff) + attention / (gpu.peak_flops * _ATTENTION_EFFICIENCY)
     # Dequantizing one layer: read 0.53 B/weight, write 2 B, and the GEMM reads the 2 B again.
-    # Uncached layers pay it per pass; recomputed uncached layers once more. Cached layers go to
-    # the recomputed ones first (they dequantize three times).
-    cached_recomputed = min(cached_layers, recompute_layers)
-    cached_kept = cached_layers - cached_recomputed
-    passes = (2 * (shape.layers - recompute_layers - cached_kept) + 3 * (recompute_layers - cached_recomputed))
+    # Uncached layers pay it in forward and backward (a recomputed layer's backward reuses the
+    # weights its recompute dequantized: fused_layer.held_weights).
+    passes = 2 * (shape.layers - cached_layers)
     dequant_s = passes * shape.linear_params_per_layer * _DEQUANT_BYTES / gpu.bandwidth
     # Elementwise work (norms, RoPE, SwiGLU, dropout, copies): passes over a layer's saved
     # activations per token, forward and backward.
