@@ -10,6 +10,9 @@ column): element o = token * n_cols + column takes output o % 4 of tl.rand4x(see
 (Philox, 10 rounds), compared with p; widths must be multiples of 4. Forward and both backward kernels regenerate it from those four numbers, so nothing is
 stored; `dropout_mask` materialises it (tests only). Callers guarantee n_rows * n_cols < 2**31.
 
+Token counts change from batch to batch with packed records: the kernels do not specialize on
+them (do_not_specialize), so a new count never means a new compilation mid-training.
+
 Importing this module needs Triton; fused_ops falls back to torch when the import fails.
 """
 
@@ -238,7 +241,7 @@ def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: 
 # from cache.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n_rows'])
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, n_rows, heads, stride_n, stride_h, stride_cos, stride_sin, HALF,
                  BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -393,7 +396,7 @@ def _lora_shapes(name: str, x: torch.Tensor, rows_of_a: int, n: int) -> int:
     return r
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N', 'n_mblocks', 'k_per_split'])
 def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, k_per_split, seed_ptr, p,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     seed = tl.load(seed_ptr)
@@ -453,17 +456,16 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
     splits = max(1, min(int(splits), triton.cdiv(k_blocks, 4)))  # at least 4 K steps per split
     k_per_split = triton.cdiv(k_blocks, splits) * block_k
     splits = triton.cdiv(H, k_per_split)
-    out = _empty((N, n * r), x.dtype, x.device) if splits == 1 else \
-        _empty((splits, N, n * r), torch.float32, x.device)
+    out = _empty((splits, N, n * r), torch.float32, x.device)  # fp32 partial sums (one kernel variant)
     grid = (n * n_mblocks * splits,)
     with _device_of(x):
         _lora_a_kernel[grid](x, A, out, N, H, r, n, n_mblocks, k_per_split, seed, float(p), BLOCK_M=block_m,
                              BLOCK_K=block_k, BLOCK_R=block_r, IEEE=x.dtype == torch.float32, num_warps=4,
                              num_stages=3)
-    return out if splits == 1 else out.sum(0).to(x.dtype)
+    return (out[0] if splits == 1 else out.sum(0)).to(x.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N', 'rows_per_split'])
 def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_per_split, seed_ptr, p,
                             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                             IEEE: tl.constexpr):
@@ -528,7 +530,7 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['N'])
 def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_ptr, p,
                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                             IEEE: tl.constexpr):
