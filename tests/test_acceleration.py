@@ -53,6 +53,20 @@ def test_a_job_that_cannot_fit_is_refused_with_the_largest_setting_that_would():
     assert fits <= 24 * GIB
 
 
+def test_micro_batch_and_recompute_can_be_pinned():
+    job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
+    card = GpuSpec(memory_bytes=24 * GIB, name="L4")
+    pinned = plan_memory(QWEN_7B, job, card, micro_batch=4, recompute="full")
+    assert (pinned.micro_batch, pinned.grad_accum, pinned.recompute) == (4, 1, "full")
+    with pytest.raises(ValueError, match="micro-batch 3 does not divide the effective batch 4"):
+        plan_memory(QWEN_7B, job, card, micro_batch=3)
+    with pytest.raises(ValueError, match="unknown recompute mode 'most'"):
+        plan_memory(QWEN_7B, job, card, recompute="most")
+    long_rows = JobShape(seq_len=4096, micro_batch=4, grad_accum=1)  # ~50 GB of activations unrecomputed
+    with pytest.raises(PlanDoesNotFit, match="no plan with micro-batch 4 and recompute none fits .* unpinned, micro-batch"):
+        plan_memory(QWEN_7B, long_rows, card, micro_batch=4, recompute="none")
+
+
 def test_weights_alone_too_big_says_so():
     with pytest.raises(PlanDoesNotFit, match="weights and adapter alone"):
         plan_memory(QWEN_7B, JobShape(1024, 1, 1), GpuSpec(memory_bytes=4 * GIB))

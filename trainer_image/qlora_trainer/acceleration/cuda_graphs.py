@@ -147,27 +147,29 @@ class LayerGraphs:
 
     def _capture(self, states) -> None:
         grads_before = [p.grad.clone() for p in self.params]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS workspaces) off the graph
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS workspaces) off the graph
+                for st in states:
+                    st.forward.fn()
+                for st in reversed(states):
+                    st.backward.fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            pool = torch.cuda.graph_pool_handle()
             for st in states:
-                st.forward.fn()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    st.forward.fn()
+                st.forward.graph = graph
             for st in reversed(states):
-                st.backward.fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        pool = torch.cuda.graph_pool_handle()
-        for st in states:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                st.forward.fn()
-            st.forward.graph = graph
-        for st in reversed(states):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                st.backward.fn()
-            st.backward.graph = graph
-        for p, g in zip(self.params, grads_before):  # the warm-up's gradients were not real
-            p.grad.copy_(g)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    st.backward.fn()
+                st.backward.graph = graph
+        finally:  # the warm-up's gradients were not real, whether or not the capture worked
+            for p, g in zip(self.params, grads_before):
+                p.grad.copy_(g)
 
     # -- replay ----------------------------------------------------------------------------
 

@@ -366,10 +366,15 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
     ce_work = CE_WORK_BYTES // 3 if policy == "lean" else CE_WORK_BYTES
     # Fixed-length rows replay the fused layers as CUDA graphs; packed rows (boundaries change
     # from batch to batch) run them eagerly (cuda_graphs.py).
-    cands = [c for c in _candidates(shape, job, gpu, ce_work, graphs=not packing)
-             if c[4] <= budget and micro_batch in (None, c[0]) and recompute in (None, _mode(shape, c))]
-    if not cands:
+    fitting = [c for c in _candidates(shape, job, gpu, ce_work, graphs=not packing) if c[4] <= budget]
+    if not fitting:
         raise PlanDoesNotFit(_does_not_fit_message(shape, job, gpu, usable))
+    cands = [c for c in fitting if micro_batch in (None, c[0]) and recompute in (None, _mode(shape, c))]
+    if not cands:
+        smallest = min(fitting, key=lambda c: c[4])
+        raise PlanDoesNotFit(f"no plan with micro-batch {micro_batch or 'any'} and recompute {recompute or 'any'} "
+                             f"fits the {budget / GIB:.1f} GiB budget on {gpu.name}; unpinned, micro-batch "
+                             f"{smallest[0]} with recompute {_mode(shape, smallest)} would")
     if policy == "lean":
         lean = _lean_choice(shape, job, cands)
         return _make_plan(shape, job, gpu, lean, budget, "lean", packing)
