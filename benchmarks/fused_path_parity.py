@@ -108,7 +108,6 @@ def op_checks(n: int, seq: int, cpu: bool) -> dict:
     """Each GPU operation at n tokens (rows of `seq`) against its torch reference on the CPU."""
     import torch
     import torch.nn.functional as F
-
     from qlora_trainer.acceleration import fused_ops as ops
     from qlora_trainer.acceleration.fused_layer import _attention, rows_pack
     from qlora_trainer.acceleration.kernels import chunked_cross_entropy
