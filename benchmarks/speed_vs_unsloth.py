@@ -108,7 +108,8 @@ def configs(only: set[str] | None) -> list[dict]:
 
 def _variant(name: str) -> dict | None:
     """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], mods: max (the plan may use
-    the whole card), unfused (QLORA_FUSED_LAYER=0), eager (QLORA_CUDA_GRAPHS=0), mb<N> (micro-batch
+    the whole card), unfused (QLORA_FUSED_LAYER=0), fused (QLORA_FUSED_LAYER=1: the fused decoder
+    layer, opt-in on GPUs for now), eager (QLORA_CUDA_GRAPHS=0), mb<N> (micro-batch
     pinned to N), none/selective/full/offload (recompute mode pinned); the rest is planned."""
     row, _, rest = name.partition("/")
     base, *mods = rest.split("-")
@@ -122,6 +123,8 @@ def _variant(name: str) -> dict | None:
             cfg["policy"] = "max"
         elif mod == "unfused":
             cfg["env"]["QLORA_FUSED_LAYER"] = "0"
+        elif mod == "fused":
+            cfg["env"]["QLORA_FUSED_LAYER"] = "1"
         elif mod == "eager":
             cfg["env"]["QLORA_CUDA_GRAPHS"] = "0"
         elif mod in ("none", "selective", "full", "offload"):

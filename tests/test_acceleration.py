@@ -53,6 +53,23 @@ def test_a_job_that_cannot_fit_is_refused_with_the_largest_setting_that_would():
     assert fits <= 24 * GIB
 
 
+def test_fused_decoder_layers_are_opt_in_on_gpus_and_planned_as_what_runs():
+    from qlora_trainer.acceleration.planner import fused_layer_wanted
+
+    assert not fused_layer_wanted(on_gpu=True, setting=None)  # until the GPU loss parity check passes
+    assert fused_layer_wanted(on_gpu=True, setting="1")
+    assert fused_layer_wanted(on_gpu=False, setting=None)
+    assert not fused_layer_wanted(on_gpu=False, setting="0")
+    job = JobShape(seq_len=2048, micro_batch=8, grad_accum=1)
+    fused = plan_memory(QWEN_1_5B, job, H100, micro_batch=4, recompute="none", packing=False, fused=True)
+    unfused = plan_memory(QWEN_1_5B, job, H100, micro_batch=4, recompute="none", packing=False, fused=False)
+    assert fused.fused_layers and not unfused.fused_layers
+    assert "fused decoder layers off (QLORA_FUSED_LAYER=1 turns them on)" in unfused.describe()
+    # the per-projection layer keeps more for backward, and has no CUDA graph buffers
+    assert unfused.breakdown["activations"] > fused.breakdown["activations"]
+    assert "cuda_graph_buffers" in fused.breakdown and "cuda_graph_buffers" not in unfused.breakdown
+
+
 def test_micro_batch_and_recompute_can_be_pinned():
     job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
     card = GpuSpec(memory_bytes=24 * GIB, name="L4")
@@ -198,15 +215,22 @@ def _plan(recompute_layers=0, recompute="none"):
                       predicted_tokens_per_s=0.0, budget_bytes=0, policy="test")
 
 
-@pytest.mark.parametrize("recompute_layers,recompute", [(0, "none"), (1, "selective"), (2, "full")])
-def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_layers, recompute):
+@pytest.mark.parametrize("recompute_layers,recompute,fused", [(0, "none", True), (1, "selective", True),
+                                                               (2, "full", True), (0, "none", False),
+                                                               (2, "full", False)])
+def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_layers, recompute, fused):
+    """Fused decoder layers, or (a plan with them off) the per-projection functions."""
+    import dataclasses
+
     from qlora_trainer.acceleration import apply_acceleration
 
     plain = _tiny_peft_model()
     fast = copy.deepcopy(plain)
-    report = apply_acceleration(fast, _plan(recompute_layers, recompute))
+    report = apply_acceleration(fast, dataclasses.replace(_plan(recompute_layers, recompute), fused_layers=fused))
     assert report.lora_layers == 14 and report.fused_mlps == 2 and report.fused_cross_entropy
-    assert report.fused_layers == 2, report.skipped
+    assert report.fused_layers == (2 if fused else 0), report.skipped
+    if not fused:
+        assert any("QLORA_FUSED_LAYER=1" in s for s in report.skipped)
     assert report.recompute_layers == recompute_layers
     fast.train(), plain.train()
     ids = torch.randint(0, 96, (2, 12))

@@ -11,7 +11,18 @@ operations (torch references) with `triton_ops` their GPU kernels, `cuda_graphs`
 as CUDA graphs, `kernels` and `packing` the per-module functions and padding-free attention.
 """
 
-from .planner import GIB, GpuSpec, JobShape, MemoryPlan, ModelShape, PlanDoesNotFit, plan_memory
+import os
+
+from .planner import (
+    GIB,
+    GpuSpec,
+    JobShape,
+    MemoryPlan,
+    ModelShape,
+    PlanDoesNotFit,
+    fused_layer_wanted,
+    plan_memory,
+)
 
 # Dense bf16 tensor-core peaks (datasheets): "H100 PCIe" must be looked up before "H100".
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -32,10 +43,12 @@ def gpu_spec(device: int = 0, memory_fraction: float | None = None) -> GpuSpec:
 def plan_for_gpu(model_config, job: JobShape, policy: str = "auto", device: int = 0,
                  memory_fraction: float | None = None, packing: bool = True,
                  micro_batch: int | None = None, recompute: str | None = None) -> MemoryPlan:
-    """Plan from a transformers config (or its dict) for the GPU this process sees."""
+    """Plan from a transformers config (or its dict) for the GPU this process sees; whether the
+    decoder layers run fused follows QLORA_FUSED_LAYER (planner.fused_layer_wanted)."""
+    fused = fused_layer_wanted(on_gpu=True, setting=os.environ.get("QLORA_FUSED_LAYER"))
     return plan_memory(ModelShape.from_hf_config(model_config), job, gpu_spec(device, memory_fraction),
                        policy=policy, packing=packing, micro_batch=micro_batch,
-                       recompute=recompute)
+                       recompute=recompute, fused=fused)
 
 
 def apply_acceleration(model, plan: MemoryPlan):
@@ -53,6 +66,7 @@ __all__ = [
     "ModelShape",
     "PlanDoesNotFit",
     "apply_acceleration",
+    "fused_layer_wanted",
     "gpu_spec",
     "plan_for_gpu",
     "plan_memory",

@@ -24,6 +24,7 @@ from . import (
     ModelShape,
     PlanDoesNotFit,
     apply_acceleration,
+    fused_layer_wanted,
     plan_for_gpu,
     plan_memory,
 )
@@ -57,7 +58,8 @@ def plan_before_loading(model_path, spec) -> MemoryPlan | None:
     try:
         if on_cpu:
             plan = plan_memory(shape, job, GpuSpec(memory_bytes=64 * GIB, name="cpu (QLORA_ACCELERATION=cpu)"),
-                               packing=t.packing)
+                               packing=t.packing,
+                               fused=fused_layer_wanted(on_gpu=False, setting=os.environ.get("QLORA_FUSED_LAYER")))
         else:
             plan = plan_for_gpu(config.get_text_config(), job, packing=t.packing)
     except PlanDoesNotFit as exc:
