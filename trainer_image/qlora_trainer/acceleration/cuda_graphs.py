@@ -91,6 +91,7 @@ class LayerGraphs:
         self.emulate = mode == "emulate"
         self.key = None
         self.states: dict[int, _LayerState] = {}
+        self.first = self.last = None  # graphed layers: the first copies the RoPE tables in, the last hands .grad back
         self.rope = self.pack = None
         self.grad_io: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []

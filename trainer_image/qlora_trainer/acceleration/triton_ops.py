@@ -385,6 +385,18 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def _check_lora_pair(name: str, x: torch.Tensor, other: torch.Tensor, other_name: str, dim: int, what: str) -> None:
+    """x and the other operand of a LoRA A-side kernel: 2-D, one dot dtype, one device, and the
+    same size in x's dimension `dim` (H or N, named by `what`) and the other's matching one."""
+    _check_2d(f"{name}: x", x, _DOT_DTYPES)
+    _check_2d(f"{name}: {other_name}", other, _DOT_DTYPES)
+    if not (other.dtype == x.dtype):
+        raise ValueError(f"{name}: {other_name} ({other.dtype}) and x ({x.dtype}) must have one dtype")
+    if not (other.shape[dim] == x.shape[dim]):
+        raise ValueError(f"{name}: {other_name} {tuple(other.shape)} and x {tuple(x.shape)} differ in {what}")
+    _check_same_device(x=x, **{other_name: other})
+
+
 def _lora_shapes(name: str, x: torch.Tensor, rows_of_a: int, n: int) -> int:
     if not (isinstance(n, int) and n >= 1):
         raise ValueError(f"{name}: n must be a positive int, got {n!r}")
@@ -435,13 +447,7 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
     alone (18,944 columns for a 7B down_proj): H is then cut into `splits` ranges (default: about
     two programs per SM) whose fp32 partial sums are added in a fixed order, so the result does
     not depend on scheduling."""
-    _check_2d("lora_a: x", x, _DOT_DTYPES)
-    _check_2d("lora_a: A", A, _DOT_DTYPES)
-    if not (A.dtype == x.dtype):
-        raise ValueError(f"lora_a: A ({A.dtype}) and x ({x.dtype}) must have one dtype")
-    if not (A.shape[1] == x.shape[1]):
-        raise ValueError(f"lora_a: A {tuple(A.shape)} does not match x {tuple(x.shape)} in H")
-    _check_same_device(x=x, A=A)
+    _check_lora_pair("lora_a", x, A, "A", 1, "H")
     N, H = x.shape
     r = _lora_shapes("lora_a", x, A.shape[0], n)
     seed = _check_dropout(seed, p, n, N, H, x.device)
@@ -501,13 +507,7 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     The token dimension is cut into `splits` ranges (default: enough for about 4 programs per SM)
     whose partial sums meet in the output by fp32 atomic adds, so the summation order, and with
     it the last bits of the result, can vary from run to run when there is more than one split."""
-    _check_2d("lora_a_backward: x", x, _DOT_DTYPES)
-    _check_2d("lora_a_backward: ga", ga, _DOT_DTYPES)
-    if not (ga.dtype == x.dtype):
-        raise ValueError(f"lora_a_backward: ga ({ga.dtype}) and x ({x.dtype}) must have one dtype")
-    if not (ga.shape[0] == x.shape[0]):
-        raise ValueError(f"lora_a_backward: ga {tuple(ga.shape)} and x {tuple(x.shape)} differ in N")
-    _check_same_device(ga=ga, x=x)
+    _check_lora_pair("lora_a_backward", x, ga, "ga", 0, "N")
     N, H = x.shape
     r = _lora_shapes("lora_a_backward", x, ga.shape[1], n)
     seed = _check_dropout(seed, p, n, N, H, x.device)
