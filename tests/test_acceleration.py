@@ -247,6 +247,45 @@ def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_lay
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw_foreach", "sgd"])
+def test_accelerated_forward_sees_every_optimizer_step(fused, optimizer):
+    """The fused layer keeps its LoRA factors concatenated between micro-steps; torch's fused AdamW
+    updates parameters without bumping their version counters, so a cache keyed on versions alone
+    trained on the first step's adapter forever (flat training loss, falling eval loss). Plain and
+    accelerated models, trained side by side with the same optimizer, keep the same loss."""
+    import dataclasses
+
+    from qlora_trainer.acceleration import apply_acceleration
+
+    plain = _tiny_peft_model()
+    fast = copy.deepcopy(plain)
+    apply_acceleration(fast, dataclasses.replace(_plan(), fused_layers=fused))
+    make = {"adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=3e-2, fused=True),
+            "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=3e-2, foreach=True),
+            "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5)}[optimizer]
+    opts = [make([p for p in m.parameters() if p.requires_grad]) for m in (plain, fast)]
+    torch.manual_seed(5)
+    ids = torch.randint(0, 96, (2, 12))
+    losses = {id(plain): [], id(fast): []}
+    for _ in range(4):
+        for model, opt in zip((plain, fast), opts):
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[id(model)].append(loss.item())
+    assert losses[id(plain)][-1] < losses[id(plain)][0] - 0.05  # the steps change the adapter
+    torch.testing.assert_close(torch.tensor(losses[id(fast)]), torch.tensor(losses[id(plain)]), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # weights written straight into the parameters, as a checkpoint load does
+        for (n, p), (_, q) in zip(plain.named_parameters(), fast.named_parameters()):
+            if "lora_B" in n:
+                p.zero_(), q.zero_()
+    torch.testing.assert_close(fast(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_packed_records_do_not_see_each_other():
     """Changing one packed record changes no other record's logits, and each record's logits
     equal those of the record run alone."""

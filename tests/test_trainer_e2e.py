@@ -159,5 +159,9 @@ def test_the_fast_path_trains_through_the_real_trainer(s3, tiny_model_uri, colou
     assert "fused decoder layers" in log and " 0 fused decoder layers" not in log, log[-3000:]
     result = proc.termination.result
     assert result.eval_loss_after < 0.5 * result.eval_loss_before, result
+    # The training forward must see every optimizer step too: a fast path that kept the first
+    # step's adapter reported a flat training loss while the eval loss (plain forward) fell.
+    train = [p.loss for p in map(TrainerProgressLine.parse, proc.stdout) if p is not None and p.loss is not None]
+    assert len(train) >= 3 and train[-1] < 0.5 * train[0], train
     ran = json.loads(s3.get("adapters", "adapters/team-a/colours/run-fast/training_config.json"))
     assert "micro-batch" in json.dumps(ran), ran

@@ -51,8 +51,9 @@ class TrainOutcome:
 
 
 def optimizer_name(spec: TrainingSpec) -> str:
-    """Paged and 8-bit optimizers need CUDA (paging uses its unified memory); on a CPU, plain AdamW."""
-    if spec.optimizer != "adamw_torch" and not torch.cuda.is_available():
+    """Paged and 8-bit optimizers need CUDA (paging uses its unified memory); on a CPU, plain AdamW.
+    torch's fused AdamW runs on both, so the CPU runs it too (the update the GPU plan uses)."""
+    if spec.optimizer not in ("adamw_torch", "adamw_torch_fused") and not torch.cuda.is_available():
         log.warning("optimizer %s needs a GPU; using adamw_torch on the CPU", spec.optimizer)
         return "adamw_torch"
     return spec.optimizer

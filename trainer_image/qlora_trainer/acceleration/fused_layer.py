@@ -94,11 +94,28 @@ class held_weights:
         return False
 
 
+_OPTIMIZER_STEPS = [0, None]  # [steps any torch optimizer has taken in this process, the hook's handle]
+
+
+def _count_optimizer_steps() -> int:
+    """Optimizer steps so far. torch's fused AdamW writes the parameters without bumping their
+    version counters, so versions alone cannot tell LoRASet that a step changed its factors."""
+    if _OPTIMIZER_STEPS[1] is None:
+        def counted(*_):
+            _OPTIMIZER_STEPS[0] += 1
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _OPTIMIZER_STEPS[1] = register_optimizer_step_post_hook(counted)
+    return _OPTIMIZER_STEPS[0]
+
+
 class LoRASet:
     """The LoRA factors of projections sharing an input, as the fused functions use them:
     A concatenated [n*r, in] in the compute dtype, and B with scaling (and the dropout's
-    1/(1-p)) folded in, as a block-diagonal [sum(out_j), n*r]. Rebuilt only when the optimizer
-    has changed a factor (tensor versions), not every micro-step."""
+    1/(1-p)) folded in, as a block-diagonal [sum(out_j), n*r]. Rebuilt only when a factor may have
+    changed (an optimizer step anywhere in the process, or a tensor version: an in-place write
+    such as a checkpoint load), not every micro-step."""
 
     def __init__(self, modules, dtype: torch.dtype):
         self.modules = modules
@@ -109,6 +126,7 @@ class LoRASet:
         self.rank = first.lora_A[first._qlora_adapter].weight.shape[0]
         self._key = None
         self._A = self._B = None
+        _count_optimizer_steps()  # the hook is in place before the first step
 
     def params(self) -> list[torch.Tensor]:
         out = []
@@ -121,7 +139,7 @@ class LoRASet:
 
     def factors(self, params) -> tuple[torch.Tensor, torch.Tensor]:
         capturing = params[0].is_cuda and torch.cuda.is_current_stream_capturing()
-        key = None if capturing else tuple((t.data_ptr(), t._version) for t in params)
+        key = None if capturing else (_count_optimizer_steps(), *((t.data_ptr(), t._version) for t in params))
         if capturing or key != self._key:  # a CUDA graph must rebuild them from the live parameters
             with torch.no_grad():
                 As, Bs = params[0::2], params[1::2]
