@@ -205,6 +205,7 @@ def run(args) -> int:
     lines = (out / "trainer-stdout.jsonl").read_text().splitlines()
     progress = [p for p in map(TrainerProgressLine.parse, lines) if p]
     steady = progress[1:] or progress  # the first report includes compilation and warm-up
+    train_losses = [p.loss for p in progress if p.loss is not None]
 
     # Round trip: the published adapter, from S3, against its manifest, loaded again.
     adapter = work / "downloaded"
@@ -231,12 +232,14 @@ def run(args) -> int:
         ("model", f"Qwen2.5-1.5B shape, random init, {params / 1e9:.2f}B params" if args.size == "1.5b"
          else f"tiny Qwen2 shape, {params / 1e6:.2f}M params"),
         ("run", (f"{args.steps} steps x {args.batch_size} x {args.grad_accum} accum x {args.seq_len} tokens "
-                 "(packed), NF4 + double quant, LoRA r16 all-linear, gradient checkpointing, paged AdamW")),
+                 "(packed), NF4 + double quant, LoRA r16 all-linear; the memory plan's micro-batch, recompute and "
+                 "optimizer (trainer log)")),
         ("tokens/s (steady, mean of reports)", _mean([p.tokens_per_second for p in steady])),
         ("tokens/s (whole training)", _round(metrics.get("tokens_per_second"))),
         ("MFU (4N FLOPs/token, bf16 peak)", _mean([p.mfu for p in steady])),
         ("peak GPU memory GiB (training)", _round(metrics.get("peak_gpu_memory_gib"))),
         ("train seconds", result.train_seconds),
+        ("train loss, first -> last report", " -> ".join(f"{x:.4f}" for x in (train_losses[:1] + train_losses[-1:]))),
         ("eval loss before -> after", f"{result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}"),
         ("perplexity before -> after", f"{result.perplexity_before:.1f} -> {result.perplexity_after:.2f}"),
         ("published", (f"{len(result.files)} files, {result.total_bytes / 1e6:.1f} MB, manifest sha256 "
@@ -245,7 +248,10 @@ def run(args) -> int:
         ("adapter from S3 on bf16 base: eval loss", f"{reload_bf16:.4f} (bf16 base alone {base_bf16:.4f})"),
         ("phase seconds", ", ".join(f"{k} {v}" for k, v in timings.items())),
     ]
+    # The training loss must fall with the eval loss: a training forward that missed the optimizer's
+    # updates once reported a flat training loss beside a falling eval loss.
     ok = (manifest_ok and result.eval_loss_after < result.eval_loss_before and reload_bf16 < base_bf16
+          and len(train_losses) >= 2 and train_losses[-1] < 0.8 * train_losses[0]
           and abs(reload_4bit - result.eval_loss_after) < 0.05 * result.eval_loss_after)
     table = "\n".join(f"| {k} | {v} |" for k, v in [("what", "value"), ("---", "---"), *rows])
     table += f"\n\nround trip and learning checks: {'PASS' if ok else 'FAIL'}"
