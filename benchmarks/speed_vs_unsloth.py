@@ -109,7 +109,7 @@ def configs(only: set[str] | None) -> list[dict]:
 def _variant(name: str) -> dict | None:
     """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], mods: max (the plan may use
     the whole card), unfused (QLORA_FUSED_LAYER=0), fused (QLORA_FUSED_LAYER=1: the fused decoder
-    layer, opt-in on GPUs for now), eager (QLORA_CUDA_GRAPHS=0), mb<N> (micro-batch
+    layer, the default), eager (QLORA_CUDA_GRAPHS=0), mb<N> (micro-batch
     pinned to N), none/selective/full/offload (recompute mode pinned); the rest is planned."""
     row, _, rest = name.partition("/")
     base, *mods = rest.split("-")
@@ -327,6 +327,16 @@ def render(results: list[dict]) -> str:
     rp = f"{vals[2] / vals[0]:.2f}x" if vals[0] and vals[2] else "-"
     ru = f"{vals[2] / vals[1]:.2f}x" if vals[1] and vals[2] else "-"
     lines.append(f"| qwen2.5-1.5b, lengths mostly < 512, tail to 2048 | {fmt[0]} | {fmt[1]} | {fmt[2]} | {rp} | {ru} |")
+    lines.append("")
+    lines.append("| loss, step 0 -> last step (same batches; LoRA B zero at step 0) | plain | Unsloth | ours "
+                 "| lean |")
+    lines.append("|---|---|---|---|---|")
+    for row in (*ROWS, "varlen"):
+        cells = []
+        for e in ("plain", "unsloth", "ours", "lean"):
+            losses = by.get(f"{row}/{e}", {}).get("losses")
+            cells.append(f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lm = {e: by.get(f"lossmatch/{e}", {}) for e in ("plain", "plain-reseed", "ours")}
     if all("losses" in x for x in lm.values()):
         a, b, c = (lm[e]["losses"] for e in ("plain", "plain-reseed", "ours"))
@@ -371,16 +381,26 @@ _SHARED: dict = {}
 
 
 def shared_model(engine: str, folder: Path, seq: int, dropout: float):
-    """One plain or Unsloth model per process for the speed runs of a group (their loss values do
-    not matter, only their step times); `ours` always loads its own (its plan changes the model).
-    Unsloth is loaded for the longest sequence it will see (2048)."""
+    """One plain or Unsloth model per process for the runs of a group; `ours` always loads its own
+    (its plan changes the model). Unsloth is loaded for the longest sequence it will see (2048).
+    Each run starts from the adapter as first initialised: the runs before it trained the shared
+    one, which once made a later row's step-0 loss look lower than ours (LoRA B no longer zero)."""
+    import torch
+
     if engine == "ours":
         return load_model(engine, folder, seq, dropout)
     key = (engine, str(folder), dropout)
     if key not in _SHARED:
         _SHARED.clear()
-        _SHARED[key] = load_model(engine, folder, max(seq, 2048), dropout)
-    return _SHARED[key]
+        model = load_model(engine, folder, max(seq, 2048), dropout)
+        _SHARED[key] = model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model, initial = _SHARED[key]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in initial:
+                p.copy_(initial[n])
+                p.grad = None
+    return model
 
 
 def load_model(engine: str, folder: Path, seq: int, dropout: float, device: str = "cuda"):
@@ -422,7 +442,7 @@ def make_optimizer(model, device="cuda", plan=None):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if device == "cuda" and plan is not None and plan.optimizer == "adamw_torch_fused":
+    if plan is not None and plan.optimizer == "adamw_torch_fused":  # torch's fused AdamW runs on the CPU too
         return params, torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=True)
     if device == "cuda":
         import bitsandbytes as bnb
@@ -729,7 +749,7 @@ def run_lossmatch(cfg, device="cuda", folder: Path | None = None) -> dict:
         from qlora_trainer.acceleration import apply_acceleration
 
         apply_acceleration(model, plan)
-    params, opt = make_optimizer(model, device, plan=plan if device == "cuda" else None)
+    params, opt = make_optimizer(model, device, plan=plan)
     torch.manual_seed(cfg.get("dropout_seed", 0))
 
     def step_batches(step):

@@ -53,18 +53,17 @@ def test_a_job_that_cannot_fit_is_refused_with_the_largest_setting_that_would():
     assert fits <= 24 * GIB
 
 
-def test_fused_decoder_layers_are_opt_in_on_gpus_and_planned_as_what_runs():
+def test_fused_decoder_layers_are_the_default_and_planned_as_what_runs():
     from qlora_trainer.acceleration.planner import fused_layer_wanted
 
-    assert not fused_layer_wanted(on_gpu=True, setting=None)  # until the GPU loss parity check passes
-    assert fused_layer_wanted(on_gpu=True, setting="1")
-    assert fused_layer_wanted(on_gpu=False, setting=None)
-    assert not fused_layer_wanted(on_gpu=False, setting="0")
+    assert fused_layer_wanted(None) and fused_layer_wanted("1") and not fused_layer_wanted("0")
+    with pytest.raises(ValueError, match="QLORA_FUSED_LAYER must be 0 or 1, got 'yes'"):
+        fused_layer_wanted("yes")
     job = JobShape(seq_len=2048, micro_batch=8, grad_accum=1)
     fused = plan_memory(QWEN_1_5B, job, H100, micro_batch=4, recompute="none", packing=False, fused=True)
     unfused = plan_memory(QWEN_1_5B, job, H100, micro_batch=4, recompute="none", packing=False, fused=False)
     assert fused.fused_layers and not unfused.fused_layers
-    assert "fused decoder layers off (QLORA_FUSED_LAYER=1 turns them on)" in unfused.describe()
+    assert "fused decoder layers off (QLORA_FUSED_LAYER=0)" in unfused.describe()
     # the per-projection layer keeps more for backward, and has no CUDA graph buffers
     assert unfused.breakdown["activations"] > fused.breakdown["activations"]
     assert "cuda_graph_buffers" in fused.breakdown and "cuda_graph_buffers" not in unfused.breakdown
@@ -230,7 +229,7 @@ def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_lay
     assert report.lora_layers == 14 and report.fused_mlps == 2 and report.fused_cross_entropy
     assert report.fused_layers == (2 if fused else 0), report.skipped
     if not fused:
-        assert any("QLORA_FUSED_LAYER=1" in s for s in report.skipped)
+        assert any("QLORA_FUSED_LAYER=0" in s for s in report.skipped)
     assert report.recompute_layers == recompute_layers
     fast.train(), plain.train()
     ids = torch.randint(0, 96, (2, 12))

@@ -5,8 +5,7 @@ unchanged); what changes is how its modules compute in training:
 - Llama-style decoder layers (Llama, Qwen2, Mistral, ...) run as two fused autograd functions
   (fused_layer.py: fused q|k|v and gate|up GEMMs, in-kernel LoRA dropout, Triton norms, RoPE and
   SwiGLU), replayed as CUDA graphs for fixed-length rows (cuda_graphs.py), when the plan says so
-  (on GPUs only with QLORA_FUSED_LAYER=1 for now: planner.FUSED_LAYER_ON_GPU_BY_DEFAULT);
-  QLORA_FUSED_LAYER=0 and QLORA_CUDA_GRAPHS=0 turn them off;
+  (its default); QLORA_FUSED_LAYER=0 and QLORA_CUDA_GRAPHS=0 turn them off;
 - other LoRA layers over frozen linears run as one autograd function (LoRALinearFunction);
 - gated SiLU MLPs (Llama, Qwen2, Mistral, ...) run as one function that keeps x, gate and up;
 - Llama-style RMSNorms keep their compute-dtype input instead of fp32 copies;
@@ -198,7 +197,7 @@ def _cache_weights(layers, plan: MemoryPlan) -> tuple[int, int]:
 def _install_fused_layers(layers, config, dtype, report, plan: MemoryPlan) -> None:
     if not plan.fused_layers:
         report.skipped.append("decoder layers run per projection: the plan has fused decoder layers off "
-                              "(opt-in on GPUs for now, QLORA_FUSED_LAYER=1; see planner.FUSED_LAYER_ON_GPU_BY_DEFAULT)")
+                              "(QLORA_FUSED_LAYER=0)")
         return
     if os.environ.get("QLORA_FUSED_LAYER", "1") == "0" or config is None:
         return

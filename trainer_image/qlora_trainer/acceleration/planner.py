@@ -52,20 +52,12 @@ _STEP_OVERHEAD_S = 0.010  # fused AdamW step, clipping, data: per optimizer step
 # fits: the plan asks for fused AdamW (the same 32-bit AdamW update).
 OPTIMIZER = "adamw_torch_fused"
 
-# The fused decoder layer (fused_layer.py) is opt-in on GPUs for now: on an H100 its loss departed
-# from the plain recipe's once a micro-step held 8k-16k tokens (rows of 2,048, or packed rows),
-# while its CPU references agree with the plain model at those shapes and 2k-token micro-steps
-# agreed on the GPU too (benchmarks/NOTES.md, "Open"; benchmarks/fused_path_parity.py localises
-# it). Until that is found, a GPU plan takes the per-projection path unless QLORA_FUSED_LAYER=1.
-FUSED_LAYER_ON_GPU_BY_DEFAULT = False
-
-
-def fused_layer_wanted(on_gpu: bool, setting: str | None) -> bool:
-    """Whether plans use the fused decoder layer: QLORA_FUSED_LAYER=1/0 decides; unset, the CPU
-    (torch references) yes and GPUs per FUSED_LAYER_ON_GPU_BY_DEFAULT."""
-    if setting in ("0", "1"):
-        return setting == "1"
-    return FUSED_LAYER_ON_GPU_BY_DEFAULT or not on_gpu
+def fused_layer_wanted(setting: str | None) -> bool:
+    """Whether plans use the fused decoder layer (fused_layer.py): yes unless QLORA_FUSED_LAYER=0,
+    which keeps the per-projection functions (a way around a suspected fused-path problem)."""
+    if setting not in (None, "", "0", "1"):
+        raise ValueError(f"QLORA_FUSED_LAYER must be 0 or 1, got {setting!r}")
+    return setting != "0"
 
 
 class PlanDoesNotFit(ValueError):
@@ -177,7 +169,7 @@ class MemoryPlan:
             f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, recompute {self.recompute}"
             f" ({self.recompute_layers} layers), bf16 weight copies in {self.cached_layers} layers,"
             f" cross-entropy in chunks of {self.ce_chunk_tokens} tokens, packing {'on' if self.packing else 'off'},"
-            f" fused decoder layers {'on' if self.fused_layers else 'off (QLORA_FUSED_LAYER=1 turns them on)'},"
+            f" fused decoder layers {'on' if self.fused_layers else 'off (QLORA_FUSED_LAYER=0)'},"
             f" {self.optimizer};"
             f" predicted peak {self.predicted_peak_bytes / GIB:.2f} GiB of a {self.budget_bytes / GIB:.2f} GiB"
             f" budget ({self.policy}), about {self.predicted_tokens_per_s:,.0f} tokens/s"

@@ -59,7 +59,7 @@ def plan_before_loading(model_path, spec) -> MemoryPlan | None:
         if on_cpu:
             plan = plan_memory(shape, job, GpuSpec(memory_bytes=64 * GIB, name="cpu (QLORA_ACCELERATION=cpu)"),
                                packing=t.packing,
-                               fused=fused_layer_wanted(on_gpu=False, setting=os.environ.get("QLORA_FUSED_LAYER")))
+                               fused=fused_layer_wanted(os.environ.get("QLORA_FUSED_LAYER")))
         else:
             plan = plan_for_gpu(config.get_text_config(), job, packing=t.packing)
     except PlanDoesNotFit as exc:
