@@ -19,7 +19,6 @@ Anything it does not recognise keeps its own forward, so any HF causal LM still 
 from __future__ import annotations
 
 import logging
-import os
 import types
 from dataclasses import dataclass, field
 from functools import partial
@@ -199,7 +198,7 @@ def _install_fused_layers(layers, config, dtype, report, plan: MemoryPlan) -> No
         report.skipped.append("decoder layers run per projection: the plan has fused decoder layers off "
                               "(QLORA_FUSED_LAYER=0)")
         return
-    if os.environ.get("QLORA_FUSED_LAYER", "1") == "0" or config is None:
+    if config is None:
         return
     reasons = set()
     for layer in layers:
