@@ -1,10 +1,11 @@
-// kstatus prints what sigs.k8s.io/cli-utils/pkg/kstatus/status computes for Kubernetes objects:
-// the status Flux's health checks, kpt and cli-utils' appliers wait on (Current, InProgress, Failed,
+// kstatus prints what kstatus computes for Kubernetes objects: the status that Flux's health checks,
+// `helm install --wait` (Helm 4), kpt and cli-utils' appliers wait on (Current, InProgress, Failed,
 // Terminating, Unknown) and its message. It reads one object, or a List, as JSON or YAML on stdin
-// and writes one JSON line per object:
+// and writes one JSON line per object, computed by sigs.k8s.io/cli-utils and by Flux's fork of it,
+// github.com/fluxcd/cli-utils (which Flux and Helm 4 build with):
 //
 //	kubectl get qlorajob demo -o json | kstatus
-//	{"name":"demo","status":"InProgress","message":"...","conditions":[...]}
+//	{"name":"demo","status":"InProgress","message":"...","conditions":[...],"fluxcd":{"status":...}}
 //
 // A separate module from the local cluster's wrapper, so that cli-utils' requirements never move
 // the versions the control plane is built from.
@@ -16,6 +17,7 @@ import (
 	"io"
 	"os"
 
+	fluxstatus "github.com/fluxcd/cli-utils/pkg/kstatus/status"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	utiljson "k8s.io/apimachinery/pkg/util/json"
 	"sigs.k8s.io/cli-utils/pkg/kstatus/status"
@@ -27,6 +29,12 @@ type verdict struct {
 	Status     status.Status      `json:"status"`
 	Message    string             `json:"message"`
 	Conditions []status.Condition `json:"conditions"`
+	FluxCD     fluxVerdict        `json:"fluxcd"`
+}
+
+type fluxVerdict struct {
+	Status  fluxstatus.Status `json:"status"`
+	Message string            `json:"message"`
 }
 
 func main() {
@@ -69,7 +77,13 @@ func run(in io.Reader, out io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", u.GetName(), err)
 		}
-		if err := encoder.Encode(verdict{u.GetName(), result.Status, result.Message, result.Conditions}); err != nil {
+		flux, err := fluxstatus.Compute(u.DeepCopy())
+		if err != nil {
+			return fmt.Errorf("%s (fluxcd): %w", u.GetName(), err)
+		}
+		v := verdict{u.GetName(), result.Status, result.Message, result.Conditions,
+			fluxVerdict{flux.Status, flux.Message}}
+		if err := encoder.Encode(v); err != nil {
 			return err
 		}
 	}
