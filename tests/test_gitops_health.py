@@ -69,6 +69,18 @@ def test_a_reason_this_script_does_not_know_yet_is_progressing():
     assert evaluate(SCRIPT, obj) == HealthStatus("Progressing", "SomethingNew: waiting for something new")
 
 
+def test_a_job_queued_by_kueue_is_progressing_with_kueues_words():
+    # What the operator writes while Kueue holds the trainer Job: Scheduled and Running False, reason Queued.
+    said = "queued in LocalQueue team-a (Workload job-demo-1-3f2a1): couldn't assign flavors to pod set main: " \
+           "insufficient unused quota for nvidia.com/gpu in flavor gpu, 1 more needed"
+    conditions = [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "the spec is valid"},
+                  {"type": "Scheduled", "status": "False", "reason": "Queued", "message": said},
+                  {"type": "Running", "status": "False", "reason": "Queued", "message": said}]
+    obj = {"metadata": {"generation": 1},
+           "status": {"observedGeneration": 1, "phase": "Pending", "message": said, "conditions": conditions}}
+    assert evaluate(SCRIPT, obj) == HealthStatus("Progressing", f"Queued: {said}")
+
+
 def test_an_invalid_status_value_would_be_unknown_in_argo():
     assert evaluate('return {status = "Fine"}', {}) == HealthStatus("Unknown", "Lua returned an invalid health status")
 

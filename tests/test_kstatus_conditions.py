@@ -5,10 +5,10 @@ itself computes Current / InProgress / Failed from them is tested with the real 
 objects in test_gitops_health.py.
 """
 
-from qlora_api import ConditionType, ExitCode, Reason
-from qlora_operator.conditions import find
+from qlora_api import ConditionType, ExitCode, QLoRAJobStatus, Reason
+from qlora_operator.conditions import find, set_condition
 from qlora_operator.derivation import derive_status
-from qlora_operator.kstatus_conditions import KSTATUS_CONDITION_TYPES
+from qlora_operator.kstatus_conditions import KSTATUS_CONDITION_TYPES, set_kstatus_conditions
 from qlora_operator.settings import OperatorSettings
 from support.objects import (
     error_message,
@@ -130,3 +130,16 @@ def test_a_job_that_finished_before_the_summaries_existed_gets_them_once():
     assert events == []
     again, _ = derive(with_status(job, upgraded), [], [], now=6000)
     assert again == upgraded  # no churn afterwards
+
+
+def test_a_queue_holding_the_job_is_the_reason_while_reconciling():
+    # Kueue's admission wait, as the operator reports it: Scheduled and Running False, reason Queued.
+    status = QLoRAJobStatus(phase="Pending")
+    said = "queued in LocalQueue team-a (Workload job-demo-1-3f2a1): insufficient unused quota for nvidia.com/gpu"
+    now = observe(qlorajob()).now
+    set_condition(status, ConditionType.ACCEPTED, True, Reason.ACCEPTED, "the spec is valid", 1, now)
+    for ctype in (ConditionType.SCHEDULED, ConditionType.RUNNING):
+        set_condition(status, ctype, False, "Queued", said, 1, now)
+    set_kstatus_conditions(status, 1, now)
+    assert summary(status) == {"Ready": ("False", "Queued"), "Reconciling": ("True", "Queued")}
+    assert find(status, ConditionType.RECONCILING).message == said
