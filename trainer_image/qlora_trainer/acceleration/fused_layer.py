@@ -501,12 +501,13 @@ def _token_rope(position_embeddings, n_tokens: int, rows: int):
     return c2, s2
 
 
-def install_graphs(layers) -> int:
-    """Share one LayerGraphs among a model's installed layers; how many layers may be graphed."""
+def install_graphs(layers, enabled: bool = True) -> int:
+    """Share one LayerGraphs among a model's installed layers; how many layers may be graphed
+    (none when the plan has CUDA graphs off)."""
     from .cuda_graphs import LayerGraphs
 
     fused = [layer for layer in layers if hasattr(layer, "_qlora_qkv")]
-    graphs = LayerGraphs(fused)
+    graphs = LayerGraphs(fused, enabled=enabled)
     for layer in fused:
         layer._qlora_graphs = graphs
     on_cuda = bool(fused) and fused[0].input_layernorm.weight.is_cuda
