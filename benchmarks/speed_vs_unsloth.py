@@ -147,7 +147,8 @@ def _variant(name: str) -> dict | None:
 
 
 def prepare_site() -> str:
-    """The carried packages (bitsandbytes, Unsloth and what it needs), unpacked once."""
+    """The carried packages (bitsandbytes, Unsloth and what it needs), unpacked once. `make gpu-carry`
+    (benchmarks/gpu_carry.py) makes .gpu_carry/ here; name it in the device call's carry."""
     tarball = CARRY / "site.tar.xz"
     if tarball.exists() and not (SITE / ".done").exists():
         SITE.mkdir(parents=True, exist_ok=True)
