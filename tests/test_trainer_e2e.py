@@ -85,7 +85,7 @@ def test_manifest_is_written_last_and_matches_every_object(trained, s3):  # noqa
     # No memory plan on a CPU: the batch as configured is what ran.
     spec_training = config["run"]["spec"]["training"]
     assert config["resolved"]["memoryPlan"] is None
-    assert config["resolved"]["acceleration"]["path"] == "off"  # the spec asked for fused: no plan on a CPU
+    assert config["resolved"]["acceleration"]["path"] == "plain"  # the spec asked for fused: no plan on a CPU
     assert config["resolved"]["batchSize"] == spec_training["batchSize"]
     assert config["resolved"]["gradientAccumulationSteps"] == spec_training["gradientAccumulationSteps"]
 

@@ -114,11 +114,12 @@ class AccelerationSpec(RuledModel):
     update; they differ in speed and memory. On a CPU, and for models whose config the trainer's
     memory planner cannot read, the plain recipe runs whatever this says."""
 
-    path: Literal["fused", "perProjection", "off"] = Field(
+    # "plain", not "off": YAML 1.1 (kubectl, PyYAML) reads an unquoted off as the boolean false.
+    path: Literal["fused", "perProjection", "plain"] = Field(
         "fused",
         description="fused: the trainer's fast path with fused decoder layers where the architecture allows "
         "(Llama-style layers: Llama, Qwen2, Mistral and the like) and per-projection LoRA functions elsewhere; "
-        "perProjection: the fast path without fused decoder layers; off: the plain transformers + peft recipe "
+        "perProjection: the fast path without fused decoder layers; plain: the plain transformers + peft recipe "
         "(no memory plan: batchSize, gradientAccumulationSteps and gradientCheckpointing run as given).",
     )
     cuda_graphs: bool | None = Field(
@@ -168,7 +169,7 @@ class TrainingSpec(RuledModel):
     acceleration: AccelerationSpec = Field(
         default_factory=AccelerationSpec,
         json_schema_extra={"default": {}},
-        description="The trainer's GPU fast path: on by default; path off runs the plain recipe.",
+        description="The trainer's GPU fast path: on by default; path plain turns it off.",
     )
 
     cross_field_rules = (

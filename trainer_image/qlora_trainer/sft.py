@@ -144,8 +144,8 @@ def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, pla
 def _acceleration_as_run(cfg: TrainerRunConfig, plan) -> dict:
     choice = trainer_hooks.choose_acceleration(cfg.spec.training.acceleration)
     if plan is None:
-        why = choice.why if choice.path == "off" else "no memory plan (no GPU, or an architecture the planner cannot read)"
-        return {"path": "off", "cudaGraphs": False, "why": why}
+        why = choice.why if choice.path == "plain" else "no memory plan (no GPU, or an architecture the planner cannot read)"
+        return {"path": "plain", "cudaGraphs": False, "why": why}
     return {"path": "fused" if plan.fused_layers else "perProjection", "cudaGraphs": plan.cuda_graphs,
             "why": choice.why}
 

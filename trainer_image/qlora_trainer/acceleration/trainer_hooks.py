@@ -5,11 +5,11 @@ path once the adapter is on.
     ...load the 4-bit model, add the adapter...
     training = trainer_hooks.accelerate(model, plan, spec.training)        # the spec the Trainer runs
 
-What runs is the QLoRAJob's `spec.training.acceleration` (path fused | perProjection | off,
+What runs is the QLoRAJob's `spec.training.acceleration` (path fused | perProjection | plain,
 cudaGraphs). The trainer's environment keeps three switches for diagnosis, and they can only turn
 things off, never on against the spec: QLORA_ACCELERATION=0 (the plain recipe), QLORA_FUSED_LAYER=0
 (no fused decoder layers), QLORA_CUDA_GRAPHS=0 (no CUDA graphs). On a CPU, for architectures the
-planner does not know, or with the path off, the plan is None and the trainer runs the plain recipe
+planner does not know, or with the path plain, the plan is None and the trainer runs the plain recipe
 unchanged. QLORA_ACCELERATION=cpu runs the fast path on a CPU anyway (torch references instead of
 Triton kernels, no CUDA graphs): how the tests drive the GPU path's wiring through the real Trainer.
 """
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class AccelerationChoice:
     """What the trainer runs, from the spec and the environment's diagnosis switches."""
 
-    path: str  # fused | perProjection | off
+    path: str  # fused | perProjection | plain
     cuda_graphs: bool
     why: str  # where an off switch came from, for the log and training_config.json
 
@@ -52,8 +52,8 @@ def choose_acceleration(acceleration, environ=os.environ) -> AccelerationChoice:
     """spec.training.acceleration, with QLORA_ACCELERATION=0, QLORA_FUSED_LAYER=0 and
     QLORA_CUDA_GRAPHS=0 able to turn parts off (a bad value of QLORA_FUSED_LAYER is refused)."""
     path, why = acceleration.path, "spec.training.acceleration"
-    if environ.get("QLORA_ACCELERATION", "1") == "0" and path != "off":
-        path, why = "off", "QLORA_ACCELERATION=0"
+    if environ.get("QLORA_ACCELERATION", "1") == "0" and path != "plain":
+        path, why = "plain", "QLORA_ACCELERATION=0"
     if path == "fused" and not fused_layer_wanted(environ.get("QLORA_FUSED_LAYER")):
         path, why = "perProjection", "QLORA_FUSED_LAYER=0"
     graphs = path == "fused" and acceleration.cuda_graphs is not False
@@ -70,7 +70,7 @@ def plan_before_loading(model_path, spec) -> MemoryPlan | None:
     choice = choose_acceleration(spec.training.acceleration)
     mode = os.environ.get("QLORA_ACCELERATION", "1")
     on_cpu = mode == "cpu" and not torch.cuda.is_available()  # the fast path on torch references: tests
-    if choice.path == "off":
+    if choice.path == "plain":
         log.info("fast path off (%s): the plain recipe runs", choice.why)
         return None
     if not (torch.cuda.is_available() or on_cpu):
