@@ -163,11 +163,11 @@ def test_upgrade_from_the_previous_release_keeps_jobs_running_then_rollback_and_
                 # The API server defaults stored objects as it reads them, with the new schema.
                 stored = rel.get("qlorajob", running)["spec"]
                 if _has_parent(stored, new_field.path):
-                    assert crd_schema.lookup(stored, new_field.path) == new_field.schema["default"]
+                    assert crd_schema.lookup(stored, new_field.path) == new_field.served_default
 
             # A field the previous CRD did not have. kubectl validates strictly: an unknown field is refused.
             apply_job(rel, "after", 5, new_field.as_spec())
-            assert crd_schema.lookup(rel.get("qlorajob", "after")["spec"], new_field.path) == new_field.value
+            assert crd_schema.lookup(rel.get("qlorajob", "after")["spec"], new_field.path) == new_field.served
 
             wait_for(rel, "Succeeded", running, queued, "after", timeout=int(STEPS * STEP_SECONDS) + 90)
             steps.done("jobs finished")

@@ -47,11 +47,34 @@ def example(schema: dict):
     raise NoExample(f"no value to invent for {schema}")
 
 
+def defaulted(schema: dict, value):
+    """`value` as the API server stores and serves it: defaults filled in below it, recursively."""
+    if not isinstance(value, dict) or "properties" not in schema:
+        return value
+    out = dict(value)
+    for name, sub in schema["properties"].items():
+        if name not in out and "default" in sub:
+            out[name] = sub["default"]
+        if name in out:
+            out[name] = defaulted(sub, out[name])
+    return out
+
+
 @dataclass(frozen=True)
 class NewProperty:
     path: Path
     schema: dict
     value: object
+
+    @property
+    def served(self):
+        """The value as a job that sets it reads back."""
+        return defaulted(self.schema, self.value)
+
+    @property
+    def served_default(self):
+        """What a job that never set it reads back once the API server defaults it."""
+        return defaulted(self.schema, self.schema["default"])
 
     @property
     def dotted(self) -> str:
