@@ -12,7 +12,9 @@ CHART = CHART_CRD_PATH.parents[1]
 
 
 def rendered(*values: str, namespace: str = "qlora-system") -> list[dict]:
-    args = ["template", "qlora", str(CHART), "--namespace", namespace]
+    """The release's own objects; the `helm test` hook's are tested in test_helm_manifests.py and
+    test_helm_lifecycle.py."""
+    args = ["template", "qlora", str(CHART), "--namespace", namespace, "--skip-tests"]
     for value in values:
         args += ["--set", value]
     return [doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]
@@ -66,9 +68,7 @@ def test_schema_rejects_bad_values_by_name(value, complaint):
 
 
 def test_rendered_chart_is_accepted_by_the_api_server(local_cluster, namespace):
-    # The `helm test` hooks need their ServiceAccount to exist first: tests/test_helm_manifests.py.
-    docs = [d for d in rendered(f"watchNamespaces={{{namespace}}}", namespace=namespace)
-            if "helm.sh/hook" not in (d["metadata"].get("annotations") or {})]
+    docs = rendered(f"watchNamespaces={{{namespace}}}", namespace=namespace)
     manifest = "\n---\n".join(json.dumps(d) for d in docs)
     result = kubectl(local_cluster, "apply", "--dry-run=server", "-n", namespace, "-f", "-", input=manifest)
     assert "customresourcedefinition.apiextensions.k8s.io/qlorajobs.training.qlora-operator.dev" in result.stdout
