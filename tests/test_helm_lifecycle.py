@@ -118,8 +118,9 @@ def test_upgrade_from_the_previous_release_keeps_jobs_running_then_rollback_and_
     rel.kubectl("create", "secret", "generic", "s3",
                 "--from-literal=AWS_ACCESS_KEY_ID=test", "--from-literal=AWS_SECRET_ACCESS_KEY=test-secret")
 
+    wait_for_the_gpu(local_cluster)  # not while holding the lock, which stops every other cluster test
     with crd_schema_lock.schema_change(local_cluster):
-        wait_for_the_gpu(local_cluster)  # (a demo does not take the lock)
+        wait_for_the_gpu(local_cluster)  # again: a demo takes no lock
         operator_install.apply_chart(local_cluster)  # the CRD as the other tests have it (or a first one)
         crd_uid = shared_crd.live(local_cluster)["metadata"]["uid"]
         steps = Steps()
@@ -199,7 +200,8 @@ def test_upgrade_from_the_previous_release_keeps_jobs_running_then_rollback_and_
             history = rel.history()
             assert [(h["revision"], h["status"]) for h in history][-1] == (3, "deployed")
             assert history[-1]["description"] == "Rollback to 1"
-            assert all(p["spec"]["containers"][0]["image"].endswith(":0.1.0") for p in rel.operator_pods())
+            previous_image = f":{previous_release.app_version()}"
+            assert all(p["spec"]["containers"][0]["image"].endswith(previous_image) for p in rel.operator_pods())
             steps.done("rollback")
             # The CRD is a template of the chart, so rolling back rolls it back too.
             assert new_field.path not in spec_properties(shared_crd.live(local_cluster))
