@@ -79,3 +79,11 @@ def test_every_rendered_object_passes_a_server_side_dry_run(local_cluster, names
         group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else ""
         resource = f"{doc['kind'].lower()}{'.' + group if group else ''}/{doc['metadata']['name']}"
         assert f"{resource} serverside-applied (server dry run)" in applied.stdout, (resource, applied.stdout)
+
+
+def test_the_tests_chart_install_leaves_the_helm_test_hook_out():
+    """operator_install applies the chart's CRD and RBAC for the cluster tests; the hook's
+    ServiceAccount and roles must not become standing objects there."""
+    installed = operator_install.chart_objects()
+    hooks = [d["metadata"]["name"] for d in installed if "helm.sh/hook" in (d["metadata"].get("annotations") or {})]
+    assert installed and not hooks, hooks
