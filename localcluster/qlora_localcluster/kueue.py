@@ -22,6 +22,7 @@ everything speaks v1beta2, the storage version).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -134,7 +135,7 @@ def ensure_running(cluster: LocalCluster, timeout: float = 120.0) -> bool:
     comp = component(cluster, binary)
     with _lock(cluster):
         if processes.running_pid(comp.pidfile):
-            _wait_ready(comp, timeout)
+            _wait_ready(cluster, comp, timeout)
             return False
         source = module_dir()
         _apply(cluster, [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}])
@@ -152,7 +153,7 @@ def ensure_running(cluster: LocalCluster, timeout: float = 120.0) -> bool:
         (state / "config.yaml").write_text(yaml.safe_dump(config))
         _write_kubeconfig(cluster, state / "kubeconfig")
         processes.start(comp)
-        _wait_ready(comp, timeout)
+        _wait_ready(cluster, comp, timeout)
         return True
 
 
@@ -160,17 +161,37 @@ def stop(cluster: LocalCluster) -> str:
     return processes.stop(component(cluster), timeout=20.0)
 
 
-def _wait_ready(comp: Component, timeout: float) -> None:
+def _wait_ready(cluster: LocalCluster, comp: Component, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():
             return
+        _mount_cert_secret(cluster)
         if not processes.running_pid(comp.pidfile):
             raise RuntimeError(f"kueue exited before it was ready; last lines of {comp.log}:\n"
                                + processes.log_tail(comp))
         time.sleep(0.5)
     raise RuntimeError(f"kueue: no /readyz after {timeout:.0f} s; last lines of {comp.log}:\n"
                        + processes.log_tail(comp))
+
+
+def _mount_cert_secret(cluster: LocalCluster) -> None:
+    """What the kubelet's Secret volume does for Kueue's pod: the webhook server's certificate,
+    which Kueue's cert rotator writes into a Secret, as files in the certificate folder. Kueue
+    waits for them before it reports ready (they are valid for years; a restart reuses them)."""
+    folder = cluster.state_dir / "kueue" / "certs"
+    if (folder / "tls.crt").exists():
+        return
+    secret = json.loads(_kubectl(cluster, "get", "secret", f"{NAME_PREFIX}webhook-server-cert", "-n", NAMESPACE,
+                                 "-o", "json"))
+    data = secret.get("data") or {}
+    if not {"tls.crt", "tls.key", "ca.crt"} <= data.keys():
+        return  # not generated yet
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("ca.crt", "tls.key", "tls.crt"):  # tls.crt last: its presence means complete
+        path = folder / name
+        path.write_bytes(base64.b64decode(data[name]))
+        path.chmod(0o600)
 
 
 def _write_kubeconfig(cluster: LocalCluster, path: Path) -> None:

@@ -113,13 +113,17 @@ class Kube:
         return replace(observed, progress=progress)
 
     def workloads_of(self, namespace: str, jobs: list[dict]) -> list[dict]:
-        """Kueue's Workloads for these Jobs; none where Kueue is not installed (yet)."""
+        """Kueue's Workloads for these Jobs; none where Kueue is not installed (yet), or where the
+        operator may not read them (the status then cannot quote Kueue, but the job still runs)."""
         uids = ",".join(sorted(j["metadata"]["uid"] for j in jobs))
         try:
             return self._call("GET", WORKLOADS_PATH.format(ns=namespace),
                               query={"labelSelector": f"{JOB_UID_LABEL} in ({uids})"}).get("items", [])
         except ApiException as e:
-            if e.status == 404:
+            if e.status == 403:
+                log.warning("listing Kueue Workloads in %s is forbidden: grant the operator get, list and patch "
+                            "on workloads.kueue.x-k8s.io", namespace)
+            if e.status in (403, 404):
                 return []
             raise
 
