@@ -169,3 +169,21 @@ def test_a_preempted_job_resumes_from_its_checkpoint_without_burning_a_retry(que
     assert status["result"]["resumedFromStep"] >= 3  # the same run, from its checkpoint
     assert not env.condition("low", "Failed")
     assert operator_errors(env) == []
+
+
+def test_suspending_a_queued_job_deactivates_its_workload_and_resuming_requeues_it(queue_env):
+    env = queue_env
+    env.apply_queued("pause", steps=40)
+    env.wait_progress("pause", 3, timeout=60)
+    env.kubectl("patch", "qlorajob", "pause", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    env.wait_condition("pause", "Suspended", "True", "Suspended", timeout=30)
+    env.wait_for("pods gone", lambda: not env.children("pods", "pause"), timeout=30)
+    assert env.workload_of("pause-1")["spec"]["active"] is False  # Kueue's way to hold a workload
+    assert env.job("pause-1")["spec"]["suspend"] is True
+
+    env.kubectl("patch", "qlorajob", "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    env.wait_condition("pause", "Succeeded", timeout=90)
+    status = env.status("pause")
+    assert status["attempts"] == 1 and status["result"]["resumedFromStep"] >= 3
+    assert env.workload_of("pause-1")["spec"]["active"] is True
+    assert operator_errors(env) == []

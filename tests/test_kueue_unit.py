@@ -100,6 +100,14 @@ def test_preemption_by_kueue_stops_the_pod_without_a_failure_or_an_attempt():
     status2, _ = derive(with_status(job, status), [tj], [], workloads=[requeued])
     assert cond(status2, ConditionType.RUNNING) == ("False", Reason.QUEUED)
     assert QUOTA_MESSAGE in status2.message and status2.attempts == 1
+    assert said in status2.message  # why it is back in the queue
+
+    # Admitted again; for a moment the Job is still suspended: the eviction is history now.
+    readmitted = workload(tj, conditions=[wl_cond("Evicted", "True", "Preempted", said),
+                                          wl_cond("QuotaReserved", "True", "QuotaReserved", "ok"),
+                                          wl_cond("Admitted", "True", "Admitted", "ok")])
+    status3, _ = derive(with_status(job, status2), [tj], [], workloads=[readmitted])
+    assert status3.message.endswith("admitted; Kueue is starting the Job") and said not in status3.message
 
 
 def test_admission_unsuspends_and_the_same_attempt_runs():

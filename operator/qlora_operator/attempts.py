@@ -182,7 +182,7 @@ def _queued(job: dict, live: list[dict], workload: dict | None) -> AttemptState:
     else:
         reason = Reason.QUEUED
         message = f"queued in LocalQueue {queue} (Workload {workload['metadata']['name']}): {kf.waiting_message(workload)}"
-        if evicted:
+        if evicted and not kf.quota_reserved(workload):
             message += f"; evicted earlier ({evicted.get('reason')}: {evicted.get('message')})"
     return AttemptState(AttemptPhase.PENDING, reason, message, scheduled=("False", reason, message))
 

@@ -40,12 +40,18 @@ def admitted(workload: Mapping | None) -> bool:
     return bool(workload) and condition(dict(workload), "Admitted") is not None
 
 
+def quota_reserved(workload: Mapping | None) -> bool:
+    return bool(workload) and condition(dict(workload), "QuotaReserved") is not None
+
+
 def waiting_message(workload: Mapping) -> str:
     """Kueue's own words for why the Workload is not admitted (e.g. "couldn't assign flavors to pod
     set main: insufficient unused quota for nvidia.com/gpu in flavor gpu, 1 more needed")."""
+    if admitted(workload):
+        return "admitted; Kueue is starting the Job"
     quota = any_condition(dict(workload), "QuotaReserved")
     if quota and quota.get("status") == "False" and quota.get("message"):
         return quota["message"]
     if quota and quota.get("status") == "True":
-        return "quota reserved; waiting for the admission checks"
+        return f"{quota.get('message') or 'quota reserved'}; waiting for the admission checks"
     return "waiting for Kueue to consider it"
