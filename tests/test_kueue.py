@@ -79,9 +79,9 @@ def queue_env(local_cluster, kueue_running, namespace, operator_kubeconfig, tmp_
     env.wait_for("trainer pods gone", lambda: not env.kubectl(
         "get", "pods", "-l", "training.qlora-operator.dev/qlorajob", "-o", "name").stdout.strip(), timeout=60)
     operator.stop()
-    env.kubectl("delete", "localqueue", QUEUE, "--wait=false", check=False)
-    for obj in cluster_scoped:
-        kubectl(local_cluster, "delete", obj, "--wait=false", check=False)
+    # Waited for: Kueue removes its finalizers from these, and the session may stop Kueue next.
+    env.kubectl("delete", "localqueue", QUEUE, "--timeout=30s", check=False)
+    kubectl(local_cluster, "delete", *cluster_scoped, "--timeout=30s", check=False)
 
 
 def operator_errors(env) -> list[str]:
