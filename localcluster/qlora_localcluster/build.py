@@ -27,6 +27,7 @@ ETCD_VERSION = "v3.6.8"  # what k8s.io/kubernetes v1.36.3 selects; go.mod requir
 # MinIO has no semver tags: this is the pseudo-version that @latest resolved to when pinned.
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
 HELM_VERSION = "v4.3.1"
+KUEUE_VERSION = "v0.17.0"
 
 WRAPPER_MODULE_DIR = Path(__file__).resolve().parent.parent  # localcluster/, holds go.mod
 KSTATUS_MODULE_DIR = WRAPPER_MODULE_DIR / "kstatus"  # a module of its own: cli-utils moves no cluster pin
@@ -80,6 +81,10 @@ BINARIES: tuple[GoBinary, ...] = (
              ldflags=f"-s -w -X helm.sh/helm/v4/internal/version.version={HELM_VERSION}"
              " -X helm.sh/helm/v4/internal/version.gitTreeState=clean"),
     GoBinary("kstatus", _source_version(CLI_UTILS_VERSION, KSTATUS_MODULE_DIR), ".", module_dir=KSTATUS_MODULE_DIR),
+    # Kueue (job queueing); its CRDs and RBAC are read from the same module's source in the Go
+    # module cache (see kueue.py), so binary and manifests are always one version.
+    GoBinary("kueue", KUEUE_VERSION, "", install=f"sigs.k8s.io/kueue/cmd/kueue@{KUEUE_VERSION}",
+             ldflags=f"-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}"),
 )
 
 

@@ -34,6 +34,7 @@ class Reason:
     INVALID_SPEC = "InvalidSpec"  # the API server took a spec the operator's models refuse (version skew)
     JOB_CREATED = "JobCreated"  # Event only: a trainer Job for a new attempt
     PENDING = "Pending"  # waiting for the Job controller, the scheduler or the container to start
+    QUEUED = "Queued"  # Kueue holds the trainer Job until its Workload is admitted; the message is Kueue's
     SCHEDULED = "Scheduled"
     UNSCHEDULABLE = "Unschedulable"  # the message is the scheduler's own
     IMAGE_PULL_FAILED = "ImagePullFailed"  # ErrImagePull / ImagePullBackOff / InvalidImageName

@@ -20,8 +20,8 @@ from qlora_operator.observation import Observed
 from qlora_operator.resource import QLoRAJob
 from qlora_operator.settings import DEFAULTS, OperatorSettings
 
-NORMAL_REASONS = {Reason.ACCEPTED, Reason.PENDING, Reason.SCHEDULED, Reason.TRAINING, Reason.SUSPENDED,
-                  Reason.RESUMED, Reason.COMPLETED, Reason.SUCCEEDED}
+NORMAL_REASONS = {Reason.ACCEPTED, Reason.PENDING, Reason.QUEUED, Reason.SCHEDULED, Reason.TRAINING,
+                  Reason.SUSPENDED, Reason.RESUMED, Reason.COMPLETED, Reason.SUCCEEDED}
 QUIET_REASONS = {Reason.PENDING, Reason.COMPLETED}
 EVENT_MESSAGE_LIMIT = 1024
 

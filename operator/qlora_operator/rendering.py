@@ -12,6 +12,7 @@ from qlora_api import ExitCode, TrainerRunConfig
 from qlora_api.protocol import CONFIG_FILE, CONFIG_MOUNT_DIR, CONFIG_PATH, TERMINATION_MESSAGE_PATH
 from qlora_api.spec import ResourcesSpec, SecretKeyRefs
 
+from qlora_operator.kueue_facts import QUEUE_LABEL, queue_labels
 from qlora_operator.naming import ANNOTATION_JOB_NAME, child_labels, config_map_name, trainer_job_name
 from qlora_operator.pod_facts import TRAINER_CONTAINER
 from qlora_operator.resource import QLoRAJob
@@ -56,13 +57,20 @@ def render_config_map(job: QLoRAJob, attempt: int) -> dict:
 def render_trainer_job(job: QLoRAJob, attempt: int, *, default_image: str,
                        active_deadline_seconds: int | None) -> dict:
     """The batch/v1 Job of one attempt. backoffLimit 0: the operator decides about retries (it
-    knows which exit codes are worth one), the Job only replaces disrupted pods."""
+    knows which exit codes are worth one), the Job only replaces disrupted pods.
+
+    A QLoRAJob labelled with a Kueue LocalQueue hands its Jobs to Kueue: they carry the label and
+    are created suspended, which is what Kueue's own Job webhook would enforce (so no pod starts
+    before admission, and nothing depends on that webhook being installed); Kueue unsuspends the Job
+    once its Workload is admitted. Kueue's priority comes from the pod's priorityClassName, or from
+    a `kueue.x-k8s.io/priority-class` label (a WorkloadPriorityClass), copied here as well."""
     name = trainer_job_name(job.name, attempt)
     labels = child_labels(job.name, attempt)
+    kueue = queue_labels(job.labels)
     spec = {
         "backoffLimit": 0,
         "podFailurePolicy": POD_FAILURE_POLICY,
-        "suspend": job.spec.suspend,
+        "suspend": job.spec.suspend or QUEUE_LABEL in kueue,
         "template": {
             "metadata": {"labels": labels, "annotations": {ANNOTATION_JOB_NAME: job.name}},
             "spec": render_pod_spec(job, attempt, default_image),
@@ -70,7 +78,9 @@ def render_trainer_job(job: QLoRAJob, attempt: int, *, default_image: str,
     }
     if active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = active_deadline_seconds
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, name, attempt), "spec": spec}
+    metadata = _metadata(job, name, attempt)
+    metadata["labels"].update(kueue)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 
 def render_pod_spec(job: QLoRAJob, attempt: int, default_image: str) -> dict:
