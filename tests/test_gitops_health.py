@@ -19,7 +19,7 @@ import pytest
 import yaml
 from qlora_api import QLoRAJobStatus
 from qlora_localcluster.testing import kubectl
-from support import kstatus
+from support import crd_schema_lock, kstatus
 from support.argocd_lua import HealthStatus, evaluate, health_tests, load_yaml
 from support.operator_process import (
     FAKE_TRAINER_IMAGE,
@@ -128,6 +128,11 @@ class LiveRun:
 @pytest.fixture(scope="module")
 def live(local_cluster, tmp_path_factory) -> dict[str, dict]:
     """{case: the QLoRAJob as the API server returned it} for every state a GitOps tool shows."""
+    with crd_schema_lock.schema_in_use(local_cluster):  # the working tree's CRD, for the whole run
+        return _drive_live_states(local_cluster, tmp_path_factory)
+
+
+def _drive_live_states(local_cluster, tmp_path_factory) -> dict[str, dict]:
     install_crd_and_rbac(local_cluster)
     folder = tmp_path_factory.mktemp("gitops-live")
     operator_kubeconfig = service_account_kubeconfig(local_cluster, folder / "kubeconfig")
