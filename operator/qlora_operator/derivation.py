@@ -110,11 +110,22 @@ def _apply_verdict(new: QLoRAJobStatus, verdict: Verdict, job: QLoRAJob, gen: in
     new.message = driving.message if driving else None
 
 
+# Significant digits kept in status.progress: `kubectl get` prints a number column as stored, and a
+# loss of 0.41234567890123456 says no more than 0.4123 (the trainer's log keeps every digit).
+PROGRESS_DIGITS = {"loss": 4, "eval_loss": 4, "learning_rate": 3, "tokens_per_second": 4, "mfu": 3,
+                   "gpu_memory_gib": 3, "epoch": 4}
+
+
+def _significant(value: float | None, digits: int) -> float | None:
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
 def _with_summary(progress: TrainingProgress) -> TrainingProgress:
-    if progress.summary or not progress.total_steps:
-        return progress
-    percent = 100 * progress.step // progress.total_steps
-    return progress.model_copy(update={"summary": f"{progress.step}/{progress.total_steps} ({percent}%)"})
+    update = {k: _significant(getattr(progress, k), d) for k, d in PROGRESS_DIGITS.items()}
+    if not progress.summary and progress.total_steps:
+        percent = 100 * progress.step // progress.total_steps
+        update["summary"] = f"{progress.step}/{progress.total_steps} ({percent}%)"
+    return progress.model_copy(update=update)
 
 
 def transition_events(old: QLoRAJobStatus, new: QLoRAJobStatus) -> list[OperatorEvent]:
