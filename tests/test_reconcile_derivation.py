@@ -277,3 +277,15 @@ def test_a_spec_the_models_refuse_fails_the_job():
     assert status.phase == "Failed"
     assert cond(status, ConditionType.ACCEPTED) == ("False", Reason.INVALID_SPEC)
     assert "all-linear" in status.message
+
+
+def test_progress_numbers_keep_a_few_significant_digits_for_kubectl_get():
+    """The Loss printer column prints status.progress.loss as stored: 17 digits before this."""
+    job = qlorajob()
+    tj = trainer_job(job)
+    progress = TrainingProgress(step=7, total_steps=40, loss=0.41234567890123456, eval_loss=1.0000000000000002,
+                                learning_rate=0.00019876543, tokens_per_second=1234.5678)
+    status, _ = derive(job, [tj], [pod(tj, phase="Running", state=running())], progress=progress)
+    assert (status.progress.loss, status.progress.eval_loss) == (0.4123, 1.0)
+    assert status.progress.learning_rate == 0.000199 and status.progress.tokens_per_second == 1235.0
+    assert status.progress.summary == "7/40 (17%)"
