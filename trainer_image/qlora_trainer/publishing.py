@@ -93,10 +93,13 @@ def point_adapter_at_base(adapter_dir: Path, base_model: str, revision: str | No
 def adapter_facts(adapter_config: dict) -> dict:
     """What a server needs from the adapter's own config: rank, alpha and the wrapped modules."""
     modules = adapter_config.get("target_modules") or []
+    # peft may write every wrapped layer's full path (model.layers.0.mlp.down_proj, ...): servers
+    # match on the last part, and 28 layers x 7 paths do not belong in a status.
+    leaves = {m.rsplit(".", 1)[-1] for m in ([modules] if isinstance(modules, str) else modules)}
     return {
         "lora_rank": adapter_config.get("r"),
         "lora_alpha": adapter_config.get("lora_alpha"),
-        "target_modules": sorted([modules] if isinstance(modules, str) else modules),
+        "target_modules": sorted(leaves),
     }
 
 
