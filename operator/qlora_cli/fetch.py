@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import click
 
 from qlora_cli.main import kube_options, session
-from qlora_cli.s3 import S3Options, s3_client, s3_options, split_uri
+from qlora_cli.s3 import S3Options, s3_client, s3_errors, s3_options, split_uri
 
 MANIFEST = "manifest.json"
 MERGED = "merged/"
@@ -112,7 +112,8 @@ def fetch(name, directory, merged, endpoint_url, profile, access_key_id, secret_
     job = session().get_job(name)
     result = published_result(job)
     s3 = s3_client(job["spec"]["output"], S3Options(endpoint_url, profile, access_key_id, secret_access_key))
-    files = fetch_adapter(s3, result, directory, merged)
+    with s3_errors(f"fetching {result['adapterUri']}"):
+        files = fetch_adapter(s3, result, directory, merged)
     total = sum(f["size"] for f in files)
     click.echo(f"{len(files)} files ({total / 1e6:.1f} MB) from {result['adapterUri']} verified against "
                f"{MANIFEST} (sha256 {result.get('manifestSha256', '?')[:12]}) into {directory}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from qlora_cli.fetch import fetch_adapter, published_result
-from qlora_cli.s3 import s3_client, split_uri
+from qlora_cli.s3 import s3_client, s3_errors, split_uri
 
 CACHE = Path.home() / ".cache" / "qlora"
 
@@ -78,7 +78,8 @@ def load(job: dict, s3_options, base: str | None, adapter: Path | None, device: 
         raise click.ClickException(f"`try` and `eval` need the trainer's libraries: pip install "
                                    f"'qlora-operator[trainer]' ({exc})") from exc
     s3 = s3_client(job["spec"]["output"], s3_options)
-    base_path, adapter_dir = base_model_path(job, s3, base), adapter_path(job, s3, adapter)
+    with s3_errors("fetching the base model and the adapter"):
+        base_path, adapter_dir = base_model_path(job, s3, base), adapter_path(job, s3, adapter)
     quant = QuantizationSpec.model_validate(job["spec"].get("quantization") or {})
     device = pick_device(device)
     dtype = getattr(torch, quant.compute_dtype) if quant.compute_dtype != "auto" else (
@@ -96,6 +97,18 @@ def load(job: dict, s3_options, base: str | None, adapter: Path | None, device: 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    if quantize and device == "cpu":
+        _same_cpu_kernels_as_the_trainer(model)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return LoadedAdapter(model, tokenizer, device, dtype)
+
+
+def _same_cpu_kernels_as_the_trainer(model) -> None:
+    """The trainer turns off bitsandbytes' repacked AVX512-BF16 CPU kernel (it has no backward);
+    its eval loss came from the plain kernel, so the comparison here uses that one too."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

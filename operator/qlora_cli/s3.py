@@ -6,6 +6,7 @@ the cluster may reach S3 at an address the laptop cannot, so the override is for
 """
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import click
@@ -26,6 +27,21 @@ def s3_options(command):
     command = click.option("--secret-access-key", envvar="AWS_SECRET_ACCESS_KEY", default=None,
                            show_envvar=True)(command)
     return command
+
+
+@contextmanager
+def s3_errors(what: str):
+    """botocore's failures (no credentials, refused, unreachable) as one line instead of a traceback."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise click.ClickException(f"{what}: S3 refused: {error.get('Code')} {error.get('Message', '')}") from exc
+    except BotoCoreError as exc:
+        raise click.ClickException(f"{what}: {exc} (credentials: --access-key-id/--secret-access-key, "
+                                   "AWS_* variables or --profile; endpoint: --endpoint-url)") from exc
 
 
 def split_uri(uri: str) -> tuple[str, str]:
