@@ -84,8 +84,8 @@ def point_adapter_at_base(adapter_dir: Path, base_model: str, revision: str | No
     path = adapter_dir / ADAPTER_CONFIG
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = base_model
-    if revision and not revision.startswith("sha256:"):  # a hub commit; fingerprints are not revisions
-        config["revision"] = revision
+    # A hub commit is a revision a server can ask for; our sha256: fingerprints of s3/pvc folders are not.
+    config["revision"] = revision if revision and not revision.startswith("sha256:") else None
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
     return config
 
