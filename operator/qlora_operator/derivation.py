@@ -9,7 +9,7 @@ so a replayed event or a restarted operator derives the same status and emits no
 
 from dataclasses import dataclass
 
-from qlora_api import ConditionType, QLoRAJobStatus, Reason, TrainingProgress
+from qlora_api import ConditionType, QLoRAJobStatus, Reason, TrainingProgress, TrainingResult
 
 from qlora_operator import timestamps
 from qlora_operator.attempts import AttemptPhase, Verdict, judge
@@ -90,7 +90,7 @@ def _apply_verdict(new: QLoRAJobStatus, verdict: Verdict, job: QLoRAJob, gen: in
         cond(ConditionType.SUSPENDED, True, Reason.SUSPENDED, state.message)
         cond(ConditionType.RUNNING, False, Reason.SUSPENDED, state.message)
     elif state.phase == AttemptPhase.SUCCEEDED:
-        new.phase, new.result = "Succeeded", state.result
+        new.phase, new.result = "Succeeded", with_serving_facts(state.result, job)
         new.completion_time = state.finished_at or now
         cond(ConditionType.RUNNING, False, Reason.COMPLETED, "the trainer finished")
         cond(ConditionType.SUCCEEDED, True, state.reason, state.message)
@@ -118,6 +118,20 @@ PROGRESS_DIGITS = {"loss": 4, "eval_loss": 4, "learning_rate": 3, "tokens_per_se
 
 def _significant(value: float | None, digits: int) -> float | None:
     return None if value is None else float(f"{value:.{digits}g}")
+
+
+def with_serving_facts(result: TrainingResult | None, job: QLoRAJob) -> TrainingResult | None:
+    """The base model and LoRA rank a server needs, from the spec where the trainer did not say
+    them (an older trainer image); what the trainer reports wins, since it saw the resolved model."""
+    if result is None:
+        return None
+    uri = job.spec.model.uri
+    return result.model_copy(update={
+        "base_model": result.base_model or (uri.removeprefix("hf://") if uri.startswith("hf://") else uri),
+        "base_model_revision": result.base_model_revision or job.spec.model.revision,
+        "lora_rank": result.lora_rank or job.spec.lora.r,
+        "lora_alpha": result.lora_alpha or job.spec.lora.alpha,
+    })
 
 
 def _with_summary(progress: TrainingProgress) -> TrainingProgress:
