@@ -29,7 +29,7 @@ def job_row(job: dict, now: datetime | None = None) -> list[str]:
         status.get("phase") or "Pending",
         progress.get("summary") or "-",
         f"{loss:.4g}" if loss is not None else "-",
-        f"{evals[0]:.3g} -> {evals[1]:.3g}" if None not in evals else "-",
+        f"{evals[0]:.4g} -> {evals[1]:.4g}" if None not in evals else "-",
         current_condition(status),
         age(job["metadata"].get("creationTimestamp"), now),
     ]
