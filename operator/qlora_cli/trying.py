@@ -104,7 +104,8 @@ def eval_adapter(name, data_file, base, adapter, device, quantize, **s3):
     loaded = load(job, S3Options(**s3), base, adapter, device, quantize)
     before, after, count = eval_losses(loaded, data_file, job)
     click.echo(f"{count} records from {data_file}")
-    click.echo(f"base       eval loss {before:.4f}  perplexity {math.exp(min(before, 700)):.2f}")
+    width = len(f"with {name}")
+    click.echo(f"{'base'.ljust(width)}  eval loss {before:.4f}  perplexity {math.exp(min(before, 700)):.2f}")
     click.echo(f"with {name}  eval loss {after:.4f}  perplexity {math.exp(min(after, 700)):.2f}")
 
 
