@@ -62,7 +62,7 @@ def test_dry_run_prints_the_qlorajob_without_a_server(tmp_path):
     assert manifest["spec"]["lora"] == {"r": 8} and manifest["spec"]["training"] == {"maxSteps": 10}
 
 
-def test_the_api_servers_refusal_names_each_field(local_cluster, namespace):
+def test_the_api_servers_refusal_names_each_field(local_cluster, namespace, tmp_path):
     install_crd_and_rbac(local_cluster)
     args = submit_args("bad") + ["--rank", "0", "--bucket", "Not_A_Bucket", "--set", "lora.dropout=1.5"]
     out = qlora(local_cluster, "-n", namespace, *args)
@@ -77,6 +77,17 @@ def test_the_api_servers_refusal_names_each_field(local_cluster, namespace):
     defaulted = yaml.safe_load(server.stdout)["spec"]  # the API server's defaults, nothing stored
     assert defaulted["lora"] == {"r": 8, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"], "bias": "none"}
     assert kubectl(local_cluster, "-n", namespace, "get", "qlorajobs", "-o", "name").stdout.strip() == ""
+
+    # A file, with flags on top: its name and fields stay unless a flag says otherwise.
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"kind": "QLoRAJob", "metadata": {"name": "from-file"}, "spec": {
+        "model": {"uri": "hf://fake/succeed"}, "dataset": {"uri": "s3://data/x.jsonl"}, "output": {"bucket": "out"},
+        "lora": {"r": 4, "alpha": 8}}}))
+    server = qlora(local_cluster, "-n", namespace, "submit", "-f", str(path), "--rank", "16", "--dry-run=server")
+    assert server.returncode == 0, server.stderr
+    stored = yaml.safe_load(server.stdout)
+    assert stored["metadata"]["name"] == "from-file" and stored["metadata"]["namespace"] == namespace
+    assert (stored["spec"]["lora"]["r"], stored["spec"]["lora"]["alpha"]) == (16, 8)
 
 
 def test_submit_and_watch_to_success_then_list_describe_and_logs(local_cluster, namespace, operator):
