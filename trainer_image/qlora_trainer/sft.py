@@ -105,6 +105,7 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     }
     result = TrainingResult(
         adapter_uri=run.uri,
+        base_model=publishing.server_model_name(spec.model.uri),
         base_model_revision=model_files.revision,
         **{k: metrics[k] for k in ("eval_loss_before", "eval_loss_after", "perplexity_before",
                                     "perplexity_after", "train_seconds", "resumed_from_step")},
