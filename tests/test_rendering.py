@@ -66,6 +66,17 @@ def test_the_trainer_pod_holds_no_kubernetes_credentials_and_reports_through_its
     assert pod_spec(job)["volumes"] == [{"name": "config", "configMap": {"name": "demo-1-config"}}]
 
 
+def test_the_trainer_runs_unprivileged_as_the_images_own_user():
+    spec, c = pod_spec(render()), trainer(render())
+    assert spec["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                       "seccompProfile": {"type": "RuntimeDefault"}}
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    # A custom image (spec.resources.image) gets the same context: nothing in the spec can widen it.
+    custom = render(spec={"resources": FULL_RESOURCES})
+    assert pod_spec(custom)["securityContext"] == spec["securityContext"]
+    assert trainer(custom)["securityContext"] == c["securityContext"]
+
+
 def test_s3_credentials_come_from_the_secret_as_environment():
     job = render(spec={"output": {"credentialsSecretRef": {"name": "s3", "accessKeyIdKey": "id",
                                                              "secretAccessKeyKey": "key", "sessionTokenKey": "tok"}}})
