@@ -26,7 +26,9 @@ RELEASE = "qlora"
 SERVICE_ACCOUNT = "qlora-qlora-operator"  # the chart's fullname for release "qlora"
 CHART = Path(__file__).resolve().parents[2] / "charts" / "qlora-operator"
 # Kinds taken from the chart: the Deployment would ask the node agent for an image it cannot run.
-INSTALLED_KINDS = {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+INSTALLED_KINDS = {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
+                   "RoleBinding"}
+LEADER_LEASE = SERVICE_ACCOUNT  # the chart names the leader Lease after the release's full name
 
 
 def _tool(name: str) -> str:
@@ -88,8 +90,11 @@ def install(cluster: LocalCluster) -> str:
          "--kubeconfig", str(cluster.kubeconfig),
          "--set", "crds.install=false", "--set", f"watchNamespaces={{{DEMO_NAMESPACE}}}",
          "--set", "reconcileIntervalSeconds=2",
-         # The pod's processes share the host's network: ports of their own, not 8080/8081.
-         "--set", "metrics.port=18080", "--set", "healthPort=18081", "--wait", "--timeout=120s"],
+         # The pod's processes share the host's network: ports of their own, not 8080/8081. For the
+         # same reason one replica (two would collide on them; leader election still runs, and
+         # tests/test_leader_election.py runs two replicas as processes with ports of their own).
+         "--set", "metrics.port=18080", "--set", "healthPort=18081", "--set", "replicaCount=1",
+         "--wait", "--timeout=120s"],
         capture_output=True, text=True, timeout=180)
     if helm.returncode != 0:
         raise RuntimeError(f"helm upgrade --install {DEMO_RELEASE}: {helm.stderr.strip()}")

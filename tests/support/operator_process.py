@@ -38,9 +38,10 @@ class OperatorProcess:
     """`python -m qlora_operator -n <namespace>`: started, killed and restarted by the test."""
 
     def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, interval: float = 1.0,
-                 trainer_image: str = FAKE_TRAINER_IMAGE):
+                 trainer_image: str = FAKE_TRAINER_IMAGE, extra_env: dict[str, str] | None = None):
         self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
         self.trainer_image = trainer_image
+        self.extra_env = dict(extra_env or {})
         self.metrics_port, self.health_port = free_port(), free_port()
         self.interval = interval
         self.proc: subprocess.Popen | None = None
@@ -55,6 +56,7 @@ class OperatorProcess:
             "QLORA_METRICS_PORT": str(self.metrics_port),
             "QLORA_HEALTH_PORT": str(self.health_port),
             "QLORA_LOG_LEVEL": "INFO",
+            **self.extra_env,
         })
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child holds it
         self.proc = subprocess.Popen([sys.executable, "-m", "qlora_operator", "--namespace", self.namespace],
