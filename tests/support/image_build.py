@@ -49,7 +49,7 @@ class DebianBase:
         tarball = CACHE / f"{self.name.split('/')[-1].replace(':', '-')}-{key}.tar"
         if not tarball.exists():
             CACHE.mkdir(parents=True, exist_ok=True)
-            partial = tarball.with_suffix(".partial.tar")
+            partial = tarball.with_suffix(f".{os.getpid()}.partial.tar")  # concurrent sessions: last rename wins
             run(["mmdebstrap", "--quiet", f"--variant={self.variant}", "--include=" + ",".join(self.packages),
                  SUITE, str(partial)], timeout=900)
             partial.rename(tarball)
