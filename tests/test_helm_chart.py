@@ -12,7 +12,9 @@ CHART = CHART_CRD_PATH.parents[1]
 
 
 def rendered(*values: str, namespace: str = "qlora-system") -> list[dict]:
-    args = ["template", "qlora", str(CHART), "--namespace", namespace]
+    """The release's own objects; the `helm test` hook's are tested in test_helm_manifests.py and
+    test_helm_lifecycle.py."""
+    args = ["template", "qlora", str(CHART), "--namespace", namespace, "--skip-tests"]
     for value in values:
         args += ["--set", value]
     return [doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]

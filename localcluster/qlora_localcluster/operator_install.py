@@ -43,7 +43,8 @@ def kubectl(cluster: LocalCluster, *args: str, input: str | None = None) -> str:
 
 
 def chart_objects(watch_namespaces: list[str] | None = None) -> list[dict]:
-    args = [_tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    # --skip-tests: the `helm test` hook's ServiceAccount and roles exist only while a test runs.
+    args = [_tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--skip-tests"]
     if watch_namespaces:
         args += ["--set", "watchNamespaces={" + ",".join(watch_namespaces) + "}"]
     rendered = subprocess.run(args, capture_output=True, text=True, check=True, timeout=120).stdout

@@ -19,6 +19,11 @@ class ConditionType:
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"  # the adapter is published; terminal
     FAILED = "Failed"  # terminal; the reason says why (OOMKilled, DeadlineExceeded, TrainerError, ...)
+    # Summaries of the above in the "abnormal-true" shape that kstatus (Flux, cli-utils) reads; see
+    # qlora_operator/kstatus_conditions.py. Reconciling and Stalled are present only while True.
+    READY = "Ready"  # True once Succeeded
+    RECONCILING = "Reconciling"  # pending, queued or running
+    STALLED = "Stalled"  # Failed
 
 
 class Reason:

@@ -14,6 +14,7 @@ from qlora_api import ConditionType, QLoRAJobStatus, Reason, TrainingProgress
 from qlora_operator import timestamps
 from qlora_operator.attempts import AttemptPhase, Verdict, judge
 from qlora_operator.conditions import find, is_terminal, is_true, set_condition
+from qlora_operator.kstatus_conditions import KSTATUS_CONDITION_TYPES, set_kstatus_conditions
 from qlora_operator.naming import trainer_job_name
 from qlora_operator.observation import Observed
 from qlora_operator.resource import QLoRAJob
@@ -39,11 +40,13 @@ def derive_status(job: QLoRAJob, observed: Observed,
     now, gen = observed.now, job.generation
     new.observed_generation = gen  # seen, even when finished (a later TTL change still applies)
     if is_terminal(old):
+        set_kstatus_conditions(new, gen, now)  # once, for jobs that finished before these conditions existed
         return new, []
     if job.spec is None:
         for ctype in (ConditionType.ACCEPTED, ConditionType.FAILED):
             set_condition(new, ctype, ctype == ConditionType.FAILED, Reason.INVALID_SPEC, job.spec_error or "", gen, now)
         new.phase, new.message, new.completion_time = "Failed", job.spec_error, now
+        set_kstatus_conditions(new, gen, now)
         return new, transition_events(old, new)
     set_condition(new, ConditionType.ACCEPTED, True, Reason.ACCEPTED, "the spec is valid", gen, now)
 
@@ -54,6 +57,7 @@ def derive_status(job: QLoRAJob, observed: Observed,
     _apply_verdict(new, verdict, job, gen, now)
     if observed.progress is not None:
         new.progress = _with_summary(observed.progress)
+    set_kstatus_conditions(new, gen, now)
     return new, transition_events(old, new)
 
 
@@ -126,6 +130,8 @@ def transition_events(old: QLoRAJobStatus, new: QLoRAJobStatus) -> list[Operator
         before = find(old, cond.type)
         if before is not None and (before.status, before.reason) == (cond.status, cond.reason):
             continue
+        if cond.type in KSTATUS_CONDITION_TYPES:
+            continue  # summaries of the conditions that tell the story
         if cond.reason in QUIET_REASONS or (cond.type == ConditionType.SCHEDULED and cond.status == "True"):
             continue  # said better by another event (JobCreated, Succeeded, the scheduler's own)
         if cond.reason in seen:

@@ -15,13 +15,17 @@ from pathlib import Path
 from qlora_localcluster import operator_install
 from qlora_localcluster.testing import kubectl
 
+from support import crd_schema_lock
+
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER_IMAGE = "qlora-fake-trainer:test"
 
 
 def install_crd_and_rbac(cluster) -> None:
-    """The CRD, ServiceAccount and ClusterRole exactly as the Helm chart renders them."""
-    operator_install.apply_chart(cluster)
+    """The CRD, ServiceAccount and ClusterRole exactly as the Helm chart renders them (never in
+    the middle of another test's CRD schema change: support/crd_schema_lock.py)."""
+    with crd_schema_lock.schema_in_use(cluster):
+        operator_install.apply_chart(cluster)
 
 
 def service_account_kubeconfig(cluster, path: Path) -> Path:
