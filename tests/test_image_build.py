@@ -57,6 +57,16 @@ def test_the_built_image_holds_the_operator_and_no_shell_or_installer(built):
     assert size < 120 * 2**20, f"the operator's virtualenv is {size / 2**20:.0f} MiB"
 
 
+def test_the_charts_helm_test_finds_python_and_the_kubernetes_client_in_the_image(built, tmp_path):
+    """The chart's `helm test` pod runs `command: [python, check_release.py]` in this image."""
+    config, rootfs = built
+    log = tmp_path / "python.log"
+    proc = image_build.run_rootfs(rootfs, config, ["-c", "import sys, kubernetes.client, kubernetes.config; "
+                                                   "print(sys.executable)"], {}, {}, log, command=["python"])
+    assert proc.wait(60) == 0, log.read_text(errors="replace")
+    assert log.read_text().strip() == "/opt/venv/bin/python"
+
+
 @pytest.mark.cluster
 def test_the_built_image_reconciles_a_job_on_the_local_cluster(built, local_cluster, namespace, tmp_path):
     config, rootfs = built

@@ -135,14 +135,15 @@ os.chdir(spec["workdir"])
 os.setgroups([])
 os.setgid(spec["gid"])
 os.setuid(spec["uid"])
-os.execve(spec["argv"][0], spec["argv"], spec["env"])
+os.execvpe(spec["argv"][0], spec["argv"], spec["env"])  # PATH from the image's env, as runtimes do
 """
 
 
 def run_rootfs(rootfs: Path, config: dict, args: list[str], env: dict[str, str],
-               service_account: dict[str, bytes], log: Path) -> subprocess.Popen:
-    """Start the image's entrypoint in `rootfs` as a pod with a read-only root would run it, in a
-    private mount namespace (its mounts vanish with it). The network is the host's."""
+               service_account: dict[str, bytes], log: Path, command: list[str] | None = None) -> subprocess.Popen:
+    """Start the image's entrypoint (or `command`, as a pod's `command:` replaces it) in `rootfs` as
+    a pod with a read-only root would run it, in a private mount namespace (its mounts vanish with
+    it). The network is the host's."""
     secrets = log.parent / "serviceaccount"
     secrets.mkdir(exist_ok=True)
     for name, content in service_account.items():
@@ -153,7 +154,7 @@ def run_rootfs(rootfs: Path, config: dict, args: list[str], env: dict[str, str],
         "root": str(rootfs),
         "workdir": config.get("WorkingDir") or "/",
         "uid": int(user), "gid": int(group or user),
-        "argv": [*(config.get("Entrypoint") or []), *args],
+        "argv": [*(command if command is not None else config.get("Entrypoint") or []), *args],
         "env": {**dict(item.split("=", 1) for item in config.get("Env") or []), **env},
     }
     root = shlex.quote(str(rootfs))
