@@ -6,6 +6,7 @@ checkpoints of attempt n. The trainer pod gets no Kubernetes credentials at all:
 through its log (progress lines) and its termination message (result or error).
 """
 
+import copy
 import json
 
 from qlora_api import ExitCode, TrainerRunConfig
@@ -24,6 +25,23 @@ GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedu
 CONFIG_VOLUME = "config"
 # Time for a SIGTERMed trainer to finish its step and upload a checkpoint before SIGKILL.
 TERMINATION_GRACE_SECONDS = 120
+# The non-root user trainer_image/Dockerfile creates (a test keeps the two equal). A fixed uid, not
+# just runAsNonRoot, so the kubelet can verify it without inspecting the image, and an image that
+# forgot its USER line still runs unprivileged.
+TRAINER_UID = 10001
+
+# The trainer needs no privilege at all: it reads a file, talks to S3 and the GPU (the device
+# plugin hands the GPU to the container, no capability needed), and writes under /tmp and $HOME.
+TRAINER_POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": TRAINER_UID,
+    "runAsGroup": TRAINER_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+TRAINER_CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 # Pod failures that must not burn the Job's only try (backoffLimit 0): the Job starts a replacement
 # pod and the trainer resumes from its last checkpoint. DisruptionTarget covers eviction,
@@ -96,12 +114,16 @@ def render_pod_spec(job: QLoRAJob, attempt: int, default_image: str) -> dict:
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         # A trainer killed before it could write its message still leaves its last log lines.
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": copy.deepcopy(TRAINER_CONTAINER_SECURITY_CONTEXT),
     }
     if res.image_pull_policy:
         container["imagePullPolicy"] = res.image_pull_policy
     pod = {
         "restartPolicy": "Never",
+        # No Kubernetes credentials in the pod: the trainer reports through its log and
+        # termination message, never through the API.
         "automountServiceAccountToken": False,
+        "securityContext": copy.deepcopy(TRAINER_POD_SECURITY_CONTEXT),
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [container],
