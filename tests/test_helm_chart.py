@@ -40,7 +40,7 @@ def test_default_render_has_the_crd_operator_and_least_privilege_rbac():
     assert {"qlorajobs/status", "jobs", "pods/log", "configmaps", "events"} <= resources
     container = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["QLORA_TRAINER_IMAGE"] == "ghcr.io/qlora-operator/trainer:0.1.0"
+    assert env["QLORA_TRAINER_IMAGE"] == "ghcr.io/qlora-operator/trainer:0.2.0"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 

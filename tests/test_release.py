@@ -53,9 +53,11 @@ def test_the_version_tag_is_checked_against_pyproject():
     ("charts/qlora-operator/Chart.yaml", f"version: {VERSION}\n", "version: 9.9.9\n", "Chart.yaml version"),
     ("charts/qlora-operator/values.yaml", 'tag: ""', 'tag: "latest"', "image.tag"),
     ("operator/qlora_operator/settings.py", f"trainer:{VERSION}", "trainer:9.9.9", "DEFAULT_TRAINER_IMAGE"),
+    ("operator/qlora_cli/serving.py", f"trainer:{VERSION}", "trainer:9.9.9", "FETCH_IMAGE"),
 ])
 def test_a_repository_that_disagrees_with_pyproject_is_refused(tmp_path, path, old, new, complaint):
-    for part in ("pyproject.toml", "charts", "operator/qlora_operator/settings.py", str(CHECK)):
+    for part in ("pyproject.toml", "charts", "operator/qlora_operator/settings.py", "operator/qlora_cli/serving.py",
+                 str(CHECK)):
         target = tmp_path / part
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (REPO / part).is_dir() else shutil.copy)(REPO / part, target)

@@ -22,14 +22,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "qlora-operator"
 SETTINGS = REPO / "operator" / "qlora_operator" / "settings.py"
+SERVING = REPO / "operator" / "qlora_cli" / "serving.py"
 # Helm needs SemVer 2 and pip PEP 440: plain X.Y.Z is the form both read the same way.
 PLAIN_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-def default_trainer_image() -> str:
-    tree = ast.parse(SETTINGS.read_text())
+def module_constant(path: Path, name: str) -> str:
+    tree = ast.parse(path.read_text())
     return next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
-                and any(getattr(t, "id", None) == "DEFAULT_TRAINER_IMAGE" for t in node.targets))
+                and any(getattr(t, "id", None) == name for t in node.targets))
+
+
+def default_trainer_image() -> str:
+    return module_constant(SETTINGS, "DEFAULT_TRAINER_IMAGE")
 
 
 def release_facts(tag: str | None = None) -> dict[str, str]:
@@ -49,6 +54,9 @@ def release_facts(tag: str | None = None) -> dict[str, str]:
             problems.append(f"values.yaml {name}.tag is {image['tag']!r}: leave it empty so it follows appVersion")
     if not default_trainer_image().endswith(f":{version}"):
         problems.append(f"settings.DEFAULT_TRAINER_IMAGE {default_trainer_image()!r} is not tagged {version}")
+    # `qlora serve`'s init container runs the trainer image of the CLI's own release.
+    if not (fetch_image := module_constant(SERVING, "FETCH_IMAGE")).endswith(f":{version}"):
+        problems.append(f"qlora_cli.serving.FETCH_IMAGE {fetch_image!r} is not tagged {version}")
     if tag is not None and tag != f"v{version}":
         problems.append(f"tag {tag!r} does not match the version in pyproject.toml (expected v{version})")
     if problems:

@@ -10,7 +10,7 @@ import json
 import yaml
 
 VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
-FETCH_IMAGE = "ghcr.io/qlora-operator/trainer:0.1.0"  # has python and boto3: the adapter is verified in-cluster
+FETCH_IMAGE = "ghcr.io/qlora-operator/trainer:0.2.0"  # has python and boto3: the adapter is verified in-cluster
 ADAPTER_ROOT = "/adapters"
 MODEL_ROOT = "/models"
 # vLLM accepts these --max-lora-rank values; the smallest that holds the adapter's rank wastes least memory.

@@ -10,7 +10,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-DEFAULT_TRAINER_IMAGE = "qlora-operator/trainer:0.1.0"
+DEFAULT_TRAINER_IMAGE = "qlora-operator/trainer:0.2.0"
 
 
 @dataclass(frozen=True)
