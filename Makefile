@@ -38,6 +38,7 @@ demo: up ## Set up everything and fine-tune SmolLM2 end to end through a QLoRAJo
 	$(PY) -m qlora_localcluster.demo
 
 test: build ## Run the whole test suite (unit, trainer on CPU, operator on the local cluster)
+	$(PY) -m qlora_localcluster build --test-tools
 	$(PY) -m pytest -ra
 
 crds: setup ## Regenerate crds/ and the chart's CRD from the API models

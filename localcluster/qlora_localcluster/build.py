@@ -58,6 +58,7 @@ class GoBinary:
     install: str | None = None  # for standalone modules: "module/path/cmd@version"
     ldflags: str = "-s -w"
     module_dir: Path | None = None  # for a small module of our own in localcluster/: `go build` there
+    test_tool: bool = False  # needed by the test suite only: `make demo` does not build it
 
 
 def _source_version(base: str, module_dir: Path) -> str:
@@ -80,11 +81,12 @@ BINARIES: tuple[GoBinary, ...] = (
     GoBinary("helm", HELM_VERSION, "", install=f"helm.sh/helm/v4/cmd/helm@{HELM_VERSION}",
              ldflags=f"-s -w -X helm.sh/helm/v4/internal/version.version={HELM_VERSION}"
              " -X helm.sh/helm/v4/internal/version.gitTreeState=clean"),
-    GoBinary("kstatus", _source_version(CLI_UTILS_VERSION, KSTATUS_MODULE_DIR), ".", module_dir=KSTATUS_MODULE_DIR),
+    GoBinary("kstatus", _source_version(CLI_UTILS_VERSION, KSTATUS_MODULE_DIR), ".", module_dir=KSTATUS_MODULE_DIR,
+             test_tool=True),
     # Kueue (job queueing); its CRDs and RBAC are read from the same module's source in the Go
     # module cache (see kueue.py), so binary and manifests are always one version.
     GoBinary("kueue", KUEUE_VERSION, "", install=f"sigs.k8s.io/kueue/cmd/kueue@{KUEUE_VERSION}",
-             ldflags=f"-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}"),
+             ldflags=f"-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}", test_tool=True),
 )
 
 
@@ -169,8 +171,10 @@ def _timed(what: str, cmd: list[str], cwd: Path, env: dict[str, str] | None = No
     print(f"built {what} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def main(test_tools: bool = False) -> None:
+    """Build what the cluster runs (`make demo`), and with `test_tools` what the tests also need."""
     started = time.monotonic()
-    for name, path in ensure_binaries().items():
+    names = [b.name for b in BINARIES if test_tools or not b.test_tool]
+    for name, path in ensure_binaries(names).items():
         print(f"{name:24} {path}")
     print(f"all binaries ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
