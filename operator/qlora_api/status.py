@@ -66,8 +66,10 @@ class TrainingProgress(ApiModel):
     loss: float | None = None
     learning_rate: float | None = None
     eval_loss: float | None = None
-    tokens_per_second: float | None = None
-    mfu: float | None = Field(None, description="Model FLOPs utilisation, 0-1, where the GPU's peak is known.")
+    tokens_per_second: float | None = Field(None, description="Tokens per second of the whole group (all GPUs).")
+    tokens_per_second_per_gpu: float | None = Field(None, description="tokensPerSecond divided by worldSize.")
+    world_size: int | None = Field(None, ge=1, description="Training processes (GPUs) in the group.")
+    mfu: float | None = Field(None, description="Model FLOPs utilisation per GPU, 0-1, where the GPU's peak is known.")
     gpu_memory_gib: float | None = Field(None, description="Peak GPU memory allocated so far.")
     eta_seconds: float | None = None
     summary: str | None = Field(None, max_length=64, description="step/total (percent), for kubectl get.")
