@@ -100,6 +100,15 @@ class TrainingResult(ApiModel):
     resumed_from_step: int | None = None
 
 
+class WorkerStatus(ApiModel):
+    """One trainer pod of a data-parallel group (ranks index x gpu.count .. + gpu.count - 1)."""
+
+    index: int = Field(ge=0, description="The pod's completion index: its node rank.")
+    pod: str
+    node: str | None = None
+    state: Literal["Pending", "Running", "Succeeded", "Failed"]
+
+
 class QLoRAJobStatus(ApiModel):
     phase: Phase | None = None
     conditions: list[Condition] = Field(
@@ -114,3 +123,8 @@ class QLoRAJobStatus(ApiModel):
     message: str | None = Field(None, max_length=32768, description="The latest human-readable status line.")
     progress: TrainingProgress | None = None
     result: TrainingResult | None = None
+    world_size: int | None = Field(None, ge=1, description="Data-parallel ranks: workers x gpu.count.")
+    workers: list[WorkerStatus] = Field(
+        default_factory=list, max_length=64,
+        description="The current attempt's trainer pods and their state (one per worker).",
+    )
