@@ -28,7 +28,8 @@ from qlora_operator.resource import QLoRAJob, merge_patch
 log = logging.getLogger(__name__)
 COMPONENT = "qlora-operator"
 MERGE_PATCH = "application/merge-patch+json"
-_COLLECTIONS = {"ConfigMap": "/api/v1/namespaces/{ns}/configmaps", "Job": "/apis/batch/v1/namespaces/{ns}/jobs"}
+_COLLECTIONS = {"ConfigMap": "/api/v1/namespaces/{ns}/configmaps", "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+                "Service": "/api/v1/namespaces/{ns}/services"}
 
 
 class Conflict(Exception):
