@@ -146,3 +146,18 @@ def test_a_lost_rank_fails_the_group_which_resumes_whole_from_the_newest_checkpo
     for step, loss in after.items():  # ... on the same curve as the group that was never interrupted
         assert loss == pytest.approx(losses(runs[2])[step], rel=RELATIVE), (step, after, losses(runs[2]))
     assert manifests(s3, "run-dp-kill") == ["adapters/team-a/colours/run-dp-kill/manifest.json"]
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint(
+        s3, tiny_model_uri, train_uri, tmp_path):  # noqa: F811
+    """What a pod's deletion or preemption does: the kubelet SIGTERMs the container's main process
+    (torchrun's agent here), which passes it to the ranks; they agree on the step to stop at, rank 0
+    saves a checkpoint, and the pod exits INTERRUPTED (the operator's retryable code)."""
+    proc = start(s3, tiny_model_uri, train_uri, tmp_path, "run-dp-term", 2)
+    proc.wait_for(lambda: proc.progress, timeout=300, what="the first progress line")
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == ExitCode.INTERRUPTED, proc.log_tail()
+    error = proc.termination
+    assert isinstance(error, TrainerError) and error.reason == "Interrupted", proc.termination_text
+    stopped = int(re.search(r"at step (\d+)", error.message).group(1))
+    assert stopped < 10 and max(_complete_checkpoints(s3, "run-dp-term")) == stopped
