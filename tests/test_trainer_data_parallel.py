@@ -80,6 +80,7 @@ def test_n_processes_train_the_loss_curve_of_one_with_the_same_effective_batch(r
     assert progress.world_size == n and runs[1].progress[-1].world_size == 1
     assert progress.tokens_per_second_per_gpu == pytest.approx(progress.tokens_per_second / n, rel=0.01)
     assert any(f"data parallel over {n} ranks: 2 x {4 // n} per rank" in line for line in runs[n].stderr)
+    assert any("data parallel: CUDA graphs off" in line for line in runs[n].stderr)  # said, not silent
 
 
 @pytest.mark.parametrize("n", [2, 4])

@@ -1,4 +1,5 @@
-"""The children of a QLoRAJob as plain dicts: one ConfigMap and one batch/v1 Job per attempt. Pure.
+"""The children of a QLoRAJob as plain dicts: one ConfigMap and one batch/v1 Job per attempt (and,
+for several workers, the headless Service of their rendezvous: rendezvous.py). Pure.
 
 Each attempt's ConfigMap holds the TrainerRunConfig the trainer reads at /etc/qlora/config.json;
 the runId is the QLoRAJob's uid, the same for every attempt, so attempt n+1 finds and resumes the
