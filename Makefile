@@ -43,6 +43,9 @@ test: build ## Run the whole test suite (unit, trainer on CPU, operator on the l
 crds: setup ## Regenerate crds/ and the chart's CRD from the API models
 	$(PY) -m qlora_api.crd
 
+gpu-carry: setup ## Make .gpu_carry/ (pinned packages, SmolLM2 tokenizer) that the GPU benchmarks carry
+	$(PY) benchmarks/gpu_carry.py
+
 lint: setup ## Lint and check generated files are in sync
 	$(VENV)/bin/ruff check operator trainer_image localcluster tests benchmarks
 	$(PY) -m qlora_api.crd --check
@@ -50,4 +53,4 @@ lint: setup ## Lint and check generated files are in sync
 clean: down ## Stop the cluster and delete its state (the build cache stays)
 	rm -rf .localcluster
 
-.PHONY: help setup build up down status demo test crds lint clean
+.PHONY: help setup build up down status demo test crds gpu-carry lint clean

@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 
-from . import build
+from . import build, kueue
 from .cluster import ClusterSettings, ComponentFailed, LocalCluster, default_state_dir
 
 
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--gpu-nodes", type=int, help="number of GPU nodes (default 1)")
     up.add_argument("--gpus-per-node", type=int, help="nvidia.com/gpu each node advertises (default 1)")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each component")
+    up.add_argument("--kueue", action="store_true",
+                    help="also install and start Kueue (job queueing; built from its Go module)")
     for field in ClusterSettings.__dataclass_fields__:
         if field.endswith("_port"):
             up.add_argument(f"--{field.replace('_', '-')}", type=int, dest=field,
@@ -42,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         try:
             cluster.up(timeout=args.timeout)
-        except ComponentFailed as failure:
+            if args.kueue:
+                kueue.ensure_running(cluster)
+        except (ComponentFailed, RuntimeError) as failure:
             print(f"error: {failure}", file=sys.stderr)
             return 1
         print(f"export KUBECONFIG={shlex.quote(str(cluster.kubeconfig))}")

@@ -1,5 +1,5 @@
-"""The observed world of one QLoRAJob: its trainer Jobs, their pods and ConfigMaps, grouped by
-attempt, and the trainer's latest progress line. Built by `kube.observe`; pure data from here on."""
+"""The observed world of one QLoRAJob: its trainer Jobs, their pods, ConfigMaps and (for Jobs queued
+by Kueue) Workloads, grouped by attempt, and the trainer's latest progress line. Built by `kube.observe`; pure data from here on."""
 
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +18,7 @@ class Observed:
     pods: dict[int, list[dict]] = field(default_factory=dict)  # attempt -> that Job's pods
     config_maps: dict[int, dict] = field(default_factory=dict)  # attempt -> ConfigMap
     progress: TrainingProgress | None = None  # the newest progress line in the trainer's log
+    workloads: dict[int, dict] = field(default_factory=dict)  # attempt -> Kueue Workload of that Job
 
     @property
     def latest_attempt(self) -> int:
@@ -25,7 +26,7 @@ class Observed:
 
 
 def group_children(owner_uid: str, now: datetime, config_maps: list[dict], jobs: list[dict],
-                   pods: list[dict]) -> Observed:
+                   pods: list[dict], workloads: list[dict] = ()) -> Observed:
     """Keeps only what this QLoRAJob (by uid) controls: a QLoRAJob deleted and created again under the
     same name must not adopt the children the garbage collector has yet to remove."""
     own_jobs = {attempt_of(j): j for j in jobs if owned_by(j, owner_uid) and attempt_of(j)}
@@ -36,8 +37,14 @@ def group_children(owner_uid: str, now: datetime, config_maps: list[dict], jobs:
             attempt = attempt_by_job_uid.get(ref.get("uid"))
             if attempt is not None:
                 own_pods.setdefault(attempt, []).append(pod)
+    own_workloads = {}
+    for workload in workloads:  # Kueue makes the Job the Workload's controller
+        for ref in workload["metadata"].get("ownerReferences") or []:
+            attempt = attempt_by_job_uid.get(ref.get("uid"))
+            if attempt is not None and ref.get("controller"):
+                own_workloads[attempt] = workload
     own_maps = {attempt_of(c): c for c in config_maps if owned_by(c, owner_uid) and attempt_of(c)}
-    return Observed(now=now, jobs=own_jobs, pods=own_pods, config_maps=own_maps)
+    return Observed(now=now, jobs=own_jobs, pods=own_pods, config_maps=own_maps, workloads=own_workloads)
 
 
 def pod_to_tail(observed: Observed) -> dict | None:
