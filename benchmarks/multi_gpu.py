@@ -166,6 +166,10 @@ def run_rank(cfg: dict) -> dict:
     result = {"name": cfg["name"], "world_size": world}
     plan = plan_for(cfg, shape, seq, micro, dropout, fraction, dry) if engine == "ours" else None
     accum = 1
+    if plan is not None and os.environ.get("QLORA_CUDA_GRAPHS") == "0":
+        from dataclasses import replace
+
+        plan = replace(plan, cuda_graphs=False)  # as trainer_hooks.accelerate does under DDP
     if plan is not None:
         micro, accum = plan.micro_batch, plan.grad_accum
         result["plan"] = plan.describe()
