@@ -255,8 +255,7 @@ def launch(cfg: dict, log_dir: Path, env: dict) -> dict:
                                  timeout=cfg["timeout"]).stdout
     except subprocess.TimeoutExpired:
         return {"name": cfg["name"], "error": f"timed out after {cfg['timeout']} s"}
-    results = [json.loads(x[7:]) for x in out.splitlines() if x.startswith("RESULT ")]
-    first = next((r for r in results if r.get("rank", 0) == 0), None)
+    first = next((json.loads(x[7:]) for x in out.splitlines() if x.startswith("RESULT ")), None)
     if first is None:
         tail = log.read_text()[-800:]
         oom = "OutOfMemoryError" in tail or "out of memory" in tail
@@ -298,8 +297,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.rank_worker:
         result = run_rank(json.loads(args.rank_worker))
-        result["rank"] = int(os.environ.get("RANK", 0))
-        print("RESULT " + json.dumps(result), flush=True)
+        if int(os.environ.get("RANK", 0)) == 0:  # rank 0's result holds every rank's peak and loss
+            print("RESULT " + json.dumps(result), flush=True)
         return
     out = Path(args.out or os.environ.get("OUT") or HERE.parent / "out")
     (out / "logs").mkdir(parents=True, exist_ok=True)
