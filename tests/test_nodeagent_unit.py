@@ -211,6 +211,22 @@ def test_volumes_and_launch_map_container_paths(tmp_path, monkeypatch):
     assert "AGENT_ONLY_SECRET" not in launch.env and launch.env["PASSED_ON"] == "y"
 
 
+def test_a_headless_service_name_of_the_pods_own_subdomain_becomes_loopback(tmp_path):
+    """No DNS and one address: `<hostname>.<subdomain>` (a data-parallel group's rendezvous) is 127.0.0.1."""
+    pod = {"metadata": {"name": "demo-1-0-abcde", "namespace": "ml", "uid": "u"},
+           "spec": {"nodeName": "n", "hostname": "demo-1-0", "subdomain": "demo-1"}, "status": {}}
+    container = {"name": "trainer", "image": "qlora-trainer:1",
+                 "args": ["--master-addr=demo-1-0.demo-1", "--peer", "demo-1-3.demo-1.ml.svc.cluster.local:29500",
+                          "--other", "demo-1-0.demo-1.other-ns", "--s3", "s3://b/demo-1-0.demo-1x"],
+                 "env": [{"name": "MASTER", "value": "demo-1-0.demo-1.ml.svc"}]}
+    launch = build_launch(pod, container, images=ImageTable(), reader=DictReader(), pod_dir=tmp_path,
+                          volume_host_paths={}, pass_env=[])
+    assert launch.argv[3:] == ["--master-addr=127.0.0.1", "--peer", "127.0.0.1:29500",
+                               "--other", "demo-1-0.demo-1.other-ns", "--s3", "s3://b/demo-1-0.demo-1x"]
+    assert launch.env["MASTER"] == "127.0.0.1"
+    assert launch.env["HOSTNAME"] == "demo-1-0"  # spec.hostname, as a kubelet names the pod's host
+
+
 def test_the_image_tables_host_argv_is_never_path_mapped(tmp_path):
     # The chart mounts an emptyDir at /tmp; a checkout (and so its venv) may live under /tmp too.
     table = ImageTable([ImageEntry("op", ("op",), entrypoint=("/tmp/checkout/.venv/bin/python", "-m", "op"))])

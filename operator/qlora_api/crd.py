@@ -34,6 +34,10 @@ PRINTER_COLUMNS = [
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri", "priority": 0},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    # Data parallel (kubectl get -o wide): ranks and the group's rate; describe lists each worker.
+    {"name": "World", "type": "integer", "jsonPath": ".status.worldSize", "priority": 1},
+    {"name": "Tokens/s", "type": "number", "jsonPath": ".status.progress.tokensPerSecond", "priority": 1},
+    {"name": "Tokens/s/GPU", "type": "number", "jsonPath": ".status.progress.tokensPerSecondPerGpu", "priority": 1},
     {"name": "Adapter", "type": "string", "jsonPath": ".status.result.adapterUri", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -149,8 +149,16 @@ class TrainingSpec(RuledModel):
         None, ge=0, le=0.5, description="Warm-up as a fraction of all steps (default 0.03 when neither is set)."
     )
     warmup_steps: int | None = Field(None, ge=0, le=1_000_000, description="Warm-up in steps.")
-    batch_size: int = Field(4, ge=1, le=1024, description="Sequences per micro-batch on each GPU.")
-    gradient_accumulation_steps: int = Field(4, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    batch_size: int = Field(4, ge=1, le=1024, description="Sequences per micro-batch on each GPU (see gradientAccumulationSteps).")
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, le=1024,
+        description=(
+            "Micro-batches per optimizer step. batchSize x gradientAccumulationSteps is the effective batch on "
+            "any number of GPUs: N data-parallel ranks each accumulate 1/N of it (or, when N does not divide "
+            "this, each runs batchSize/N; when neither divides, every rank runs both as given and the "
+            "effective batch is N times larger)."
+        ),
+    )
     max_seq_length: int = Field(2048, ge=16, le=262_144, description="Tokens per sequence (packed or truncated).")
     packing: bool = Field(True, description="Pack records into full sequences without attention across them.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass.")
@@ -182,7 +190,10 @@ class TrainingSpec(RuledModel):
 
 
 class GPURequest(ApiModel):
-    count: int = Field(1, ge=1, le=16, description="nvidia.com/gpu requested by the trainer pod.")
+    count: int = Field(
+        1, ge=1, le=16,
+        description="nvidia.com/gpu requested by each trainer pod; one data-parallel trainer process per GPU.",
+    )
     product: str | None = Field(
         None,
         max_length=128,
@@ -202,6 +213,14 @@ class ResourcesSpec(ApiModel):
     """Where and how the trainer pod runs."""
 
     gpu: GPURequest = Field(default_factory=GPURequest)
+    workers: int = Field(
+        1, ge=1, le=64,
+        description=(
+            "Trainer pods (nodes), each with gpu.count GPUs: the data-parallel group has workers x gpu.count "
+            "ranks. Above 1 the operator runs an Indexed Job with a headless Service for the rendezvous; "
+            "one lost pod ends the attempt and the next resumes the whole group from the newest checkpoint."
+        ),
+    )
     cpu: str | None = Field(None, pattern=QUANTITY, max_length=32, description="CPU request, e.g. 8.")
     memory: str | None = Field(
         None, pattern=QUANTITY, max_length=32, description="Memory request and limit, e.g. 64Gi (host RAM, not GPU)."

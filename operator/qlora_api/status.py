@@ -72,8 +72,10 @@ class TrainingProgress(ApiModel):
     loss: float | None = None
     learning_rate: float | None = None
     eval_loss: float | None = None
-    tokens_per_second: float | None = None
-    mfu: float | None = Field(None, description="Model FLOPs utilisation, 0-1, where the GPU's peak is known.")
+    tokens_per_second: float | None = Field(None, description="Tokens per second of the whole group (all GPUs).")
+    tokens_per_second_per_gpu: float | None = Field(None, description="tokensPerSecond divided by worldSize.")
+    world_size: int | None = Field(None, ge=1, description="Training processes (GPUs) in the group.")
+    mfu: float | None = Field(None, description="Model FLOPs utilisation per GPU, 0-1, where the GPU's peak is known.")
     gpu_memory_gib: float | None = Field(None, description="Peak GPU memory allocated so far.")
     eta_seconds: float | None = None
     summary: str | None = Field(None, max_length=64, description="step/total (percent), for kubectl get.")
@@ -119,6 +121,15 @@ class TrainingResult(ApiModel):
     resumed_from_step: int | None = None
 
 
+class WorkerStatus(ApiModel):
+    """One trainer pod of a data-parallel group (ranks index x gpu.count .. + gpu.count - 1)."""
+
+    index: int = Field(ge=0, description="The pod's completion index: its node rank.")
+    pod: str
+    node: str | None = None
+    state: Literal["Pending", "Running", "Succeeded", "Failed"]
+
+
 class QLoRAJobStatus(ApiModel):
     phase: Phase | None = None
     conditions: list[Condition] = Field(
@@ -133,3 +144,8 @@ class QLoRAJobStatus(ApiModel):
     message: str | None = Field(None, max_length=32768, description="The latest human-readable status line.")
     progress: TrainingProgress | None = None
     result: TrainingResult | None = None
+    world_size: int | None = Field(None, ge=1, description="Data-parallel ranks: workers x gpu.count.")
+    workers: list[WorkerStatus] = Field(
+        default_factory=list, max_length=64,
+        description="The current attempt's trainer pods and their state (one per worker).",
+    )

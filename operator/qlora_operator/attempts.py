@@ -43,6 +43,12 @@ class AttemptState:
     pod: str | None = None
 
 
+def _workers(job: dict) -> int:
+    """Pods of the attempt: an Indexed Job's completions (a data-parallel group), else one."""
+    spec = job.get("spec") or {}
+    return int(spec.get("completions") or 1) if spec.get("completionMode") == "Indexed" else 1
+
+
 def _exit_code_reason(code: int) -> str:
     return ExitCode(code).name.title().replace("_", "")  # STORAGE_UNAVAILABLE -> StorageUnavailable
 
@@ -92,6 +98,10 @@ def _ignored_by_job(pod: dict) -> bool:
 def _succeeded(job: dict, pods: list[dict]) -> AttemptState:
     finished = timestamps.parse((job.get("status") or {}).get("completionTime"))
     done = [p for p in pods if (pf.trainer_terminated(p) or {}).get("exitCode") == 0]
+    # In a data-parallel group only index 0 (rank 0) publishes and reports the result.
+    with_result = [p for p in done if isinstance(parse_termination_message(
+        (pf.trainer_terminated(p) or {}).get("message")), TrainerResultMessage)]
+    done = with_result or done
     term = pf.trainer_terminated(done[-1]) if done else None
     said = parse_termination_message((term or {}).get("message"))
     if isinstance(said, TrainerResultMessage):
@@ -118,6 +128,8 @@ def _failed(job: dict, pods: list[dict]) -> AttemptState:
         return AttemptState(AttemptPhase.FAILED, Reason.POD_LOST,
                             f"trainer Job {name} failed ({cond.get('reason')}: {cond.get('message')}) and its "
                             "pod is gone", retryable=True, finished_at=finished)
+    if _workers(job) > 1:  # the pod that failed first is the cause; the others failed with their group
+        failed = sorted(failed, key=lambda p: (pf.trainer_terminated(p) or {}).get("finishedAt") or "~")[:1]
     return replace(classify_pod_failure(failed[-1]), finished_at=finished)
 
 
@@ -162,6 +174,41 @@ def _disrupted(pod: dict) -> AttemptState:
     message = (f"trainer pod {pod['metadata']['name']}: {said}; the Job starts a replacement pod and the trainer "
                "resumes from its last checkpoint (this does not count as an attempt)")
     return AttemptState(AttemptPhase.DISRUPTED, reason, message, pod=pod["metadata"]["name"])
+
+
+def _assess_group(pods: list[dict], workers: int) -> AttemptState:
+    """A data-parallel group trains only when every pod runs: until then the attempt is Pending,
+    with how many workers have a node and why the others do not (the gang wait a user sees where no
+    Kueue admits the Job as a whole); Running once all run."""
+    current = pf.newest_per_index(pods)
+    for pod in current.values():
+        if pf.disruption(pod) or pod["metadata"].get("deletionTimestamp"):
+            state = _disrupted(pod)
+            return replace(state, message=f"{state.message.split(';')[0]}; a group cannot go on without one of its "
+                                          "workers, so this attempt ends and the next one resumes the whole group "
+                                          "from the newest checkpoint")
+    states = {i: _pending_pod(p) for i, p in current.items()}
+    for state in states.values():  # a pod that cannot start at all says so first
+        if state is not None and state.reason in (Reason.IMAGE_PULL_FAILED, Reason.CONTAINER_CONFIG_ERROR):
+            return state
+    placed = {i: (p.get("spec") or {}).get("nodeName") for i, p in current.items() if (p.get("spec") or {}).get("nodeName")}
+    running = [i for i, s in states.items() if s is not None and s.phase == AttemptPhase.RUNNING]
+    if len(running) == workers:
+        nodes = ", ".join(f"{i}:{placed[i]}" for i in sorted(placed))
+        message = f"training on {workers} workers (index:node {nodes})"
+        return AttemptState(AttemptPhase.RUNNING, Reason.TRAINING, message,
+                             scheduled=("True", Reason.SCHEDULED, f"all {workers} trainer pods are on nodes ({nodes})"))
+    unschedulable = [s for s in states.values() if s is not None and s.reason == Reason.UNSCHEDULABLE]
+    waiting = (f"{len(placed)} of {workers} workers have a node; the group trains only when all {workers} run "
+               f"together")
+    if unschedulable:
+        message = f"{waiting}: {unschedulable[0].message}"
+        return AttemptState(AttemptPhase.PENDING, Reason.UNSCHEDULABLE, message,
+                             scheduled=("False", Reason.UNSCHEDULABLE, message))
+    if len(current) < workers:
+        return AttemptState(AttemptPhase.PENDING, Reason.PENDING,
+                             f"{waiting} (the Job controller has created {len(current)} of {workers} pods)")
+    return AttemptState(AttemptPhase.PENDING, Reason.PENDING, f"{waiting}; {len(running)} of {workers} are running")
 
 
 def _queued(job: dict, live: list[dict], workload: dict | None) -> AttemptState:
@@ -209,6 +256,9 @@ def assess_attempt(job: dict, pods: list[dict], workload: dict | None = None,
     if not pods:
         return AttemptState(AttemptPhase.PENDING, Reason.PENDING,
                             f"waiting for the Job controller to create the pod of trainer Job {name}")
+    workers = _workers(job)
+    if workers > 1:
+        return _assess_group(pods, workers)
     current = pods[-1]
     if pf.disruption(current) or current["metadata"].get("deletionTimestamp"):
         return _disrupted(current)

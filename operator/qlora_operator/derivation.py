@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from qlora_api import ConditionType, QLoRAJobStatus, Reason, TrainingProgress, TrainingResult
 
-from qlora_operator import timestamps
+from qlora_operator import group, rendezvous, timestamps
 from qlora_operator.attempts import AttemptPhase, Verdict, judge
 from qlora_operator.conditions import find, is_terminal, is_true, set_condition
 from qlora_operator.kstatus_conditions import KSTATUS_CONDITION_TYPES, set_kstatus_conditions
@@ -55,6 +55,9 @@ def derive_status(job: QLoRAJob, observed: Observed,
     new.attempts = verdict.attempt
     new.job_name = trainer_job_name(job.name, verdict.attempt) if verdict.attempt else None
     _apply_verdict(new, verdict, job, gen, now)
+    new.world_size = rendezvous.world_size(job)
+    if job.spec.resources.workers > 1:
+        new.workers = group.workers_of(observed.pods.get(verdict.attempt, []))
     if observed.progress is not None:
         new.progress = _with_summary(observed.progress)
     set_kstatus_conditions(new, gen, now)

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 COMPONENT = "qlora-operator"
 MERGE_PATCH = "application/merge-patch+json"
 _COLLECTIONS = {"ConfigMap": "/api/v1/namespaces/{ns}/configmaps", "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
-                "Workload": WORKLOADS_PATH}
+                "Service": "/api/v1/namespaces/{ns}/services", "Workload": WORKLOADS_PATH}
 
 
 class Conflict(Exception):

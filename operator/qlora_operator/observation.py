@@ -48,8 +48,11 @@ def group_children(owner_uid: str, now: datetime, config_maps: list[dict], jobs:
 
 
 def pod_to_tail(observed: Observed) -> dict | None:
-    """The latest attempt's newest pod whose trainer has started (running or just exited)."""
+    """The latest attempt's newest pod whose trainer has started (running or just exited); in a
+    data-parallel group, index 0's (rank 0 alone prints progress)."""
     pods = pf.by_age(observed.pods.get(observed.latest_attempt, []))
+    if any(pf.completion_index(p) is not None for p in pods):
+        pods = [p for p in pods if pf.completion_index(p) == 0]
     for pod in reversed(pods):
         if pf.trainer_running(pod) or pf.trainer_terminated(pod):
             return pod

@@ -14,7 +14,7 @@ from qlora_operator import timestamps
 from qlora_operator.attempts import job_deadline_seconds, judge
 from qlora_operator.conditions import is_terminal
 from qlora_operator.observation import Observed
-from qlora_operator.rendering import render_config_map, render_trainer_job
+from qlora_operator.rendering import render_config_map, render_rendezvous_service, render_trainer_job
 from qlora_operator.resource import QLoRAJob
 from qlora_operator.settings import DEFAULTS, OperatorSettings
 
@@ -72,6 +72,9 @@ def _new_attempt(job: QLoRAJob, observed: Observed, attempt: int, status: QLoRAJ
     actions: list[Action] = []
     if attempt not in observed.config_maps:
         actions.append(Create(render_config_map(job, attempt), f"config of attempt {attempt}"))
+    service = render_rendezvous_service(job, attempt)
+    if service is not None:  # before the Job: its pods resolve each other through it
+        actions.append(Create(service, f"rendezvous of attempt {attempt}"))
     deadline = job_deadline_seconds(job, start, observed.now)
     actions.append(Create(render_trainer_job(job, attempt, default_image=settings.trainer_image,
                                              active_deadline_seconds=deadline), f"attempt {attempt}"))

@@ -88,3 +88,27 @@ def log_tail(text: str | None, lines: int = 8, chars: int = 1000) -> str:
         return ""
     tail = "\n".join(text.strip().splitlines()[-lines:])
     return tail[-chars:]
+
+
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def completion_index(pod: dict) -> int | None:
+    """An Indexed Job's pod index (its node rank in a data-parallel group), from the Job controller's annotation."""
+    value = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX, "")
+    return int(value) if value.isdigit() else None
+
+
+def newest_per_index(pods: list[dict]) -> dict[int, dict]:
+    """index -> the newest pod of that index (a failed index may leave older pods behind)."""
+    found: dict[int, dict] = {}
+    for pod in by_age(pods):
+        index = completion_index(pod)
+        if index is not None:
+            found[index] = pod
+    return found
+
+
+def worker_state(pod: dict) -> str:
+    phase = (pod.get("status") or {}).get("phase") or "Pending"
+    return phase if phase in ("Pending", "Running", "Succeeded", "Failed") else "Pending"

@@ -1,4 +1,5 @@
-"""The children of a QLoRAJob as plain dicts: one ConfigMap and one batch/v1 Job per attempt. Pure.
+"""The children of a QLoRAJob as plain dicts: one ConfigMap and one batch/v1 Job per attempt (and,
+for several workers, the headless Service of their rendezvous: rendezvous.py). Pure.
 
 Each attempt's ConfigMap holds the TrainerRunConfig the trainer reads at /etc/qlora/config.json;
 the runId is the QLoRAJob's uid, the same for every attempt, so attempt n+1 finds and resumes the
@@ -13,6 +14,7 @@ from qlora_api import ExitCode, TrainerRunConfig
 from qlora_api.protocol import CONFIG_FILE, CONFIG_MOUNT_DIR, CONFIG_PATH, TERMINATION_MESSAGE_PATH
 from qlora_api.spec import ResourcesSpec, SecretKeyRefs
 
+from qlora_operator import rendezvous
 from qlora_operator.kueue_facts import QUEUE_LABEL, queue_labels
 from qlora_operator.naming import ANNOTATION_JOB_NAME, child_labels, config_map_name, trainer_job_name
 from qlora_operator.pod_facts import TRAINER_CONTAINER
@@ -94,6 +96,10 @@ def render_trainer_job(job: QLoRAJob, attempt: int, *, default_image: str,
             "spec": render_pod_spec(job, attempt, default_image),
         },
     }
+    # Several pods: an Indexed Job whose pods are named through the attempt's headless Service.
+    spec.update(rendezvous.indexed_job_fields(job, attempt))
+    if job.spec.resources.workers > 1:
+        spec["template"]["spec"]["subdomain"] = rendezvous.service_name(job, attempt)
     if active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = active_deadline_seconds
     metadata = _metadata(job, name, attempt)
@@ -107,7 +113,8 @@ def render_pod_spec(job: QLoRAJob, attempt: int, default_image: str) -> dict:
         "name": TRAINER_CONTAINER,
         "image": res.image or default_image,
         # args, not command: the image's ENTRYPOINT is the trainer CLI.
-        "args": ["--config", CONFIG_PATH, "--termination-log", TERMINATION_MESSAGE_PATH],
+        "args": ["--config", CONFIG_PATH, "--termination-log", TERMINATION_MESSAGE_PATH,
+                 *rendezvous.launch_args(job, attempt)],
         "env": s3_credentials_env(job.spec.output.credentials_secret_ref),
         "resources": container_resources(res),
         "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_DIR, "readOnly": True}],
@@ -144,6 +151,14 @@ def render_pod_spec(job: QLoRAJob, attempt: int, default_image: str) -> dict:
     if res.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in res.image_pull_secrets]
     return pod
+
+
+def render_rendezvous_service(job: QLoRAJob, attempt: int) -> dict | None:
+    """The headless Service of a several-pod attempt (None for one pod)."""
+    if job.spec.resources.workers == 1:
+        return None
+    return rendezvous.render_rendezvous_service(job, attempt,
+                                                _metadata(job, rendezvous.service_name(job, attempt), attempt))
 
 
 def container_resources(res: ResourcesSpec) -> dict:

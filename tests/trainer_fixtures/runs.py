@@ -60,6 +60,7 @@ class TrainerProcess:
     env: dict
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--nproc-per-node", "2"]
 
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ class TrainerProcess:
         self.config_path.write_text(json.dumps(self.config) if isinstance(self.config, dict) else self.config)
         self.termination_log.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qlora_trainer", "--config", str(self.config_path),
+            [sys.executable, "-m", "qlora_trainer", *self.extra_args, "--config", str(self.config_path),
              "--termination-log", str(self.termination_log), "--workdir", str(self.workdir / "scratch")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
         )

@@ -45,15 +45,22 @@ class CheckpointStore:
     def restore_latest(self, dest_root: Path) -> tuple[Path, int] | None:
         """Download the newest complete checkpoint as `dest_root/checkpoint-<N>` (Trainer's layout)."""
         for step in self.complete_steps():
-            folder = self.folder(step)
-            dest = dest_root / f"checkpoint-{step}"
-            manifest = json.loads(self.storage.get_bytes(folder.join(MANIFEST)) or b"{}")
-            self.storage.download_folder(folder, dest)
-            bad = [e["path"] for e in manifest.get("files", [])
-                   if not (dest / e["path"]).is_file() or sha256_file(dest / e["path"]) != e["sha256"]]
-            if bad:
-                log.warning("checkpoint step %d in %s does not match its manifest (%s); trying an older one",
-                            step, folder, ", ".join(bad[:3]))
-                continue
-            return dest, step
+            dest = self.restore(step, dest_root)
+            if dest is not None:
+                return dest, step
         return None
+
+    def restore(self, step: int, dest_root: Path) -> Path | None:
+        """Download checkpoint `step` and check it against its manifest (None if it does not match).
+        Under data parallel, rank 0 picks the step and every rank restores that one."""
+        folder = self.folder(step)
+        dest = dest_root / f"checkpoint-{step}"
+        manifest = json.loads(self.storage.get_bytes(folder.join(MANIFEST)) or b"{}")
+        self.storage.download_folder(folder, dest)
+        bad = [e["path"] for e in manifest.get("files", [])
+               if not (dest / e["path"]).is_file() or sha256_file(dest / e["path"]) != e["sha256"]]
+        if bad:
+            log.warning("checkpoint step %d in %s does not match its manifest (%s); trying an older one",
+                        step, folder, ", ".join(bad[:3]))
+            return None
+        return dest

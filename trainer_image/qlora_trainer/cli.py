@@ -1,7 +1,14 @@
-"""`qlora-trainer --config PATH [--termination-log PATH]`: run, report, exit with a meaningful code."""
+"""`qlora-trainer --config PATH [--termination-log PATH]`: run, report, exit with a meaningful code.
+
+    qlora-trainer --config run.json                                  # one process, one GPU (or CPU)
+    qlora-trainer --config run.json --nproc-per-node 8               # data parallel on 8 GPUs, via torchrun
+    qlora-trainer --config run.json --nproc-per-node 8 --nnodes 2 \
+        --master-addr job-0.job-ranks --master-port 29500            # node rank from JOB_COMPLETION_INDEX
+"""
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -10,6 +17,7 @@ from qlora_api.protocol import CONFIG_PATH, TERMINATION_MESSAGE_PATH
 
 from qlora_trainer.config import load_run_config
 from qlora_trainer.errors import classify, interrupted
+from qlora_trainer.launcher import RANK_DONE, rank_message_path
 from qlora_trainer.reporting import (
     ProgressReporter,
     claim_stdout,
@@ -28,12 +36,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--termination-log", default=TERMINATION_MESSAGE_PATH,
                         help="where the result or error goes (default: %(default)s)")
     parser.add_argument("--workdir", default=None, help="local scratch folder (default: a new temporary folder)")
+    group = parser.add_argument_group("data parallel (torchrun)")
+    group.add_argument("--nproc-per-node", type=int, default=1, help="trainer processes on this node: one per GPU")
+    group.add_argument("--nnodes", type=int, default=1, help="nodes (pods) in the group")
+    group.add_argument("--node-rank", type=int, default=int(os.environ.get("JOB_COMPLETION_INDEX", "0")),
+                       help="this node's rank (default: JOB_COMPLETION_INDEX, the Indexed Job's pod index)")
+    group.add_argument("--master-addr", default=None, help="node 0's address, with --nnodes > 1")
+    group.add_argument("--master-port", type=int, default=29500, help="node 0's rendezvous port")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    if args.nproc_per_node * args.nnodes > 1:
+        return _launch_group(args)
+    # Under torchrun each rank writes its own termination message; the launcher picks one.
+    args.termination_log = rank_message_path(args.termination_log)
     reporter = ProgressReporter(claim_stdout())
     try:
         # The config is checked before torch is imported: a bad spec fails in a second.
@@ -46,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         interruption = Interruption()
         _handle_sigterm(interruption)
         result = sft.main(cfg, reporter, interruption, Path(args.workdir) if args.workdir else None)
+        if result is None:  # a rank other than 0: rank 0 published and reports
+            write_termination_message(args.termination_log, RANK_DONE)
+            return int(ExitCode.OK)
     except BaseException as exc:
         failure = classify(exc) if not isinstance(exc, KeyboardInterrupt) else interrupted("interrupted (SIGINT)")
         if failure.exit_code == ExitCode.UNEXPECTED:
@@ -56,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(failure.exit_code)
     write_termination_message(args.termination_log, result_message(result))
     return int(ExitCode.OK)
+
+
+def _launch_group(args: argparse.Namespace) -> int:
+    from qlora_trainer.launcher import launch, torchrun_args
+
+    worker = ["--config", args.config, "--termination-log", args.termination_log]
+    if args.workdir:
+        worker += ["--workdir", args.workdir]  # each rank works in its own rank-<N> folder under it
+    return launch(torchrun_args(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr,
+                                args.master_port, worker), args.termination_log)
 
 
 def _handle_sigterm(interruption) -> None:

@@ -107,14 +107,18 @@ def load_tokenizer(files: ModelFiles, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_quantized_model(files: ModelFiles, source: ModelSource, quant: QuantizationSpec, training: TrainingSpec):
-    """The base in 4 bits, prepared for k-bit training (norms in fp32, input grads for checkpointing)."""
+def load_quantized_model(files: ModelFiles, source: ModelSource, quant: QuantizationSpec, training: TrainingSpec,
+                         device_map=None):
+    """The base in 4 bits, prepared for k-bit training (norms in fp32, input grads for checkpointing).
+    `device_map`: where this process's copy goes (distributed.device_map: each rank its own GPU)."""
     dtype = compute_dtype(quant)
+    if device_map is None:
+        device_map = {"": 0} if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         str(files.path),
         quantization_config=quantization_config(quant),
         dtype=dtype,
-        device_map={"": 0} if torch.cuda.is_available() else "cpu",
+        device_map=device_map,
         attn_implementation="sdpa",
         trust_remote_code=source.trust_remote_code,
     )

@@ -6,6 +6,10 @@
 
 `main` returns the TrainingResult that cli.py writes to the termination message; failures are
 raised as TrainerFailure (errors.py) with the exit code the operator acts on.
+
+Under torchrun (launcher.py) every rank runs `main`: each loads its own 4-bit copy and trains its
+share of every batch (distributed.py); rank 0 alone uploads checkpoints, prints progress and
+publishes, and the other ranks return None.
 """
 
 import gc
@@ -18,7 +22,7 @@ import torch
 from qlora_api import TrainerRunConfig, TrainingResult
 from transformers import set_seed
 
-from qlora_trainer import data, evaluation, model_loading, publishing, training_loop
+from qlora_trainer import data, distributed, evaluation, model_loading, publishing, training_loop
 from qlora_trainer.acceleration import trainer_hooks
 from qlora_trainer.checkpoints import CheckpointStore
 from qlora_trainer.errors import interrupted
@@ -32,18 +36,33 @@ log = logging.getLogger("qlora_trainer")
 
 
 def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interruption | None = None,
-         workdir: Path | None = None) -> TrainingResult:
-    spec, interruption = cfg.spec, interruption or Interruption()
+         workdir: Path | None = None) -> TrainingResult | None:
+    world = distributed.World.from_env()
+    distributed.join(world)
+    try:
+        return _run(cfg, reporter, interruption or Interruption(), workdir, world)
+    finally:
+        distributed.leave(world)
+
+
+def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interruption, workdir: Path | None,
+         world: distributed.World) -> TrainingResult | None:
+    # Each rank trains its share of the spec's effective batch (distributed.per_rank_training).
+    spec = cfg.spec.model_copy(update={"training": distributed.per_rank_training(cfg.spec.training, world)})
+    workdir = workdir / f"rank-{world.rank}" if workdir and world.distributed else workdir
     workdir = workdir or Path(tempfile.mkdtemp(prefix="qlora-"))
-    log.info("run %s of %s/%s (attempt %d), work folder %s", cfg.run_id, cfg.namespace, cfg.name, cfg.attempt, workdir)
+    log.info("run %s of %s/%s (attempt %d), %s, work folder %s", cfg.run_id, cfg.namespace, cfg.name, cfg.attempt,
+             world.describe(), workdir)
 
     # Storage first: an unreachable or refusing S3 fails the run in seconds, not after model loading.
     storage = S3Storage(spec.output)
     storage.check_bucket(spec.output.bucket)
     run = RunLocation.of(spec.output.bucket, spec.output.prefix, cfg.namespace, cfg.name, cfg.run_id)
-    if (done := publishing.already_published(storage, run)) is not None:
+    # Rank 0 decides for everyone: ranks that looked on their own could see different answers.
+    if (done := distributed.broadcast(publishing.already_published(storage, run) if world.is_main else None,
+                                      world)) is not None:
         log.info("%s is already published (an earlier attempt finished); reporting it", run.uri)
-        return done
+        return done if world.is_main else None
 
     # Data: checked record by record before the model is downloaded.
     records = data.load_records(spec.dataset, storage, workdir, spec.training.seed)
@@ -55,26 +74,35 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     # Model: the 4-bit base with a fresh adapter (LoRA B starts at zero, so this is still the base).
     # Memory plan for this GPU before any weights load (a job that cannot fit stops here), and the
     # fast path once the adapter is on: the Trainer runs the plan's micro-batch/accumulation.
-    plan = trainer_hooks.plan_before_loading(model_files.path, spec)
+    # Each rank plans for its own GPU (the per-rank batch) and loads its own copy onto it.
+    plan = trainer_hooks.plan_before_loading(model_files.path, spec, device=world.local_rank)
     set_seed(spec.training.seed)
     dtype = model_loading.compute_dtype(spec.quantization)
-    model = model_loading.load_quantized_model(model_files, spec.model, spec.quantization, spec.training)
+    model = model_loading.load_quantized_model(model_files, spec.model, spec.quantization, spec.training,
+                                               device_map=distributed.device_map(world))
     model = model_loading.add_adapter(model, spec.lora)
-    planned = trainer_hooks.accelerate(model, plan, spec.training)
+    planned = trainer_hooks.accelerate(model, plan, spec.training, data_parallel=world.distributed)
 
-    # Train, resuming from the newest complete checkpoint of an earlier attempt.
+    # Train, resuming from the newest complete checkpoint of an earlier attempt: rank 0 picks it
+    # (checked against its manifest) and every other rank downloads that same step.
     store = CheckpointStore(storage, run.checkpoints)
-    restored = store.restore_latest(workdir / "trainer")
-    resume_dir, resumed_from = restored if restored else (None, None)
+    restored = store.restore_latest(workdir / "trainer") if world.is_main else None
+    resumed_from = distributed.broadcast(restored[1] if restored else None, world)
+    resume_dir = restored[0] if restored else (
+        store.restore(resumed_from, workdir / "trainer") if resumed_from is not None else None)
+    if resumed_from is not None and resume_dir is None:
+        raise interrupted(f"rank {world.rank} could not read checkpoint step {resumed_from}; the group restarts")
     if resumed_from:
         log.info("resuming from checkpoint step %d (%s)", resumed_from, store.folder(resumed_from))
     trainer = training_loop.build_trainer(model, tokenizer, train_rows, eval_rows, planned,
-                                          workdir / "trainer", dtype, reporter, store, interruption)
+                                          workdir / "trainer", dtype, reporter, store, interruption, world)
     collator = trainer.data_collator
     loss_before = evaluation.eval_loss(model, eval_rows, collator, spec.training.batch_size, dtype)
     outcome = training_loop.train(trainer, resume_dir, interruption)
     if outcome.interrupted:
         raise interrupted(f"stopped by SIGTERM at step {outcome.steps}; the newest checkpoint is in {run.checkpoints}")
+    if not world.is_main:
+        return None  # one publisher: rank 0
     loss_after = evaluation.eval_loss(model, eval_rows, collator, spec.training.batch_size, dtype)
     log.info("eval loss %s -> %s", _fmt(loss_before), _fmt(loss_after))
 
@@ -98,6 +126,8 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
         "steps": outcome.steps,
         "train_tokens_this_attempt": outcome.tokens,
         "tokens_per_second": outcome.tokens_per_second,
+        "world_size": world.size,
+        "tokens_per_second_per_gpu": outcome.tokens_per_second / world.size if outcome.tokens_per_second else None,
         "final_train_loss": outcome.final_loss,
         "peak_gpu_memory_gib": outcome.peak_gpu_memory_gib,
         "train_rows": len(train_rows),
@@ -110,11 +140,12 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
         **{k: metrics[k] for k in ("eval_loss_before", "eval_loss_after", "perplexity_before",
                                     "perplexity_after", "train_seconds", "resumed_from_step")},
     )
-    return publishing.publish(storage, run, adapter_dir, resolved_config(cfg, dtype, planned, plan), metrics, result,
-                              merged_dir)
+    return publishing.publish(storage, run, adapter_dir, resolved_config(cfg, dtype, planned, plan, world), metrics,
+                              result, merged_dir)
 
 
-def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, plan=None) -> dict:
+def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, plan=None,
+                    world: distributed.World | None = None) -> dict:
     """The config as run: the job's spec plus what the trainer decided (the memory plan may have
     re-planned micro-batch, accumulation, recompute and optimizer) and the library versions."""
     training = planned or cfg.spec.training
@@ -132,6 +163,7 @@ def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, pla
             "batchSize": training.batch_size,
             "gradientAccumulationSteps": training.gradient_accumulation_steps,
             "gradientCheckpointing": training.gradient_checkpointing,
+            "worldSize": world.size if world else 1,  # batchSize x accumulation x worldSize = effective batch
             "memoryPlan": plan.describe() if plan is not None else None,
             # the fast path as it ran: the spec's choice after the environment's diagnosis switches,
             # and off wherever no plan was made (a CPU, an architecture the planner cannot read)

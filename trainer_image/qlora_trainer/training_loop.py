@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
-from qlora_trainer import evaluation
+from qlora_trainer import distributed, evaluation
 from qlora_trainer.checkpoints import CheckpointStore
 from qlora_trainer.data import Collator, Example, to_dataset
 from qlora_trainer.reporting import ProgressReporter, summary
@@ -95,14 +95,23 @@ def sft_config(spec: TrainingSpec, output_dir: Path, dtype: torch.dtype, checkpo
         max_length=None,
         packing=False,  # packed already
         use_cpu=not torch.cuda.is_available(),
+        # Data parallel: every LoRA parameter gets a gradient every step, so DDP need not search the
+        # graph for unused ones, and the model's buffers (RoPE tables) are the same on every rank.
+        ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,
     )
 
 
 class ProgressReport(TrainerCallback):
-    """A TrainerProgressLine at every loggingSteps (Trainer's own log events)."""
+    """A TrainerProgressLine at every loggingSteps (Trainer's own log events), printed by rank 0.
 
-    def __init__(self, reporter: ProgressReporter, flops_per_token: float, peak_flops: float | None):
+    The Trainer sums the tokens seen over all ranks, so tokens_per_second is the group's; the
+    per-GPU rate divides it by the world size."""
+
+    def __init__(self, reporter: ProgressReporter, flops_per_token: float, peak_flops: float | None,
+                 world: distributed.World = distributed.ONE_PROCESS):
         self.reporter = reporter
+        self.world = world
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.eval_loss: float | None = None
@@ -134,13 +143,17 @@ class ProgressReport(TrainerCallback):
             learning_rate=logs.get("learning_rate"),
             eval_loss=self.eval_loss,
             tokens_per_second=round(tps, 1) if tps else None,
-            mfu=round(tps * self.flops_per_token / self.peak_flops, 4) if tps and self.peak_flops else None,
+            tokens_per_second_per_gpu=round(tps / self.world.size, 1) if tps else None,
+            world_size=self.world.size,
+            mfu=round(tps / self.world.size * self.flops_per_token / self.peak_flops, 4)
+            if tps and self.peak_flops else None,
             gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
             eta_seconds=round(eta, 1) if eta is not None else None,
             summary=summary(state.global_step, state.max_steps),
         )
         self.lines.append(line)
-        self.reporter.report(line)
+        if self.world.is_main:
+            self.reporter.report(line)
 
 
 class EvalCallback(TrainerCallback):
@@ -158,24 +171,42 @@ class EvalCallback(TrainerCallback):
 
 
 class CheckpointUpload(TrainerCallback):
-    """Every checkpoint the Trainer writes goes to S3 at once (manifest last): pods are ephemeral."""
+    """Every checkpoint the Trainer writes goes to S3 at once (manifest last): pods are ephemeral.
 
-    def __init__(self, store: CheckpointStore):
+    Under data parallel rank 0 alone uploads; each rank's own RNG state (rng_state_<rank>.pth, which
+    the Trainer writes into that rank's local folder) travels to rank 0 first, so a resumed group
+    draws the same dropout masks as one that never stopped."""
+
+    def __init__(self, store: CheckpointStore, world: distributed.World = distributed.ONE_PROCESS):
         self.store = store
+        self.world = world
 
     def on_save(self, args, state, control, **kwargs):
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.world.distributed:
+            rng = local / f"rng_state_{self.world.rank}.pth"
+            states = distributed.gather_to_main(rng.read_bytes() if rng.is_file() else None, self.world)
+            if not self.world.is_main:
+                return
+            for rank, body in enumerate(states):
+                if body is not None and not (local / f"rng_state_{rank}.pth").exists():
+                    (local / f"rng_state_{rank}.pth").write_bytes(body)
         if local.is_dir():
             self.store.save(local, state.global_step)
 
 
 class StopOnInterruption(TrainerCallback):
-    def __init__(self, interruption: Interruption, can_save: bool):
+    """A SIGTERM stops the run at the end of the step; under data parallel every rank stops at the
+    same step when any rank got one (distributed.any_rank: one tiny all-reduce per step)."""
+
+    def __init__(self, interruption: Interruption, can_save: bool, world: distributed.World = distributed.ONE_PROCESS):
         self.interruption = interruption
         self.can_save = can_save
+        self.world = world
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interruption.requested:
+        if distributed.any_rank(self.interruption.requested, self.world):
+            self.interruption.requested = True
             log.warning("SIGTERM: %s and stopping at step %d",
                         "saving a checkpoint" if self.can_save else "no checkpoint location; not saving", state.global_step)
             control.should_save = self.can_save
@@ -207,12 +238,13 @@ def peak_flops(dtype: torch.dtype) -> float | None:
 
 
 def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, output_dir: Path, dtype,
-                  reporter: ProgressReporter, store: CheckpointStore | None, interruption: Interruption):
+                  reporter: ProgressReporter, store: CheckpointStore | None, interruption: Interruption,
+                  world: distributed.World = distributed.ONE_PROCESS):
     collator = Collator(tokenizer.pad_token_id, packed=spec.packing)
-    progress = ProgressReport(reporter, linear_flops_per_token(model), peak_flops(dtype))
-    callbacks = [progress, StopOnInterruption(interruption, store is not None)]
+    progress = ProgressReport(reporter, linear_flops_per_token(model), peak_flops(dtype), world)
+    callbacks = [progress, StopOnInterruption(interruption, store is not None, world)]
     if store is not None:
-        callbacks.append(CheckpointUpload(store))
+        callbacks.append(CheckpointUpload(store, world))
     if spec.eval_steps and eval_rows:
         callbacks.append(EvalCallback(spec.eval_steps, eval_rows, collator, spec.batch_size, dtype, progress))
     trainer = SFTTrainer(

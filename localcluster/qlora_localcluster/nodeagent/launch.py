@@ -14,6 +14,12 @@ Processes share the host's filesystem, so container paths are mapped to host pat
 The mapping is also exported to the process: NODEAGENT_PATH_MAP (JSON {container path: host
 path}), NODEAGENT_POD_DIR and NODEAGENT_TERMINATION_MESSAGE_PATH, so programs that build paths at
 run time can translate them.
+
+There is no DNS either, and every pod's IP is 127.0.0.1, so the one kind of name pods need to find
+each other, a pod's stable name behind its headless Service (`<hostname>.<subdomain>`, optionally
+followed by `.<namespace>`, `.svc` and `.cluster.local`), is rewritten to 127.0.0.1 by the same rule
+wherever it occurs as a whole host name in an argv element or an env value, for the names of the
+pod's own subdomain in its own namespace (where a data-parallel group's rendezvous address lives).
 """
 
 from __future__ import annotations
@@ -65,6 +71,20 @@ class PathMap:
         if not self._re:
             return text
         return self._re.sub(lambda m: self.mapping[m.group(1)], text)
+
+
+class ServiceNames:
+    """`<hostname>.<subdomain>[.<namespace>[.svc[.cluster.local]]]` -> 127.0.0.1 for the pod's own
+    subdomain: what a headless Service's DNS records would resolve to on this one-address node."""
+
+    def __init__(self, subdomain: str | None, namespace: str):
+        self._re = None
+        if subdomain:
+            domain = re.escape(subdomain) + rf"(?:\.{re.escape(namespace)}(?:\.svc(?:\.cluster\.local)?)?)?"
+            self._re = re.compile(rf"(?<![A-Za-z0-9.\-])[a-z0-9](?:[-a-z0-9]*[a-z0-9])?\.{domain}(?![A-Za-z0-9.\-])")
+
+    def rewrite(self, text: str) -> str:
+        return self._re.sub("127.0.0.1", text) if self._re else text
 
 
 def expand_refs(text: str, env: dict[str, str]) -> str:
@@ -276,18 +296,20 @@ def build_launch(
     pod_env = resolve_env(pod, container, reader)
     mapping, term_host = container_path_map(container, volume_host_paths, container_dir, pod_env)
     paths = PathMap(mapping)
+    names = ServiceNames((pod.get("spec") or {}).get("subdomain"), pod["metadata"].get("namespace", "default"))
     env = base_env(pod_dir, pass_env)
-    env["HOSTNAME"] = pod["metadata"]["name"]
+    # A kubelet names the pod's host spec.hostname when set (an Indexed Job's `<job>-<index>`).
+    env["HOSTNAME"] = (pod.get("spec") or {}).get("hostname") or pod["metadata"]["name"]
     kubeconfig = write_kubeconfig(pod, container, mapping, api_server, container_dir / "kubeconfig")
     if kubeconfig:  # in_cluster.py: the stand-in for in-cluster config; the container's own wins
         env["KUBECONFIG"] = kubeconfig
-    env.update({k: paths.rewrite(v) for k, v in pod_env.items()})
+    env.update({k: names.rewrite(paths.rewrite(v)) for k, v in pod_env.items()})
     env["NODEAGENT_PATH_MAP"] = json.dumps(mapping, sort_keys=True)
     env["NODEAGENT_POD_DIR"] = str(pod_dir)
     env["NODEAGENT_TERMINATION_MESSAGE_PATH"] = term_host
     from_image, from_pod = images.argv_parts(container.get("image", ""), container.get("command"),
                                              container.get("args"))
-    argv = from_image + [paths.rewrite(expand_refs(a, pod_env)) for a in from_pod]
+    argv = from_image + [names.rewrite(paths.rewrite(expand_refs(a, pod_env))) for a in from_pod]
     cwd = working_dir(container.get("workingDir"), paths, pod_dir)
     os.makedirs(cwd, exist_ok=True)  # a runtime creates a missing workingDir too
     return ContainerLaunch(name, argv, env, cwd, term_host, entry.image_id)

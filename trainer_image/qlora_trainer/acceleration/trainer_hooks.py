@@ -62,7 +62,7 @@ def choose_acceleration(acceleration, environ=os.environ) -> AccelerationChoice:
     return AccelerationChoice(path, graphs, why)
 
 
-def plan_before_loading(model_path, spec) -> MemoryPlan | None:
+def plan_before_loading(model_path, spec, device: int = 0) -> MemoryPlan | None:
     """The plan for this job on this GPU, or None. A job that cannot fit fails here, before any
     weights load, with the largest setting that would fit (exit code OUT_OF_MEMORY)."""
     import torch
@@ -94,7 +94,8 @@ def plan_before_loading(model_path, spec) -> MemoryPlan | None:
             plan = plan_memory(shape, job, GpuSpec(memory_bytes=64 * GIB, name="cpu (QLORA_ACCELERATION=cpu)"),
                                packing=t.packing, fused=choice.path == "fused")
         else:
-            plan = plan_for_gpu(config.get_text_config(), job, packing=t.packing, fused=choice.path == "fused")
+            plan = plan_for_gpu(config.get_text_config(), job, packing=t.packing, fused=choice.path == "fused",
+                                device=device)
     except PlanDoesNotFit as exc:
         from qlora_api.protocol import ExitCode
 
@@ -106,13 +107,22 @@ def plan_before_loading(model_path, spec) -> MemoryPlan | None:
     return plan
 
 
-def accelerate(model, plan: MemoryPlan | None, training):
+def accelerate(model, plan: MemoryPlan | None, training, data_parallel: bool = False):
     """Install the fast path and return the TrainingSpec the Trainer should run: the plan's
     micro-batch and accumulation (same effective batch), recompute left to the plan (set per layer,
     so the Trainer must not switch it on for all), and fused AdamW in place of the paged 32-bit one
-    (the same update; see planner.OPTIMIZER)."""
+    (the same update; see planner.OPTIMIZER).
+
+    Under data parallel the fused layers and packing stay on (their LoRA gradients come out of
+    autograd functions, where DDP's hooks see them), but CUDA graphs are switched off: a graphed
+    backward adds the LoRA gradients into .grad inside the graph, past the hooks DDP all-reduces
+    from, so the ranks would silently train apart."""
     if plan is None:
         return training
+    if data_parallel and plan.cuda_graphs:
+        log.warning("data parallel: CUDA graphs off (a graphed backward writes LoRA gradients past DDP's "
+                    "all-reduce hooks); fused layers and packing stay on")
+        plan = replace(plan, cuda_graphs=False)
     report = apply_acceleration(model, plan)
     log.info("%s", report.describe())
     update = {"batch_size": plan.micro_batch, "gradient_accumulation_steps": plan.grad_accum,
