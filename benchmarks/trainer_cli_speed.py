@@ -438,11 +438,11 @@ def phase_rows(res: dict, floors: dict) -> list[tuple[str, float, float | None, 
 
     add("startup", floors["startup"]["seconds"], "import torch & co. in a fresh process")
     down = floors.get("download", {}).get(row["shape"])
-    if down and "error" not in down:
+    if down and "error" not in down and row["store"] == "s3":  # a pvc:// model is not downloaded
         add("downloadModel", down["seconds"], f"boto3 download, {down['megabytes_per_second']:.0f} MB/s")
     quant = floors.get("quantize", {}).get(row["shape"])
     if quant and "error" not in quant:
-        add("quantize", quant["seconds"], f"read + place + bnb quantize_4bit, {quant['params_per_second'] / 1e9:.2f}B params/s")
+        add("quantize", quant["seconds"], f"read + place + bnb quantize_4bit, {quant['params_per_second'] / 1e6:,.0f}M params/s")
     tok = res.get("tokenize_floor")
     if tok:
         add("tokenize", tok["seconds"], "batched fast-tokenizer pass")
