@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The config is checked before torch is imported: a bad spec fails in a second.
         cfg = load_run_config(args.config)
-        phases = PhaseClock(reporter)
+        # Under torchrun rank 0 alone prints phase lines (sft.main silences the others once it knows the world).
+        phases = PhaseClock(reporter if os.environ.get("RANK", "0") == "0" else None)
         with phases.phase("startup"):  # importing torch, transformers, peft, trl: seconds of its own
             from pathlib import Path
 
