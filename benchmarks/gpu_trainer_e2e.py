@@ -226,6 +226,7 @@ def run(args) -> int:
     server.stop()
 
     metrics = json.loads((adapter / "metrics.json").read_text())
+    trainer_phases = json.loads((adapter / "training_config.json").read_text()).get("phases", {})
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     rows = [
         ("device", gpu),
@@ -247,6 +248,8 @@ def run(args) -> int:
         ("adapter from S3 on 4-bit base: eval loss", f"{reload_4bit:.4f} (trainer said {result.eval_loss_after:.4f})"),
         ("adapter from S3 on bf16 base: eval loss", f"{reload_bf16:.4f} (bf16 base alone {base_bf16:.4f})"),
         ("phase seconds", ", ".join(f"{k} {v}" for k, v in timings.items())),
+        ("trainer phases (training_config.json), s", ", ".join(
+            f"{k} {trainer_phases['byPhase'][k]['seconds']:.1f}" for k in trainer_phases.get("order", []))),
     ]
     # The training loss must fall with the eval loss: a training forward that missed the optimizer's
     # updates once reported a flat training loss beside a falling eval loss.

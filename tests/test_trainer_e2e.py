@@ -42,8 +42,8 @@ def test_result_reports_a_lower_eval_loss_in_the_termination_message(trained):
 
 
 def test_stdout_holds_only_progress_lines_at_the_logging_steps(trained):
-    assert trained.stdout, "no progress reported"
-    for line in trained.stdout:  # exactly TrainerProgressLine JSON, nothing else
+    assert trained.stdout_reports, "no progress reported"
+    for line in trained.stdout_reports:  # exactly TrainerProgressLine JSON, nothing else but phase lines
         parsed = TrainerProgressLine.parse(line)
         assert parsed is not None, line
         assert line == parsed.model_dump_json(by_alias=True, exclude_none=True)
@@ -88,6 +88,51 @@ def test_manifest_is_written_last_and_matches_every_object(trained, s3):  # noqa
     assert config["resolved"]["acceleration"]["path"] == "plain"  # the spec asked for fused: no plan on a CPU
     assert config["resolved"]["batchSize"] == spec_training["batchSize"]
     assert config["resolved"]["gradientAccumulationSteps"] == spec_training["gradientAccumulationSteps"]
+
+
+def test_phases_account_for_the_run_in_stdout_and_training_config(trained, s3, tiny_model_dir,  # noqa: F811
+                                                                  colour_data):  # noqa: F811
+    prefix = "adapters/team-a/colours/run-e2e/"
+    phases = json.loads(s3.get("adapters", prefix + "training_config.json"))["phases"]
+    metrics = json.loads(s3.get("adapters", prefix + "metrics.json"))
+    by = phases["byPhase"]
+    assert phases["order"] == ["startup", "checkStorage", "downloadData", "downloadModel", "tokenize", "planMemory",
+                               "quantize", "prepareAdapter", "restoreCheckpoint", "buildTrainer", "evalBefore",
+                               "evalDuring", "checkpointUpload", "train", "evalAfter", "saveAdapter",
+                               "exportMerged", "publish"]
+    assert all(p["seconds"] > 0 for p in by.values()), by
+    # The top-level phases cover the run: outside them only the interpreter's start, reading the
+    # config and the last small writes (config, metrics, manifest, termination message).
+    top = sum(p["seconds"] for p in by.values() if "inside" not in p)
+    assert top == pytest.approx(phases["topLevelSeconds"], abs=1e-3)
+    assert 0.9 * trained.wall_seconds < top < trained.wall_seconds, (top, trained.wall_seconds)
+    # Checkpoints at steps 20 and 40 and evaluations at 20 and 40 happen inside the training phase.
+    assert by["checkpointUpload"]["inside"] == by["evalDuring"]["inside"] == "train"
+    assert by["checkpointUpload"]["count"] == by["evalDuring"]["count"] == 2
+    assert by["checkpointUpload"]["seconds"] + by["evalDuring"]["seconds"] < by["train"]["seconds"]
+    # Quantities and rates are the run's own (the model's bytes: the files the trainer downloads).
+    from qlora_trainer.model_loading import _MODEL_FILE_SUFFIXES
+
+    model_bytes = sum(p.stat().st_size for p in tiny_model_dir.iterdir() if p.name.endswith(_MODEL_FILE_SUFFIXES))
+    assert by["downloadModel"]["bytes"] == model_bytes
+    assert by["downloadModel"]["megabytesPerSecond"] == pytest.approx(
+        model_bytes / 1e6 / by["downloadModel"]["seconds"], rel=0.01)
+    data_bytes = sum(len(s3.get("datasets", f"colours/{n}.jsonl")) for n in ("train", "eval"))
+    assert by["downloadData"]["bytes"] == data_bytes
+    assert by["quantize"]["params"] > 0 and by["quantize"]["paramsPerSecond"] > 0
+    assert by["train"]["tokens"] == metrics["train_tokens_this_attempt"]
+    published = {f.path: f.size for f in trained.termination.result.files}
+    assert by["publish"]["bytes"] == sum(size for path, size in published.items()
+                                         if path not in ("training_config.json", "metrics.json"))
+    # The whole eval split is under the default bound: every row is scored, before and after.
+    assert by["evalBefore"]["rows"] == by["evalAfter"]["rows"] == metrics["eval_rows"] == metrics["eval_rows_scored"]
+    # stdout: one valid phase line per phase as it ended, nested ones each time they ran.
+    lines = [line for line in trained.stdout if line not in trained.stdout_reports]
+    assert [p.phase for p in trained.phases].count("checkpointUpload") == 2
+    assert {p.phase for p in trained.phases} == set(by)
+    for line, parsed in zip(lines, trained.phases):
+        assert line == parsed.model_dump_json(by_alias=True, exclude_none=True)
+    assert sum(1 for line in trained.stderr if " phase " in line) == len(trained.phases)
 
 
 def _download(s3, prefix, dest):  # noqa: F811
@@ -143,7 +188,8 @@ def test_a_rerun_of_a_published_run_reports_it_without_training(trained, s3, tin
     config = json.loads(trained.config_path.read_text())
     again = run_trainer(tmp_path, config, trainer_env(s3))
     assert again.proc.returncode == 0, again.log_tail()
-    assert again.stdout == []  # no training happened
+    assert again.stdout_reports == []  # no training happened
+    assert [p.phase for p in again.phases] == ["startup", "checkStorage"]
     assert again.termination.result.manifest_sha256 == trained.termination.result.manifest_sha256
     assert any("already published" in line for line in again.stderr)
 

@@ -8,6 +8,7 @@ from qlora_api.meta import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, SINGUL
 from qlora_api.protocol import (
     ExitCode,
     TrainerError,
+    TrainerPhaseLine,
     TrainerProgressLine,
     TrainerResultMessage,
     TrainerRunConfig,
@@ -39,6 +40,7 @@ __all__ = [
     "QLoRAJobStatus",
     "Reason",
     "TrainerError",
+    "TrainerPhaseLine",
     "TrainerProgressLine",
     "TrainerResultMessage",
     "TrainerRunConfig",

@@ -72,6 +72,40 @@ class TrainerProgressLine(TrainingProgress):
             return None
 
 
+class TrainerPhaseLine(ApiModel):
+    """A phase of the run that just ended, as printed on stdout: {"event": "phase", ...}.
+
+    The time outside training, one line per phase (download, quantize, tokenize, evaluation,
+    checkpoint upload, publish); the same numbers are in the published training_config.json under
+    `phases`. Readers of progress lines skip these (TrainerProgressLine.parse returns None).
+    """
+
+    event: Literal["phase"] = "phase"
+    phase: str = Field(pattern=r"^[a-z][A-Za-z0-9]*$", description="camelCase, e.g. downloadModel, evalBefore.")
+    seconds: float = Field(ge=0)
+    inside: str | None = Field(None, description="The enclosing phase (checkpointUpload runs inside train).")
+    bytes: int | None = Field(None, ge=0)
+    megabytes_per_second: float | None = None
+    params: int | None = Field(None, ge=0)
+    params_per_second: float | None = None
+    tokens: int | None = Field(None, ge=0)
+    tokens_per_second: float | None = None
+    rows: int | None = Field(None, ge=0)
+
+    @staticmethod
+    def parse(line: str) -> "TrainerPhaseLine | None":
+        line = line.strip()
+        if not (line.startswith("{") and '"phase"' in line):
+            return None
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict) or data.get("event") != "phase":
+                return None
+            return TrainerPhaseLine.model_validate(data)
+        except ValueError:
+            return None
+
+
 class TrainerResultMessage(ApiModel):
     """The termination message of a trainer that published its adapter."""
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_api import TrainerProgressLine
+from qlora_api import TrainerPhaseLine, TrainerProgressLine
 from qlora_api.protocol import parse_termination_message
 
 from trainer_fixtures.s3_server import S3Server
@@ -68,6 +68,8 @@ class TrainerProcess:
         self.termination_log = self.workdir / "termination-log"
         self.config_path.write_text(json.dumps(self.config) if isinstance(self.config, dict) else self.config)
         self.termination_log.unlink(missing_ok=True)
+        self.started = time.monotonic()
+        self.wall_seconds: float | None = None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qlora_trainer", *self.extra_args, "--config", str(self.config_path),
              "--termination-log", str(self.termination_log), "--workdir", str(self.workdir / "scratch")],
@@ -85,6 +87,7 @@ class TrainerProcess:
 
     def wait(self, timeout: float = 300) -> int:
         rc = self.proc.wait(timeout=timeout)
+        self.wall_seconds = self.wall_seconds or time.monotonic() - self.started
         for r in self._readers:
             r.join(timeout=10)
         return rc
@@ -102,6 +105,15 @@ class TrainerProcess:
     @property
     def progress(self) -> list[TrainerProgressLine]:
         return [p for p in (TrainerProgressLine.parse(line) for line in list(self.stdout)) if p is not None]
+
+    @property
+    def phases(self) -> list[TrainerPhaseLine]:
+        return [p for p in (TrainerPhaseLine.parse(line) for line in list(self.stdout)) if p is not None]
+
+    @property
+    def stdout_reports(self) -> list[str]:
+        """stdout without the phase lines: the progress reports (and anything that should not be there)."""
+        return [line for line in list(self.stdout) if TrainerPhaseLine.parse(line) is None]
 
     @property
     def termination(self):

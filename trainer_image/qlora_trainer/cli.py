@@ -18,6 +18,7 @@ from qlora_api.protocol import CONFIG_PATH, TERMINATION_MESSAGE_PATH
 from qlora_trainer.config import load_run_config
 from qlora_trainer.errors import classify, interrupted
 from qlora_trainer.launcher import RANK_DONE, rank_message_path
+from qlora_trainer.phases import PhaseClock
 from qlora_trainer.reporting import (
     ProgressReporter,
     claim_stdout,
@@ -57,14 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The config is checked before torch is imported: a bad spec fails in a second.
         cfg = load_run_config(args.config)
-        from pathlib import Path
+        # Under torchrun rank 0 alone prints phase lines (sft.main silences the others once it knows the world).
+        phases = PhaseClock(reporter if os.environ.get("RANK", "0") == "0" else None)
+        with phases.phase("startup"):  # importing torch, transformers, peft, trl: seconds of its own
+            from pathlib import Path
 
-        from qlora_trainer import sft
-        from qlora_trainer.training_loop import Interruption
+            from qlora_trainer import sft
+            from qlora_trainer.training_loop import Interruption
 
         interruption = Interruption()
         _handle_sigterm(interruption)
-        result = sft.main(cfg, reporter, interruption, Path(args.workdir) if args.workdir else None)
+        result = sft.main(cfg, reporter, interruption, Path(args.workdir) if args.workdir else None, phases)
         if result is None:  # a rank other than 0: rank 0 published and reports
             write_termination_message(args.termination_log, RANK_DONE)
             return int(ExitCode.OK)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qlora_api import PublishedFile, TrainingResult
 
+from qlora_trainer.phases import PhaseClock
 from qlora_trainer.storage import S3Storage, S3Uri
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,19 @@ def files_under(folder: Path, prefix: str = "") -> dict[str, Path]:
     return {prefix + str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def upload_with_manifest(storage: S3Storage, root: S3Uri, files: dict[str, Path], extra: dict) -> tuple[bytes, list[PublishedFile]]:
-    """Upload the files, then the manifest; return the manifest's bytes and its file entries."""
+def upload_files(storage: S3Storage, root: S3Uri, files: dict[str, Path]) -> list[PublishedFile]:
+    """Upload the files (no manifest); return their entries for upload_with_manifest's `uploaded`."""
     entries = describe_files(files)
     for entry in entries:
         storage.upload_file(files[entry.path], root.join(entry.path))
+    return entries
+
+
+def upload_with_manifest(storage: S3Storage, root: S3Uri, files: dict[str, Path], extra: dict,
+                         uploaded: list[PublishedFile] = ()) -> tuple[bytes, list[PublishedFile]]:
+    """Upload the files, then the manifest (which lists `uploaded` too: files already sent by
+    upload_files); return the manifest's bytes and its file entries."""
+    entries = sorted([*uploaded, *upload_files(storage, root, files)], key=lambda e: e.path)
     manifest = {**extra, "files": [e.model_dump() for e in entries]}
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
     storage.put_bytes(body, root.join(MANIFEST))
@@ -119,25 +128,33 @@ def publish(
     metrics: dict,
     result: TrainingResult,
     merged_dir: Path | None = None,
+    phases: PhaseClock | None = None,
 ) -> TrainingResult:
-    """Upload adapter, tokenizer, config, metrics (and the merged model); the manifest goes last."""
+    """Upload adapter, tokenizer (and the merged model), then config and metrics; the manifest goes
+    last. The bulk goes first so that the config's `phases` section can hold the upload's time."""
+    phases = phases or PhaseClock()
     adapter_config = point_adapter_at_base(adapter_dir, result.base_model or "", result.base_model_revision)
     facts = adapter_facts(adapter_config)
-    staging = adapter_dir.parent / "publish-extra"
-    staging.mkdir(parents=True, exist_ok=True)
-    (staging / CONFIG).write_text(json.dumps(resolved_config, indent=2, sort_keys=True))
-    (staging / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    files = {**files_under(adapter_dir), **files_under(staging)}
+    files = files_under(adapter_dir)
     merged = {}
     if merged_dir is not None:
         merged = {"merged_model_uri": f"{run.uri}{MERGED}/", "merged_model_manifest_uri": str(run.root.join(MERGED, MANIFEST)),
                   "merged_model_manifest_sha256": write_merged_manifest(merged_dir)}
         files.update(files_under(merged_dir, f"{MERGED}/"))
+    with phases.phase("publish") as phase:
+        uploaded = upload_files(storage, run.root, files)
+        phase.bytes = sum(e.size for e in uploaded)
+    staging = adapter_dir.parent / "publish-extra"
+    staging.mkdir(parents=True, exist_ok=True)
+    # Everything after this point (two small files and the manifest) takes milliseconds.
+    (staging / CONFIG).write_text(json.dumps({**resolved_config, "phases": phases.summary()}, indent=2,
+                                             sort_keys=True))
+    (staging / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     serving = {"baseModel": result.base_model, "baseModelRevision": result.base_model_revision,
                "loraRank": facts["lora_rank"], "loraAlpha": facts["lora_alpha"], "targetModules": facts["target_modules"],
                **({"mergedModelManifestSha256": merged["merged_model_manifest_sha256"]} if merged else {})}
     body, entries = upload_with_manifest(
-        storage, run.root, files, {"adapterUri": run.uri, **serving, "metrics": metrics},
+        storage, run.root, files_under(staging), {"adapterUri": run.uri, **serving, "metrics": metrics}, uploaded,
     )
     log.info("published %d files (%.1f MB) to %s", len(entries), sum(e.size for e in entries) / 1e6, run.uri)
     return result.model_copy(update={

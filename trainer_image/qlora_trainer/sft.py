@@ -27,6 +27,7 @@ from qlora_trainer.acceleration import trainer_hooks
 from qlora_trainer.checkpoints import CheckpointStore
 from qlora_trainer.errors import interrupted
 from qlora_trainer.merged_export import export_merged
+from qlora_trainer.phases import PhaseClock, folder_bytes
 from qlora_trainer.publishing import RunLocation
 from qlora_trainer.reporting import ProgressReporter
 from qlora_trainer.storage import S3Storage
@@ -36,17 +37,20 @@ log = logging.getLogger("qlora_trainer")
 
 
 def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interruption | None = None,
-         workdir: Path | None = None) -> TrainingResult | None:
+         workdir: Path | None = None, phases: PhaseClock | None = None) -> TrainingResult | None:
     world = distributed.World.from_env()
+    phases = phases or PhaseClock(reporter)
+    if not world.is_main:
+        phases.reporter = None  # rank 0 alone prints on stdout (its log lines stay)
     distributed.join(world)
     try:
-        return _run(cfg, reporter, interruption or Interruption(), workdir, world)
+        return _run(cfg, reporter, interruption or Interruption(), workdir, world, phases)
     finally:
         distributed.leave(world)
 
 
 def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interruption, workdir: Path | None,
-         world: distributed.World) -> TrainingResult | None:
+         world: distributed.World, phases: PhaseClock) -> TrainingResult | None:
     # Each rank trains its share of the spec's effective batch (distributed.per_rank_training).
     spec = cfg.spec.model_copy(update={"training": distributed.per_rank_training(cfg.spec.training, world)})
     workdir = workdir / f"rank-{world.rank}" if workdir and world.distributed else workdir
@@ -55,67 +59,101 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
              world.describe(), workdir)
 
     # Storage first: an unreachable or refusing S3 fails the run in seconds, not after model loading.
-    storage = S3Storage(spec.output)
-    storage.check_bucket(spec.output.bucket)
-    run = RunLocation.of(spec.output.bucket, spec.output.prefix, cfg.namespace, cfg.name, cfg.run_id)
-    # Rank 0 decides for everyone: ranks that looked on their own could see different answers.
-    if (done := distributed.broadcast(publishing.already_published(storage, run) if world.is_main else None,
-                                      world)) is not None:
+    with phases.phase("checkStorage"):
+        storage = S3Storage(spec.output)
+        storage.check_bucket(spec.output.bucket)
+        run = RunLocation.of(spec.output.bucket, spec.output.prefix, cfg.namespace, cfg.name, cfg.run_id)
+        # Rank 0 decides for everyone: ranks that looked on their own could see different answers.
+        done = distributed.broadcast(publishing.already_published(storage, run) if world.is_main else None, world)
+    if done is not None:
         log.info("%s is already published (an earlier attempt finished); reporting it", run.uri)
         return done if world.is_main else None
 
     # Data: checked record by record before the model is downloaded.
-    records = data.load_records(spec.dataset, storage, workdir, spec.training.seed)
-    model_files = model_loading.fetch_model(spec.model, storage, workdir)
-    tokenizer = model_loading.load_tokenizer(model_files, spec.model.trust_remote_code)
-    train_rows = data.build_examples(records.train, tokenizer, spec.training, "train")
-    eval_rows = data.build_examples(records.eval, tokenizer, spec.training, "eval") if records.eval else []
+    with phases.phase("downloadData") as phase:
+        records = data.load_records(spec.dataset, storage, workdir, spec.training.seed)
+        phase.bytes = sum(folder_bytes(workdir / d) for d in ("data", "eval-data") if (workdir / d).exists())
+        phase.rows = len(records.train) + len(records.eval)
+    with phases.phase("downloadModel") as phase:
+        model_files = model_loading.fetch_model(spec.model, storage, workdir)
+        if Path(model_files.path).exists():
+            phase.bytes = folder_bytes(model_files.path)
+    with phases.phase("tokenize") as phase:
+        tokenizer = model_loading.load_tokenizer(model_files, spec.model.trust_remote_code)
+        train_rows = data.build_examples(records.train, tokenizer, spec.training, "train")
+        eval_rows = data.build_examples(records.eval, tokenizer, spec.training, "eval") if records.eval else []
+        phase.tokens = sum(len(r.input_ids) for r in (*train_rows, *eval_rows))
+        phase.rows = len(train_rows) + len(eval_rows)
+    # Every evaluation scores the same bounded sample (spec.training.evalMaxTokens).
+    eval_scored = evaluation.eval_sample(eval_rows, spec.training.eval_max_tokens, spec.training.seed)
 
     # Model: the 4-bit base with a fresh adapter (LoRA B starts at zero, so this is still the base).
     # Memory plan for this GPU before any weights load (a job that cannot fit stops here), and the
     # fast path once the adapter is on: the Trainer runs the plan's micro-batch/accumulation.
     # Each rank plans for its own GPU (the per-rank batch) and loads its own copy onto it.
-    plan = trainer_hooks.plan_before_loading(model_files.path, spec, device=world.local_rank)
+    with phases.phase("planMemory"):
+        plan = trainer_hooks.plan_before_loading(model_files.path, spec, device=world.local_rank)
     set_seed(spec.training.seed)
     dtype = model_loading.compute_dtype(spec.quantization)
-    model = model_loading.load_quantized_model(model_files, spec.model, spec.quantization, spec.training,
-                                               device_map=distributed.device_map(world))
-    model = model_loading.add_adapter(model, spec.lora)
-    planned = trainer_hooks.accelerate(model, plan, spec.training, data_parallel=world.distributed)
+    with phases.phase("quantize") as phase:  # read the weights, quantize to 4 bits, place on the GPU
+        model = model_loading.load_quantized_model(model_files, spec.model, spec.quantization, spec.training,
+                                                   device_map=distributed.device_map(world))
+        phase.params = sum(p.numel() for p in model.parameters())
+        phase.bytes = folder_bytes(model_files.path) if Path(model_files.path).exists() else None
+    with phases.phase("prepareAdapter"):
+        model = model_loading.add_adapter(model, spec.lora)
+        planned = trainer_hooks.accelerate(model, plan, spec.training, data_parallel=world.distributed)
 
     # Train, resuming from the newest complete checkpoint of an earlier attempt: rank 0 picks it
     # (checked against its manifest) and every other rank downloads that same step.
     store = CheckpointStore(storage, run.checkpoints)
-    restored = store.restore_latest(workdir / "trainer") if world.is_main else None
-    resumed_from = distributed.broadcast(restored[1] if restored else None, world)
-    resume_dir = restored[0] if restored else (
-        store.restore(resumed_from, workdir / "trainer") if resumed_from is not None else None)
+    with phases.phase("restoreCheckpoint") as phase:
+        restored = store.restore_latest(workdir / "trainer") if world.is_main else None
+        resumed_from = distributed.broadcast(restored[1] if restored else None, world)
+        resume_dir = restored[0] if restored else (
+            store.restore(resumed_from, workdir / "trainer") if resumed_from is not None else None)
+        phase.bytes = folder_bytes(resume_dir) if resume_dir else 0
     if resumed_from is not None and resume_dir is None:
         raise interrupted(f"rank {world.rank} could not read checkpoint step {resumed_from}; the group restarts")
     if resumed_from:
         log.info("resuming from checkpoint step %d (%s)", resumed_from, store.folder(resumed_from))
-    trainer = training_loop.build_trainer(model, tokenizer, train_rows, eval_rows, planned,
-                                          workdir / "trainer", dtype, reporter, store, interruption, world)
+    with phases.phase("buildTrainer"):
+        trainer = training_loop.build_trainer(model, tokenizer, train_rows, eval_scored, planned,
+                                              workdir / "trainer", dtype, reporter, store, interruption, world,
+                                              phases)
     collator = trainer.data_collator
-    loss_before = evaluation.eval_loss(model, eval_rows, collator, spec.training.batch_size, dtype)
-    outcome = training_loop.train(trainer, resume_dir, interruption)
+    counted_before, counted_after = {}, {}
+    with phases.phase("evalBefore") as phase:
+        loss_before = evaluation.eval_loss(model, eval_scored, collator, spec.training.batch_size, dtype,
+                                           counted_before)
+        phase.tokens, phase.rows = counted_before.get("tokens"), counted_before.get("rows")
+    with phases.phase("train") as phase:
+        outcome = training_loop.train(trainer, resume_dir, interruption)
+        phase.tokens = outcome.tokens
     if outcome.interrupted:
         raise interrupted(f"stopped by SIGTERM at step {outcome.steps}; the newest checkpoint is in {run.checkpoints}")
     if not world.is_main:
         return None  # one publisher: rank 0
-    loss_after = evaluation.eval_loss(model, eval_rows, collator, spec.training.batch_size, dtype)
+    with phases.phase("evalAfter") as phase:
+        loss_after = evaluation.eval_loss(model, eval_scored, collator, spec.training.batch_size, dtype,
+                                          counted_after)
+        phase.tokens, phase.rows = counted_after.get("tokens"), counted_after.get("rows")
     log.info("eval loss %s -> %s", _fmt(loss_before), _fmt(loss_after))
 
     # Publish: adapter + tokenizer, the resolved config and metrics; manifest last.
     adapter_dir = workdir / "adapter"
-    model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
+    with phases.phase("saveAdapter") as phase:
+        model.save_pretrained(str(adapter_dir))
+        tokenizer.save_pretrained(str(adapter_dir))
+        phase.bytes = folder_bytes(adapter_dir)
     del trainer, model
     gc.collect()
-    merged_dir = (
-        export_merged(model_files.path, adapter_dir, workdir / "merged", tokenizer, spec.model.trust_remote_code)
-        if spec.output.merged_export else None
-    )
+    merged_dir = None
+    if spec.output.merged_export:
+        with phases.phase("exportMerged") as phase:
+            merged_dir = export_merged(model_files.path, adapter_dir, workdir / "merged", tokenizer,
+                                       spec.model.trust_remote_code)
+            phase.bytes = folder_bytes(merged_dir)
     metrics = {
         "eval_loss_before": loss_before,
         "eval_loss_after": loss_after,
@@ -132,6 +170,10 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
         "peak_gpu_memory_gib": outcome.peak_gpu_memory_gib,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
+        # what each evaluation scored: a sample of at most evalMaxTokens tokens (0: every row)
+        "eval_rows_scored": counted_after.get("rows", 0),
+        "eval_tokens_scored": counted_after.get("tokens", 0),
+        "eval_max_tokens": spec.training.eval_max_tokens,
     }
     result = TrainingResult(
         adapter_uri=run.uri,
@@ -141,7 +183,7 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
                                     "perplexity_after", "train_seconds", "resumed_from_step")},
     )
     return publishing.publish(storage, run, adapter_dir, resolved_config(cfg, dtype, planned, plan, world), metrics,
-                              result, merged_dir)
+                              result, merged_dir, phases)
 
 
 def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, plan=None,

@@ -21,6 +21,7 @@ from trl import SFTConfig, SFTTrainer
 from qlora_trainer import distributed, evaluation
 from qlora_trainer.checkpoints import CheckpointStore
 from qlora_trainer.data import Collator, Example, to_dataset
+from qlora_trainer.phases import PhaseClock, folder_bytes
 from qlora_trainer.reporting import ProgressReporter, summary
 
 log = logging.getLogger(__name__)
@@ -159,13 +160,18 @@ class ProgressReport(TrainerCallback):
 class EvalCallback(TrainerCallback):
     """Eval loss every evalSteps (token-weighted, evaluation.py), shown in the next progress line."""
 
-    def __init__(self, every: int, rows: list[Example], collator: Collator, batch_size: int, dtype, progress):
+    def __init__(self, every: int, rows: list[Example], collator: Collator, batch_size: int, dtype, progress,
+                 phases: PhaseClock | None = None):
         self.every, self.rows, self.collator, self.batch_size, self.dtype = every, rows, collator, batch_size, dtype
         self.progress = progress
+        self.phases = phases or PhaseClock()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.rows and state.global_step % self.every == 0:
-            loss = evaluation.eval_loss(model, self.rows, self.collator, self.batch_size, self.dtype)
+            counted = {}
+            with self.phases.phase("evalDuring") as phase:
+                loss = evaluation.eval_loss(model, self.rows, self.collator, self.batch_size, self.dtype, counted)
+                phase.tokens, phase.rows = counted.get("tokens"), counted.get("rows")
             self.progress.eval_loss = loss
             log.info("step %d: eval loss %.4f", state.global_step, loss)
 
@@ -177,9 +183,11 @@ class CheckpointUpload(TrainerCallback):
     the Trainer writes into that rank's local folder) travels to rank 0 first, so a resumed group
     draws the same dropout masks as one that never stopped."""
 
-    def __init__(self, store: CheckpointStore, world: distributed.World = distributed.ONE_PROCESS):
+    def __init__(self, store: CheckpointStore, world: distributed.World = distributed.ONE_PROCESS,
+                 phases: PhaseClock | None = None):
         self.store = store
         self.world = world
+        self.phases = phases or PhaseClock()
 
     def on_save(self, args, state, control, **kwargs):
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -192,7 +200,9 @@ class CheckpointUpload(TrainerCallback):
                 if body is not None and not (local / f"rng_state_{rank}.pth").exists():
                     (local / f"rng_state_{rank}.pth").write_bytes(body)
         if local.is_dir():
-            self.store.save(local, state.global_step)
+            with self.phases.phase("checkpointUpload") as phase:
+                self.store.save(local, state.global_step)
+                phase.bytes = folder_bytes(local)
 
 
 class StopOnInterruption(TrainerCallback):
@@ -239,14 +249,14 @@ def peak_flops(dtype: torch.dtype) -> float | None:
 
 def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, output_dir: Path, dtype,
                   reporter: ProgressReporter, store: CheckpointStore | None, interruption: Interruption,
-                  world: distributed.World = distributed.ONE_PROCESS):
+                  world: distributed.World = distributed.ONE_PROCESS, phases: PhaseClock | None = None):
     collator = Collator(tokenizer.pad_token_id, packed=spec.packing)
     progress = ProgressReport(reporter, linear_flops_per_token(model), peak_flops(dtype), world)
     callbacks = [progress, StopOnInterruption(interruption, store is not None, world)]
     if store is not None:
-        callbacks.append(CheckpointUpload(store, world))
+        callbacks.append(CheckpointUpload(store, world, phases))
     if spec.eval_steps and eval_rows:
-        callbacks.append(EvalCallback(spec.eval_steps, eval_rows, collator, spec.batch_size, dtype, progress))
+        callbacks.append(EvalCallback(spec.eval_steps, eval_rows, collator, spec.batch_size, dtype, progress, phases))
     trainer = SFTTrainer(
         model=model,
         args=sft_config(spec, output_dir, dtype, checkpoints=store is not None and spec.checkpoint_steps > 0),

@@ -1,0 +1,528 @@
+"""The real trainer CLI against the benchmark's fast path and against floors, in one device call.
+
+For each row (the benchmark's shapes: Qwen2.5-1.5B at 2048 x 8 on fixed-length rows and on packed
+variable-length records, Qwen2.5-7B and Llama-3-8B at 1024 x 4) it measures, in the same call:
+- the trainer CLI (`python -m qlora_trainer`, what a QLoRAJob runs): steady tokens/s (mean of its
+  progress reports after the first) and its phases (TrainerPhaseLine on stdout);
+- the benchmark's own fast-path number for the row (speed_vs_unsloth.run_fixed / run_varlen, engine
+  `ours`, in a process of its own): target CLI >= 95% of it;
+- floors for the phases outside training: the store's download bandwidth (boto3 in another process,
+  the trainer's transfer settings, same server, same disk), its upload bandwidth (the base's upload),
+  bitsandbytes' quantization rate (every linear weight read from the checkpoint, moved to the
+  device and quantized with quantize_4bit, nothing else), the import time of torch & co., and a
+  batched tokenizer pass over the same texts: target each phase within 1.5x its floor.
+
+No full bf16 checkpoint is ever held in memory: random weights are drawn one decoder layer at a time
+(on the GPU when there is one) and written as one safetensors shard per layer with an index. The
+1.5B model of the first row goes through the S3 server (moto, in this process) so that the download
+phase is real; the other rows read their model from a local folder as a pvc:// model (no download
+phase), which keeps the call inside its 600 s. Rows that no longer fit the budget are reported as
+skipped: run them with --only in a second call.
+
+    # here: the wheels the GPU machine lacks (into .whl/trainer/), as for gpu_trainer_e2e.py
+    python benchmarks/gpu_trainer_e2e.py wheels
+    # on the GPU machine, one call (carry .whl):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
+        --target /tmp/site .whl/trainer/*.whl
+    PYTHONPATH=/tmp/site python3 benchmarks/trainer_cli_speed.py --out $OUT
+    # a rehearsal of every step on a CPU with a tiny shape (seconds):
+    python benchmarks/trainer_cli_speed.py --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for folder in ("operator", "trainer_image", "tests", "benchmarks"):
+    sys.path.insert(0, str(REPO / folder))
+
+ROOT = Path("/dev/shm/qlora-cli-bench") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir()) / "qlora-cli-bench"
+CLAIM = "models"  # pvc://models/<shape>: QLORA_PVC_ROOT is ROOT, so the folder is ROOT/models/<shape>
+TARGET_SPEED = 0.95
+TARGET_PHASE = 1.5
+
+TINY = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+        "max_position_embeddings": 4096, "tie_word_embeddings": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
+        "hidden_act": "silu"}
+# name: the benchmark's row (speed_vs_unsloth.ROWS, or "varlen"), shape, sequence length, batch, accumulation,
+# data (fixed: every record exactly seq tokens; varlen: the benchmark's length mix, packed), model store
+ROWS = {
+    "1.5b-2048": dict(bench="1.5b-2048", shape="qwen2.5-1.5b", seq=2048, batch=8, accum=1, data="fixed", store="s3"),
+    "varlen": dict(bench="varlen", shape="qwen2.5-1.5b", seq=2048, batch=8, accum=2, data="varlen", store="pvc"),
+    "7b-1024": dict(bench="7b-1024", shape="qwen2.5-7b", seq=1024, batch=4, accum=1, data="fixed", store="pvc"),
+    "8b-1024": dict(bench="8b-1024", shape="llama-3-8b", seq=1024, batch=4, accum=1, data="fixed", store="pvc"),
+}
+DRY_ROWS = {
+    "tiny-fixed": dict(bench=None, shape="tiny", seq=64, batch=4, accum=1, data="fixed", store="s3"),
+    "tiny-varlen": dict(bench=None, shape="tiny", seq=64, batch=4, accum=2, data="varlen", store="pvc"),
+}
+
+
+def shapes() -> dict:
+    from speed_vs_unsloth import SHAPES
+
+    return {**SHAPES, "tiny": TINY}
+
+
+# -- the checkpoint, one layer at a time -------------------------------------------------------------------
+
+
+def write_checkpoint(shape: str, folder: Path) -> None:
+    """Random bf16 weights of the shape, one safetensors shard per decoder layer (plus one for the
+    embeddings and one for the head and final norm), with the index transformers reads."""
+    import torch
+    from safetensors.torch import save_file
+    from trainer_fixtures.tiny_model import build_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (folder / ".done").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder)
+    cfg = dict(shapes()[shape], dtype="bfloat16", bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    groups: dict[str, list[tuple[str, torch.Size]]] = {}
+    for key, p in meta.state_dict().items():
+        if config.tie_word_embeddings and key == "lm_head.weight":
+            continue
+        parts = key.split(".")
+        group = f"layer{int(parts[2]):03d}" if parts[:2] == ["model", "layers"] else (
+            "embed" if "embed_tokens" in key else "head")
+        groups.setdefault(group, []).append((key, p.shape))
+    del meta
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=device).manual_seed(0)
+    names = sorted(groups)
+    weight_map = {}
+    for i, group in enumerate(names):
+        shard = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        tensors = {}
+        for key, shp in groups[group]:
+            if len(shp) == 1:  # norms (ones) and biases (zeros)
+                t = torch.ones(shp, dtype=torch.bfloat16) if "norm" in key else torch.zeros(shp, dtype=torch.bfloat16)
+            else:
+                t = torch.randn(shp, generator=g, device=device, dtype=torch.bfloat16).mul_(0.02).cpu()
+            tensors[key] = t
+            weight_map[key] = shard
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    (folder / ".done").write_text("ok")
+
+
+# -- floors (each in a process of its own, like the CLI) ------------------------------------------------------
+
+
+def download_floor(endpoint: str, prefix: str, dest: Path) -> dict:
+    """The store's download bandwidth: boto3 with the trainer's transfer settings, file by file."""
+    import boto3
+    from qlora_trainer.storage import TRANSFER
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    objects = s3.list_objects_v2(Bucket="models", Prefix=prefix)["Contents"]
+    t = time.perf_counter()
+    for o in objects:
+        path = dest / o["Key"][len(prefix):]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file("models", o["Key"], str(path), Config=TRANSFER)
+    seconds = time.perf_counter() - t
+    total = sum(o["Size"] for o in objects)
+    shutil.rmtree(dest, ignore_errors=True)
+    return {"seconds": seconds, "bytes": total, "megabytes_per_second": total / 1e6 / seconds}
+
+
+def quantize_floor(folder: Path) -> dict:
+    """bitsandbytes' rate: every weight read from the shards and placed on the device, the linear
+    weights quantized to NF4 with double quantization (what from_pretrained must do at least)."""
+    import bitsandbytes.functional as bnbf
+    import torch
+    from safetensors import safe_open
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    params = 0
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                w = f.get_tensor(key).to(device, non_blocking=False)
+                params += w.numel()
+                if w.dim() == 2 and "embed" not in key and "lm_head" not in key:
+                    bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "params": params, "params_per_second": params / seconds}
+
+
+def import_floor() -> dict:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, transformers, peft, trl, bitsandbytes, datasets, boto3"],
+                   check=True, env=child_env())
+    return {"seconds": time.perf_counter() - t}
+
+
+def tokenize_floor(folder: Path, texts: list[str]) -> dict:
+    """The tokenizer's own batched pass over the same texts (the CLI also checks, truncates and packs)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    t = time.perf_counter()
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "tokens": sum(map(len, encoded))}
+
+
+# -- the benchmark's fast-path number ----------------------------------------------------------------------
+
+
+def fast_path(row: dict, folder: Path) -> dict:
+    """speed_vs_unsloth's own measurement of the row (engine ours) on a GPU; on a CPU (dry run) the
+    plain recipe's steps through the same helpers, so the whole pipeline runs."""
+    import speed_vs_unsloth as svu
+    import torch
+
+    if torch.cuda.is_available() and row["bench"]:
+        svu.SHM = folder.parent  # the benchmark reads SHM/<shape>: our layer-by-layer checkpoint
+        if row["bench"] == "varlen":
+            r = svu.run_varlen({"name": "varlen/ours", "engine": "ours", "row": "varlen"})
+            return {"tokens_per_s": r["useful_tokens_per_s"], "plan": r.get("plan")}
+        r = svu.run_fixed({"name": f"{row['bench']}/ours", "engine": "ours", "row": row["bench"]})
+        return {"tokens_per_s": r["tokens_per_s"], "plan": r.get("plan"), "peak_gib": r.get("peak_gib")}
+    model = svu.load_model("plain", folder, row["seq"], 0.05, device="cpu")
+    params, opt = svu.make_optimizer(model, device="cpu")
+    batches = svu._fixed_batches(model.config.vocab_size, row["batch"], row["seq"], row["accum"])
+    times, _, tokens = svu.train_steps(model, params, opt, batches, 5, device="cpu", autocast=False)
+    return {"tokens_per_s": statistics.median(t / s for t, s in zip(tokens[2:], times[2:])), "plan": "cpu plain"}
+
+
+# -- the CLI run -----------------------------------------------------------------------------------------
+
+
+def texts_for(row: dict, n_steps: int, seed: int) -> list[str]:
+    """Records of words the tokenizer has (one token each): exactly seq tokens with BOS and EOS for
+    fixed rows; the benchmark's length mix for varlen, enough for n_steps of packed rows."""
+    import speed_vs_unsloth as svu
+    from trainer_fixtures.tiny_model import COLOURS, FILLER, THINGS
+
+    words = THINGS + COLOURS + FILLER
+    rng = random.Random(seed)
+    if row["data"] == "fixed":
+        lengths = [row["seq"] - 2] * (n_steps * row["batch"] * row["accum"])
+    else:
+        need = n_steps * row["batch"] * row["accum"] * row["seq"]
+        lengths, total, k = [], 0, 0
+        while total < need:
+            if row["seq"] >= 2048:  # the benchmark's own mix (85% short, 15% up to 2048)
+                more = svu._varlen_lengths(256, seed=seed + k, max_len=row["seq"])
+            else:  # a tiny shape (dry run): uniform up to the row length
+                more = [rng.randint(8, row["seq"]) for _ in range(256)]
+            lengths += [n - 2 for n in more]
+            total, k = sum(lengths), k + 1
+    return [" ".join(rng.choice(words) for _ in range(n)) for n in lengths]
+
+
+def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int, work: Path) -> dict:
+    from qlora_api import TrainerPhaseLine, TrainerProgressLine
+    from qlora_api.protocol import parse_termination_message
+
+    train = texts_for(row, steps, seed=0)
+    held_out = texts_for(row, 1, seed=1)[:48]
+    for key, texts in (("train", train), ("eval", held_out)):
+        body = "\n".join(json.dumps({"text": t}) for t in texts).encode()
+        s3.put_object(Bucket="datasets", Key=f"{name}/{key}.jsonl", Body=body)
+    config = {
+        "namespace": "bench", "name": name.replace(".", "-"), "runId": f"cli-{int(time.time())}",
+        "spec": {
+            "model": {"uri": model_uri},
+            "dataset": {"uri": f"s3://datasets/{name}/train.jsonl", "evalUri": f"s3://datasets/{name}/eval.jsonl"},
+            "output": {"bucket": "adapters", "endpointUrl": endpoint, "addressingStyle": "path"},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05,
+                     "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+            "training": {"maxSteps": steps, "learningRate": 2e-4, "batchSize": row["batch"],
+                         "gradientAccumulationSteps": row["accum"], "maxSeqLength": row["seq"],
+                         "packing": row["data"] == "varlen", "loggingSteps": max(1, steps // 6), "warmupSteps": 2,
+                         "checkpointSteps": steps},
+        },
+    }
+    run_dir = work / f"cli-{name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    t = time.perf_counter()
+    with open(run_dir / "stdout.jsonl", "w") as out, open(run_dir / "stderr.log", "w") as err:
+        proc = subprocess.run([sys.executable, "-m", "qlora_trainer", "--config", str(run_dir / "config.json"),
+                               "--termination-log", str(run_dir / "termination-log"), "--workdir", str(run_dir / "work")],
+                              stdout=out, stderr=err, env=child_env(QLORA_PVC_ROOT=str(ROOT)), check=False)
+    wall = time.perf_counter() - t
+    shutil.rmtree(run_dir / "work", ignore_errors=True)
+    termination = run_dir / "termination-log"
+    message = parse_termination_message(termination.read_text() if termination.exists() else None)
+    lines = (run_dir / "stdout.jsonl").read_text().splitlines()
+    progress = [p for p in map(TrainerProgressLine.parse, lines) if p]
+    phases: dict[str, dict] = {}
+    for p in filter(None, map(TrainerPhaseLine.parse, lines)):
+        entry = phases.setdefault(p.phase, {"seconds": 0.0, "count": 0})
+        entry["seconds"] += p.seconds
+        entry["count"] += 1
+        for q in ("bytes", "params", "tokens", "rows"):
+            if getattr(p, q) is not None:
+                entry[q] = entry.get(q, 0) + getattr(p, q)
+    steady = [p.tokens_per_second for p in progress[1:] if p.tokens_per_second] or \
+             [p.tokens_per_second for p in progress if p.tokens_per_second]
+    return {"rc": proc.returncode, "ok": proc.returncode == 0 and message is not None and message.event == "result",
+            "wall_s": round(wall, 2), "steady_tokens_per_s": round(statistics.mean(steady), 1) if steady else None,
+            "reports": [p.tokens_per_second for p in progress], "phases": phases,
+            "train_texts": train, "stderr_tail": (run_dir / "stderr.log").read_text()[-3000:]}
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / f) for f in ("operator", "trainer_image", "tests", "benchmarks")]
+                                        + [p for p in (os.environ.get("PYTHONPATH", ""),) if p])
+    return env
+
+
+def in_child(task: str, *args: str, timeout: float = 300) -> dict:
+    """One measurement in a fresh process (its own CUDA context and imports); the result is its last line."""
+    proc = subprocess.run([sys.executable, __file__, "--task", task, *args], capture_output=True, text=True,
+                          env=child_env(), timeout=timeout, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-1500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def task_main(task: str, args: list[str]) -> None:
+    if task == "checkpoint":
+        write_checkpoint(args[0], Path(args[1]))
+        result = {"ok": True}
+    elif task == "download-floor":
+        result = download_floor(args[0], args[1], Path(args[2]))
+    elif task == "quantize-floor":
+        result = quantize_floor(Path(args[0]))
+    elif task == "fast-path":
+        result = fast_path(json.loads(args[0]), Path(args[1]))
+    else:
+        raise SystemExit(f"unknown task {task}")
+    print(json.dumps(result), flush=True)
+
+
+def drive(opts) -> int:
+    import logging
+
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    rows = DRY_ROWS if opts.dry_run else ROWS
+    chosen = [r for r in rows if not opts.only or r in opts.only.split(",")]
+    steps = opts.steps or (6 if opts.dry_run else 30)
+    out = Path(opts.out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="cli-bench-out-"))
+    out.mkdir(parents=True, exist_ok=True)
+    # The work folder (the CLI's downloads, the floor's download) on the checkpoints' file system.
+    ROOT.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="cli-bench-", dir=str(ROOT)))
+    t0 = time.monotonic()
+    deadline = t0 + opts.budget_s
+
+    # Checkpoints (layer by layer, drawn on the GPU) while the S3 server starts; every timed step
+    # waits for them, so that no measurement shares the GPU, the CPUs or memory bandwidth with them.
+    needed = list(dict.fromkeys(rows[r]["shape"] for r in chosen))
+    writer = subprocess.Popen([sys.executable, __file__, "--task", "checkpoints", ",".join(needed)], env=child_env())
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for bucket in ("models", "datasets", "adapters"):
+        s3.create_bucket(Bucket=bucket)
+
+    t = time.monotonic()
+    try:
+        writer.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass  # the rows whose checkpoint is missing are reported as skipped
+    results = {"rows": {}, "floors": {}, "env": {"python": sys.version.split()[0]},
+               "checkpoints_s": round(time.monotonic() - t0, 1), "waited_for_checkpoints_s": round(time.monotonic() - t, 1)}
+    results["floors"]["startup"] = import_floor()
+    transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
+    uploaded: set[str] = set()
+    quantized: dict[str, dict] = {}
+    for name in chosen:
+        row = rows[name]
+        folder = ROOT / CLAIM / row["shape"]
+        if not (folder / ".done").exists() or time.monotonic() > deadline - 30:
+            results["rows"][name] = {"error": "skipped: checkpoint not ready or out of time"}
+            continue
+        res = {"row": row}
+        if row["store"] == "s3":
+            prefix = f"{row['shape']}/"
+            if row["shape"] not in uploaded:
+                files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+                t = time.perf_counter()
+                for path in files:
+                    s3.upload_file(str(path), "models", prefix + path.name, Config=transfer)
+                seconds = time.perf_counter() - t
+                total = sum(p.stat().st_size for p in files)
+                results["floors"].setdefault("upload", {})[row["shape"]] = {
+                    "seconds": seconds, "bytes": total, "megabytes_per_second": total / 1e6 / seconds}
+                results["floors"].setdefault("download", {})[row["shape"]] = in_child(
+                    "download-floor", endpoint, prefix, str(work / "floor-download"))
+                uploaded.add(row["shape"])
+            model_uri = f"s3://models/{prefix}"
+        else:
+            model_uri = f"pvc://{CLAIM}/{row['shape']}"
+        if row["shape"] not in quantized:
+            quantized[row["shape"]] = in_child("quantize-floor", str(folder))
+        results["floors"].setdefault("quantize", {})[row["shape"]] = quantized[row["shape"]]
+        res["fast_path"] = in_child("fast-path", json.dumps(row), str(folder), timeout=240)
+        cli = run_cli(name, row, model_uri, endpoint, s3, steps, work)
+        res["tokenize_floor"] = tokenize_floor(folder, cli.pop("train_texts"))
+        res["cli"] = cli
+        results["rows"][name] = res
+        print(f"[cli-bench] {time.monotonic() - t0:6.1f}s {name}: cli {cli['steady_tokens_per_s']} tok/s, "
+              f"fast path {_round(res['fast_path'].get('tokens_per_s'))}, rc {cli['rc']}", flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    server.stop()
+    if writer.poll() is None:
+        writer.kill()
+    table, ok = render(results)
+    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(table)
+    if not opts.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    # The dry run checks the machinery (every row ran, every phase has a floor), not CPU speed.
+    return 0 if ok or opts.dry_run and all(r.get("cli", {}).get("ok") for r in results["rows"].values()) else 1
+
+
+def _round(value, digits=1):
+    return round(value, digits) if isinstance(value, (int, float)) else value
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def phase_rows(res: dict, floors: dict) -> list[tuple[str, float, float | None, str]]:
+    """(phase, CLI seconds, floor seconds, what the floor is) for the phases that have one."""
+    row, phases = res["row"], res["cli"]["phases"]
+    out = []
+
+    def add(phase, floor_s, what):
+        if phase in phases:
+            out.append((phase, phases[phase]["seconds"], floor_s, what))
+
+    add("startup", floors["startup"]["seconds"], "import torch & co. in a fresh process")
+    down = floors.get("download", {}).get(row["shape"])
+    if down and "error" not in down and row["store"] == "s3":  # a pvc:// model is not downloaded
+        add("downloadModel", down["seconds"], f"boto3 download, {down['megabytes_per_second']:.0f} MB/s")
+    quant = floors.get("quantize", {}).get(row["shape"])
+    if quant and "error" not in quant:
+        add("quantize", quant["seconds"], f"read + place + bnb quantize_4bit, {quant['params_per_second'] / 1e6:,.0f}M params/s")
+    tok = res.get("tokenize_floor")
+    if tok:
+        add("tokenize", tok["seconds"], "batched fast-tokenizer pass")
+    up = next(iter(floors.get("upload", {}).values()), None)
+    if up:
+        rate = up["bytes"] / up["seconds"]
+        for phase in ("checkpointUpload", "publish"):
+            if phase in phases and phases[phase].get("bytes"):
+                add(phase, phases[phase]["bytes"] / rate, f"bytes at the base's upload rate, {rate / 1e6:.0f} MB/s")
+    return out
+
+
+def render(results: dict) -> tuple[str, bool]:
+    ok = True
+    lines = ["| row | CLI steady tok/s | benchmark fast path tok/s | CLI / fast path | target >= 95% |",
+             "|---|---|---|---|---|"]
+    for name, res in results["rows"].items():
+        if "cli" not in res:
+            lines.append(f"| {name} | - | - | - | {res.get('error', '-')[:80]} |")
+            ok = False
+            continue
+        cli, fast = res["cli"].get("steady_tokens_per_s"), res["fast_path"].get("tokens_per_s")
+        ratio = _ratio(cli, fast)
+        met = ratio is not None and ratio >= TARGET_SPEED and res["cli"]["ok"]
+        ok &= met
+        lines.append(f"| {name} | {cli} | {_round(fast) if fast else res['fast_path'].get('error', '-')[-60:]} | "
+                     f"{f'{ratio:.3f}' if ratio else '-'} | {'met' if met else 'MISSED'} |")
+    lines += ["", "| row | phase | CLI s | floor s | CLI / floor | target <= 1.5x | floor |", "|---|---|---|---|---|---|---|"]
+    for name, res in results["rows"].items():
+        if "cli" not in res:
+            continue
+        for phase, seconds, floor_s, what in phase_rows(res, results["floors"]):
+            ratio = _ratio(seconds, floor_s)
+            met = ratio is not None and ratio <= TARGET_PHASE
+            ok &= met
+            lines.append(f"| {name} | {phase} | {seconds:.2f} | {floor_s:.2f} | {f'{ratio:.2f}x' if ratio else '-'} | "
+                         f"{'met' if met else 'MISSED'} | {what} |")
+    lines += ["", "| row | CLI wall s | train s | outside training s | eval before + after s (share of train) | "
+              "every phase (s) |", "|---|---|---|---|---|---|"]
+    for name, res in results["rows"].items():
+        if "cli" not in res:
+            continue
+        ph = res["cli"]["phases"]
+        train = ph.get("train", {}).get("seconds", 0.0)
+        evals = sum(ph.get(p, {}).get("seconds", 0.0) for p in ("evalBefore", "evalAfter"))
+        every = ", ".join(f"{p} {v['seconds']:.1f}" for p, v in ph.items())
+        lines.append(f"| {name} | {res['cli']['wall_s']} | {train:.1f} | {res['cli']['wall_s'] - train:.1f} | "
+                     f"{evals:.1f} ({100 * evals / train if train else 0:.1f}%) | {every} |")
+    return "\n".join(lines), ok
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="a tiny shape on the CPU: every step, in seconds")
+    ap.add_argument("--only", help=f"comma-separated rows (default all: {', '.join(ROWS)})")
+    ap.add_argument("--steps", type=int, default=None, help="CLI optimizer steps per row (default 30; dry run 6)")
+    ap.add_argument("--budget-s", type=float, default=570.0, help="start no row after this many seconds")
+    ap.add_argument("--out", help="folder for table.md and results.json (default $OUT)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (CLI logs, configs)")
+    ap.add_argument("--task", help=argparse.SUPPRESS)
+    ap.add_argument("task_args", nargs="*", help=argparse.SUPPRESS)
+    opts = ap.parse_args()
+    if opts.task == "checkpoints":
+        for shape in opts.task_args[0].split(","):
+            write_checkpoint(shape, ROOT / CLAIM / shape)
+            print(f"[cli-bench] checkpoint {shape} written", flush=True)
+        return 0
+    if opts.task:
+        task_main(opts.task, opts.task_args)
+        return 0
+    return drive(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

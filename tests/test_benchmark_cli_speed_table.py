@@ -1,0 +1,58 @@
+"""The CLI speed benchmark's table (benchmarks/trainer_cli_speed.py) says MISSED where the CLI is
+below 95% of the benchmark's fast path or a phase is more than 1.5x its floor, and compares a
+download only where the model was downloaded (issue 19)."""
+
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("trainer_cli_speed", BENCHMARKS / "trainer_cli_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # stdlib imports only at module level: no torch needed
+    return module
+
+
+def _results(cli_tps: float, download_s: float, store: str = "s3") -> dict:
+    row = {"bench": "1.5b-2048", "shape": "qwen2.5-1.5b", "seq": 2048, "batch": 8, "accum": 1, "data": "fixed",
+           "store": store}
+    phases = {"startup": {"seconds": 9.0}, "downloadModel": {"seconds": download_s, "bytes": 3_000_000_000},
+              "quantize": {"seconds": 12.0}, "tokenize": {"seconds": 1.0}, "train": {"seconds": 20.0},
+              "evalBefore": {"seconds": 0.3}, "evalAfter": {"seconds": 0.2},
+              "publish": {"seconds": 0.4, "bytes": 100_000_000}}
+    return {
+        "floors": {"startup": {"seconds": 8.0},
+                   "download": {"qwen2.5-1.5b": {"seconds": 10.0, "megabytes_per_second": 300.0}},
+                   "upload": {"qwen2.5-1.5b": {"seconds": 10.0, "bytes": 3_000_000_000}},
+                   "quantize": {"qwen2.5-1.5b": {"seconds": 10.0, "params_per_second": 1.5e8}}},
+        "rows": {"1.5b-2048": {"row": row, "fast_path": {"tokens_per_s": 50_000.0},
+                               "tokenize_floor": {"seconds": 0.8},
+                               "cli": {"ok": True, "steady_tokens_per_s": cli_tps, "wall_s": 45.0, "phases": phases}}},
+    }
+
+
+def _line(table: str, *starts: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith("| " + " | ".join(starts) + " |"))
+
+
+def test_rows_and_phases_within_their_targets_pass():
+    table, ok = _bench().render(_results(cli_tps=48_000.0, download_s=14.0))
+    assert ok, table
+    assert _line(table, "1.5b-2048", "48000.0").endswith("| 0.960 | met |")
+    assert "| 1.40x | met |" in _line(table, "1.5b-2048", "downloadModel")
+    assert "| 0.40 | 0.33 | 1.20x | met |" in _line(table, "1.5b-2048", "publish")  # 100 MB at 300 MB/s
+
+
+def test_a_slow_cli_or_a_slow_phase_is_missed():
+    bench = _bench()
+    table, ok = bench.render(_results(cli_tps=47_000.0, download_s=14.0))
+    assert not ok and _line(table, "1.5b-2048", "47000.0").endswith("| 0.940 | MISSED |")
+    table, ok = bench.render(_results(cli_tps=48_000.0, download_s=16.0))
+    assert not ok and "| 1.60x | MISSED |" in _line(table, "1.5b-2048", "downloadModel")
+
+
+def test_a_pvc_model_has_no_download_to_compare():
+    table, _ = _bench().render(_results(cli_tps=48_000.0, download_s=16.0, store="pvc"))
+    assert not any(line.startswith("| 1.5b-2048 | downloadModel |") for line in table.splitlines())
