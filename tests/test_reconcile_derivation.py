@@ -65,13 +65,25 @@ def test_image_pull_errors_become_image_pull_failed(kubelet_reason):
     assert cond(status, ConditionType.SCHEDULED) == ("True", Reason.SCHEDULED)
 
 
-def test_a_missing_credentials_secret_is_a_container_config_error():
+@pytest.mark.parametrize("kubelet_said", ['secret "s3-creds" not found',
+                                          "couldn't find key AWS_ACCESS_KEY_ID in Secret ml/s3-creds"])
+def test_a_missing_credentials_secret_has_its_own_reason_and_says_what_to_create(kubelet_said):
     job = qlorajob()
     tj = trainer_job(job)
-    p = pod(tj, state=waiting("CreateContainerConfigError", 'secret "s3-creds" not found'))
+    p = pod(tj, state=waiting("CreateContainerConfigError", kubelet_said))
+    status, events = derive(job, [tj], [p])
+    assert cond(status, ConditionType.RUNNING) == ("False", Reason.SECRET_NOT_FOUND)
+    assert status.phase == "Pending"  # it starts once the Secret exists
+    assert kubelet_said in status.message and "create Secret s3-creds in namespace ml" in status.message
+    assert [e.reason for e in events if e.type == "Warning"] == [Reason.SECRET_NOT_FOUND]
+
+
+def test_another_container_config_error_keeps_the_generic_reason():
+    job = qlorajob()
+    tj = trainer_job(job)
+    p = pod(tj, state=waiting("CreateContainerConfigError", 'configmap "demo-1-config" not found'))
     status, _ = derive(job, [tj], [p])
     assert cond(status, ConditionType.RUNNING) == ("False", Reason.CONTAINER_CONFIG_ERROR)
-    assert 's3-creds' in status.message
 
 
 def test_running_trainer_with_progress():

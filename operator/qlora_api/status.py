@@ -32,7 +32,8 @@ class Reason:
     SCHEDULED = "Scheduled"
     UNSCHEDULABLE = "Unschedulable"  # the message is the scheduler's own
     IMAGE_PULL_FAILED = "ImagePullFailed"  # ErrImagePull / ImagePullBackOff / InvalidImageName
-    CONTAINER_CONFIG_ERROR = "ContainerConfigError"  # e.g. the S3 credentials Secret or a key is missing
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"  # the pod's container cannot be configured (not a Secret)
+    SECRET_NOT_FOUND = "SecretNotFound"  # the S3 credentials Secret, or a key in it, is missing: the pod waits
     TRAINING = "Training"
     EVICTED = "Evicted"  # the Job replaces the pod; the trainer resumes from its checkpoint
     PREEMPTED = "Preempted"

@@ -138,6 +138,10 @@ def _pending_pod(pod: dict) -> AttemptState | None:
         return AttemptState(AttemptPhase.PENDING, Reason.IMAGE_PULL_FAILED, f"{why}: {detail}".rstrip(": "),
                             scheduled=scheduled, pod=name)
     if why in pf.CONFIG_WAITING:
+        missing = pf.missing_secret(detail)
+        if missing is not None:
+            return AttemptState(AttemptPhase.PENDING, Reason.SECRET_NOT_FOUND, _secret_fix(pod, missing, detail),
+                                scheduled=scheduled, pod=name)
         return AttemptState(AttemptPhase.PENDING, Reason.CONTAINER_CONFIG_ERROR, f"{why}: {detail}".rstrip(": "),
                             scheduled=scheduled, pod=name)
     if pf.trainer_running(pod):
@@ -152,6 +156,13 @@ def _pending_pod(pod: dict) -> AttemptState | None:
                             f"trainer pod {name} is starting ({why or 'Pending'}{': ' + detail if detail else ''})",
                             scheduled=scheduled, pod=name)
     return None
+
+
+def _secret_fix(pod: dict, secret: str, said: str) -> str:
+    namespace = pod["metadata"].get("namespace", "")
+    return (f"{said}: create Secret {secret} in namespace {namespace} with the keys spec.output.credentialsSecretRef "
+            "names (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY unless it says otherwise); the trainer pod waits "
+            "and starts once it exists")
 
 
 def _disrupted(pod: dict) -> AttemptState:

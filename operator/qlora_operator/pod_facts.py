@@ -1,10 +1,16 @@
 """What a trainer Job and its pods say about themselves, read from their status. Pure functions."""
 
+import re
+
 from qlora_operator import timestamps
 
 TRAINER_CONTAINER = "trainer"
 IMAGE_PULL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_WAITING = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+# The kubelet's words for a Secret an env var needs (pkg/kubelet/kubelet_pods.go): the Secret is
+# missing, or it lacks the key.
+_MISSING_SECRET = re.compile(r'secret "(?P<name>[^"]+)" not found|'
+                             r"couldn't find key \S+ in Secret (?:[^/\s]+/)?(?P<owner>\S+)", re.IGNORECASE)
 
 
 def condition(obj: dict, ctype: str) -> dict | None:
@@ -88,3 +94,9 @@ def log_tail(text: str | None, lines: int = 8, chars: int = 1000) -> str:
         return ""
     tail = "\n".join(text.strip().splitlines()[-lines:])
     return tail[-chars:]
+
+
+def missing_secret(waiting_message: str) -> str | None:
+    """The name of the Secret a CreateContainerConfigError is about, or None if it is about something else."""
+    found = _MISSING_SECRET.search(waiting_message or "")
+    return (found.group("name") or found.group("owner")) if found else None

@@ -18,7 +18,7 @@ import torch
 from qlora_api import TrainerRunConfig, TrainingResult
 from transformers import set_seed
 
-from qlora_trainer import data, evaluation, model_loading, publishing, training_loop
+from qlora_trainer import data, evaluation, model_checks, model_loading, publishing, training_loop
 from qlora_trainer.acceleration import trainer_hooks
 from qlora_trainer.checkpoints import CheckpointStore
 from qlora_trainer.errors import interrupted
@@ -47,7 +47,8 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
 
     # Data: checked record by record before the model is downloaded.
     records = data.load_records(spec.dataset, storage, workdir, spec.training.seed)
-    model_files = model_loading.fetch_model(spec.model, storage, workdir)
+    model_files = model_loading.fetch_model(
+        spec.model, storage, workdir, before_weights=lambda folder: model_checks.check_spec_against_model(folder, spec))
     tokenizer = model_loading.load_tokenizer(model_files, spec.model.trust_remote_code)
     train_rows = data.build_examples(records.train, tokenizer, spec.training, "train")
     eval_rows = data.build_examples(records.eval, tokenizer, spec.training, "eval") if records.eval else []

@@ -21,9 +21,16 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from qlora_api import ExitCode
 from qlora_api.spec import OutputSpec
 
-from qlora_trainer.errors import TrainerFailure, storage_unavailable
+from qlora_trainer.errors import (
+    S3_NOT_FOUND_CODES,
+    TrainerFailure,
+    client_error_parts,
+    s3_failure,
+    storage_unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +45,6 @@ TRANSFER_ATTEMPTS = 3
 MiB = 1024 * 1024
 # Parts of 64 MiB: a 1.5B model's merged export (~3 GB) is ~50 parts, far under S3's 10,000.
 TRANSFER = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB, max_concurrency=8)
-
-_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-_ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
-           "InvalidToken", "AllAccessDisabled"}
-_TRANSIENT = {"500", "502", "503", "504", "SlowDown", "InternalError", "RequestTimeout", "ServiceUnavailable"}
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ class S3Storage:
                     call()
                 return
             except TrainerFailure as failure:
-                if failure.reason != "StorageUnavailable" or attempt == TRANSFER_ATTEMPTS:
+                if failure.exit_code != ExitCode.STORAGE_UNAVAILABLE or attempt == TRANSFER_ATTEMPTS:
                     raise
                 log.warning("S3 %s of %s failed (attempt %d/%d), retrying: %s",
                             action, uri, attempt, TRANSFER_ATTEMPTS, failure.message)
@@ -189,25 +191,16 @@ class S3Storage:
         try:
             yield outcome
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
-            if missing_ok and code in _NOT_FOUND:
+            code, status, detail = client_error_parts(exc)
+            if missing_ok and code in S3_NOT_FOUND_CODES:
                 outcome.value = None
                 return
-            if code in _ACCESS:
-                raise storage_unavailable(f"S3 at {self.endpoint} denied {action} of {uri} ({code})",
-                                          "StorageAccessDenied") from exc
-            if code in ("NoSuchBucket",) or (code == "404" and action == "reach the bucket"):
-                raise storage_unavailable(f"S3 at {self.endpoint}: bucket of {uri} does not exist",
-                                          "StorageBucketNotFound") from exc
-            if code in _NOT_FOUND:
-                raise storage_unavailable(f"S3 at {self.endpoint}: {uri} not found", "StorageObjectNotFound") from exc
-            transient = code in _TRANSIENT
-            raise storage_unavailable(
-                f"S3 at {self.endpoint} failed to {action} {uri} ({code}{', transient' if transient else ''}): "
-                f"{exc.response.get('Error', {}).get('Message', '')}"
-            ) from exc
+            if code == "404" and action == "reach the bucket":  # HEAD has no body, so no NoSuchBucket
+                code = "NoSuchBucket"
+            raise s3_failure(code, status, self.endpoint, action, uri, detail) from exc
         except (BotoConnectionError, BotoCoreError) as exc:
-            raise storage_unavailable(f"S3 at {self.endpoint} unreachable while trying to {action} {uri}: {exc}") from exc
+            raise storage_unavailable(f"S3 at {self.endpoint} unreachable while trying to {action} {uri} "
+                                      f"(after {MAX_ATTEMPTS} tries with backoff): {exc}") from exc
 
 
 class _Outcome:
