@@ -10,35 +10,28 @@ with the kubelet's words and what to create.
 import json
 import time
 
-import boto3
 import pytest
-from botocore.config import Config
 from qlora_localcluster.testing import kubectl
+from support.cluster_s3 import (
+    ADAPTERS,
+    DATA,
+    MODELS,
+    TRAINER_IMAGE,
+    credentials_secret,
+    upload_tiny_model_and_data,
+)
 from support.operator_process import OperatorProcess, install_crd_and_rbac, service_account_kubeconfig
 from support.shared_gpu import wait_for_the_gpu
 from trainer_fixtures.runs import jsonl
-from trainer_fixtures.tiny_model import build_model, chat_records
+from trainer_fixtures.tiny_model import chat_records
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-TRAINER_IMAGE = "ghcr.io/qlora-operator/trainer:0.1.0"
 LABEL = "training.qlora-operator.dev/qlorajob"
-MODELS, DATA, ADAPTERS = "reliability-models", "reliability-data", "reliability-adapters"
 
 
 @pytest.fixture(scope="module")
 def minio(local_cluster, tmp_path_factory):
-    s3 = boto3.client("s3", endpoint_url=local_cluster.s3_endpoint, region_name="us-east-1",
-                      config=Config(s3={"addressing_style": "path"}), **local_cluster.s3_credentials)
-    for bucket in (MODELS, DATA, ADAPTERS):
-        try:
-            s3.create_bucket(Bucket=bucket)
-        except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
-            pass
-    folder = tmp_path_factory.mktemp("tiny-base")
-    build_model(folder)
-    for path in folder.iterdir():
-        s3.upload_file(str(path), MODELS, f"tiny-llama/{path.name}")
-    s3.put_object(Bucket=DATA, Key="colours/train.jsonl", Body=jsonl(chat_records(40, seed=1)))
+    s3 = upload_tiny_model_and_data(local_cluster, tmp_path_factory.mktemp("tiny-base"))
     s3.put_object(Bucket=DATA, Key="latin1/train.jsonl",
                   Body=jsonl(chat_records(3, seed=1)) + b'{"text": "caf\xe9 au lait"}\n')
     return s3
@@ -48,10 +41,7 @@ def minio(local_cluster, tmp_path_factory):
 def operator(local_cluster, namespace, minio, tmp_path):
     install_crd_and_rbac(local_cluster)
     kubeconfig = service_account_kubeconfig(local_cluster, tmp_path / "operator.kubeconfig")
-    creds = local_cluster.s3_credentials
-    kubectl(local_cluster, "-n", namespace, "create", "secret", "generic", "minio",
-            f"--from-literal=AWS_ACCESS_KEY_ID={creds['aws_access_key_id']}",
-            f"--from-literal=AWS_SECRET_ACCESS_KEY={creds['aws_secret_access_key']}")
+    credentials_secret(local_cluster, namespace)
     process = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log", trainer_image=TRAINER_IMAGE).start()
     yield process
     kubectl(local_cluster, "-n", namespace, "delete", "qlorajobs", "--all", "--wait=false", check=False)

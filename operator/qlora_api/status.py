@@ -47,6 +47,7 @@ class Reason:
     POD_LOST = "PodLost"  # the pod or the Job vanished without an exit code (node lost, deleted)
     TRAINER_CRASHED = "TrainerCrashed"  # an exit code outside qlora_api.ExitCode (a signal, a segfault)
     RESULT_MISSING = "ResultMissing"  # exit 0 without a readable result message
+    JOB_REJECTED = "JobRejected"  # the API server refused the trainer Job the spec makes (e.g. its affinity)
 
 
 class Condition(ApiModel):
