@@ -47,6 +47,7 @@ class Reason:
     POD_LOST = "PodLost"  # the pod or the Job vanished without an exit code (node lost, deleted)
     TRAINER_CRASHED = "TrainerCrashed"  # an exit code outside qlora_api.ExitCode (a signal, a segfault)
     RESULT_MISSING = "ResultMissing"  # exit 0 without a readable result message
+    RESULT_UNVERIFIED = "ResultUnverified"  # a result without the manifest's URI and sha256: retried
     JOB_REJECTED = "JobRejected"  # the API server refused the trainer Job the spec makes (e.g. its affinity)
 
 

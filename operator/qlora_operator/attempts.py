@@ -93,10 +93,16 @@ def _succeeded(job: dict, pods: list[dict]) -> AttemptState:
     done = [p for p in pods if (pf.trainer_terminated(p) or {}).get("exitCode") == 0]
     term = pf.trainer_terminated(done[-1]) if done else None
     said = parse_termination_message((term or {}).get("message"))
-    if isinstance(said, TrainerResultMessage):
+    if isinstance(said, TrainerResultMessage) and said.result.manifest_uri and said.result.manifest_sha256:
         return AttemptState(AttemptPhase.SUCCEEDED, Reason.SUCCEEDED,
-                            f"adapter published to {said.result.adapter_uri}", result=said.result,
-                            finished_at=finished)
+                            f"adapter published to {said.result.adapter_uri} (manifest sha256 "
+                            f"{said.result.manifest_sha256[:12]})", result=said.result, finished_at=finished)
+    if isinstance(said, TrainerResultMessage):
+        # Succeeded promises a complete adapter, and only a manifest (written last) proves one.
+        return AttemptState(AttemptPhase.FAILED, Reason.RESULT_UNVERIFIED,
+                            f"the trainer reported {said.result.adapter_uri} without a manifest digest, so nothing "
+                            "shows the files are complete; the next attempt publishes (or finds) the manifest",
+                            retryable=True, finished_at=finished)
     seen = pf.log_tail((term or {}).get("message"), lines=3, chars=300) or "nothing"
     return AttemptState(AttemptPhase.FAILED, Reason.RESULT_MISSING,
                         f"the trainer exited 0 but its termination message holds no result (it said: {seen})",

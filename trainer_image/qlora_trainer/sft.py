@@ -111,7 +111,7 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
                                     "perplexity_after", "train_seconds", "resumed_from_step")},
     )
     return publishing.publish(storage, run, adapter_dir, resolved_config(cfg, dtype, planned, plan), metrics, result,
-                              merged_dir)
+                              merged_dir, attempt=cfg.attempt)
 
 
 def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, plan=None) -> dict:

@@ -33,6 +33,7 @@ from qlora_trainer.errors import (
 )
 
 log = logging.getLogger(__name__)
+_CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
 
 PVC_ROOT_ENV = "QLORA_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
@@ -162,6 +163,29 @@ class S3Storage:
     def put_bytes(self, data: bytes, uri: S3Uri, content_type: str = "application/json") -> None:
         self._retrying(uri, "write", lambda: self.client.put_object(
             Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type))
+
+    def put_bytes_if_absent(self, data: bytes, uri: S3Uri, content_type: str = "application/json") -> bool:
+        """Create the object only if no object has that key (If-None-Match: *); False if one has.
+
+        S3, MinIO, R2 and Ceph RGW answer 412 Precondition Failed when the key exists, and 409
+        when another conditional write of the key is in flight. A store that ignores the header
+        overwrites instead: `conditional_writes_honoured` tells the two apart."""
+        with self._errors(uri, "create"):
+            try:
+                self.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type,
+                                       IfNoneMatch="*")
+            except ClientError as exc:
+                code, status, _ = client_error_parts(exc)
+                if code in _CONDITION_FAILED or status in (409, 412):
+                    return False
+                raise
+        return True
+
+    def conditional_writes_honoured(self, uri: S3Uri) -> bool:
+        """Whether this store refuses a second If-None-Match write of an existing key (probed on
+        `uri`, which must exist already; the probe writes nothing if the store honours it)."""
+        existing = self.get_bytes(uri)
+        return existing is not None and not self.put_bytes_if_absent(existing, uri)
 
     def delete_folder(self, uri: S3Uri) -> None:
         keys = [o.key for o in self.list_objects(uri)]
