@@ -5,6 +5,7 @@ Plain dicts in and out, through the kubernetes client's authenticated transport 
 models would only be converted back and forth).
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -106,7 +107,7 @@ class Kube:
             return observed
         text = self.pod_log(job.namespace, pod["metadata"]["name"], log_tail_lines)
         progress = latest_progress(text) if text else None
-        return Observed(observed.now, observed.jobs, observed.pods, observed.config_maps, progress)
+        return dataclasses.replace(observed, progress=progress)
 
     def pod_log(self, namespace: str, pod: str, tail_lines: int) -> str | None:
         path = f"/api/v1/namespaces/{namespace}/pods/{quote(pod)}/log"

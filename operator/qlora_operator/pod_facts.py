@@ -100,3 +100,11 @@ def missing_secret(waiting_message: str) -> str | None:
     """The name of the Secret a CreateContainerConfigError is about, or None if it is about something else."""
     found = _MISSING_SECRET.search(waiting_message or "")
     return (found.group("name") or found.group("owner")) if found else None
+
+
+def pod_terminated(pod: dict) -> bool:
+    """The pod's containers can run no more: it ended, or it never got a node before being deleted."""
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return True
+    return bool(pod["metadata"].get("deletionTimestamp")) and not (pod.get("spec") or {}).get("nodeName")

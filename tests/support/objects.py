@@ -5,6 +5,7 @@ the eviction API (DisruptionTarget) and a kubelet (container states) write.
 """
 
 import copy
+import dataclasses
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -184,14 +185,14 @@ def config_map_for(job: QLoRAJob, attempt: int) -> dict:
 def observe(job: QLoRAJob, jobs: list[dict] = (), pods: list[dict] = (), *, now: float = 100,
             progress=None, config_maps: list[dict] | None = None):
     """An Observed as kube.observe builds it (config maps default to one per Job)."""
-    from qlora_operator.observation import Observed, group_children
+    from qlora_operator.observation import group_children
 
     if config_maps is None:
         from qlora_operator.naming import attempt_of
 
         config_maps = [config_map_for(job, attempt_of(j)) for j in jobs]
     grouped = group_children(job.uid, at(now), list(config_maps), list(jobs), list(pods))
-    return Observed(grouped.now, grouped.jobs, grouped.pods, grouped.config_maps, progress)
+    return dataclasses.replace(grouped, progress=progress)
 
 
 def with_status(job: QLoRAJob, status) -> QLoRAJob:
