@@ -38,10 +38,14 @@ demo: up ## Set up everything and fine-tune SmolLM2 end to end through a QLoRAJo
 	$(PY) -m qlora_localcluster.demo
 
 test: build ## Run the whole test suite (unit, trainer on CPU, operator on the local cluster)
+	$(PY) -m qlora_localcluster build --test-tools
 	$(PY) -m pytest -ra
 
 crds: setup ## Regenerate crds/ and the chart's CRD from the API models
 	$(PY) -m qlora_api.crd
+
+gpu-carry: setup ## Make .gpu_carry/ (pinned packages, SmolLM2 tokenizer) that the GPU benchmarks carry
+	$(PY) benchmarks/gpu_carry.py
 
 lint: setup ## Lint and check generated files are in sync
 	$(VENV)/bin/ruff check operator trainer_image localcluster tests benchmarks
@@ -50,4 +54,4 @@ lint: setup ## Lint and check generated files are in sync
 clean: down ## Stop the cluster and delete its state (the build cache stays)
 	rm -rf .localcluster
 
-.PHONY: help setup build up down status demo test crds lint clean
+.PHONY: help setup build up down status demo test crds gpu-carry lint clean

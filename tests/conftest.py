@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 from qlora_localcluster import testing as cluster_testing
+from support import crd_schema_lock
 
 
 @pytest.fixture(scope="session")
@@ -15,9 +16,11 @@ def local_cluster():
 
 @pytest.fixture
 def namespace(local_cluster, request):
-    """A fresh namespace, deleted (without waiting) after the test."""
+    """A fresh namespace, deleted (without waiting) after the test. The test runs while no other
+    one has the shared QLoRAJob CRD at another schema (support/crd_schema_lock.py)."""
     name = f"t-{request.node.name[:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
     name = "".join(c for c in name if c.isalnum() or c == "-")
-    cluster_testing.kubectl(local_cluster, "create", "namespace", name)
-    yield name
-    cluster_testing.kubectl(local_cluster, "delete", "namespace", name, "--wait=false", check=False)
+    with crd_schema_lock.schema_in_use(local_cluster):
+        cluster_testing.kubectl(local_cluster, "create", "namespace", name)
+        yield name
+        cluster_testing.kubectl(local_cluster, "delete", "namespace", name, "--wait=false", check=False)

@@ -63,7 +63,7 @@ def test_fused_decoder_layers_are_the_default_and_planned_as_what_runs():
     fused = plan_memory(QWEN_1_5B, job, H100, micro_batch=4, recompute="none", packing=False, fused=True)
     unfused = plan_memory(QWEN_1_5B, job, H100, micro_batch=4, recompute="none", packing=False, fused=False)
     assert fused.fused_layers and not unfused.fused_layers
-    assert "fused decoder layers off (QLORA_FUSED_LAYER=0)" in unfused.describe()
+    assert "fused decoder layers off" in unfused.describe()
     # the per-projection layer keeps more for backward, and has no CUDA graph buffers
     assert unfused.breakdown["activations"] > fused.breakdown["activations"]
     assert "cuda_graph_buffers" in fused.breakdown and "cuda_graph_buffers" not in unfused.breakdown
@@ -229,7 +229,7 @@ def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_lay
     assert report.lora_layers == 14 and report.fused_mlps == 2 and report.fused_cross_entropy
     assert report.fused_layers == (2 if fused else 0), report.skipped
     if not fused:
-        assert any("QLORA_FUSED_LAYER=0" in s for s in report.skipped)
+        assert any("fused decoder layers off" in s for s in report.skipped)
     assert report.recompute_layers == recompute_layers
     fast.train(), plain.train()
     ids = torch.randint(0, 96, (2, 12))
@@ -542,3 +542,27 @@ def test_fused_layers_on_an_nf4_model_match_its_plain_forward(tmp_path, cached_l
     fast_loss, fast_grads = loss_and_grads()
     torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast_grads, plain_grads, rtol=1e-4, atol=1e-6)
+
+
+
+def test_a_young_adapter_is_not_rounded_away_by_the_bf16_residual_stream():
+    """o_proj and down_proj end in the residual stream: x + (inp @ W.T + a @ B.T). In bf16, an
+    adapter contribution below half a step of the residual stream must still reach the output on
+    average (the sum x + projection is rounded once, dithered by the projection's own bits), as in
+    the plain layer. Added after the residual sum was rounded, it vanished exactly (issue 19: the
+    fused path learned slower than the plain recipe at the Llama-3-8B shape)."""
+    from qlora_trainer.acceleration.fused_layer import _project_and_add
+
+    g = torch.Generator().manual_seed(0)
+    n, k, h, r = 512, 64, 256, 16
+    x = (4.5 + 3 * torch.rand(n, h, generator=g)).to(torch.bfloat16)  # a bf16 step of 1/32 here
+    inp = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    w = (torch.randn(h, k, generator=g) / 8).to(torch.bfloat16)  # projection outputs of order one
+    a = torch.ones(n, r, dtype=torch.bfloat16)
+    delta = 0.004  # a quarter of a residual step: lost in every element if added to the rounded sum
+    B = torch.full((h, r), delta / r, dtype=torch.bfloat16)
+    effect = (_project_and_add(x, inp, w, a, B).float() - _project_and_add(x, inp, w, a, 0 * B).float())
+    assert effect.abs().max() > 0, "the adapter's contribution vanished in the residual sum's rounding"
+    assert abs(float(effect.mean()) - delta) < 0.3 * delta, float(effect.mean())
+    late = (torch.addmm(x, inp, w.t()).addmm_(a, B.t()).float() - torch.addmm(x, inp, w.t()).float())
+    assert abs(float(late.mean())) < 0.2 * delta, float(late.mean())  # the order this replaces: gone

@@ -19,7 +19,7 @@ from trainer_fixtures.runs import jsonl
 from trainer_fixtures.tiny_model import build_model, chat_records
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-TRAINER_IMAGE = "ghcr.io/qlora-operator/trainer:0.1.0"  # the chart's default; the node agent runs qlora_trainer for it
+TRAINER_IMAGE = "ghcr.io/qlora-operator/trainer:0.2.0"  # the chart's default; the node agent runs qlora_trainer for it
 
 
 @pytest.fixture(scope="module")

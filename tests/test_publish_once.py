@@ -45,6 +45,9 @@ def adapter(folder, marker: str):
     folder.mkdir(parents=True, exist_ok=True)
     for name in ADAPTER_FILES:
         (folder / name).write_bytes(f"{name} by {marker}\n".encode() * 2000)
+    # peft's config, which publishing points at the base model
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "base_model_name_or_path": "", "by": marker}))
     return folder
 
 

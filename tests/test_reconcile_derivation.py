@@ -1,7 +1,7 @@
 """derive_status: every way a trainer pod can end up, as the condition a human acts on. No server."""
 
 import pytest
-from qlora_api import ConditionType, ExitCode, Reason, TrainingProgress
+from qlora_api import ConditionType, ExitCode, Reason, TrainerResultMessage, TrainingProgress, TrainingResult
 from qlora_operator.conditions import find
 from qlora_operator.derivation import derive_status
 from qlora_operator.settings import OperatorSettings
@@ -289,3 +289,31 @@ def test_a_spec_the_models_refuse_fails_the_job():
     assert status.phase == "Failed"
     assert cond(status, ConditionType.ACCEPTED) == ("False", Reason.INVALID_SPEC)
     assert "all-linear" in status.message
+
+
+def test_progress_numbers_keep_a_few_significant_digits_for_kubectl_get():
+    """The Loss printer column prints status.progress.loss as stored: 17 digits before this."""
+    job = qlorajob()
+    tj = trainer_job(job)
+    progress = TrainingProgress(step=7, total_steps=40, loss=0.41234567890123456, eval_loss=1.0000000000000002,
+                                learning_rate=0.00019876543, tokens_per_second=1234.5678)
+    status, _ = derive(job, [tj], [pod(tj, phase="Running", state=running())], progress=progress)
+    assert (status.progress.loss, status.progress.eval_loss) == (0.4123, 1.0)
+    assert status.progress.learning_rate == 0.000199 and status.progress.tokens_per_second == 1235.0
+    assert status.progress.summary == "7/40 (17%)"
+
+
+def test_the_result_names_base_and_rank_for_servers_even_from_an_older_trainer():
+    job = qlorajob(spec={"model": {"uri": "hf://Qwen/Qwen2.5-0.5B", "revision": "v1"}, "lora": {"r": 8}})
+    tj = trainer_job(job, finished="Complete", finished_at=60)
+    p = pod(tj, phase="Succeeded", state=terminated(0, result_message("s3://adapters/x/run/")))
+    result = derive(job, [tj], [p])[0].result
+    assert (result.base_model, result.base_model_revision, result.lora_rank, result.lora_alpha) == (
+        "Qwen/Qwen2.5-0.5B", "v1", 8, 32)
+    said = TrainerResultMessage(result=TrainingResult(adapter_uri="s3://adapters/x/run/", base_model="Qwen/Qwen2.5-0.5B",
+                                                      base_model_revision="0123abcd", lora_rank=8, lora_alpha=16,
+                                                      manifest_uri="s3://adapters/x/run/manifest.json",
+                                                      manifest_sha256="cd" * 32))
+    p = pod(tj, phase="Succeeded", state=terminated(0, said.model_dump_json(by_alias=True, exclude_none=True)))
+    result = derive(job, [tj], [p])[0].result
+    assert (result.base_model_revision, result.lora_alpha) == ("0123abcd", 16)  # the trainer's own word wins

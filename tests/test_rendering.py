@@ -1,11 +1,13 @@
 """render_config_map / render_trainer_job: what the trainer pod gets. No server."""
 
 import json
+import re
+from pathlib import Path
 
 from qlora_api import TrainerRunConfig
 from qlora_api.protocol import CONFIG_MOUNT_DIR, CONFIG_PATH, TERMINATION_MESSAGE_PATH
 from qlora_operator.naming import config_map_name, trainer_job_name
-from qlora_operator.rendering import render_config_map, render_trainer_job
+from qlora_operator.rendering import TRAINER_UID, render_config_map, render_trainer_job
 from support.objects import FULL_RESOURCES, qlorajob
 
 
@@ -66,6 +68,17 @@ def test_the_trainer_pod_holds_no_kubernetes_credentials_and_reports_through_its
     assert pod_spec(job)["volumes"] == [{"name": "config", "configMap": {"name": "demo-1-config"}}]
 
 
+def test_the_trainer_runs_unprivileged_as_the_images_own_user():
+    spec, c = pod_spec(render()), trainer(render())
+    assert spec["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                       "seccompProfile": {"type": "RuntimeDefault"}}
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    # A custom image (spec.resources.image) gets the same context: nothing in the spec can widen it.
+    custom = render(spec={"resources": FULL_RESOURCES})
+    assert pod_spec(custom)["securityContext"] == spec["securityContext"]
+    assert trainer(custom)["securityContext"] == c["securityContext"]
+
+
 def test_s3_credentials_come_from_the_secret_as_environment():
     job = render(spec={"output": {"credentialsSecretRef": {"name": "s3", "accessKeyIdKey": "id",
                                                              "secretAccessKeyKey": "key", "sessionTokenKey": "tok"}}})
@@ -124,3 +137,15 @@ def test_long_names_fit_label_limits_and_stay_distinct():
     job = render(name="y" * 80)
     assert all(len(v) <= 63 for v in job["spec"]["template"]["metadata"]["labels"].values())
     assert job["spec"]["template"]["metadata"]["annotations"]["training.qlora-operator.dev/qlorajob-name"] == "y" * 80
+
+
+def test_the_trainer_images_user_is_the_uid_the_pod_runs_as_and_its_caches_are_writable_paths():
+    dockerfile = (Path(__file__).resolve().parents[1] / "trainer_image" / "Dockerfile").read_text()
+    assert f"useradd --uid {TRAINER_UID} --gid {TRAINER_UID}" in dockerfile
+    assert f"groupadd --gid {TRAINER_UID}" in dockerfile
+    assert f"\nUSER {TRAINER_UID}:{TRAINER_UID}\n" in dockerfile
+    env = dict(re.findall(r"(\w+)=(\S+)", dockerfile.split("\nUSER ", 1)[1].split("WORKDIR")[0]))
+    # Where the libraries write: the user's own home, or /tmp (an emptyDir under a read-only root).
+    assert env["HOME"] == "/home/trainer"
+    for var in ("HF_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert env[var].startswith("/tmp/"), var

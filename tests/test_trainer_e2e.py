@@ -87,6 +87,7 @@ def test_manifest_is_written_last_and_matches_every_object(trained, s3):  # noqa
     # No memory plan on a CPU: the batch as configured is what ran.
     spec_training = config["run"]["spec"]["training"]
     assert config["resolved"]["memoryPlan"] is None
+    assert config["resolved"]["acceleration"]["path"] == "plain"  # the spec asked for fused: no plan on a CPU
     assert config["resolved"]["batchSize"] == spec_training["batchSize"]
     assert config["resolved"]["gradientAccumulationSteps"] == spec_training["gradientAccumulationSteps"]
 
@@ -167,3 +168,5 @@ def test_the_fast_path_trains_through_the_real_trainer(s3, tiny_model_uri, colou
     assert len(train) >= 3 and train[-1] < 0.5 * train[0], train
     ran = json.loads(s3.get("adapters", "adapters/team-a/colours/run-fast/training_config.json"))
     assert "micro-batch" in json.dumps(ran), ran
+    assert ran["resolved"]["acceleration"] == {"path": "fused", "cudaGraphs": True,
+                                               "why": "spec.training.acceleration"}, ran["resolved"]

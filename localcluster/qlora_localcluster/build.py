@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -26,8 +27,11 @@ ETCD_VERSION = "v3.6.8"  # what k8s.io/kubernetes v1.36.3 selects; go.mod requir
 # MinIO has no semver tags: this is the pseudo-version that @latest resolved to when pinned.
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
 HELM_VERSION = "v4.3.1"
+KUEUE_VERSION = "v0.17.0"
 
 WRAPPER_MODULE_DIR = Path(__file__).resolve().parent.parent  # localcluster/, holds go.mod
+KSTATUS_MODULE_DIR = WRAPPER_MODULE_DIR / "kstatus"  # a module of its own: cli-utils moves no cluster pin
+CLI_UTILS_VERSION = "v0.37.2"  # sigs.k8s.io/cli-utils, whose pkg/kstatus Flux's health checks use
 
 # A release build sets these; without them the server reports `v0.0.0-master+$Format:%H$`, which
 # kubectl and helm cannot parse. The fixed date keeps builds reproducible.
@@ -53,6 +57,17 @@ class GoBinary:
     package: str  # for wrapper binaries: the import path built in localcluster/
     install: str | None = None  # for standalone modules: "module/path/cmd@version"
     ldflags: str = "-s -w"
+    module_dir: Path | None = None  # for a small module of our own in localcluster/: `go build` there
+    test_tool: bool = False  # needed by the test suite only: `make demo` does not build it
+
+
+def _source_version(base: str, module_dir: Path) -> str:
+    """`base` plus a digest of our module's sources, so that editing them builds a new binary."""
+    digest = hashlib.sha256()
+    for path in sorted(module_dir.glob("*")):
+        if path.suffix in (".go", ".mod", ".sum"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"{base}-{digest.hexdigest()[:10]}"
 
 
 BINARIES: tuple[GoBinary, ...] = (
@@ -66,6 +81,12 @@ BINARIES: tuple[GoBinary, ...] = (
     GoBinary("helm", HELM_VERSION, "", install=f"helm.sh/helm/v4/cmd/helm@{HELM_VERSION}",
              ldflags=f"-s -w -X helm.sh/helm/v4/internal/version.version={HELM_VERSION}"
              " -X helm.sh/helm/v4/internal/version.gitTreeState=clean"),
+    GoBinary("kstatus", _source_version(CLI_UTILS_VERSION, KSTATUS_MODULE_DIR), ".", module_dir=KSTATUS_MODULE_DIR,
+             test_tool=True),
+    # Kueue (job queueing); its CRDs and RBAC are read from the same module's source in the Go
+    # module cache (see kueue.py), so binary and manifests are always one version.
+    GoBinary("kueue", KUEUE_VERSION, "", install=f"sigs.k8s.io/kueue/cmd/kueue@{KUEUE_VERSION}",
+             ldflags=f"-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}", test_tool=True),
 )
 
 
@@ -111,7 +132,7 @@ def _build(missing: list[GoBinary], cache: Path) -> None:
     # temp folder, never a half-written binary under the final name.
     with tempfile.TemporaryDirectory(prefix=".build-", dir=cache / "bin") as tmp:
         out = Path(tmp)
-        wrapper = [b for b in missing if b.install is None]
+        wrapper = [b for b in missing if b.install is None and b.module_dir is None]
         if wrapper:
             # One `go build` for all of them: the packages share most of their dependencies.
             _timed(
@@ -121,6 +142,9 @@ def _build(missing: list[GoBinary], cache: Path) -> None:
                 cwd=WRAPPER_MODULE_DIR,
             )
         for b in missing:
+            if b.module_dir is not None:
+                _timed(b.name, [go, "build", "-trimpath", "-ldflags", b.ldflags, "-o", f"{out}/{b.name}", b.package],
+                       cwd=b.module_dir)
             if b.install is not None:
                 # No -trimpath: these build from the read-only module cache, so no work-tree path
                 # leaks, and the flag would miss compile-cache entries of plain `go install`s.
@@ -147,8 +171,10 @@ def _timed(what: str, cmd: list[str], cwd: Path, env: dict[str, str] | None = No
     print(f"built {what} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def main(test_tools: bool = False) -> None:
+    """Build what the cluster runs (`make demo`), and with `test_tools` what the tests also need."""
     started = time.monotonic()
-    for name, path in ensure_binaries().items():
+    names = [b.name for b in BINARIES if test_tools or not b.test_tool]
+    for name, path in ensure_binaries(names).items():
         print(f"{name:24} {path}")
     print(f"all binaries ready in {time.monotonic() - started:.1f} s", file=sys.stderr)

@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 
-from . import build
+from . import build, kueue
 from .cluster import ClusterSettings, ComponentFailed, LocalCluster, default_state_dir
 
 
@@ -16,11 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", default=None,
                         help=f"certificates, data, logs, pids (default $QLORA_CLUSTER_DIR or {default_state_dir()})")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build the binaries into the cache (once per version)")
+    build_cmd = sub.add_parser("build", help="build the binaries into the cache (once per version)")
+    build_cmd.add_argument("--test-tools", action="store_true",
+                           help="also what only the tests use (Kueue, the kstatus checker)")
     up = sub.add_parser("up", help="start the cluster and wait until it is ready (idempotent)")
     up.add_argument("--gpu-nodes", type=int, help="number of GPU nodes (default 1)")
     up.add_argument("--gpus-per-node", type=int, help="nvidia.com/gpu each node advertises (default 1)")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each component")
+    up.add_argument("--kueue", action="store_true",
+                    help="also install and start Kueue (job queueing; built from its Go module)")
     for field in ClusterSettings.__dataclass_fields__:
         if field.endswith("_port"):
             up.add_argument(f"--{field.replace('_', '-')}", type=int, dest=field,
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "build":
-        build.main()
+        build.main(test_tools=args.test_tools)
         return 0
     overrides = {}
     if args.command == "up":
@@ -42,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         try:
             cluster.up(timeout=args.timeout)
-        except ComponentFailed as failure:
+            if args.kueue:
+                kueue.ensure_running(cluster)
+        except (ComponentFailed, RuntimeError) as failure:
             print(f"error: {failure}", file=sys.stderr)
             return 1
         print(f"export KUBECONFIG={shlex.quote(str(cluster.kubeconfig))}")

@@ -172,6 +172,10 @@ class LocalCluster:
     def down(self) -> None:
         """Stop in dependency order; the apiserver drains for >15 s after SIGTERM, so wait for it
         before taking etcd away (without etcd its shutdown only gets slower)."""
+        from . import kueue  # it builds on this module
+
+        if processes.running_pid(kueue.component(self).pidfile):
+            _say(f"kueue: {kueue.stop(self)}")
         components = self._components(None)
         order = [f"node-agent-{n}" for n in self._known_nodes()] + [
             "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd", "minio"]

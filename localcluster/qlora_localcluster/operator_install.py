@@ -26,7 +26,9 @@ RELEASE = "qlora"
 SERVICE_ACCOUNT = "qlora-qlora-operator"  # the chart's fullname for release "qlora"
 CHART = Path(__file__).resolve().parents[2] / "charts" / "qlora-operator"
 # Kinds taken from the chart: the Deployment would ask the node agent for an image it cannot run.
-INSTALLED_KINDS = {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+INSTALLED_KINDS = {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
+                   "RoleBinding"}
+LEADER_LEASE = SERVICE_ACCOUNT  # the chart names the leader Lease after the release's full name
 
 
 def _tool(name: str) -> str:
@@ -40,33 +42,37 @@ def kubectl(cluster: LocalCluster, *args: str, input: str | None = None) -> str:
     return result.stdout
 
 
-def chart_objects(watch_namespaces: list[str] | None = None) -> list[dict]:
-    args = [_tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+def chart_objects(watch_namespaces: list[str] | None = None, release: str = RELEASE) -> list[dict]:
+    # --skip-tests: the `helm test` hook's ServiceAccount and roles exist only while a test runs.
+    args = [_tool("helm"), "template", release, str(CHART), "--namespace", NAMESPACE, "--skip-tests"]
     if watch_namespaces:
         args += ["--set", "watchNamespaces={" + ",".join(watch_namespaces) + "}"]
     rendered = subprocess.run(args, capture_output=True, text=True, check=True, timeout=120).stdout
     return [d for d in yaml.safe_load_all(rendered) if d and d["kind"] in INSTALLED_KINDS]
 
 
-def apply_chart(cluster: LocalCluster) -> None:
+def apply_chart(cluster: LocalCluster, release: str = RELEASE) -> None:
+    """`release` names the ServiceAccount and ClusterRole: a test that needs this tree's RBAC while
+    other test sessions apply theirs to the same cluster uses a release name of its own."""
     kubectl(cluster, "apply", "-f", "-", input=json.dumps(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}))
-    manifest = "\n---\n".join(json.dumps(d) for d in chart_objects())
+    manifest = "\n---\n".join(json.dumps(d) for d in chart_objects(release=release))
     kubectl(cluster, "apply", "--server-side", "--force-conflicts", "-f", "-", input=manifest)
     kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s",
             "crd/qlorajobs.training.qlora-operator.dev")
 
 
-def service_account_kubeconfig(cluster: LocalCluster, path: Path | None = None) -> Path:
+def service_account_kubeconfig(cluster: LocalCluster, path: Path | None = None, release: str = RELEASE) -> Path:
     """A kubeconfig that authenticates as the operator's ServiceAccount (a 24 h bound token)."""
-    token = kubectl(cluster, "create", "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--duration=24h").strip()
+    account = SERVICE_ACCOUNT if release == RELEASE else f"{release}-qlora-operator"  # the chart's fullname
+    token = kubectl(cluster, "create", "token", account, "-n", NAMESPACE, "--duration=24h").strip()
     admin = yaml.safe_load(cluster.kubeconfig.read_text())
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": admin["clusters"],
-        "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": admin["clusters"][0]["name"], "user": SERVICE_ACCOUNT}}],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": admin["clusters"][0]["name"], "user": account}}],
         "current-context": "operator",
     }
     path = path or cluster.state_dir / "operator.kubeconfig"
@@ -88,8 +94,11 @@ def install(cluster: LocalCluster) -> str:
          "--kubeconfig", str(cluster.kubeconfig),
          "--set", "crds.install=false", "--set", f"watchNamespaces={{{DEMO_NAMESPACE}}}",
          "--set", "reconcileIntervalSeconds=2",
-         # The pod's processes share the host's network: ports of their own, not 8080/8081.
-         "--set", "metrics.port=18080", "--set", "healthPort=18081", "--wait", "--timeout=120s"],
+         # The pod's processes share the host's network: ports of their own, not 8080/8081. For the
+         # same reason one replica (two would collide on them; leader election still runs, and
+         # tests/test_leader_election.py runs two replicas as processes with ports of their own).
+         "--set", "metrics.port=18080", "--set", "healthPort=18081", "--set", "replicaCount=1",
+         "--wait", "--timeout=120s"],
         capture_output=True, text=True, timeout=180)
     if helm.returncode != 0:
         raise RuntimeError(f"helm upgrade --install {DEMO_RELEASE}: {helm.stderr.strip()}")

@@ -138,6 +138,35 @@ class LoRASpec(RuledModel):
     )
 
 
+class AccelerationSpec(RuledModel):
+    """How the trainer computes on a GPU. Each setting trains the same model with the same optimizer
+    update; they differ in speed and memory. On a CPU, and for models whose config the trainer's
+    memory planner cannot read, the plain recipe runs whatever this says."""
+
+    # "plain", not "off": YAML 1.1 (kubectl, PyYAML) reads an unquoted off as the boolean false.
+    path: Literal["fused", "perProjection", "plain"] = Field(
+        "fused",
+        description="fused: the trainer's fast path with fused decoder layers where the architecture allows "
+        "(Llama-style layers: Llama, Qwen2, Mistral and the like) and per-projection LoRA functions elsewhere; "
+        "perProjection: the fast path without fused decoder layers; plain: the plain transformers + peft recipe "
+        "(no memory plan: batchSize, gradientAccumulationSteps and gradientCheckpointing run as given).",
+    )
+    cuda_graphs: bool | None = Field(
+        None,
+        description="Replay the fused decoder layers as CUDA graphs for fixed-length rows (default: on with "
+        "path fused). Applies to path fused only.",
+    )
+
+    cross_field_rules = (
+        CrossFieldRule(
+            cel="!has(self.cudaGraphs) || !self.cudaGraphs || !has(self.path) || self.path == 'fused'",
+            message="cudaGraphs applies to path fused only",
+            check=lambda m: not m.cuda_graphs or m.path == "fused",
+            field_path=".cudaGraphs",
+        ),
+    )
+
+
 class TrainingSpec(RuledModel):
     """The optimisation schedule (supervised fine-tuning)."""
 
@@ -168,6 +197,11 @@ class TrainingSpec(RuledModel):
     eval_steps: int | None = Field(None, ge=1, le=10_000_000, description="Evaluate during training (default: at the end).")
     checkpoint_steps: int = Field(
         100, ge=0, le=10_000_000, description="Save a resumable checkpoint to S3 every this many steps (0: never)."
+    )
+    acceleration: AccelerationSpec = Field(
+        default_factory=AccelerationSpec,
+        json_schema_extra={"default": {}},
+        description="The trainer's GPU fast path: on by default; path plain turns it off.",
     )
 
     cross_field_rules = (

@@ -19,6 +19,11 @@ class ConditionType:
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"  # the adapter is published; terminal
     FAILED = "Failed"  # terminal; the reason says why (OOMKilled, DeadlineExceeded, TrainerError, ...)
+    # Summaries of the above in the "abnormal-true" shape that kstatus (Flux, cli-utils) reads; see
+    # qlora_operator/kstatus_conditions.py. Reconciling and Stalled are present only while True.
+    READY = "Ready"  # True once Succeeded
+    RECONCILING = "Reconciling"  # pending, queued or running
+    STALLED = "Stalled"  # Failed
 
 
 class Reason:
@@ -29,6 +34,7 @@ class Reason:
     INVALID_SPEC = "InvalidSpec"  # the API server took a spec the operator's models refuse (version skew)
     JOB_CREATED = "JobCreated"  # Event only: a trainer Job for a new attempt
     PENDING = "Pending"  # waiting for the Job controller, the scheduler or the container to start
+    QUEUED = "Queued"  # Kueue holds the trainer Job until its Workload is admitted; the message is Kueue's
     SCHEDULED = "Scheduled"
     UNSCHEDULABLE = "Unschedulable"  # the message is the scheduler's own
     IMAGE_PULL_FAILED = "ImagePullFailed"  # ErrImagePull / ImagePullBackOff / InvalidImageName
@@ -91,8 +97,23 @@ class TrainingResult(ApiModel):
     manifest_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     files: list[PublishedFile] = Field(default_factory=list)
     total_bytes: int | None = Field(None, ge=0)
-    base_model_revision: str | None = None
-    merged_model_uri: str | None = None
+    base_model: str | None = Field(
+        None, max_length=2048,
+        description="The base model as a server names it: the Hugging Face id of an hf:// model, else its URI "
+        "(also adapter_config.json's base_model_name_or_path).",
+    )
+    base_model_revision: str | None = Field(
+        None, description="What exactly was loaded: the commit of an hf:// model, a content fingerprint otherwise."
+    )
+    lora_rank: int | None = Field(None, ge=1, description="The adapter's rank (a server's max LoRA rank must be at least this).")
+    lora_alpha: int | None = Field(None, ge=1)
+    target_modules: list[str] = Field(
+        default_factory=list, max_length=256,
+        description="The module names the adapter wraps, as resolved in the model (all-linear expanded).",
+    )
+    merged_model_uri: str | None = Field(None, description="s3:// folder of the merged bf16 model (mergedExport).")
+    merged_model_manifest_uri: str | None = None
+    merged_model_manifest_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
     perplexity_before: float | None = None

@@ -13,6 +13,7 @@ from enum import StrEnum
 from qlora_api import ExitCode, Reason, TrainerError, TrainerResultMessage, TrainingResult
 from qlora_api.protocol import parse_termination_message
 
+from qlora_operator import kueue_facts as kf
 from qlora_operator import pod_facts as pf
 from qlora_operator import timestamps
 from qlora_operator.naming import trainer_job_name
@@ -180,8 +181,34 @@ def _disrupted(pod: dict) -> AttemptState:
     return AttemptState(AttemptPhase.DISRUPTED, reason, message, pod=pod["metadata"]["name"])
 
 
-def assess_attempt(job: dict, pods: list[dict]) -> AttemptState:
-    """The state of one attempt from its Job and the Job's pods."""
+def _queued(job: dict, live: list[dict], workload: dict | None) -> AttemptState:
+    """A Job that Kueue holds suspended: waiting for admission, or being stopped because Kueue
+    evicted its Workload. Neither is a failure nor an attempt; the trainer resumes from its last
+    checkpoint once Kueue admits the Workload again."""
+    name, queue = job["metadata"]["name"], kf.queue_name(job)
+    evicted = kf.eviction(workload)
+    if live:
+        why = f"{evicted.get('reason')}: {evicted.get('message')}" if evicted else "suspended by Kueue"
+        reason = Reason.PREEMPTED if evicted and evicted.get("reason") == "Preempted" else Reason.QUEUED
+        message = (f"Kueue evicted trainer Job {name} ({why}); stopping trainer pod {live[-1]['metadata']['name']} "
+                   "(it saves a checkpoint first); it resumes when Kueue admits it again (this does not count as "
+                   "an attempt)")
+    elif workload is None:
+        reason, message = Reason.QUEUED, (f"waiting for Kueue to create the Workload of trainer Job {name} "
+                                          f"(LocalQueue {queue})")
+    else:
+        reason = Reason.QUEUED
+        message = f"queued in LocalQueue {queue} (Workload {workload['metadata']['name']}): {kf.waiting_message(workload)}"
+        if evicted and not kf.quota_reserved(workload):
+            message += f"; evicted earlier ({evicted.get('reason')}: {evicted.get('message')})"
+    return AttemptState(AttemptPhase.PENDING, reason, message, scheduled=("False", reason, message))
+
+
+def assess_attempt(job: dict, pods: list[dict], workload: dict | None = None,
+                   user_suspended: bool = False) -> AttemptState:
+    """The state of one attempt from its Job, the Job's pods and, for a Job queued by Kueue, its
+    Workload. `user_suspended` is the QLoRAJob's spec.suspend: a Job that Kueue holds suspended is
+    queued, not suspended, unless the user asked for it."""
     name = job["metadata"]["name"]
     pods = pf.by_age(pods)
     finished = pf.job_finished(job)
@@ -191,6 +218,8 @@ def assess_attempt(job: dict, pods: list[dict]) -> AttemptState:
         return _failed(job, pods)
     if (job.get("spec") or {}).get("suspend"):
         live = [p for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+        if kf.queue_name(job) and not user_suspended:
+            return _queued(job, live, workload)
         message = (f"stopping trainer pod {live[-1]['metadata']['name']} (it saves a checkpoint first)" if live
                    else "suspended; the trainer resumes from its last checkpoint when spec.suspend is unset")
         return AttemptState(AttemptPhase.SUSPENDED, Reason.SUSPENDED, message)
@@ -257,7 +286,8 @@ def judge(job: QLoRAJob, observed: Observed, settings: OperatorSettings, start: 
                              f"trainer Job {trainer_job_name(job.name, attempt)} of attempt {attempt} is gone",
                              retryable=True, finished_at=_noticed(job, Reason.POD_LOST) or now)
     else:
-        state = assess_attempt(trainer_job, observed.pods.get(attempt, []))
+        state = assess_attempt(trainer_job, observed.pods.get(attempt, []), observed.workloads.get(attempt),
+                               job.spec.suspend)
     if state.phase != AttemptPhase.FAILED:
         return Verdict(attempt, state)
     ends = deadline(job, start)

@@ -32,3 +32,7 @@ def set_condition(status: QLoRAJobStatus, ctype: str, value: bool | str, reason:
         existing.last_transition_time = now
     existing.status, existing.reason, existing.message = value, reason, message
     existing.observed_generation = generation
+
+
+def remove_condition(status: QLoRAJobStatus, ctype: str) -> None:
+    status.conditions[:] = [c for c in status.conditions if c.type != ctype]

@@ -9,18 +9,19 @@ so a replayed event or a restarted operator derives the same status and emits no
 
 from dataclasses import dataclass
 
-from qlora_api import ConditionType, QLoRAJobStatus, Reason, TrainingProgress
+from qlora_api import ConditionType, QLoRAJobStatus, Reason, TrainingProgress, TrainingResult
 
 from qlora_operator import timestamps
 from qlora_operator.attempts import AttemptPhase, Verdict, judge
 from qlora_operator.conditions import find, is_terminal, is_true, set_condition
+from qlora_operator.kstatus_conditions import KSTATUS_CONDITION_TYPES, set_kstatus_conditions
 from qlora_operator.naming import trainer_job_name
 from qlora_operator.observation import Observed
 from qlora_operator.resource import QLoRAJob
 from qlora_operator.settings import DEFAULTS, OperatorSettings
 
-NORMAL_REASONS = {Reason.ACCEPTED, Reason.PENDING, Reason.SCHEDULED, Reason.TRAINING, Reason.SUSPENDED,
-                  Reason.RESUMED, Reason.COMPLETED, Reason.SUCCEEDED}
+NORMAL_REASONS = {Reason.ACCEPTED, Reason.PENDING, Reason.QUEUED, Reason.SCHEDULED, Reason.TRAINING,
+                  Reason.SUSPENDED, Reason.RESUMED, Reason.COMPLETED, Reason.SUCCEEDED}
 QUIET_REASONS = {Reason.PENDING, Reason.COMPLETED}
 EVENT_MESSAGE_LIMIT = 1024
 
@@ -39,11 +40,13 @@ def derive_status(job: QLoRAJob, observed: Observed,
     now, gen = observed.now, job.generation
     new.observed_generation = gen  # seen, even when finished (a later TTL change still applies)
     if is_terminal(old):
+        set_kstatus_conditions(new, gen, now)  # once, for jobs that finished before these conditions existed
         return new, []
     if job.spec is None:
         for ctype in (ConditionType.ACCEPTED, ConditionType.FAILED):
             set_condition(new, ctype, ctype == ConditionType.FAILED, Reason.INVALID_SPEC, job.spec_error or "", gen, now)
         new.phase, new.message, new.completion_time = "Failed", job.spec_error, now
+        set_kstatus_conditions(new, gen, now)
         return new, transition_events(old, new)
     set_condition(new, ConditionType.ACCEPTED, True, Reason.ACCEPTED, "the spec is valid", gen, now)
 
@@ -54,6 +57,7 @@ def derive_status(job: QLoRAJob, observed: Observed,
     _apply_verdict(new, verdict, job, gen, now)
     if observed.progress is not None:
         new.progress = _with_summary(observed.progress)
+    set_kstatus_conditions(new, gen, now)
     return new, transition_events(old, new)
 
 
@@ -90,7 +94,7 @@ def _apply_verdict(new: QLoRAJobStatus, verdict: Verdict, job: QLoRAJob, gen: in
         cond(ConditionType.SUSPENDED, True, Reason.SUSPENDED, state.message)
         cond(ConditionType.RUNNING, False, Reason.SUSPENDED, state.message)
     elif state.phase == AttemptPhase.SUCCEEDED:
-        new.phase, new.result = "Succeeded", state.result
+        new.phase, new.result = "Succeeded", with_serving_facts(state.result, job)
         new.completion_time = state.finished_at or now
         cond(ConditionType.RUNNING, False, Reason.COMPLETED, "the trainer finished")
         cond(ConditionType.SUCCEEDED, True, state.reason, state.message)
@@ -110,11 +114,36 @@ def _apply_verdict(new: QLoRAJobStatus, verdict: Verdict, job: QLoRAJob, gen: in
     new.message = driving.message if driving else None
 
 
+# Significant digits kept in status.progress: `kubectl get` prints a number column as stored, and a
+# loss of 0.41234567890123456 says no more than 0.4123 (the trainer's log keeps every digit).
+PROGRESS_DIGITS = {"loss": 4, "eval_loss": 4, "learning_rate": 3, "tokens_per_second": 4, "mfu": 3,
+                   "gpu_memory_gib": 3, "epoch": 4}
+
+
+def _significant(value: float | None, digits: int) -> float | None:
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
+def with_serving_facts(result: TrainingResult | None, job: QLoRAJob) -> TrainingResult | None:
+    """The base model and LoRA rank a server needs, from the spec where the trainer did not say
+    them (an older trainer image); what the trainer reports wins, since it saw the resolved model."""
+    if result is None:
+        return None
+    uri = job.spec.model.uri
+    return result.model_copy(update={
+        "base_model": result.base_model or (uri.removeprefix("hf://") if uri.startswith("hf://") else uri),
+        "base_model_revision": result.base_model_revision or job.spec.model.revision,
+        "lora_rank": result.lora_rank or job.spec.lora.r,
+        "lora_alpha": result.lora_alpha or job.spec.lora.alpha,
+    })
+
+
 def _with_summary(progress: TrainingProgress) -> TrainingProgress:
-    if progress.summary or not progress.total_steps:
-        return progress
-    percent = 100 * progress.step // progress.total_steps
-    return progress.model_copy(update={"summary": f"{progress.step}/{progress.total_steps} ({percent}%)"})
+    update = {k: _significant(getattr(progress, k), d) for k, d in PROGRESS_DIGITS.items()}
+    if not progress.summary and progress.total_steps:
+        percent = 100 * progress.step // progress.total_steps
+        update["summary"] = f"{progress.step}/{progress.total_steps} ({percent}%)"
+    return progress.model_copy(update=update)
 
 
 def transition_events(old: QLoRAJobStatus, new: QLoRAJobStatus) -> list[OperatorEvent]:
@@ -126,6 +155,8 @@ def transition_events(old: QLoRAJobStatus, new: QLoRAJobStatus) -> list[Operator
         before = find(old, cond.type)
         if before is not None and (before.status, before.reason) == (cond.status, cond.reason):
             continue
+        if cond.type in KSTATUS_CONDITION_TYPES:
+            continue  # summaries of the conditions that tell the story
         if cond.reason in QUIET_REASONS or (cond.type == ConditionType.SCHEDULED and cond.status == "True"):
             continue  # said better by another event (JobCreated, Succeeded, the scheduler's own)
         if cond.reason in seen:

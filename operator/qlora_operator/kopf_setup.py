@@ -34,7 +34,8 @@ def log_in(**kwargs) -> kopf.ConnectionInfo | None:
 
 
 def run_kopf(registry: kopf.OperatorRegistry, config: OperatorSettings) -> None:
-    """Standalone (no peering objects): one operator replica, Recreate on upgrade."""
+    """Standalone: kopf's peering objects only pause peers, they are not a lock. With several
+    replicas, the Lease (leadership.py) decides which one gets here at all."""
     liveness = f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None
     kopf.run(
         registry=registry,

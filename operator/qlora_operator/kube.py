@@ -5,12 +5,12 @@ Plain dicts in and out, through the kubernetes client's authenticated transport 
 models would only be converted back and forth).
 """
 
-import dataclasses
 import json
 import logging
 import os
 import socket
 import uuid
+from dataclasses import replace
 from datetime import datetime
 from urllib.parse import quote
 
@@ -20,6 +20,7 @@ from qlora_api import GROUP, PLURAL, VERSION, QLoRAJobStatus
 
 from qlora_operator import timestamps
 from qlora_operator.derivation import OperatorEvent
+from qlora_operator.kueue_facts import JOB_UID_LABEL, WORKLOADS_PATH, queue_name
 from qlora_operator.naming import children_selector
 from qlora_operator.observation import Observed, group_children, latest_progress, pod_to_tail
 from qlora_operator.planning import Action, Create, Patch
@@ -30,7 +31,8 @@ from qlora_operator.resource import QLoRAJob, merge_patch
 log = logging.getLogger(__name__)
 COMPONENT = "qlora-operator"
 MERGE_PATCH = "application/merge-patch+json"
-_COLLECTIONS = {"ConfigMap": "/api/v1/namespaces/{ns}/configmaps", "Job": "/apis/batch/v1/namespaces/{ns}/jobs"}
+_COLLECTIONS = {"ConfigMap": "/api/v1/namespaces/{ns}/configmaps", "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+                "Workload": WORKLOADS_PATH}
 
 
 class Conflict(Exception):
@@ -101,13 +103,30 @@ class Kube:
                            ("Pod", "/api/v1/namespaces/{ns}/pods")):
             if kind == "Job" or with_pods:
                 lists[kind] = self._call("GET", path.format(ns=job.namespace), query=query).get("items", [])
-        observed = group_children(job.uid, now, lists["ConfigMap"], lists["Job"], lists["Pod"])
+        queued = [j for j in lists["Job"] if queue_name(j)]
+        workloads = self.workloads_of(job.namespace, queued) if with_pods and queued else []
+        observed = group_children(job.uid, now, lists["ConfigMap"], lists["Job"], lists["Pod"], workloads)
         pod = pod_to_tail(observed) if with_pods else None
         if pod is None:
             return observed
         text = self.pod_log(job.namespace, pod["metadata"]["name"], log_tail_lines)
         progress = latest_progress(text) if text else None
-        return dataclasses.replace(observed, progress=progress)
+        return replace(observed, progress=progress)
+
+    def workloads_of(self, namespace: str, jobs: list[dict]) -> list[dict]:
+        """Kueue's Workloads for these Jobs; none where Kueue is not installed (yet), or where the
+        operator may not read them (the status then cannot quote Kueue, but the job still runs)."""
+        uids = ",".join(sorted(j["metadata"]["uid"] for j in jobs))
+        try:
+            return self._call("GET", WORKLOADS_PATH.format(ns=namespace),
+                              query={"labelSelector": f"{JOB_UID_LABEL} in ({uids})"}).get("items", [])
+        except ApiException as e:
+            if e.status == 403:
+                log.warning("listing Kueue Workloads in %s is forbidden: grant the operator get, list and patch "
+                            "on workloads.kueue.x-k8s.io", namespace)
+            if e.status in (403, 404):
+                return []
+            raise
 
     def pod_log(self, namespace: str, pod: str, tail_lines: int) -> str | None:
         path = f"/api/v1/namespaces/{namespace}/pods/{quote(pod)}/log"

@@ -2,6 +2,7 @@
 
     qlora-operator                          # every namespace; settings from QLORA_* variables
     qlora-operator -n team-a -n team-b      # only these namespaces
+    qlora-operator --leader-elect --leader-election-namespace qlora-system   # one of several replicas
     python -m qlora_operator --help
 
 kopf is edge-triggered: create/update/resume handlers and the Job/pod events only make a
@@ -18,6 +19,7 @@ from qlora_api.meta import LABEL_MANAGED_BY, MANAGED_BY
 
 from qlora_operator import kube, metrics, settings
 from qlora_operator.kopf_setup import configure_kopf, log_in, run_kopf
+from qlora_operator.leadership import run_while_leading
 from qlora_operator.reconcile import Reconciler
 from qlora_operator.resync import Resync
 
@@ -75,7 +77,12 @@ def run(argv: list[str] | None = None) -> None:
     reconciler = Reconciler(client, config)
     resync = Resync(client, reconciler, config.namespaces, config.reconcile_interval)
     metrics.serve(config.metrics_port)
-    run_kopf(register(reconciler, config, resync=resync), config)
+    registry = register(reconciler, config, resync=resync)
+    if config.leader_election:
+        run_while_leading(reconciler.kube, config, lambda: run_kopf(registry, config))
+    else:
+        metrics.LEADER.set(1)
+        run_kopf(registry, config)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ RECONCILE_ERRORS = Counter("qlora_operator_reconcile_errors_total",
 TIME_TO_RUNNING = Histogram("qlora_operator_time_to_running_seconds",
                             "From a QLoRAJob's creation to its trainer first running",
                             buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, float("inf")))
+LEADER = Gauge("qlora_operator_leader", "1 while this replica holds the leader Lease (or runs without election)")
 TRANSITIONS = Counter("qlora_operator_status_transitions_total", "Events recorded, by reason", ["reason"])
 
 

@@ -1,5 +1,5 @@
-"""The observed world of one QLoRAJob: its trainer Jobs, their pods and ConfigMaps, grouped by
-attempt, and the trainer's latest progress line. Built by `kube.observe`; pure data from here on."""
+"""The observed world of one QLoRAJob: its trainer Jobs, their pods, ConfigMaps and (for Jobs queued
+by Kueue) Workloads, grouped by attempt, and the trainer's latest progress line. Built by `kube.observe`; pure data from here on."""
 
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +21,7 @@ class Observed:
     # Trainer pods of this QLoRAJob's name whose Job is gone (deleted, orphaned) and which have not
     # terminated: a trainer may still be running there, so no new attempt may start yet.
     stray_pods: tuple[str, ...] = ()
+    workloads: dict[int, dict] = field(default_factory=dict)  # attempt -> Kueue Workload of that Job
 
     @property
     def latest_attempt(self) -> int:
@@ -28,7 +29,7 @@ class Observed:
 
 
 def group_children(owner_uid: str, now: datetime, config_maps: list[dict], jobs: list[dict],
-                   pods: list[dict]) -> Observed:
+                   pods: list[dict], workloads: list[dict] = ()) -> Observed:
     """Keeps only what this QLoRAJob (by uid) controls: a QLoRAJob deleted and created again under the
     same name must not adopt the children the garbage collector has yet to remove."""
     own_jobs = {attempt_of(j): j for j in jobs if owned_by(j, owner_uid) and attempt_of(j)}
@@ -39,11 +40,18 @@ def group_children(owner_uid: str, now: datetime, config_maps: list[dict], jobs:
             attempt = attempt_by_job_uid.get(ref.get("uid"))
             if attempt is not None:
                 own_pods.setdefault(attempt, []).append(pod)
+    own_workloads = {}
+    for workload in workloads:  # Kueue makes the Job the Workload's controller
+        for ref in workload["metadata"].get("ownerReferences") or []:
+            attempt = attempt_by_job_uid.get(ref.get("uid"))
+            if attempt is not None and ref.get("controller"):
+                own_workloads[attempt] = workload
     own_maps = {attempt_of(c): c for c in config_maps if owned_by(c, owner_uid) and attempt_of(c)}
     owned = {id(p) for group in own_pods.values() for p in group}
     strays = tuple(sorted(p["metadata"]["name"] for p in pods
                           if id(p) not in owned and attempt_of(p) and not pf.pod_terminated(p)))
-    return Observed(now=now, jobs=own_jobs, pods=own_pods, config_maps=own_maps, stray_pods=strays)
+    return Observed(now=now, jobs=own_jobs, pods=own_pods, config_maps=own_maps, workloads=own_workloads,
+                    stray_pods=strays)
 
 
 def pod_to_tail(observed: Observed) -> dict | None:

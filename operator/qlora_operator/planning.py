@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from qlora_api import QLoRAJobStatus
 
+from qlora_operator import kueue_facts as kf
 from qlora_operator import pod_facts as pf
 from qlora_operator import timestamps
 from qlora_operator.attempts import job_deadline_seconds, judge
@@ -34,7 +35,7 @@ class Create:
 
 @dataclass(frozen=True)
 class Patch:
-    kind: str  # Job or ConfigMap
+    kind: str  # Job, ConfigMap or (Kueue's) Workload
     name: str
     patch: dict  # a JSON merge patch
     why: str = field(compare=False)
@@ -61,7 +62,7 @@ def plan_actions(job: QLoRAJob, observed: Observed, status: QLoRAJobStatus,
     actions: list[Action] = []
     if verdict.attempt not in observed.config_maps:  # deleted by hand: the pod cannot start without it
         actions.append(Create(render_config_map(job, verdict.attempt), "the attempt's config is missing"))
-    actions += _mutable_fields(job, current, status)
+    actions += _mutable_fields(job, current, status, observed.workloads.get(verdict.attempt))
     return actions
 
 
@@ -86,20 +87,29 @@ def trainers_still_running(observed: Observed) -> list[str]:
     return sorted(live) + list(observed.stray_pods)
 
 
-def _mutable_fields(job: QLoRAJob, current: dict, status: QLoRAJobStatus) -> list[Action]:
-    """suspend and activeDeadlineSeconds follow the QLoRAJob's spec while the Job runs."""
+def _mutable_fields(job: QLoRAJob, current: dict, status: QLoRAJobStatus, workload: dict | None) -> list[Action]:
+    """suspend and activeDeadlineSeconds follow the QLoRAJob's spec while the Job runs.
+
+    A Job queued by Kueue is Kueue's to suspend and unsuspend (it would undo any change to
+    spec.suspend of an admitted Job); the user's spec.suspend goes to the Workload's spec.active
+    instead, which is how Kueue deactivates (evicts and holds) and requeues a workload."""
     spec = current.get("spec") or {}
     name = current["metadata"]["name"]
+    actions: list[Action] = []
     patch: dict = {}
-    if bool(spec.get("suspend")) != job.spec.suspend:
+    if kf.queue_name(current):
+        if workload is not None and kf.is_active(workload) == job.spec.suspend:
+            actions.append(Patch("Workload", workload["metadata"]["name"], {"spec": {"active": not job.spec.suspend}},
+                                 "spec.suspend (Kueue deactivates or requeues the workload)"))
+    elif bool(spec.get("suspend")) != job.spec.suspend:
         patch["suspend"] = job.spec.suspend
     created = timestamps.parse(current["metadata"].get("creationTimestamp"))
     want = job_deadline_seconds(job, status.start_time, created)
     if not job.spec.suspend and spec.get("activeDeadlineSeconds") != want:
         patch["activeDeadlineSeconds"] = want
-    if not patch:
-        return []
-    return [Patch("Job", name, {"spec": patch}, f"spec changed: {', '.join(sorted(patch))}")]
+    if patch:
+        actions.append(Patch("Job", name, {"spec": patch}, f"spec changed: {', '.join(sorted(patch))}"))
+    return actions
 
 
 def _finished_job_ttls(job: QLoRAJob, observed: Observed) -> list[Action]:

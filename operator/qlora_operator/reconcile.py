@@ -22,7 +22,7 @@ from qlora_operator.resource import QLoRAJob
 from qlora_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
-BEFORE_FIRST_RUN = {None, Reason.PENDING, Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED,
+BEFORE_FIRST_RUN = {None, Reason.PENDING, Reason.QUEUED, Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED,
                     Reason.CONTAINER_CONFIG_ERROR}
 
 

@@ -6,12 +6,14 @@ checkpoints of attempt n. The trainer pod gets no Kubernetes credentials at all:
 through its log (progress lines) and its termination message (result or error).
 """
 
+import copy
 import json
 
 from qlora_api import ExitCode, TrainerRunConfig
 from qlora_api.protocol import CONFIG_FILE, CONFIG_MOUNT_DIR, CONFIG_PATH, TERMINATION_MESSAGE_PATH
 from qlora_api.spec import ResourcesSpec, SecretKeyRefs
 
+from qlora_operator.kueue_facts import QUEUE_LABEL, queue_labels
 from qlora_operator.naming import ANNOTATION_JOB_NAME, child_labels, config_map_name, trainer_job_name
 from qlora_operator.pod_facts import TRAINER_CONTAINER
 from qlora_operator.resource import QLoRAJob
@@ -23,6 +25,23 @@ GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedu
 CONFIG_VOLUME = "config"
 # Time for a SIGTERMed trainer to finish its step and upload a checkpoint before SIGKILL.
 TERMINATION_GRACE_SECONDS = 120
+# The non-root user trainer_image/Dockerfile creates (a test keeps the two equal). A fixed uid, not
+# just runAsNonRoot, so the kubelet can verify it without inspecting the image, and an image that
+# forgot its USER line still runs unprivileged.
+TRAINER_UID = 10001
+
+# The trainer needs no privilege at all: it reads a file, talks to S3 and the GPU (the device
+# plugin hands the GPU to the container, no capability needed), and writes under /tmp and $HOME.
+TRAINER_POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": TRAINER_UID,
+    "runAsGroup": TRAINER_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+TRAINER_CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 # Pod failures that must not burn the Job's only try (backoffLimit 0): the Job starts a replacement
 # pod and the trainer resumes from its last checkpoint. DisruptionTarget covers eviction,
@@ -56,13 +75,20 @@ def render_config_map(job: QLoRAJob, attempt: int) -> dict:
 def render_trainer_job(job: QLoRAJob, attempt: int, *, default_image: str,
                        active_deadline_seconds: int | None) -> dict:
     """The batch/v1 Job of one attempt. backoffLimit 0: the operator decides about retries (it
-    knows which exit codes are worth one), the Job only replaces disrupted pods."""
+    knows which exit codes are worth one), the Job only replaces disrupted pods.
+
+    A QLoRAJob labelled with a Kueue LocalQueue hands its Jobs to Kueue: they carry the label and
+    are created suspended, which is what Kueue's own Job webhook would enforce (so no pod starts
+    before admission, and nothing depends on that webhook being installed); Kueue unsuspends the Job
+    once its Workload is admitted. Kueue's priority comes from the pod's priorityClassName, or from
+    a `kueue.x-k8s.io/priority-class` label (a WorkloadPriorityClass), copied here as well."""
     name = trainer_job_name(job.name, attempt)
     labels = child_labels(job.name, attempt)
+    kueue = queue_labels(job.labels)
     spec = {
         "backoffLimit": 0,
         "podFailurePolicy": POD_FAILURE_POLICY,
-        "suspend": job.spec.suspend,
+        "suspend": job.spec.suspend or QUEUE_LABEL in kueue,
         "template": {
             "metadata": {"labels": labels, "annotations": {ANNOTATION_JOB_NAME: job.name}},
             "spec": render_pod_spec(job, attempt, default_image),
@@ -70,7 +96,9 @@ def render_trainer_job(job: QLoRAJob, attempt: int, *, default_image: str,
     }
     if active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = active_deadline_seconds
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(job, name, attempt), "spec": spec}
+    metadata = _metadata(job, name, attempt)
+    metadata["labels"].update(kueue)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 
 def render_pod_spec(job: QLoRAJob, attempt: int, default_image: str) -> dict:
@@ -86,12 +114,16 @@ def render_pod_spec(job: QLoRAJob, attempt: int, default_image: str) -> dict:
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         # A trainer killed before it could write its message still leaves its last log lines.
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": copy.deepcopy(TRAINER_CONTAINER_SECURITY_CONTEXT),
     }
     if res.image_pull_policy:
         container["imagePullPolicy"] = res.image_pull_policy
     pod = {
         "restartPolicy": "Never",
+        # No Kubernetes credentials in the pod: the trainer reports through its log and
+        # termination message, never through the API.
         "automountServiceAccountToken": False,
+        "securityContext": copy.deepcopy(TRAINER_POD_SECURITY_CONTEXT),
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [container],

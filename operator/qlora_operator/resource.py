@@ -1,7 +1,7 @@
 """The QLoRAJob custom resource as the operator reads it: identity, the validated spec, the status."""
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from pydantic import ValidationError
@@ -21,6 +21,7 @@ class QLoRAJob:
     spec: QLoRAJobSpec | None  # None when the operator's models refuse what the API server took
     spec_error: str | None
     status: QLoRAJobStatus
+    labels: Mapping[str, str] = field(default_factory=dict)  # metadata.labels (Kueue's queue name, ...)
 
     @classmethod
     def from_body(cls, body: Mapping) -> "QLoRAJob":
@@ -39,6 +40,7 @@ class QLoRAJob:
             spec=spec,
             spec_error=spec_error,
             status=parse_status(body.get("status")),
+            labels=dict(meta.get("labels") or {}),
         )
 
     @property

@@ -7,9 +7,10 @@ The Helm chart sets the environment variables; flags are for running it by hand:
 
 import argparse
 import os
+import socket
 from dataclasses import dataclass, field
 
-DEFAULT_TRAINER_IMAGE = "qlora-operator/trainer:0.1.0"
+DEFAULT_TRAINER_IMAGE = "qlora-operator/trainer:0.2.0"
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,15 @@ class OperatorSettings:
     retry_delay_max: float = 300.0
     log_tail_lines: int = 50  # of the running trainer's log, read for progress lines each reconcile
     kopf_annotation_prefix: str = field(default="qlora-operator.dev")
+    # Lease-based leader election (the chart turns it on for its replicas): only the holder of
+    # Lease <leader_election_namespace>/<leader_election_lease> reconciles. client-go's defaults.
+    leader_election: bool = False
+    leader_election_namespace: str = "default"
+    leader_election_lease: str = "qlora-operator"
+    leader_election_identity: str = field(default_factory=lambda: os.environ.get("HOSTNAME") or socket.gethostname())
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
 
     @property
     def all_namespaces(self) -> bool:
@@ -43,7 +53,22 @@ _ENV = {
     "retry_delay": "QLORA_RETRY_DELAY_SECONDS",
     "retry_delay_max": "QLORA_RETRY_DELAY_MAX_SECONDS",
     "log_tail_lines": "QLORA_LOG_TAIL_LINES",
+    "leader_election": "QLORA_LEADER_ELECTION",
+    "leader_election_namespace": "QLORA_LEADER_ELECTION_NAMESPACE",
+    "leader_election_lease": "QLORA_LEADER_ELECTION_LEASE",
+    "leader_election_identity": "QLORA_POD_NAME",
+    "lease_duration": "QLORA_LEASE_DURATION_SECONDS",
+    "renew_deadline": "QLORA_RENEW_DEADLINE_SECONDS",
+    "retry_period": "QLORA_RETRY_PERIOD_SECONDS",
 }
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _boolean(var: str, raw: str) -> bool:
+    if raw.lower() in _TRUE | _FALSE:
+        return raw.lower() in _TRUE
+    raise SystemExit(f"{var}={raw!r}: expected true or false")
 
 
 def _from_env(environ: dict[str, str]) -> dict:
@@ -55,6 +80,8 @@ def _from_env(environ: dict[str, str]) -> dict:
             continue
         if name == "namespaces":
             values[name] = tuple(n.strip() for n in raw.split(",") if n.strip())
+        elif isinstance(getattr(defaults, name), bool):
+            values[name] = _boolean(var, raw)
         else:
             values[name] = type(getattr(defaults, name))(raw)
     return values
@@ -72,8 +99,17 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
     parser.add_argument("--health-port", type=int, help="liveness port, 0 for none")
     parser.add_argument("--retry-delay", type=float, help="seconds before attempt 2 (doubling after)")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--leader-elect", dest="leader_election", action="store_true", default=None,
+                        help=f"reconcile only while holding the leader Lease (${_ENV['leader_election']})")
+    parser.add_argument("--leader-election-namespace", help="namespace of the leader Lease")
+    parser.add_argument("--leader-election-lease", help="name of the leader Lease")
+    parser.add_argument("--lease-duration", type=float, help="seconds a standby waits for an unrenewed Lease")
+    parser.add_argument("--renew-deadline", type=float, help="seconds the leader retries renewing before it exits")
+    parser.add_argument("--retry-period", type=float, help="seconds between Lease acquire/renew attempts")
     args = parser.parse_args(argv)
-    for name in ("trainer_image", "reconcile_interval", "metrics_port", "health_port", "retry_delay", "log_level"):
+    for name in ("trainer_image", "reconcile_interval", "metrics_port", "health_port", "retry_delay", "log_level",
+                 "leader_election", "leader_election_namespace", "leader_election_lease", "lease_duration",
+                 "renew_deadline", "retry_period"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     if args.namespaces:

@@ -5,7 +5,6 @@ the eviction API (DisruptionTarget) and a kubelet (container states) write.
 """
 
 import copy
-import dataclasses
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -56,9 +55,12 @@ def qlorajob_manifest(name: str, namespace: str, spec: dict | None = None) -> di
 
 
 def qlorajob_body(name: str = "demo", namespace: str = "ml", spec: dict | None = None, status: dict | None = None,
-                  generation: int = 1, uid: str = "0f0e0d0c-0000-4000-8000-000000000001") -> dict:
+                  generation: int = 1, uid: str = "0f0e0d0c-0000-4000-8000-000000000001",
+                  labels: dict | None = None) -> dict:
     """The same QLoRAJob as the API server returns it."""
     body = qlorajob_manifest(name, namespace, spec)
+    if labels:
+        body["metadata"]["labels"] = dict(labels)
     body["metadata"].update(uid=uid, generation=generation, resourceVersion="100", creationTimestamp=ts(0))
     if status is not None:
         body["status"] = status
@@ -183,16 +185,53 @@ def config_map_for(job: QLoRAJob, attempt: int) -> dict:
 
 
 def observe(job: QLoRAJob, jobs: list[dict] = (), pods: list[dict] = (), *, now: float = 100,
-            progress=None, config_maps: list[dict] | None = None):
+            progress=None, config_maps: list[dict] | None = None, workloads: list[dict] = ()):
     """An Observed as kube.observe builds it (config maps default to one per Job)."""
+    import dataclasses
+
     from qlora_operator.observation import group_children
 
     if config_maps is None:
         from qlora_operator.naming import attempt_of
 
         config_maps = [config_map_for(job, attempt_of(j)) for j in jobs]
-    grouped = group_children(job.uid, at(now), list(config_maps), list(jobs), list(pods))
+    grouped = group_children(job.uid, at(now), list(config_maps), list(jobs), list(pods), list(workloads))
     return dataclasses.replace(grouped, progress=progress)
+
+
+# --- Kueue -------------------------------------------------------------------------------------
+
+QUOTA_MESSAGE = ("couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu in "
+                 "flavor gpu, 1 more needed")
+
+
+def workload(trainer: dict, *, conditions: list[dict] = (), active: bool | None = None) -> dict:
+    """The Workload Kueue's Job integration creates for a queued Job (controlled by the Job)."""
+    meta = trainer["metadata"]
+    spec = {"queueName": meta["labels"]["kueue.x-k8s.io/queue-name"], "podSets": []}
+    if active is not None:
+        spec["active"] = active
+    return {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+        "metadata": {"name": f"job-{meta['name']}-1a2b3", "namespace": meta["namespace"],
+                     "labels": {"kueue.x-k8s.io/job-uid": meta["uid"]},
+                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                          "uid": meta["uid"], "controller": True}]},
+        "spec": spec,
+        "status": {"conditions": list(conditions)},
+    }
+
+
+def wl_cond(ctype: str, status: str, reason: str, message: str, seconds: float = 5) -> dict:
+    return {"type": ctype, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": ts(seconds)}
+
+
+def suspended(trainer: dict) -> dict:
+    """The Job as Kueue holds it (or suspends it again after an eviction)."""
+    trainer["spec"]["suspend"] = True
+    trainer["status"] = {"conditions": [_cond("Suspended", 1, "JobSuspended", "Job suspended")]}
+    return trainer
 
 
 def with_status(job: QLoRAJob, status) -> QLoRAJob:

@@ -42,6 +42,8 @@ WINNER_WAIT_SECONDS = 600
 SETTLE_SECONDS = 2.0  # stores without conditional writes: the read-back delay
 METRICS = "metrics.json"
 CONFIG = "training_config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+MERGED = "merged"
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,44 @@ def upload_with_manifest(storage: S3Storage, root: S3Uri, files: dict[str, Path]
     return body, entries
 
 
+def server_model_name(model_uri: str) -> str:
+    """The base model as a server resolves it: a Hugging Face id for hf://, else the spec's URI."""
+    return model_uri.removeprefix("hf://") if model_uri.startswith("hf://") else model_uri
+
+
+def point_adapter_at_base(adapter_dir: Path, base_model: str, revision: str | None) -> dict:
+    """adapter_config.json names the base a server can find (peft wrote the trainer's scratch folder),
+    and the exact revision trained on; returns the config as published."""
+    path = adapter_dir / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_model
+    # A hub commit is a revision a server can ask for; our sha256: fingerprints of s3/pvc folders are not.
+    config["revision"] = revision if revision and not revision.startswith("sha256:") else None
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return config
+
+
+def adapter_facts(adapter_config: dict) -> dict:
+    """What a server needs from the adapter's own config: rank, alpha and the wrapped modules."""
+    modules = adapter_config.get("target_modules") or []
+    # peft may write every wrapped layer's full path (model.layers.0.mlp.down_proj, ...): servers
+    # match on the last part, and 28 layers x 7 paths do not belong in a status.
+    leaves = {m.rsplit(".", 1)[-1] for m in ([modules] if isinstance(modules, str) else modules)}
+    return {
+        "lora_rank": adapter_config.get("r"),
+        "lora_alpha": adapter_config.get("lora_alpha"),
+        "target_modules": sorted(leaves),
+    }
+
+
+def write_merged_manifest(merged_dir: Path) -> str:
+    """merged/manifest.json: the merged model's own file list, for servers that take only it."""
+    entries = describe_files(files_under(merged_dir))
+    body = json.dumps({"files": [e.model_dump() for e in entries if e.path != MANIFEST]}, indent=2, sort_keys=True)
+    (merged_dir / MANIFEST).write_text(body)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
 def publish(
     storage: S3Storage,
     run: RunLocation,
@@ -120,18 +160,25 @@ def publish_once(storage: S3Storage, run: RunLocation, adapter_dir: Path, resolv
     """(the run's publication, whether this trainer made it)."""
     if not claim_publication(storage, run, attempt):
         return _winners_result(storage, run, "another trainer of this run holds the publication claim"), False
+    adapter_config = point_adapter_at_base(adapter_dir, result.base_model or "", result.base_model_revision)
+    facts = adapter_facts(adapter_config)
     staging = adapter_dir.parent / "publish-extra"
     staging.mkdir(parents=True, exist_ok=True)
     (staging / CONFIG).write_text(json.dumps(resolved_config, indent=2, sort_keys=True))
     (staging / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     files = {**files_under(adapter_dir), **files_under(staging)}
+    merged = {}
     if merged_dir is not None:
-        files.update(files_under(merged_dir, "merged/"))
+        merged = {"merged_model_uri": f"{run.uri}{MERGED}/", "merged_model_manifest_uri": str(run.root.join(MERGED, MANIFEST)),
+                  "merged_model_manifest_sha256": write_merged_manifest(merged_dir)}
+        files.update(files_under(merged_dir, f"{MERGED}/"))
+    serving = {"baseModel": result.base_model, "baseModelRevision": result.base_model_revision,
+               "loraRank": facts["lora_rank"], "loraAlpha": facts["lora_alpha"], "targetModules": facts["target_modules"],
+               **({"mergedModelManifestSha256": merged["merged_model_manifest_sha256"]} if merged else {})}
     entries = describe_files(files)
     for entry in entries:
         storage.upload_file(files[entry.path], run.root.join(entry.path))
-    manifest = {"adapterUri": run.uri, "baseModelRevision": result.base_model_revision, "metrics": metrics,
-                "files": [e.model_dump() for e in entries]}
+    manifest = {"adapterUri": run.uri, **serving, "metrics": metrics, "files": [e.model_dump() for e in entries]}
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
     if storage.exists(run.manifest) or not storage.put_bytes_if_absent(body, run.manifest):
         # Only a trainer that ignored the claim (or a store that lost it) gets here.
@@ -143,7 +190,8 @@ def publish_once(storage: S3Storage, run: RunLocation, adapter_dir: Path, resolv
         "manifest_sha256": hashlib.sha256(body).hexdigest(),
         "files": entries,
         "total_bytes": sum(e.size for e in entries),
-        "merged_model_uri": run.uri + "merged/" if merged_dir is not None else None,
+        **facts,
+        **merged,
     }), True
 
 
@@ -191,14 +239,21 @@ def already_published(storage: S3Storage, run: RunLocation) -> TrainingResult | 
     manifest = json.loads(body)
     entries = [PublishedFile.model_validate(e) for e in manifest.get("files", [])]
     metrics = manifest.get("metrics", {})
+    merged_sha = manifest.get("mergedModelManifestSha256")
     return TrainingResult(
         adapter_uri=run.uri,
         manifest_uri=str(run.manifest),
         manifest_sha256=hashlib.sha256(body).hexdigest(),
         files=entries,
         total_bytes=sum(e.size for e in entries),
+        base_model=manifest.get("baseModel"),
         base_model_revision=manifest.get("baseModelRevision"),
-        merged_model_uri=run.uri + "merged/" if any(e.path.startswith("merged/") for e in entries) else None,
+        lora_rank=manifest.get("loraRank"),
+        lora_alpha=manifest.get("loraAlpha"),
+        target_modules=manifest.get("targetModules") or [],
+        merged_model_uri=f"{run.uri}{MERGED}/" if merged_sha else None,
+        merged_model_manifest_uri=str(run.root.join(MERGED, MANIFEST)) if merged_sha else None,
+        merged_model_manifest_sha256=merged_sha,
         **{k: metrics.get(k) for k in ("eval_loss_before", "eval_loss_after", "perplexity_before",
                                         "perplexity_after", "train_seconds", "resumed_from_step")},
     )

@@ -64,8 +64,10 @@ def result_message(result: TrainingResult) -> str:
     text = TrainerResultMessage(result=trimmed).model_dump_json(by_alias=True, exclude_none=True)
     if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
         return text
+    # What a server needs stays too (the base, the adapter's rank and modules, the merged model's manifest).
     essentials = {"adapter_uri", "manifest_uri", "manifest_sha256", "eval_loss_before", "eval_loss_after",
-                  "resumed_from_step"}
+                  "resumed_from_step", "base_model", "base_model_revision", "lora_rank", "lora_alpha",
+                  "target_modules", "merged_model_uri", "merged_model_manifest_uri", "merged_model_manifest_sha256"}
     trimmed = TrainingResult(**{k: v for k, v in trimmed.model_dump().items() if k in essentials})
     return TrainerResultMessage(result=trimmed).model_dump_json(by_alias=True, exclude_none=True)
 

@@ -106,6 +106,7 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     }
     result = TrainingResult(
         adapter_uri=run.uri,
+        base_model=publishing.server_model_name(spec.model.uri),
         base_model_revision=model_files.revision,
         **{k: metrics[k] for k in ("eval_loss_before", "eval_loss_after", "perplexity_before",
                                     "perplexity_after", "train_seconds", "resumed_from_step")},
@@ -133,10 +134,22 @@ def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, pla
             "gradientAccumulationSteps": training.gradient_accumulation_steps,
             "gradientCheckpointing": training.gradient_checkpointing,
             "memoryPlan": plan.describe() if plan is not None else None,
+            # the fast path as it ran: the spec's choice after the environment's diagnosis switches,
+            # and off wherever no plan was made (a CPU, an architecture the planner cannot read)
+            "acceleration": _acceleration_as_run(cfg, plan),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         },
         "versions": versions,
     }
+
+
+def _acceleration_as_run(cfg: TrainerRunConfig, plan) -> dict:
+    choice = trainer_hooks.choose_acceleration(cfg.spec.training.acceleration)
+    if plan is None:
+        why = choice.why if choice.path == "plain" else "no memory plan (no GPU, or an architecture the planner cannot read)"
+        return {"path": "plain", "cudaGraphs": False, "why": why}
+    return {"path": "fused" if plan.fused_layers else "perProjection", "cudaGraphs": plan.cuda_graphs,
+            "why": choice.why}
 
 
 def _fmt(value: float | None) -> str:

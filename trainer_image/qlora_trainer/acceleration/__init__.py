@@ -42,10 +42,12 @@ def gpu_spec(device: int = 0, memory_fraction: float | None = None) -> GpuSpec:
 
 def plan_for_gpu(model_config, job: JobShape, policy: str = "auto", device: int = 0,
                  memory_fraction: float | None = None, packing: bool = True,
-                 micro_batch: int | None = None, recompute: str | None = None) -> MemoryPlan:
+                 micro_batch: int | None = None, recompute: str | None = None,
+                 fused: bool | None = None) -> MemoryPlan:
     """Plan from a transformers config (or its dict) for the GPU this process sees; whether the
-    decoder layers run fused follows QLORA_FUSED_LAYER (planner.fused_layer_wanted)."""
-    fused = fused_layer_wanted(os.environ.get("QLORA_FUSED_LAYER"))
+    decoder layers run fused: `fused`, or by default QLORA_FUSED_LAYER (planner.fused_layer_wanted)."""
+    if fused is None:
+        fused = fused_layer_wanted(os.environ.get("QLORA_FUSED_LAYER"))
     return plan_memory(ModelShape.from_hf_config(model_config), job, gpu_spec(device, memory_fraction),
                        policy=policy, packing=packing, micro_batch=micro_batch,
                        recompute=recompute, fused=fused)

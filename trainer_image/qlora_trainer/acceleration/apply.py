@@ -5,7 +5,7 @@ unchanged); what changes is how its modules compute in training:
 - Llama-style decoder layers (Llama, Qwen2, Mistral, ...) run as two fused autograd functions
   (fused_layer.py: fused q|k|v and gate|up GEMMs, in-kernel LoRA dropout, Triton norms, RoPE and
   SwiGLU), replayed as CUDA graphs for fixed-length rows (cuda_graphs.py), when the plan says so
-  (its default); QLORA_FUSED_LAYER=0 and QLORA_CUDA_GRAPHS=0 turn them off;
+  (its default); the plan's fused_layers and cuda_graphs turn them off;
 - other LoRA layers over frozen linears run as one autograd function (LoRALinearFunction);
 - gated SiLU MLPs (Llama, Qwen2, Mistral, ...) run as one function that keeps x, gate and up;
 - Llama-style RMSNorms keep their compute-dtype input instead of fp32 copies;
@@ -195,8 +195,7 @@ def _cache_weights(layers, plan: MemoryPlan) -> tuple[int, int]:
 
 def _install_fused_layers(layers, config, dtype, report, plan: MemoryPlan) -> None:
     if not plan.fused_layers:
-        report.skipped.append("decoder layers run per projection: the plan has fused decoder layers off "
-                              "(QLORA_FUSED_LAYER=0)")
+        report.skipped.append("decoder layers run per projection: the plan has fused decoder layers off")
         return
     if config is None:
         return
@@ -283,7 +282,7 @@ def apply_acceleration(model, plan: MemoryPlan) -> AccelerationReport:
     report.recompute = plan.recompute
     report.recompute_layers = _set_recompute(layers, plan)
     if report.fused_layers:
-        report.graphed_layers = fused_layer.install_graphs(layers)
+        report.graphed_layers = fused_layer.install_graphs(layers, enabled=plan.cuda_graphs)
     report.cached_layers, report.cached_bytes = _cache_weights(layers, plan)
     try:
         name = register_varlen_attention()

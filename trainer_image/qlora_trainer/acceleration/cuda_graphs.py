@@ -84,10 +84,10 @@ class _GraphedLayer(torch.autograd.Function):
 class LayerGraphs:
     """The graphs of one model's fused layers, for one input shape."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, enabled: bool = True):
         self.layers = layers  # every fused decoder layer, in order
-        mode = os.environ.get("QLORA_CUDA_GRAPHS", "1")
-        self.failed = mode == "0"
+        mode = os.environ.get("QLORA_CUDA_GRAPHS", "1")  # 0 or emulate: diagnosis and CPU tests
+        self.failed = mode == "0" or not enabled
         self.emulate = mode == "emulate"
         self.key = None
         self.states: dict[int, _LayerState] = {}

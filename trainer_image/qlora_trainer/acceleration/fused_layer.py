@@ -10,7 +10,8 @@ Same numerics as the plain recipe, far fewer kernel launches and bytes moved:
 - the LoRA A side of the projections that share an input is one kernel that applies each
   projection's dropout mask while it reads the input (fused_ops.lora_a): no mask is stored, backward
   draws it again from the same seed; the B side of q, k and v is one GEMM with a block-diagonal B;
-- the residual add rides on the o_proj and down_proj GEMMs (addmm);
+- the residual add follows the o_proj and down_proj outputs with their LoRA products (one
+  element-wise pass; riding on the GEMM, it rounded a young adapter's contribution away);
 - RMSNorm, RoPE (in place on the qkv buffer) and SwiGLU are one kernel each (fused_ops);
 - attention is variable-length flash attention over the packed records, called directly.
 What is kept for backward: the layer input, the qkv buffer, the attention output and its
@@ -200,6 +201,17 @@ class AttentionShape:
         return heads[:, :hq], heads[:, hq:hq + hk], heads[:, hq + hk:], heads[:, :hq + hk]
 
 
+def _project_and_add(x, inp, w, a, B):
+    """x + (inp @ w.T + a @ B.T), in this order. The adapter's product joins the projection's output
+    before the residual stream: added to the residual sum after it was rounded to bf16, a young
+    adapter's contribution (smaller than half a bf16 step of the residual stream) rounded away to
+    exactly nothing, and the fused path learned measurably slower than the plain recipe at the
+    Llama-3-8B shape (benchmarks/results/lora_grad_parity_h200.md)."""
+    y = inp @ w.t()
+    y.addmm_(a, B.t())
+    return y.add_(x)
+
+
 def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params):
     """y = x + o_proj(attention(rope(qkv(rms_norm(x))))) and what backward needs."""
     shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
@@ -218,8 +230,7 @@ def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params):
     out, state = _attention(q, k, v, pack[0], pack[1], shape.scale)
     o2 = out.view(out.shape[0], -1)
     ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1)
-    y = torch.addmm(x, o2, Wo.get().t())
-    y.addmm_(ao, Bo.t())
+    y = _project_and_add(x, o2, Wo.get(), ao, Bo)
     return y, (rstd, qkv, out, state, a, ao)
 
 
@@ -303,9 +314,8 @@ def _mlp_forward(layer, x, norm_w, seeds, lora_params):
     gu.addmm_(a, B.t())
     m = ops.swiglu(gu)
     ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1)
-    y = torch.addmm(x, m, Wd.get().t())
+    y = _project_and_add(x, m, Wd.get(), ad, Bd)
     del m
-    y.addmm_(ad, Bd.t())
     return y, (rstd, gu, a, ad)
 
 
@@ -501,12 +511,13 @@ def _token_rope(position_embeddings, n_tokens: int, rows: int):
     return c2, s2
 
 
-def install_graphs(layers) -> int:
-    """Share one LayerGraphs among a model's installed layers; how many layers may be graphed."""
+def install_graphs(layers, enabled: bool = True) -> int:
+    """Share one LayerGraphs among a model's installed layers; how many layers may be graphed
+    (none when the plan has CUDA graphs off)."""
     from .cuda_graphs import LayerGraphs
 
     fused = [layer for layer in layers if hasattr(layer, "_qlora_qkv")]
-    graphs = LayerGraphs(fused)
+    graphs = LayerGraphs(fused, enabled=enabled)
     for layer in fused:
         layer._qlora_graphs = graphs
     on_cuda = bool(fused) and fused[0].input_layernorm.weight.is_cuda

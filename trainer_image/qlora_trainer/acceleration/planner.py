@@ -163,13 +163,14 @@ class MemoryPlan:
     optimizer: str = "adamw_torch_fused"
     breakdown: dict = field(default_factory=dict)
     fused_layers: bool = True  # decoder layers as fused_layer.py's functions (else per projection)
+    cuda_graphs: bool = True  # fused layers of fixed-length rows replayed as CUDA graphs
 
     def describe(self) -> str:
         return (
             f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, recompute {self.recompute}"
             f" ({self.recompute_layers} layers), bf16 weight copies in {self.cached_layers} layers,"
             f" cross-entropy in chunks of {self.ce_chunk_tokens} tokens, packing {'on' if self.packing else 'off'},"
-            f" fused decoder layers {'on' if self.fused_layers else 'off (QLORA_FUSED_LAYER=0)'},"
+            f" fused decoder layers {('on' + ('' if self.cuda_graphs else ', no CUDA graphs')) if self.fused_layers else 'off'},"
             f" {self.optimizer};"
             f" predicted peak {self.predicted_peak_bytes / GIB:.2f} GiB of a {self.budget_bytes / GIB:.2f} GiB"
             f" budget ({self.policy}), about {self.predicted_tokens_per_s:,.0f} tokens/s"

@@ -1,0 +1,87 @@
+"""spec.training.acceleration: validation, the CRD's rule, and how it combines with the trainer's
+diagnosis switches in the environment (which can only turn parts off)."""
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from qlora_api import QLoRAJobSpec
+
+BASE = {"model": {"uri": "s3://models/tiny/"}, "dataset": {"uri": "s3://data/train.jsonl"},
+        "output": {"bucket": "adapters"}}
+
+
+def _spec(acceleration: dict | None = None) -> QLoRAJobSpec:
+    training = {} if acceleration is None else {"acceleration": acceleration}
+    return QLoRAJobSpec.model_validate({**BASE, "training": training})
+
+
+def test_the_fast_path_is_the_default_with_graphs_left_to_it():
+    acc = _spec().training.acceleration
+    assert acc.path == "fused" and acc.cuda_graphs is None
+
+
+@pytest.mark.parametrize("acceleration", [{"path": "off"}, {"path": False}, {"path": "Fused"}, {"cudaGraphs": "maybe"},
+                                          {"path": "plain", "cudaGraphs": True},
+                                          {"path": "perProjection", "cudaGraphs": True}, {"fusedLayers": False}])
+def test_bad_settings_are_refused(acceleration):
+    with pytest.raises(ValidationError):
+        _spec(acceleration)
+
+
+def test_graphs_can_be_turned_off_on_the_fused_path_and_named_off_elsewhere():
+    assert _spec({"cudaGraphs": False}).training.acceleration.cuda_graphs is False
+    assert _spec({"path": "plain", "cudaGraphs": False}).training.acceleration.path == "plain"
+
+
+def test_the_crd_carries_the_field_and_its_rule():
+    from pathlib import Path
+
+    crd = yaml.safe_load((Path(__file__).parents[1] / "crds" / "training.qlora-operator.dev_qlorajobs.yaml").read_text())
+    training = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["training"]
+    acc = training["properties"]["acceleration"]
+    assert acc["properties"]["path"]["enum"] == ["fused", "perProjection", "plain"]
+    assert acc["properties"]["path"]["default"] == "fused"
+    assert any("cudaGraphs applies to path fused only" == r["message"] for r in acc["x-kubernetes-validations"])
+
+
+@pytest.mark.parametrize("acceleration,env,expected", [
+    ({}, {}, ("fused", True, "spec.training.acceleration")),
+    ({"cudaGraphs": False}, {}, ("fused", False, "spec.training.acceleration")),
+    ({"path": "perProjection"}, {}, ("perProjection", False, "spec.training.acceleration")),
+    ({"path": "plain"}, {}, ("plain", False, "spec.training.acceleration")),
+    ({}, {"QLORA_ACCELERATION": "0"}, ("plain", False, "QLORA_ACCELERATION=0")),
+    ({}, {"QLORA_FUSED_LAYER": "0"}, ("perProjection", False, "QLORA_FUSED_LAYER=0")),
+    ({}, {"QLORA_CUDA_GRAPHS": "0"}, ("fused", False, "QLORA_CUDA_GRAPHS=0")),
+    # the environment never turns on what the spec turned off
+    ({"path": "plain"}, {"QLORA_ACCELERATION": "1", "QLORA_FUSED_LAYER": "1"}, ("plain", False, "spec.training.acceleration")),
+    ({"path": "perProjection"}, {"QLORA_FUSED_LAYER": "1"}, ("perProjection", False, "spec.training.acceleration")),
+    ({"cudaGraphs": False}, {"QLORA_CUDA_GRAPHS": "1"}, ("fused", False, "spec.training.acceleration")),
+])
+def test_the_spec_decides_and_the_environment_can_only_turn_parts_off(acceleration, env, expected):
+    from qlora_trainer.acceleration.trainer_hooks import choose_acceleration
+
+    choice = choose_acceleration(_spec(acceleration).training.acceleration, env)
+    assert (choice.path, choice.cuda_graphs, choice.why) == expected
+
+
+def test_a_bad_diagnosis_switch_is_refused():
+    from qlora_trainer.acceleration.trainer_hooks import choose_acceleration
+
+    with pytest.raises(ValueError, match="QLORA_FUSED_LAYER must be 0 or 1"):
+        choose_acceleration(_spec().training.acceleration, {"QLORA_FUSED_LAYER": "no"})
+
+
+def test_path_plain_makes_no_plan_and_the_plan_carries_the_graph_choice(tmp_path, monkeypatch):
+    from qlora_trainer.acceleration.trainer_hooks import plan_before_loading
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=128).save_pretrained(tmp_path)
+    monkeypatch.setenv("QLORA_ACCELERATION", "cpu")
+    assert plan_before_loading(tmp_path, _spec({"path": "plain"})) is None
+    per_projection = plan_before_loading(tmp_path, _spec({"path": "perProjection"}))
+    assert not per_projection.fused_layers and not per_projection.cuda_graphs
+    no_graphs = plan_before_loading(tmp_path, _spec({"cudaGraphs": False}))
+    assert no_graphs.fused_layers and not no_graphs.cuda_graphs
+    assert "no CUDA graphs" in no_graphs.describe()
+    assert plan_before_loading(tmp_path, _spec()).cuda_graphs

@@ -1,0 +1,199 @@
+"""Two operator replicas, one leader: the Lease rules without a server, two electors racing on the
+real API server, and the failover a platform team relies on (the leader SIGKILLed mid-job, the
+standby taking over, the job finishing with one Job and one pod; a graceful stop releasing the
+Lease at once)."""
+
+import json
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+
+import pytest
+from qlora_localcluster import operator_install
+from qlora_localcluster.testing import kubectl
+from qlora_operator import settings
+from qlora_operator.kube import Kube
+from qlora_operator.leader_election import LeaderElector, LeaseLock, LeaseRecord, may_take, next_record
+from support.operator_process import FAKE_TRAINER_IMAGE, OperatorProcess
+from support.shared_gpu import wait_for_the_gpu
+
+# --- the rules, no server ----------------------------------------------------------------------
+
+
+def test_a_live_holder_keeps_the_lease_and_a_silent_one_loses_it():
+    held = LeaseRecord(holder="a", lease_duration_seconds=15)
+    assert may_take(held, "a", unchanged_for=0)  # renewing our own
+    assert not may_take(held, "b", unchanged_for=14.9)
+    assert may_take(held, "b", unchanged_for=15.0)
+    assert may_take(LeaseRecord(holder="", lease_duration_seconds=1), "b", unchanged_for=0)  # released
+
+
+def test_records_count_transitions_and_keep_the_acquire_time_on_renewal():
+    t0, t1 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)
+    first = next_record(None, "a", 15, t0)
+    assert (first.holder, first.transitions, first.acquire_time) == ("a", 0, "2026-01-01T00:00:00.000000Z")
+    renewed = next_record(first, "a", 15, t1)
+    assert renewed.acquire_time == first.acquire_time and renewed.renew_time == "2026-01-01T00:00:05.000000Z"
+    assert renewed.transitions == 0
+    taken = next_record(renewed, "b", 15, t1)
+    assert (taken.holder, taken.transitions, taken.acquire_time) == ("b", 1, taken.renew_time)
+
+
+def test_the_charts_variables_and_flags_turn_election_on():
+    config = settings.parse([], environ={"QLORA_LEADER_ELECTION": "true", "QLORA_POD_NAME": "op-7d9f",
+                                         "QLORA_LEADER_ELECTION_NAMESPACE": "qlora-system",
+                                         "QLORA_LEASE_DURATION_SECONDS": "20"})
+    assert (config.leader_election, config.leader_election_identity, config.leader_election_namespace,
+            config.lease_duration) == (True, "op-7d9f", "qlora-system", 20.0)
+    assert not settings.parse([], environ={"QLORA_LEADER_ELECTION": "false"}).leader_election
+    assert settings.parse(["--leader-elect", "--retry-period", "1"], environ={}).retry_period == 1.0
+    with pytest.raises(SystemExit, match="QLORA_LEADER_ELECTION='maybe'"):
+        settings.parse([], environ={"QLORA_LEADER_ELECTION": "maybe"})
+
+
+def test_inconsistent_durations_are_refused():
+    with pytest.raises(ValueError, match="retry_period < renew_deadline < lease_duration"):
+        LeaderElector(lock=None, identity="a", lease_duration=5, renew_deadline=5, retry_period=1)
+
+
+# --- two electors on the real API server ---------------------------------------------------------
+
+
+@pytest.fixture
+def admin_kube(local_cluster, monkeypatch):
+    from kubernetes import config
+    monkeypatch.setenv("KUBECONFIG", str(local_cluster.kubeconfig))
+    return Kube(config.new_client_from_config(config_file=str(local_cluster.kubeconfig)))
+
+
+@pytest.mark.cluster
+def test_only_one_of_two_candidates_leads_and_a_release_hands_over_at_once(admin_kube, namespace):
+    lock = LeaseLock(admin_kube, namespace, "race")
+    a = LeaderElector(lock, "a", lease_duration=4, renew_deadline=3, retry_period=0.3)
+    b = LeaderElector(lock, "b", lease_duration=4, renew_deadline=3, retry_period=0.3)
+    assert a.acquire(threading.Event())
+    assert not b.try_acquire_or_renew()  # held, and renewed just now
+    lost = threading.Event()
+    a.keep_renewing(on_lost=lost.set)
+    stop_b = threading.Event()
+    threading.Timer(6, stop_b.set).start()
+    assert not b.acquire(stop_b), "b took a Lease that a kept renewing"
+    assert not lost.is_set()
+
+    assert a.release()
+    assert lock.get().holder == ""
+    started = time.monotonic()
+    assert b.acquire(threading.Event())
+    assert time.monotonic() - started < 1.0  # one retry period, not a lease duration
+    assert lock.get().holder == "b" and lock.get().transitions == 1  # a created it (0), b took it (1)
+
+
+@pytest.mark.cluster
+def test_a_leader_that_cannot_renew_steps_down_before_anyone_may_take_over(admin_kube, namespace):
+    lock = LeaseLock(admin_kube, namespace, "silent")
+    a = LeaderElector(lock, "a", lease_duration=4, renew_deadline=2, retry_period=0.3)
+    assert a.acquire(threading.Event())
+    # b takes the Lease by force (as if a's renewals had not reached the server for a while).
+    current = lock.get()
+    lock.write(LeaseRecord(holder="b", lease_duration_seconds=4, acquire_time=current.renew_time,
+                           renew_time=current.renew_time, transitions=current.transitions + 1,
+                           resource_version=current.resource_version), create=False)
+    lost = threading.Event()
+    a.keep_renewing(on_lost=lost.set)
+    assert lost.wait(3), "a went on leading on a Lease someone else holds"
+    assert not a.is_leader and lock.get().holder == "b"
+
+
+# --- the operator's replicas as real processes -----------------------------------------------------
+
+
+def lease(cluster) -> dict:
+    result = kubectl(cluster, "-n", operator_install.NAMESPACE, "get", "lease", operator_install.LEADER_LEASE,
+                     "-o", "json", check=False)
+    return json.loads(result.stdout)["spec"] if result.returncode == 0 else {}
+
+
+def wait_for(what, check, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} after {timeout} s")
+
+
+@pytest.fixture
+def replicas(local_cluster, namespace, tmp_path):
+    """Two operator replicas watching `namespace`, authenticated as the chart's ServiceAccount
+    (whose Role grants the Lease), with the chart's default timings."""
+    wait_for_the_gpu(local_cluster)
+    operator_install.apply_chart(local_cluster)
+    kubeconfig = operator_install.service_account_kubeconfig(local_cluster, tmp_path / "kubeconfig")
+    kubectl(local_cluster, "-n", operator_install.NAMESPACE, "delete", "lease", operator_install.LEADER_LEASE,
+            "--ignore-not-found")
+    kubectl(local_cluster, "-n", namespace, "create", "secret", "generic", "s3",
+            "--from-literal=AWS_ACCESS_KEY_ID=test", "--from-literal=AWS_SECRET_ACCESS_KEY=test-secret")
+    made = {identity: OperatorProcess(kubeconfig, namespace, tmp_path / f"{identity}.log", extra_env={
+        "QLORA_LEADER_ELECTION": "true",
+        "QLORA_LEADER_ELECTION_NAMESPACE": operator_install.NAMESPACE,
+        "QLORA_LEADER_ELECTION_LEASE": operator_install.LEADER_LEASE,
+        "QLORA_POD_NAME": identity}) for identity in ("replica-a", "replica-b")}
+    yield made
+    kubectl(local_cluster, "-n", namespace, "delete", "qlorajobs", "--all", "--wait=false", check=False)
+    for operator in made.values():
+        operator.stop()
+
+
+@pytest.mark.cluster
+def test_the_standby_finishes_a_killed_leaders_job_within_30_seconds(local_cluster, namespace, replicas):
+    a, b = replicas["replica-a"].start(), None
+    wait_for("replica-a leading", lambda: lease(local_cluster).get("holderIdentity") == "replica-a", 10)
+    b = replicas["replica-b"].start()  # answers /healthz while standing by
+    qlorajob = qlorajob_manifest("failover", namespace, steps=150)  # 30 s of training
+    kubectl(local_cluster, "apply", "-f", "-", input=qlorajob)
+
+    def status():
+        return json.loads(kubectl(local_cluster, "-n", namespace, "get", "qlorajob", "failover", "-o",
+                                  "json").stdout).get("status") or {}
+    wait_for("training progress", lambda: (status().get("progress") or {}).get("step", 0) >= 3, 60)
+    assert "became the leader" not in b.log_path.read_text(), "the standby acted before holding the Lease"
+    assert "JobCreated" not in b.log_path.read_text() and "create Job" not in b.log_path.read_text()
+
+    killed_at = time.monotonic()
+    a.kill9()
+    wait_for("replica-b leading", lambda: lease(local_cluster).get("holderIdentity") == "replica-b", 30)
+    takeover = time.monotonic() - killed_at
+    print(f"takeover after SIGKILL: {takeover:.1f} s")
+    assert takeover < 30
+
+    wait_for("Succeeded", lambda: status().get("phase") in ("Succeeded", "Failed"), 90)
+    final = status()
+    assert final["phase"] == "Succeeded", final
+    assert final["attempts"] == 1
+    jobs = json.loads(kubectl(local_cluster, "-n", namespace, "get", "jobs", "-o", "json").stdout)["items"]
+    assert [j["metadata"]["name"] for j in jobs] == ["failover-1"]
+    assert jobs[0]["status"].get("succeeded") == 1 and not jobs[0]["status"].get("failed")
+    events = json.loads(kubectl(local_cluster, "-n", namespace, "get", "events", "-o", "json").stdout)["items"]
+    assert [e["reason"] for e in events].count("JobCreated") == 1
+    assert (final["result"].get("resumedFromStep") or 0) == 0  # the trainer never restarted: one upload
+
+    # A graceful stop releases the Lease at once: no holder within a second or two, not 15 s.
+    stopped_at = time.monotonic()
+    b.proc.send_signal(signal.SIGTERM)
+    wait_for("the Lease released", lambda: lease(local_cluster).get("holderIdentity") is None and
+             lease(local_cluster).get("leaseTransitions") is not None, 10)
+    released = time.monotonic() - stopped_at
+    print(f"Lease released {released:.1f} s after SIGTERM")
+    assert released < 5
+    assert b.proc.wait(20) == 0
+    assert not b.errors_in_log() and not a.errors_in_log()
+
+
+def qlorajob_manifest(name: str, namespace: str, steps: int) -> str:
+    return json.dumps({
+        "apiVersion": "training.qlora-operator.dev/v1alpha1", "kind": "QLoRAJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"model": {"uri": "hf://fake/succeed"}, "dataset": {"uri": "s3://datasets/chat/train.jsonl"},
+                 "output": {"bucket": "adapters", "credentialsSecretRef": {"name": "s3"}},
+                 "training": {"maxSteps": steps}, "resources": {"image": FAKE_TRAINER_IMAGE}}})
