@@ -65,13 +65,25 @@ def test_image_pull_errors_become_image_pull_failed(kubelet_reason):
     assert cond(status, ConditionType.SCHEDULED) == ("True", Reason.SCHEDULED)
 
 
-def test_a_missing_credentials_secret_is_a_container_config_error():
+@pytest.mark.parametrize("kubelet_said", ['secret "s3-creds" not found',
+                                          "couldn't find key AWS_ACCESS_KEY_ID in Secret ml/s3-creds"])
+def test_a_missing_credentials_secret_has_its_own_reason_and_says_what_to_create(kubelet_said):
     job = qlorajob()
     tj = trainer_job(job)
-    p = pod(tj, state=waiting("CreateContainerConfigError", 'secret "s3-creds" not found'))
+    p = pod(tj, state=waiting("CreateContainerConfigError", kubelet_said))
+    status, events = derive(job, [tj], [p])
+    assert cond(status, ConditionType.RUNNING) == ("False", Reason.SECRET_NOT_FOUND)
+    assert status.phase == "Pending"  # it starts once the Secret exists
+    assert kubelet_said in status.message and "create Secret s3-creds in namespace ml" in status.message
+    assert [e.reason for e in events if e.type == "Warning"] == [Reason.SECRET_NOT_FOUND]
+
+
+def test_another_container_config_error_keeps_the_generic_reason():
+    job = qlorajob()
+    tj = trainer_job(job)
+    p = pod(tj, state=waiting("CreateContainerConfigError", 'configmap "demo-1-config" not found'))
     status, _ = derive(job, [tj], [p])
     assert cond(status, ConditionType.RUNNING) == ("False", Reason.CONTAINER_CONFIG_ERROR)
-    assert 's3-creds' in status.message
 
 
 def test_running_trainer_with_progress():
@@ -299,7 +311,9 @@ def test_the_result_names_base_and_rank_for_servers_even_from_an_older_trainer()
     assert (result.base_model, result.base_model_revision, result.lora_rank, result.lora_alpha) == (
         "Qwen/Qwen2.5-0.5B", "v1", 8, 32)
     said = TrainerResultMessage(result=TrainingResult(adapter_uri="s3://adapters/x/run/", base_model="Qwen/Qwen2.5-0.5B",
-                                                      base_model_revision="0123abcd", lora_rank=8, lora_alpha=16))
+                                                      base_model_revision="0123abcd", lora_rank=8, lora_alpha=16,
+                                                      manifest_uri="s3://adapters/x/run/manifest.json",
+                                                      manifest_sha256="cd" * 32))
     p = pod(tj, phase="Succeeded", state=terminated(0, said.model_dump_json(by_alias=True, exclude_none=True)))
     result = derive(job, [tj], [p])[0].result
     assert (result.base_model_revision, result.lora_alpha) == ("0123abcd", 16)  # the trainer's own word wins

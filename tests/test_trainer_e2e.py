@@ -69,7 +69,9 @@ def test_manifest_is_written_last_and_matches_every_object(trained, s3):  # noqa
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "training_config.json", "metrics.json", "merged/config.json", "merged/model.safetensors"):
         assert name in listed, name
-    published = {k: v for k, v in objects.items() if not k.startswith("checkpoints/")}
+    # Beside the publication: resumable checkpoints, and the claim that made this trainer its only publisher.
+    assert json.loads(objects["publish-claim.json"])["attempt"] == 1
+    published = {k: v for k, v in objects.items() if not k.startswith("checkpoints/") and k != "publish-claim.json"}
     assert set(published) == set(listed)
     for name, body in published.items():
         assert listed[name]["size"] == len(body)

@@ -1,5 +1,5 @@
 """Each way a run can fail reaches the operator as a termination message and an exit code it can
-act on (ExitCode: 2 bad config, 3 bad data, 4 model not found, 5 S3 unusable), not a traceback."""
+act on (ExitCode: 2 bad config, 3 bad data, 4 model not found, 5 S3 unreachable, 8 S3 refused), not a traceback."""
 
 import json
 
@@ -81,11 +81,12 @@ def test_unreachable_s3_exits_5_quickly(s3, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_missing_output_bucket_exits_5(s3, tmp_path):  # noqa: F811
+def test_missing_output_bucket_exits_8_and_is_not_retried(s3, tmp_path):  # noqa: F811
     config = run_config(s3, "s3://models/x/", "s3://datasets/x.jsonl", "run-no-bucket",
                         output={"bucket": "no-such-bucket"})
     error = failed(run_trainer(tmp_path, config, trainer_env(s3)))
-    assert (error.exit_code, error.reason) == (ExitCode.STORAGE_UNAVAILABLE, "StorageBucketNotFound")
+    assert (error.exit_code, error.reason) == (ExitCode.STORAGE_REFUSED, "StorageBucketNotFound")
+    assert not ExitCode(error.exit_code).retryable and "spec.output.bucket" in error.message
 
 
 def test_error_message_is_one_parseable_line(s3, tmp_path):  # noqa: F811

@@ -30,9 +30,10 @@ class ExitCode(IntEnum):
     INVALID_CONFIG = 2  # permanent
     BAD_DATA = 3  # permanent: the message names the file and line
     MODEL_NOT_FOUND = 4  # permanent
-    STORAGE_UNAVAILABLE = 5  # S3 unreachable or refusing: retried
+    STORAGE_UNAVAILABLE = 5  # S3 unreachable, 5xx or throttling (after backoff): retried
     OUT_OF_MEMORY = 6  # CUDA OOM: permanent until the spec changes; the message has a hint
     INTERRUPTED = 7  # SIGTERM (preemption, suspend): retried, resumes from the last checkpoint
+    STORAGE_REFUSED = 8  # S3 denied access, or a bucket or object is missing: permanent
 
     @property
     def retryable(self) -> bool:

@@ -4,6 +4,7 @@ Defaults follow the QLoRA paper (NF4, double quantization, bf16 compute, paged A
 max grad norm 0.3) except where noted beside the field.
 """
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -11,15 +12,34 @@ from pydantic import Field
 from qlora_api.base import ApiModel
 from qlora_api.rules import CrossFieldRule, RuledModel, immutable
 
-# RE2-compatible patterns: the API server evaluates them too.
-S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
-PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$"
+# Patterns that mean the same to the API server (Go's RE2) and to pydantic (Rust's regex): no \s,
+# whose Unicode reach differs between the two; control characters and spaces are spelled out.
+# A path may hold any printable character (S3 keys are UTF-8) but no control character; "." and
+# ".." segments are refused by a rule of their own (NO_DOT_SEGMENTS), with a message a human reads.
+PRINTABLE = r"[^\x00-\x1f\x7f]"
+NO_SPACE = r"[^\x00-\x20\x7f]"
+S3_URI = rf"^s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9](/{PRINTABLE}*)?$"
+PVC_URI = rf"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/{PRINTABLE}*)?$"
 HF_URI = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
-HTTPS_URI = r"^https://[^\s]+$"
+HTTPS_URI = rf"^https://{NO_SPACE}+$"
+# A "." or ".." path segment: harmless to S3, but a pvc:// path or a local download would leave
+# its folder (pvc://claim/../../etc), and a prefix would not say where the adapter lands.
+DOT_SEGMENT = r"(^|/)[.][.]?(/|$)"
 
 
 def _any_of(*patterns: str) -> str:
     return "^(" + "|".join(p.removeprefix("^").removesuffix("$") for p in patterns) + ")$"
+
+
+def no_dot_segments(field: str, wire: str, optional: bool = False) -> CrossFieldRule:
+    """Refuse "." and ".." path segments in `field` (snake_case) / `wire` (camelCase)."""
+    cel = f"!self.{wire}.matches('{DOT_SEGMENT}')"
+    return CrossFieldRule(
+        cel=f"!has(self.{wire}) || {cel}" if optional else cel,
+        message=f"{wire} must not contain '.' or '..' path segments",
+        check=lambda m: getattr(m, field) is None or not re.search(DOT_SEGMENT, getattr(m, field)),
+        field_path=f".{wire}",
+    )
 
 
 MODEL_URI = _any_of(HF_URI, S3_URI, PVC_URI)
@@ -28,6 +48,11 @@ QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"  # what a nodeSelector value may be
+# A label key (toleration keys are label keys): an optional DNS-subdomain prefix and a name.
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$"
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"  # a key inside a Secret
+MODULE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # a PyTorch module name (dots and ModuleList indices), or all-linear
 
 Uri = Annotated[str, Field(max_length=2048)]
 # The evaluations' bound (spec.training.evalMaxTokens). With a frozen 4-bit base a training token
@@ -46,7 +71,8 @@ class ModelSource(RuledModel):
         "config.json, tokenizer and safetensors) or pvc://<claim>/<path> (a folder on a PersistentVolumeClaim).",
     )
     revision: str | None = Field(
-        None, max_length=255, description="Branch, tag or commit of an hf:// model (default: main)."
+        None, max_length=255, pattern=r"^[A-Za-z0-9._/-]+$",
+        description="Branch, tag or commit of an hf:// model (default: main).",
     )
     trust_remote_code: bool = Field(False, description="Allow the model repository's own Python code to run.")
 
@@ -57,10 +83,11 @@ class ModelSource(RuledModel):
             check=lambda m: m.revision is None or m.uri.startswith("hf://"),
             field_path=".revision",
         ),
+        no_dot_segments("uri", "uri"),
     )
 
 
-class DatasetSource(ApiModel):
+class DatasetSource(RuledModel):
     """Training data: JSONL or Parquet records of one of three shapes."""
 
     uri: Uri = Field(pattern=DATA_URI, description="s3://, https:// or pvc://<claim>/<path> of the training file.")
@@ -76,6 +103,8 @@ class DatasetSource(ApiModel):
     eval_fraction: float = Field(
         0.1, ge=0.0, le=0.5, description="Without evalUri: fraction carved off the training data with the seed."
     )
+
+    cross_field_rules = (no_dot_segments("uri", "uri"), no_dot_segments("eval_uri", "evalUri", optional=True))
 
 
 class QuantizationSpec(ApiModel):
@@ -94,7 +123,7 @@ class LoRASpec(RuledModel):
     r: int = Field(16, ge=1, le=1024, description="Adapter rank.")
     alpha: int = Field(32, ge=1, le=4096, description="Scaling numerator; usually 2*r.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128, pattern=MODULE_NAME)]] = Field(
         default_factory=lambda: ["all-linear"],
         json_schema_extra={"default": ["all-linear"]},  # the API server defaults it too (the CEL rule reads it)
         min_length=1,
@@ -163,7 +192,10 @@ class TrainingSpec(RuledModel):
             "effective batch is N times larger)."
         ),
     )
-    max_seq_length: int = Field(2048, ge=16, le=262_144, description="Tokens per sequence (packed or truncated).")
+    max_seq_length: int = Field(
+        2048, ge=16, le=262_144,
+        description="Tokens per sequence (records are packed up to it; a longer record fails the job as BadData).",
+    )
     packing: bool = Field(True, description="Pack records into full sequences without attention across them.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass.")
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"] = "paged_adamw_32bit"
@@ -207,17 +239,41 @@ class GPURequest(ApiModel):
     )
     product: str | None = Field(
         None,
-        max_length=128,
+        max_length=63,
+        pattern=LABEL_VALUE,  # it becomes a nodeSelector value
         description="Required GPU product (the nvidia.com/gpu.product node label, e.g. NVIDIA-H100-80GB-HBM3).",
     )
 
 
-class Toleration(ApiModel):
-    key: str | None = Field(None, max_length=316)
+class Toleration(RuledModel):
+    key: str | None = Field(None, max_length=316, pattern=LABEL_KEY)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = Field(None, max_length=63)
+    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+    # The API server's own rules for a pod's tolerations, checked here so that a QLoRAJob that
+    # would make an invalid trainer Job is refused when it is applied, not when its Job is created.
+    cross_field_rules = (
+        CrossFieldRule(
+            cel="!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            message="a toleration with operator Exists takes no value",
+            check=lambda t: t.operator != "Exists" or not t.value,
+            field_path=".value",
+        ),
+        CrossFieldRule(
+            cel="(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            message="a toleration without a key needs operator Exists",
+            check=lambda t: bool(t.key) or t.operator == "Exists",
+            field_path=".operator",
+        ),
+        CrossFieldRule(
+            cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            message="tolerationSeconds applies only to effect NoExecute",
+            check=lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+            field_path=".tolerationSeconds",
+        ),
+    )
 
 
 class ResourcesSpec(ApiModel):
@@ -236,7 +292,7 @@ class ResourcesSpec(ApiModel):
     memory: str | None = Field(
         None, pattern=QUANTITY, max_length=32, description="Memory request and limit, e.g. 64Gi (host RAM, not GPU)."
     )
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
+    node_selector: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     affinity: dict[str, Any] | None = Field(
         None,
@@ -245,7 +301,7 @@ class ResourcesSpec(ApiModel):
     )
     priority_class_name: Name | None = None
     runtime_class_name: Name | None = None
-    image: str | None = Field(None, max_length=512, description="Trainer image override.")
+    image: str | None = Field(None, max_length=512, pattern=rf"^{NO_SPACE}+$", description="Trainer image override.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     image_pull_secrets: list[Name] = Field(default_factory=list, max_length=16)
 
@@ -254,25 +310,28 @@ class SecretKeyRefs(ApiModel):
     """A Secret in the QLoRAJob's own namespace holding S3 credentials."""
 
     name: Name
-    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", max_length=253)
-    secret_access_key_key: str = Field("AWS_SECRET_ACCESS_KEY", max_length=253)
-    session_token_key: str | None = Field(None, max_length=253)
+    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", max_length=253, pattern=SECRET_KEY)
+    secret_access_key_key: str = Field("AWS_SECRET_ACCESS_KEY", max_length=253, pattern=SECRET_KEY)
+    session_token_key: str | None = Field(None, max_length=253, pattern=SECRET_KEY)
 
 
-class OutputSpec(ApiModel):
+class OutputSpec(RuledModel):
     """Where the adapter is published; the same S3 connection reads s3:// model and data URIs."""
 
     bucket: str = Field(pattern=S3_BUCKET, max_length=63)
-    prefix: str = Field("adapters", max_length=512, pattern=r"^[^\s]*$", description="Key prefix inside the bucket.")
+    prefix: str = Field("adapters", max_length=512, pattern=rf"^([^/\x00-\x20\x7f]{NO_SPACE}*)?$",
+                        description="Key prefix inside the bucket (no leading slash, no spaces).")
     endpoint_url: str | None = Field(
-        None, pattern=r"^https?://[^\s]+$", max_length=512, description="S3-compatible endpoint (MinIO, Ceph, R2)."
+        None, pattern=rf"^https?://{NO_SPACE}+$", max_length=512, description="S3-compatible endpoint (MinIO, Ceph, R2)."
     )
-    region: str = Field("us-east-1", max_length=64)
+    region: str = Field("us-east-1", max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="path for most MinIO/Ceph setups.")
     credentials_secret_ref: SecretKeyRefs | None = Field(
         None, description="Without it the pod uses ambient credentials (workload identity, instance role)."
     )
     merged_export: bool = Field(False, description="Also publish the adapter merged into a bf16 copy of the base.")
+
+    cross_field_rules = (no_dot_segments("prefix", "prefix"),)
 
 
 class QLoRAJobSpec(ApiModel):

@@ -38,7 +38,8 @@ class Reason:
     SCHEDULED = "Scheduled"
     UNSCHEDULABLE = "Unschedulable"  # the message is the scheduler's own
     IMAGE_PULL_FAILED = "ImagePullFailed"  # ErrImagePull / ImagePullBackOff / InvalidImageName
-    CONTAINER_CONFIG_ERROR = "ContainerConfigError"  # e.g. the S3 credentials Secret or a key is missing
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"  # the pod's container cannot be configured (not a Secret)
+    SECRET_NOT_FOUND = "SecretNotFound"  # the S3 credentials Secret, or a key in it, is missing: the pod waits
     TRAINING = "Training"
     EVICTED = "Evicted"  # the Job replaces the pod; the trainer resumes from its checkpoint
     PREEMPTED = "Preempted"
@@ -52,6 +53,8 @@ class Reason:
     POD_LOST = "PodLost"  # the pod or the Job vanished without an exit code (node lost, deleted)
     TRAINER_CRASHED = "TrainerCrashed"  # an exit code outside qlora_api.ExitCode (a signal, a segfault)
     RESULT_MISSING = "ResultMissing"  # exit 0 without a readable result message
+    RESULT_UNVERIFIED = "ResultUnverified"  # a result without the manifest's URI and sha256: retried
+    JOB_REJECTED = "JobRejected"  # the API server refused the trainer Job the spec makes (e.g. its affinity)
 
 
 class Condition(ApiModel):

@@ -104,10 +104,16 @@ def _succeeded(job: dict, pods: list[dict]) -> AttemptState:
     done = with_result or done
     term = pf.trainer_terminated(done[-1]) if done else None
     said = parse_termination_message((term or {}).get("message"))
-    if isinstance(said, TrainerResultMessage):
+    if isinstance(said, TrainerResultMessage) and said.result.manifest_uri and said.result.manifest_sha256:
         return AttemptState(AttemptPhase.SUCCEEDED, Reason.SUCCEEDED,
-                            f"adapter published to {said.result.adapter_uri}", result=said.result,
-                            finished_at=finished)
+                            f"adapter published to {said.result.adapter_uri} (manifest sha256 "
+                            f"{said.result.manifest_sha256[:12]})", result=said.result, finished_at=finished)
+    if isinstance(said, TrainerResultMessage):
+        # Succeeded promises a complete adapter, and only a manifest (written last) proves one.
+        return AttemptState(AttemptPhase.FAILED, Reason.RESULT_UNVERIFIED,
+                            f"the trainer reported {said.result.adapter_uri} without a manifest digest, so nothing "
+                            "shows the files are complete; the next attempt publishes (or finds) the manifest",
+                            retryable=True, finished_at=finished)
     seen = pf.log_tail((term or {}).get("message"), lines=3, chars=300) or "nothing"
     return AttemptState(AttemptPhase.FAILED, Reason.RESULT_MISSING,
                         f"the trainer exited 0 but its termination message holds no result (it said: {seen})",
@@ -151,6 +157,10 @@ def _pending_pod(pod: dict) -> AttemptState | None:
         return AttemptState(AttemptPhase.PENDING, Reason.IMAGE_PULL_FAILED, f"{why}: {detail}".rstrip(": "),
                             scheduled=scheduled, pod=name)
     if why in pf.CONFIG_WAITING:
+        missing = pf.missing_secret(detail)
+        if missing is not None:
+            return AttemptState(AttemptPhase.PENDING, Reason.SECRET_NOT_FOUND, _secret_fix(pod, missing, detail),
+                                scheduled=scheduled, pod=name)
         return AttemptState(AttemptPhase.PENDING, Reason.CONTAINER_CONFIG_ERROR, f"{why}: {detail}".rstrip(": "),
                             scheduled=scheduled, pod=name)
     if pf.trainer_running(pod):
@@ -165,6 +175,13 @@ def _pending_pod(pod: dict) -> AttemptState | None:
                             f"trainer pod {name} is starting ({why or 'Pending'}{': ' + detail if detail else ''})",
                             scheduled=scheduled, pod=name)
     return None
+
+
+def _secret_fix(pod: dict, secret: str, said: str) -> str:
+    namespace = pod["metadata"].get("namespace", "")
+    return (f"{said}: create Secret {secret} in namespace {namespace} with the keys spec.output.credentialsSecretRef "
+            "names (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY unless it says otherwise); the trainer pod waits "
+            "and starts once it exists")
 
 
 def _disrupted(pod: dict) -> AttemptState:

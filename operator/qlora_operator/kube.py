@@ -25,6 +25,7 @@ from qlora_operator.naming import children_selector
 from qlora_operator.observation import Observed, group_children, latest_progress, pod_to_tail
 from qlora_operator.planning import Action, Create, Patch
 from qlora_operator.pod_facts import TRAINER_CONTAINER
+from qlora_operator.rejection import Rejected
 from qlora_operator.resource import QLoRAJob, merge_patch
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ class Kube:
                 return False
             if isinstance(action, Patch) and e.status == 404:
                 return False  # gone meanwhile; the next reconcile sees it
+            if isinstance(action, Create) and e.status in (400, 422):
+                raise Rejected(action.kind, action.name, _status_message(e)) from e
             raise
 
     def patch_status(self, job: QLoRAJob, status: QLoRAJobStatus) -> None:
@@ -173,7 +176,8 @@ class Kube:
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{job.name}.{uuid.uuid4().hex[:12]}", "namespace": job.namespace},
+            # Cut so that a QLoRAJob name of 253 characters still makes a valid Event name.
+            "metadata": {"name": f"{job.name[:240]}.{uuid.uuid4().hex[:12]}", "namespace": job.namespace},
             "involvedObject": job.object_reference(),
             "type": event.type,
             "reason": event.reason,
@@ -189,3 +193,11 @@ class Kube:
             self._call("POST", f"/api/v1/namespaces/{job.namespace}/events", body=body)
         except ApiException as e:  # Events are best effort; the status already says it
             log.warning("could not record event %s on %s: %s %s", event.reason, job.key, e.status, e.reason)
+
+
+def _status_message(error: ApiException) -> str:
+    """The message of the Status object the API server answered with, or the reason phrase."""
+    try:
+        return str(json.loads(error.body).get("message") or error.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(error.reason)

@@ -18,6 +18,9 @@ class Observed:
     pods: dict[int, list[dict]] = field(default_factory=dict)  # attempt -> that Job's pods
     config_maps: dict[int, dict] = field(default_factory=dict)  # attempt -> ConfigMap
     progress: TrainingProgress | None = None  # the newest progress line in the trainer's log
+    # Trainer pods of this QLoRAJob's name whose Job is gone (deleted, orphaned) and which have not
+    # terminated: a trainer may still be running there, so no new attempt may start yet.
+    stray_pods: tuple[str, ...] = ()
     workloads: dict[int, dict] = field(default_factory=dict)  # attempt -> Kueue Workload of that Job
 
     @property
@@ -44,7 +47,11 @@ def group_children(owner_uid: str, now: datetime, config_maps: list[dict], jobs:
             if attempt is not None and ref.get("controller"):
                 own_workloads[attempt] = workload
     own_maps = {attempt_of(c): c for c in config_maps if owned_by(c, owner_uid) and attempt_of(c)}
-    return Observed(now=now, jobs=own_jobs, pods=own_pods, config_maps=own_maps, workloads=own_workloads)
+    owned = {id(p) for group in own_pods.values() for p in group}
+    strays = tuple(sorted(p["metadata"]["name"] for p in pods
+                          if id(p) not in owned and attempt_of(p) and not pf.pod_terminated(p)))
+    return Observed(now=now, jobs=own_jobs, pods=own_pods, config_maps=own_maps, workloads=own_workloads,
+                    stray_pods=strays)
 
 
 def pod_to_tail(observed: Observed) -> dict | None:

@@ -68,6 +68,8 @@ def plan_actions(job: QLoRAJob, observed: Observed, status: QLoRAJobStatus,
 
 def _new_attempt(job: QLoRAJob, observed: Observed, attempt: int, status: QLoRAJobStatus,
                  settings: OperatorSettings) -> list[Action]:
+    if trainers_still_running(observed):
+        return []  # never two trainers at once: the next attempt waits until they have terminated
     start = status.start_time or observed.now
     actions: list[Action] = []
     if attempt not in observed.config_maps:
@@ -79,6 +81,13 @@ def _new_attempt(job: QLoRAJob, observed: Observed, attempt: int, status: QLoRAJ
     actions.append(Create(render_trainer_job(job, attempt, default_image=settings.trainer_image,
                                              active_deadline_seconds=deadline), f"attempt {attempt}"))
     return actions
+
+
+def trainers_still_running(observed: Observed) -> list[str]:
+    """Pods of earlier attempts that have not terminated: the pod of a Job deleted by hand (the
+    garbage collector removes it later), an orphaned one, or one its Job gave up on while it stops."""
+    live = [p["metadata"]["name"] for pods in observed.pods.values() for p in pods if not pf.pod_terminated(p)]
+    return sorted(live) + list(observed.stray_pods)
 
 
 def _mutable_fields(job: QLoRAJob, current: dict, status: QLoRAJobStatus, workload: dict | None) -> list[Action]:

@@ -1,10 +1,16 @@
 """What a trainer Job and its pods say about themselves, read from their status. Pure functions."""
 
+import re
+
 from qlora_operator import timestamps
 
 TRAINER_CONTAINER = "trainer"
 IMAGE_PULL_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 CONFIG_WAITING = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+# The kubelet's words for a Secret an env var needs (pkg/kubelet/kubelet_pods.go): the Secret is
+# missing, or it lacks the key.
+_MISSING_SECRET = re.compile(r'secret "(?P<name>[^"]+)" not found|'
+                             r"couldn't find key \S+ in Secret (?:[^/\s]+/)?(?P<owner>\S+)", re.IGNORECASE)
 
 
 def condition(obj: dict, ctype: str) -> dict | None:
@@ -112,3 +118,17 @@ def newest_per_index(pods: list[dict]) -> dict[int, dict]:
 def worker_state(pod: dict) -> str:
     phase = (pod.get("status") or {}).get("phase") or "Pending"
     return phase if phase in ("Pending", "Running", "Succeeded", "Failed") else "Pending"
+
+
+def missing_secret(waiting_message: str) -> str | None:
+    """The name of the Secret a CreateContainerConfigError is about, or None if it is about something else."""
+    found = _MISSING_SECRET.search(waiting_message or "")
+    return (found.group("name") or found.group("owner")) if found else None
+
+
+def pod_terminated(pod: dict) -> bool:
+    """The pod's containers can run no more: it ended, or it never got a node before being deleted."""
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return True
+    return bool(pod["metadata"].get("deletionTimestamp")) and not (pod.get("spec") or {}).get("nodeName")

@@ -17,6 +17,7 @@ from qlora_operator.derivation import OperatorEvent, derive_status
 from qlora_operator.kube import Conflict, Kube
 from qlora_operator.naming import ANNOTATION_JOB_NAME
 from qlora_operator.planning import Create, plan_actions
+from qlora_operator.rejection import Rejected, rejected_status
 from qlora_operator.resource import QLoRAJob
 from qlora_operator.settings import OperatorSettings
 
@@ -99,13 +100,30 @@ class Reconciler:
         if _first_run(job.status, status):
             metrics.observe_time_to_running(job.created, now)
         for action in plan_actions(job, observed, status, self.settings):
-            changed = self.kube.apply(job.namespace, action)
+            try:
+                changed = self.kube.apply(job.namespace, action)
+            except Rejected as rejection:
+                self._fail_rejected(job, status, rejection, now)
+                return
             log.info("%s: %s %s %s (%s)", job.key, type(action).__name__.lower(), action.kind, action.name,
                      action.why if changed else "already done")
             if changed and isinstance(action, Create) and action.kind == "Job":
                 self._record(job, OperatorEvent("Normal", Reason.JOB_CREATED,
                                                 f"created trainer Job {action.name} ({action.why})"), now)
         self.phases.record(job.key, status.phase)
+
+    def _fail_rejected(self, job: QLoRAJob, status: QLoRAJobStatus, rejection: Rejected, now: datetime) -> None:
+        """Written over the status just derived: its resourceVersion guard is the one that read it
+        (the status written a moment ago changed it), so the job is read again."""
+        body = self.kube.get_qlorajob(job.namespace, job.name)
+        if body is None:
+            return
+        fresh = QLoRAJob.from_body(body)
+        failed = rejected_status(fresh, fresh.status, rejection, now)
+        self.kube.patch_status(fresh, failed)
+        log.warning("%s: %s", job.key, failed.message)
+        self._record(job, OperatorEvent("Warning", Reason.JOB_REJECTED, failed.message[:1024]), now)
+        self.phases.record(job.key, failed.phase)
 
     def _record(self, job: QLoRAJob, event: OperatorEvent, now: datetime) -> None:
         self.kube.post_event(job, event, now)

@@ -7,6 +7,7 @@ second reconcile wrote nothing. Kubernetes' own controllers are played by the te
 """
 
 import copy
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -56,7 +57,7 @@ class FakeKube:
         pod = pod_to_tail(observed) if with_pods else None
         text = self.logs.get(pod["metadata"]["name"]) if pod else None
         progress = latest_progress(text) if text else None
-        return Observed(observed.now, observed.jobs, observed.pods, observed.config_maps, progress)
+        return dataclasses.replace(observed, progress=progress)
 
     def apply(self, namespace: str, action) -> bool:
         key = (action.kind, action.name)

@@ -16,6 +16,7 @@ The local cluster's node agent runs it for the image `qlora-fake-trainer` (see i
 """
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -66,8 +67,10 @@ def train(args, cfg: TrainerRunConfig) -> int:
         print(line.model_dump_json(by_alias=True, exclude_none=True), flush=True)
     out = cfg.spec.output
     uri = f"s3://{out.bucket}/{out.prefix}/{cfg.namespace}/{cfg.name}/{cfg.run_id}/"
+    manifest = json.dumps({"adapterUri": uri, "files": []}).encode()  # what the real trainer writes last
     write(args.termination_log, TrainerResultMessage(result=TrainingResult(
-        adapter_uri=uri, train_seconds=STEP_SECONDS * (total - start), resumed_from_step=start or None)))
+        adapter_uri=uri, manifest_uri=uri + "manifest.json", manifest_sha256=hashlib.sha256(manifest).hexdigest(),
+        train_seconds=STEP_SECONDS * (total - start), resumed_from_step=start or None)))
     print(f"published {uri}", flush=True)
     return int(ExitCode.OK)
 

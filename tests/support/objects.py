@@ -165,8 +165,10 @@ def terminated(exit_code: int, message: str = "", reason: str | None = None, fin
     return {"terminated": state}
 
 
-def result_message(uri: str = "s3://adapters/adapters/ml/demo/run/") -> str:
-    return TrainerResultMessage(result=TrainingResult(adapter_uri=uri, train_seconds=42.0)).model_dump_json(
+def result_message(uri: str = "s3://adapters/adapters/ml/demo/run/", manifest: bool = True) -> str:
+    """A trainer's result; with `manifest`, the URI and digest of the manifest it wrote last."""
+    extra = {"manifest_uri": uri + "manifest.json", "manifest_sha256": "ab" * 32} if manifest else {}
+    return TrainerResultMessage(result=TrainingResult(adapter_uri=uri, train_seconds=42.0, **extra)).model_dump_json(
         by_alias=True, exclude_none=True)
 
 

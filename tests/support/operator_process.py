@@ -50,7 +50,8 @@ class OperatorProcess:
         self.interval = interval
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "OperatorProcess":
+    def start(self, wait: bool = True) -> "OperatorProcess":
+        """Start it; with wait=False return at once (a chaos test may kill it before it is up)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("QLORA_", "KUBERNETES_"))}
         env.update({
             "KUBECONFIG": str(self.kubeconfig),
@@ -66,7 +67,8 @@ class OperatorProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "qlora_operator", "--namespace", self.namespace],
                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         log.close()
-        self.wait_healthy()
+        if wait:
+            self.wait_healthy()
         return self
 
     def wait_healthy(self, timeout: float = 30.0) -> None:

@@ -8,8 +8,9 @@ Three record shapes (one per file, decided by `dataset.recordFormat` or the firs
       loss on the completion (+ EOS) only, with completionOnlyLoss;
   {"text": "..."}
       loss on every token (+ EOS).
-A record that does not fit its shape stops the run with the file and line (exit 3), before the
-model is downloaded.
+A record that does not fit its shape (or is not UTF-8 JSON) stops the run with the file and line
+(exit 3), before the model is downloaded; one longer than maxSeqLength does too, once the tokenizer
+has counted it (before the weights load).
 
 Packing: records are placed into rows of at most maxSeqLength tokens (best-fit decreasing, so
 rows are nearly full and no record is split). Each record's position_ids restart at 0 and no
@@ -92,22 +93,47 @@ def read_file(path: Path, fmt: str, record_format: str, uri: str = "") -> list[R
             shape = detect_shape(value, where)
         records.append(Record(where, shape, check_record(value, shape, where)))
     if not records:
-        raise bad_data(f"{name}: no records")
+        empty = path.stat().st_size == 0
+        raise bad_data(f"{name}: no records ({'the file is empty' if empty else 'only blank lines'}); "
+                       "point spec.dataset.uri at a file with one record per line")
     return records
 
 
 def _jsonl_rows(path: Path, name: str):
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    """(where, value) per non-blank line. Bytes are decoded line by line, so a file in the wrong
+    encoding is reported at its first bad line instead of as a decoder traceback."""
+    with open(path, "rb") as f:
+        _check_encoding(f.read(4), name)
+        f.seek(0)
+        for number, raw in enumerate(f, 1):
+            where = f"{name} line {number}"
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is harmless
+            if b"\x00" in raw:
+                raise bad_data(f"{where}: holds NUL bytes (UTF-16 or a binary file?); save the data as UTF-8 JSONL")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise bad_data(f"{where}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the "
+                               "line); save the data as UTF-8") from exc
             if not line.strip():
                 continue
-            where = f"{name} line {number}"
             try:
                 value = json.loads(line)
             except ValueError as exc:
                 raise bad_data(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)} at column "
                                f"{getattr(exc, 'colno', '?')})") from exc
             yield where, value
+
+
+def _check_encoding(head: bytes, name: str) -> None:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise bad_data(f"{name} line 1: the file is UTF-16 or UTF-32 (it starts with a byte order mark); "
+                       "save it as UTF-8")
+    if head.startswith(b"\x1f\x8b"):
+        raise bad_data(f"{name} line 1: the file is gzip-compressed; store it uncompressed (.jsonl) or as Parquet")
+    if head.startswith(b"PAR1"):
+        raise bad_data(f"{name} line 1: the file is Parquet; set spec.dataset.format to parquet or name it .parquet")
 
 
 def _parquet_rows(path: Path, name: str):
@@ -254,22 +280,31 @@ def _warn_once(message: str) -> None:
 
 
 def build_examples(records: list[Record], tokenizer, spec: TrainingSpec, split: str) -> list[Example]:
-    """Tokenize, truncate to maxSeqLength, drop records left with nothing to learn, and pack."""
+    """Tokenize, refuse records longer than maxSeqLength, drop records left with nothing to learn, and pack.
+
+    A record longer than maxSeqLength is bad data for this job rather than something to cut
+    silently: the cut would drop the end of an answer (and its end-of-turn token), which the model
+    would then learn never to say. The message names the record and the length that fits it."""
     if any(r.shape == "messages" for r in records[:1]) and not tokenizer.chat_template:
         raise bad_data(f"{records[0].where}: chat records need a tokenizer with a chat template; this model has none")
-    examples, truncated, dropped = [], 0, 0
+    examples, too_long, dropped = [], [], 0
     for record in records:
         example = tokenize(record, tokenizer, spec.completion_only_loss)
         if len(example.input_ids) > spec.max_seq_length:
-            truncated += 1
-            example = Example(example.input_ids[: spec.max_seq_length], example.labels[: spec.max_seq_length])
+            too_long.append((record.where, len(example.input_ids)))
+            continue
         if all(label == IGNORE for label in example.labels):
             dropped += 1
             continue
         examples.append(example)
-    if truncated or dropped:
-        log.warning("%s: %d record(s) truncated to maxSeqLength=%d, %d left with no completion tokens and dropped",
-                    split, truncated, spec.max_seq_length, dropped)
+    if too_long:
+        (where, length), longest = too_long[0], max(n for _, n in too_long)
+        others = f" (and {len(too_long) - 1} more record(s), the longest {longest} tokens)" if len(too_long) > 1 else ""
+        raise bad_data(f"{where}: {length} tokens, longer than spec.training.maxSeqLength {spec.max_seq_length}"
+                       f"{others}; create the QLoRAJob with maxSeqLength {longest} or more (within the model's "
+                       "context), or shorten or split the record")
+    if dropped:
+        log.warning("%s: %d record(s) with no completion tokens dropped", split, dropped)
     if not examples:
         raise bad_data(f"{split} data: no record has tokens to learn from within maxSeqLength={spec.max_seq_length}")
     rows = pack(examples, spec.max_seq_length) if spec.packing else [_single(e) for e in examples]

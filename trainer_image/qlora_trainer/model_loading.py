@@ -6,6 +6,7 @@ connection; pvc:// is a folder on a mounted claim; hf:// is a Hugging Face model
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,42 +31,59 @@ class ModelFiles:
     hf_id: str | None = None
 
 
-def fetch_model(source: ModelSource, storage: S3Storage, workdir: Path) -> ModelFiles:
+def fetch_model(source: ModelSource, storage: S3Storage, workdir: Path,
+                before_weights: Callable[[Path], None] | None = None) -> ModelFiles:
+    """The model's files in a local folder. `before_weights(folder)` runs once the small files
+    (config, tokenizer, code) are there and before the weights are downloaded: a spec the model
+    cannot serve fails in seconds, not after gigabytes."""
+    check = before_weights or (lambda folder: None)
     if source.uri.startswith("s3://"):
         uri = S3Uri.parse(source.uri)
         objects = [o for o in storage.list_objects(uri) if o.key.endswith(_MODEL_FILE_SUFFIXES)]
         names = {o.key[len(uri.as_prefix()):] for o in objects}
         if "config.json" not in names:
-            raise model_not_found(f"{source.uri} holds no config.json: not a model folder (or it does not exist)")
+            raise model_not_found(f"{source.uri} holds no config.json: not a model folder (or it does not exist); "
+                                  "fix spec.model.uri")
         if not any(n.endswith(".safetensors") for n in names):
-            raise model_not_found(f"{source.uri} holds no .safetensors weights")
+            raise model_not_found(f"{source.uri} holds no .safetensors weights; fix spec.model.uri or convert "
+                                  "the model to safetensors")
         dest = workdir / "model"
-        storage.download_folder(uri, dest, objects)
+        weights = [o for o in objects if o.key.endswith(".safetensors")]
+        storage.download_folder(uri, dest, [o for o in objects if o not in weights])
+        check(dest)
+        storage.download_folder(uri, dest, weights)
         # The folder's identity without hashing gigabytes: names, sizes and ETags of its files.
         fingerprint = "\n".join(sorted(f"{o.key[len(uri.as_prefix()):]} {o.size} {o.etag}" for o in objects))
         return ModelFiles(dest, "sha256:" + hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
     if source.uri.startswith("pvc://"):
         path = pvc_path(source.uri)
         if not (path / "config.json").is_file():
-            raise model_not_found(f"{source.uri} ({path}) holds no config.json")
+            raise model_not_found(f"{source.uri} ({path}) holds no config.json; fix spec.model.uri")
+        check(path)
         files = sorted(p for p in path.rglob("*") if p.is_file())
         fingerprint = "\n".join(f"{p.relative_to(path)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
         return ModelFiles(path, "sha256:" + hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
-    return _fetch_hf(source, workdir)
+    return _fetch_hf(source, workdir, check)
 
 
-def _fetch_hf(source: ModelSource, workdir: Path) -> ModelFiles:
+def _fetch_hf(source: ModelSource, workdir: Path, check: Callable[[Path], None]) -> ModelFiles:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     repo = source.uri[len("hf://"):]
-    try:
-        path = Path(snapshot_download(
-            repo, revision=source.revision, allow_patterns=[f"*{s}" for s in _MODEL_FILE_SUFFIXES],
-            cache_dir=workdir / "hf-cache",
-        ))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise model_not_found(f"{source.uri} (revision {source.revision or 'main'}): {exc}") from exc
+
+    def download(suffixes: tuple[str, ...]) -> Path:
+        try:
+            return Path(snapshot_download(
+                repo, revision=source.revision, allow_patterns=[f"*{s}" for s in suffixes],
+                cache_dir=workdir / "hf-cache",
+            ))
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise model_not_found(f"{source.uri} (revision {source.revision or 'main'}): {exc}; fix spec.model.uri "
+                                  "or spec.model.revision (a gated model also needs a token)") from exc
+
+    check(download(tuple(s for s in _MODEL_FILE_SUFFIXES if s != ".safetensors")))
+    path = download(_MODEL_FILE_SUFFIXES)
     return ModelFiles(path, path.name, hf_id=repo)  # the snapshot folder is named by the commit
 
 

@@ -2,22 +2,45 @@
 
 A reader that finds the manifest finds a complete adapter; one that does not, finds nothing it
 should use. The same rule makes checkpoints resumable (checkpoints.py).
+
+Exactly once: a run is published by one trainer. Before uploading a file, a publisher creates
+`publish-claim.json` with a conditional write (If-None-Match: *), and the manifest is created the
+same way. The claim keeps two trainers of one run (forced, or a lost pod that still runs) from
+writing the same keys at once, which could leave a manifest that does not match the objects. A
+trainer that finds the claim taken:
+  - by an earlier attempt: that pod is gone (the operator starts attempt N+1 only once attempt N's
+    pod has terminated), so it died between its first upload and its manifest; the claim is
+    taken over and the complete set uploaded again;
+  - by the same or a later attempt: another trainer is publishing; this one has lost, waits for
+    that manifest and reports it (the run is published once), or fails retryably if none comes.
+A store that ignores If-None-Match (probed once per publish: a second conditional write of the
+claim must be refused) falls back to write, wait, read back: the claim names its owner's token, so
+a racer that reads back someone else's token has lost. That narrows the race to the settle delay
+but cannot close it: on such stores exactly-once rests on the operator running one trainer per
+QLoRAJob at a time, and the last manifest written wins.
 """
 
 import hashlib
 import json
 import logging
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_api import PublishedFile, TrainingResult
 
+from qlora_trainer.errors import storage_unavailable
 from qlora_trainer.phases import PhaseClock
 from qlora_trainer.storage import S3Storage, S3Uri
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+CLAIM = "publish-claim.json"
+# How long a loser waits for the winner's manifest: the winner is uploading the same adapter.
+WINNER_WAIT_SECONDS = 600
+SETTLE_SECONDS = 2.0  # stores without conditional writes: the read-back delay
 METRICS = "metrics.json"
 CONFIG = "training_config.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,6 +68,10 @@ class RunLocation:
     @property
     def checkpoints(self) -> S3Uri:
         return self.root.join("checkpoints")
+
+    @property
+    def claim(self) -> S3Uri:
+        return self.root.join(CLAIM)
 
 
 def sha256_file(path: Path) -> str:
@@ -129,9 +156,22 @@ def publish(
     result: TrainingResult,
     merged_dir: Path | None = None,
     phases: PhaseClock | None = None,
+    attempt: int = 1,
 ) -> TrainingResult:
-    """Upload adapter, tokenizer (and the merged model), then config and metrics; the manifest goes
-    last. The bulk goes first so that the config's `phases` section can hold the upload's time."""
+    """The run's one publication: this trainer's, or the winner's if it lost a race (publish_once)."""
+    published, _ = publish_once(storage, run, adapter_dir, resolved_config, metrics, result, merged_dir,
+                                phases=phases, attempt=attempt)
+    return published
+
+
+def publish_once(storage: S3Storage, run: RunLocation, adapter_dir: Path, resolved_config: dict, metrics: dict,
+                 result: TrainingResult, merged_dir: Path | None = None, phases: PhaseClock | None = None,
+                 attempt: int = 1) -> tuple[TrainingResult, bool]:
+    """(the run's publication, whether this trainer made it). Under the claim: adapter, tokenizer
+    (and the merged model) first, then config and metrics, the manifest last and only if absent.
+    The bulk goes first so that the config's `phases` section can hold the upload's time."""
+    if not claim_publication(storage, run, attempt):
+        return _winners_result(storage, run, "another trainer of this run holds the publication claim"), False
     phases = phases or PhaseClock()
     adapter_config = point_adapter_at_base(adapter_dir, result.base_model or "", result.base_model_revision)
     facts = adapter_facts(adapter_config)
@@ -153,9 +193,12 @@ def publish(
     serving = {"baseModel": result.base_model, "baseModelRevision": result.base_model_revision,
                "loraRank": facts["lora_rank"], "loraAlpha": facts["lora_alpha"], "targetModules": facts["target_modules"],
                **({"mergedModelManifestSha256": merged["merged_model_manifest_sha256"]} if merged else {})}
-    body, entries = upload_with_manifest(
-        storage, run.root, files_under(staging), {"adapterUri": run.uri, **serving, "metrics": metrics}, uploaded,
-    )
+    entries = sorted([*uploaded, *upload_files(storage, run.root, files_under(staging))], key=lambda e: e.path)
+    manifest = {"adapterUri": run.uri, **serving, "metrics": metrics, "files": [e.model_dump() for e in entries]}
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    if storage.exists(run.manifest) or not storage.put_bytes_if_absent(body, run.manifest):
+        # Only a trainer that ignored the claim (or a store that lost it) gets here.
+        return _winners_result(storage, run, "another trainer wrote the manifest first"), False
     log.info("published %d files (%.1f MB) to %s", len(entries), sum(e.size for e in entries) / 1e6, run.uri)
     return result.model_copy(update={
         "adapter_uri": run.uri,
@@ -165,7 +208,43 @@ def publish(
         "total_bytes": sum(e.size for e in entries),
         **facts,
         **merged,
-    })
+    }), True
+
+
+def claim_publication(storage: S3Storage, run: RunLocation, attempt: int) -> bool:
+    """Whether this trainer may upload the run's files (see the module docstring)."""
+    token = f"{attempt}-{uuid.uuid4().hex}"
+    body = json.dumps({"attempt": attempt, "token": token, "claimedAt": time.time()}).encode()
+    # Read first: a store that ignores If-None-Match would let a late claimant overwrite a claim.
+    if storage.get_bytes(run.claim) is None and storage.put_bytes_if_absent(body, run.claim):
+        if storage.conditional_writes_honoured(run.claim):
+            return True
+        log.warning("S3 at %s ignores If-None-Match: the publication claim falls back to read-back", storage.endpoint)
+        time.sleep(SETTLE_SECONDS)
+        return json.loads(storage.get_bytes(run.claim) or b"{}").get("token") == token
+    held = json.loads(storage.get_bytes(run.claim) or b"{}")
+    if int(held.get("attempt", 0)) < attempt and storage.get_bytes(run.manifest) is None:
+        log.warning("attempt %s claimed the publication of %s and never wrote its manifest; attempt %d takes over "
+                    "and uploads the complete set", held.get("attempt"), run.uri, attempt)
+        storage.put_bytes(body, run.claim)
+        return True
+    return False
+
+
+def _winners_result(storage: S3Storage, run: RunLocation, why: str) -> TrainingResult:
+    """The loser of a publication race learns it lost, and reports the one publication there is."""
+    log.warning("%s: lost the race to publish %s; waiting for the winner's manifest", why, run.uri)
+    deadline = time.monotonic() + WINNER_WAIT_SECONDS
+    while True:
+        published = already_published(storage, run)
+        if published is not None:
+            log.warning("%s was published by another trainer (manifest sha256 %s); reporting that publication",
+                        run.uri, published.manifest_sha256)
+            return published
+        if time.monotonic() > deadline:
+            raise storage_unavailable(f"{run.uri}: another trainer claimed the publication and wrote no manifest in "
+                                      f"{WINNER_WAIT_SECONDS} s; the next attempt publishes", "PublishContended")
+        time.sleep(1.0)
 
 
 def already_published(storage: S3Storage, run: RunLocation) -> TrainingResult | None:

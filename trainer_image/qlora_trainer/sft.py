@@ -22,7 +22,15 @@ import torch
 from qlora_api import TrainerRunConfig, TrainingResult
 from transformers import set_seed
 
-from qlora_trainer import data, distributed, evaluation, model_loading, publishing, training_loop
+from qlora_trainer import (
+    data,
+    distributed,
+    evaluation,
+    model_checks,
+    model_loading,
+    publishing,
+    training_loop,
+)
 from qlora_trainer.acceleration import trainer_hooks
 from qlora_trainer.checkpoints import CheckpointStore
 from qlora_trainer.errors import interrupted
@@ -75,7 +83,10 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
         phase.bytes = sum(folder_bytes(workdir / d) for d in ("data", "eval-data") if (workdir / d).exists())
         phase.rows = len(records.train) + len(records.eval)
     with phases.phase("downloadModel") as phase:
-        model_files = model_loading.fetch_model(spec.model, storage, workdir)
+        # The spec is checked against the model's config before any weight is downloaded.
+        model_files = model_loading.fetch_model(
+            spec.model, storage, workdir,
+            before_weights=lambda folder: model_checks.check_spec_against_model(folder, spec))
         if Path(model_files.path).exists():
             phase.bytes = folder_bytes(model_files.path)
     with phases.phase("tokenize") as phase:
@@ -183,7 +194,7 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
                                     "perplexity_after", "train_seconds", "resumed_from_step")},
     )
     return publishing.publish(storage, run, adapter_dir, resolved_config(cfg, dtype, planned, plan, world), metrics,
-                              result, merged_dir, phases)
+                              result, merged_dir, phases=phases, attempt=cfg.attempt)
 
 
 def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, plan=None,

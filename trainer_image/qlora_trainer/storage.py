@@ -21,11 +21,19 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from qlora_api import ExitCode
 from qlora_api.spec import OutputSpec
 
-from qlora_trainer.errors import TrainerFailure, storage_unavailable
+from qlora_trainer.errors import (
+    S3_NOT_FOUND_CODES,
+    TrainerFailure,
+    client_error_parts,
+    s3_failure,
+    storage_unavailable,
+)
 
 log = logging.getLogger(__name__)
+_CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
 
 PVC_ROOT_ENV = "QLORA_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
@@ -38,11 +46,6 @@ TRANSFER_ATTEMPTS = 3
 MiB = 1024 * 1024
 # Parts of 64 MiB: a 1.5B model's merged export (~3 GB) is ~50 parts, far under S3's 10,000.
 TRANSFER = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB, max_concurrency=8)
-
-_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-_ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
-           "InvalidToken", "AllAccessDisabled"}
-_TRANSIENT = {"500", "502", "503", "504", "SlowDown", "InternalError", "RequestTimeout", "ServiceUnavailable"}
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,29 @@ class S3Storage:
         self._retrying(uri, "write", lambda: self.client.put_object(
             Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type))
 
+    def put_bytes_if_absent(self, data: bytes, uri: S3Uri, content_type: str = "application/json") -> bool:
+        """Create the object only if no object has that key (If-None-Match: *); False if one has.
+
+        S3, MinIO, R2 and Ceph RGW answer 412 Precondition Failed when the key exists, and 409
+        when another conditional write of the key is in flight. A store that ignores the header
+        overwrites instead: `conditional_writes_honoured` tells the two apart."""
+        with self._errors(uri, "create"):
+            try:
+                self.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type,
+                                       IfNoneMatch="*")
+            except ClientError as exc:
+                code, status, _ = client_error_parts(exc)
+                if code in _CONDITION_FAILED or status in (409, 412):
+                    return False
+                raise
+        return True
+
+    def conditional_writes_honoured(self, uri: S3Uri) -> bool:
+        """Whether this store refuses a second If-None-Match write of an existing key (probed on
+        `uri`, which must exist already; the probe writes nothing if the store honours it)."""
+        existing = self.get_bytes(uri)
+        return existing is not None and not self.put_bytes_if_absent(existing, uri)
+
     def delete_folder(self, uri: S3Uri) -> None:
         keys = [o.key for o in self.list_objects(uri)]
         with self._errors(uri, "delete"):
@@ -177,7 +203,7 @@ class S3Storage:
                     call()
                 return
             except TrainerFailure as failure:
-                if failure.reason != "StorageUnavailable" or attempt == TRANSFER_ATTEMPTS:
+                if failure.exit_code != ExitCode.STORAGE_UNAVAILABLE or attempt == TRANSFER_ATTEMPTS:
                     raise
                 log.warning("S3 %s of %s failed (attempt %d/%d), retrying: %s",
                             action, uri, attempt, TRANSFER_ATTEMPTS, failure.message)
@@ -189,25 +215,16 @@ class S3Storage:
         try:
             yield outcome
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
-            if missing_ok and code in _NOT_FOUND:
+            code, status, detail = client_error_parts(exc)
+            if missing_ok and code in S3_NOT_FOUND_CODES:
                 outcome.value = None
                 return
-            if code in _ACCESS:
-                raise storage_unavailable(f"S3 at {self.endpoint} denied {action} of {uri} ({code})",
-                                          "StorageAccessDenied") from exc
-            if code in ("NoSuchBucket",) or (code == "404" and action == "reach the bucket"):
-                raise storage_unavailable(f"S3 at {self.endpoint}: bucket of {uri} does not exist",
-                                          "StorageBucketNotFound") from exc
-            if code in _NOT_FOUND:
-                raise storage_unavailable(f"S3 at {self.endpoint}: {uri} not found", "StorageObjectNotFound") from exc
-            transient = code in _TRANSIENT
-            raise storage_unavailable(
-                f"S3 at {self.endpoint} failed to {action} {uri} ({code}{', transient' if transient else ''}): "
-                f"{exc.response.get('Error', {}).get('Message', '')}"
-            ) from exc
+            if code == "404" and action == "reach the bucket":  # HEAD has no body, so no NoSuchBucket
+                code = "NoSuchBucket"
+            raise s3_failure(code, status, self.endpoint, action, uri, detail) from exc
         except (BotoConnectionError, BotoCoreError) as exc:
-            raise storage_unavailable(f"S3 at {self.endpoint} unreachable while trying to {action} {uri}: {exc}") from exc
+            raise storage_unavailable(f"S3 at {self.endpoint} unreachable while trying to {action} {uri} "
+                                      f"(after {MAX_ATTEMPTS} tries with backoff): {exc}") from exc
 
 
 class _Outcome:
