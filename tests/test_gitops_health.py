@@ -22,8 +22,8 @@ from qlora_localcluster.testing import kubectl
 from support import crd_schema_lock, kstatus
 from support.argocd_lua import HealthStatus, evaluate, health_tests, load_yaml
 from support.operator_process import (
-    FAKE_TRAINER_IMAGE,
     OperatorProcess,
+    fake_trainer_qlorajob,
     install_crd_and_rbac,
     service_account_kubeconfig,
 )
@@ -87,20 +87,6 @@ def test_an_invalid_status_value_would_be_unknown_in_argo():
 
 # --- the live run -----------------------------------------------------------------------------------
 
-def manifest(name: str, namespace: str, scenario: str = "succeed", steps: int = 10, **spec) -> str:
-    body = {
-        "model": {"uri": f"hf://fake/{scenario}"},
-        "dataset": {"uri": "s3://datasets/chat/train.jsonl"},
-        "output": {"bucket": "adapters", "credentialsSecretRef": {"name": "s3"}},
-        "training": {"maxSteps": steps},
-        "resources": {"image": FAKE_TRAINER_IMAGE},
-    }
-    for key, value in spec.items():
-        body[key] = {**body[key], **value} if key in body else value
-    return yaml.safe_dump({"apiVersion": "training.qlora-operator.dev/v1alpha1", "kind": "QLoRAJob",
-                           "metadata": {"name": name, "namespace": namespace}, "spec": body})
-
-
 class LiveRun:
     def __init__(self, cluster, namespace):
         self.cluster, self.ns = cluster, namespace
@@ -109,7 +95,7 @@ class LiveRun:
         return kubectl(self.cluster, "-n", self.ns, *args, input=input)
 
     def apply(self, name, **kwargs):
-        self.kubectl("apply", "--server-side", "-f", "-", input=manifest(name, self.ns, **kwargs))
+        self.kubectl("apply", "--server-side", "-f", "-", input=fake_trainer_qlorajob(name, self.ns, **kwargs))
 
     def get(self, name) -> dict:
         return json.loads(self.kubectl("get", "qlorajob", name, "-o", "json").stdout)

@@ -15,7 +15,7 @@ from qlora_localcluster.testing import kubectl
 from qlora_operator import settings
 from qlora_operator.kube import Kube
 from qlora_operator.leader_election import LeaderElector, LeaseLock, LeaseRecord, may_take, next_record
-from support.operator_process import FAKE_TRAINER_IMAGE, OperatorProcess
+from support.operator_process import OperatorProcess, fake_trainer_qlorajob
 from support.shared_gpu import wait_for_the_gpu
 
 # --- the rules, no server ----------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_the_standby_finishes_a_killed_leaders_job_within_30_seconds(local_clust
     a, b = replicas["replica-a"].start(), None
     wait_for("replica-a leading", lambda: lease(local_cluster).get("holderIdentity") == "replica-a", 10)
     b = replicas["replica-b"].start()  # answers /healthz while standing by
-    qlorajob = qlorajob_manifest("failover", namespace, steps=150)  # 30 s of training
+    qlorajob = fake_trainer_qlorajob("failover", namespace, steps=150)  # 30 s of training
     kubectl(local_cluster, "apply", "-f", "-", input=qlorajob)
 
     def status():
@@ -188,12 +188,3 @@ def test_the_standby_finishes_a_killed_leaders_job_within_30_seconds(local_clust
     assert released < 5
     assert b.proc.wait(20) == 0
     assert not b.errors_in_log() and not a.errors_in_log()
-
-
-def qlorajob_manifest(name: str, namespace: str, steps: int) -> str:
-    return json.dumps({
-        "apiVersion": "training.qlora-operator.dev/v1alpha1", "kind": "QLoRAJob",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"model": {"uri": "hf://fake/succeed"}, "dataset": {"uri": "s3://datasets/chat/train.jsonl"},
-                 "output": {"bucket": "adapters", "credentialsSecretRef": {"name": "s3"}},
-                 "training": {"maxSteps": steps}, "resources": {"image": FAKE_TRAINER_IMAGE}}})

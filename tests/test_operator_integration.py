@@ -12,13 +12,12 @@ import json
 import time
 
 import pytest
-import yaml
 from qlora_localcluster.testing import kubectl
 from qlora_operator.rendering import render_config_map, render_trainer_job
 from support.objects import FULL_RESOURCES, qlorajob
 from support.operator_process import (
-    FAKE_TRAINER_IMAGE,
     OperatorProcess,
+    fake_trainer_qlorajob,
     install_crd_and_rbac,
     service_account_kubeconfig,
 )
@@ -44,17 +43,7 @@ class Env:
         return kubectl(self.cluster, "-n", self.ns, *args, check=check, input=input)
 
     def manifest(self, name, scenario="succeed", steps=10, **spec):
-        base = {
-            "model": {"uri": f"hf://fake/{scenario}"},
-            "dataset": {"uri": "s3://datasets/chat/train.jsonl"},
-            "output": {"bucket": "adapters", "credentialsSecretRef": {"name": "s3"}},
-            "training": {"maxSteps": steps},
-            "resources": {"image": FAKE_TRAINER_IMAGE},
-        }
-        for key, value in spec.items():
-            base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
-        return yaml.safe_dump({"apiVersion": "training.qlora-operator.dev/v1alpha1", "kind": "QLoRAJob",
-                               "metadata": {"name": name, "namespace": self.ns}, "spec": base})
+        return fake_trainer_qlorajob(name, self.ns, scenario, steps, **spec)
 
     def apply(self, name, **kwargs):
         return self.kubectl("apply", "-f", "-", input=self.manifest(name, **kwargs))

@@ -6,28 +6,17 @@ own ServiceAccount, into a trainer Job the API server accepted."""
 import json
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 from qlora_localcluster.testing import kubectl
 
 from support.objects import MINIMAL_SPEC
+from support.operator_process import wait_for_healthz
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the operator exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"/healthz did not answer within {timeout} s:\n{tail(log)}")
+    wait_for_healthz(proc, port, lambda: tail(log), timeout)
 
 
 def assert_it_reconciles(cluster, namespace: str, log: Path, name: str = "from-image", timeout: float = 60.0) -> dict:

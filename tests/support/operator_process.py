@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import yaml
 from qlora_localcluster import operator_install
 from qlora_localcluster.testing import kubectl
 
@@ -19,6 +20,22 @@ from support import crd_schema_lock
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_TRAINER_IMAGE = "qlora-fake-trainer:test"
+
+
+def fake_trainer_qlorajob(name: str, namespace: str, scenario: str = "succeed", steps: int = 10, **spec) -> str:
+    """A QLoRAJob (YAML) for the scripted trainer, which picks its scenario from the model URI
+    (tests/support/fake_trainer.py); each keyword is a spec section merged into the defaults."""
+    body = {
+        "model": {"uri": f"hf://fake/{scenario}"},
+        "dataset": {"uri": "s3://datasets/chat/train.jsonl"},
+        "output": {"bucket": "adapters", "credentialsSecretRef": {"name": "s3"}},
+        "training": {"maxSteps": steps},
+        "resources": {"image": FAKE_TRAINER_IMAGE},
+    }
+    for key, value in spec.items():
+        body[key] = {**body[key], **value} if isinstance(value, dict) and key in body else value
+    return yaml.safe_dump({"apiVersion": "training.qlora-operator.dev/v1alpha1", "kind": "QLoRAJob",
+                           "metadata": {"name": name, "namespace": namespace}, "spec": body})
 
 
 def install_crd_and_rbac(cluster) -> None:
@@ -72,18 +89,7 @@ class OperatorProcess:
         return self
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"the operator's /healthz did not answer in {timeout} s:\n{self.log_tail()}")
+        wait_for_healthz(self.proc, self.health_port, self.log_tail, timeout)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -109,6 +115,23 @@ class OperatorProcess:
 
     def errors_in_log(self) -> list[str]:
         return refusals_and_tracebacks(self.log_path.read_text(errors="replace"))
+
+
+def wait_for_healthz(proc: subprocess.Popen, port: int, log_tail, timeout: float) -> None:
+    """Until the operator's /healthz answers 200 (standing by or leading); fail with its log if it
+    exits or stays silent. `log_tail()` gives the log's end for the message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the operator exited with {proc.returncode}:\n{log_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the operator's /healthz did not answer in {timeout} s:\n{log_tail()}")
 
 
 def refusals_and_tracebacks(log: str) -> list[str]:
