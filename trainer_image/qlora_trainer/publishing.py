@@ -170,20 +170,23 @@ def publish_once(storage: S3Storage, run: RunLocation, adapter_dir: Path, resolv
     """(the run's publication, whether this trainer made it). Under the claim: adapter, tokenizer
     (and the merged model) first, then config and metrics, the manifest last and only if absent.
     The bulk goes first so that the config's `phases` section can hold the upload's time."""
-    if not claim_publication(storage, run, attempt):
-        return _winners_result(storage, run, "another trainer of this run holds the publication claim"), False
     phases = phases or PhaseClock()
-    adapter_config = point_adapter_at_base(adapter_dir, result.base_model or "", result.base_model_revision)
-    facts = adapter_facts(adapter_config)
-    files = files_under(adapter_dir)
-    merged = {}
-    if merged_dir is not None:
-        merged = {"merged_model_uri": f"{run.uri}{MERGED}/", "merged_model_manifest_uri": str(run.root.join(MERGED, MANIFEST)),
-                  "merged_model_manifest_sha256": write_merged_manifest(merged_dir)}
-        files.update(files_under(merged_dir, f"{MERGED}/"))
     with phases.phase("publish") as phase:
-        uploaded = upload_files(storage, run.root, files)
-        phase.bytes = sum(e.size for e in uploaded)
+        claimed = claim_publication(storage, run, attempt)
+        if claimed:
+            adapter_config = point_adapter_at_base(adapter_dir, result.base_model or "", result.base_model_revision)
+            facts = adapter_facts(adapter_config)
+            files = files_under(adapter_dir)
+            merged = {}
+            if merged_dir is not None:
+                merged = {"merged_model_uri": f"{run.uri}{MERGED}/",
+                          "merged_model_manifest_uri": str(run.root.join(MERGED, MANIFEST)),
+                          "merged_model_manifest_sha256": write_merged_manifest(merged_dir)}
+                files.update(files_under(merged_dir, f"{MERGED}/"))
+            uploaded = upload_files(storage, run.root, files)
+            phase.bytes = sum(e.size for e in uploaded)
+    if not claimed:
+        return _winners_result(storage, run, "another trainer of this run holds the publication claim"), False
     staging = adapter_dir.parent / "publish-extra"
     staging.mkdir(parents=True, exist_ok=True)
     # Everything after this point (two small files and the manifest) takes milliseconds.

@@ -95,7 +95,9 @@ class S3Storage:
             response_checksum_validation="when_required",
         )
         self.endpoint = output.endpoint_url or "AWS S3"
-        self.client = boto3.client("s3", endpoint_url=output.endpoint_url, config=config)
+        # A session of its own: boto3's default session resolves credentials once per process, so a
+        # second store with other credentials (a test, a tool) would silently use the first one's.
+        self.client = boto3.session.Session().client("s3", endpoint_url=output.endpoint_url, config=config)
         self.transfer = transfer
 
     # -- checks -----------------------------------------------------------------------------------
