@@ -60,25 +60,15 @@ if generation ~= nil and (observed == nil or observed < generation) then
   return hs
 end
 
-local failed = condition(status, "Failed")
-if is_true(failed) then
-  hs.status = "Degraded"
-  hs.message = told(failed, "Failed")
-  return hs
-end
-
-local succeeded = condition(status, "Succeeded")
-if is_true(succeeded) then
-  hs.status = "Healthy"
-  hs.message = told(succeeded, "Succeeded")
-  return hs
-end
-
-local suspended = condition(status, "Suspended")
-if is_true(suspended) then
-  hs.status = "Suspended"
-  hs.message = told(suspended, "Suspended")
-  return hs
+-- The terminal and paused states, first match wins: a True condition of this type is this health.
+local decisive = {{"Failed", "Degraded"}, {"Succeeded", "Healthy"}, {"Suspended", "Suspended"}}
+for _, pair in ipairs(decisive) do
+  local found = condition(status, pair[1])
+  if is_true(found) then
+    hs.status = pair[2]
+    hs.message = told(found, pair[1])
+    return hs
+  end
 end
 
 -- Not finished, not suspended: whatever else it is (pending, queued, unschedulable, running,
