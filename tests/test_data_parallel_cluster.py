@@ -9,14 +9,12 @@ GPUs' worth of nodes. Its ports are free ones picked here, so it never meets the
 """
 
 import json
-import socket
 import time
 
 import boto3
 import pytest
 from botocore.config import Config
-from qlora_localcluster.cluster import LocalCluster
-from qlora_localcluster.testing import kubectl
+from qlora_localcluster.testing import kubectl, private_cluster
 from support.operator_process import OperatorProcess, install_crd_and_rbac, service_account_kubeconfig
 from trainer_fixtures.runs import jsonl
 from trainer_fixtures.tiny_model import build_model, chat_records
@@ -26,28 +24,10 @@ TRAINER_IMAGE = "ghcr.io/qlora-operator/trainer:0.1.0"
 NAMESPACE = "dp"
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
-    etcd, peer, api, cm, sched, s3, console, agents = _free_ports(8)
-    cluster = LocalCluster(tmp_path_factory.mktemp("dp-cluster"), gpu_nodes=2, etcd_client_port=etcd,
-                           etcd_peer_port=peer, apiserver_port=api, controller_manager_port=cm,
-                           scheduler_port=sched, s3_port=s3, s3_console_port=console,
-                           node_agent_base_port=agents)
-    try:
-        cluster.up(timeout=240)
+    with private_cluster(tmp_path_factory.mktemp("dp-cluster"), gpu_nodes=2) as cluster:
         yield cluster
-    finally:
-        cluster.down()
 
 
 @pytest.fixture(scope="module")

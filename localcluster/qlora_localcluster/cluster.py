@@ -187,6 +187,11 @@ class LocalCluster:
                 if left:
                     _say(f"{name}: killed {left} pod process(es) it left behind")
 
+    def stop_component(self, name: str, timeout: float = 60.0) -> str:
+        """Stop one component (fault injection: "kube-apiserver", "minio", "node-agent-gpu-node-0", ...);
+        `up()` starts it again, with whatever else is not running."""
+        return processes.stop(self._components(None)[name], timeout)
+
     def is_ready(self) -> bool:
         return all(health == "healthy" for _, health in self.status().values())
 
