@@ -80,6 +80,12 @@ def test_progress_line_parsing_ignores_human_logs_and_other_events():
     assert TrainerProgressLine.parse('{"event": "progress", "step": -1}') is None
 
 
+def test_progress_line_of_a_newer_trainer_keeps_what_this_operator_knows():
+    line = '{"event": "progress", "step": 7, "checkpointStep": 5, "resumedFromStep": 5, "someFutureField": 1}'
+    parsed = TrainerProgressLine.parse(line)
+    assert parsed is not None and (parsed.step, parsed.checkpoint_step, parsed.resumed_from_step) == (7, 5, 5)
+
+
 def test_termination_messages_parse_to_result_or_error():
     ok = TrainerResultMessage.model_validate({"result": {"adapterUri": "s3://b/p/"}})
     assert parse_termination_message(ok.model_dump_json(by_alias=True)).result.adapter_uri == "s3://b/p/"

@@ -38,6 +38,8 @@ PRINTER_COLUMNS = [
     {"name": "World", "type": "integer", "jsonPath": ".status.worldSize", "priority": 1},
     {"name": "Tokens/s", "type": "number", "jsonPath": ".status.progress.tokensPerSecond", "priority": 1},
     {"name": "Tokens/s/GPU", "type": "number", "jsonPath": ".status.progress.tokensPerSecondPerGpu", "priority": 1},
+    # Where a preempted or evicted job would resume (-o wide): progress minus this is what it would redo.
+    {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.progress.checkpointStep", "priority": 1},
     {"name": "Adapter", "type": "string", "jsonPath": ".status.result.adapterUri", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

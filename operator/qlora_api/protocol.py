@@ -67,8 +67,11 @@ class TrainerProgressLine(TrainingProgress):
             return None
         if not isinstance(data, dict) or data.get("event") != "progress":
             return None
+        # Fields a newer trainer image adds (a user may pin one) are dropped, not fatal: the
+        # models forbid unknown keys, and one new field must not cost an older operator every report.
+        known = {key for name, f in TrainerProgressLine.model_fields.items() for key in (name, f.alias)}
         try:
-            return TrainerProgressLine.model_validate(data)
+            return TrainerProgressLine.model_validate({k: v for k, v in data.items() if k in known})
         except ValueError:
             return None
 

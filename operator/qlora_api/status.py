@@ -82,6 +82,15 @@ class TrainingProgress(ApiModel):
     gpu_memory_gib: float | None = Field(None, description="Peak GPU memory allocated so far.")
     eta_seconds: float | None = None
     summary: str | None = Field(None, max_length=64, description="step/total (percent), for kubectl get.")
+    # How much a preemption would cost: a replacement pod resumes at checkpointStep, so at most
+    # step - checkpointStep steps are trained twice. Reported by the trainer, never guessed here.
+    checkpoint_step: int | None = Field(
+        None, ge=0, description="The step of the newest complete checkpoint in S3 known to the trainer (the one it "
+        "resumed from, or the last one it uploaded, as of this report): a replacement pod resumes there.")
+    checkpoint_uri: str | None = Field(None, max_length=2048, description="s3:// folder of that checkpoint.")
+    resumed_from_step: int | None = Field(
+        None, ge=0, description="The checkpoint step this trainer pod resumed from (unset: it started at step 0). "
+        "A resumed pod reports it at once, before its first training step.")
     updated_at: datetime | None = None
 
 
@@ -121,7 +130,7 @@ class TrainingResult(ApiModel):
     perplexity_before: float | None = None
     perplexity_after: float | None = None
     train_seconds: float | None = None
-    resumed_from_step: int | None = None
+    resumed_from_step: int | None = Field(None, description="The checkpoint step the publishing pod resumed from.")
 
 
 class WorkerStatus(ApiModel):
