@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 from botocore.exceptions import EndpointConnectionError
-from qlora_api import ExitCode, PublishedFile, TrainingResult
+from qlora_api import ExitCode, PublishedFile, TrainerProgressLine, TrainingResult
 from qlora_api.spec import LoRASpec, OutputSpec, QuantizationSpec, TrainingSpec
 from qlora_trainer import data, errors, model_loading, reporting
 from qlora_trainer.checkpoints import CheckpointStore
@@ -232,6 +232,38 @@ def test_other_failures_are_classified():
 def test_progress_summary():
     assert reporting.summary(120, 300) == "120/300 (40%)"
     assert reporting.summary(3, None) == "3"
+
+
+class Lines:
+    def __init__(self):
+        self.lines = []
+
+    def write(self, text):
+        self.lines += [TrainerProgressLine.parse(line) for line in text.splitlines()]
+
+    def flush(self):
+        pass
+
+
+def test_progress_lines_carry_the_newest_checkpoint_and_a_resume_is_reported_before_the_first_step():
+    from qlora_trainer.training_loop import ProgressReport
+    from transformers import TrainerControl, TrainerState
+
+    store = CheckpointStore(None, S3Uri.parse("s3://adapters/runs/r1/checkpoints"))
+    fresh = ProgressReport(reporting.ProgressReporter(Lines()), 1.0, None, checkpoints=store)
+    sink = fresh.reporter.stream
+    fresh.on_train_begin(None, TrainerState(global_step=0, max_steps=20), TrainerControl())
+    assert sink.lines == []  # a run from step 0 has nothing to say yet
+    fresh.checkpoint_saved(5)
+    fresh.on_log(None, TrainerState(global_step=6, max_steps=20, epoch=0.3), TrainerControl(), logs={"loss": 1.0})
+    assert (sink.lines[-1].step, sink.lines[-1].checkpoint_step, sink.lines[-1].resumed_from_step) == (6, 5, None)
+    assert sink.lines[-1].checkpoint_uri == "s3://adapters/runs/r1/checkpoints/step-5/"
+
+    resumed = ProgressReport(reporting.ProgressReporter(Lines()), 1.0, None, checkpoints=store)
+    resumed.on_train_begin(None, TrainerState(global_step=7, max_steps=20, epoch=0.35), TrainerControl())
+    first = resumed.reporter.stream.lines[0]
+    assert (first.step, first.resumed_from_step, first.checkpoint_step, first.loss) == (7, 7, 7, None)
+    assert first.summary == "7/20 (35%)"
 
 
 # -- S3 -----------------------------------------------------------------------------------------------------------

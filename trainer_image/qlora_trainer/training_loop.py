@@ -107,24 +107,48 @@ class ProgressReport(TrainerCallback):
     """A TrainerProgressLine at every loggingSteps (Trainer's own log events), printed by rank 0.
 
     The Trainer sums the tokens seen over all ranks, so tokens_per_second is the group's; the
-    per-GPU rate divides it by the world size."""
+    per-GPU rate divides it by the world size.
+
+    Every line also carries the newest complete checkpoint (and the step this pod resumed from), so
+    the status shows where a preempted or evicted pod would resume; a resumed pod says so in a line
+    of its own before its first step (the first logging step may be minutes away on a big model)."""
 
     def __init__(self, reporter: ProgressReporter, flops_per_token: float, peak_flops: float | None,
-                 world: distributed.World = distributed.ONE_PROCESS):
+                 world: distributed.World = distributed.ONE_PROCESS, checkpoints: CheckpointStore | None = None):
         self.reporter = reporter
         self.world = world
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
+        self.checkpoints = checkpoints
         self.eval_loss: float | None = None
         self.lines: list[TrainerProgressLine] = []
+        self.checkpoint_step: int | None = None
+        self.resumed_from_step: int | None = None
         self._start = self._last_time = None
         self._start_step = self._last_tokens = self.start_tokens = 0
+
+    def checkpoint_saved(self, step: int) -> None:
+        """Called once checkpoint `step` is complete in S3 (its manifest written); the next line says so."""
+        self.checkpoint_step = step
+
+    def _checkpoint_fields(self) -> dict:
+        step = self.checkpoint_step
+        # A folder, written as status.result.adapterUri is (with the trailing slash).
+        uri = f"{self.checkpoints.folder(step)}/" if step is not None and self.checkpoints is not None else None
+        return {"checkpoint_step": step, "checkpoint_uri": uri, "resumed_from_step": self.resumed_from_step}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = self._last_time = time.monotonic()
         self._start_step = state.global_step
         # After a resume the state holds the earlier attempts' counts: rates count this session only.
         self._last_tokens = self.start_tokens = state.num_input_tokens_seen
+        if state.global_step:  # the Trainer loaded a checkpoint's state: this pod resumes there
+            self.checkpoint_step = self.resumed_from_step = state.global_step
+            if self.world.is_main:
+                self.reporter.report(TrainerProgressLine(
+                    step=state.global_step, total_steps=state.max_steps,
+                    epoch=round(state.epoch, 4) if state.epoch is not None else None, world_size=self.world.size,
+                    summary=summary(state.global_step, state.max_steps), **self._checkpoint_fields()))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -151,6 +175,7 @@ class ProgressReport(TrainerCallback):
             gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
             eta_seconds=round(eta, 1) if eta is not None else None,
             summary=summary(state.global_step, state.max_steps),
+            **self._checkpoint_fields(),
         )
         self.lines.append(line)
         if self.world.is_main:
@@ -184,10 +209,11 @@ class CheckpointUpload(TrainerCallback):
     draws the same dropout masks as one that never stopped."""
 
     def __init__(self, store: CheckpointStore, world: distributed.World = distributed.ONE_PROCESS,
-                 phases: PhaseClock | None = None):
+                 phases: PhaseClock | None = None, saved=None):
         self.store = store
         self.world = world
         self.phases = phases or PhaseClock()
+        self.saved = saved  # called with the step once a checkpoint is complete in S3 (progress reporting)
 
     def on_save(self, args, state, control, **kwargs):
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -203,6 +229,8 @@ class CheckpointUpload(TrainerCallback):
             with self.phases.phase("checkpointUpload") as phase:
                 self.store.save(local, state.global_step)
                 phase.bytes = folder_bytes(local)
+            if self.saved is not None:
+                self.saved(state.global_step)
 
 
 class StopOnInterruption(TrainerCallback):
@@ -251,10 +279,10 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, o
                   reporter: ProgressReporter, store: CheckpointStore | None, interruption: Interruption,
                   world: distributed.World = distributed.ONE_PROCESS, phases: PhaseClock | None = None):
     collator = Collator(tokenizer.pad_token_id, packed=spec.packing)
-    progress = ProgressReport(reporter, linear_flops_per_token(model), peak_flops(dtype), world)
+    progress = ProgressReport(reporter, linear_flops_per_token(model), peak_flops(dtype), world, store)
     callbacks = [progress, StopOnInterruption(interruption, store is not None, world)]
     if store is not None:
-        callbacks.append(CheckpointUpload(store, world, phases))
+        callbacks.append(CheckpointUpload(store, world, phases, saved=progress.checkpoint_saved))
     if spec.eval_steps and eval_rows:
         callbacks.append(EvalCallback(spec.eval_steps, eval_rows, collator, spec.batch_size, dtype, progress, phases))
     trainer = SFTTrainer(
