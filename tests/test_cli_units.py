@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import yaml
 from qlora_api import QLoRAJobSpec
+from qlora_cli.describe import describe_lines
 from qlora_cli.manifest import build_manifest
 from qlora_cli.progress import RateTracker, closing_report, progress_line
 from qlora_cli.serving import FETCH_SCRIPT, kserve_manifests, max_lora_rank, vllm_manifests
@@ -137,3 +138,15 @@ def test_kserve_inference_service_uses_the_hugging_face_runtime_with_lora():
 @pytest.mark.parametrize(("rank", "expected"), [(1, 1), (2, 8), (16, 16), (17, 32), (300, 320)])
 def test_max_lora_rank_is_the_smallest_vllm_accepts(rank, expected):
     assert max_lora_rank(rank) == expected
+
+
+def test_describe_shows_the_checkpoint_a_preempted_pod_would_resume_from():
+    job = {"metadata": {"name": "demo", "namespace": "team-a"}, "spec": {"model": {"uri": "hf://m"}},
+           "status": {"phase": "Running", "attempts": 1, "progress": {
+               "step": 12, "summary": "12/30 (40%)", "checkpointStep": 9, "resumedFromStep": 8,
+               "checkpointUri": "s3://adapters/runs/team-a/demo/u1/checkpoints/step-9/"}}}
+    lines = describe_lines(job, [])
+    assert ("Checkpoint:  step 9 (s3://adapters/runs/team-a/demo/u1/checkpoints/step-9/); this pod resumed from "
+            "step 8") in lines
+    del job["status"]["progress"]["checkpointStep"]
+    assert not any(line.startswith("Checkpoint:") for line in describe_lines(job, []))

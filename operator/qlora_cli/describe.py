@@ -70,6 +70,11 @@ def describe_lines(job: dict, events: list[dict]) -> list[str]:
     if progress:
         loss = f", loss {progress['loss']:.4g}" if progress.get("loss") is not None else ""
         lines.append(f"Progress:    {progress.get('summary') or progress.get('step')}{loss}")
+    if progress.get("checkpointStep") is not None:  # where an evicted or preempted pod would resume
+        resumed = (f"; this pod resumed from step {progress['resumedFromStep']}"
+                   if progress.get("resumedFromStep") is not None else "")
+        lines.append(f"Checkpoint:  step {progress['checkpointStep']} ({progress.get('checkpointUri') or 'in S3'})"
+                     f"{resumed}")
     result = status.get("result") or {}
     if result:
         lines.append(f"Adapter:     {result.get('adapterUri')}")
