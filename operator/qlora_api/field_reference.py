@@ -28,8 +28,11 @@ def _rows(schema: dict, path: str):
 
 
 def render_field_reference() -> str:
-    spec = render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    lines = ["| field | type | default | meaning |", "| --- | --- | --- | --- |", *_rows(spec, "spec")]
+    """spec (what a user writes), then status (what the operator reports: a user reads fields such
+    as status.progress.checkpointStep in `kubectl describe` and needs them explained as well)."""
+    schema = render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+    lines = ["| field | type | default | meaning |", "| --- | --- | --- | --- |",
+             *_rows(schema["spec"], "spec"), *_rows(schema["status"], "status")]
     return "\n".join(lines)
 
 
