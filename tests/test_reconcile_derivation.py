@@ -199,8 +199,14 @@ def test_the_deadline_counts_across_attempts():
     assert "StorageUnavailable" in status.message
 
 
+# Every DisruptionTarget reason Kubernetes sets (the Eviction API, the scheduler's preemption, the
+# taint manager's NoExecute, the kubelet's node-pressure eviction and shutdown, the pod GC of a
+# vanished node): none is the trainer's fault, so none may count as an attempt (promise 3).
 @pytest.mark.parametrize(("kube_reason", "ours"), [("EvictionByEvictionAPI", Reason.EVICTED),
-                                                   ("PreemptionByScheduler", Reason.PREEMPTED)])
+                                                   ("PreemptionByScheduler", Reason.PREEMPTED),
+                                                   ("DeletionByTaintManager", Reason.EVICTED),
+                                                   ("TerminationByKubelet", Reason.EVICTED),
+                                                   ("DeletionByPodGC", Reason.EVICTED)])
 def test_a_disrupted_pod_is_shown_while_the_job_replaces_it(kube_reason, ours):
     job = qlorajob()
     tj = trainer_job(job)
