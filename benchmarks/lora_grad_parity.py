@@ -161,34 +161,29 @@ def copy_adapter(src, dst) -> None:
             p.copy_(theirs[name])
 
 
-def fast_copy(plain, row: str, fused: bool, graphs: bool, device: str, fp32_residual: bool = False):
+def fast_copy(plain, row: str, fused: bool, graphs: bool, device: str, fp32_residual: bool = True):
     """The fast path as the trainer builds it: the benchmark row's plan (bf16 weight copies off:
-    they hold the same values and the GPU holds several models here), installed on a copy."""
+    they hold the same values and the GPU holds several models here), installed on a copy;
+    fp32_residual False: the residual stream in bf16, as before the fix (diagnosis)."""
     from qlora_trainer.acceleration import apply_acceleration
 
     shape, seq, batch = bench.ROWS[row]
     folder = Path(plain.get_base_model().config._name_or_path)
     if device == "cuda":
         plan = bench.plan_job({}, folder, seq, batch, 1, 0.05)
-        plan = dataclasses.replace(plan, cached_layers=0, fused_layers=fused)
+        plan = dataclasses.replace(plan, cached_layers=0, fused_layers=fused, fp32_residual=fp32_residual)
     else:
         from qlora_trainer.acceleration import MemoryPlan
 
         plan = MemoryPlan(micro_batch=2, grad_accum=2, recompute="none", recompute_layers=0, cached_layers=0,
                           ce_chunk_tokens=256, packing=False, predicted_peak_bytes=0, predicted_tokens_per_s=0.0,
-                          budget_bytes=0, policy="rehearsal", fused_layers=fused)
+                          budget_bytes=0, policy="rehearsal", fused_layers=fused, fp32_residual=fp32_residual)
     fast = copy.deepcopy(plain)
     before = os.environ.get("QLORA_CUDA_GRAPHS")
     os.environ["QLORA_CUDA_GRAPHS"] = "1" if graphs else "0"
-    from qlora_trainer.acceleration import apply as apply_module
-
-    recast = apply_module._recast_frozen_floats
-    if fp32_residual:  # diagnosis: keep peft's fp32 embeddings and norms (an fp32 residual stream)
-        apply_module._recast_frozen_floats = lambda model, dtype: 0
     try:
         report = apply_acceleration(fast, plan)
     finally:
-        apply_module._recast_frozen_floats = recast
         os.environ.pop("QLORA_CUDA_GRAPHS") if before is None else os.environ.update(QLORA_CUDA_GRAPHS=before)
     return fast, plan, report
 
@@ -262,8 +257,10 @@ def grads_part(shape: str, layers: int | None, device: str, results: dict) -> li
     print(f"[grads] {shape} ({n_layers} layers): checkpoint {t_write:.0f} s, loaded {time.perf_counter() - t0:.0f} s",
           flush=True)
     paths = {"plain": plain}
-    for name, fused in (("fused", True), ("per-projection", False)):
-        paths[name], plan, report = fast_copy(plain, row, fused, graphs=False, device=device)
+    for name, fused, fp32_residual in (("fused", True, True), ("fused, bf16 residual", True, False),
+                                       ("per-projection", False, True)):
+        paths[name], plan, report = fast_copy(plain, row, fused, graphs=False, device=device,
+                                              fp32_residual=fp32_residual)
         print(f"[grads] {name}: plan {plan.describe()}; {report.describe()}", flush=True)
     from qlora_trainer.acceleration.apply import _recast_frozen_floats
 
@@ -320,14 +317,21 @@ def train(model, plan_micro: int, seq: int, rows: int, steps: int, seed: int, de
     torch.manual_seed(seed)  # the dropout masks: torch's RNG (plain) or seeds drawn from it (fused)
     vocab = model.config.vocab_size
     params, opt = bench.make_optimizer(model, device=device, plan=optimizer_plan)
-    _, losses, _ = bench.train_steps(model, params, opt, bench._fixed_batches(vocab, plan_micro, seq, rows // plan_micro),
-                                     steps, device=device)
+    times, losses, tokens = bench.train_steps(model, params, opt,
+                                              bench._fixed_batches(vocab, plan_micro, seq, rows // plan_micro),
+                                              steps, device=device)
     del opt
+    # Tokens/s of the steps after the first three (compilation, graph capture), median.
+    SPEED[id(losses)] = statistics.median(n / t for n, t in zip(tokens[3:], times[3:])) if len(times) > 4 else None
     return losses
 
 
+SPEED: dict = {}  # id(losses) -> tokens/s of that run
+
+
 TRAIN_RUNS = [("plain, seed 0", "plain", 0, 0.05), ("plain, seed 1", "plain", 1, 0.05),
-              ("fused, seed 0", "fused", 0, 0.05), ("per-projection, seed 0", "per-projection", 0, 0.05),
+              ("fused, seed 0", "fused", 0, 0.05), ("fused, bf16 residual, seed 0", "fused-bf16", 0, 0.05),
+              ("fused, seed 1", "fused", 1, 0.05), ("per-projection, seed 0", "per-projection", 0, 0.05),
               ("plain, seed 0, dropout 0", "plain", 0, 0.0), ("fused, seed 0, dropout 0", "fused", 0, 0.0),
               ("plain, seed 0, fused AdamW", "plain-fusedadam", 0, 0.05)]
 # Where the departure comes from (all dropout 0, so no mask differs): the fast path keeps the
@@ -335,8 +339,7 @@ TRAIN_RUNS = [("plain, seed 0", "plain", 0, 0.05), ("plain, seed 1", "plain", 1,
 DIAGNOSE_RUNS = [("plain, seed 0, dropout 0", "plain", 0, 0.0), ("fused, seed 0, dropout 0", "fused", 0, 0.0),
                  ("plain, bf16 residual, dropout 0", "plain-bf16", 0, 0.0),
                  ("per-projection, dropout 0", "per-projection", 0, 0.0),
-                 ("per-projection, fp32 residual, dropout 0", "per-projection-fp32", 0, 0.0),
-                 ("fused, fp32 residual, dropout 0", "fused-fp32", 0, 0.0)]
+                 ("fused, bf16 residual, dropout 0", "fused-bf16", 0, 0.0)]
 
 
 def training_part(plain, steps: int, device: str, deadline: float, results: dict, todo=TRAIN_RUNS) -> list[str]:
@@ -346,6 +349,7 @@ def training_part(plain, steps: int, device: str, deadline: float, results: dict
     if device == "cpu":
         seq, rows = 64, 4
     runs: dict = {}
+    speeds: dict = {}
     for label, engine, seed, p in todo:
         if time.monotonic() > deadline:
             runs[label] = None
@@ -368,7 +372,7 @@ def training_part(plain, steps: int, device: str, deadline: float, results: dict
                 runs[label] = train(plain, rows, seq, rows, steps, seed, device, opt_plan)
             else:
                 fast, plan, _ = fast_copy(plain, "8b-1024", engine.startswith("fused"), graphs=True, device=device,
-                                          fp32_residual=engine.endswith("-fp32"))
+                                          fp32_residual=not engine.endswith("-bf16"))
                 runs[label] = train(fast, plan.micro_batch, seq, rows, steps, seed, device, plan)
                 del fast
         except Exception as exc:  # a diagnosis variant the fast path refuses: say so, go on
@@ -378,10 +382,12 @@ def training_part(plain, steps: int, device: str, deadline: float, results: dict
             if device == "cuda":
                 torch.cuda.empty_cache()
         r = runs[label]
+        speeds[label] = SPEED.get(id(r))
         print(f"[train] {label}: {r[0]:.4f} -> {r[12]:.4f} (step 12) -> {r[-1]:.4f} in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+              f"{time.perf_counter() - t0:.0f} s, {speeds[label] or 0:,.0f} tok/s", flush=True)
         results["training"] = runs
-    return training_table(runs, steps)
+        results["training_tokens_per_s"] = speeds
+    return training_table(runs, steps, speeds)
 
 
 def spread_stats(a: list, b: list, upto: int) -> dict:
@@ -390,31 +396,46 @@ def spread_stats(a: list, b: list, upto: int) -> dict:
     return {"mean": statistics.mean(d), "max": max(d), "last": d[-1], "max_last5": max(tail)}
 
 
-def training_table(runs: dict, steps: int) -> list[str]:
+def training_table(runs: dict, steps: int, speeds: dict | None = None) -> list[str]:
+    speeds = speeds or {}
     base, other = runs.get("plain, seed 0"), runs.get("plain, seed 1")
     lines = [f"\nthe 8B row's shape (tiny in the CPU rehearsal), 4 x 1024 tokens, {steps} steps (the benchmark's row extended; its four batches "
              "cycled); difference from `plain, seed 0`",
-             "| run | step 0 | step 12 | last | mean abs diff | max abs diff | abs diff at step 12 | abs diff at last |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| run | step 0 | step 12 | last | mean abs diff | max abs diff | abs diff at step 12 | abs diff at last "
+             "| tok/s (median, steps 3+) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, r in runs.items():
         if r is None:
-            lines.append(f"| {label} | not run (time or error: see the log) | | | | | | |")
+            lines.append(f"| {label} | not run (time or error: see the log) | | | | | | | |")
             continue
         ref = runs.get("plain, seed 0, dropout 0") if "dropout 0" in label and label != "plain, seed 0, dropout 0" \
             else base
         if ref is None or r is ref:
-            lines.append(f"| {label} | {r[0]:.4f} | {r[12]:.4f} | {r[-1]:.4f} | - | - | - | - |")
+            lines.append(f"| {label} | {r[0]:.4f} | {r[12]:.4f} | {r[-1]:.4f} | - | - | - | - | {_tps(speeds.get(label))} |")
             continue
         d = [abs(x - y) for x, y in zip(r, ref)]
         lines.append(f"| {label} | {r[0]:.4f} | {r[12]:.4f} | {r[-1]:.4f} | {statistics.mean(d):.4f} | {max(d):.4f} "
-                     f"| {d[12]:.4f} | {d[-1]:.4f} |")
+                     f"| {d[12]:.4f} | {d[-1]:.4f} | {_tps(speeds.get(label))} |")
     if base and other:
         s13, sall = spread_stats(base, other, 13), spread_stats(base, other, len(base))
+        lines.append("\nwithin plain's seed-to-seed spread (mean and max abs diff over all steps no larger than "
+                     "plain seed 0 against seed 1):")
+        for label, r in runs.items():
+            if r is None or r is base or label == "plain, seed 1" or "dropout 0" in label:
+                continue
+            d = spread_stats(r, other if "seed 1" in label else base, len(base))  # same seed, same batches and RNG use
+            within = d["mean"] <= sall["mean"] and d["max"] <= sall["max"]
+            lines.append(f"- {label}: mean {d['mean']:.4f} (spread {sall['mean']:.4f}), max {d['max']:.4f} "
+                         f"(spread {sall['max']:.4f}): {'WITHIN' if within else 'DEPARTS'}")
         lines.append(f"\nplain's seed-to-seed spread: over 13 steps mean {s13['mean']:.4f}, max {s13['max']:.4f}, "
                      f"max of steps 8-12 {s13['max_last5']:.4f}; over {len(base)} steps mean {sall['mean']:.4f}, "
                      f"max {sall['max']:.4f}, at the last step {sall['last']:.4f}")
         lines.append("(the fused run with dropout 0 is compared with plain with dropout 0)")
     return lines
+
+
+def _tps(value) -> str:
+    return f"{value:,.0f}" if value else "-"
 
 
 def main() -> None:
@@ -425,6 +446,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="llama-3-8b,qwen2.5-7b")
     ap.add_argument("--layers", type=int, help="fewer decoder layers than the real shape")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--runs", type=int, help="only the first N training runs (TRAIN_RUNS is in order of need)")
     ap.add_argument("--budget-s", type=float, default=540.0)
     ap.add_argument("--out", help="folder for table.md and results.json (default $OUT)")
     args = ap.parse_args()
@@ -464,7 +486,7 @@ def main() -> None:
         if shape in ("llama-3-8b", "tiny") and args.only is None:
             plain8 = plain
             tables += training_part(plain8, args.steps if not args.cpu else 14, device, t0 + args.budget_s - 60,
-                                    results)
+                                    results, TRAIN_RUNS[:args.runs])
             save()
         del plain
         if device == "cuda":
@@ -473,7 +495,7 @@ def main() -> None:
         folder = write_checkpoint("tiny" if args.cpu else "llama-3-8b", args.layers, device)
         tables += training_part(load_plain(folder, device), args.steps if not args.cpu else 14, device,
                                 t0 + args.budget_s - 30, results,
-                                DIAGNOSE_RUNS if args.only == "diagnose" else TRAIN_RUNS)
+                                DIAGNOSE_RUNS if args.only == "diagnose" else TRAIN_RUNS[:args.runs])
     save()
     print("\n".join(tables), flush=True)
 

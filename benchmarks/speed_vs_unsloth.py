@@ -64,10 +64,10 @@ ROWS = {  # name: (shape, seq_len, micro_batch) -- the effective batch is micro_
 WARMUP, TIMED = 3, 10
 # The plain recipe's own seed-to-seed spread of the loss at these rows' length (13 steps): the
 # largest |plain(seed 0) - plain(seed 1)| over steps 8-12 on the 8B row, measured by
-# benchmarks/lora_grad_parity.py in two H200 calls (0.0068, 0.0074; results/lora_grad_parity_h200.md). A row whose last
+# benchmarks/lora_grad_parity.py in four H200 calls (0.0068, 0.0074, 0.0082, 0.0055; results/lora_grad_parity_h200.md). A row whose last
 # loss (ours or lean) departs from plain's by more than this is flagged in the table: such a path
 # trains a different model than the plain recipe, not the same one with another seed.
-PLAIN_SEED_SPREAD = 0.0074
+PLAIN_SEED_SPREAD = 0.0082
 
 
 def configs(only: set[str] | None) -> list[dict]:

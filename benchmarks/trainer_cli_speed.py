@@ -216,9 +216,27 @@ def fast_path(row: dict, folder: Path) -> dict:
 # -- the CLI run -----------------------------------------------------------------------------------------
 
 
-def texts_for(row: dict, n_steps: int, seed: int) -> list[str]:
-    """Records of words the tokenizer has (one token each): exactly seq tokens with BOS and EOS for
-    fixed rows; the benchmark's length mix for varlen, enough for n_steps of packed rows."""
+def _exactly(tokenizer, words: list[str], n: int, rng: random.Random) -> str:
+    """Text of the fixture's words that `tokenizer` (the one the trainer loads) turns into exactly n
+    tokens, specials aside. Counted by the tokenizer itself: under a Qwen2 config transformers
+    loads the fixture's word-level tokenizer as its Qwen2 class, which splits the same words into
+    about 0.7 tokens each (the 1.5B row of the first H200 call trained on ~716-token records)."""
+    count = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    size = n + n // 2 + 16
+    while True:
+        text = " ".join(rng.choice(words) for _ in range(size))
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        for k in [k for k in (n, n - 1, *range(n + 1, n + 8)) if k < len(offsets)]:
+            cut = text[:offsets[k][1]]
+            if count(cut) == n:
+                return cut
+        size *= 2
+
+
+def texts_for(row: dict, n_steps: int, seed: int, tokenizer=None) -> list[str]:
+    """Records of the fixture's words: exactly seq tokens with BOS and EOS for fixed rows; the
+    benchmark's length mix for varlen, enough for n_steps of packed rows. Without `tokenizer`,
+    one word is taken as one token (the fixture tokenizer's own rule)."""
     import speed_vs_unsloth as svu
     from trainer_fixtures.tiny_model import COLOURS, FILLER, THINGS
 
@@ -236,15 +254,19 @@ def texts_for(row: dict, n_steps: int, seed: int) -> list[str]:
                 more = [rng.randint(8, row["seq"]) for _ in range(256)]
             lengths += [n - 2 for n in more]
             total, k = sum(lengths), k + 1
+    if tokenizer is not None:
+        return [_exactly(tokenizer, words, n, rng) for n in lengths]
     return [" ".join(rng.choice(words) for _ in range(n)) for n in lengths]
 
 
-def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int, work: Path) -> dict:
+def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int, work: Path, folder: Path) -> dict:
     from qlora_api import TrainerPhaseLine, TrainerProgressLine
     from qlora_api.protocol import parse_termination_message
+    from transformers import AutoTokenizer
 
-    train = texts_for(row, steps, seed=0)
-    held_out = texts_for(row, 1, seed=1)[:48]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))  # as the trainer will load it
+    train = texts_for(row, steps, seed=0, tokenizer=tokenizer)
+    held_out = texts_for(row, 1, seed=1, tokenizer=tokenizer)[:48]
     for key, texts in (("train", train), ("eval", held_out)):
         body = "\n".join(json.dumps({"text": t}) for t in texts).encode()
         s3.put_object(Bucket="datasets", Key=f"{name}/{key}.jsonl", Body=body)
@@ -399,7 +421,7 @@ def drive(opts) -> int:
             quantized[row["shape"]] = in_child("quantize-floor", str(folder))
         results["floors"].setdefault("quantize", {})[row["shape"]] = quantized[row["shape"]]
         res["fast_path"] = in_child("fast-path", json.dumps(row), str(folder), timeout=240)
-        cli = run_cli(name, row, model_uri, endpoint, s3, steps, work)
+        cli = run_cli(name, row, model_uri, endpoint, s3, steps, work, folder)
         res["tokenize_floor"] = tokenize_floor(folder, cli.pop("train_texts"))
         res["cli"] = cli
         results["rows"][name] = res

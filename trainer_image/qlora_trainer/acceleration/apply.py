@@ -58,6 +58,7 @@ class AccelerationReport:
     attention: str = "unchanged"
     fused_cross_entropy: bool = False
     recast_to_compute_dtype: int = 0
+    residual: str = "compute dtype"  # the residual stream's dtype between the decoder layers
     skipped: list = field(default_factory=list)
 
     def describe(self) -> str:
@@ -66,6 +67,7 @@ class AccelerationReport:
                 f"{self.fused_mlps} fused MLPs, {self.rms_norms} RMSNorms, "
                 f"bf16 weights kept in {self.cached_layers} layers ({self.cached_bytes / 2**30:.2f} GiB), "
                 f"recompute {self.recompute} ({self.recompute_layers} layers), attention {self.attention}, "
+                f"residual stream {self.residual}, "
                 f"chunked cross-entropy {'on' if self.fused_cross_entropy else 'off'}")
 
 
@@ -209,6 +211,31 @@ def _install_fused_layers(layers, config, dtype, report, plan: MemoryPlan) -> No
         report.skipped.append("decoder layers without the fused path: " + "; ".join(sorted(reasons)))
 
 
+def _upcast_embeddings(module, args, output):
+    """Forward hook on the input embeddings: in training, the residual stream starts in fp32."""
+    if module.training and torch.is_grad_enabled() and output.dtype != torch.float32:
+        return output.float()
+    return None
+
+
+def _keep_residual_fp32(lm, layers, dtype, report: AccelerationReport, plan: MemoryPlan) -> None:
+    """The plain recipe's residual stream is fp32 (prepare_model_for_kbit_training upcasts the
+    embeddings and norms); in bf16 the fast path learned measurably slower at the Llama-3-8B shape
+    (benchmarks/results/lora_grad_parity_h200.md). Only when every decoder layer is fused: those
+    take an fp32 stream natively; the per-projection path keeps the compute dtype."""
+    fused = [layer for layer in layers if hasattr(layer, "_qlora_qkv")]
+    report.residual = str(dtype).replace("torch.", "")
+    if dtype.itemsize >= 4 or not plan.fp32_residual or not fused or len(fused) != len(layers):
+        return  # an fp32 or fp64 model's stream is already at least fp32
+    embed = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+    if embed is None:
+        return
+    for layer in fused:
+        layer._qlora_residual = torch.float32
+    embed.register_forward_hook(_upcast_embeddings)
+    report.residual = "float32"
+
+
 def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
     config = getattr(lm, "config", None)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
@@ -238,7 +265,7 @@ def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
             cu, longest = fused_layer.rows_pack(input_ids.shape[0], input_ids.shape[1], input_ids.device)
             kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         out = backbone(input_ids=input_ids, **kwargs)
-        hidden = out.last_hidden_state
+        hidden = out.last_hidden_state.to(head.weight.dtype)  # an fp32 residual stream: the LM head runs in bf16
         shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
         loss = chunked_cross_entropy(hidden, head.weight, shifted, num_items_in_batch, plan.ce_chunk_tokens)
         return CausalLMOutputWithPast(loss=loss, logits=None)
@@ -279,6 +306,7 @@ def apply_acceleration(model, plan: MemoryPlan) -> AccelerationReport:
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(lm, "config", None)
     _install_fused_layers(layers, config.get_text_config() if config is not None else None, dtype, report, plan)
+    _keep_residual_fp32(lm, layers, dtype, report, plan)
     report.recompute = plan.recompute
     report.recompute_layers = _set_recompute(layers, plan)
     if report.fused_layers:

@@ -13,7 +13,16 @@ Same numerics as the plain recipe, far fewer kernel launches and bytes moved:
 - the residual add follows the o_proj and down_proj outputs with their LoRA products (one
   element-wise pass; riding on the GEMM, it rounded a young adapter's contribution away);
 - RMSNorm, RoPE (in place on the qkv buffer) and SwiGLU are one kernel each (fused_ops);
-- attention is variable-length flash attention over the packed records, called directly.
+- attention is variable-length flash attention over the packed records, called directly;
+- the residual stream between the blocks and layers stays in fp32 when every layer of the model is
+  fused (apply.py upcasts the embeddings' output), as in the plain recipe, whose
+  prepare_model_for_kbit_training leaves embeddings and norms in fp32: the norms read fp32 and
+  write the compute-dtype GEMM input, each adapter product joins its projection's output in fp32
+  (q|k|v before RoPE, gate|up before SwiGLU, rounded once after them; o_proj/down_proj straight
+  into the fp32 stream), and the fp32 gradient is cast once per block for the backward GEMMs. In
+  bf16, a young adapter's products (a thousandth of the projections' outputs) survived only as
+  rounding noise and the fused path learned measurably slower than the plain recipe at the
+  Llama-3-8B shape (benchmarks/results/lora_grad_parity_h200.md, sections 3 and 7).
 What is kept for backward: the layer input, the qkv buffer, the attention output and its
 logsumexp, gate|up, and the small LoRA A-side activations; the norms and SwiGLU are recomputed. A
 layer the memory plan recomputes keeps only its input and its dropout seeds and runs its forward
@@ -206,10 +215,29 @@ def _project_and_add(x, inp, w, a, B):
     before the residual stream: added to the residual sum after it was rounded to bf16, a young
     adapter's contribution (smaller than half a bf16 step of the residual stream) rounded away to
     exactly nothing, and the fused path learned measurably slower than the plain recipe at the
-    Llama-3-8B shape (benchmarks/results/lora_grad_parity_h200.md)."""
+    Llama-3-8B shape (benchmarks/results/lora_grad_parity_h200.md). With an fp32 residual stream
+    (x fp32) the sum is fp32, as the plain recipe's `residual + hidden_states`."""
     y = inp @ w.t()
+    if x.dtype != y.dtype:  # fp32 stream: base and adapter products summed in fp32, as the plain recipe
+        return torch.add(x, y).addmm_(a.to(x.dtype), B.to(x.dtype).t())
     y.addmm_(a, B.t())
     return y.add_(x)
+
+
+def _with_adapter(base: torch.Tensor, a: torch.Tensor, B: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """base + a @ B.T: in place in the compute dtype, or (fp32) a new fp32 tensor. The plain recipe
+    adds each adapter product to its 4-bit layer's output in fp32 (its stream is fp32): rounded to
+    bf16 together with a projection output of order one, a young adapter's product of order 1e-3
+    survives only as rounding noise (issue 19)."""
+    if not fp32:
+        return base.addmm_(a, B.t())
+    return base.float().addmm_(a.float(), B.float().t())
+
+
+def _compute(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An fp32 residual stream's gradient, cast once for the compute-dtype GEMMs of a block's
+    backward (the fp32 gradient itself goes on down the residual path)."""
+    return g if g.dtype == dtype else g.to(dtype)
 
 
 def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params):
@@ -218,15 +246,18 @@ def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params):
     qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
     A, B = qkv_lora.factors(lora_params[:6])
     Ao, Bo = o_lora.factors(lora_params[6:])
-    h, rstd = ops.rms_norm(x, norm_w, shape.eps)
+    h, rstd = ops.rms_norm(x, norm_w, shape.eps, W.dtype)
     w = W.get()
     qkv = torch.addmm(W.bias, h, w.t()) if W.bias is not None else h @ w.t()
     del w
     a = ops.lora_a(h, A, seeds[0], qkv_lora.p, 3)
     del h
-    qkv.addmm_(a, B.t())
+    fp32 = x.dtype == torch.float32 and qkv.dtype != torch.float32
+    qkv = _with_adapter(qkv, a, B, fp32)
+    ops.rope_(shape.split(qkv)[3], cos, sin)  # in fp32 on an fp32 stream, then rounded once
+    if fp32:
+        qkv = qkv.to(W.dtype)
     q, k, v, qk = shape.split(qkv)
-    ops.rope_(qk, cos, sin)
     out, state = _attention(q, k, v, pack[0], pack[1], shape.scale)
     o2 = out.view(out.shape[0], -1)
     ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1)
@@ -276,13 +307,15 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     A, B = qkv_lora.factors(lora_params[:6])
     Ao, Bo = o_lora.factors(lora_params[6:])
     gy = gy.contiguous()
+    gyc = _compute(gy, Wo.dtype)
     o2 = out.view(out.shape[0], -1)
     # o_proj (+ residual): y = x + o2 Wo^T + ao Bo^T
-    gao = gy @ Bo
-    go = gy @ Wo.get()
+    gao = gyc @ Bo
+    go = gyc @ Wo.get()
     ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1)
     gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1)
-    o_grads = o_lora.grads(gy, ao, gAo, [gy.shape[1]], lora_params[6:])
+    o_grads = o_lora.grads(gyc, ao, gAo, [gy.shape[1]], lora_params[6:])
+    del gyc
     # attention, then RoPE backward on the q|k part of the gradient buffer
     q, k, v, _ = shape.split(qkv)
     dq, dk, dv = _attention_backward_kernels(go.view_as(out), q, k, v, out, state, cu, max_len, shape.scale)
@@ -293,7 +326,7 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     ga = gqkv @ B
     gh = gqkv @ W.get()
     ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3)
-    h, _ = ops.rms_norm(x, norm_w, shape.eps)
+    h, _ = ops.rms_norm(x, norm_w, shape.eps, W.dtype)
     gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3)
     del h
     qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
@@ -307,12 +340,15 @@ def _mlp_forward(layer, x, norm_w, seeds, lora_params):
     gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
     A, B = gu_lora.factors(lora_params[:4])
     Ad, Bd = d_lora.factors(lora_params[4:])
-    h, rstd = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps)
+    h, rstd = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps, Wgu.dtype)
     gu = h @ Wgu.get().t()
     a = ops.lora_a(h, A, seeds[0], gu_lora.p, 2)
     del h
-    gu.addmm_(a, B.t())
-    m = ops.swiglu(gu)
+    fp32 = x.dtype == torch.float32 and gu.dtype != torch.float32
+    gu = _with_adapter(gu, a, B, fp32)
+    m = ops.swiglu(gu, Wgu.dtype)  # from fp32 gate|up on an fp32 stream, rounded once
+    if fp32:
+        gu = gu.to(Wgu.dtype)  # what backward keeps
     ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1)
     y = _project_and_add(x, m, Wd.get(), ad, Bd)
     del m
@@ -352,19 +388,21 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy):
     A, B = gu_lora.factors(lora_params[:4])
     Ad, Bd = d_lora.factors(lora_params[4:])
     gy = gy.contiguous()
+    gyc = _compute(gy, Wd.dtype)
     m = ops.swiglu(gu)
-    gad = gy @ Bd
-    gm = gy @ Wd.get()
+    gad = gyc @ Bd
+    gm = gyc @ Wd.get()
     ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
     gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1)
-    d_grads = d_lora.grads(gy, ad, gAd, [gy.shape[1]], lora_params[4:])
+    d_grads = d_lora.grads(gyc, ad, gAd, [gy.shape[1]], lora_params[4:])
+    del gyc
     del m
     ggu = ops.swiglu_backward(gm, gu)
     del gm
     ga = ggu @ B
     gh = ggu @ Wgu.get()
     ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2)
-    h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps)
+    h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps, Wgu.dtype)
     gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2)
     del h
     gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
@@ -429,6 +467,7 @@ def install(layer, config, dtype: torch.dtype) -> bool:
     layer._qlora_gate_up_lora = LoRASet(gate_up, dtype)
     layer._qlora_down_lora = LoRASet([mlp.down_proj], dtype)
     layer._qlora_all_lora = qkv + [attn.o_proj] + gate_up + [mlp.down_proj]
+    layer._qlora_residual = dtype  # apply._keep_residual_fp32 makes it fp32 when every layer is fused
     original = layer.forward
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
@@ -441,8 +480,8 @@ def install(layer, config, dtype: torch.dtype) -> bool:
                             position_embeddings=position_embeddings, **kwargs)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        if x.dtype != dtype:
-            x = x.to(dtype)
+        if x.dtype != self._qlora_residual:
+            x = x.to(self._qlora_residual)
         cos, sin = _token_rope(position_embeddings, x.shape[0], shape[0])
         pack = packed_records(kwargs, position_ids, shape[0], shape[1], x.device)
         graphs = getattr(self, "_qlora_graphs", None)

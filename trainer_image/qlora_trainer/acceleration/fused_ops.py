@@ -56,15 +56,18 @@ def _masked_kernel(t: torch.Tensor, name: str, width: int):
 # RMSNorm: y = w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), statistics in fp32 (as transformers)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, H] -> (y [N, H] in x.dtype, rstd [N] fp32)."""
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
+             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] -> (y [N, H] in out_dtype, default x.dtype; rstd [N] fp32). An fp32 x with a
+    bf16 out_dtype is the plain recipe's fp32 norm followed by the cast its 4-bit layer makes:
+    one rounding, at the end."""
     k = _kernel(x, "rms_norm")
     if k is not None:
-        return k(x, w, eps)
+        return k(x, w, eps, out_dtype)
     xf = x.to(_acc(x))
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
     y = w.to(x.dtype) * (xf * rstd[:, None]).to(x.dtype)
-    return y, rstd
+    return y.to(out_dtype or x.dtype), rstd
 
 
 def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -120,13 +123,14 @@ def rope_backward_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Non
 # SwiGLU on the fused gate|up output
 
 
-def swiglu(gu: torch.Tensor) -> torch.Tensor:
-    """gu [N, 2I] (gate in the first I columns, up in the last I) -> silu(gate) * up [N, I]."""
+def swiglu(gu: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """gu [N, 2I] (gate in the first I columns, up in the last I) -> silu(gate) * up [N, I], in
+    out_dtype (default gu's; an fp32 gu with a bf16 out_dtype rounds once, as the plain recipe)."""
     k = _kernel(gu, "swiglu")
     if k is not None:
-        return k(gu)
+        return k(gu, out_dtype)
     g, u = gu.to(_acc(gu)).chunk(2, dim=-1)
-    return (F.silu(g) * u).to(gu.dtype)
+    return (F.silu(g) * u).to(out_dtype or gu.dtype)
 
 
 def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:

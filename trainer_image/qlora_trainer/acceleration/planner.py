@@ -164,6 +164,7 @@ class MemoryPlan:
     breakdown: dict = field(default_factory=dict)
     fused_layers: bool = True  # decoder layers as fused_layer.py's functions (else per projection)
     cuda_graphs: bool = True  # fused layers of fixed-length rows replayed as CUDA graphs
+    fp32_residual: bool = True  # fused layers keep the residual stream in fp32, as the plain recipe
 
     def describe(self) -> str:
         return (
@@ -193,6 +194,11 @@ def static_bytes(shape: ModelShape, lora_rank: int) -> dict:
     return {"nf4_weights": int(nf4), "embeddings": int(embed), "lora_and_optimizer": int(lora)}
 
 
+# The fused layers keep the residual stream (their inputs, the gradient between them) in fp32 as the
+# plain recipe does (fused_layer.py, MemoryPlan.fp32_residual); the per-projection path in bf16.
+RESIDUAL_BYTES = 4
+
+
 def activation_bytes_per_token_layer(shape: ModelShape, dropout: float, fused: bool = True) -> int:
     """What a decoder layer keeps for backward, per token, with nothing recomputed.
     Fused (fused_layer.py): both blocks' inputs, the qkv buffer, the attention output and its fp32
@@ -203,7 +209,7 @@ def activation_bytes_per_token_layer(shape: ModelShape, dropout: float, fused: b
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
     if not fused:
         return 2 * (4 * h + q + 2 * kv + q + 2 * i) + ((5 * h + q + i) if dropout > 0 else 0)
-    return 2 * (2 * h + q + 2 * kv + q + 2 * i + 7 * 16) + 4 * shape.heads
+    return 2 * (q + 2 * kv + q + 2 * i + 7 * 16) + RESIDUAL_BYTES * 2 * h + 4 * shape.heads
 
 
 def transient_bytes_per_token(shape: ModelShape) -> int:
@@ -236,13 +242,14 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     static = static_bytes(shape, job.lora_rank)
     kept_layers = shape.layers - recompute_layers
     act = activation_bytes_per_token_layer(shape, job.lora_dropout, fused)
-    checkpoints = 0 if offload else recompute_layers * 2 * shape.hidden
+    res = RESIDUAL_BYTES if fused else 2  # bytes per element of the residual stream
+    checkpoints = 0 if offload else recompute_layers * res * shape.hidden
     parts = dict(static)
     parts["bf16_weight_copies"] = cached_layers * shape.linear_params_per_layer * 2
     parts["activations"] = tokens * (kept_layers * act + checkpoints)
     # Recomputing a layer rebuilds its activations while its backward runs.
     parts["recompute_working_set"] = tokens * act if recompute_layers else 0
-    parts["transient"] = tokens * (transient_bytes_per_token(shape) + 8 * shape.hidden)
+    parts["transient"] = tokens * (transient_bytes_per_token(shape) + 4 * res * shape.hidden)
     chunk = choose_ce_chunk(shape, tokens, ce_work_bytes)
     parts["cross_entropy"] = ce_chunk_bytes(shape, chunk) + tokens * shape.hidden * 2
     # A dequantized weight of the largest matrix (not cached) lives while its matmul runs; a
@@ -250,7 +257,7 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     held = shape.linear_params_per_layer * 2 if recompute_layers > cached_layers else 2 * shape.hidden * shape.intermediate * 2
     parts["dequant_buffer"] = held if cached_layers < shape.layers else 0
     if graphs:  # chained graphs: two gradient buffers and the last layer's output (cuda_graphs.py)
-        parts["cuda_graph_buffers"] = 3 * tokens * shape.hidden * 2
+        parts["cuda_graph_buffers"] = 3 * tokens * shape.hidden * res
     # The loss runs before any layer's backward: its chunk and a layer's backward working set are
     # never live together, so the peak takes the larger of the two.
     layer_phase = parts["recompute_working_set"] + parts["transient"] + parts["dequant_buffer"]

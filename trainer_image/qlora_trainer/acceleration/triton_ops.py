@@ -167,17 +167,20 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, BLOCK: tl.constexpr)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
     out_ty = y_ptr.dtype.element_ty
+    x_ty = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
-    # As the reference: the normalised row is rounded to x.dtype, the weight too, then multiplied.
-    xhat = (x * rstd).to(out_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(out_ty).to(tl.float32)
+    # As the reference: the normalised row is rounded to x.dtype, the weight too, then multiplied
+    # and rounded once to the output's dtype (an fp32 residual stream: no rounding before that).
+    xhat = (x * rstd).to(x_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(x_ty).to(tl.float32)
     tl.store(y_ptr + row * H + cols, (w * xhat).to(out_ty), mask=inside)
     tl.store(rstd_ptr + row, rstd)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, H] -> (y [N, H] in x.dtype, rstd [N] fp32)."""
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
+             out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] -> (y [N, H] in out_dtype, default x.dtype; rstd [N] fp32)."""
     _check_2d("rms_norm: x", x)
     if not (w.dim() == 1 and w.shape[0] == x.shape[1]):
         raise ValueError(f"rms_norm: w must be [{x.shape[1]}], got {tuple(w.shape)}")
@@ -187,7 +190,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor
     N, H = x.shape
     if not (H <= _MAX_ROW):
         raise ValueError(f"rms_norm: rows wider than {_MAX_ROW} are not supported, got H={H}")
-    y = _empty((N, H), x.dtype, x.device)
+    y = _empty((N, H), out_dtype or x.dtype, x.device)
     rstd = _empty((N,), torch.float32, x.device)
     if N and H:
         block = triton.next_power_of_2(H)
@@ -327,13 +330,14 @@ def _swiglu_kernel(gu_ptr, h_ptr, inter, BLOCK: tl.constexpr):
     tl.store(h_ptr + row * inter + cols, h.to(h_ptr.dtype.element_ty), mask=inside)
 
 
-def swiglu(gu: torch.Tensor) -> torch.Tensor:
-    """gu [N, 2I] (gate in the first I columns, up in the last I) -> silu(gate) * up [N, I]."""
+def swiglu(gu: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """gu [N, 2I] (gate in the first I columns, up in the last I) -> silu(gate) * up [N, I] in
+    out_dtype (default gu's)."""
     _check_2d("swiglu: gu", gu)
     if not (gu.shape[1] % 2 == 0):
         raise ValueError(f"swiglu: gu must have an even number of columns, got {gu.shape[1]}")
     N, inter = gu.shape[0], gu.shape[1] // 2
-    h = _empty((N, inter), gu.dtype, gu.device)
+    h = _empty((N, inter), out_dtype or gu.dtype, gu.device)
     if N and inter:
         block = min(_SWIGLU_BLOCK, triton.next_power_of_2(inter))
         with _device_of(gu):
