@@ -24,6 +24,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from qlora_localcluster.testing import kubectl, private_cluster
+from support.finalizer_watch import FinalizerWatch
 from support.operator_process import (
     OperatorProcess,
     fake_trainer_qlorajob,
@@ -37,8 +38,9 @@ NAMESPACE = "deletion"
 LABEL = "training.qlora-operator.dev/qlorajob"
 DELETED_S = 5.0  # `kubectl delete` returns and the QLoRAJob is gone
 GONE_S = 90.0  # its Job, pod and ConfigMap are gone and the trainer's processes have stopped
-# The Job controller's tracking finalizer on a Job's pods is Kubernetes' own, removed as it counts them.
-KUBERNETES_FINALIZERS = {"batch.kubernetes.io/job-tracking"}
+# Kubernetes' own: the Job controller's on a Job's pods (removed as it counts them), the garbage
+# collector's while a foreground deletion waits for dependents.
+KUBERNETES_FINALIZERS = {"batch.kubernetes.io/job-tracking", "foregroundDeletion"}
 MEASURED: list[str] = []
 
 
@@ -78,6 +80,7 @@ CASES = [
 def test_a_qlorajob_deleted_while_its_operator_or_s3_is_down_is_gone_and_its_trainer_stopped(
         cluster, operator_kubeconfig, tmp_path, name, scenario, operator_down, s3_down, cascade):
     operator = OperatorProcess(operator_kubeconfig, NAMESPACE, tmp_path / "operator.log").start()
+    watch = FinalizerWatch(cluster, NAMESPACE).start()  # every version of every object, from here on
     try:
         kubectl(cluster, "apply", "-f", "-", input=fake_trainer_qlorajob(
             name, NAMESPACE, scenario, steps=100_000,
@@ -111,16 +114,24 @@ def test_a_qlorajob_deleted_while_its_operator_or_s3_is_down_is_gone_and_its_tra
             objects(cluster, kind, name) for kind in ("jobs", "pods", "configmaps")), GONE_S, operator)
         gone_s = time.monotonic() - started
         assert gone_s <= GONE_S
+        watch.stop()
+        ours = {key: found - KUBERNETES_FINALIZERS for key, found in watch.finalizers().items()
+                if key[1].startswith(name) and found - KUBERNETES_FINALIZERS}
+        assert not ours, ours
+        # The watch does see finalizers: the Job controller's own is on the pod while it runs.
+        assert "batch.kubernetes.io/job-tracking" in watch.finalizers().get(("pods", pod["metadata"]["name"]), ())
         MEASURED.append(f"{name}: QLoRAJob gone {deleted_s:.1f} s after the delete began, trainer processes "
                         f"stopped after {stopped_s:.1f} s, Job/pod/ConfigMap gone after {gone_s:.1f} s")
     finally:
+        watch.stop()
         operator.stop()
         cluster.up()  # MinIO back for the next case
 
 
 def assert_no_finalizers_of_ours(cluster, name) -> None:
     """Nothing of the operator's (nor kopf's) holds a deletion: the QLoRAJob and its Job carry no
-    finalizer, its pod only the Job controller's."""
+    finalizer, its pod only the Job controller's (checked now, while it trains; the FinalizerWatch
+    checks every version over the whole case)."""
     job = only(objects(cluster, "qlorajobs", name, by_name=True))
     assert not job["metadata"].get("finalizers"), job["metadata"]
     for kind in ("jobs", "pods", "configmaps"):
