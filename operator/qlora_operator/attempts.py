@@ -95,6 +95,17 @@ def _ignored_by_job(pod: dict) -> bool:
     return pf.disruption(pod) is not None or (term is not None and term.get("exitCode") == ExitCode.INTERRUPTED)
 
 
+def _verified(said) -> bool:
+    """A result that names its manifest and the manifest's digest: only that proves a complete adapter."""
+    return isinstance(said, TrainerResultMessage) and bool(said.result.manifest_uri and said.result.manifest_sha256)
+
+
+def _published(result: TrainingResult, finished: datetime | None) -> AttemptState:
+    return AttemptState(AttemptPhase.SUCCEEDED, Reason.SUCCEEDED,
+                        f"adapter published to {result.adapter_uri} (manifest sha256 {result.manifest_sha256[:12]})",
+                        result=result, finished_at=finished)
+
+
 def _succeeded(job: dict, pods: list[dict]) -> AttemptState:
     finished = timestamps.parse((job.get("status") or {}).get("completionTime"))
     done = [p for p in pods if (pf.trainer_terminated(p) or {}).get("exitCode") == 0]
@@ -104,10 +115,8 @@ def _succeeded(job: dict, pods: list[dict]) -> AttemptState:
     done = with_result or done
     term = pf.trainer_terminated(done[-1]) if done else None
     said = parse_termination_message((term or {}).get("message"))
-    if isinstance(said, TrainerResultMessage) and said.result.manifest_uri and said.result.manifest_sha256:
-        return AttemptState(AttemptPhase.SUCCEEDED, Reason.SUCCEEDED,
-                            f"adapter published to {said.result.adapter_uri} (manifest sha256 "
-                            f"{said.result.manifest_sha256[:12]})", result=said.result, finished_at=finished)
+    if _verified(said):
+        return _published(said.result, finished)
     if isinstance(said, TrainerResultMessage):
         # Succeeded promises a complete adapter, and only a manifest (written last) proves one.
         return AttemptState(AttemptPhase.FAILED, Reason.RESULT_UNVERIFIED,
@@ -182,6 +191,24 @@ def _secret_fix(pod: dict, secret: str, said: str) -> str:
     return (f"{said}: create Secret {secret} in namespace {namespace} with the keys spec.output.credentialsSecretRef "
             "names (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY unless it says otherwise); the trainer pod waits "
             "and starts once it exists")
+
+
+def _concluded_by_pod(pod: dict) -> AttemptState | None:
+    """The outcome of a one-pod attempt (not a data-parallel group) that its ended pod decides already,
+    before the Job controller has marked the Job: a verified publication (exit 0 with the manifest's
+    digest; completions 1, so the Job can only complete) or a failure that is never retried
+    (backoffLimit 0 and a podFailurePolicy that ignores only disruptions and INTERRUPTED, so the Job
+    can only fail). After an API server outage the Job controller may take tens of seconds to catch
+    up (its watches back off), and the truth must not wait for it. Anything retryable still waits for
+    the Job, so that the next attempt is planned from the Job's own verdict."""
+    if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed") or _ignored_by_job(pod):
+        return None
+    term = pf.trainer_terminated(pod) or {}
+    if term.get("exitCode") == 0:
+        said = parse_termination_message(term.get("message"))
+        return _published(said.result, timestamps.parse(term.get("finishedAt"))) if _verified(said) else None
+    failed = classify_pod_failure(pod)
+    return None if failed.retryable else failed
 
 
 def _disrupted(pod: dict) -> AttemptState:
@@ -280,6 +307,9 @@ def assess_attempt(job: dict, pods: list[dict], workload: dict | None = None,
     if pf.disruption(current) or current["metadata"].get("deletionTimestamp"):
         return _disrupted(current)
     state = _pending_pod(current)
+    concluded = _concluded_by_pod(current)
+    if concluded is not None:
+        return replace(concluded, scheduled=state.scheduled if state else None)
     if state is not None and state.reason != Reason.PENDING:
         return state
     earlier = [p for p in pods[:-1] if pf.disruption(p)]
