@@ -22,6 +22,11 @@ CONFIG_PATH = f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE}"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 # The kubelet keeps at most 4096 bytes of a termination message.
 TERMINATION_MESSAGE_LIMIT = 4096
+# The trainer pod's terminationGracePeriodSeconds: after SIGTERM the trainer finishes its step and
+# uploads a checkpoint (LoRA weights, optimizer state, scheduler and RNG states; never the base
+# weights) before the kubelet's SIGKILL. Here, not in the operator, because the trainer measures each
+# checkpoint's cost against it and warns when a stop could not be saved in time.
+TERMINATION_GRACE_SECONDS = 120
 
 
 class ExitCode(IntEnum):

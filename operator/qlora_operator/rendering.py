@@ -11,7 +11,13 @@ import copy
 import json
 
 from qlora_api import ExitCode, TrainerRunConfig
-from qlora_api.protocol import CONFIG_FILE, CONFIG_MOUNT_DIR, CONFIG_PATH, TERMINATION_MESSAGE_PATH
+from qlora_api.protocol import (
+    CONFIG_FILE,
+    CONFIG_MOUNT_DIR,
+    CONFIG_PATH,
+    TERMINATION_GRACE_SECONDS,
+    TERMINATION_MESSAGE_PATH,
+)
 from qlora_api.spec import ResourcesSpec, SecretKeyRefs
 
 from qlora_operator import rendezvous
@@ -25,8 +31,6 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # GPU nodes are usually tainted so that only pods asking for a GPU land there.
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 CONFIG_VOLUME = "config"
-# Time for a SIGTERMed trainer to finish its step and upload a checkpoint before SIGKILL.
-TERMINATION_GRACE_SECONDS = 120
 # The non-root user trainer_image/Dockerfile creates (a test keeps the two equal). A fixed uid, not
 # just runAsNonRoot, so the kubelet can verify it without inspecting the image, and an image that
 # forgot its USER line still runs unprivileged.

@@ -61,6 +61,9 @@ class TrainerProcess:
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)  # e.g. ["--nproc-per-node", "2"]
+    # Called with each stdout line as it arrives, on the reader thread: a test that must act at an
+    # exact step (signal the trainer, stop the store) reacts here instead of polling.
+    on_stdout: object = None
 
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -75,15 +78,18 @@ class TrainerProcess:
              "--termination-log", str(self.termination_log), "--workdir", str(self.workdir / "scratch")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
         )
-        self._readers = [threading.Thread(target=self._pump, args=(s, sink), daemon=True)
-                         for s, sink in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr))]
+        self._readers = [threading.Thread(target=self._pump, args=(s, sink, hook), daemon=True)
+                         for s, sink, hook in ((self.proc.stdout, self.stdout, self.on_stdout),
+                                               (self.proc.stderr, self.stderr, None))]
         for r in self._readers:
             r.start()
 
     @staticmethod
-    def _pump(stream, sink):
+    def _pump(stream, sink, hook=None):
         for line in stream:
             sink.append(line.rstrip("\n"))
+            if hook is not None:
+                hook(sink[-1])
 
     def wait(self, timeout: float = 300) -> int:
         rc = self.proc.wait(timeout=timeout)

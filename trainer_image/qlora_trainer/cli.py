@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from qlora_api import ExitCode
 from qlora_api.protocol import CONFIG_PATH, TERMINATION_MESSAGE_PATH
@@ -101,6 +102,7 @@ def _handle_sigterm(interruption) -> None:
     def on_sigterm(signum, frame):
         if interruption.training and not interruption.requested:
             log.warning("SIGTERM received: checkpointing at the end of this step")
+            interruption.requested_at = time.monotonic()
             interruption.requested = True
             return
         raise interrupted("stopped by SIGTERM outside the training loop (no checkpoint saved)")

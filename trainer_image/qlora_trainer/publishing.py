@@ -200,8 +200,11 @@ def publish_once(storage: S3Storage, run: RunLocation, adapter_dir: Path, resolv
     manifest = {"adapterUri": run.uri, **serving, "metrics": metrics, "files": [e.model_dump() for e in entries]}
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
     if storage.exists(run.manifest) or not storage.put_bytes_if_absent(body, run.manifest):
-        # Only a trainer that ignored the claim (or a store that lost it) gets here.
-        return _winners_result(storage, run, "another trainer wrote the manifest first"), False
+        # A manifest write that landed as the store went away is refused on its retry (412): the
+        # manifest there is ours, byte for byte, and this trainer published.
+        if storage.get_bytes(run.manifest) != body:
+            # Only a trainer that ignored the claim (or a store that lost it) gets here.
+            return _winners_result(storage, run, "another trainer wrote the manifest first"), False
     log.info("published %d files (%.1f MB) to %s", len(entries), sum(e.size for e in entries) / 1e6, run.uri)
     return result.model_copy(update={
         "adapter_uri": run.uri,
@@ -219,7 +222,8 @@ def claim_publication(storage: S3Storage, run: RunLocation, attempt: int) -> boo
     token = f"{attempt}-{uuid.uuid4().hex}"
     body = json.dumps({"attempt": attempt, "token": token, "claimedAt": time.time()}).encode()
     # Read first: a store that ignores If-None-Match would let a late claimant overwrite a claim.
-    if storage.get_bytes(run.claim) is None and storage.put_bytes_if_absent(body, run.claim):
+    if storage.get_bytes(run.claim) is None and (storage.put_bytes_if_absent(body, run.claim)
+                                                 or _holds_claim(storage, run, token)):
         if storage.conditional_writes_honoured(run.claim):
             return True
         log.warning("S3 at %s ignores If-None-Match: the publication claim falls back to read-back", storage.endpoint)
@@ -232,6 +236,14 @@ def claim_publication(storage: S3Storage, run: RunLocation, attempt: int) -> boo
         storage.put_bytes(body, run.claim)
         return True
     return False
+
+
+def _holds_claim(storage: S3Storage, run: RunLocation, token: str) -> bool:
+    """Whether the claim in the store is this trainer's own. A conditional write that landed just
+    before the store went away is retried once the store is back and refused (412), the key being
+    taken by that very write: without this check the trainer would think it lost to itself, wait
+    for a manifest nobody writes, and fail the attempt."""
+    return json.loads(storage.get_bytes(run.claim) or b"{}").get("token") == token
 
 
 def _winners_result(storage: S3Storage, run: RunLocation, why: str) -> TrainingResult:

@@ -11,12 +11,11 @@ import shutil
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -37,12 +36,23 @@ _CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
 
 PVC_ROOT_ENV = "QLORA_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
-# botocore's own retries (standard mode: throttling, 5xx, connection errors, with backoff). Few
-# enough that an unreachable endpoint fails within seconds; the env var is for slow networks.
+# The retry policy, in two layers:
+# 1. botocore retries each request (standard mode: throttling, 5xx, refused or dropped connections)
+#    up to MAX_ATTEMPTS times, waiting a random 0..2^n s (at most 20 s) between tries: a few
+#    seconds for an endpoint that refuses connections. The env var is for slow networks.
 MAX_ATTEMPTS = int(os.environ.get("QLORA_S3_MAX_ATTEMPTS", "5"))
-# Whole-transfer retries on top of botocore's per-request ones: a multipart upload that lost a
-# part after botocore gave up is restarted as a whole.
-TRANSFER_ATTEMPTS = 3
+# 2. The trainer retries every whole operation (a listing, a read, a conditional write, a whole file
+#    transfer, which for a multipart upload means all its parts again) while the store is away:
+#    waits of 1, 2, 4, ... s, at most OUTAGE_MAX_WAIT_SECONDS each, until OUTAGE_BUDGET_SECONDS have
+#    passed since the operation first failed; then the run fails StorageUnavailable (exit 5,
+#    retryable: the operator starts the next attempt, which resumes from the newest checkpoint).
+#    botocore alone gives up within seconds, and a store restarting or a brief partition takes
+#    longer: without this layer such a flap failed the attempt and cost a model reload.
+#    The budget applies only once the store has answered in this run: an endpoint that never
+#    answered is more likely a wrong URL than an outage, and fails the first check in seconds.
+OUTAGE_BUDGET_SECONDS = 300.0  # QLORA_S3_OUTAGE_SECONDS overrides it (the tests use a short one)
+OUTAGE_FIRST_WAIT_SECONDS = 1.0
+OUTAGE_MAX_WAIT_SECONDS = 30.0
 MiB = 1024 * 1024
 # Parts of 64 MiB: a 1.5B model's merged export (~3 GB) is ~50 parts, far under S3's 10,000.
 TRANSFER = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB, max_concurrency=8)
@@ -81,7 +91,8 @@ class S3Object:
 class S3Storage:
     """The one S3 connection of a run; every error becomes a TrainerFailure that names the URI."""
 
-    def __init__(self, output: OutputSpec, transfer: TransferConfig = TRANSFER):
+    def __init__(self, output: OutputSpec, transfer: TransferConfig = TRANSFER,
+                 outage_budget_seconds: float | None = None):
         addressing = None if output.addressing_style == "auto" else output.addressing_style
         config = Config(
             region_name=output.region,
@@ -99,49 +110,47 @@ class S3Storage:
         # second store with other credentials (a test, a tool) would silently use the first one's.
         self.client = boto3.session.Session().client("s3", endpoint_url=output.endpoint_url, config=config)
         self.transfer = transfer
+        self.outage_budget = (float(os.environ.get("QLORA_S3_OUTAGE_SECONDS", OUTAGE_BUDGET_SECONDS))
+                              if outage_budget_seconds is None else outage_budget_seconds)
+        self.reached = False  # whether the store has answered in this run (see OUTAGE_BUDGET_SECONDS)
 
     # -- checks -----------------------------------------------------------------------------------
     def check_bucket(self, bucket: str) -> None:
         """Fail fast (exit 5) before minutes of model loading if the output bucket is unusable."""
-        with self._errors(f"s3://{bucket}", "reach the bucket"):
-            self.client.head_bucket(Bucket=bucket)
+        self._call(f"s3://{bucket}", "reach the bucket", lambda: self.client.head_bucket(Bucket=bucket))
 
     # -- reads ------------------------------------------------------------------------------------
     def list_objects(self, uri: S3Uri) -> list[S3Object]:
-        objects = []
-        with self._errors(uri, "list"):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=uri.as_prefix()):
-                for item in page.get("Contents", []):
-                    objects.append(S3Object(item["Key"], item["Size"], item.get("ETag", "").strip('"')))
-        return objects
+        def listing():  # the whole listing again on a retry: a page token does not outlive a restart
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=uri.as_prefix())
+            return [S3Object(item["Key"], item["Size"], item.get("ETag", "").strip('"'))
+                    for page in pages for item in page.get("Contents", [])]
+
+        return self._call(uri, "list", listing)
 
     def list_folders(self, uri: S3Uri) -> list[str]:
         """Names of the immediate sub-folders of a prefix."""
-        names = []
-        with self._errors(uri, "list"):
+        def listing():
             pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=uri.bucket, Prefix=uri.as_prefix(), Delimiter="/"
-            )
-            for page in pages:
-                for p in page.get("CommonPrefixes", []):
-                    names.append(p["Prefix"][len(uri.as_prefix()):].strip("/"))
-        return names
+                Bucket=uri.bucket, Prefix=uri.as_prefix(), Delimiter="/")
+            return [p["Prefix"][len(uri.as_prefix()):].strip("/")
+                    for page in pages for p in page.get("CommonPrefixes", [])]
+
+        return self._call(uri, "list", listing)
 
     def get_bytes(self, uri: S3Uri) -> bytes | None:
         """The object's content, or None if there is no such object."""
-        with self._errors(uri, "read", missing_ok=True) as outcome:
-            return self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
-        return outcome.value
+        value = self._call(uri, "read", lambda: self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read(),
+                           missing_ok=True)
+        return None if value is _MISSING else value
 
     def exists(self, uri: S3Uri) -> bool:
-        with self._errors(uri, "read", missing_ok=True) as outcome:
-            self.client.head_object(Bucket=uri.bucket, Key=uri.key)
-            return True
-        return outcome.value is not None
+        return self._call(uri, "read", lambda: self.client.head_object(Bucket=uri.bucket, Key=uri.key),
+                          missing_ok=True) is not _MISSING
 
     def download_file(self, uri: S3Uri, dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        self._retrying(uri, "download", lambda: self.client.download_file(
+        self._call(uri, "download", lambda: self.client.download_file(
             uri.bucket, uri.key, str(dest), Config=self.transfer))
         return dest
 
@@ -159,11 +168,10 @@ class S3Storage:
     # -- writes -----------------------------------------------------------------------------------
     def upload_file(self, path: Path, uri: S3Uri) -> None:
         """Upload one file; multipart above the threshold, retried as a whole on transient failure."""
-        self._retrying(uri, "upload", lambda: self.client.upload_file(
-            str(path), uri.bucket, uri.key, Config=self.transfer))
+        self._call(uri, "upload", lambda: self.client.upload_file(str(path), uri.bucket, uri.key, Config=self.transfer))
 
     def put_bytes(self, data: bytes, uri: S3Uri, content_type: str = "application/json") -> None:
-        self._retrying(uri, "write", lambda: self.client.put_object(
+        self._call(uri, "write", lambda: self.client.put_object(
             Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type))
 
     def put_bytes_if_absent(self, data: bytes, uri: S3Uri, content_type: str = "application/json") -> bool:
@@ -171,8 +179,12 @@ class S3Storage:
 
         S3, MinIO, R2 and Ceph RGW answer 412 Precondition Failed when the key exists, and 409
         when another conditional write of the key is in flight. A store that ignores the header
-        overwrites instead: `conditional_writes_honoured` tells the two apart."""
-        with self._errors(uri, "create"):
+        overwrites instead: `conditional_writes_honoured` tells the two apart.
+
+        A retry (botocore's or ours) of a write that landed but whose answer was lost to a store
+        restart also gets 412: False then means "an object is there", possibly this very write;
+        callers that care compare the content (publishing.claim_publication does)."""
+        def create() -> bool:
             try:
                 self.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type,
                                        IfNoneMatch="*")
@@ -181,7 +193,9 @@ class S3Storage:
                 if code in _CONDITION_FAILED or status in (409, 412):
                     return False
                 raise
-        return True
+            return True
+
+        return self._call(uri, "create", create)
 
     def conditional_writes_honoured(self, uri: S3Uri) -> bool:
         """Whether this store refuses a second If-None-Match write of an existing key (probed on
@@ -191,46 +205,65 @@ class S3Storage:
 
     def delete_folder(self, uri: S3Uri) -> None:
         keys = [o.key for o in self.list_objects(uri)]
-        with self._errors(uri, "delete"):
-            for i in range(0, len(keys), 1000):
-                self.client.delete_objects(
-                    Bucket=uri.bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
-                )
+        for i in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
+            self._call(uri, "delete", lambda batch=batch: self.client.delete_objects(Bucket=uri.bucket, Delete=batch))
 
     # -- error handling ---------------------------------------------------------------------------
-    def _retrying(self, uri, action: str, call) -> None:
-        for attempt in range(1, TRANSFER_ATTEMPTS + 1):
+    def _call(self, uri, action: str, call, missing_ok: bool = False):
+        """call() under the retry policy (OUTAGE_BUDGET_SECONDS); its value, or _MISSING for an
+        absent object when missing_ok. Permanent failures (denied, no bucket) are never retried."""
+        first_failure, wait = None, OUTAGE_FIRST_WAIT_SECONDS
+        while True:
             try:
-                with self._errors(uri, action):
-                    call()
-                return
+                value = self._translated(uri, action, call, missing_ok)
             except TrainerFailure as failure:
-                if failure.exit_code != ExitCode.STORAGE_UNAVAILABLE or attempt == TRANSFER_ATTEMPTS:
+                if failure.exit_code != ExitCode.STORAGE_UNAVAILABLE or not self.reached:
                     raise
-                log.warning("S3 %s of %s failed (attempt %d/%d), retrying: %s",
-                            action, uri, attempt, TRANSFER_ATTEMPTS, failure.message)
-                time.sleep(2 ** attempt)
+                now = time.monotonic()
+                first_failure = first_failure or now
+                away = now - first_failure
+                if away + wait > self.outage_budget:
+                    raise storage_unavailable(
+                        f"S3 at {self.endpoint} unreachable for {away:.0f} s while trying to {action} {uri} "
+                        f"(retried with backoff within an outage budget of {self.outage_budget:.0f} s): "
+                        f"{failure.message}") from failure
+                log.warning("S3 %s of %s failed (store away for %.0f s of a %.0f s budget), retrying in %.0f s: %s",
+                            action, uri, away, self.outage_budget, wait, failure.message)
+                time.sleep(wait)
+                wait = min(wait * 2, OUTAGE_MAX_WAIT_SECONDS)
+                continue
+            if first_failure is not None:
+                log.warning("S3 %s of %s succeeded after the store was away for %.0f s", action, uri,
+                            time.monotonic() - first_failure)
+            self.reached = True
+            return value
 
-    @contextmanager
-    def _errors(self, uri, action: str, missing_ok: bool = False) -> Iterator["_Outcome"]:
-        outcome = _Outcome()
+    def _translated(self, uri, action: str, call, missing_ok: bool):
+        """call()'s value, its errors as TrainerFailures (errors.py says which are transient)."""
         try:
-            yield outcome
+            return call()
         except ClientError as exc:
             code, status, detail = client_error_parts(exc)
             if missing_ok and code in S3_NOT_FOUND_CODES:
-                outcome.value = None
-                return
+                return _MISSING
             if code == "404" and action == "reach the bucket":  # HEAD has no body, so no NoSuchBucket
                 code = "NoSuchBucket"
             raise s3_failure(code, status, self.endpoint, action, uri, detail) from exc
-        except (BotoConnectionError, BotoCoreError) as exc:
+        except S3UploadFailedError as exc:
+            # boto3's upload_file wraps the ClientError of any part (without `from`): judge the cause.
+            cause = exc.__context__
+            if isinstance(cause, ClientError):
+                code, status, detail = client_error_parts(cause)
+                raise s3_failure(code, status, self.endpoint, action, uri, detail) from exc
+            raise storage_unavailable(f"S3 at {self.endpoint} failed to {action} {uri}: {exc}") from exc
+        except (BotoConnectionError, BotoCoreError, RetriesExceededError) as exc:
+            # RetriesExceededError: s3transfer gave up re-reading a download whose connection dropped.
             raise storage_unavailable(f"S3 at {self.endpoint} unreachable while trying to {action} {uri} "
                                       f"(after {MAX_ATTEMPTS} tries with backoff): {exc}") from exc
 
 
-class _Outcome:
-    value = None
+_MISSING = object()  # an absent object, told apart from an empty one
 
 
 def pvc_path(uri: str) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from qlora_api import TrainerProgressLine
+from qlora_api.protocol import TERMINATION_GRACE_SECONDS
 from qlora_api.spec import TrainingSpec
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -27,6 +28,9 @@ from qlora_trainer.reporting import ProgressReporter, summary
 log = logging.getLogger(__name__)
 
 DEFAULT_WARMUP_RATIO = 0.03
+# A checkpoint that takes more than this share of the grace period is warned about (see
+# CheckpointUpload): a slower store or a bigger adapter would push a SIGTERM's save past the SIGKILL.
+GRACE_WARN_SHARE = 0.5
 # Dense bf16/fp16 tensor-core peaks (datasheets), for MFU; GPUs not listed report no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 
@@ -37,6 +41,7 @@ class Interruption:
 
     requested: bool = False
     training: bool = False
+    requested_at: float | None = None  # time.monotonic() of the SIGTERM: the grace period runs from it
 
 
 @dataclass
@@ -206,31 +211,65 @@ class CheckpointUpload(TrainerCallback):
 
     Under data parallel rank 0 alone uploads; each rank's own RNG state (rng_state_<rank>.pth, which
     the Trainer writes into that rank's local folder) travels to rank 0 first, so a resumed group
-    draws the same dropout masks as one that never stopped."""
+    draws the same dropout masks as one that never stopped.
+
+    A checkpoint holds the LoRA weights, their optimizer state, the scheduler and the RNG states,
+    never the base model: its cost (the step, the local save, the upload) is what a SIGTERM needs of
+    the pod's grace period, and each one is measured against it (GRACE_WARN_SHARE)."""
 
     def __init__(self, store: CheckpointStore, world: distributed.World = distributed.ONE_PROCESS,
-                 phases: PhaseClock | None = None, saved=None):
+                 phases: PhaseClock | None = None, interruption: Interruption | None = None,
+                 grace_seconds: float = TERMINATION_GRACE_SECONDS, saved=None):
         self.store = store
         self.world = world
         self.phases = phases or PhaseClock()
+        self.interruption = interruption or Interruption()
+        self.grace_seconds = grace_seconds
         self.saved = saved  # called with the step once a checkpoint is complete in S3 (progress reporting)
+        self._step_began: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_began = time.monotonic()
 
     def on_save(self, args, state, control, **kwargs):
         local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.world.distributed:
             rng = local / f"rng_state_{self.world.rank}.pth"
             states = distributed.gather_to_main(rng.read_bytes() if rng.is_file() else None, self.world)
-            if not self.world.is_main:
-                return
-            for rank, body in enumerate(states):
-                if body is not None and not (local / f"rng_state_{rank}.pth").exists():
-                    (local / f"rng_state_{rank}.pth").write_bytes(body)
-        if local.is_dir():
+            if self.world.is_main:
+                for rank, body in enumerate(states):
+                    if body is not None and not (local / f"rng_state_{rank}.pth").exists():
+                        (local / f"rng_state_{rank}.pth").write_bytes(body)
+        if self.world.is_main and local.is_dir():
+            log.info("uploading checkpoint step %d", state.global_step)
             with self.phases.phase("checkpointUpload") as phase:
                 self.store.save(local, state.global_step)
                 phase.bytes = folder_bytes(local)
+            self._measure(state.global_step, phase.bytes)
             if self.saved is not None:
                 self.saved(state.global_step)
+        # A SIGTERM that came during this save (the upload is the long part): the checkpoint just
+        # completed holds this very step, so stop now instead of training one more step and uploading
+        # again inside the grace period. Under data parallel every rank decides together, once rank 0
+        # has uploaded (a rank that stopped alone would leave the others waiting for its gradients).
+        if distributed.any_rank(self.interruption.requested, self.world):
+            self.interruption.requested = True
+            control.should_training_stop = True
+
+    def _measure(self, step: int, size: int) -> None:
+        """Log how much of the grace period this checkpoint took (from its step's start to its
+        manifest); warn when a SIGTERM could not be saved in time: the kubelet's SIGKILL would cut the
+        upload, and the run would resume from the checkpoint before (at most checkpointSteps back)."""
+        now = time.monotonic()
+        cost = now - self._step_began if self._step_began is not None else None
+        if self.interruption.requested_at is not None:
+            log.warning("checkpoint step %d complete in S3 %.1f s after SIGTERM (grace period %.0f s)",
+                        step, now - self.interruption.requested_at, self.grace_seconds)
+        if cost is not None and cost > GRACE_WARN_SHARE * self.grace_seconds:
+            log.warning("checkpoint step %d (%.1f MB) took %.1f s from its step's start to its manifest, over %d%% of "
+                        "the pod's %.0f s grace period: a SIGTERM may not be saved in time, and the run would then "
+                        "resume from the checkpoint before", step, size / 1e6, cost, GRACE_WARN_SHARE * 100,
+                        self.grace_seconds)
 
 
 class StopOnInterruption(TrainerCallback):
@@ -275,6 +314,25 @@ def peak_flops(dtype: torch.dtype) -> float | None:
     return None
 
 
+class ResumingSFTTrainer(SFTTrainer):
+    """SFTTrainer whose resume keeps the adapter in the dtype it trains in.
+
+    trl trains a QLoRA adapter in bf16 (it casts the LoRA weights once, when the trainer is built);
+    the Trainer's resume loads the checkpoint's adapter through peft's load_adapter, which upcasts
+    it to fp32. A resumed run then trained at another precision than the run it continues: its
+    losses drifted from the uninterrupted run's by about 1e-4 from the first step (and fused kernels
+    written for the training dtype would see fp32 weights). The weights are cast back here, before
+    the optimizer is built and its state loaded: exact, since the checkpoint holds them in bf16."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = model if model is not None else self.model
+        dtypes = {name: p.dtype for name, p in target.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, p in target.named_parameters():
+            if name in dtypes and p.dtype != dtypes[name]:
+                p.data = p.data.to(dtypes[name])
+
+
 def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, output_dir: Path, dtype,
                   reporter: ProgressReporter, store: CheckpointStore | None, interruption: Interruption,
                   world: distributed.World = distributed.ONE_PROCESS, phases: PhaseClock | None = None):
@@ -282,10 +340,10 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, o
     progress = ProgressReport(reporter, linear_flops_per_token(model), peak_flops(dtype), world, store)
     callbacks = [progress, StopOnInterruption(interruption, store is not None, world)]
     if store is not None:
-        callbacks.append(CheckpointUpload(store, world, phases, saved=progress.checkpoint_saved))
+        callbacks.append(CheckpointUpload(store, world, phases, interruption, saved=progress.checkpoint_saved))
     if spec.eval_steps and eval_rows:
         callbacks.append(EvalCallback(spec.eval_steps, eval_rows, collator, spec.batch_size, dtype, progress, phases))
-    trainer = SFTTrainer(
+    trainer = ResumingSFTTrainer(
         model=model,
         args=sft_config(spec, output_dir, dtype, checkpoints=store is not None and spec.checkpoint_steps > 0),
         train_dataset=to_dataset(train_rows),
