@@ -204,3 +204,26 @@ def test_sigterm_leaves_a_complete_checkpoint_within_the_grace_period_and_the_lo
     if stopped3 < STEPS:
         assert_continues(pod4, stopped3, reference)
         assert max(losses(pod4)) == STEPS
+
+
+def test_sigterm_while_publishing_lets_the_publication_finish(store, tmp_path):
+    """A SIGTERM between the publication claim and the manifest: the trainer finishes publishing
+    (seconds, inside the grace period) and exits 0 with its result. Stopping there instead would
+    leave a claim of this very attempt, which the replacement pod would have to wait out as a live
+    racer's (publishing.WINNER_WAIT_SECONDS) before failing the attempt."""
+    run = "run-grace-publish"
+    stopper = Stopper()
+    fired = store.relay.when("PUT", rf"/adapters/team-a/colours/{run}/publish-claim\.json", stopper)
+    stopper.proc = TrainerProcess(tmp_path / "publisher", run_config(
+        store.trainer_server, store.model_uri, store.train_uri, run, eval_uri=store.eval_uri,
+        training={"maxSteps": 2, "checkpointSteps": 0, "loggingSteps": 1}), trainer_env(store.trainer_server))
+    rc = stopper.proc.wait(timeout=300)
+    assert fired.is_set(), "the trainer never claimed the publication"
+    assert rc == 0, stopper.proc.log_tail()
+    assert time.monotonic() - stopper.sent_at < TERMINATION_GRACE_SECONDS
+    assert any("SIGTERM received while publishing" in line for line in stopper.proc.stderr), stopper.proc.log_tail()
+    result = stopper.proc.termination
+    assert isinstance(result, TrainerResultMessage), stopper.proc.log_tail()
+    bucket, _, prefix = result.result.adapter_uri.removeprefix("s3://").partition("/")
+    manifest = store.server.get(bucket, prefix.rstrip("/") + "/manifest.json")
+    assert hashlib.sha256(manifest).hexdigest() == result.result.manifest_sha256

@@ -97,11 +97,22 @@ def _launch_group(args: argparse.Namespace) -> int:
 
 def _handle_sigterm(interruption) -> None:
     """Kubernetes sends SIGTERM on preemption, suspend and deletion, then SIGKILL after the grace
-    period: inside the training loop, finish the step and save a checkpoint; elsewhere stop now."""
+    period: inside the training loop, finish the step and save a checkpoint; while publishing, finish
+    the publication; elsewhere stop now.
+
+    Publishing is let finish because stopping it costs more than it saves: an adapter's files take
+    seconds to upload, well inside the grace period, and a trainer stopped between its publication
+    claim and its manifest leaves a claim of its own attempt, which the replacement pod (same
+    attempt) must treat as a live racer's and wait for (publishing.WINNER_WAIT_SECONDS)."""
 
     def on_sigterm(signum, frame):
         if interruption.training and not interruption.requested:
             log.warning("SIGTERM received: checkpointing at the end of this step")
+            interruption.requested_at = time.monotonic()
+            interruption.requested = True
+            return
+        if interruption.publishing and not interruption.requested:
+            log.warning("SIGTERM received while publishing: finishing the publication within the grace period")
             interruption.requested_at = time.monotonic()
             interruption.requested = True
             return

@@ -193,8 +193,12 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
         **{k: metrics[k] for k in ("eval_loss_before", "eval_loss_after", "perplexity_before",
                                     "perplexity_after", "train_seconds", "resumed_from_step")},
     )
-    return publishing.publish(storage, run, adapter_dir, resolved_config(cfg, dtype, planned, plan, world), metrics,
-                              result, merged_dir, phases=phases, attempt=cfg.attempt)
+    interruption.publishing = True  # a SIGTERM from here on lets the publication finish (cli.py)
+    try:
+        return publishing.publish(storage, run, adapter_dir, resolved_config(cfg, dtype, planned, plan, world),
+                                  metrics, result, merged_dir, phases=phases, attempt=cfg.attempt)
+    finally:
+        interruption.publishing = False
 
 
 def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, plan=None,

@@ -37,10 +37,12 @@ PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e1
 
 @dataclass
 class Interruption:
-    """Set by the SIGTERM handler while training runs: the loop saves a checkpoint and stops."""
+    """Set by the SIGTERM handler while training runs: the loop saves a checkpoint and stops.
+    While the adapter is being published, a SIGTERM lets the publication finish instead (see cli.py)."""
 
     requested: bool = False
     training: bool = False
+    publishing: bool = False
     requested_at: float | None = None  # time.monotonic() of the SIGTERM: the grace period runs from it
 
 
