@@ -16,11 +16,13 @@ deleting one is immediate; its Jobs and ConfigMaps go through the garbage collec
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from qlora_operator.kube import Kube
 from qlora_operator.reconcile import Reconciler
 
 log = logging.getLogger("qlora_operator.resync")
+CHECKERS = 8
 
 
 class Resync:
@@ -45,17 +47,25 @@ class Resync:
         snapshot = self.kube.snapshot(self.namespaces)
         jobs = [(b["metadata"]["namespace"], b["metadata"]["name"], b) for b in snapshot.qlorajobs]
         self.reconciler.phases.retain({f"{ns}/{name}" for ns, name, _ in jobs})
-        reconciled = 0
-        for namespace, name, body in jobs:
+
+        def check(job: tuple[str, str, dict]) -> bool:
+            namespace, name, body = job
             if self._stop.is_set():
-                break
+                return False
             try:
-                if not self.reconciler.is_settled(body, snapshot):
-                    reconciled += 1
-                    self.enqueue(namespace, name)
+                if self.reconciler.is_settled(body, snapshot):
+                    return False
+                self.enqueue(namespace, name)
+                return True
             except Exception:  # counted by the reconciler; the next job and the next tick go on
                 log.exception("reconcile of %s/%s failed", namespace, name)
-        return len(jobs), reconciled
+                return False
+
+        # A few checks at once: each running trainer's costs a log read, and one after the other
+        # they made a sweep of a busy API server outlast its interval.
+        with ThreadPoolExecutor(CHECKERS, thread_name_prefix="qlora-resync-check") as pool:
+            unsettled = sum(pool.map(check, jobs))
+        return len(jobs), unsettled
 
     def _run(self) -> None:
         while not self._stop.is_set():
