@@ -420,7 +420,7 @@ def main(argv=None) -> int:
             results.append(run_one(n, args, args.workdir or Path(tmp)))
             print(json.dumps(results[-1], indent=1), flush=True)
     conditions = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores shared with "
-                  f"other work (load average before: {os.getloadavg()[0]:.1f}); {args.gpus} fake GPUs on "
+                  f"other work (load average when the table was written: {os.getloadavg()[0]:.1f}); {args.gpus} fake GPUs on "
                   f"{args.nodes} node agent(s); scripted trainer, {args.steps} steps of 0.2 s; "
                   f"operator resync every {args.interval:.0f} s; {args.threads} client threads")
     text = table(results, conditions)
