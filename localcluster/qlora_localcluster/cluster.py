@@ -54,6 +54,10 @@ class ClusterSettings:
     gpu_nodes: int = 1
     gpus_per_node: int = 1
     gpu_product: str = "NVIDIA-H100-80GB-HBM3"
+    max_pods_per_node: int = 110  # the kubelet's default; a scale benchmark raises it with the GPU count
+    # Opt-in API audit log (a benchmark counts one client's requests): when non-empty, the API
+    # server records every request of these users, at Metadata level, in `audit_log_path`.
+    audit_users: list[str] = dataclasses.field(default_factory=list)
     service_cidr: str = "10.96.0.0/12"
     s3_access_key: str = dataclasses.field(
         default_factory=lambda: os.environ.get("MINIO_ROOT_USER", "qlora-admin"))
@@ -84,6 +88,11 @@ class LocalCluster:
     @property
     def api_url(self) -> str:
         return f"https://127.0.0.1:{self.settings.apiserver_port}"
+
+    @property
+    def audit_log_path(self) -> Path:
+        """One JSON line per request of `settings.audit_users` (none unless that is set)."""
+        return self.state_dir / "logs" / "kube-apiserver-audit.log"
 
     @property
     def s3_endpoint(self) -> str:
@@ -259,6 +268,7 @@ class LocalCluster:
                 "--requestheader-group-headers=X-Remote-Group",
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 f"--proxy-client-cert-file={front_proxy.cert}", f"--proxy-client-key-file={front_proxy.key}",
+                *self._audit_flags(),
             ]),
             "kube-controller-manager": c("kube-controller-manager", [
                 b.get("kube-controller-manager", "kube-controller-manager"),
@@ -285,6 +295,19 @@ class LocalCluster:
             comps[f"node-agent-{node}"] = c(f"node-agent-{node}", self._node_agent_argv(node, i))
         return comps
 
+    def _audit_flags(self) -> list[str]:
+        """Audit logging of `audit_users` only (everyone else at level None, so the log holds exactly
+        the requests to count). RequestReceived is left out: each request then appears once
+        (ResponseComplete) or, for a watch, once more when its response starts (ResponseStarted)."""
+        if not self.settings.audit_users:
+            return []
+        policy = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+                  "rules": [{"level": "Metadata", "users": list(self.settings.audit_users)}, {"level": "None"}]}
+        path = self.state_dir / "audit-policy.yaml"
+        path.write_text(yaml.safe_dump(policy, sort_keys=False))
+        return [f"--audit-policy-file={path}", f"--audit-log-path={self.audit_log_path}",
+                "--audit-log-format=json", "--audit-log-maxsize=0"]
+
     def _node_agent_argv(self, node: str, index: int) -> list[str]:
         s, pki = self.settings, self.pki
         serving = pki.kubelet_serving()
@@ -292,7 +315,7 @@ class LocalCluster:
             sys.executable, "-m", "qlora_localcluster.nodeagent",
             f"--kubeconfig={self.state_dir / 'kubeconfigs' / f'{node}.kubeconfig'}",
             f"--node-name={node}",
-            f"--gpus={s.gpus_per_node}", f"--gpu-product={s.gpu_product}",
+            f"--gpus={s.gpus_per_node}", f"--gpu-product={s.gpu_product}", f"--max-pods={s.max_pods_per_node}",
             "--address=127.0.0.1", f"--port={s.node_agent_base_port + index}",
             f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
             f"--client-ca-file={pki.ca.cert}",

@@ -22,7 +22,9 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, config: OperatorSetting
     kopf_settings.scanning.disabled = True
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330
-    kopf_settings.execution.max_workers = 16
+    # The handlers only queue work (workqueue.py), except a new job's first reconcile (three
+    # writes, reconcile.py: reconcile_new), which is what a burst of creations waits for.
+    kopf_settings.execution.max_workers = 32
 
 
 def log_in(**kwargs) -> kopf.ConnectionInfo | None:

@@ -17,12 +17,13 @@ from urllib.parse import quote
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from qlora_api import GROUP, PLURAL, VERSION, QLoRAJobStatus
+from qlora_api.meta import LABEL_MANAGED_BY, MANAGED_BY
 
 from qlora_operator import timestamps
 from qlora_operator.derivation import OperatorEvent
 from qlora_operator.kueue_facts import JOB_UID_LABEL, WORKLOADS_PATH, queue_name
 from qlora_operator.naming import children_selector
-from qlora_operator.observation import Observed, group_children, latest_progress, pod_to_tail
+from qlora_operator.observation import Observed, Snapshot, group_children, latest_progress, pod_to_tail
 from qlora_operator.planning import Action, Create, Patch
 from qlora_operator.pod_facts import TRAINER_CONTAINER
 from qlora_operator.rejection import Rejected
@@ -35,6 +36,9 @@ _COLLECTIONS = {"ConfigMap": "/api/v1/namespaces/{ns}/configmaps", "Job": "/apis
                 "Service": "/api/v1/namespaces/{ns}/services", "Workload": WORKLOADS_PATH}
 
 
+CONNECTIONS = 80
+
+
 class Conflict(Exception):
     """The object changed since it was read: derive again from a fresh read."""
 
@@ -45,7 +49,12 @@ def load_client() -> client.ApiClient:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # One connection per thread that may call at once (kopf's handler threads, the reconcile workers,
+    # the Event posters, the resync): the default pool (5 per core) is smaller, and a connection it
+    # discards is a new TLS handshake.
+    configuration.connection_pool_maxsize = CONNECTIONS
+    return client.ApiClient(configuration)
 
 
 class Kube:
@@ -83,16 +92,6 @@ class Kube:
                 return None
             raise
 
-    def list_qlorajobs(self, namespaces: tuple[str, ...]) -> list[tuple[str, str]]:
-        """(namespace, name) of every QLoRAJob in `namespaces` (all namespaces when empty)."""
-        paths = ([self._qlorajob_path(ns) for ns in namespaces] if namespaces
-                 else [f"/apis/{GROUP}/{VERSION}/{PLURAL}"])
-        found = []
-        for path in paths:
-            for item in self._call("GET", path).get("items", []):
-                found.append((item["metadata"]["namespace"], item["metadata"]["name"]))
-        return found
-
     def observe(self, job: QLoRAJob, now: datetime, log_tail_lines: int, with_pods: bool = True) -> Observed:
         """The job's children, fresh from the API server (not from a cache that may lag), and the
         trainer's newest progress line from its log. A finished job needs its Jobs only (for TTLs)."""
@@ -106,12 +105,36 @@ class Kube:
         queued = [j for j in lists["Job"] if queue_name(j)]
         workloads = self.workloads_of(job.namespace, queued) if with_pods and queued else []
         observed = group_children(job.uid, now, lists["ConfigMap"], lists["Job"], lists["Pod"], workloads)
-        pod = pod_to_tail(observed) if with_pods else None
+        return self.with_progress(job.namespace, observed, log_tail_lines) if with_pods else observed
+
+    def with_progress(self, namespace: str, observed: Observed, log_tail_lines: int) -> Observed:
+        """`observed` with the newest progress line of its running (or just exited) trainer: one log
+        read, and none for a job with no trainer started, so the reads are bounded by the GPUs in use."""
+        pod = pod_to_tail(observed)
         if pod is None:
             return observed
-        text = self.pod_log(job.namespace, pod["metadata"]["name"], log_tail_lines)
+        text = self.pod_log(namespace, pod["metadata"]["name"], log_tail_lines)
         progress = latest_progress(text) if text else None
         return replace(observed, progress=progress)
+
+    def snapshot(self, namespaces: tuple[str, ...]) -> Snapshot:
+        """Every QLoRAJob served and every child of ours: four LISTs per namespace (four in all when
+        serving every namespace), whatever the number of jobs."""
+        # resourceVersion 0: from the API server's watch cache, with no etcd round trip. It may lag
+        # by the cache's delay (milliseconds); for a safety net that is one more interval at worst,
+        # and every write is still decided on a fresh reconcile's reads.
+        selector = {"labelSelector": f"{LABEL_MANAGED_BY}={MANAGED_BY}", "resourceVersion": "0"}
+        paths = {"QLoRAJob": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
+                 "ConfigMap": "/api/v1/namespaces/{ns}/configmaps", "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+                 "Pod": "/api/v1/namespaces/{ns}/pods"}
+        lists: dict[str, list[dict]] = {kind: [] for kind in paths}
+        for kind, path in paths.items():
+            query = {"resourceVersion": "0"} if kind == "QLoRAJob" else selector
+            targets = [path.format(ns=ns) for ns in namespaces] if namespaces else [path.replace(
+                "namespaces/{ns}/", "")]
+            for target in targets:
+                lists[kind] += self._call("GET", target, query=query).get("items", [])
+        return Snapshot(lists["QLoRAJob"], lists["ConfigMap"], lists["Job"], lists["Pod"])
 
     def workloads_of(self, namespace: str, jobs: list[dict]) -> list[dict]:
         """Kueue's Workloads for these Jobs; none where Kueue is not installed (yet), or where the

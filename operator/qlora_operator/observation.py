@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from qlora_api import TrainerProgressLine, TrainingProgress
+from qlora_api.meta import LABEL_JOB_NAME
 
 from qlora_operator import pod_facts as pf
-from qlora_operator.naming import attempt_of
+from qlora_operator.naming import attempt_of, label_value
 from qlora_operator.resource import owned_by
 
 
@@ -73,3 +74,30 @@ def latest_progress(log_text: str) -> TrainingProgress | None:
         if report is not None:
             return TrainingProgress.model_validate(report.model_dump(exclude={"event"}))
     return None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every served QLoRAJob and every child of ours, each kind from one LIST (per namespace, or
+    cluster-wide), for the resync: a check of a thousand jobs costs the same few requests as one.
+    Children are indexed by namespace and the QLoRAJob-name label, i.e. exactly the set the per-job
+    label selector (naming.children_selector) returns; group_children then checks owner uids."""
+
+    qlorajobs: list[dict]
+    config_maps: list[dict] = field(default_factory=list)
+    jobs: list[dict] = field(default_factory=list)
+    pods: list[dict] = field(default_factory=list)
+    _index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for kind, items in (("ConfigMap", self.config_maps), ("Job", self.jobs), ("Pod", self.pods)):
+            for item in items:
+                meta = item["metadata"]
+                owner = (meta.get("labels") or {}).get(LABEL_JOB_NAME)
+                if owner:
+                    self._index.setdefault((meta.get("namespace"), owner), {}).setdefault(kind, []).append(item)
+
+    def children_of(self, namespace: str, name: str) -> dict[str, list[dict]]:
+        """{"ConfigMap": [...], "Job": [...], "Pod": [...]} labelled for this QLoRAJob."""
+        found = self._index.get((namespace, label_value(name)), {})
+        return {kind: found.get(kind, []) for kind in ("ConfigMap", "Job", "Pod")}

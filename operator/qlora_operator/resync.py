@@ -1,7 +1,12 @@
 """The periodic resync that makes the operator level-triggered.
 
-Every interval it lists the QLoRAJobs it serves and reconciles each from its actual children, so a
-missed event or an operator restart costs at most one interval. It is a plain thread rather than a
+Every interval it takes one snapshot (a LIST of the QLoRAJobs it serves and one of each kind of
+child, Reconciler.is_settled) and reconciles, from fresh reads, each job the snapshot shows would
+change, so a missed event or an operator restart costs at most one interval. Events (kopf's
+handlers on QLoRAJobs, their Jobs and pods) drive the work; the resync is the safety net, and its
+cost is a few LISTs per interval plus one log read per running trainer, not requests per job: at a
+thousand jobs, reconciling each from fresh reads every interval (a GET and three LISTs apiece)
+would take more than the interval and load the API server with hundreds of requests a second. It is a plain thread rather than a
 kopf timer on purpose: kopf puts a finalizer on every object that has a timer, so a QLoRAJob could
 not be deleted while no operator runs (and, rarely, kopf left that finalizer in place after the
 deletion). With no timer and no deletion handler that needs one, QLoRAJobs carry no finalizer and
@@ -10,16 +15,22 @@ deleting one is immediate; its Jobs and ConfigMaps go through the garbage collec
 
 import logging
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from qlora_operator.kube import Kube
 from qlora_operator.reconcile import Reconciler
 
 log = logging.getLogger("qlora_operator.resync")
+CHECKERS = 8
 
 
 class Resync:
-    def __init__(self, kube: Kube, reconciler: Reconciler, namespaces: tuple[str, ...], interval: float):
+    def __init__(self, kube: Kube, reconciler: Reconciler, namespaces: tuple[str, ...], interval: float,
+                 enqueue: Callable[[str, str], None] | None = None):
+        """`enqueue` hands an unsettled job to the work queue; without one it is reconciled here."""
         self.kube, self.reconciler = kube, reconciler
+        self.enqueue = enqueue or reconciler.reconcile
         self.namespaces, self.interval = namespaces, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qlora-resync", daemon=True)
@@ -31,18 +42,30 @@ class Resync:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def run_once(self) -> int:
-        """Reconcile every served QLoRAJob once; returns how many there were."""
-        jobs = self.kube.list_qlorajobs(self.namespaces)
-        self.reconciler.phases.retain({f"{ns}/{name}" for ns, name in jobs})
-        for namespace, name in jobs:
+    def run_once(self) -> tuple[int, int]:
+        """Check every served QLoRAJob once; returns (how many there were, how many were unsettled)."""
+        snapshot = self.kube.snapshot(self.namespaces)
+        jobs = [(b["metadata"]["namespace"], b["metadata"]["name"], b) for b in snapshot.qlorajobs]
+        self.reconciler.phases.retain({f"{ns}/{name}" for ns, name, _ in jobs})
+
+        def check(job: tuple[str, str, dict]) -> bool:
+            namespace, name, body = job
             if self._stop.is_set():
-                break
+                return False
             try:
-                self.reconciler.reconcile(namespace, name)
+                if self.reconciler.is_settled(body, snapshot):
+                    return False
+                self.enqueue(namespace, name)
+                return True
             except Exception:  # counted by the reconciler; the next job and the next tick go on
                 log.exception("reconcile of %s/%s failed", namespace, name)
-        return len(jobs)
+                return False
+
+        # A few checks at once: each running trainer's costs a log read, and one after the other
+        # they made a sweep of a busy API server outlast its interval.
+        with ThreadPoolExecutor(CHECKERS, thread_name_prefix="qlora-resync-check") as pool:
+            unsettled = sum(pool.map(check, jobs))
+        return len(jobs), unsettled
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -24,6 +24,9 @@ class OperatorSettings:
     # Back-off before attempt n+1: retry_delay * 2**(n-1), at most retry_delay_max (as batch/v1 Jobs do).
     retry_delay: float = 10.0
     retry_delay_max: float = 300.0
+    # Threads that reconcile queued jobs (workqueue.py): enough to keep the API server's latency
+    # hidden when a thousand jobs arrive at once, few enough not to flood it.
+    reconcile_workers: int = 16
     log_tail_lines: int = 50  # of the running trainer's log, read for progress lines each reconcile
     kopf_annotation_prefix: str = field(default="qlora-operator.dev")
     # Lease-based leader election (the chart turns it on for its replicas): only the holder of
@@ -53,6 +56,7 @@ _ENV = {
     "retry_delay": "QLORA_RETRY_DELAY_SECONDS",
     "retry_delay_max": "QLORA_RETRY_DELAY_MAX_SECONDS",
     "log_tail_lines": "QLORA_LOG_TAIL_LINES",
+    "reconcile_workers": "QLORA_RECONCILE_WORKERS",
     "leader_election": "QLORA_LEADER_ELECTION",
     "leader_election_namespace": "QLORA_LEADER_ELECTION_NAMESPACE",
     "leader_election_lease": "QLORA_LEADER_ELECTION_LEASE",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from qlora_operator import timestamps
 from qlora_operator.kube import Conflict
-from qlora_operator.observation import Observed, group_children, latest_progress, pod_to_tail
+from qlora_operator.observation import Observed, Snapshot, group_children, latest_progress, pod_to_tail
 from qlora_operator.planning import Create, Patch
 from qlora_operator.resource import merge_patch
 
@@ -36,12 +36,14 @@ class FakeKube:
     writes: list[tuple] = field(default_factory=list)
     events: list = field(default_factory=list)
     stale_reads: int = 0  # serve this many reads with an outdated resourceVersion
+    reads: list[str] = field(default_factory=list)  # "get", "observe", "snapshot", "log": what a reconcile cost
     _rv: itertools.count = field(default_factory=lambda: itertools.count(1000))
 
     def add_qlorajob(self, body: dict) -> None:
         self.qlorajobs[body["metadata"]["name"]] = copy.deepcopy(body)
 
     def get_qlorajob(self, namespace: str, name: str) -> dict | None:
+        self.reads.append("get")
         body = copy.deepcopy(self.qlorajobs.get(name))
         if body is not None and self.stale_reads:
             self.stale_reads -= 1
@@ -49,15 +51,29 @@ class FakeKube:
         return body
 
     def observe(self, job, now, log_tail_lines, with_pods=True) -> Observed:
+        self.reads.append("observe")
         kinds = {"ConfigMap": [], "Job": [], "Pod": []}
         for (kind, _), obj in self.objects.items():
             if kind == "Job" or with_pods:
                 kinds[kind].append(copy.deepcopy(obj))
         observed = group_children(job.uid, now, kinds["ConfigMap"], kinds["Job"], kinds["Pod"])
-        pod = pod_to_tail(observed) if with_pods else None
-        text = self.logs.get(pod["metadata"]["name"]) if pod else None
-        progress = latest_progress(text) if text else None
-        return dataclasses.replace(observed, progress=progress)
+        return self.with_progress(job.namespace, observed, log_tail_lines) if with_pods else observed
+
+    def with_progress(self, namespace, observed, log_tail_lines) -> Observed:
+        pod = pod_to_tail(observed)
+        if pod is None:
+            return observed
+        self.reads.append("log")
+        text = self.logs.get(pod["metadata"]["name"])
+        return dataclasses.replace(observed, progress=latest_progress(text) if text else None)
+
+    def snapshot(self, namespaces) -> Snapshot:
+        self.reads.append("snapshot")
+        kinds = {"ConfigMap": [], "Job": [], "Pod": []}
+        for (kind, _), obj in self.objects.items():
+            kinds.setdefault(kind, []).append(copy.deepcopy(obj))
+        return Snapshot([copy.deepcopy(b) for b in self.qlorajobs.values()], kinds["ConfigMap"], kinds["Job"],
+                        kinds["Pod"])
 
     def apply(self, namespace: str, action) -> bool:
         key = (action.kind, action.name)
