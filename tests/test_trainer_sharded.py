@@ -1,13 +1,13 @@
 """Sharded training on the CPU: the real CLI launches 2 trainer processes through torchrun (gloo)
 with spec.training.parallelism sharded; FSDP2 splits the NF4 base (stored as float32 bytes), the
 LoRA adapter and its optimizer state across them. They train the loss curve of one process with the
-same effective batch, publish once, and a group stopped mid-run resumes from its sharded checkpoint
-(gathered LoRA weights and optimizer state) on the uninterrupted curve.
+same effective batch, across a stop and resume from the sharded checkpoint (gathered LoRA weights
+and optimizer state), and publish once. Three runs in all, to keep the file short on CI's 2 cores.
 
 Tolerance, as in test_trainer_data_parallel.py: both runs see the same rows in the same order (the
 spec's 2 x 4 effective batch is 2 x 2 on each of 2 ranks), dropout is 0 and everything is float32,
 so only the order of gradient summation differs (per rank, then reduce-scattered and averaged).
-Measured here: 2.9e-4 relative at most over 8 steps. 1e-3 is above that and far below what a wrong shard
+Measured here: 2.9e-4 relative at most over 8 steps, with and without a resume. 1e-3 is above that and far below what a wrong shard
 (a rank training on another's weights), a doubled or halved gradient or a lost optimizer state on
 resume does: each moves the curve by more than 1e-2 within two steps.
 """
@@ -60,31 +60,53 @@ def train_uri(s3):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def runs(s3, tiny_model_uri, train_uri, tmp_path_factory):  # noqa: F811
+    """One process to the end; a sharded group of two stopped by SIGTERM after its first complete
+    checkpoint; the same group started again, which resumes from that checkpoint and publishes."""
     tmp = tmp_path_factory.mktemp("sharded")
-    done = {}
-    for n in (1, 2):
-        proc = start(s3, tiny_model_uri, train_uri, tmp, f"run-sh{n}", n)
-        assert proc.wait(600) == 0, proc.log_tail()
-        done[n] = proc
-    return done
+    one = start(s3, tiny_model_uri, train_uri, tmp, "run-sh1", 1)
+    assert one.wait(600) == 0, one.log_tail()
+    first = start(s3, tiny_model_uri, train_uri, tmp / "pod-1", "run-sh2", 2)
+    first.wait_for(lambda: checkpoints(s3, "run-sh2"), timeout=300, what="a complete checkpoint")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.wait(120) == ExitCode.INTERRUPTED, first.log_tail()
+    stopped = max(checkpoints(s3, "run-sh2"))
+    # what the stopped group left (a published run clears its checkpoints)
+    files = {k.rsplit("/", 1)[1] for k in s3.keys("adapters", f"adapters/team-a/colours/run-sh2/checkpoints/step-{stopped}/")}
+    second = start(s3, tiny_model_uri, train_uri, tmp / "pod-2", "run-sh2", 2)
+    assert second.wait(600) == 0, second.log_tail()
+    return {"one": one, "first": first, "second": second, "stopped": stopped, "checkpoint_files": files}
 
 
-def test_two_sharded_processes_train_the_loss_curve_of_one(runs):
-    one, two = losses(runs[1]), losses(runs[2])
-    assert sorted(two) == sorted(one) == list(range(1, 9))
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=RELATIVE), json.dumps([step, one, two])
+def test_two_sharded_processes_train_the_loss_curve_of_one_across_a_resume(runs):
+    one, first, second = losses(runs["one"]), losses(runs["first"]), losses(runs["second"])
+    assert sorted(one) == list(range(1, 9))
+    stopped = runs["stopped"]
+    assert 2 <= stopped < 8 and max(first) >= stopped
+    resumed = int(re.search(r"resuming from checkpoint step (\d+)", "\n".join(runs["second"].stderr)).group(1))
+    assert resumed == stopped and min(second) == stopped + 1 and max(second) == 8
+    # Before the stop: sharded against one process. After it: the resumed group, whose LoRA weights
+    # and Adam state came back from the gathered checkpoint (a fresh Adam would depart at once).
+    curve = {**{s: v for s, v in first.items() if s <= stopped}, **second}
+    assert sorted(curve) == list(range(1, 9))
     print("sharded vs one process, largest relative difference:",
-          max(abs(two[s] - one[s]) / abs(one[s]) for s in one))
+          max(abs(curve[s] - one[s]) / abs(one[s]) for s in one))
+    for step in one:
+        assert curve[step] == pytest.approx(one[step], rel=RELATIVE), json.dumps([step, one, curve])
     assert one[8] < 0.8 * one[1]  # it learns
-    log = "\n".join(runs[2].stderr)
+    log = "\n".join(runs["first"].stderr)
     assert "sharded over 2 ranks (FSDP2)" in log and "NF4 weights flat-sharded as torch.float32" in log
-    assert "sharded over" not in "\n".join(runs[1].stderr)  # one process: nothing to shard
+    assert "sharded over" not in "\n".join(runs["one"].stderr)  # one process: nothing to shard
 
 
-def test_sharded_run_publishes_once_with_what_ran(s3, runs):  # noqa: F811
+def test_the_sharded_checkpoint_holds_the_gathered_adapter_and_optimizer(s3, runs):  # noqa: F811
+    names = runs["checkpoint_files"]
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"} <= names
+    assert isinstance(runs["first"].termination, TrainerError)
+
+
+def test_the_sharded_run_publishes_once_with_what_ran(s3, runs):  # noqa: F811
     assert manifests(s3, "run-sh2") == ["adapters/team-a/colours/run-sh2/manifest.json"]
-    assert isinstance(runs[2].termination, TrainerResultMessage), runs[2].termination_text
+    assert isinstance(runs["second"].termination, TrainerResultMessage), runs["second"].termination_text
     config = json.loads(s3.get("adapters", "adapters/team-a/colours/run-sh2/training_config.json"))
     resolved = config["resolved"]
     assert resolved["worldSize"] == 2 and resolved["parallelism"]["mode"] == "sharded"
@@ -105,27 +127,3 @@ def test_sharded_run_publishes_once_with_what_ran(s3, runs):  # noqa: F811
         assert sharded[name].shape == single[name].shape
         a, b = sharded[name].float(), single[name].float()
         assert (a - b).norm() <= 0.02 * b.norm(), (name, float((a - b).norm() / b.norm()))
-
-
-def test_a_stopped_sharded_group_resumes_from_its_checkpoint_on_the_same_curve(
-        s3, tiny_model_uri, train_uri, runs, tmp_path):  # noqa: F811
-    first = start(s3, tiny_model_uri, train_uri, tmp_path / "pod-1", "run-sh-resume", 2)
-    first.wait_for(lambda: checkpoints(s3, "run-sh-resume"), timeout=300, what="a complete checkpoint")
-    first.proc.send_signal(signal.SIGTERM)
-    assert first.wait(120) == ExitCode.INTERRUPTED, first.log_tail()
-    assert isinstance(first.termination, TrainerError)
-    stopped = max(checkpoints(s3, "run-sh-resume"))
-    assert stopped < 8
-    keys = s3.keys("adapters", f"adapters/team-a/colours/run-sh-resume/checkpoints/step-{stopped}/")
-    names = {k.rsplit("/", 1)[1] for k in keys}
-    assert {"adapter_model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= names
-
-    second = start(s3, tiny_model_uri, train_uri, tmp_path / "pod-2", "run-sh-resume", 2)
-    assert second.wait(600) == 0, second.log_tail()
-    resumed = int(re.search(r"resuming from checkpoint step (\d+)", "\n".join(second.stderr)).group(1))
-    assert resumed == stopped
-    after = losses(second)
-    assert min(after) == resumed + 1 and max(after) == 8
-    for step, loss in after.items():  # the optimizer state came back too: a fresh Adam would depart
-        assert loss == pytest.approx(losses(runs[2])[step], rel=RELATIVE), (step, after, losses(runs[2]))
-    assert manifests(s3, "run-sh-resume") == ["adapters/team-a/colours/run-sh-resume/manifest.json"]
