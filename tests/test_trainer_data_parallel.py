@@ -94,6 +94,10 @@ def test_one_publisher_one_manifest(s3, runs, n):  # noqa: F811
     resolved = config["resolved"]
     assert resolved["worldSize"] == n
     assert resolved["batchSize"] * resolved["gradientAccumulationSteps"] * n == 8  # the spec's effective batch
+    # what ran: the fused path without CUDA graphs under DDP, said with the reason
+    assert resolved["acceleration"]["path"] == "fused" and resolved["acceleration"]["cudaGraphs"] is False
+    assert resolved["acceleration"]["why"].startswith("data parallel: CUDA graphs off")
+    assert resolved["parallelism"]["mode"] == "dataParallel"
     # Every rank's RNG state is in the checkpoint, so a resumed group draws the same dropout masks.
     keys = s3.keys("adapters", f"adapters/team-a/colours/run-dp{n}/checkpoints/")
     assert {f"rng_state_{r}.pth" for r in range(n)} <= {k.rsplit("/", 1)[1] for k in keys}

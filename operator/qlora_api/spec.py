@@ -217,6 +217,15 @@ class TrainingSpec(RuledModel):
     checkpoint_steps: int = Field(
         100, ge=0, le=10_000_000, description="Save a resumable checkpoint to S3 every this many steps (0: never)."
     )
+    parallelism: Literal["auto", "dataParallel", "sharded"] = Field(
+        "auto",
+        description="How a job with several GPUs (spec.resources.gpu.count x workers) uses them. dataParallel: "
+        "every GPU holds the whole 4-bit model and trains its share of each batch; sharded: the 4-bit base, "
+        "the adapter and its optimizer state are split across the GPUs (FSDP2), for models whose plan does "
+        "not fit one GPU (it runs the plain recipe: no fused layers or CUDA graphs); auto: data parallel when "
+        "the one-GPU memory plan fits, sharded when only sharding fits. A job that fits neither way fails "
+        "before its weights are downloaded, naming the smallest GPU count that would fit.",
+    )
     acceleration: AccelerationSpec = Field(
         default_factory=AccelerationSpec,
         json_schema_extra={"default": {}},

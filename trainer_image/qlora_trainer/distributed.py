@@ -10,6 +10,9 @@ on things before training starts, and holds the few collective decisions the run
 - rank 0 picks the checkpoint to resume from and everyone loads that one (`broadcast`);
 - a SIGTERM seen by any rank stops every rank at the same step (`any_rank`);
 - rank 0 alone uploads checkpoints, publishes and prints progress lines.
+
+With spec.training.parallelism sharded (or auto, when only sharding fits) the ranks share one
+sharded model instead of holding a copy each (sharding.py); the rest above holds as it is.
 """
 
 from __future__ import annotations

@@ -96,12 +96,15 @@ def compute_dtype(spec: QuantizationSpec) -> torch.dtype:
     return torch.float32
 
 
-def quantization_config(spec: QuantizationSpec) -> BitsAndBytesConfig:
+def quantization_config(spec: QuantizationSpec, sharded: bool = False) -> BitsAndBytesConfig:
+    """Sharded (sharding.py), the packed 4-bit bytes are stored as the compute dtype, so FSDP2 can
+    flat-shard and all-gather them as an ordinary float parameter (the bytes are the same)."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=spec.quant_type,
         bnb_4bit_use_double_quant=spec.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(spec),
+        bnb_4bit_quant_storage=compute_dtype(spec) if sharded else torch.uint8,
     )
 
 
@@ -126,15 +129,16 @@ def load_tokenizer(files: ModelFiles, trust_remote_code: bool = False):
 
 
 def load_quantized_model(files: ModelFiles, source: ModelSource, quant: QuantizationSpec, training: TrainingSpec,
-                         device_map=None):
+                         device_map=None, sharded: bool = False):
     """The base in 4 bits, prepared for k-bit training (norms in fp32, input grads for checkpointing).
-    `device_map`: where this process's copy goes (distributed.device_map: each rank its own GPU)."""
+    `device_map`: where this process's copy goes (distributed.device_map: each rank its own GPU).
+    `sharded`: stored for FSDP2, frozen floats left in the compute dtype (sharding.py)."""
     dtype = compute_dtype(quant)
     if device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         str(files.path),
-        quantization_config=quantization_config(quant),
+        quantization_config=quantization_config(quant, sharded),
         dtype=dtype,
         device_map=device_map,
         attn_implementation="sdpa",
@@ -144,6 +148,10 @@ def load_quantized_model(files: ModelFiles, source: ModelSource, quant: Quantiza
     model.config.use_cache = False
     if not torch.cuda.is_available():
         _keep_cpu_4bit_differentiable(model)
+    if sharded:
+        from qlora_trainer.sharding import prepare_for_sharded_training
+
+        return prepare_for_sharded_training(model, training.gradient_checkpointing)
     model = prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=training.gradient_checkpointing,

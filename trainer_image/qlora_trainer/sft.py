@@ -29,6 +29,7 @@ from qlora_trainer import (
     model_checks,
     model_loading,
     publishing,
+    sharding,
     training_loop,
 )
 from qlora_trainer.acceleration import trainer_hooks
@@ -82,11 +83,16 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
         records = data.load_records(spec.dataset, storage, workdir, spec.training.seed)
         phase.bytes = sum(folder_bytes(workdir / d) for d in ("data", "eval-data") if (workdir / d).exists())
         phase.rows = len(records.train) + len(records.eval)
+    # The spec is checked against the model's config, and the memory plan made for this world (data
+    # parallel or sharded), before any weight is downloaded: a job no GPU count here can hold fails now.
+    layouts: list[trainer_hooks.Layout] = []
+
+    def before_weights(folder):
+        model_checks.check_spec_against_model(folder, spec)
+        layouts.append(trainer_hooks.plan_layout(folder, spec, world.size, device=world.local_rank))
+
     with phases.phase("downloadModel") as phase:
-        # The spec is checked against the model's config before any weight is downloaded.
-        model_files = model_loading.fetch_model(
-            spec.model, storage, workdir,
-            before_weights=lambda folder: model_checks.check_spec_against_model(folder, spec))
+        model_files = model_loading.fetch_model(spec.model, storage, workdir, before_weights=before_weights)
         if Path(model_files.path).exists():
             phase.bytes = folder_bytes(model_files.path)
     with phases.phase("tokenize") as phase:
@@ -103,17 +109,24 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     # fast path once the adapter is on: the Trainer runs the plan's micro-batch/accumulation.
     # Each rank plans for its own GPU (the per-rank batch) and loads its own copy onto it.
     with phases.phase("planMemory"):
-        plan = trainer_hooks.plan_before_loading(model_files.path, spec, device=world.local_rank)
+        layout = layouts[-1] if layouts else trainer_hooks.plan_layout(model_files.path, spec, world.size,
+                                                                       device=world.local_rank)
+        plan, sharded = layout.plan, layout.mode == "sharded"
     set_seed(spec.training.seed)
     dtype = model_loading.compute_dtype(spec.quantization)
     with phases.phase("quantize") as phase:  # read the weights, quantize to 4 bits, place on the GPU
         model = model_loading.load_quantized_model(model_files, spec.model, spec.quantization, spec.training,
-                                                   device_map=distributed.device_map(world))
+                                                   device_map=distributed.device_map(world), sharded=sharded)
         phase.params = sum(p.numel() for p in model.parameters())
         phase.bytes = folder_bytes(model_files.path) if Path(model_files.path).exists() else None
     with phases.phase("prepareAdapter"):
         model = model_loading.add_adapter(model, spec.lora)
-        planned = trainer_hooks.accelerate(model, plan, spec.training, data_parallel=world.distributed)
+        if sharded:  # the plain recipe; the Trainer shards the 4-bit base and adapter (sharding.py)
+            planned = sharding.training_spec(spec.training)
+        else:
+            # The plan as it runs (under DDP without CUDA graphs): what training_config.json reports.
+            plan = trainer_hooks.for_data_parallel(plan, world.distributed)
+            planned = trainer_hooks.accelerate(model, plan, spec.training, data_parallel=world.distributed)
 
     # Train, resuming from the newest complete checkpoint of an earlier attempt: rank 0 picks it
     # (checked against its manifest) and every other rank downloads that same step.
@@ -131,7 +144,7 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     with phases.phase("buildTrainer"):
         trainer = training_loop.build_trainer(model, tokenizer, train_rows, eval_scored, planned,
                                               workdir / "trainer", dtype, reporter, store, interruption, world,
-                                              phases)
+                                              phases, sharded=sharded)
     collator = trainer.data_collator
     counted_before, counted_after = {}, {}
     with phases.phase("evalBefore") as phase:
@@ -143,7 +156,8 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
         phase.tokens = outcome.tokens
     if outcome.interrupted:
         raise interrupted(f"stopped by SIGTERM at step {outcome.steps}; the newest checkpoint is in {run.checkpoints}")
-    if not world.is_main:
+    # Sharded, every forward is a collective: every rank evaluates and gathers the adapter with rank 0.
+    if not world.is_main and not sharded:
         return None  # one publisher: rank 0
     with phases.phase("evalAfter") as phase:
         loss_after = evaluation.eval_loss(model, eval_scored, collator, spec.training.batch_size, dtype,
@@ -154,7 +168,12 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     # Publish: adapter + tokenizer, the resolved config and metrics; manifest last.
     adapter_dir = workdir / "adapter"
     with phases.phase("saveAdapter") as phase:
-        model.save_pretrained(str(adapter_dir))
+        if sharded:
+            sharding.save_adapter(model, adapter_dir, world)
+        else:
+            model.save_pretrained(str(adapter_dir))
+        if not world.is_main:
+            return None  # one publisher: rank 0
         tokenizer.save_pretrained(str(adapter_dir))
         phase.bytes = folder_bytes(adapter_dir)
     del trainer, model
@@ -195,14 +214,15 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     )
     interruption.publishing = True  # a SIGTERM from here on lets the publication finish (cli.py)
     try:
-        return publishing.publish(storage, run, adapter_dir, resolved_config(cfg, dtype, planned, plan, world),
-                                  metrics, result, merged_dir, phases=phases, attempt=cfg.attempt)
+        config = resolved_config(cfg, dtype, planned, plan, world, layout)
+        return publishing.publish(storage, run, adapter_dir, config, metrics, result, merged_dir, phases=phases,
+                                  attempt=cfg.attempt)
     finally:
         interruption.publishing = False
 
 
 def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, plan=None,
-                    world: distributed.World | None = None) -> dict:
+                    world: distributed.World | None = None, layout: trainer_hooks.Layout | None = None) -> dict:
     """The config as run: the job's spec plus what the trainer decided (the memory plan may have
     re-planned micro-batch, accumulation, recompute and optimizer) and the library versions."""
     training = planned or cfg.spec.training
@@ -221,23 +241,30 @@ def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, pla
             "gradientAccumulationSteps": training.gradient_accumulation_steps,
             "gradientCheckpointing": training.gradient_checkpointing,
             "worldSize": world.size if world else 1,  # batchSize x accumulation x worldSize = effective batch
-            "memoryPlan": plan.describe() if plan is not None else None,
+            "memoryPlan": layout.describe() if layout is not None and layout.mode == "sharded" else (
+                plan.describe() if plan is not None else None),
+            # single | dataParallel | sharded, and why (spec.training.parallelism, or what fitted)
+            "parallelism": {"mode": layout.mode, "why": layout.why} if layout is not None else None,
             # the fast path as it ran: the spec's choice after the environment's diagnosis switches,
             # and off wherever no plan was made (a CPU, an architecture the planner cannot read)
-            "acceleration": _acceleration_as_run(cfg, plan),
+            "acceleration": _acceleration_as_run(cfg, plan, layout),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         },
         "versions": versions,
     }
 
 
-def _acceleration_as_run(cfg: TrainerRunConfig, plan) -> dict:
+def _acceleration_as_run(cfg: TrainerRunConfig, plan, layout=None) -> dict:
     choice = trainer_hooks.choose_acceleration(cfg.spec.training.acceleration)
+    if layout is not None and layout.mode == "sharded":
+        return {"path": "plain", "cudaGraphs": False, "why": "sharded (FSDP2 over NF4): the plain recipe"}
     if plan is None:
         why = choice.why if choice.path == "plain" else "no memory plan (no GPU, or an architecture the planner cannot read)"
         return {"path": "plain", "cudaGraphs": False, "why": why}
-    return {"path": "fused" if plan.fused_layers else "perProjection", "cudaGraphs": plan.cuda_graphs,
-            "why": choice.why}
+    why = choice.why
+    if choice.cuda_graphs and not plan.cuda_graphs:
+        why = trainer_hooks.NO_GRAPHS_UNDER_DDP
+    return {"path": "fused" if plan.fused_layers else "perProjection", "cudaGraphs": plan.cuda_graphs, "why": why}
 
 
 def _fmt(value: float | None) -> str:

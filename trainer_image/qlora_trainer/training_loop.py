@@ -337,7 +337,10 @@ class ResumingSFTTrainer(SFTTrainer):
 
 def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, output_dir: Path, dtype,
                   reporter: ProgressReporter, store: CheckpointStore | None, interruption: Interruption,
-                  world: distributed.World = distributed.ONE_PROCESS, phases: PhaseClock | None = None):
+                  world: distributed.World = distributed.ONE_PROCESS, phases: PhaseClock | None = None,
+                  sharded: bool = False):
+    """The SFTTrainer for this run; `sharded`: the model is sharded (sharding.py) and the Trainer
+    saves and restores its adapter and optimizer through gathered state dicts."""
     collator = Collator(tokenizer.pad_token_id, packed=spec.packing)
     progress = ProgressReport(reporter, linear_flops_per_token(model), peak_flops(dtype), world, store)
     callbacks = [progress, StopOnInterruption(interruption, store is not None, world)]
@@ -345,7 +348,13 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, o
         callbacks.append(CheckpointUpload(store, world, phases, interruption, saved=progress.checkpoint_saved))
     if spec.eval_steps and eval_rows:
         callbacks.append(EvalCallback(spec.eval_steps, eval_rows, collator, spec.batch_size, dtype, progress, phases))
-    trainer = ResumingSFTTrainer(
+    trainer_class, extra = ResumingSFTTrainer, {}
+    if sharded:
+        from qlora_trainer.sharding import sharded_trainer_class
+
+        trainer_class, extra = sharded_trainer_class(ResumingSFTTrainer), {"world": world}
+    trainer = trainer_class(
+        **extra,
         model=model,
         args=sft_config(spec, output_dir, dtype, checkpoints=store is not None and spec.checkpoint_steps > 0),
         train_dataset=to_dataset(train_rows),

@@ -11,7 +11,12 @@ things off, never on against the spec: QLORA_ACCELERATION=0 (the plain recipe), 
 (no fused decoder layers), QLORA_CUDA_GRAPHS=0 (no CUDA graphs). On a CPU, for architectures the
 planner does not know, or with the path plain, the plan is None and the trainer runs the plain recipe
 unchanged. QLORA_ACCELERATION=cpu runs the fast path on a CPU anyway (torch references instead of
-Triton kernels, no CUDA graphs): how the tests drive the GPU path's wiring through the real Trainer.
+Triton kernels, no CUDA graphs): how the tests drive the GPU path's wiring through the real Trainer;
+QLORA_CPU_PLAN_GIB sets the memory of the GPU that such a plan pretends to have (default 64).
+
+With several processes, `plan_layout` decides spec.training.parallelism before the weights download:
+the one-GPU plan on every rank (data parallel), or the model sharded across them (sharded_plan.py,
+sharding.py), or a DoesNotFit failure naming the smallest GPU count that would hold the job.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from . import (
     PlanDoesNotFit,
     apply_acceleration,
     fused_layer_wanted,
-    plan_for_gpu,
+    gpu_spec,
     plan_memory,
 )
+from .sharded_plan import ShardedPlan, does_not_fit_message, plan_sharded, smallest_sharded_world
+from .sharded_plan import fits as sharded_fits
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +69,13 @@ def choose_acceleration(acceleration, environ=os.environ) -> AccelerationChoice:
     return AccelerationChoice(path, graphs, why)
 
 
-def plan_before_loading(model_path, spec, device: int = 0) -> MemoryPlan | None:
-    """The plan for this job on this GPU, or None. A job that cannot fit fails here, before any
-    weights load, with the largest setting that would fit (exit code OUT_OF_MEMORY)."""
+def _job_and_gpu(model_path, spec, device: int):
+    """(shape, job, gpu, on_cpu) for the planner, or None where no plan is made (a CPU, or a config
+    the planner cannot read). QLORA_ACCELERATION=cpu plans for a pretend GPU of QLORA_CPU_PLAN_GIB
+    (default 64) GiB: how the tests drive the GPU path's wiring and its refusals on a CPU."""
     import torch
 
-    choice = choose_acceleration(spec.training.acceleration)
-    mode = os.environ.get("QLORA_ACCELERATION", "1")
-    on_cpu = mode == "cpu" and not torch.cuda.is_available()  # the fast path on torch references: tests
-    if choice.path == "plain":
-        log.info("fast path off (%s): the plain recipe runs", choice.why)
-        return None
+    on_cpu = os.environ.get("QLORA_ACCELERATION", "1") == "cpu" and not torch.cuda.is_available()
     if not (torch.cuda.is_available() or on_cpu):
         return None
     from transformers import AutoConfig
@@ -89,22 +92,121 @@ def plan_before_loading(model_path, spec, device: int = 0) -> MemoryPlan | None:
     t = spec.training
     job = JobShape(seq_len=t.max_seq_length, micro_batch=t.batch_size, grad_accum=t.gradient_accumulation_steps,
                    lora_rank=spec.lora.r, lora_dropout=spec.lora.dropout)
+    if on_cpu:
+        gib = float(os.environ.get("QLORA_CPU_PLAN_GIB", "64"))
+        gpu = GpuSpec(memory_bytes=int(gib * GIB), name="cpu (QLORA_ACCELERATION=cpu)")
+    else:
+        gpu = gpu_spec(device)
+    return shape, job, gpu, config
+
+
+def _does_not_fit(message: str):
+    from qlora_api.protocol import ExitCode
+
+    from qlora_trainer.errors import TrainerFailure
+
+    return TrainerFailure(ExitCode.OUT_OF_MEMORY, "DoesNotFit", message)
+
+
+def plan_before_loading(model_path, spec, device: int = 0) -> MemoryPlan | None:
+    """The plan for this job on this GPU, or None. A job that cannot fit fails here, before any
+    weights load, with the largest setting that would fit (exit code OUT_OF_MEMORY)."""
+    choice = choose_acceleration(spec.training.acceleration)
+    if choice.path == "plain":
+        log.info("fast path off (%s): the plain recipe runs", choice.why)
+        return None
+    found = _job_and_gpu(model_path, spec, device)
+    if found is None:
+        return None
+    shape, job, gpu, config = found
     try:
-        if on_cpu:
-            plan = plan_memory(shape, job, GpuSpec(memory_bytes=64 * GIB, name="cpu (QLORA_ACCELERATION=cpu)"),
-                               packing=t.packing, fused=choice.path == "fused")
-        else:
-            plan = plan_for_gpu(config.get_text_config(), job, packing=t.packing, fused=choice.path == "fused",
-                                device=device)
+        plan = plan_memory(shape, job, gpu, packing=spec.training.packing, fused=choice.path == "fused")
     except PlanDoesNotFit as exc:
-        from qlora_api.protocol import ExitCode
-
-        from qlora_trainer.errors import TrainerFailure
-
-        raise TrainerFailure(ExitCode.OUT_OF_MEMORY, "DoesNotFit", str(exc)) from exc
+        raise _does_not_fit(str(exc)) from exc
     plan = replace(plan, cuda_graphs=choice.cuda_graphs)
     log.info("memory plan: %s", plan.describe())
     return plan
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How this job uses its GPUs: the one-GPU plan on each (data parallel, or one process), or the
+    model sharded across them with the sharded plan."""
+
+    mode: str  # single | dataParallel | sharded
+    plan: MemoryPlan | None = None  # the one-GPU plan every rank runs (not sharded)
+    sharded: ShardedPlan | None = None
+    why: str = ""
+
+    def describe(self) -> str:
+        if self.mode == "sharded":
+            return self.sharded.describe() if self.sharded else "sharded (FSDP2 over NF4, plain recipe; no GPU plan)"
+        return self.plan.describe() if self.plan else f"{self.mode}, plain recipe (no memory plan)"
+
+
+def plan_layout(model_path, spec, world_size: int, device: int = 0) -> Layout:
+    """spec.training.parallelism for this world, before any weights download: the one-GPU plan (data
+    parallel), or sharded when asked for or when only sharding fits. A job that fits neither way
+    fails here (DoesNotFit) with the smallest GPU count that would hold it."""
+    asked = spec.training.parallelism
+    if world_size == 1:
+        if asked == "sharded":
+            log.info("parallelism sharded with one process: nothing to shard, the one-GPU plan runs")
+        return Layout("single", plan_before_loading(model_path, spec, device), why="one process")
+    found = _job_and_gpu(model_path, spec, device)
+    if asked == "sharded":
+        sharded = None
+        if found is not None:
+            shape, job, gpu, _ = found
+            sharded = plan_sharded(shape, job, gpu, world_size)
+            if not sharded_fits(sharded):
+                raise _does_not_fit(does_not_fit_message(shape, job, gpu, world_size, _one_gpu_verdict(model_path, spec, device)))
+        return _log(Layout("sharded", sharded=sharded, why="spec.training.parallelism sharded"))
+    try:
+        plan = plan_before_loading(model_path, spec, device)
+    except Exception as exc:
+        from qlora_trainer.errors import TrainerFailure
+
+        if not (isinstance(exc, TrainerFailure) and exc.reason == "DoesNotFit") or found is None:
+            raise
+        shape, job, gpu, _ = found
+        sharded = plan_sharded(shape, job, gpu, world_size)
+        if asked == "auto" and sharded_fits(sharded):
+            return _log(Layout("sharded", sharded=sharded,
+                               why=f"auto: the one-GPU plan does not fit ({exc.message}); sharded over {world_size} does"))
+        if asked == "dataParallel":
+            smallest = smallest_sharded_world(shape, job, gpu)
+            hint = (f"; sharded (spec.training.parallelism: sharded) it would fit on {smallest} GPUs"
+                    if smallest else "")
+            raise _does_not_fit(f"data parallel needs the one-GPU plan to fit: {exc.message}{hint}") from exc
+        raise _does_not_fit(does_not_fit_message(shape, job, gpu, world_size, exc.message)) from exc
+    return _log(Layout("dataParallel", plan=plan, why=f"{asked}: the one-GPU plan fits"
+                       if asked == "auto" else "spec.training.parallelism dataParallel"))
+
+
+def _one_gpu_verdict(model_path, spec, device) -> str:
+    try:
+        plan = plan_before_loading(model_path, spec, device)
+    except Exception as exc:
+        return getattr(exc, "message", str(exc))
+    return "fits (" + plan.describe() + ")" if plan else "no plan"
+
+
+def _log(layout: Layout) -> Layout:
+    log.info("parallelism %s (%s): %s", layout.mode, layout.why, layout.describe())
+    return layout
+
+
+NO_GRAPHS_UNDER_DDP = ("data parallel: CUDA graphs off (a graphed backward writes LoRA gradients past DDP's "
+                       "all-reduce hooks); fused layers and packing stay on")
+
+
+def for_data_parallel(plan: MemoryPlan | None, data_parallel: bool) -> MemoryPlan | None:
+    """The plan as it runs under DDP: without CUDA graphs (see accelerate)."""
+    if plan is None or not data_parallel or not plan.cuda_graphs:
+        return plan
+    log.warning("%s", NO_GRAPHS_UNDER_DDP)
+    return replace(plan, cuda_graphs=False)
 
 
 def accelerate(model, plan: MemoryPlan | None, training, data_parallel: bool = False):
@@ -119,10 +221,7 @@ def accelerate(model, plan: MemoryPlan | None, training, data_parallel: bool = F
     from, so the ranks would silently train apart."""
     if plan is None:
         return training
-    if data_parallel and plan.cuda_graphs:
-        log.warning("data parallel: CUDA graphs off (a graphed backward writes LoRA gradients past DDP's "
-                    "all-reduce hooks); fused layers and packing stay on")
-        plan = replace(plan, cuda_graphs=False)
+    plan = for_data_parallel(plan, data_parallel)
     report = apply_acceleration(model, plan)
     log.info("%s", report.describe())
     update = {"batch_size": plan.micro_batch, "gradient_accumulation_steps": plan.grad_accum,
