@@ -157,6 +157,10 @@ def test_collator_pads_with_unlabelled_tokens():
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0], [0, 0, 1, 2]]
     plain = data.Collator(pad_token_id=0, packed=False, pad_to_multiple_of=4)(rows)
     assert plain["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]] and "position_ids" not in plain
+    # full rows need no mask (an all-ones mask masks nothing): the fast path's fixed-row CUDA graphs apply
+    full = data.Collator(pad_token_id=0, packed=False, pad_to_multiple_of=4)([rows[0] | {"input_ids": [1, 2, 3, 4],
+                                                                              "labels": [-100, 2, 3, 4]}] * 2)
+    assert set(full) == {"input_ids", "labels"} and full["input_ids"].shape == (2, 4)
 
 
 # -- translators ----------------------------------------------------------------------------------------------

@@ -352,7 +352,8 @@ def to_dataset(rows: list[Example]):
 @dataclass
 class Collator:
     """Pads a batch of rows. Packed rows get no attention mask (see the module docstring); the
-    padding is a segment of its own (positions restart at 0) with no labels."""
+    padding is a segment of its own (positions restart at 0) with no labels. Unpacked rows get a
+    mask only when one of them is padded."""
 
     pad_token_id: int
     packed: bool
@@ -373,6 +374,9 @@ class Collator:
         batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if self.packed:
             batch["position_ids"] = torch.tensor(positions)
-        else:
+        elif any(len(r["input_ids"]) < length for r in rows):
             batch["attention_mask"] = torch.tensor(mask)
+        # else every row is full: an all-ones mask means no mask to a causal model, and without one
+        # the fast path sees fixed-length rows (static record boundaries: its CUDA graphs apply)
+        # and transformers need not read the mask on the host to find that it masks nothing
         return batch
