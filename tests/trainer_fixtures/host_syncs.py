@@ -62,11 +62,14 @@ class InProcessRun:
     reads: list[str] = field(default_factory=list)
     reads_in_model: list[str] = field(default_factory=list)
     trainer: object = None
+    fast_loss_calls: int = 0
 
 
 def train_in_process(model_dir: Path, workdir: Path, *, max_steps: int, logging_steps: int, packing: bool = True,
                      batch_size: int = 4, accumulation: int = 2, max_grad_norm: float = 0.3,
-                     records: int = 160) -> InProcessRun:
+                     records: int = 160, fast_loss: bool = False) -> InProcessRun:
+    """`fast_loss`: install the fast path's fused cross-entropy (acceleration/apply.py) as a GPU plan
+    would, and count the training forwards that reach it."""
     from peft import get_peft_model
     from qlora_api.spec import LoRASpec, TrainingSpec
     from qlora_trainer import data, model_loading, training_loop
@@ -90,10 +93,26 @@ def train_in_process(model_dir: Path, workdir: Path, *, max_steps: int, logging_
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.config.use_cache = False
     model = get_peft_model(model, model_loading.lora_config(LoRASpec()))
+    calls = []
+    if fast_loss:
+        from types import MethodType, SimpleNamespace
+
+        from qlora_trainer.acceleration import apply
+
+        lm = model.get_base_model()
+        assert apply._patch_causal_lm_loss(lm, SimpleNamespace(ce_chunk_tokens=4096))
+        fused = lm.forward
+
+        def counted(self, *args, **kwargs):
+            calls.append(kwargs.get("num_items_in_batch"))
+            return fused(*args, **kwargs)
+
+        lm.forward = MethodType(counted, lm)
     with open("/dev/null", "w") as sink:
         trainer = training_loop.build_trainer(model, tokenizer, rows, [], spec, workdir, torch.float32,
                                               ProgressReporter(sink), None, training_loop.Interruption())
         with HostReads(model) as reads:
             outcome = training_loop.train(trainer, None, training_loop.Interruption())
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return InProcessRun(losses, outcome.tokens, outcome.steps, reads.seen, reads.in_model, trainer)
+    return InProcessRun(losses, outcome.tokens, outcome.steps, reads.seen, reads.in_model, trainer,
+                        sum(1 for c in calls if c is not None))
