@@ -320,8 +320,9 @@ class LeanSFTTrainer(SFTTrainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # The Trainer's logging_nan_inf_filter, on the device: a non-finite step adds the mean of the
         # steps since the last logging step instead (the same number the Trainer's filter adds)
+        # (in the running total's dtype, to which the loop adds it either way)
         since = 1 + self.state.global_step - self._globalstep_last_logged
-        return torch.where(torch.isfinite(loss), loss, (self._tr_loss / since).to(loss.dtype))
+        return torch.where(torch.isfinite(loss), loss.to(self._tr_loss.dtype), self._tr_loss / since)
 
     def _track_num_input_tokens(self, inputs):
         """The Trainer's non-padding count, summed on the device (read by _read_tokens). Rows
