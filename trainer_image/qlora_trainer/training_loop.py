@@ -298,7 +298,8 @@ class LeanSFTTrainer(SFTTrainer):
     bypass it and hand the layers fresh position_ids, which keeps them off their CUDA graphs.
     """
 
-    _tokens_pending: torch.Tensor | None = None
+    _tokens_on_device: torch.Tensor | None = None  # token counts since the last read, still on the GPU
+    _tokens_on_host: int = 0  # and those known without looking (unpadded rows)
     _flops_per_token: int | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -325,24 +326,30 @@ class LeanSFTTrainer(SFTTrainer):
         return torch.where(torch.isfinite(loss), loss.to(self._tr_loss.dtype), self._tr_loss / since)
 
     def _track_num_input_tokens(self, inputs):
-        """The Trainer's non-padding count, summed on the device (read by _read_tokens). Rows
-        without an attention mask or positions are unpadded (data.Collator drops the mask then)."""
+        """The Trainer's non-padding count, kept on the device until read_tokens. Rows without an
+        attention mask or positions are unpadded (data.Collator drops the mask then): their count
+        is the batch's size, kept on the host (a new device tensor per step would be a blocking copy)."""
         ids = inputs["input_ids"]
         if "attention_mask" in inputs:
             count = inputs["attention_mask"].sum()
         elif "position_ids" in inputs:  # packed rows: the padding is the pad token
             count = (ids != self.processing_class.pad_token_id).sum()
         else:
-            count = torch.tensor(ids.numel(), device=ids.device)
+            self._tokens_on_host += ids.numel()
+            return
         count = count.to(torch.int64)
-        self._tokens_pending = count if self._tokens_pending is None else self._tokens_pending + count
+        self._tokens_on_device = count if self._tokens_on_device is None else self._tokens_on_device + count
 
     def read_tokens(self) -> None:
-        """Move the device's token count into the state: one read (and, under data parallel, one
-        gather on every rank: all ranks log, save and finish at the same steps)."""
-        if self._tokens_pending is not None:
-            pending, self._tokens_pending = self._tokens_pending, None
-            self.state.num_input_tokens_seen += self.accelerator.gather(pending).sum().item()
+        """Move the counts into the state: one read (and, under data parallel, one gather on every
+        rank: all ranks log, save and finish at the same steps, with the same micro-steps between)."""
+        if self._tokens_on_device is None and not self._tokens_on_host:
+            return
+        pending = torch.tensor(self._tokens_on_host, dtype=torch.int64, device=self.args.device)
+        if self._tokens_on_device is not None:
+            pending = pending + self._tokens_on_device.to(pending.device)
+        self._tokens_on_device, self._tokens_on_host = None, 0
+        self.state.num_input_tokens_seen += self.accelerator.gather(pending).sum().item()
 
     def log(self, logs, start_time=None):
         self.read_tokens()
