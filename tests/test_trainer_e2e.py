@@ -98,8 +98,8 @@ def test_phases_account_for_the_run_in_stdout_and_training_config(trained, s3, t
     phases = json.loads(s3.get("adapters", prefix + "training_config.json"))["phases"]
     metrics = json.loads(s3.get("adapters", prefix + "metrics.json"))
     by = phases["byPhase"]
-    assert phases["order"] == ["startup", "checkStorage", "downloadData", "downloadModel", "tokenize", "planMemory",
-                               "quantize", "prepareAdapter", "restoreCheckpoint", "buildTrainer", "evalBefore",
+    assert phases["order"] == ["startup", "checkStorage", "downloadData", "downloadModel", "loadTokenizer",
+                               "tokenize", "planMemory", "quantize", "prepareAdapter", "restoreCheckpoint", "buildTrainer", "evalBefore",
                                "evalDuring", "checkpointUpload", "train", "evalAfter", "saveAdapter",
                                "exportMerged", "publish"]
     assert all(p["seconds"] > 0 for p in by.values()), by

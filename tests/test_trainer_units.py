@@ -113,6 +113,36 @@ def test_prompt_completion_loss_is_on_the_completion_and_eos(tokenizer):
     assert text.labels == [data.IGNORE, *text.input_ids[1:]]
 
 
+class _CountingTokenizer:
+    """The fixture tokenizer, counting its encode calls (everything else passes through)."""
+
+    def __init__(self, tokenizer):
+        self.__dict__["_inner"], self.__dict__["calls"] = tokenizer, 0
+
+    def __call__(self, *args, **kwargs):
+        self.__dict__["calls"] += 1
+        return self._inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize("shape", ["text", "promptCompletion", "messages"])
+def test_records_are_tokenized_in_batches_with_the_ids_of_one_by_one(tokenizer, shape):
+    records = [data.Record(f"line {i}", shape, value) for i, value in enumerate(
+        {"text": {"text": f"the {t} is {c}"}, "promptCompletion": {"prompt": f"what colour is the {t}", "completion": c},
+         "messages": r}[shape] for r, t, c in zip(chat_records(40, seed=3), ["sky", "grass"] * 20,
+                                                     ["blue", "green"] * 20))]
+    counting = _CountingTokenizer(tokenizer)
+    batched = data.tokenize_all(records, counting, completion_only=True)
+    # one call per field (prompt and completion: two), not one per record: the per-call overhead was
+    # 8x a batched pass in the CLI's tokenize phase (benchmarks/results/trainer_cli_speed_h200.md)
+    assert counting.calls == (2 if shape == "promptCompletion" else 1)
+    one_by_one = [data.tokenize(r, tokenizer, completion_only=True) for r in records]
+    assert [vars(e) for e in batched] == [vars(e) for e in one_by_one]
+    assert all(e.labels[0] == data.IGNORE and any(t != data.IGNORE for t in e.labels) for e in batched)
+
+
 def test_packing_fills_rows_without_splitting_records():
     rng = random.Random(0)
     examples = [data.Example(list(range(100 * i, 100 * i + n)), list(range(n))) for i, n in
@@ -157,6 +187,10 @@ def test_collator_pads_with_unlabelled_tokens():
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0], [0, 0, 1, 2]]
     plain = data.Collator(pad_token_id=0, packed=False, pad_to_multiple_of=4)(rows)
     assert plain["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]] and "position_ids" not in plain
+    # full rows need no mask (an all-ones mask masks nothing): the fast path's fixed-row CUDA graphs apply
+    full = data.Collator(pad_token_id=0, packed=False, pad_to_multiple_of=4)([rows[0] | {"input_ids": [1, 2, 3, 4],
+                                                                              "labels": [-100, 2, 3, 4]}] * 2)
+    assert set(full) == {"input_ids", "labels"} and full["input_ids"].shape == (2, 4)
 
 
 # -- translators ----------------------------------------------------------------------------------------------

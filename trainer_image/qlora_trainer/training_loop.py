@@ -97,8 +97,15 @@ def sft_config(spec: TrainingSpec, output_dir: Path, dtype: torch.dtype, checkpo
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
+        # LeanSFTTrainer filters non-finite step losses on the device; the Trainer's own filter reads
+        # every micro-step's loss on the host (a GPU sync each time)
+        logging_nan_inf_filter=False,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Batches are collated into pinned memory and copied without waiting: a blocking copy waits
+        # for every kernel queued before it, so the host could never run ahead of the GPU
+        dataloader_pin_memory=torch.cuda.is_available(),
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,
         packing=False,  # packed already
@@ -316,8 +323,104 @@ def peak_flops(dtype: torch.dtype) -> float | None:
     return None
 
 
-class ResumingSFTTrainer(SFTTrainer):
-    """SFTTrainer whose resume keeps the adapter in the dtype it trains in.
+class LeanSFTTrainer(SFTTrainer):
+    """SFTTrainer whose steps between logging steps never read a tensor on the host.
+
+    Each host read (.item(), bool(tensor), a boolean-mask index) waits for all queued GPU work, so
+    the host cannot prepare the next step while the GPU runs this one. The stock loop reads, every
+    micro-step: the loss (its non-finite filter), the non-padding token count, trl's entropy and
+    token-accuracy metrics and token count, and trl's fused LM head selects the labelled positions
+    with a boolean mask. Here the loss is the same number, computed and filtered on the device;
+    the token count is summed on the device and read once per logging step, checkpoint and end of
+    training (the only places anything reads `state.num_input_tokens_seen`); trl's extra metrics
+    (entropy, mean_token_accuracy, num_tokens in the Trainer's log dicts, which no progress line
+    shows) are not computed. When the fast path installed its own fused cross-entropy
+    (acceleration/apply.py), the loss goes through it, as in the benchmark: trl's LM head would
+    bypass it and hand the layers fresh position_ids, which keeps them off their CUDA graphs.
+    """
+
+    _tokens_on_device: torch.Tensor | None = None  # token counts since the last read, still on the GPU
+    _tokens_on_host: int = 0  # and those known without looking (unpadded rows)
+    _flops_per_token: int | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (return_outputs or not self.model.training or self.aux_loss_enabled or self.compute_loss_func is not None
+                or self.label_smoother is not None or self.args.loss_type != "nll"):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs["use_cache"] = False
+        if getattr(_causal_lm(self.accelerator.unwrap_model(model)), "_qlora_fused_loss", False):
+            loss = model(**inputs, num_items_in_batch=num_items_in_batch).loss
+        else:  # trl's fused LM head, its loss as trl's compute_loss forms it
+            outputs = model(**inputs, fused_lm_head=True)
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = (-outputs.log_probs).sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The Trainer's logging_nan_inf_filter, on the device: a non-finite step adds the mean of the
+        # steps since the last logging step instead (the same number the Trainer's filter adds)
+        # (in the running total's dtype, to which the loop adds it either way)
+        since = 1 + self.state.global_step - self._globalstep_last_logged
+        return torch.where(torch.isfinite(loss), loss.to(self._tr_loss.dtype), self._tr_loss / since)
+
+    def _track_num_input_tokens(self, inputs):
+        """The Trainer's non-padding count, kept on the device until read_tokens. Rows without an
+        attention mask or positions are unpadded (data.Collator drops the mask then): their count
+        is the batch's size, kept on the host (a new device tensor per step would be a blocking copy)."""
+        ids = inputs["input_ids"]
+        if "attention_mask" in inputs:
+            count = inputs["attention_mask"].sum()
+        elif "position_ids" in inputs:  # packed rows: the padding is the pad token
+            count = (ids != self.processing_class.pad_token_id).sum()
+        else:
+            self._tokens_on_host += ids.numel()
+            return
+        count = count.to(torch.int64)
+        self._tokens_on_device = count if self._tokens_on_device is None else self._tokens_on_device + count
+
+    def read_tokens(self) -> None:
+        """Move the counts into the state: one read (and, under data parallel, one gather on every
+        rank: all ranks log, save and finish at the same steps, with the same micro-steps between)."""
+        if self._tokens_on_device is None and not self._tokens_on_host:
+            return
+        pending = torch.tensor(self._tokens_on_host, dtype=torch.int64, device=self.args.device)
+        if self._tokens_on_device is not None:
+            pending = pending + self._tokens_on_device.to(pending.device)
+        self._tokens_on_device, self._tokens_on_host = None, 0
+        self.state.num_input_tokens_seen += self.accelerator.gather(pending).sum().item()
+
+    def log(self, logs, start_time=None):
+        self.read_tokens()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        self.read_tokens()  # the saved state resumes with the right count
+        super()._save_checkpoint(model, trial)
+
+    def floating_point_ops(self, inputs):
+        """The Trainer's 6 x tokens x parameters, with the parameter count taken once: the model's
+        own count walks every parameter and module, every micro-step."""
+        tokens = inputs["input_ids"].numel()
+        if self._flops_per_token is None:
+            self._flops_per_token = int(super().floating_point_ops(inputs)) // max(tokens, 1)
+        return self._flops_per_token * tokens
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # with clipping off the Trainer computes the norm only to log it: a pass over every gradient
+        if grad_norm is None and self.args.max_grad_norm <= 0:
+            return None
+        return super()._get_grad_norm(model, grad_norm)
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class ResumingSFTTrainer(LeanSFTTrainer):
+    """LeanSFTTrainer whose resume keeps the adapter in the dtype it trains in.
 
     trl trains a QLoRA adapter in bf16 (it casts the LoRA weights once, when the trainer is built);
     the Trainer's resume loads the checkpoint's adapter through peft's load_adapter, which upcasts
@@ -378,6 +481,8 @@ def train(trainer, resume_dir: Path | None, interruption: Interruption) -> Train
         output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:
         interruption.training = False
+    if hasattr(trainer, "read_tokens"):
+        trainer.read_tokens()
     seconds = time.monotonic() - start
     tokens = trainer.state.num_input_tokens_seen - trainer.progress_report.start_tokens
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -271,6 +271,8 @@ def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     lm.forward = types.MethodType(forward, lm)
+    # training_loop.LeanSFTTrainer sends the training loss here rather than through trl's LM head
+    lm._qlora_fused_loss = True
     return True
 
 
