@@ -72,7 +72,7 @@ def config(store, run_id: str) -> dict:
 
 
 def losses(proc: TrainerProcess) -> dict[int, float]:
-    return {p.step: p.loss for p in proc.progress}
+    return {p.step: p.loss for p in proc.progress if p.loss is not None}  # not the resume report
 
 
 def complete_checkpoint(store, step: int) -> set[str]:

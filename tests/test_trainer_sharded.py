@@ -39,7 +39,7 @@ def start(s3, model_uri, data_uri, tmp_path, run_id: str, nproc: int) -> Trainer
 
 
 def losses(proc: TrainerProcess) -> dict[int, float]:
-    return {p.step: p.loss for p in proc.progress}
+    return {p.step: p.loss for p in proc.progress if p.loss is not None}  # not the resume report
 
 
 def manifests(s3, run_id: str) -> list[str]:  # noqa: F811
