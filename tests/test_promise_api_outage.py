@@ -32,6 +32,7 @@ from qlora_localcluster import operator_install
 from qlora_localcluster.testing import kubectl, private_cluster
 from qlora_operator import timestamps
 from qlora_operator.attempts import AttemptPhase, assess_attempt
+from support.fake_trainer import job_file_name
 from support.objects import error_message, pod, qlorajob, result_message, terminated, trainer_job
 from support.operator_process import (
     OperatorProcess,
@@ -202,11 +203,11 @@ def scratch(cluster):
 
 
 def gate(cluster, name):
-    return scratch(cluster) / f"{NAMESPACE}.{name}.release"
+    return scratch(cluster) / job_file_name(NAMESPACE, name, "release")
 
 
 def runs(cluster, name) -> list[dict]:
-    path = scratch(cluster) / f"{NAMESPACE}.{name}.runs"
+    path = scratch(cluster) / job_file_name(NAMESPACE, name, "runs")
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
