@@ -41,7 +41,9 @@ TRAINER_IMAGE = "ghcr.io/qlora-operator/trainer:0.1.0"
 NAMESPACE = "preempt"
 JOB = "steady"
 CHECKPOINT_STEPS = 3
-MAX_STEPS = 30
+# Enough steps that the third disruption lands while training even on an idle machine (at 30 a
+# fast run reached its end and was publishing when the scheduler preempted it).
+MAX_STEPS = 48
 JOB_LABEL = "batch.kubernetes.io/job-name"
 INTERRUPTED = 7  # qlora_api.ExitCode.INTERRUPTED: stopped by SIGTERM after checkpointing
 GRACE_SECONDS = 120  # qlora_operator.rendering.TERMINATION_GRACE_SECONDS
