@@ -11,13 +11,10 @@ GPUs' worth of nodes. Its ports are free ones picked here, so it never meets the
 import json
 import time
 
-import boto3
 import pytest
-from botocore.config import Config
 from qlora_localcluster.testing import kubectl, private_cluster
+from support.cluster_s3 import stage_tiny_run
 from support.operator_process import OperatorProcess, install_crd_and_rbac, service_account_kubeconfig
-from trainer_fixtures.runs import jsonl
-from trainer_fixtures.tiny_model import build_model, chat_records
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 TRAINER_IMAGE = "ghcr.io/qlora-operator/trainer:0.1.0"
@@ -35,21 +32,7 @@ def operator(two_node_cluster, tmp_path_factory):
     cluster = two_node_cluster
     tmp = tmp_path_factory.mktemp("dp-operator")
     install_crd_and_rbac(cluster)
-    kubectl(cluster, "create", "namespace", NAMESPACE)
-    creds = cluster.s3_credentials
-    kubectl(cluster, "-n", NAMESPACE, "create", "secret", "generic", "minio",
-            f"--from-literal=AWS_ACCESS_KEY_ID={creds['aws_access_key_id']}",
-            f"--from-literal=AWS_SECRET_ACCESS_KEY={creds['aws_secret_access_key']}")
-    s3 = boto3.client("s3", endpoint_url=cluster.s3_endpoint, region_name="us-east-1",
-                      config=Config(s3={"addressing_style": "path"}), **creds)
-    for bucket in ("models", "data", "adapters"):
-        s3.create_bucket(Bucket=bucket)
-    folder = tmp / "tiny"
-    folder.mkdir()
-    build_model(folder)
-    for path in folder.iterdir():
-        s3.upload_file(str(path), "models", f"tiny/{path.name}")
-    s3.put_object(Bucket="data", Key="train.jsonl", Body=jsonl(chat_records(400, seed=1)))
+    s3 = stage_tiny_run(cluster, NAMESPACE, tmp / "tiny")
     proc = OperatorProcess(service_account_kubeconfig(cluster, tmp / "operator.kubeconfig"), NAMESPACE,
                            tmp / "operator.log", trainer_image=TRAINER_IMAGE).start()
     yield {"s3": s3, "process": proc}

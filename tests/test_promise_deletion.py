@@ -20,11 +20,10 @@ backoff) when the QLoRAJob is deleted, and it stops only once they give up.
 import json
 import time
 
-import boto3
 import pytest
-from botocore.config import Config
 from qlora_api.protocol import TERMINATION_GRACE_SECONDS
 from qlora_localcluster.testing import kubectl, private_cluster
+from support.cluster_s3 import cluster_s3, credentials_secret
 from support.finalizer_watch import FinalizerWatch
 from support.operator_process import (
     OperatorProcess,
@@ -55,12 +54,8 @@ def cluster(tmp_path_factory):
     with private_cluster(tmp_path_factory.mktemp("deletion")) as c:
         install_crd_and_rbac(c)
         kubectl(c, "create", "namespace", NAMESPACE)
-        creds = c.s3_credentials
-        kubectl(c, "-n", NAMESPACE, "create", "secret", "generic", "s3",
-                f"--from-literal=AWS_ACCESS_KEY_ID={creds['aws_access_key_id']}",
-                f"--from-literal=AWS_SECRET_ACCESS_KEY={creds['aws_secret_access_key']}")
-        boto3.client("s3", endpoint_url=c.s3_endpoint, region_name="us-east-1",
-                     config=Config(s3={"addressing_style": "path"}), **creds).create_bucket(Bucket="adapters")
+        credentials_secret(c, NAMESPACE, "s3")
+        cluster_s3(c).create_bucket(Bucket="adapters")
         yield c
         print("\n" + "\n".join(MEASURED))
 

@@ -71,10 +71,6 @@ def config(store, run_id: str) -> dict:
                       lora={"dropout": 0.1})
 
 
-def losses(proc: TrainerProcess) -> dict[int, float]:
-    return {p.step: p.loss for p in proc.progress if p.loss is not None}  # not the resume report
-
-
 def complete_checkpoint(store, step: int) -> set[str]:
     """The files of checkpoint `step`, each checked against the manifest (which must exist)."""
     folder = f"{CHECKPOINTS}step-{step}/"
@@ -140,7 +136,7 @@ def resumed_from(proc: TrainerProcess) -> int | None:
 
 def assert_continues(proc: TrainerProcess, start: int, reference: dict[int, float]) -> None:
     """The pod resumed at `start` and logged the uninterrupted run's loss at every step after it."""
-    got = losses(proc)
+    got = proc.losses
     assert resumed_from(proc) == start, proc.log_tail()
     assert got and min(got) == start + 1, sorted(got)
     for step, loss in got.items():
@@ -156,7 +152,7 @@ def test_sigterm_leaves_a_complete_checkpoint_within_the_grace_period_and_the_lo
     reference_run = TrainerProcess(tmp_path / "reference", config(store, "run-grace-reference"),
                                    trainer_env(store.trainer_server))
     assert reference_run.wait(timeout=300) == 0, reference_run.log_tail()
-    reference = losses(reference_run)
+    reference = reference_run.losses
     assert sorted(reference) == list(range(1, STEPS + 1))
 
     # Pod 1: SIGTERM in the first steps. The trainer finishes the step under way and saves it.
@@ -203,7 +199,7 @@ def test_sigterm_leaves_a_complete_checkpoint_within_the_grace_period_and_the_lo
     assert isinstance(result, TrainerResultMessage) and result.result.resumed_from_step == stopped3
     if stopped3 < STEPS:
         assert_continues(pod4, stopped3, reference)
-        assert max(losses(pod4)) == STEPS
+        assert max(pod4.losses) == STEPS
 
 
 def test_sigterm_while_publishing_lets_the_publication_finish(store, tmp_path):

@@ -25,7 +25,7 @@ import time
 import pytest
 from qlora_api import ExitCode, TrainerError, TrainerResultMessage
 from trainer_fixtures.fixtures import s3, tiny_model_dir, tiny_model_uri  # noqa: F401
-from trainer_fixtures.runs import TrainerProcess, jsonl, run_config, trainer_env
+from trainer_fixtures.runs import TrainerProcess, jsonl, published_manifests, run_config, trainer_env
 from trainer_fixtures.tiny_model import chat_records
 
 pytestmark = pytest.mark.slow
@@ -41,15 +41,6 @@ def start(s3, model_uri, data_uri, tmp_path, run_id: str, nproc: int, **env) -> 
     # The fast path (fused layers, packing) on torch references: what runs on GPUs, under DDP.
     env = trainer_env(s3, QLORA_ACCELERATION="cpu", OMP_NUM_THREADS="1", **env)
     return TrainerProcess(tmp_path / run_id, config, env, extra_args=["--nproc-per-node", str(nproc)])
-
-
-def losses(proc: TrainerProcess) -> dict[int, float]:
-    return {p.step: p.loss for p in proc.progress if p.loss is not None}  # not the resume report
-
-
-def manifests(s3, run_id: str) -> list[str]:  # noqa: F811
-    prefix = f"adapters/team-a/colours/{run_id}/"
-    return [k for k in s3.keys("adapters", prefix) if k.endswith("manifest.json") and "/checkpoints/" not in k]
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +62,10 @@ def runs(s3, tiny_model_uri, train_uri, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_n_processes_train_the_loss_curve_of_one_with_the_same_effective_batch(runs, n):
-    one, many = losses(runs[1]), losses(runs[n])
+    one, many = runs[1].losses, runs[n].losses
     assert sorted(many) == sorted(one) == list(range(1, 11))  # one progress line per step: rank 0's only
     for step in one:
-        assert many[step] == pytest.approx(one[step], rel=RELATIVE), json.dumps([step, one, many, losses(runs[4 if n == 2 else 2])])
+        assert many[step] == pytest.approx(one[step], rel=RELATIVE), json.dumps([step, one, many, runs[4 if n == 2 else 2].losses])
     assert one[10] < 0.8 * one[1]  # it learns (a curve that stays flat would match trivially)
     progress = runs[n].progress[-1]
     assert progress.world_size == n and runs[1].progress[-1].world_size == 1
@@ -85,7 +76,7 @@ def test_n_processes_train_the_loss_curve_of_one_with_the_same_effective_batch(r
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_one_publisher_one_manifest(s3, runs, n):  # noqa: F811
-    assert manifests(s3, f"run-dp{n}") == [f"adapters/team-a/colours/run-dp{n}/manifest.json"]
+    assert published_manifests(s3, f"run-dp{n}") == [f"adapters/team-a/colours/run-dp{n}/manifest.json"]
     result = runs[n].termination
     assert isinstance(result, TrainerResultMessage), runs[n].termination_text
     manifest = json.loads(s3.get("adapters", f"adapters/team-a/colours/run-dp{n}/manifest.json"))
@@ -134,7 +125,7 @@ def test_a_lost_rank_fails_the_group_which_resumes_whole_from_the_newest_checkpo
     killed_at = time.monotonic()
     code = first.wait(120)
     assert time.monotonic() - killed_at < 60, "the surviving rank went on alone"
-    steps_before = max(losses(first))
+    steps_before = max(first.losses)
     assert steps_before < 10, "the run finished before the rank was killed"
     assert code == ExitCode.UNEXPECTED  # retryable: the operator starts the next attempt
     error = first.termination
@@ -146,11 +137,11 @@ def test_a_lost_rank_fails_the_group_which_resumes_whole_from_the_newest_checkpo
     resumed = int(re.search(r"resuming from checkpoint step (\d+)",
                             "\n".join(second.stderr)).group(1))
     assert resumed >= newest
-    after = losses(second)
+    after = second.losses
     assert min(after) == resumed + 1 and max(after) == 10  # the whole group went on from there
     for step, loss in after.items():  # ... on the same curve as the group that was never interrupted
-        assert loss == pytest.approx(losses(runs[2])[step], rel=RELATIVE), (step, after, losses(runs[2]))
-    assert manifests(s3, "run-dp-kill") == ["adapters/team-a/colours/run-dp-kill/manifest.json"]
+        assert loss == pytest.approx(runs[2].losses[step], rel=RELATIVE), (step, after, runs[2].losses)
+    assert published_manifests(s3, "run-dp-kill") == ["adapters/team-a/colours/run-dp-kill/manifest.json"]
 
 
 def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint(

@@ -19,7 +19,7 @@ import signal
 import pytest
 from qlora_api import ExitCode, TrainerError, TrainerResultMessage
 from trainer_fixtures.fixtures import s3, tiny_model_dir, tiny_model_uri  # noqa: F401
-from trainer_fixtures.runs import TrainerProcess, jsonl, run_config, trainer_env
+from trainer_fixtures.runs import TrainerProcess, jsonl, published_manifests, run_config, trainer_env
 from trainer_fixtures.tiny_model import chat_records
 
 pytestmark = pytest.mark.slow
@@ -36,15 +36,6 @@ def start(s3, model_uri, data_uri, tmp_path, run_id: str, nproc: int) -> Trainer
     config = run_config(s3, model_uri, data_uri, run_id, training=TRAINING)
     env = trainer_env(s3, OMP_NUM_THREADS="1")  # no QLORA_ACCELERATION: the plain recipe, as sharded runs
     return TrainerProcess(tmp_path / run_id, config, env, extra_args=["--nproc-per-node", str(nproc)])
-
-
-def losses(proc: TrainerProcess) -> dict[int, float]:
-    return {p.step: p.loss for p in proc.progress if p.loss is not None}  # not the resume report
-
-
-def manifests(s3, run_id: str) -> list[str]:  # noqa: F811
-    prefix = f"adapters/team-a/colours/{run_id}/"
-    return [k for k in s3.keys("adapters", prefix) if k.endswith("manifest.json") and "/checkpoints/" not in k]
 
 
 def checkpoints(s3, run_id):  # noqa: F811
@@ -78,7 +69,7 @@ def runs(s3, tiny_model_uri, train_uri, tmp_path_factory):  # noqa: F811
 
 
 def test_two_sharded_processes_train_the_loss_curve_of_one_across_a_resume(runs):
-    one, first, second = losses(runs["one"]), losses(runs["first"]), losses(runs["second"])
+    one, first, second = runs["one"].losses, runs["first"].losses, runs["second"].losses
     assert sorted(one) == list(range(1, 9))
     stopped = runs["stopped"]
     assert 2 <= stopped < 8 and max(first) >= stopped
@@ -105,7 +96,7 @@ def test_the_sharded_checkpoint_holds_the_gathered_adapter_and_optimizer(s3, run
 
 
 def test_the_sharded_run_publishes_once_with_what_ran(s3, runs):  # noqa: F811
-    assert manifests(s3, "run-sh2") == ["adapters/team-a/colours/run-sh2/manifest.json"]
+    assert published_manifests(s3, "run-sh2") == ["adapters/team-a/colours/run-sh2/manifest.json"]
     assert isinstance(runs["second"].termination, TrainerResultMessage), runs["second"].termination_text
     config = json.loads(s3.get("adapters", "adapters/team-a/colours/run-sh2/training_config.json"))
     resolved = config["resolved"]

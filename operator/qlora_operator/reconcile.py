@@ -77,11 +77,6 @@ class Reconciler:
         name = (meta.get("annotations") or {}).get(ANNOTATION_JOB_NAME)
         return (meta["namespace"], name) if name and meta.get("namespace") else None
 
-    def reconcile_owner_of(self, child: dict) -> None:
-        owner = self.owner_of(child)
-        if owner is not None:
-            self.reconcile(*owner)
-
     def forget(self, namespace: str, name: str) -> None:
         self.phases.forget(f"{namespace}/{name}")
         with self._gates_lock:

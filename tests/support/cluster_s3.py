@@ -39,3 +39,22 @@ def credentials_secret(cluster, namespace: str, name: str = "minio") -> None:
     kubectl(cluster, "-n", namespace, "create", "secret", "generic", name,
             f"--from-literal=AWS_ACCESS_KEY_ID={creds['aws_access_key_id']}",
             f"--from-literal=AWS_SECRET_ACCESS_KEY={creds['aws_secret_access_key']}")
+
+
+def stage_tiny_run(cluster, namespace: str, folder) -> object:
+    """A private cluster made ready for QLoRAJobs that run the real trainer: the namespace, the
+    `minio` credentials Secret, buckets models/data/adapters, the tiny model at s3://models/tiny/
+    and 400 chat records at s3://data/train.jsonl. Returns the S3 client."""
+    from qlora_localcluster.testing import kubectl
+
+    kubectl(cluster, "create", "namespace", namespace)
+    credentials_secret(cluster, namespace)
+    s3 = cluster_s3(cluster)
+    for bucket in ("models", "data", "adapters"):
+        s3.create_bucket(Bucket=bucket)
+    folder.mkdir()
+    build_model(folder)
+    for path in folder.iterdir():
+        s3.upload_file(str(path), "models", f"tiny/{path.name}")
+    s3.put_object(Bucket="data", Key="train.jsonl", Body=jsonl(chat_records(400, seed=1)))
+    return s3

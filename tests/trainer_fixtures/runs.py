@@ -113,6 +113,12 @@ class TrainerProcess:
         return [p for p in (TrainerProgressLine.parse(line) for line in list(self.stdout)) if p is not None]
 
     @property
+    def losses(self) -> dict[int, float]:
+        """step -> training loss, from the progress lines that carry one (a resumed run's first
+        report names the step it resumed from and has no loss)."""
+        return {p.step: p.loss for p in self.progress if p.loss is not None}
+
+    @property
     def phases(self) -> list[TrainerPhaseLine]:
         return [p for p in (TrainerPhaseLine.parse(line) for line in list(self.stdout)) if p is not None]
 
@@ -132,6 +138,12 @@ class TrainerProcess:
 
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.stderr[-n:])
+
+
+def published_manifests(s3, run_id: str) -> list[str]:
+    """The keys of run `run_id`'s publication manifests in the test store (checkpoints excluded)."""
+    prefix = f"adapters/team-a/colours/{run_id}/"
+    return [k for k in s3.keys("adapters", prefix) if k.endswith("manifest.json") and "/checkpoints/" not in k]
 
 
 def run_trainer(workdir: Path, config: dict | str, env: dict, timeout: float = 300) -> TrainerProcess:
