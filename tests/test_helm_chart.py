@@ -46,12 +46,13 @@ def test_default_render_has_the_crd_operator_and_least_privilege_rbac():
 
 def test_switches_change_what_is_rendered():
     docs = rendered("crds.install=false", "rbac.create=false", "watchNamespaces={ml,research}",
-                    "trainerImage.tag=v9")
+                    "trainerImage.tag=v9", "reconcileWorkers=32")
     assert not by_kind(docs, "CustomResourceDefinition") and not by_kind(docs, "ClusterRole")
     env = {e["name"]: e.get("value")
            for e in by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["QLORA_WATCH_NAMESPACES"] == "ml,research"
     assert env["QLORA_TRAINER_IMAGE"].endswith(":v9")
+    assert env["QLORA_RECONCILE_WORKERS"] == "32"
     crd_kept = by_kind(rendered("crds.keep=false"), "CustomResourceDefinition")[0]
     assert "helm.sh/resource-policy" not in (crd_kept["metadata"].get("annotations") or {})
 
@@ -60,6 +61,7 @@ def test_switches_change_what_is_rendered():
     ("imagee.tag=x", "imagee"),
     ("logLevel=LOUD", "logLevel"),
     ("reconcileIntervalSeconds=0", "reconcileIntervalSeconds"),
+    ("reconcileWorkers=0", "reconcileWorkers"),
 ])
 def test_schema_rejects_bad_values_by_name(value, complaint):
     result = helm("template", "qlora", str(CHART), "--set", value, check=False)

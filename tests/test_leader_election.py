@@ -52,6 +52,18 @@ def test_the_charts_variables_and_flags_turn_election_on():
         settings.parse([], environ={"QLORA_LEADER_ELECTION": "maybe"})
 
 
+@pytest.mark.parametrize("var,raw,complaint", [
+    ("QLORA_RECONCILE_WORKERS", "many", "expected an integer"),
+    ("QLORA_RECONCILE_WORKERS", "0", "at least 1 reconcile worker"),
+    ("QLORA_RECONCILE_INTERVAL_SECONDS", "soon", "expected a number"),
+    ("QLORA_RECONCILE_INTERVAL_SECONDS", "0", "expected seconds > 0"),
+])
+def test_bad_operator_settings_stop_it_with_the_variable_named(var, raw, complaint):
+    with pytest.raises(SystemExit, match=f"{var}=.*{complaint}"):
+        settings.parse([], environ={var: raw})
+    assert settings.parse([], environ={"QLORA_RECONCILE_WORKERS": "32"}).reconcile_workers == 32
+
+
 def test_inconsistent_durations_are_refused():
     with pytest.raises(ValueError, match="retry_period < renew_deadline < lease_duration"):
         LeaderElector(lock=None, identity="a", lease_duration=5, renew_deadline=5, retry_period=1)

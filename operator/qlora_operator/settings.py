@@ -87,8 +87,21 @@ def _from_env(environ: dict[str, str]) -> dict:
         elif isinstance(getattr(defaults, name), bool):
             values[name] = _boolean(var, raw)
         else:
-            values[name] = type(getattr(defaults, name))(raw)
+            kind = type(getattr(defaults, name))
+            try:
+                values[name] = kind(raw)
+            except ValueError:
+                raise SystemExit(f"{var}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
     return values
+
+
+def _checked(settings: OperatorSettings) -> OperatorSettings:
+    """Values that would leave the operator running but doing nothing are refused at start."""
+    if settings.reconcile_workers < 1:
+        raise SystemExit(f"{_ENV['reconcile_workers']}={settings.reconcile_workers}: at least 1 reconcile worker")
+    if settings.reconcile_interval <= 0:
+        raise SystemExit(f"{_ENV['reconcile_interval']}={settings.reconcile_interval}: expected seconds > 0")
+    return settings
 
 
 def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> OperatorSettings:
@@ -120,4 +133,4 @@ def parse(argv: list[str] | None = None, environ: dict[str, str] | None = None) 
         values["namespaces"] = tuple(args.namespaces)
     if args.all_namespaces:
         values["namespaces"] = ()
-    return OperatorSettings(**values)
+    return _checked(OperatorSettings(**values))

@@ -88,6 +88,7 @@ class FakeKube:
             if key not in self.objects:
                 return False
             _apply_merge_patch(self.objects[key], action.patch)
+            self.objects[key]["metadata"]["resourceVersion"] = str(next(self._rv))  # as every write does
         self.writes.append((type(action).__name__, action.kind, action.name))
         return True
 
