@@ -324,6 +324,7 @@ def summarize(n, args, times, jobs, final, operator, requests, peak, alive, cloc
     rss_end, cpu_end = operator.at(settled)
     _, cpu_start = operator.at(start)
     kinds = Counter(f"{r['verb']} {r['resource']}" for r in active)
+    idle_kinds = Counter(f"{r['verb']} {r['resource']}" for r in idle)
     # How busy the API server was: its time per request of the operator (watches left out).
     api_seconds = [r["seconds"] for r in active if r["verb"] != "watch"]
     return {
@@ -350,6 +351,7 @@ def summarize(n, args, times, jobs, final, operator, requests, peak, alive, cloc
         "requests_per_job_per_min_active": round(len(active) / n / active_min, 2),
         "requests_per_job_per_min_idle": round(len(idle) / n / idle_min, 2) if idle_min else None,
         "requests_by_kind_active": dict(kinds.most_common()),
+        "requests_by_kind_idle": dict(idle_kinds.most_common()),
         "trainer_jobs_created": sum(1 for r in requests if (r["verb"], r["resource"], r["code"]) == ("create", "jobs", 201)),
         "api_latency_of_operator_requests_s": {"p50": round(percentile(api_seconds, 50), 3),
                                                "p99": round(percentile(api_seconds, 99), 3)} if api_seconds else None,
@@ -379,6 +381,8 @@ def table(results: list[dict], conditions: str) -> str:
         ("requests per job (active run)", "requests_per_job_active", "{}"),
         ("requests per job per minute (active / idle)", None,
          lambda r: f"{r['requests_per_job_per_min_active']} / {r['requests_per_job_per_min_idle']}"),
+        ("requests while idle, by kind", "requests_by_kind_idle",
+         lambda v: ", ".join(f"{k} {c}" for k, c in v.items()) or "none"),
         ("API server time per operator request p50 / p99 (s)", "api_latency_of_operator_requests_s",
          lambda v: f"{v['p50']:.3f} / {v['p99']:.3f}" if v else "-"),
         ("429 or 5xx answers", "errors_5xx_or_429", "{}"),
