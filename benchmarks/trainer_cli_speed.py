@@ -56,9 +56,11 @@ ROOT = Path("/dev/shm/qlora-cli-bench") if Path("/dev/shm").is_dir() else Path(t
 CLAIM = "models"  # pvc://models/<shape>: QLORA_PVC_ROOT is ROOT, so the folder is ROOT/models/<shape>
 TARGET_SPEED = 0.95
 TARGET_PHASE = 1.5
-# Seconds a row takes on the H200 (fast-path process + CLI + data), for the budget: a row starts
-# only if it should end inside --budget-s. From the session-7 call, with 30 CLI steps.
-ROW_ESTIMATE_S = {"1.5b-2048": 85, "varlen": 90, "7b-1024": 100, "8b-1024": 100}
+# Seconds a row takes on the H200 (fast-path process, CLI, data and floors), fixed + per CLI step,
+# for the budget: a row starts only if it should end inside --budget-s. From the session-7 call
+# (the 1.5B and 8B rows); an s3 row adds its upload, download floor and download phase.
+ROW_ESTIMATE_S = {"1.5b-2048": (75, 0.5), "varlen": (80, 0.8), "7b-1024": (85, 0.6), "8b-1024": (85, 0.6)}
+S3_ROW_EXTRA_S = 45
 UPLOAD_SAMPLE_BYTES = 500 << 20
 
 TINY = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
@@ -275,13 +277,42 @@ def _exactly(tokenizer, words: list[str], n: int, rng: random.Random) -> str:
     count = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
     size = n + n // 2 + 16
     while True:
-        text = " ".join(rng.choice(words) for _ in range(size))
+        text = " ".join(rng.choices(words, k=size))
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         for k in [k for k in (n, n - 1, *range(n + 1, n + 8)) if k < len(offsets)]:
             cut = text[:offsets[k][1]]
             if count(cut) == n:
                 return cut
         size *= 2
+
+
+def _exactly_all(tokenizer, words: list[str], lengths: list[int], rng: random.Random) -> list[str]:
+    """_exactly for every length in a few batched tokenizer calls (on the tokenizer's threads): each
+    text cut at the end of a token near its n-th and counted again, the candidates in _exactly's
+    order; the rare text no candidate fits is made one by one. Record by record (about four calls
+    on ~30,000 characters each) the texts took tens of seconds of a device call."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        # tokens per word of this tokenizer (the fixture's words under a Qwen2 config: about a third)
+        sample = " ".join(rng.choices(words, k=4096))
+        per_word = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / 4096
+        texts = [" ".join(rng.choices(words, k=int(1.25 * n / per_word) + 64)) for n in lengths]
+        offsets = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        out: list[str | None] = [None] * len(texts)
+        for shift in (0, -1, 1, 2, 3):
+            todo = [i for i, text in enumerate(out) if text is None and 0 <= lengths[i] + shift < len(offsets[i])]
+            cuts = [texts[i][:offsets[i][lengths[i] + shift][1]] for i in todo]
+            counts = map(len, tokenizer(cuts, add_special_tokens=False)["input_ids"]) if cuts else []
+            for i, cut, count in zip(todo, cuts, counts):
+                if count == lengths[i]:
+                    out[i] = cut
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    return [text if text is not None else _exactly(tokenizer, words, n, rng) for text, n in zip(out, lengths)]
 
 
 def texts_for(row: dict, n_steps: int, seed: int, tokenizer=None) -> list[str]:
@@ -306,8 +337,8 @@ def texts_for(row: dict, n_steps: int, seed: int, tokenizer=None) -> list[str]:
             lengths += [n - 2 for n in more]
             total, k = sum(lengths), k + 1
     if tokenizer is not None:
-        return [_exactly(tokenizer, words, n, rng) for n in lengths]
-    return [" ".join(rng.choice(words) for _ in range(n)) for n in lengths]
+        return _exactly_all(tokenizer, words, lengths, rng)
+    return [" ".join(rng.choices(words, k=n)) for n in lengths]
 
 
 def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int, work: Path, folder: Path) -> dict:
@@ -451,8 +482,8 @@ def drive(opts) -> int:
     for name in chosen:
         row = dict(rows[name], store="pvc") if opts.no_download else rows[name]
         folder = ROOT / CLAIM / row["shape"]
-        estimate = 30 if opts.dry_run else ROW_ESTIMATE_S.get(name, 100) * steps / 30 + (
-            40 if row["store"] == "s3" else 0)
+        fixed_s, per_step_s = ROW_ESTIMATE_S.get(name, (90, 0.6))
+        estimate = 30 if opts.dry_run else fixed_s + per_step_s * steps + (S3_ROW_EXTRA_S if row["store"] == "s3" else 0)
         if not (folder / ".done").exists() or time.monotonic() + estimate > deadline:
             results["rows"][name] = {"error": f"skipped: checkpoint not ready or out of time (row estimate {estimate:.0f} s, "
                                               f"{deadline - time.monotonic():.0f} s left)"}
