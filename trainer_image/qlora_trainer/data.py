@@ -272,9 +272,11 @@ def tokenizer_threads() -> Iterator[None]:
 
     The trainer image sets TOKENIZERS_PARALLELISM=false: a process that forks after the pool has
     run gets a warning on every fork, and a child that tokenized would deadlock on the pool's
-    copied locks. It also made the tokenize phase one thread: 3.96 s for 248 records of 2,048
-    tokens where the same batched pass on the H200 machine's 16 cores took 0.27 s
-    (benchmarks/results/trainer_cli_speed_h200.md); on the CPU nearly all of the phase is that call.
+    copied locks. It also made the tokenize phase one thread, and nearly all of the phase is this
+    call: on the H200 machine's 16 cores the 1.5B row's texts took 1.88 s on one thread and 0.17 s
+    on the pool; the phase went from 14.5x that floor to 1.27x
+    (benchmarks/results/trainer_cli_speed_h200.md).
+
     The Rust library reads the variable at every batch call, so the pool runs for this pass only,
     and with the variable back to "false" a later fork neither warns nor lets a child use the pool.
     The ids do not depend on it: each text is encoded on its own either way."""
