@@ -5,6 +5,7 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import random
 
 import pytest
@@ -141,6 +142,34 @@ def test_records_are_tokenized_in_batches_with_the_ids_of_one_by_one(tokenizer, 
     one_by_one = [data.tokenize(r, tokenizer, completion_only=True) for r in records]
     assert [vars(e) for e in batched] == [vars(e) for e in one_by_one]
     assert all(e.labels[0] == data.IGNORE and any(t != data.IGNORE for t in e.labels) for e in batched)
+
+
+class _ParallelismSeeingTokenizer(_CountingTokenizer):
+    """The fixture tokenizer, noting TOKENIZERS_PARALLELISM as the Rust library reads it at each call."""
+
+    def __call__(self, *args, **kwargs):
+        self.__dict__.setdefault("seen", []).append(os.environ.get("TOKENIZERS_PARALLELISM"))
+        return super().__call__(*args, **kwargs)
+
+
+@pytest.mark.parametrize("before", ["false", None])
+def test_the_batched_pass_runs_on_the_tokenizers_threads_and_leaves_the_setting_as_it_was(
+        tokenizer, monkeypatch, before):
+    # The trainer image sets "false" (no pool left behind for a fork); that made the tokenize phase
+    # one thread: 14x the batched pass on the H200 machine's 16 cores (trainer_cli_speed_h200.md).
+    if before is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", before)
+    spec = TrainingSpec(maxSeqLength=64, packing=False)
+    seeing = _ParallelismSeeingTokenizer(tokenizer)
+    records = [data.Record(f"line {i}", "text", {"text": f"the {t} is blue"}) for i, t in enumerate(["sky"] * 30)]
+    rows = data.build_examples(records, seeing, spec, "train")
+    assert seeing.seen == ["true"] and len(rows) == 30
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == before
+    with pytest.raises(KeyError), data.tokenizer_threads():  # restored on the way out of a failure too
+        raise KeyError("a tokenizer error")
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == before
 
 
 def test_packing_fills_rows_without_splitting_records():
