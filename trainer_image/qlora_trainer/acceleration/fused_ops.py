@@ -47,9 +47,9 @@ def _kernel(t: torch.Tensor, name: str):
 
 
 def _masked_kernel(t: torch.Tensor, name: str, width: int):
-    """The masked LoRA kernels draw four mask values per Philox call: widths divisible by 4 only
+    """The masked LoRA kernels draw eight mask values per Philox call: widths divisible by 8 only
     (every real model's); any other width takes the reference for all three ops alike."""
-    return _kernel(t, name) if width % 4 == 0 else None
+    return _kernel(t, name) if width % 8 == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ fp32 arithmetic and one rounding on the store; the element-wise kernels also rea
 (the LoRA kernels read x once per projection, neighbouring programs sharing it through L2).
 
 LoRA dropout: projection j's keep-mask is `_keep` below, a pure function of (seed, j, token,
-column): element o = token * n_cols + column takes output o % 4 of tl.rand4x(seed * 64 + j, o // 4)
-(Philox, 10 rounds), compared with p; widths must be multiples of 4. Forward and both backward kernels regenerate it from those four numbers, so nothing is
+column): element o = token * n_cols + column takes 16-bit half (o % 2) of output (o % 8) // 2 of
+tl.randint4x(seed * 64 + j, o // 8) (Philox, 10 rounds), kept when that 16-bit uniform is at least
+p * 65536; widths must be multiples of 8. Forward and both backward kernels regenerate it from
+those eight numbers per Philox call (the masked kernels' dominant cost), so nothing is
 stored; `dropout_mask` materialises it (tests only). Callers guarantee n_rows * n_cols < 2**31.
 
 Token counts change from batch to batch with packed records: the kernels do not specialize on
@@ -93,8 +95,8 @@ def _check_dropout(seed, p: float, n: int, n_rows: int, n_cols: int, device) -> 
         raise ValueError(f"n (projections) must be in [1, {_MAX_PROJECTIONS}], got {n}")
     if not (n_rows * n_cols < 2**31):
         raise ValueError(f"the mask offset row * n_cols + col must fit int32: {n_rows} x {n_cols}")
-    if not (n_cols % 4 == 0):
-        raise ValueError(f"masked ops need a width divisible by 4 (one Philox call per four), got {n_cols}")
+    if not (n_cols % 8 == 0):
+        raise ValueError(f"masked ops need a width divisible by 8 (one Philox call per eight), got {n_cols}")
     return seed_t
 
 
@@ -105,19 +107,23 @@ def _check_dropout(seed, p: float, n: int, n_rows: int, n_cols: int, device) -> 
 @triton.jit
 def _keep(seed, j, rows, cols, n_cols, p):
     """Keep (True) or drop element (rows, cols) of projection j. rows [M, 1], cols [1, K] with
-    K a multiple of 4, tiles starting at a column that is a multiple of 4, and n_cols % 4 == 0.
-    Element o = row * n_cols + col takes output o % 4 of one Philox call at counter o // 4
-    (tl.rand4x): a pure function of (seed, j, o), whatever the tile shape, at a quarter of the
-    Philox work of one call per element."""
+    K a multiple of 8, tiles starting at a column that is a multiple of 8, and n_cols % 8 == 0.
+    Element o = row * n_cols + col takes the 16-bit half o % 2 of output (o % 8) // 2 of one
+    Philox call at counter o // 8 (tl.randint4x) and is kept when it is >= p * 65536: a pure
+    function of (seed, j, o), whatever the tile shape, at an eighth of the Philox work of one call
+    per element (p is resolved to 1/65536)."""
     seed_j = seed.to(tl.int64) * 64 + j
     offsets = (rows * n_cols + cols).to(tl.int32)
     M: tl.constexpr = offsets.shape[0]
     K: tl.constexpr = offsets.shape[1]
-    firsts, _ = tl.split(tl.reshape(offsets, (M, K // 4, 2, 2)))
-    firsts, _ = tl.split(firsts)  # [M, K/4]: the offset of each group of four
-    r0, r1, r2, r3 = tl.rand4x(seed_j, firsts // 4)
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (M, K))  # position 4c + k holds r_k
-    return r >= p
+    firsts, _ = tl.split(tl.reshape(offsets, (M, K // 8, 2, 2, 2)))
+    firsts, _ = tl.split(firsts)
+    firsts, _ = tl.split(firsts)  # [M, K/8]: the offset of each group of eight
+    r0, r1, r2, r3 = tl.randint4x(seed_j, firsts // 8)
+    lo = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))
+    hi = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
+    u = tl.reshape(tl.join(lo, hi), (M, K))  # position 8c + 2k + h holds half h (0 low, 1 high) of r_k
+    return u.to(tl.float32) >= p * 65536.0
 
 
 @triton.jit
