@@ -882,6 +882,14 @@ def fused_op_checks() -> dict:
     out["triton_swiglu_bwd"] = _rel(tri.swiglu_backward(gh, gu), ref.swiglu_backward(gh.cpu().double(),
                                                                                      gu.cpu().double()))
     out.update(adapter_epilogue_checks(n, 4, 1, 128, i, h, 3 * r, bf))
+    import bitsandbytes.functional as bnbf
+
+    for nested in (True, False):  # bit for bit: any difference counts as 1
+        q, qs = bnbf.quantize_4bit(torch.randn(3584, 18944, **bf) * 0.02, quant_type="nf4",
+                                   compress_statistics=nested, blocksize=64)
+        deq = torch.empty(qs.shape, **bf)
+        tri.dequantize_nf4(q, qs, deq)
+        out[f"triton_nf4_dequant_nested{int(nested)}_differs"] = float(not torch.equal(deq, bnbf.dequantize_4bit(q, qs)))
     for k in (1, 3):
         A = torch.randn(k * r, h, **bf) * 0.05
         seed, p = 1234 + k, 0.05

@@ -184,6 +184,19 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
            F.rms_norm_backward(ref(gh), ref(xn), ref(w), rstd, ref(gres)))
 
 
+def run_nf4(shape, nested):
+    """NF4 dequantization bit for bit as bitsandbytes' own (plain and double-quantized absmax)."""
+    import bitsandbytes.functional as bF
+
+    case = f"shape={shape} nested={nested}"
+    w = torch.randn(*shape) * 0.02
+    q, qs = bF.quantize_4bit(w.to(DEV, DT), quant_type="nf4", compress_statistics=nested, blocksize=64)
+    out = torch.full(shape, float("nan"), device=DEV, dtype=DT)
+    T.dequantize_nf4(q, qs, out)
+    expected = bF.dequantize_4bit(q, qs)
+    check("dequantize_nf4", case, torch.equal(out, expected), f"max diff {float((out - expected).abs().max())}")
+
+
 def run_lora(N, H, r, n, p, seed, splits=None):
     case = f"N={N} H={H} r={r} n={n} p={p} seed={seed}" + (f" splits={splits}" if splits else "")
     x, A, ga = rnd(N, H), rnd(n * r, H, scale=0.1), rnd(N, n * r)
@@ -289,6 +302,9 @@ run_elementwise(N=37, H=96, I=80, heads=3, D=16, kept_heads=2)
 run_elementwise(N=19, H=100, I=52, heads=5, D=12, kept_heads=1)
 run_rope(N=200, heads=3, D=16, kept_heads=2)  # several programs per view (256 (token, head) rows each)
 run_adapter_epilogues(N=37, heads=3, kv_heads=1, D=16, I=80, H=96, R=48)
+for nested in (True, False):
+    for shape in ((64, 128), (40, 96), (3, 4096)):
+        run_nf4(shape, nested)
 run_adapter_epilogues(N=70, heads=2, kv_heads=2, D=12, I=52, H=100, R=16)
 for r in (8, 16):
     for n in (1, 2, 3):
@@ -349,6 +365,10 @@ def interpreted() -> list[dict]:
 
 def test_elementwise_kernels_match_the_references(interpreted):
     _assert_group(interpreted, ("rms_norm", "rope_", "swiglu"))
+
+
+def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(interpreted):
+    _assert_group(interpreted, ("dequantize_nf4",))
 
 
 def test_adapter_epilogue_kernels_match_the_references(interpreted):

@@ -767,6 +767,65 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
 
 
 # ---------------------------------------------------------------------------------------------
+# NF4 dequantization (bitsandbytes' format): one launch per weight, the nested (double-quantized)
+# absmax decoded in the same kernel. Same arithmetic as bitsandbytes' kernels, in the same order
+# (absmax = code2[q] * absmax2 + offset, then code[nibble] * absmax, each rounded in fp32, no
+# fused multiply-add), so the result is bit for bit bitsandbytes'; launched with fp fusion off.
+
+
+@triton.jit
+def _dequantize_nf4_kernel(q_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr, n_bytes,
+                           BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # byte i holds elements 2i (high nibble) and 2i + 1
+    inside = offs < n_bytes
+    q = tl.load(q_ptr + offs, mask=inside, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (q >> 4))
+    lo = tl.load(code_ptr + (q & 15))
+    blk = (offs * 2) // BLOCKSIZE
+    if NESTED:
+        aq = tl.load(absmax_ptr + blk, mask=inside, other=0).to(tl.int32)
+        am = tl.load(code2_ptr + aq) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=inside, other=0.0)
+        am = am + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + blk, mask=inside, other=0.0)
+    vals = tl.reshape(tl.join(hi * am, lo * am), (2 * BLOCK,))
+    outs = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + outs, vals.to(out_ptr.dtype.element_ty), mask=outs < 2 * n_bytes)
+
+
+def dequantize_nf4(q: torch.Tensor, state, out: torch.Tensor) -> None:
+    """Write bitsandbytes' dequantization of the packed NF4 weight `q` (its QuantState `state`)
+    into `out` (contiguous, state.shape's element count, any float dtype)."""
+    if not (state.quant_type == "nf4" and q.dtype == torch.uint8 and out.is_contiguous()):
+        raise ValueError(f"dequantize_nf4: an NF4 uint8 weight and a contiguous output, got {state.quant_type} "
+                         f"{q.dtype}")
+    n = out.numel()
+    if not (n % 2 == 0 and q.numel() * 2 == n and state.blocksize % 2 == 0):
+        raise ValueError(f"dequantize_nf4: {q.numel()} bytes cannot hold {n} values")
+    nested = bool(state.nested)
+    if nested:
+        s2 = state.state2
+        absmax, code2, absmax2, offset, bs2 = state.absmax, s2.code, s2.absmax, state.offset, s2.blocksize
+        if not (absmax.dtype == torch.uint8 and code2.dtype == absmax2.dtype == torch.float32):
+            raise ValueError(f"dequantize_nf4: unexpected nested state {absmax.dtype} {code2.dtype} {absmax2.dtype}")
+        offset = offset.to(device=q.device, dtype=torch.float32).reshape(1)
+    else:
+        absmax = state.absmax
+        if absmax.dtype != torch.float32:
+            raise ValueError(f"dequantize_nf4: absmax must be fp32, got {absmax.dtype}")
+        code2 = absmax2 = offset = absmax
+        bs2 = 1
+    code = state.code.to(device=q.device, dtype=torch.float32)
+    block = 1024
+    with _device_of(q):
+        _dequantize_nf4_kernel[(triton.cdiv(n // 2, block),)](
+            q, absmax, code2, absmax2, offset, code, out, n // 2, BLOCKSIZE=state.blocksize, BLOCKSIZE2=bs2,
+            NESTED=nested, BLOCK=block, num_warps=4, enable_fp_fusion=False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Cross-entropy rows: one program per row, an online logsumexp pass and a gradient pass over the
 # row (6 bytes per bf16 logit instead of the ~40 that the cast, logsumexp, exp, scatter, scale and
 # cast-back passes of the torch reference move).
