@@ -113,15 +113,18 @@ def configs(only: set[str] | None) -> list[dict]:
 
 
 def _variant(name: str) -> dict | None:
-    """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], mods: max (the plan may use
+    """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], or <row>/plain-seed<N>;
+    mods: seed<N> (another dropout seed, set after loading), max (the plan may use
     the whole card), unfused (QLORA_FUSED_LAYER=0), fused (QLORA_FUSED_LAYER=1: the fused decoder
     layer, the default), eager (QLORA_CUDA_GRAPHS=0), mb<N> (micro-batch
     pinned to N), none/selective/full/offload (recompute mode pinned); the rest is planned."""
     row, _, rest = name.partition("/")
     base, *mods = rest.split("-")
-    if row not in ROWS or base not in ("ours", "lean") or not mods:
+    if row not in ROWS or base not in ("ours", "lean", "plain") or not mods:
         return None
-    cfg = dict(name=name, task="fixed", engine="ours", row=row, timeout=150, env={})
+    if base == "plain" and not all(m.startswith("seed") for m in mods):
+        return None
+    cfg = dict(name=name, task="fixed", engine="plain" if base == "plain" else "ours", row=row, timeout=150, env={})
     if base == "lean":
         cfg["simulate_card_gb"] = 24
     for mod in mods:
@@ -137,6 +140,8 @@ def _variant(name: str) -> dict | None:
             cfg["recompute"] = mod
         elif mod.startswith("mb") and mod[2:].isdigit():
             cfg["micro_batch"] = int(mod[2:])
+        elif mod.startswith("seed") and mod[4:].isdigit():  # another dropout seed (the adapter's init is kept)
+            cfg["torch_seed"] = int(mod[4:])
         else:
             raise SystemExit(f"unknown variant {mod!r} in {name!r}")
     return cfg
@@ -564,6 +569,8 @@ def run_fixed(cfg) -> dict:
         result["acceleration"] = apply_acceleration(model, plan).describe()
     result["load_s"] = round(time.perf_counter() - t_load, 1)
     params, opt = make_optimizer(model, plan=plan)
+    if cfg.get("torch_seed") is not None:  # after loading: only the dropout masks change
+        torch.manual_seed(cfg["torch_seed"])
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     vocab = model.config.vocab_size if hasattr(model, "config") else 32000
