@@ -257,9 +257,9 @@ class LayerGraphs:
         if st is self.first:
             self.rope[0].copy_(cos)
             self.rope[1].copy_(sin)
-            key = self._factor_key()
-            if key != self.factor_key:
+            factors = self._factor_key()
+            if factors != self.factor_key:  # an optimizer step (or a write) since the last refresh
                 self.refresh.replay()
-                self.factor_key = key
+                self.factor_key = factors
         with torch.autocast(device_type=x.device.type, enabled=False):
             return _GraphedLayer.apply(x, st.params[0], self, st)
