@@ -113,15 +113,18 @@ def configs(only: set[str] | None) -> list[dict]:
 
 
 def _variant(name: str) -> dict | None:
-    """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], mods: max (the plan may use
+    """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], or <row>/plain-seed<N>;
+    mods: seed<N> (another dropout seed, set after loading), max (the plan may use
     the whole card), unfused (QLORA_FUSED_LAYER=0), fused (QLORA_FUSED_LAYER=1: the fused decoder
     layer, the default), eager (QLORA_CUDA_GRAPHS=0), mb<N> (micro-batch
     pinned to N), none/selective/full/offload (recompute mode pinned); the rest is planned."""
     row, _, rest = name.partition("/")
     base, *mods = rest.split("-")
-    if row not in ROWS or base not in ("ours", "lean") or not mods:
+    if row not in ROWS or base not in ("ours", "lean", "plain") or not mods:
         return None
-    cfg = dict(name=name, task="fixed", engine="ours", row=row, timeout=150, env={})
+    if base == "plain" and not all(m.startswith("seed") for m in mods):
+        return None
+    cfg = dict(name=name, task="fixed", engine="plain" if base == "plain" else "ours", row=row, timeout=150, env={})
     if base == "lean":
         cfg["simulate_card_gb"] = 24
     for mod in mods:
@@ -137,6 +140,8 @@ def _variant(name: str) -> dict | None:
             cfg["recompute"] = mod
         elif mod.startswith("mb") and mod[2:].isdigit():
             cfg["micro_batch"] = int(mod[2:])
+        elif mod.startswith("seed") and mod[4:].isdigit():  # another dropout seed (the adapter's init is kept)
+            cfg["torch_seed"] = int(mod[4:])
         else:
             raise SystemExit(f"unknown variant {mod!r} in {name!r}")
     return cfg
@@ -564,6 +569,8 @@ def run_fixed(cfg) -> dict:
         result["acceleration"] = apply_acceleration(model, plan).describe()
     result["load_s"] = round(time.perf_counter() - t_load, 1)
     params, opt = make_optimizer(model, plan=plan)
+    if cfg.get("torch_seed") is not None:  # after loading: only the dropout masks change
+        torch.manual_seed(cfg["torch_seed"])
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     vocab = model.config.vocab_size if hasattr(model, "config") else 32000
@@ -881,6 +888,15 @@ def fused_op_checks() -> dict:
     gh = torch.randn(n, i, **bf)
     out["triton_swiglu_bwd"] = _rel(tri.swiglu_backward(gh, gu), ref.swiglu_backward(gh.cpu().double(),
                                                                                      gu.cpu().double()))
+    out.update(adapter_epilogue_checks(n, 4, 1, 128, i, h, 3 * r, bf))
+    import bitsandbytes.functional as bnbf
+
+    for nested in (True, False):  # bit for bit: any difference counts as 1
+        q, qs = bnbf.quantize_4bit(torch.randn(3584, 18944, **bf) * 0.02, quant_type="nf4",
+                                   compress_statistics=nested, blocksize=64)
+        deq = torch.empty(qs.shape, **bf)
+        tri.dequantize_nf4(q, qs, deq)
+        out[f"triton_nf4_dequant_nested{int(nested)}_differs"] = float(not torch.equal(deq, bnbf.dequantize_4bit(q, qs)))
     for k in (1, 3):
         A = torch.randn(k * r, h, **bf) * 0.05
         seed, p = 1234 + k, 0.05
@@ -899,6 +915,38 @@ def fused_op_checks() -> dict:
         out[f"triton_lora_x_bwd_{k}"] = _rel(gx, gx_ref)
         out[f"mask_keep_error_{k}"] = abs(float(masks[0].mean()) - (1 - p))
     return {k: round(v, 6) for k, v in out.items()}
+
+
+def adapter_epilogue_checks(n, heads, kv_heads, d, inter, h, rank, bf) -> dict:
+    """The adapter product joined in fp32 with RoPE, SwiGLU and the residual add, and the RMSNorm
+    backward with the residual gradient added, against fp64 references of the same inputs."""
+    import torch
+    from qlora_trainer.acceleration import fused_ops as ref
+    from qlora_trainer.acceleration import triton_ops as tri
+
+    out = {}
+    cpu = lambda t: t.detach().cpu().double()  # noqa: E731
+    w = (heads + 2 * kv_heads) * d
+    a, cos, sin = torch.randn(n, rank, **bf), torch.randn(n, d, **bf), torch.randn(n, d, **bf)
+    B = torch.randn(w, rank, **bf) * 0.3
+    qkv = torch.randn(n, w, **bf)
+    expect = cpu(qkv)
+    ref.lora_rope_(expect, cpu(a), cpu(B), cpu(cos), cpu(sin), heads + kv_heads, d)
+    tri.lora_rope_(qkv, a, B, cos, sin, heads + kv_heads, d)
+    out["triton_lora_rope"] = _rel(qkv, expect)
+    gu, Bgu = torch.randn(n, 2 * inter, **bf), torch.randn(2 * inter, rank, **bf) * 0.3
+    gu_ref = cpu(gu)
+    m_ref = ref.lora_swiglu_(gu_ref, cpu(a), cpu(Bgu))
+    out["triton_lora_swiglu"] = _rel(tri.lora_swiglu_(gu, a, Bgu), m_ref)
+    out["triton_lora_swiglu_gate_up"] = _rel(gu, gu_ref)
+    x, y, Bo = torch.randn(n, h, **bf).float(), torch.randn(n, h, **bf), torch.randn(h, rank, **bf) * 0.3
+    out["triton_lora_residual_add"] = _rel(tri.lora_residual_add(x, y, a, Bo),
+                                           ref.lora_residual_add(cpu(x), cpu(y), cpu(a), cpu(Bo)))
+    gh, nw, gres = torch.randn(n, h, **bf), torch.rand(h, **bf) + 0.5, torch.randn(n, h, **bf).float()
+    _, rstd = tri.rms_norm(x, nw, 1e-6)
+    out["triton_rms_norm_bwd_residual"] = _rel(tri.rms_norm_backward(gh, x, nw, rstd, gres),
+                                               ref.rms_norm_backward(cpu(gh), cpu(x), cpu(nw), cpu(rstd), cpu(gres)))
+    return out
 
 
 def fused_layer_checks() -> dict:

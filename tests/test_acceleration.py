@@ -246,17 +246,21 @@ def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_lay
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, "graphed", False])
 @pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw_foreach", "sgd"])
-def test_accelerated_forward_sees_every_optimizer_step(fused, optimizer):
+def test_accelerated_forward_sees_every_optimizer_step(fused, optimizer, monkeypatch):
     """The fused layer keeps its LoRA factors concatenated between micro-steps; torch's fused AdamW
     updates parameters without bumping their version counters, so a cache keyed on versions alone
     trained on the first step's adapter forever (flat training loss, falling eval loss). Plain and
-    accelerated models, trained side by side with the same optimizer, keep the same loss."""
+    accelerated models, trained side by side with the same optimizer, keep the same loss. "graphed":
+    the layers' graph programs (emulated), which read the factors from static buffers refreshed
+    once per optimizer step instead of rebuilding them in every replay."""
     import dataclasses
 
     from qlora_trainer.acceleration import apply_acceleration
 
+    if fused == "graphed":
+        monkeypatch.setenv("QLORA_CUDA_GRAPHS", "emulate")
     plain = _tiny_peft_model()
     fast = copy.deepcopy(plain)
     apply_acceleration(fast, dataclasses.replace(_plan(), fused_layers=fused))
@@ -277,6 +281,9 @@ def test_accelerated_forward_sees_every_optimizer_step(fused, optimizer):
             losses[id(model)].append(loss.item())
     assert losses[id(plain)][-1] < losses[id(plain)][0] - 0.05  # the steps change the adapter
     torch.testing.assert_close(torch.tensor(losses[id(fast)]), torch.tensor(losses[id(plain)]), rtol=1e-4, atol=1e-5)
+    if fused == "graphed":
+        graphs = fast.get_base_model().model.layers[0]._qlora_graphs
+        assert graphs.key is not None and graphs.lora_sets and all(s.static is not None for s in graphs.lora_sets)
     with torch.no_grad():  # weights written straight into the parameters, as a checkpoint load does
         for (n, p), (_, q) in zip(plain.named_parameters(), fast.named_parameters()):
             if "lora_B" in n:
@@ -626,24 +633,55 @@ def test_fused_layers_keep_the_residual_stream_in_fp32_as_the_plain_recipe():
 
 
 def test_on_an_fp32_stream_adapter_products_join_projection_outputs_in_fp32():
-    """As the plain recipe (its 4-bit layers return fp32 on an fp32 stream, and peft adds the adapter
-    product to that): a young adapter's product, a thousandth of the projection's output, survives
-    whole; summed in bf16 it is mostly rounding noise."""
-    from qlora_trainer.acceleration.fused_layer import _project_and_add, _with_adapter
+    """As the plain recipe (its 4-bit layers return fp32 on an fp32 stream, peft adds the adapter
+    product to that, RoPE and SwiGLU run in fp32 and the result is rounded once where the next bf16
+    GEMM or attention reads it): a young adapter's product, far below half a bf16 step of its
+    projection's output, still moves the rounded RoPE and SwiGLU outputs by its true amount on
+    average. Summed in bf16 first, it is rounded away before RoPE or SwiGLU ever see it."""
+    from qlora_trainer.acceleration import fused_ops as ops
+    from qlora_trainer.acceleration.fused_layer import _project_and_add
 
     g = torch.Generator().manual_seed(0)
-    n, k, h, r = 256, 64, 128, 16
+    n, k, h, r, d = 2048, 64, 256, 16, 32
     inp = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    w = (torch.randn(h, k, generator=g) / 8).to(torch.bfloat16)
-    a = torch.randn(n, r, generator=g).to(torch.bfloat16)
-    B = (torch.randn(h, r, generator=g) * 2e-4).to(torch.bfloat16)
+    w = (torch.randn(2 * h, k, generator=g) / 8).to(torch.bfloat16)
+    base = inp @ w.t()  # projection outputs of order one: a bf16 step of 1/128 to 1/256
+    a = torch.ones(n, r, dtype=torch.bfloat16)
+    delta = 1e-4  # the adapter's product, a fortieth of half a step
+    B = torch.full((2 * h, r), delta / r, dtype=torch.bfloat16)
     exact = a.double() @ B.double().t()
-    base = inp @ w.t()
-    for fp32, bound in ((True, 1e-4), (False, None)):
-        out = _with_adapter(base.clone(), a, B, fp32)
-        assert out.dtype == (torch.float32 if fp32 else torch.bfloat16)
-        error = float((out.double() - base.double() - exact).norm() / exact.norm())
-        assert error < bound if fp32 else error > 0.3, (fp32, error)
+
+    def effect(fn):  # what the adapter changes in the rounded output, on average
+        return float((fn(B).double() - fn(0 * B).double()).mean())
+
+    gd, ud = (base.double() + exact).chunk(2, dim=-1)
+    g0, u0 = base.double().chunk(2, dim=-1)
+    true_swiglu = float((F.silu(gd) * ud - F.silu(g0) * u0).mean())
+    ours = effect(lambda b: ops.lora_swiglu_(base.clone(), a, b))
+    bf16_first = effect(lambda b: ops.swiglu(base.clone().addmm_(a, b.t())))
+    assert abs(ours / true_swiglu - 1) < 0.15, (ours, true_swiglu)
+    assert abs(bf16_first / true_swiglu) < 0.3, (bf16_first, true_swiglu)
+
+    theta = torch.rand(n, d // 2, generator=g, dtype=torch.float64) * 0.5
+    cos, sin = (torch.cat((t, t), dim=1).float() for t in (theta.cos(), theta.sin()))
+    heads = 2 * h // d
+
+    def rope_ours(b):
+        qkv = base.clone()
+        ops.lora_rope_(qkv, a, b, cos, sin, heads, d)
+        return qkv
+
+    def rope_bf16_first(b):
+        qkv = base.clone().addmm_(a, b.t())
+        ops.rope_(qkv.view(n, heads, d), cos, sin)
+        return qkv
+
+    rot = exact.view(n, heads, d).clone()
+    ops.rope_(rot, cos.double(), sin.double())
+    true_rope = float(rot.mean())
+    assert abs(effect(rope_ours) / true_rope - 1) < 0.15, (effect(rope_ours), true_rope)
+    assert abs(effect(rope_bf16_first) / true_rope) < 0.3, (effect(rope_bf16_first), true_rope)
+    base, B, exact, w = base[:, :h], B[:h], exact[:, :h], w[:h]
     x = 4 + torch.rand(n, h, generator=g)  # an fp32 residual stream
     z = _project_and_add(x, inp, w, a, B)
     assert z.dtype == torch.float32

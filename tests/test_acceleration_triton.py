@@ -156,6 +156,47 @@ def run_elementwise(N, H, I, heads, D, kept_heads):
     record("swiglu_backward", case, T.swiglu_backward(gh, gu), F.swiglu_backward(ref(gh), ref(gu)))
 
 
+def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
+    """The adapter product joined in fp32 with RoPE (q|k|v), SwiGLU (gate|up) and the residual add
+    (o, down), against the references (fp32 sums, one rounding); the residual stream is fp32."""
+    case = f"N={N} heads={heads}+2x{kv_heads} D={D} I={I} H={H} R={R}"
+    W = (heads + 2 * kv_heads) * D
+    a, cos, sin = rnd(N, R), rnd(N, D), rnd(N, D)
+    B = rnd(W, R, scale=0.3)
+    qkv = rnd(N, W, scale=2.0)
+    expected = ref(qkv)
+    F.lora_rope_(expected, ref(a), ref(B), ref(cos), ref(sin), heads + kv_heads, D)
+    T.lora_rope_(qkv, a, B, cos, sin, heads + kv_heads, D)
+    record("lora_rope_", case, qkv, expected)
+    gu, Bgu = rnd(N, 2 * I, scale=2.0), rnd(2 * I, R, scale=0.3)
+    gu_ref = ref(gu)
+    m_ref = F.lora_swiglu_(gu_ref, ref(a), ref(Bgu))
+    m = T.lora_swiglu_(gu, a, Bgu)
+    record("lora_swiglu_.out", case, m, m_ref)
+    record("lora_swiglu_.gate_up", case, gu, gu_ref)
+    x, y, Bo = rnd(N, H).float(), rnd(N, H), rnd(H, R, scale=0.3)
+    out = T.lora_residual_add(x, y, a, Bo)
+    check("lora_residual_add.dtype", case, out.dtype == x.dtype, str(out.dtype))
+    record("lora_residual_add", case, out, F.lora_residual_add(ref(x), ref(y), ref(a), ref(Bo)))
+    gh, xn, w, gres = rnd(N, H), rnd(N, H).float(), rnd(H, scale=0.5) + 1.0, rnd(N, H).float()
+    _, rstd = F.rms_norm(ref(xn), ref(w), 1e-6)
+    record("rms_norm_backward.residual", case, T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres),
+           F.rms_norm_backward(ref(gh), ref(xn), ref(w), rstd, ref(gres)))
+
+
+def run_nf4(shape, nested):
+    """NF4 dequantization bit for bit as bitsandbytes' own (plain and double-quantized absmax)."""
+    import bitsandbytes.functional as bF
+
+    case = f"shape={shape} nested={nested}"
+    w = torch.randn(*shape) * 0.02
+    q, qs = bF.quantize_4bit(w.to(DEV, DT), quant_type="nf4", compress_statistics=nested, blocksize=64)
+    out = torch.full(shape, float("nan"), device=DEV, dtype=DT)
+    T.dequantize_nf4(q, qs, out)
+    expected = bF.dequantize_4bit(q, qs)
+    check("dequantize_nf4", case, torch.equal(out, expected), f"max diff {float((out - expected).abs().max())}")
+
+
 def run_lora(N, H, r, n, p, seed, splits=None):
     case = f"N={N} H={H} r={r} n={n} p={p} seed={seed}" + (f" splits={splits}" if splits else "")
     x, A, ga = rnd(N, H), rnd(n * r, H, scale=0.1), rnd(N, n * r)
@@ -205,7 +246,7 @@ def run_cross_entropy(C, V, scale):
 
 
 def run_masks():
-    rows, cols, p = 64, 500, 0.3
+    rows, cols, p = 64, 504, 0.3
     m = T.dropout_mask(7, 0, rows, cols, p, DEV)
     raw = m.view(torch.uint8)
     check("dropout_mask.written", "", bool(((raw == 0) | (raw == 1)).all()), "values other than 0/1 (unwritten)")
@@ -239,7 +280,7 @@ def run_errors():
     raises("lora_a", "A rows not n * r", lambda: T.lora_a(x, rnd(10, 32), 1, 0.1, 3))
     raises("lora_a", "dtype mismatch", lambda: T.lora_a(x, rnd(16, 32).double(), 1, 0.1, 1))
     raises("lora_a", "negative seed", lambda: T.lora_a(x, rnd(16, 32), -1, 0.1, 1))
-    raises("lora_a", "width not divisible by 4", lambda: T.lora_a(rnd(8, 30), rnd(16, 30), 1, 0.1, 1))
+    raises("lora_a", "width not divisible by 8", lambda: T.lora_a(rnd(8, 36), rnd(16, 36), 1, 0.1, 1))
     raises("lora_a_backward", "N mismatch", lambda: T.lora_a_backward(rnd(7, 16), x, 1, 0.1, 1))
     raises("lora_x_backward_", "ga width", lambda: T.lora_x_backward_(rnd(8, 32), rnd(8, 15), rnd(16, 32), 1, 0.1, 1))
 
@@ -260,11 +301,16 @@ run_errors()
 run_elementwise(N=37, H=96, I=80, heads=3, D=16, kept_heads=2)
 run_elementwise(N=19, H=100, I=52, heads=5, D=12, kept_heads=1)
 run_rope(N=200, heads=3, D=16, kept_heads=2)  # several programs per view (256 (token, head) rows each)
+run_adapter_epilogues(N=37, heads=3, kv_heads=1, D=16, I=80, H=96, R=48)
+for nested in (True, False):
+    for shape in ((64, 128), (40, 96), (3, 4096)):
+        run_nf4(shape, nested)
+run_adapter_epilogues(N=70, heads=2, kv_heads=2, D=12, I=52, H=100, R=16)
 for r in (8, 16):
     for n in (1, 2, 3):
         run_lora(N=37, H=96, r=r, n=n, p=0.3, seed=1234 + 10 * r + n)
-run_lora(N=150, H=300, r=24, n=3, p=0.3, seed=1, splits=3)
-run_lora(N=150, H=300, r=8, n=2, p=0.9, seed=2**45 + 3)
+run_lora(N=150, H=296, r=24, n=3, p=0.3, seed=1, splits=3)
+run_lora(N=150, H=296, r=8, n=2, p=0.9, seed=2**45 + 3)
 run_cross_entropy(C=6, V=5000, scale=0.25)
 run_cross_entropy(C=5, V=77, scale=None)
 raises("cross_entropy_rows_", "labels shape", lambda: T.cross_entropy_rows_(rnd(4, 8), torch.zeros(3, dtype=torch.long, device=DEV), 1.0))
@@ -272,6 +318,7 @@ if not INTERPRET:
     run_cross_entropy(C=1024, V=151936, scale=1e-3)
     run_dispatch()
     run_elementwise(N=1024, H=1536, I=8960, heads=12, D=128, kept_heads=2)
+    run_adapter_epilogues(N=1024, heads=32, kv_heads=8, D=128, I=14336, H=4096, R=48)
     run_lora(N=2048, H=1536, r=16, n=3, p=0.1, seed=99)
     run_lora(N=2048, H=1536, r=64, n=2, p=0.1, seed=99, splits=7)
 print("RESULTS_JSON=" + json.dumps(RESULTS))
@@ -318,6 +365,14 @@ def interpreted() -> list[dict]:
 
 def test_elementwise_kernels_match_the_references(interpreted):
     _assert_group(interpreted, ("rms_norm", "rope_", "swiglu"))
+
+
+def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(interpreted):
+    _assert_group(interpreted, ("dequantize_nf4",))
+
+
+def test_adapter_epilogue_kernels_match_the_references(interpreted):
+    _assert_group(interpreted, ("lora_rope_", "lora_swiglu_", "lora_residual_add", "rms_norm_backward.residual"))
 
 
 def test_dropout_mask_is_a_pure_function_of_seed_projection_and_position(interpreted):

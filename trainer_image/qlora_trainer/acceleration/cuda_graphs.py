@@ -20,8 +20,11 @@ inside the capture, so the next layer's backward reuses that memory.
 
 What makes the layers capturable: no host syncs; dropout seeds drawn on the device inside the
 forward graph into a static buffer the backward graph reads (torch's graph-safe generator: every
-replay draws new masks); LoRA factors rebuilt inside the graph from the live parameters
-(LoRASet.factors skips its cache while capturing); the record boundaries a static device tensor.
+replay draws new masks); LoRA factors (A concatenated, B block-diagonal and scaled) read from
+static buffers, which one more graph rewrites from the live parameters before the first layer's
+forward whenever an optimizer step (or an in-place write) may have changed them: once per
+optimizer step, not in every replay of every layer (~60 small kernels per layer per micro-step);
+the record boundaries a static device tensor.
 
 QLORA_CUDA_GRAPHS=0 turns graphs off; QLORA_CUDA_GRAPHS=emulate runs the very same programs and
 buffers eagerly, on any device (how the CPU tests check the chaining and gradient bookkeeping).
@@ -34,7 +37,14 @@ import os
 
 import torch
 
-from .fused_layer import layer_backward, layer_forward, layer_lora_params
+from .fused_layer import (
+    _count_optimizer_steps,
+    graph_program,
+    layer_backward,
+    layer_forward,
+    layer_lora_params,
+    lora_sets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +106,9 @@ class LayerGraphs:
         self.grad_io: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self.params: list[torch.Tensor] = []
+        self.lora_sets: list = []
+        self.refresh: _Program | None = None
+        self.factor_key = None
 
     def _eligible(self):
         return [layer for layer in self.layers if not getattr(layer, "gradient_checkpointing", False)]
@@ -121,6 +134,11 @@ class LayerGraphs:
         self.params = [p for st in states for p in st.params]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self._give_grads()
+        self.lora_sets = [s for st in states for s in lora_sets(st.layer)]
+        for s in self.lora_sets:
+            s.make_static()
+        self.refresh = _Program(self._refresh_fn)
+        self.factor_key = self._factor_key()
         for st in states:
             st.forward = _Program(self._forward_fn(st))
             st.backward = _Program(self._backward_fn(st))
@@ -130,20 +148,31 @@ class LayerGraphs:
         self.last = states[-1]
         self.first = states[0]
 
+    def _factor_key(self):
+        """Changes whenever the LoRA factors may have: an optimizer step anywhere in the process
+        (fused AdamW writes without bumping versions), or a parameter's storage or version."""
+        return (_count_optimizer_steps(), *((p.data_ptr(), p._version) for p in self.params))
+
+    def _refresh_fn(self):
+        for s in self.lora_sets:
+            s.refresh_static()
+
     def _forward_fn(self, st: _LayerState):
         def run():
-            st.seeds.copy_(torch.randint(1, 2**30, (4,), device=st.seeds.device))
-            z, st.saved = layer_forward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.keep)
-            st.x_out.copy_(z)
+            with graph_program():
+                st.seeds.copy_(torch.randint(1, 2**30, (4,), device=st.seeds.device))
+                z, st.saved = layer_forward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.keep)
+                st.x_out.copy_(z)
         return run
 
     def _backward_fn(self, st: _LayerState):
         g_in, g_out = self.grad_io[(st.index + 1) % 2], self.grad_io[st.index % 2]
 
         def run():
-            gx, grads = layer_backward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.saved, g_in)
-            g_out.copy_(gx)
-            torch._foreach_add_([p.grad for p in st.params], grads)
+            with graph_program():
+                gx, grads = layer_backward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.saved, g_in)
+                g_out.copy_(gx)
+                torch._foreach_add_([p.grad for p in st.params], grads)
         return run
 
     def _capture(self, states) -> None:
@@ -168,6 +197,10 @@ class LayerGraphs:
                 with torch.cuda.graph(graph, pool=pool):
                     st.backward.fn()
                 st.backward.graph = graph
+            graph = torch.cuda.CUDAGraph()  # its own pool: it replays between the layers' graphs
+            with torch.cuda.graph(graph):
+                self.refresh.fn()
+            self.refresh.graph = graph
         finally:  # the warm-up's gradients were not real, whether or not the capture worked
             for p, g in zip(self.params, grads_before):
                 p.grad.copy_(g)
@@ -224,5 +257,9 @@ class LayerGraphs:
         if st is self.first:
             self.rope[0].copy_(cos)
             self.rope[1].copy_(sin)
+            factors = self._factor_key()
+            if factors != self.factor_key:  # an optimizer step (or a write) since the last refresh
+                self.refresh.replay()
+                self.factor_key = factors
         with torch.autocast(device_type=x.device.type, enabled=False):
             return _GraphedLayer.apply(x, st.params[0], self, st)

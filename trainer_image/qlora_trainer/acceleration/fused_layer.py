@@ -104,6 +104,25 @@ class held_weights:
         return False
 
 
+_IN_GRAPH = [False]  # True while cuda_graphs runs (captures or emulates) a layer's program
+
+
+class graph_program:
+    """While a graphed layer's program is captured or emulated, LoRASet.factors hands out the
+    static factor buffers (which LayerGraphs refreshes once after each optimizer step)."""
+
+    def __enter__(self):
+        _IN_GRAPH[0] = True
+
+    def __exit__(self, *exc):
+        _IN_GRAPH[0] = False
+        return False
+
+
+def lora_sets(layer) -> list[LoRASet]:
+    return [layer._qlora_qkv_lora, layer._qlora_o_lora, layer._qlora_gate_up_lora, layer._qlora_down_lora]
+
+
 _OPTIMIZER_STEPS = [0, None]  # [steps any torch optimizer has taken in this process, the hook's handle]
 
 
@@ -136,6 +155,7 @@ class LoRASet:
         self.rank = first.lora_A[first._qlora_adapter].weight.shape[0]
         self._key = None
         self._A = self._B = None
+        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
         _count_optimizer_steps()  # the hook is in place before the first step
 
     def params(self) -> list[torch.Tensor]:
@@ -148,18 +168,35 @@ class LoRASet:
         return [m._qlora_proj.scaling * self.keep for m in self.modules]
 
     def factors(self, params) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static is not None and _IN_GRAPH[0]:
+            return self.static  # refreshed before the graphs replay (cuda_graphs.LayerGraphs.refresh)
         capturing = params[0].is_cuda and torch.cuda.is_current_stream_capturing()
         key = None if capturing else (_count_optimizer_steps(), *((t.data_ptr(), t._version) for t in params))
         if capturing or key != self._key:  # a CUDA graph must rebuild them from the live parameters
-            with torch.no_grad():
-                As, Bs = params[0::2], params[1::2]
-                self._A = torch.cat([a.to(self.dtype) for a in As], 0).contiguous()
-                if len(Bs) == 1:
-                    self._B = (Bs[0] * self.scales()[0]).to(self.dtype).contiguous()
-                else:
-                    self._B = torch.block_diag(*[b * s for b, s in zip(Bs, self.scales())]).to(self.dtype)
+            self._A, self._B = self._build(params)
             self._key = key
         return self._A, self._B
+
+    def _build(self, params) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            As, Bs = params[0::2], params[1::2]
+            A = torch.cat([a.to(self.dtype) for a in As], 0).contiguous()
+            if len(Bs) == 1:
+                B = (Bs[0] * self.scales()[0]).to(self.dtype).contiguous()
+            else:
+                B = torch.block_diag(*[b * s for b, s in zip(Bs, self.scales())]).to(self.dtype)
+        return A, B
+
+    def make_static(self) -> None:
+        """Static buffers that the graphed layers read instead of rebuilding the factors in every
+        replay (~60 small kernels per layer per micro-step): `refresh_static` writes them, once
+        after each change of the parameters."""
+        self.static = tuple(t.clone() for t in self._build(self.params()))
+
+    def refresh_static(self) -> None:
+        A, B = self._build(self.params())
+        self.static[0].copy_(A)
+        self.static[1].copy_(B)
 
     def grads(self, gy: torch.Tensor, a: torch.Tensor, gA: torch.Tensor, rows: list[int],
               params) -> list[torch.Tensor]:
@@ -219,19 +256,9 @@ def _project_and_add(x, inp, w, a, B):
     (x fp32) the sum is fp32, as the plain recipe's `residual + hidden_states`."""
     y = inp @ w.t()
     if x.dtype != y.dtype:  # fp32 stream: base and adapter products summed in fp32, as the plain recipe
-        return torch.add(x, y).addmm_(a.to(x.dtype), B.to(x.dtype).t())
+        return ops.lora_residual_add(x, y, a, B)
     y.addmm_(a, B.t())
     return y.add_(x)
-
-
-def _with_adapter(base: torch.Tensor, a: torch.Tensor, B: torch.Tensor, fp32: bool) -> torch.Tensor:
-    """base + a @ B.T: in place in the compute dtype, or (fp32) a new fp32 tensor. The plain recipe
-    adds each adapter product to its 4-bit layer's output in fp32 (its stream is fp32): rounded to
-    bf16 together with a projection output of order one, a young adapter's product of order 1e-3
-    survives only as rounding noise (issue 19)."""
-    if not fp32:
-        return base.addmm_(a, B.t())
-    return base.float().addmm_(a.float(), B.float().t())
 
 
 def _compute(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -252,11 +279,15 @@ def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params):
     del w
     a = ops.lora_a(h, A, seeds[0], qkv_lora.p, 3)
     del h
-    fp32 = x.dtype == torch.float32 and qkv.dtype != torch.float32
-    qkv = _with_adapter(qkv, a, B, fp32)
-    ops.rope_(shape.split(qkv)[3], cos, sin)  # in fp32 on an fp32 stream, then rounded once
-    if fp32:
-        qkv = qkv.to(W.dtype)
+    if x.dtype == torch.float32 and qkv.dtype != torch.float32:
+        # fp32 stream: the adapter product joins in fp32, RoPE in fp32, one rounding (one kernel).
+        # The plain recipe adds each adapter product to its 4-bit layer's output in fp32: rounded
+        # to bf16 together with a projection output of order one, a young adapter's product of
+        # order 1e-3 survives only as rounding noise (issue 19).
+        ops.lora_rope_(qkv, a, B, cos, sin, shape.heads + shape.kv_heads, shape.head_dim)
+    else:
+        qkv.addmm_(a, B.t())
+        ops.rope_(shape.split(qkv)[3], cos, sin)
     q, k, v, qk = shape.split(qkv)
     out, state = _attention(q, k, v, pack[0], pack[1], shape.scale)
     o2 = out.view(out.shape[0], -1)
@@ -330,7 +361,7 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3)
     del h
     qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
-    gx = ops.rms_norm_backward(gh, x, norm_w, rstd) + gy
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy)
     return gx, [*qkv_grads, *o_grads]
 
 
@@ -344,11 +375,12 @@ def _mlp_forward(layer, x, norm_w, seeds, lora_params):
     gu = h @ Wgu.get().t()
     a = ops.lora_a(h, A, seeds[0], gu_lora.p, 2)
     del h
-    fp32 = x.dtype == torch.float32 and gu.dtype != torch.float32
-    gu = _with_adapter(gu, a, B, fp32)
-    m = ops.swiglu(gu, Wgu.dtype)  # from fp32 gate|up on an fp32 stream, rounded once
-    if fp32:
-        gu = gu.to(Wgu.dtype)  # what backward keeps
+    if x.dtype == torch.float32 and gu.dtype != torch.float32:
+        # fp32 stream: SwiGLU of the fp32 sums, gate|up rounded once in place (what backward keeps)
+        m = ops.lora_swiglu_(gu, a, B)
+    else:
+        gu.addmm_(a, B.t())
+        m = ops.swiglu(gu, Wgu.dtype)
     ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1)
     y = _project_and_add(x, m, Wd.get(), ad, Bd)
     del m
@@ -406,7 +438,7 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy):
     gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2)
     del h
     gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
-    gx = ops.rms_norm_backward(gh, x, norm_w, rstd) + gy
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy)
     return gx, [*gu_grads, *d_grads]
 
 

@@ -47,9 +47,9 @@ def _kernel(t: torch.Tensor, name: str):
 
 
 def _masked_kernel(t: torch.Tensor, name: str, width: int):
-    """The masked LoRA kernels draw four mask values per Philox call: widths divisible by 4 only
+    """The masked LoRA kernels draw eight mask values per Philox call: widths divisible by 8 only
     (every real model's); any other width takes the reference for all three ops alike."""
-    return _kernel(t, name) if width % 4 == 0 else None
+    return _kernel(t, name) if width % 8 == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,14 +70,19 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
     return y.to(out_dtype or x.dtype), rstd
 
 
-def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """Gradient of rms_norm with respect to x (the norm weight is frozen)."""
+def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype; with
+    `residual` (the gradient that reaches x around the block), that gradient is added before the
+    one rounding (one pass over the residual stream's gradient instead of two)."""
     k = _kernel(x, "rms_norm_backward")
     if k is not None:
-        return k(gy, x, w, rstd)
+        return k(gy, x, w, rstd, residual)
     xhat = x.to(_acc(x)) * rstd[:, None]
     gn = gy.to(xhat.dtype) * w.to(xhat.dtype)
     gx = rstd[:, None] * (gn - xhat * (gn * xhat).mean(-1, keepdim=True))
+    if residual is not None:
+        gx = gx + residual.to(gx.dtype)
     return gx.to(x.dtype)
 
 
@@ -119,6 +124,24 @@ def rope_backward_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Non
         _rope_reference_(g, cos, sin, backward=True)
 
 
+def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               rope_heads: int, head_dim: int) -> None:
+    """In place on the q|k|v projection output qkv [N, heads * head_dim] (compute dtype): its
+    adapter product a @ B^T (a [N, R], B [heads * head_dim, R]) is added in fp32, RoPE rotates the
+    first `rope_heads` heads (q and k) in fp32, and each element is rounded once. The plain recipe
+    adds each adapter product to its projection's output on an fp32 stream; rounded to bf16 before
+    the addition, a young adapter's product of order 1e-3 survives only as rounding noise (issue
+    19). One pass over qkv instead of the upcast, fp32 addmm, fp32 RoPE and downcast passes."""
+    k = _kernel(qkv, "lora_rope_")
+    if k is not None:
+        k(qkv, a, B, cos, sin, rope_heads, head_dim)
+        return
+    acc = _acc(qkv)
+    t = qkv.to(acc, copy=True).addmm_(a.to(acc), B.to(acc).t())
+    _rope_reference_(t.view(t.shape[0], -1, head_dim)[:, :rope_heads], cos, sin, backward=False)
+    qkv.copy_(t)
+
+
 # ---------------------------------------------------------------------------------------------
 # SwiGLU on the fused gate|up output
 
@@ -131,6 +154,34 @@ def swiglu(gu: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tens
         return k(gu, out_dtype)
     g, u = gu.to(_acc(gu)).chunk(2, dim=-1)
     return (F.silu(g) * u).to(out_dtype or gu.dtype)
+
+
+def lora_swiglu_(gu: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """gate|up's adapter product added in fp32, then SwiGLU: gu [N, 2I] (compute dtype) becomes
+    round(gu + a @ B^T) in place (what backward keeps) and the result is
+    round(silu(g) * u) [N, I] from the unrounded fp32 g and u (a [N, R], B [2I, R]). One pass
+    instead of the upcast, fp32 addmm, SwiGLU over fp32 and downcast passes."""
+    k = _kernel(gu, "lora_swiglu_")
+    if k is not None:
+        return k(gu, a, B)
+    acc = _acc(gu)
+    t = gu.to(acc, copy=True).addmm_(a.to(acc), B.to(acc).t())
+    g, u = t.chunk(2, dim=-1)
+    m = (F.silu(g) * u).to(gu.dtype)
+    gu.copy_(t)
+    return m
+
+
+def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """x + (y + a @ B^T) in x.dtype, summed in fp32: a projection's output y (compute dtype) and its
+    adapter product join the residual stream x (fp32) in one pass, as the plain recipe's
+    `residual + hidden_states` on its fp32 stream."""
+    k = _kernel(x, "lora_residual_add")
+    if k is not None:
+        return k(x, y, a, B)
+    acc = torch.promote_types(x.dtype, _acc(y))
+    t = y.to(acc, copy=True).addmm_(a.to(acc), B.to(acc).t())
+    return (x.to(acc) + t).to(x.dtype)
 
 
 def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:

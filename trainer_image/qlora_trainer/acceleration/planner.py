@@ -402,7 +402,7 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
                              f"fits the {budget / GIB:.1f} GiB budget on {gpu.name}; unpinned, micro-batch "
                              f"{smallest[0]} with recompute {_mode(shape, smallest)} would")
     if policy == "lean":
-        lean = _lean_choice(shape, job, cands)
+        lean = _lean_choice(shape, job, cands, fused)
         return _make_plan(shape, job, gpu, lean, budget, "lean", packing, fused)
     best = min(c[5] for c in cands)
     near = [c for c in cands if c[5] <= best * 1.03]
@@ -410,15 +410,22 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
     return _make_plan(shape, job, gpu, choice, budget, policy, packing, fused)
 
 
-def _lean_choice(shape: ModelShape, job: JobShape, cands):
+def _lean_choice(shape: ModelShape, job: JobShape, cands, fused: bool = True):
     """Lean: every layer recomputed, no weight copies, and the fastest micro-batch whose peak stays
     within 1.3x the weights-and-optimizer footprint (activations get less than a third of what the
-    model itself needs)."""
+    model itself needs). The rule was set with a bf16 residual stream; the fused layers' fp32
+    stream (kept for the plain recipe's numerics) doubles the layer checkpoints, and that second
+    half is allowed on top, so the same jobs get the same micro-batch as before."""
     full = [c for c in cands if c[1] == shape.layers and c[2] == 0]
     if not full:
         return min(cands, key=lambda c: c[4])
-    cap = 1.3 * sum(static_bytes(shape, job.lora_rank).values()) + 0.25 * GIB
-    within = [c for c in full if c[4] <= cap and not c[3]] or [c for c in full if c[4] <= cap]
+    base_cap = 1.3 * sum(static_bytes(shape, job.lora_rank).values()) + 0.25 * GIB
+    fp32_extra = (RESIDUAL_BYTES - 2) * shape.layers * shape.hidden * job.seq_len if fused else 0
+
+    def cap(c):
+        return base_cap + fp32_extra * c[0]
+
+    within = [c for c in full if c[4] <= cap(c) and not c[3]] or [c for c in full if c[4] <= cap(c)]
     if not within:
         return min(full, key=lambda c: c[4])
     return min(within, key=lambda c: (c[5], c[4]))

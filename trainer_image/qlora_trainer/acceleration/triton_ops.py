@@ -6,8 +6,10 @@ fp32 arithmetic and one rounding on the store; the element-wise kernels also rea
 (the LoRA kernels read x once per projection, neighbouring programs sharing it through L2).
 
 LoRA dropout: projection j's keep-mask is `_keep` below, a pure function of (seed, j, token,
-column): element o = token * n_cols + column takes output o % 4 of tl.rand4x(seed * 64 + j, o // 4)
-(Philox, 10 rounds), compared with p; widths must be multiples of 4. Forward and both backward kernels regenerate it from those four numbers, so nothing is
+column): element o = token * n_cols + column takes 16-bit half (o % 2) of output (o % 8) // 2 of
+tl.randint4x(seed * 64 + j, o // 8) (Philox, 10 rounds), kept when that 16-bit uniform is at least
+p * 65536; widths must be multiples of 8. Forward and both backward kernels regenerate it from
+those eight numbers per Philox call (the masked kernels' dominant cost), so nothing is
 stored; `dropout_mask` materialises it (tests only). Callers guarantee n_rows * n_cols < 2**31.
 
 Token counts change from batch to batch with packed records: the kernels do not specialize on
@@ -93,8 +95,8 @@ def _check_dropout(seed, p: float, n: int, n_rows: int, n_cols: int, device) -> 
         raise ValueError(f"n (projections) must be in [1, {_MAX_PROJECTIONS}], got {n}")
     if not (n_rows * n_cols < 2**31):
         raise ValueError(f"the mask offset row * n_cols + col must fit int32: {n_rows} x {n_cols}")
-    if not (n_cols % 4 == 0):
-        raise ValueError(f"masked ops need a width divisible by 4 (one Philox call per four), got {n_cols}")
+    if not (n_cols % 8 == 0):
+        raise ValueError(f"masked ops need a width divisible by 8 (one Philox call per eight), got {n_cols}")
     return seed_t
 
 
@@ -105,19 +107,23 @@ def _check_dropout(seed, p: float, n: int, n_rows: int, n_cols: int, device) -> 
 @triton.jit
 def _keep(seed, j, rows, cols, n_cols, p):
     """Keep (True) or drop element (rows, cols) of projection j. rows [M, 1], cols [1, K] with
-    K a multiple of 4, tiles starting at a column that is a multiple of 4, and n_cols % 4 == 0.
-    Element o = row * n_cols + col takes output o % 4 of one Philox call at counter o // 4
-    (tl.rand4x): a pure function of (seed, j, o), whatever the tile shape, at a quarter of the
-    Philox work of one call per element."""
+    K a multiple of 8, tiles starting at a column that is a multiple of 8, and n_cols % 8 == 0.
+    Element o = row * n_cols + col takes the 16-bit half o % 2 of output (o % 8) // 2 of one
+    Philox call at counter o // 8 (tl.randint4x) and is kept when it is >= p * 65536: a pure
+    function of (seed, j, o), whatever the tile shape, at an eighth of the Philox work of one call
+    per element (p is resolved to 1/65536)."""
     seed_j = seed.to(tl.int64) * 64 + j
     offsets = (rows * n_cols + cols).to(tl.int32)
     M: tl.constexpr = offsets.shape[0]
     K: tl.constexpr = offsets.shape[1]
-    firsts, _ = tl.split(tl.reshape(offsets, (M, K // 4, 2, 2)))
-    firsts, _ = tl.split(firsts)  # [M, K/4]: the offset of each group of four
-    r0, r1, r2, r3 = tl.rand4x(seed_j, firsts // 4)
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (M, K))  # position 4c + k holds r_k
-    return r >= p
+    firsts, _ = tl.split(tl.reshape(offsets, (M, K // 8, 2, 2, 2)))
+    firsts, _ = tl.split(firsts)
+    firsts, _ = tl.split(firsts)  # [M, K/8]: the offset of each group of eight
+    r0, r1, r2, r3 = tl.randint4x(seed_j, firsts // 8)
+    lo = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))
+    hi = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
+    u = tl.reshape(tl.join(lo, hi), (M, K))  # position 8c + 2k + h holds half h (0 low, 1 high) of r_k
+    return u.to(tl.float32) >= p * 65536.0
 
 
 @triton.jit
@@ -200,7 +206,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, gx_ptr, H, BLOCK: tl.constexpr):
+def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, H, BLOCK: tl.constexpr,
+                              RESIDUAL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -212,11 +219,15 @@ def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, gx_ptr, H, BLOCK: 
     gn = gy * w
     dot = tl.sum(gn * xhat, axis=0) / H
     gx = rstd * (gn - xhat * dot)
+    if RESIDUAL:
+        gx += tl.load(res_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
     tl.store(gx_ptr + row * H + cols, gx.to(gx_ptr.dtype.element_ty), mask=inside)
 
 
-def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype."""
+def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype; plus
+    `residual` [N, H] (added in fp32 before the one rounding) when given."""
     _check_2d("rms_norm_backward: x", x)
     _check_2d("rms_norm_backward: gy", gy)
     if not (gy.shape == x.shape):
@@ -229,11 +240,17 @@ def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: 
     _check_same_device(gy=gy, x=x, w=w, rstd=rstd)
     if not (H <= _MAX_ROW):
         raise ValueError(f"rms_norm_backward: rows wider than {_MAX_ROW} are not supported, got H={H}")
+    if residual is not None:
+        _check_2d("rms_norm_backward: residual", residual)
+        if not (residual.shape == x.shape):
+            raise ValueError(f"rms_norm_backward: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
+        _check_same_device(x=x, residual=residual)
     gx = _empty((N, H), x.dtype, x.device)
     if N and H:
         block = triton.next_power_of_2(H)
         with _device_of(x):
-            _rms_norm_backward_kernel[(N,)](gy, x, w, rstd, gx, H, BLOCK=block, num_warps=_warps_for_row(block))
+            _rms_norm_backward_kernel[(N,)](gy, x, w, rstd, gx if residual is None else residual, gx, H, BLOCK=block,
+                                            RESIDUAL=residual is not None, num_warps=_warps_for_row(block))
     return gx
 
 
@@ -310,6 +327,166 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 def rope_backward_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """In place: the gradient of rope_ with respect to its input (the transposed rotation)."""
     _rope_launch("rope_backward_", g, cos, sin, backward=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A projection's adapter product joined to its output in fp32, fused with what follows it:
+# RoPE (q|k|v), SwiGLU (gate|up) or the residual add (o, down). The rank-R product is a small
+# tl.dot per tile (R <= 256 padded to a power of two), so the fp32 sum never goes to memory.
+
+
+def _check_adapter(name: str, out: torch.Tensor, a: torch.Tensor, B: torch.Tensor, width: int) -> int:
+    """out [N, ...], a [N, R], B [width, R] with a and B of one dot dtype; returns R."""
+    _check_2d(f"{name}: a", a, _DOT_DTYPES)
+    _check_2d(f"{name}: B", B, _DOT_DTYPES)
+    if not (a.dtype == B.dtype):
+        raise ValueError(f"{name}: a ({a.dtype}) and B ({B.dtype}) must have one dtype")
+    if not (a.shape[0] == out.shape[0] and B.shape[0] == width and B.shape[1] == a.shape[1]):
+        raise ValueError(f"{name}: a {tuple(a.shape)} and B {tuple(B.shape)} must be [{out.shape[0]}, R] and "
+                         f"[{width}, R]")
+    if not (1 <= a.shape[1] <= 256):
+        raise ValueError(f"{name}: the adapter width R must be in [1, 256], got {a.shape[1]}")
+    _check_same_device(out=out, a=a, B=B)
+    return a.shape[1]
+
+
+@triton.jit(do_not_specialize=['N'])
+def _lora_rope_kernel(qkv_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, N, W, R, rope_heads, stride_cos, stride_sin, HALF,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    # One program per (block of tokens, head): both halves of the head, so RoPE pairs are local.
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    rr = tl.arange(0, BLOCK_R)
+    row_in, d_in, r_in = rows < N, d < HALF, rr < R
+    rows64 = rows.to(tl.int64)
+    inside = row_in[:, None] & d_in[None, :]
+    c1 = head * 2 * HALF + d
+    ptrs = qkv_ptr + rows64[:, None] * W + c1[None, :]
+    x1 = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
+    at = tl.load(a_ptr + rows64[:, None] * R + rr[None, :], mask=row_in[:, None] & r_in[None, :], other=0.0)
+    b_ptrs = b_ptr + c1.to(tl.int64)[None, :] * R + rr[:, None]  # B^T tile [R, D]
+    b_in = r_in[:, None] & d_in[None, :]
+    x1 = _dot(at, tl.load(b_ptrs, mask=b_in, other=0.0), x1, IEEE)
+    x2 = _dot(at, tl.load(b_ptrs + HALF * R, mask=b_in, other=0.0), x2, IEEE)
+    # v heads (head >= rope_heads) read cos 1 and sin 0: the rotation is then exactly the identity.
+    rot = inside & ((d * 0 + head) < rope_heads)[None, :]
+    c_ptrs = cos_ptr + (rows64 * stride_cos)[:, None] + d[None, :]
+    s_ptrs = sin_ptr + (rows64 * stride_sin)[:, None] + d[None, :]
+    cos1 = tl.load(c_ptrs, mask=rot, other=1.0).to(tl.float32)
+    cos2 = tl.load(c_ptrs + HALF, mask=rot, other=1.0).to(tl.float32)
+    sin1 = tl.load(s_ptrs, mask=rot, other=0.0).to(tl.float32)
+    sin2 = tl.load(s_ptrs + HALF, mask=rot, other=0.0).to(tl.float32)
+    out_ty = qkv_ptr.dtype.element_ty
+    tl.store(ptrs, (x1 * cos1 - x2 * sin1).to(out_ty), mask=inside)
+    tl.store(ptrs + HALF, (x2 * cos2 + x1 * sin2).to(out_ty), mask=inside)
+
+
+def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               rope_heads: int, head_dim: int) -> None:
+    """See fused_ops.lora_rope_: qkv [N, heads * head_dim] in place."""
+    _check_2d("lora_rope_: qkv", qkv)
+    N, W = qkv.shape
+    if not (head_dim > 0 and head_dim % 2 == 0 and W % head_dim == 0):
+        raise ValueError(f"lora_rope_: head_dim must be even and divide the width {W}, got {head_dim}")
+    heads = W // head_dim
+    if not (0 <= rope_heads <= heads):
+        raise ValueError(f"lora_rope_: rope_heads must be in [0, {heads}], got {rope_heads}")
+    R = _check_adapter("lora_rope_", qkv, a, B, W)
+    for nm, t in (("cos", cos), ("sin", sin)):
+        if not (t.dim() == 2 and tuple(t.shape) == (N, head_dim) and t.stride(1) == 1 and t.dtype in _TABLE_DTYPES):
+            raise ValueError(f"lora_rope_: {nm} must be a float [{N}, {head_dim}] with a contiguous last dim, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    _check_same_device(qkv=qkv, cos=cos, sin=sin)
+    if not (N and W):
+        return
+    half = head_dim // 2
+    block_m = 32
+    grid = (triton.cdiv(N, block_m), heads)
+    with _device_of(qkv):
+        _lora_rope_kernel[grid](qkv, a, B, cos, sin, N, W, R, int(rope_heads), cos.stride(0), sin.stride(0), half,
+                                BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(half)),
+                                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32,
+                                num_warps=4)
+
+
+@triton.jit(do_not_specialize=['N'])
+def _lora_swiglu_kernel(gu_ptr, a_ptr, b_ptr, h_ptr, N, inter, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    row_in, col_in, r_in = rows < N, cols < inter, rr < R
+    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
+    inside = row_in[:, None] & col_in[None, :]
+    ptrs = gu_ptr + rows64[:, None] * (2 * inter) + cols[None, :]
+    g = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+    u = tl.load(ptrs + inter, mask=inside, other=0.0).to(tl.float32)
+    at = tl.load(a_ptr + rows64[:, None] * R + rr[None, :], mask=row_in[:, None] & r_in[None, :], other=0.0)
+    b_ptrs = b_ptr + cols64[None, :] * R + rr[:, None]  # B^T tile [R, N] of the gate rows, then the up rows
+    b_in = r_in[:, None] & col_in[None, :]
+    g = _dot(at, tl.load(b_ptrs, mask=b_in, other=0.0), g, IEEE)
+    u = _dot(at, tl.load(b_ptrs + inter * R, mask=b_in, other=0.0), u, IEEE)
+    out_ty = gu_ptr.dtype.element_ty
+    tl.store(ptrs, g.to(out_ty), mask=inside)
+    tl.store(ptrs + inter, u.to(out_ty), mask=inside)
+    h = g * tl.sigmoid(g) * u
+    tl.store(h_ptr + rows64[:, None] * inter + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
+
+
+def lora_swiglu_(gu: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """See fused_ops.lora_swiglu_: gu [N, 2I] in place, returns [N, I] in gu.dtype."""
+    _check_2d("lora_swiglu_: gu", gu)
+    if not (gu.shape[1] % 2 == 0):
+        raise ValueError(f"lora_swiglu_: gu must have an even number of columns, got {gu.shape[1]}")
+    N, inter = gu.shape[0], gu.shape[1] // 2
+    R = _check_adapter("lora_swiglu_", gu, a, B, 2 * inter)
+    h = _empty((N, inter), gu.dtype, gu.device)
+    if N and inter:
+        block_m, block_n = 64, 64
+        with _device_of(gu):
+            _lora_swiglu_kernel[(triton.cdiv(N, block_m), triton.cdiv(inter, block_n))](
+                gu, a, B, h, N, inter, R, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32, num_warps=4)
+    return h
+
+
+@triton.jit(do_not_specialize=['N'])
+def _lora_residual_add_kernel(x_ptr, y_ptr, a_ptr, b_ptr, out_ptr, N, H, R, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    row_in, col_in, r_in = rows < N, cols < H, rr < R
+    rows64 = rows.to(tl.int64)
+    inside = row_in[:, None] & col_in[None, :]
+    offs = rows64[:, None] * H + cols[None, :]
+    y = tl.load(y_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    at = tl.load(a_ptr + rows64[:, None] * R + rr[None, :], mask=row_in[:, None] & r_in[None, :], other=0.0)
+    bt = tl.load(b_ptr + cols.to(tl.int64)[None, :] * R + rr[:, None], mask=r_in[:, None] & col_in[None, :], other=0.0)
+    y = _dot(at, bt, y, IEEE)
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (x + y).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """See fused_ops.lora_residual_add: x + (y + a @ B^T) in x.dtype."""
+    _check_2d("lora_residual_add: x", x)
+    _check_2d("lora_residual_add: y", y)
+    if not (y.shape == x.shape):
+        raise ValueError(f"lora_residual_add: y {tuple(y.shape)} and x {tuple(x.shape)} differ in shape")
+    N, H = x.shape
+    R = _check_adapter("lora_residual_add", x, a, B, H)
+    _check_same_device(x=x, y=y)
+    out = _empty((N, H), x.dtype, x.device)
+    if N and H:
+        block_m, block_n = 64, 64
+        with _device_of(x):
+            _lora_residual_add_kernel[(triton.cdiv(N, block_m), triton.cdiv(H, block_n))](
+                x, y, a, B, out, N, H, R, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32, num_warps=4)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,6 +764,65 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
         _lora_x_backward_kernel[grid](gx, ga, A, N, H, r, n, n_hblocks, seed, float(p),
                                       BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_R=block_r,
                                       IEEE=ga.dtype == torch.float32, num_warps=4, num_stages=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# NF4 dequantization (bitsandbytes' format): one launch per weight, the nested (double-quantized)
+# absmax decoded in the same kernel. Same arithmetic as bitsandbytes' kernels, in the same order
+# (absmax = code2[q] * absmax2 + offset, then code[nibble] * absmax, each rounded in fp32, no
+# fused multiply-add), so the result is bit for bit bitsandbytes'; launched with fp fusion off.
+
+
+@triton.jit
+def _dequantize_nf4_kernel(q_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr, n_bytes,
+                           BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # byte i holds elements 2i (high nibble) and 2i + 1
+    inside = offs < n_bytes
+    q = tl.load(q_ptr + offs, mask=inside, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (q >> 4))
+    lo = tl.load(code_ptr + (q & 15))
+    blk = (offs * 2) // BLOCKSIZE
+    if NESTED:
+        aq = tl.load(absmax_ptr + blk, mask=inside, other=0).to(tl.int32)
+        am = tl.load(code2_ptr + aq) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=inside, other=0.0)
+        am = am + tl.load(offset_ptr)
+    else:
+        am = tl.load(absmax_ptr + blk, mask=inside, other=0.0)
+    vals = tl.reshape(tl.join(hi * am, lo * am), (2 * BLOCK,))
+    outs = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + outs, vals.to(out_ptr.dtype.element_ty), mask=outs < 2 * n_bytes)
+
+
+def dequantize_nf4(q: torch.Tensor, state, out: torch.Tensor) -> None:
+    """Write bitsandbytes' dequantization of the packed NF4 weight `q` (its QuantState `state`)
+    into `out` (contiguous, state.shape's element count, any float dtype)."""
+    if not (state.quant_type == "nf4" and q.dtype == torch.uint8 and out.is_contiguous()):
+        raise ValueError(f"dequantize_nf4: an NF4 uint8 weight and a contiguous output, got {state.quant_type} "
+                         f"{q.dtype}")
+    n = out.numel()
+    if not (n % 2 == 0 and q.numel() * 2 == n and state.blocksize % 2 == 0):
+        raise ValueError(f"dequantize_nf4: {q.numel()} bytes cannot hold {n} values")
+    nested = bool(state.nested)
+    if nested:
+        s2 = state.state2
+        absmax, code2, absmax2, offset, bs2 = state.absmax, s2.code, s2.absmax, state.offset, s2.blocksize
+        if not (absmax.dtype == torch.uint8 and code2.dtype == absmax2.dtype == torch.float32):
+            raise ValueError(f"dequantize_nf4: unexpected nested state {absmax.dtype} {code2.dtype} {absmax2.dtype}")
+        offset = offset.to(device=q.device, dtype=torch.float32).reshape(1)
+    else:
+        absmax = state.absmax
+        if absmax.dtype != torch.float32:
+            raise ValueError(f"dequantize_nf4: absmax must be fp32, got {absmax.dtype}")
+        code2 = absmax2 = offset = absmax
+        bs2 = 1
+    code = state.code.to(device=q.device, dtype=torch.float32)
+    block = 1024
+    with _device_of(q):
+        _dequantize_nf4_kernel[(triton.cdiv(n // 2, block),)](
+            q, absmax, code2, absmax2, offset, code, out, n // 2, BLOCKSIZE=state.blocksize, BLOCKSIZE2=bs2,
+            NESTED=nested, BLOCK=block, num_warps=4, enable_fp_fusion=False)
 
 
 # ---------------------------------------------------------------------------------------------
