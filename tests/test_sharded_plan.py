@@ -147,7 +147,7 @@ def test_the_trainer_refuses_a_job_its_gpus_cannot_hold_before_downloading_weigh
 
 # -- what training_config.json says ran -------------------------------------------------------------
 
-def test_training_config_says_cuda_graphs_are_off_under_data_parallel():
+def test_training_config_says_cuda_graphs_stay_on_under_data_parallel_and_off_under_ddp(monkeypatch):
     from qlora_api import TrainerRunConfig
     from qlora_trainer import distributed, sft
     from qlora_trainer.acceleration import plan_memory as plan
@@ -162,8 +162,21 @@ def test_training_config_says_cuda_graphs_are_off_under_data_parallel():
     single = sft.resolved_config(cfg, torch.float32, None, one_gpu, distributed.ONE_PROCESS, Layout("single", one_gpu))
     assert single["resolved"]["acceleration"]["cudaGraphs"] is True
     world = distributed.World(0, 0, 2)
+    # data parallel on the fast path: the step's own all-reduce (gradient_sync.py), graphs as planned
+    from qlora_trainer.acceleration.trainer_hooks import gradient_sync_mode
+
+    sync = gradient_sync_mode(one_gpu, world.distributed)
+    assert sync == "allReduceAfterStep" and for_data_parallel(one_gpu, world.distributed) is one_gpu
+    dp = sft.resolved_config(cfg, torch.float32, None, one_gpu, world, Layout("dataParallel", one_gpu), sync)
+    assert dp["resolved"]["acceleration"]["cudaGraphs"] is True
+    assert dp["resolved"]["parallelism"]["gradients"] == "allReduceAfterStep"
+    # the plain recipe (no plan) runs under DDP; so does the fast path with QLORA_GRADIENT_SYNC=ddp,
+    # and then without CUDA graphs
+    assert gradient_sync_mode(None, True) == "ddp" and gradient_sync_mode(one_gpu, False) is None
+    monkeypatch.setenv("QLORA_GRADIENT_SYNC", "ddp")
     as_run = for_data_parallel(one_gpu, world.distributed)
-    ddp = sft.resolved_config(cfg, torch.float32, None, as_run, world, Layout("dataParallel", as_run))
+    ddp = sft.resolved_config(cfg, torch.float32, None, as_run, world, Layout("dataParallel", as_run),
+                              gradient_sync_mode(one_gpu, world.distributed))
     acceleration = ddp["resolved"]["acceleration"]
     assert acceleration["cudaGraphs"] is False and "data parallel: CUDA graphs off" in acceleration["why"]
     assert "no CUDA graphs" in ddp["resolved"]["memoryPlan"]
