@@ -37,6 +37,8 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -331,8 +333,9 @@ def profile_step(one_step, step: int, dry: bool, cfg: dict, rank: int) -> dict:
             table = prof.key_averages().table(sort_by=sort, row_limit=15)
         except (AttributeError, KeyError, ValueError):
             table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
-        out = Path(cfg.get("out") or ".")
-        (out / f"profile-{cfg['name']}-rank{rank}.txt").write_text(json.dumps(summary) + "\n" + table)
+        if rank == 0:  # a device call brings back at most 8 files
+            out = Path(cfg.get("out") or ".")
+            (out / f"profile-{cfg['name']}-rank{rank}.txt").write_text(json.dumps(summary) + "\n" + table)
     except Exception as exc:  # the summary is a bonus: never lose the row's numbers to it
         summary["error"] = f"{type(exc).__name__}: {exc}"[:200]
     return summary
@@ -434,7 +437,8 @@ def main() -> None:
         return
     began = time.monotonic()  # the budget counts from here: the 7B checkpoint is made inside it
     out = Path(args.out or os.environ.get("OUT") or HERE.parent / "out")
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="multi-gpu-logs-"))  # packed into out/logs.tar.gz (few files come back)
     todo = [r for r in rows(args.dry_run) if not args.only or any(r["name"].startswith(p) for p in args.only.split(","))]
     env = base.worker_env("" if args.dry_run else base.prepare_site())
     if args.dry_run:
@@ -457,11 +461,13 @@ def main() -> None:
         for cfg in group:
             if left is not None:
                 cfg["timeout"] = min(cfg["timeout"], int(left))
-        running = [(cfg, start(cfg, out / "logs", env)) for cfg in group]
+        running = [(cfg, start(cfg, logs, env)) for cfg in group]
         for cfg, proc in running:
             results[cfg["name"]] = finish(cfg, proc)
             print(f"[multi-gpu] {cfg['name']}: {json.dumps(results[cfg['name']])[:400]}", flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
+        with tarfile.open(out / "logs.tar.gz", "w:gz") as tf:
+            tf.add(logs, arcname="logs")
     table = render(results, args.dry_run)
     (out / "table.md").write_text(table)
     print(table, flush=True)
