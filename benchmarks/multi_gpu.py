@@ -325,7 +325,10 @@ def profile_step(one_step, step: int, dry: bool, cfg: dict, rank: int) -> dict:
     try:
         kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
         duration = lambda e: getattr(e, "device_time", None) or getattr(e, "cuda_time", 0) or 0  # noqa: E731
-        comm = [e for e in kernels if "nccl" in e.name.lower()]
+        # the NCCL kernels themselves (the profiler also puts an "nccl:all_reduce" annotation of the
+        # same length on the device timeline: counting both doubled the time in the first call)
+        comm = [e for e in kernels if e.name.startswith("ncclDevKernel") or e.name.startswith("ncclKernel")]
+        kernels = [e for e in kernels if not e.name.startswith("nccl:")]
         summary.update(kernels=len(kernels), gpu_ms=round(sum(duration(e) for e in kernels if e not in comm) / 1e3, 1),
                        allreduce_ms=round(sum(duration(e) for e in comm) / 1e3, 2), allreduce_kernels=len(comm))
         sort = "self_cpu_time_total" if dry else "self_device_time_total"
