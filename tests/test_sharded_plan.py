@@ -1,10 +1,11 @@
 """How many GPUs a job needs, decided before any weights download (acceleration/sharded_plan.py and
 trainer_hooks.plan_layout): data parallel when the one-GPU plan fits, sharded when only sharding
 fits, and a job that fits neither way fails with the smallest GPU count that would hold it. Also
-what training_config.json says about CUDA graphs under data parallel (they do not run there).
+what training_config.json says about CUDA graphs under data parallel (on, unless under DDP).
 
-A Llama-3-70B shape on 48 GB cards: its 4-bit weights, embeddings and adapter (~40 GiB) leave the
-one-GPU plan no room for activations, two GPUs hold it sharded at 1024 tokens, three at 4096.
+A Llama-3-70B shape on 48 GB cards: its 4-bit weights, embeddings and bf16 adapter (~38.3 GiB) leave
+the one-GPU lean plan room for 1024 tokens (every layer recomputed, its input offloaded: the seed's
+headline), not for 2048; two GPUs hold it sharded at 2048 tokens, three at 4096.
 """
 
 import json
@@ -42,8 +43,18 @@ def test_the_sharded_peak_falls_with_the_world_and_the_load_does_not():
     assert plan_sharded(shape70(), job, CARD, 2).load_peak_bytes == plan_sharded(shape70(), job, CARD, 8).load_peak_bytes
 
 
+def test_70b_fits_one_48_gb_card_at_1024_tokens_with_the_lean_plan():
+    plan = plan_memory(shape70(), JobShape(seq_len=1024, micro_batch=1, grad_accum=4), CARD)
+    assert (plan.policy, plan.recompute, plan.micro_batch) == ("lean", "offload", 1)
+    assert plan.predicted_peak_bytes <= plan.budget_bytes
+    # the adapter in bf16 with AdamW's moments (8 bytes a parameter), and an offloaded layer holds one
+    # dequantized matrix (gate|up), not the whole layer: the two terms that once refused this job
+    assert plan.breakdown["lora_and_optimizer"] == shape70().lora_params(16) * 8
+    assert plan.breakdown["dequant_buffer"] == 2 * 8192 * 28672 * 2
+
+
 def test_70b_on_48_gb_cards_needs_sharding_and_the_smallest_count_follows_the_sequence_length():
-    short, long = JobShape(seq_len=1024, micro_batch=1, grad_accum=4), JobShape(seq_len=4096, micro_batch=1, grad_accum=4)
+    short, long = JobShape(seq_len=2048, micro_batch=1, grad_accum=4), JobShape(seq_len=4096, micro_batch=1, grad_accum=4)
     with pytest.raises(PlanDoesNotFit):
         plan_memory(shape70(), short, CARD)
     assert smallest_sharded_world(shape70(), short, CARD) == 2
@@ -91,7 +102,7 @@ def test_auto_shards_what_only_sharding_fits_and_keeps_data_parallel_otherwise(c
     from qlora_trainer.acceleration.trainer_hooks import plan_layout
     from transformers import LlamaConfig
 
-    layout = plan_layout(config_dir, spec(1024), world_size=2)
+    layout = plan_layout(config_dir, spec(2048), world_size=2)
     assert layout.mode == "sharded" and layout.sharded.world == 2 and "one-GPU plan does not fit" in layout.why
     small = tmp_path / "small"
     LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -147,7 +158,7 @@ def test_the_trainer_refuses_a_job_its_gpus_cannot_hold_before_downloading_weigh
 
 # -- what training_config.json says ran -------------------------------------------------------------
 
-def test_training_config_says_cuda_graphs_are_off_under_data_parallel():
+def test_training_config_says_cuda_graphs_stay_on_under_data_parallel_and_off_under_ddp(monkeypatch):
     from qlora_api import TrainerRunConfig
     from qlora_trainer import distributed, sft
     from qlora_trainer.acceleration import plan_memory as plan
@@ -162,8 +173,21 @@ def test_training_config_says_cuda_graphs_are_off_under_data_parallel():
     single = sft.resolved_config(cfg, torch.float32, None, one_gpu, distributed.ONE_PROCESS, Layout("single", one_gpu))
     assert single["resolved"]["acceleration"]["cudaGraphs"] is True
     world = distributed.World(0, 0, 2)
+    # data parallel on the fast path: the step's own all-reduce (gradient_sync.py), graphs as planned
+    from qlora_trainer.acceleration.trainer_hooks import gradient_sync_mode
+
+    sync = gradient_sync_mode(one_gpu, world.distributed)
+    assert sync == "allReduceAfterStep" and for_data_parallel(one_gpu, world.distributed) is one_gpu
+    dp = sft.resolved_config(cfg, torch.float32, None, one_gpu, world, Layout("dataParallel", one_gpu), sync)
+    assert dp["resolved"]["acceleration"]["cudaGraphs"] is True
+    assert dp["resolved"]["parallelism"]["gradients"] == "allReduceAfterStep"
+    # the plain recipe (no plan) runs under DDP; so does the fast path with QLORA_GRADIENT_SYNC=ddp,
+    # and then without CUDA graphs
+    assert gradient_sync_mode(None, True) == "ddp" and gradient_sync_mode(one_gpu, False) is None
+    monkeypatch.setenv("QLORA_GRADIENT_SYNC", "ddp")
     as_run = for_data_parallel(one_gpu, world.distributed)
-    ddp = sft.resolved_config(cfg, torch.float32, None, as_run, world, Layout("dataParallel", as_run))
+    ddp = sft.resolved_config(cfg, torch.float32, None, as_run, world, Layout("dataParallel", as_run),
+                              gradient_sync_mode(one_gpu, world.distributed))
     acceleration = ddp["resolved"]["acceleration"]
     assert acceleration["cudaGraphs"] is False and "data parallel: CUDA graphs off" in acceleration["why"]
     assert "no CUDA graphs" in ddp["resolved"]["memoryPlan"]

@@ -124,10 +124,12 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
         phase.bytes = folder_bytes(model_files.path) if Path(model_files.path).exists() else None
     with phases.phase("prepareAdapter"):
         model = model_loading.add_adapter(model, spec.lora)
+        gradient_sync = None
         if sharded:  # the plain recipe; the Trainer shards the 4-bit base and adapter (sharding.py)
             planned = sharding.training_spec(spec.training)
         else:
             # The plan as it runs (under DDP without CUDA graphs): what training_config.json reports.
+            gradient_sync = trainer_hooks.gradient_sync_mode(plan, world.distributed)
             plan = trainer_hooks.for_data_parallel(plan, world.distributed)
             planned = trainer_hooks.accelerate(model, plan, spec.training, data_parallel=world.distributed)
 
@@ -147,7 +149,8 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     with phases.phase("buildTrainer"):
         trainer = training_loop.build_trainer(model, tokenizer, train_rows, eval_scored, planned,
                                               workdir / "trainer", dtype, reporter, store, interruption, world,
-                                              phases, sharded=sharded)
+                                              phases, sharded=sharded,
+                                              all_reduce_after_step=gradient_sync == trainer_hooks.ALL_REDUCE_AFTER_STEP)
     collator = trainer.data_collator
     counted_before, counted_after = {}, {}
     with phases.phase("evalBefore") as phase:
@@ -217,7 +220,7 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     )
     interruption.publishing = True  # a SIGTERM from here on lets the publication finish (cli.py)
     try:
-        config = resolved_config(cfg, dtype, planned, plan, world, layout)
+        config = resolved_config(cfg, dtype, planned, plan, world, layout, gradient_sync)
         return publishing.publish(storage, run, adapter_dir, config, metrics, result, merged_dir, phases=phases,
                                   attempt=cfg.attempt)
     finally:
@@ -225,7 +228,8 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
 
 
 def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, plan=None,
-                    world: distributed.World | None = None, layout: trainer_hooks.Layout | None = None) -> dict:
+                    world: distributed.World | None = None, layout: trainer_hooks.Layout | None = None,
+                    gradient_sync: str | None = None) -> dict:
     """The config as run: the job's spec plus what the trainer decided (the memory plan may have
     re-planned micro-batch, accumulation, recompute and optimizer) and the library versions."""
     training = planned or cfg.spec.training
@@ -247,7 +251,10 @@ def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, pla
             "memoryPlan": layout.describe() if layout is not None and layout.mode == "sharded" else (
                 plan.describe() if plan is not None else None),
             # single | dataParallel | sharded, and why (spec.training.parallelism, or what fitted)
-            "parallelism": {"mode": layout.mode, "why": layout.why} if layout is not None else None,
+            # and, data parallel, how the ranks average gradients (allReduceAfterStep: once per step,
+            # no DDP hooks, CUDA graphs on; ddp: DistributedDataParallel)
+            "parallelism": {"mode": layout.mode, "why": layout.why,
+                            **({"gradients": gradient_sync} if gradient_sync else {})} if layout is not None else None,
             # the fast path as it ran: the spec's choice after the environment's diagnosis switches,
             # and off wherever no plan was made (a CPU, an architecture the planner cannot read)
             "acceleration": _acceleration_as_run(cfg, plan, layout),

@@ -358,8 +358,13 @@ class LeanSFTTrainer(SFTTrainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return loss
 
+    gradient_sync = None  # gradient_sync.GradientSync: data parallel without DDP (the fast path's ranks)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.gradient_sync is not None and self.accelerator.sync_gradients:
+            # the step's last micro-step: average the accumulated gradients before clipping and the optimizer
+            self.gradient_sync.all_reduce()
         # The Trainer's logging_nan_inf_filter, on the device: a non-finite step adds the mean of the
         # steps since the last logging step instead (the same number the Trainer's filter adds)
         # (in the running total's dtype, to which the loop adds it either way)
@@ -441,9 +446,11 @@ class ResumingSFTTrainer(LeanSFTTrainer):
 def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, output_dir: Path, dtype,
                   reporter: ProgressReporter, store: CheckpointStore | None, interruption: Interruption,
                   world: distributed.World = distributed.ONE_PROCESS, phases: PhaseClock | None = None,
-                  sharded: bool = False):
+                  sharded: bool = False, all_reduce_after_step: bool = False):
     """The SFTTrainer for this run; `sharded`: the model is sharded (sharding.py) and the Trainer
-    saves and restores its adapter and optimizer through gathered state dicts."""
+    saves and restores its adapter and optimizer through gathered state dicts. `all_reduce_after_step`
+    (data parallel on the fast path): no DistributedDataParallel; the LoRA gradients are averaged
+    once per optimizer step instead (gradient_sync.py), so the fused layers keep their CUDA graphs."""
     collator = Collator(tokenizer.pad_token_id, packed=spec.packing)
     progress = ProgressReport(reporter, linear_flops_per_token(model), peak_flops(dtype), world, store)
     callbacks = [progress, StopOnInterruption(interruption, store is not None, world)]
@@ -465,11 +472,35 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, o
         data_collator=collator,
         callbacks=callbacks,
     )
+    if all_reduce_after_step and world.distributed and not sharded:
+        _all_reduce_after_step(trainer, model)
     # Trainer prints its log dicts to stdout; progress lines are the only thing there.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.progress_report = progress
     return trainer
+
+
+def _all_reduce_after_step(trainer, model) -> None:
+    """Data parallel without DDP: accelerate prepares the model as for evaluation (device placement and
+    autocast, no DistributedDataParallel wrapper: its no_sync then does nothing, and none is needed),
+    every rank starts from rank 0's adapter, and LeanSFTTrainer.training_step averages the gradients
+    after each step's last micro-step."""
+    from qlora_trainer.gradient_sync import GradientSync
+
+    sync = GradientSync(model)  # the model, not its parameters: a resume may replace them (peft's load_adapter)
+    trainer.gradient_sync = sync
+    prepare = trainer.accelerator.prepare_model
+
+    def prepare_unwrapped(model, device_placement=None, evaluation_mode=False):
+        if not evaluation_mode:
+            # where DDP would broadcast rank 0's weights: as training starts, after trl's bf16 cast
+            # and after a resume's checkpoint load (so every rank trains from rank 0's adapter)
+            sync.broadcast_parameters()
+        return prepare(model, device_placement=device_placement, evaluation_mode=True)
+
+    trainer.accelerator.prepare_model = prepare_unwrapped
+    log.info("data parallel without DDP hooks: %s; CUDA graphs stay as planned", sync.describe())
 
 
 def train(trainer, resume_dir: Path | None, interruption: Interruption) -> TrainOutcome:

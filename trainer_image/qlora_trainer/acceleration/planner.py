@@ -133,6 +133,10 @@ class JobShape:
     grad_accum: int
     lora_rank: int = 16
     lora_dropout: float = 0.05
+    # Bytes per element of the LoRA weights as they train: 2, since trl's SFTTrainer casts a quantized
+    # model's adapter to bf16 (the QLoRA paper's recipe) and torch's AdamW keeps its moments in the
+    # parameter's dtype; 4 for an adapter left in fp32 (peft's default outside the Trainer).
+    adapter_bytes: int = 2
 
     @property
     def effective_batch(self) -> int:
@@ -185,12 +189,14 @@ class MemoryPlan:
 # Memory model (bytes)
 
 
-def static_bytes(shape: ModelShape, lora_rank: int) -> dict:
+def static_bytes(shape: ModelShape, lora_rank: int, adapter_bytes: int = 2) -> dict:
     """Weights and optimizer: NF4 with double quantization (4 bits + an 8-bit absmax per 64 weights
-    + an fp32 scale per 256 absmax), bf16 embeddings/LM head, fp32 LoRA with grad and two Adam states."""
+    + an fp32 scale per 256 absmax), bf16 embeddings/LM head, and the LoRA weights with their
+    gradients and AdamW's two moments, all four in the adapter's dtype (`adapter_bytes`, JobShape:
+    bf16 as the Trainer trains it, 8 bytes per LoRA parameter; 16 for an fp32 adapter)."""
     nf4 = shape.linear_params * (0.5 + 1 / 64 + 4 / (64 * 256))
     embed = shape.vocab * shape.hidden * 2 * (1 if shape.tied_embeddings else 2)
-    lora = shape.lora_params(lora_rank) * 16
+    lora = shape.lora_params(lora_rank) * 4 * adapter_bytes
     return {"nf4_weights": int(nf4), "embeddings": int(embed), "lora_and_optimizer": int(lora)}
 
 
@@ -239,7 +245,7 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
                     cached_layers: int, offload: bool = False, ce_work_bytes: int = CE_WORK_BYTES,
                     graphs: bool = False, fused: bool = True) -> tuple[int, dict]:
     tokens = micro_batch * job.seq_len
-    static = static_bytes(shape, job.lora_rank)
+    static = static_bytes(shape, job.lora_rank, job.adapter_bytes)
     kept_layers = shape.layers - recompute_layers
     act = activation_bytes_per_token_layer(shape, job.lora_dropout, fused)
     res = RESIDUAL_BYTES if fused else 2  # bytes per element of the residual stream
@@ -252,9 +258,14 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     parts["transient"] = tokens * (transient_bytes_per_token(shape) + 4 * res * shape.hidden)
     chunk = choose_ce_chunk(shape, tokens, ce_work_bytes)
     parts["cross_entropy"] = ce_chunk_bytes(shape, chunk) + tokens * shape.hidden * 2
-    # A dequantized weight of the largest matrix (not cached) lives while its matmul runs; a
-    # recomputed layer holds all its dequantized weights through its recompute and backward.
-    held = shape.linear_params_per_layer * 2 if recompute_layers > cached_layers else 2 * shape.hidden * shape.intermediate * 2
+    # A dequantized weight of the largest matrix (not cached) lives while its matmul runs; a layer
+    # that recomputes inside the fused functions holds all its dequantized weights through its
+    # recompute and backward (fused_layer.held_weights). Offloaded layers recompute under torch's
+    # checkpoint instead: their fused functions run as in a plain forward and backward, one
+    # dequantized matrix at a time (apply._set_recompute), so they hold only the largest, gate|up
+    # (at 70B the whole layer is 1.6 GiB, gate|up 0.9).
+    holds_layer = recompute_layers > cached_layers and not offload
+    held = shape.linear_params_per_layer * 2 if holds_layer else 2 * shape.hidden * shape.intermediate * 2
     parts["dequant_buffer"] = held if cached_layers < shape.layers else 0
     if graphs:  # chained graphs: two gradient buffers and the last layer's output (cuda_graphs.py)
         parts["cuda_graph_buffers"] = 3 * tokens * shape.hidden * res
@@ -271,14 +282,15 @@ def baseline_peak_bytes(shape: ModelShape, job: JobShape) -> int:
     embeddings upcast to fp32, checkpointing on every layer with fp32 hidden states, and the loss
     over full-vocabulary logits (bf16 logits, their fp32 copy, log-softmax and its gradient)."""
     tokens = job.micro_batch * job.seq_len
-    static = static_bytes(shape, job.lora_rank)
+    static = static_bytes(shape, job.lora_rank, job.adapter_bytes)
     embed_fp32 = static["embeddings"] * 2
+    # its paged 32-bit AdamW keeps fp32 moments whatever the adapter's dtype
+    lora = shape.lora_params(job.lora_rank) * (2 * job.adapter_bytes + 8)
     h, i = shape.hidden, shape.intermediate
     checkpoints = shape.layers * tokens * h * 4
     layer_eager = tokens * (4 * (10 * h + 5 * i) + 2 * (3 * h + 2 * i))
     logits = tokens * shape.vocab * (2 + 4 + 4 + 4)
-    return int(static["nf4_weights"] + embed_fp32 + static["lora_and_optimizer"] + checkpoints
-               + layer_eager + logits)
+    return int(static["nf4_weights"] + embed_fp32 + lora + checkpoints + layer_eager + logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +431,7 @@ def _lean_choice(shape: ModelShape, job: JobShape, cands, fused: bool = True):
     full = [c for c in cands if c[1] == shape.layers and c[2] == 0]
     if not full:
         return min(cands, key=lambda c: c[4])
-    base_cap = 1.3 * sum(static_bytes(shape, job.lora_rank).values()) + 0.25 * GIB
+    base_cap = 1.3 * sum(static_bytes(shape, job.lora_rank, job.adapter_bytes).values()) + 0.25 * GIB
     fp32_extra = (RESIDUAL_BYTES - 2) * shape.layers * shape.hidden * job.seq_len if fused else 0
 
     def cap(c):
@@ -439,7 +451,7 @@ def _does_not_fit_message(shape: ModelShape, job: JobShape, gpu: GpuSpec, usable
         peak, _ = plan_peak_bytes(shape, replace(job, seq_len=mid, micro_batch=1, grad_accum=1), 1,
                                   shape.layers, 0, offload=True)
         lo, hi = (mid, hi) if peak <= usable else (lo, mid - 1)
-    static = sum(static_bytes(shape, job.lora_rank).values())
+    static = sum(static_bytes(shape, job.lora_rank, job.adapter_bytes).values())
     if lo < 16:
         hint = (f"even the weights and adapter alone need {static / GIB:.1f} GiB: use a GPU with at least "
                 f"{math.ceil((static + GIB) / 0.92 / GIB + 1)} GiB, or a lower LoRA rank")

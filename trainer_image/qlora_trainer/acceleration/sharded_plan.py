@@ -49,12 +49,12 @@ class ShardedPlan:
 
 def load_peak_bytes(shape: ModelShape, job: JobShape) -> int:
     """The whole 4-bit model with its adapter in the compute dtype (before sharding)."""
-    return int(sum(static_bytes(shape, job.lora_rank).values()))
+    return int(sum(static_bytes(shape, job.lora_rank, job.adapter_bytes).values()))
 
 
 def sharded_peak_bytes(shape: ModelShape, job: JobShape, world: int) -> tuple[int, dict]:
     """Per GPU while training sharded over `world` GPUs."""
-    static = static_bytes(shape, job.lora_rank)
+    static = static_bytes(shape, job.lora_rank, job.adapter_bytes)
     # What the plain recipe needs beyond its weights (fp32 embeddings there: counted separately here).
     plain_static = static["nf4_weights"] + 2 * static["embeddings"] + static["lora_and_optimizer"]
     activations = baseline_peak_bytes(shape, job) - plain_static

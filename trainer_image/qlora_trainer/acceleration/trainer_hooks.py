@@ -199,11 +199,26 @@ def _log(layout: Layout) -> Layout:
 
 NO_GRAPHS_UNDER_DDP = ("data parallel: CUDA graphs off (a graphed backward writes LoRA gradients past DDP's "
                        "all-reduce hooks); fused layers and packing stay on")
+ALL_REDUCE_AFTER_STEP = "allReduceAfterStep"  # gradient_sync.py: no DDP, CUDA graphs stay on
+DDP = "ddp"
 
 
-def for_data_parallel(plan: MemoryPlan | None, data_parallel: bool) -> MemoryPlan | None:
-    """The plan as it runs under DDP: without CUDA graphs (see accelerate)."""
-    if plan is None or not data_parallel or not plan.cuda_graphs:
+def gradient_sync_mode(plan: MemoryPlan | None, data_parallel: bool, environ=os.environ) -> str | None:
+    """How data-parallel ranks average their gradients: the fast path all-reduces the accumulated
+    LoRA gradients once per step itself (gradient_sync.py), so its fused layers keep their CUDA
+    graphs; the plain recipe (no plan) uses DistributedDataParallel. QLORA_GRADIENT_SYNC=ddp puts
+    the fast path under DDP too (CUDA graphs off): a diagnosis switch, like the others here."""
+    if not data_parallel:
+        return None
+    if plan is None or environ.get("QLORA_GRADIENT_SYNC", "") == DDP:
+        return DDP
+    return ALL_REDUCE_AFTER_STEP
+
+
+def for_data_parallel(plan: MemoryPlan | None, data_parallel: bool, environ=os.environ) -> MemoryPlan | None:
+    """The plan as it runs with this many ranks: under DDP without CUDA graphs (see accelerate);
+    with the step's own all-reduce (gradient_sync_mode) as planned."""
+    if plan is None or not plan.cuda_graphs or gradient_sync_mode(plan, data_parallel, environ) != DDP:
         return plan
     log.warning("%s", NO_GRAPHS_UNDER_DDP)
     return replace(plan, cuda_graphs=False)
@@ -215,10 +230,12 @@ def accelerate(model, plan: MemoryPlan | None, training, data_parallel: bool = F
     so the Trainer must not switch it on for all), and fused AdamW in place of the paged 32-bit one
     (the same update; see planner.OPTIMIZER).
 
-    Under data parallel the fused layers and packing stay on (their LoRA gradients come out of
-    autograd functions, where DDP's hooks see them), but CUDA graphs are switched off: a graphed
-    backward adds the LoRA gradients into .grad inside the graph, past the hooks DDP all-reduces
-    from, so the ranks would silently train apart."""
+    Under data parallel the ranks average their gradients once per step themselves
+    (gradient_sync_mode, gradient_sync.py) and everything stays on. Under DDP (QLORA_GRADIENT_SYNC=ddp)
+    the fused layers and packing stay on (their LoRA gradients come out of autograd functions, where
+    DDP's hooks see them), but CUDA graphs are switched off: a graphed backward adds the LoRA
+    gradients into .grad inside the graph, past the hooks DDP all-reduces from, so the ranks would
+    silently train apart."""
     if plan is None:
         return training
     plan = for_data_parallel(plan, data_parallel)
