@@ -37,9 +37,15 @@ status: ## Show the local cluster's components
 demo: up ## Set up everything and fine-tune SmolLM2 end to end through a QLoRAJob
 	$(PY) -m qlora_localcluster.demo
 
+# Most of the suite's time is tests that wait (grace periods, outages, trainers in private clusters),
+# so it runs in more pytest-xdist workers than CI has cores: whole files per worker, the longest first
+# (tests/support/xdist_schedule.py); the session cluster starts once for all (tests/conftest.py).
+# --durations: every log shows the slowest tests, the numbers that schedule needs.
+TEST_WORKERS ?= 4
+
 test: build ## Run the whole test suite (unit, trainer on CPU, operator on the local cluster)
 	$(PY) -m qlora_localcluster build --test-tools
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile
 
 crds: setup ## Regenerate crds/ and the chart's CRD from the API models
 	$(PY) -m qlora_api.crd

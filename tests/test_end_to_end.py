@@ -15,6 +15,7 @@ import torch
 from botocore.config import Config
 from qlora_localcluster.testing import kubectl
 from support.operator_process import OperatorProcess, install_crd_and_rbac, service_account_kubeconfig
+from support.shared_gpu import wait_for_the_gpu
 from trainer_fixtures.runs import jsonl
 from trainer_fixtures.tiny_model import build_model, chat_records
 
@@ -73,12 +74,14 @@ def finished_job(local_cluster, namespace, minio, tiny_base, tmp_path):
     kubectl(local_cluster, "-n", namespace, "create", "secret", "generic", "minio",
             f"--from-literal=AWS_ACCESS_KEY_ID={creds['aws_access_key_id']}",
             f"--from-literal=AWS_SECRET_ACCESS_KEY={creds['aws_secret_access_key']}")
+    wait_for_the_gpu(local_cluster)  # the cluster's one GPU: another test's trainer may hold it
     operator = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log", trainer_image=TRAINER_IMAGE).start()
     try:
         kubectl(local_cluster, "apply", "-f", "-", input=json.dumps(job_manifest(namespace, local_cluster.s3_endpoint)))
         started = time.monotonic()
-        waited = kubectl(local_cluster, "-n", namespace, "wait", "--for=condition=Succeeded", "qlorajob/colours",
-                         "--timeout=600s", check=False)
+        # kubectl() stops any command after 60 s: the wait gets its own 600 s (and kubectl's exit after).
+        waited = local_cluster.kubectl("-n", namespace, "wait", "--for=condition=Succeeded", "qlorajob/colours",
+                                       "--timeout=600s", timeout=630)
         trainer_logs = kubectl(local_cluster, "-n", namespace, "logs", "job/colours-1", check=False).stdout
         assert waited.returncode == 0, f"{waited.stderr}\n{trainer_logs[-3000:]}\n{operator.log_tail()}"
         job = json.loads(kubectl(local_cluster, "-n", namespace, "get", "qlorajob", "colours", "-o", "json").stdout)

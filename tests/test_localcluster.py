@@ -11,15 +11,14 @@ import uuid
 
 import pytest
 from qlora_localcluster.build import KUBERNETES_VERSION
-from qlora_localcluster.testing import kubectl, running_cluster
+from qlora_localcluster.testing import kubectl
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with running_cluster() as c:
-        yield c
+def cluster(local_cluster):
+    return local_cluster  # the session's: a cluster of this module's own would stop it for every other worker
 
 
 @pytest.fixture

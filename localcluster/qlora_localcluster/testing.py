@@ -1,10 +1,11 @@
 """One local cluster per test session, for tests/conftest.py and the cluster tests.
 
-    # tests/conftest.py
-    @pytest.fixture(scope="session")
-    def local_cluster():
-        with qlora_localcluster.testing.running_cluster() as cluster:
-            yield cluster
+    with qlora_localcluster.testing.running_cluster() as cluster:   # one process
+        ...
+
+A test run of several processes (pytest-xdist workers) shares one cluster through
+`session_cluster(run_id)` (each worker, when it first needs it) and `stop_session_cluster(run_id)`
+(the controller, once every worker is done): tests/conftest.py.
 
 The cluster is left running afterwards when it was already running before (a developer's
 `qlora-localcluster up`), and stopped when this session started it, unless QLORA_KEEP_CLUSTER=1.
@@ -13,6 +14,7 @@ The cluster is left running afterwards when it was already running before (a dev
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -32,6 +34,51 @@ def running_cluster(state_dir: Path | str | None = None) -> Iterator[LocalCluste
     finally:
         if not was_running and os.environ.get("QLORA_KEEP_CLUSTER") != "1":
             cluster.down()
+
+
+# Which test run started the cluster in this state directory: that run, and only it, stops it.
+_STARTED_BY = "started-by-test-run"
+
+
+@contextlib.contextmanager
+def _state_dir_lock(cluster: LocalCluster) -> Iterator[None]:
+    """Held while a process checks and starts the cluster: up() rewrites kubeconfigs and starts
+    processes on fixed ports, so two workers must never do it at once (flock: freed if one dies)."""
+    cluster.state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cluster.state_dir / "session.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def session_cluster(run_id: str, state_dir: Path | str | None = None) -> LocalCluster:
+    """The cluster of test run `run_id`, started by whichever of its processes asks first. A cluster
+    already running that this run did not start (a developer's) is used and left alone."""
+    cluster = LocalCluster(state_dir)
+    marker = cluster.state_dir / _STARTED_BY
+    with _state_dir_lock(cluster):
+        ours = marker.exists() and marker.read_text() == run_id
+        if cluster.is_ready():
+            return cluster
+        if not ours:
+            marker.write_text(run_id)  # before up(): a start that fails half-way is still stopped
+        cluster.up()
+    return cluster
+
+
+def stop_session_cluster(run_id: str, state_dir: Path | str | None = None) -> None:
+    """At the end of test run `run_id`: stop the cluster if this run started it (unless
+    QLORA_KEEP_CLUSTER=1)."""
+    cluster = LocalCluster(state_dir)
+    marker = cluster.state_dir / _STARTED_BY
+    if not (marker.exists() and marker.read_text() == run_id):
+        return
+    with _state_dir_lock(cluster):
+        if os.environ.get("QLORA_KEEP_CLUSTER") != "1":
+            cluster.down()
+        marker.unlink()
 
 
 PORT_SETTINGS = ("etcd_client_port", "etcd_peer_port", "apiserver_port", "controller_manager_port",

@@ -123,7 +123,8 @@ class PhaseClock:
             "order": list(merged),  # as they ran (the file is written with sorted keys)
             "byPhase": phases,
             "topLevelSeconds": round(top, 6),
-            "wallSeconds": round(self.elapsed(), 3),
+            # The same rounding as topLevelSeconds: at 3 digits the wall time could round below it.
+            "wallSeconds": round(self.elapsed(), 6),
         }
 
 
