@@ -12,7 +12,7 @@ import signal
 import time
 
 import pytest
-from qlora_localcluster.testing import kubectl
+from qlora_localcluster.testing import kubectl, private_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -287,26 +287,33 @@ def test_restart_policy_on_failure_restarts_in_place(local_cluster, namespace):
     assert cs["lastState"]["terminated"]["exitCode"] == 1
 
 
-def test_agent_restart_fails_the_pods_it_cannot_reattach(local_cluster, namespace):
-    """A crashed agent leaves a running pod behind; the next agent stops it and reports it Failed."""
+def test_agent_restart_fails_the_pods_it_cannot_reattach(tmp_path):
+    """A crashed agent leaves a running pod behind; the next agent stops it and reports it Failed.
+    On a cluster of its own: the suite runs in parallel workers, and killing the session cluster's
+    agent would fail every pod the other workers' tests have on that node."""
     from qlora_localcluster import processes
 
-    apply(local_cluster, namespace, pod("orphan", sh("sleep 300")))
-    p = wait_for(
-        "orphan running",
-        lambda: (lambda x: x if x and x["status"].get("phase") == "Running" else None)(
-            get(local_cluster, namespace, "pod", "orphan")
-        ),
-    )
-    pid = int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
-    node = p["spec"]["nodeName"]
-    agent_pid = processes.running_pid(local_cluster.state_dir / "pids" / f"node-agent-{node}.pid")
-    assert agent_pid
-    os.kill(agent_pid, signal.SIGKILL)  # a crash: no clean shutdown
-    wait_for("agent gone", lambda: processes.exited(agent_pid), timeout=10)
-    assert os.path.exists(f"/proc/{pid}")  # the container outlived its agent
-    local_cluster.up()
-    p = terminal_pod(local_cluster, namespace, "orphan", timeout=30)
-    assert (p["status"]["phase"], p["status"]["reason"]) == ("Failed", "NodeAgentRestarted")
-    assert container_state(p)["terminated"]["reason"] == "ContainerStatusUnknown"
-    wait_for("leftover process killed", lambda: not os.path.exists(f"/proc/{pid}"), timeout=10)
+    with private_cluster(tmp_path / "cluster") as cluster:
+        namespace = "orphans"
+        kubectl(cluster, "create", "namespace", namespace)
+        wait_for("the namespace's default ServiceAccount", lambda: kubectl(
+            cluster, "-n", namespace, "get", "serviceaccount", "default", check=False).returncode == 0, timeout=30)
+        apply(cluster, namespace, pod("orphan", sh("sleep 300")))
+        p = wait_for(
+            "orphan running",
+            lambda: (lambda x: x if x and x["status"].get("phase") == "Running" else None)(
+                get(cluster, namespace, "pod", "orphan")
+            ),
+        )
+        pid = int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
+        node = p["spec"]["nodeName"]
+        agent_pid = processes.running_pid(cluster.state_dir / "pids" / f"node-agent-{node}.pid")
+        assert agent_pid
+        os.kill(agent_pid, signal.SIGKILL)  # a crash: no clean shutdown
+        wait_for("agent gone", lambda: processes.exited(agent_pid), timeout=10)
+        assert os.path.exists(f"/proc/{pid}")  # the container outlived its agent
+        cluster.up()
+        p = terminal_pod(cluster, namespace, "orphan", timeout=30)
+        assert (p["status"]["phase"], p["status"]["reason"]) == ("Failed", "NodeAgentRestarted")
+        assert container_state(p)["terminated"]["reason"] == "ContainerStatusUnknown"
+        wait_for("leftover process killed", lambda: not os.path.exists(f"/proc/{pid}"), timeout=10)
