@@ -64,6 +64,14 @@ def terminal_pod(cluster, namespace: str, name: str, timeout: float = 60.0) -> d
     return wait_for(f"pod {name} to finish", probe, timeout)
 
 
+def running_pod(cluster, namespace: str, name: str, timeout: float = 60.0) -> dict:
+    def probe():
+        p = get(cluster, namespace, "pod", name)
+        return p if p and p["status"].get("phase") == "Running" else None
+
+    return wait_for(f"{name} running", probe, timeout)
+
+
 def container_state(p: dict, i: int = 0) -> dict:
     return p["status"]["containerStatuses"][i]["state"]
 
@@ -126,12 +134,7 @@ def test_memory_limit_is_enforced_as_oomkilled(local_cluster, namespace):
 
 def test_delete_terminates_the_process_and_the_object_goes(local_cluster, namespace):
     apply(local_cluster, namespace, pod("sleeper", sh("trap 'echo got TERM; exit 0' TERM; sleep 300 & wait")))
-    p = wait_for(
-        "sleeper running",
-        lambda: (lambda x: x if x and x["status"].get("phase") == "Running" else None)(
-            get(local_cluster, namespace, "pod", "sleeper")
-        ),
-    )
+    p = running_pod(local_cluster, namespace, "sleeper")
     pid = int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
     assert os.path.exists(f"/proc/{pid}")
     started = time.monotonic()
@@ -299,12 +302,7 @@ def test_agent_restart_fails_the_pods_it_cannot_reattach(tmp_path):
         wait_for("the namespace's default ServiceAccount", lambda: kubectl(
             cluster, "-n", namespace, "get", "serviceaccount", "default", check=False).returncode == 0, timeout=30)
         apply(cluster, namespace, pod("orphan", sh("sleep 300")))
-        p = wait_for(
-            "orphan running",
-            lambda: (lambda x: x if x and x["status"].get("phase") == "Running" else None)(
-                get(cluster, namespace, "pod", "orphan")
-            ),
-        )
+        p = running_pod(cluster, namespace, "orphan")
         pid = int(p["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
         node = p["spec"]["nodeName"]
         agent_pid = processes.running_pid(cluster.state_dir / "pids" / f"node-agent-{node}.pid")
