@@ -97,12 +97,33 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def free_port_block(n: int, tries: int = 50) -> int:
+    """The first of n consecutive loopback ports free right now (node agent i listens on base + i:
+    under parallel test workers, base + 1 taken by another process stopped a second node's agent)."""
+    for _ in range(tries):
+        base = free_ports(1)[0]
+        sockets = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free loopback ports after {tries} tries")
+
+
 @contextlib.contextmanager
 def private_cluster(state_dir: Path | str, timeout: float = 240.0, **settings) -> Iterator[LocalCluster]:
     """A cluster of this test's own (for faults that would break the shared one: stopping the API
     server, MinIO or a node), on free ports so it never meets the shared cluster; always stopped after.
-    Node agents use base port + i, so ask for gpu_nodes <= 8 (the ports above the base are not checked)."""
+    Node agents use base port + i, a block of gpu_nodes ports found free together."""
     ports = dict(zip(PORT_SETTINGS, free_ports(len(PORT_SETTINGS)), strict=True))
+    ports["node_agent_base_port"] = free_port_block(settings.get("gpu_nodes", 1))
     cluster = LocalCluster(state_dir, **{**ports, **settings})
     try:
         cluster.up(timeout=timeout)
