@@ -1,5 +1,5 @@
 import sys
 
-from qlora_trainer.cli import main
+from qlora_trainer.cli import entrypoint
 
-sys.exit(main())
+sys.exit(entrypoint())
