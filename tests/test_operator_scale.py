@@ -19,6 +19,11 @@ import thousand_jobs  # noqa: E402
 pytestmark = pytest.mark.cluster
 JOBS = 20
 SNAPSHOT_LISTS = 4  # QLoRAJobs, ConfigMaps, Jobs, pods: one LIST each per resync
+# The window opens when the harness sees the last job terminal; under load the operator's reactions
+# to the last status changes (each a reconcile: a GET of the QLoRAJob and a LIST of its Jobs) can
+# still land inside it (22 against 20 once, on 2 cores with 4 test workers). Two such reconciles,
+# whatever the number of jobs.
+EDGE_REQUESTS = 2 * 2
 
 
 def test_twenty_jobs_at_once_none_lost_and_an_idle_operator_costs_no_request_per_job(tmp_path):
@@ -29,8 +34,8 @@ def test_twenty_jobs_at_once_none_lost_and_an_idle_operator_costs_no_request_per
     assert (run["terminal"], run["succeeded_with_digest"], run["lost"]) == (JOBS, JOBS, 0), run
     assert run["trainer_jobs_per_qlorajob"] == [1] and run["jobs_seen"] == JOBS
     assert run["trainer_jobs_created"] == JOBS  # the audit log saw each of the operator's creates once
-    # Idle: the resync's snapshot per interval, a few more for the edges of the window; the
-    # per-job resync it replaced made a GET and a LIST per job per interval (40 per interval here).
+    # Idle: the resync's snapshot per interval and the window's edges; the per-job resync it
+    # replaced made a GET and a LIST per job per interval (40 per interval here).
     intervals = math.ceil(run["settle_seconds"] / args.interval) + 1
-    assert run["requests_idle"] <= SNAPSHOT_LISTS * intervals, run["requests_idle"]
+    assert run["requests_idle"] <= SNAPSHOT_LISTS * intervals + EDGE_REQUESTS, run["requests_by_kind_idle"]
     assert run["requests_per_job_active"] < 60, run["requests_by_kind_active"]
