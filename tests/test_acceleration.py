@@ -8,7 +8,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from qlora_trainer.acceleration import GIB, GpuSpec, JobShape, ModelShape, PlanDoesNotFit, plan_memory
+from qlora_trainer.acceleration import (
+    GIB,
+    GpuSpec,
+    JobShape,
+    ModelShape,
+    PlanDoesNotFit,
+    plan_memory,
+    planner,
+)
 from qlora_trainer.acceleration.planner import baseline_peak_bytes, plan_peak_bytes
 
 QWEN_7B = ModelShape(layers=28, hidden=3584, intermediate=18944, heads=28, kv_heads=4, head_dim=128, vocab=152064)
@@ -42,6 +50,47 @@ def test_a_tight_card_gets_the_lean_plan():
     plan = plan_memory(QWEN_7B, job, GpuSpec(memory_bytes=24 * GIB))
     assert plan.policy == "lean" and plan.recompute == "full"
     assert plan.predicted_peak_bytes < 9 * GIB
+
+
+LLAMA_8B = ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
+# A small model with a large vocabulary: its loss chunk outgrows a layer's backward working set.
+SMALL_BIG_VOCAB = ModelShape(layers=24, hidden=512, intermediate=1536, heads=8, kv_heads=8, head_dim=64, vocab=128000)
+
+
+def test_lean_takes_the_large_loss_chunk_where_it_costs_no_memory():
+    """The loss and a layer's backward are never live together: at 8B the 1,024-token chunk's
+    logits (0.25 GiB) are smaller than a recomputing layer's backward, so the lean plan's peak is the
+    same as with 256-token chunks, and it takes the larger (faster) chunk."""
+    job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
+    plan = plan_memory(LLAMA_8B, job, GpuSpec(memory_bytes=24 * 10**9), packing=False)
+    tokens = plan.micro_batch * job.seq_len
+    assert plan.policy == "lean" and plan.recompute == "full"
+    assert plan.ce_chunk_tokens == planner.choose_ce_chunk(LLAMA_8B, tokens) == 1024
+    small = planner.choose_ce_chunk(LLAMA_8B, tokens, planner.CE_WORK_BYTES // 3)
+    assert small == 256
+    args = (LLAMA_8B, job, plan.micro_batch, LLAMA_8B.layers, 0, False)
+    assert plan_peak_bytes(*args, planner.CE_WORK_BYTES, True)[0] == plan_peak_bytes(*args, planner.CE_WORK_BYTES // 3,
+                                                                                     True)[0]
+    secs = [planner.step_seconds(LLAMA_8B, job, GpuSpec(memory_bytes=24 * 10**9), plan.micro_batch, LLAMA_8B.layers, 0,
+                                 graphs=True, ce_chunk=c) for c in (1024, 256)]
+    assert secs[0] < secs[1]
+    assert plan.predicted_peak_bytes <= planner.lean_cap_bytes(LLAMA_8B, job, plan.micro_batch)
+
+
+def test_lean_keeps_the_small_loss_chunk_where_the_large_one_would_pass_its_cap():
+    job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
+    plan = plan_memory(SMALL_BIG_VOCAB, job, GpuSpec(memory_bytes=4 * GIB), packing=False)
+    tokens = plan.micro_batch * job.seq_len
+    cap = planner.lean_cap_bytes(SMALL_BIG_VOCAB, job, plan.micro_batch)
+    large, _ = plan_peak_bytes(SMALL_BIG_VOCAB, job, plan.micro_batch, SMALL_BIG_VOCAB.layers, 0, False,
+                               planner.CE_WORK_BYTES, True)
+    assert plan.policy == "lean" and large > cap >= plan.predicted_peak_bytes
+    assert plan.ce_chunk_tokens == planner.choose_ce_chunk(SMALL_BIG_VOCAB, tokens, planner.CE_WORK_BYTES // 3) < \
+        planner.choose_ce_chunk(SMALL_BIG_VOCAB, tokens)
+    # The same job with room to spare (auto, not lean) keeps the one full-size chunk.
+    roomy = plan_memory(SMALL_BIG_VOCAB, job, H100, packing=False)
+    assert roomy.policy == "auto" and roomy.ce_chunk_tokens == planner.choose_ce_chunk(SMALL_BIG_VOCAB,
+                                                                                        roomy.micro_batch * 1024)
 
 
 def test_a_job_that_cannot_fit_is_refused_with_the_largest_setting_that_would():
