@@ -77,6 +77,38 @@ def test_lean_takes_the_large_loss_chunk_where_it_costs_no_memory():
     assert plan.predicted_peak_bytes <= planner.lean_cap_bytes(LLAMA_8B, job, plan.micro_batch)
 
 
+H200 = GpuSpec(memory_bytes=143771 * 2**20, peak_flops=989e12, bandwidth=4.3e12, name="NVIDIA H200")
+
+
+def test_dequantization_is_priced_as_the_8b_profile_measured_it():
+    """~25 ms a step at 8B on the H200 (2 micro-steps of 2,048 tokens; benchmarks/NOTES.md): what
+    keeping every layer's bf16 copy would save in the speed model."""
+    job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
+    none, every = (planner.step_seconds(LLAMA_8B, job, H200, 2, 0, cached, graphs=True) for cached in (0, 32))
+    assert 0.022 < none - every < 0.028
+
+
+@pytest.mark.parametrize("shape,seq,batch,plain_measured_gib", [
+    (QWEN_1_5B, 2048, 8, 37.37), (QWEN_7B, 1024, 4, 18.41), (LLAMA_8B, 1024, 4, 17.69)])
+def test_auto_spends_the_budget_left_on_bf16_weight_copies(shape, seq, batch, plain_measured_gib):
+    """The benchmark's rows on the H200: the auto plan keeps bf16 copies in as many layers as its
+    budget (0.9x the plain recipe's estimated peak) holds while they still make it faster, and its
+    predicted peak stays under the plain recipe's peak as measured (results/speed_vs_unsloth_h200.md)."""
+    job = JobShape(seq_len=seq, micro_batch=batch, grad_accum=1)
+    plan = plan_memory(shape, job, H200, packing=False)
+    assert plan.policy == "auto" and plan.cached_layers > 0
+    assert plan.predicted_peak_bytes <= plan.budget_bytes < plain_measured_gib * GIB
+    args = (shape, job, H200, plan.micro_batch, plan.recompute_layers)
+    without = planner.step_seconds(*args, 0, graphs=True, ce_chunk=plan.ce_chunk_tokens)
+    assert job.effective_batch * seq / without < plan.predicted_tokens_per_s
+    step = max(1, shape.layers // 16)
+    more, _ = plan_peak_bytes(shape, job, plan.micro_batch, plan.recompute_layers, plan.cached_layers + step,
+                              False, planner.CE_WORK_BYTES, True)
+    faster = planner.step_seconds(*args, plan.cached_layers + step, graphs=True, ce_chunk=plan.ce_chunk_tokens)
+    # one more step of copies would either pass the budget or gain less than 0.1%
+    assert more > plan.budget_bytes or job.effective_batch * seq / faster < plan.predicted_tokens_per_s * 1.001
+
+
 def test_lean_keeps_the_small_loss_chunk_where_the_large_one_would_pass_its_cap():
     job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
     plan = plan_memory(SMALL_BIG_VOCAB, job, GpuSpec(memory_bytes=4 * GIB), packing=False)

@@ -39,7 +39,14 @@ _DEQUANT_OVERHEAD_S = 0.0004  # host cost of dequantizing one layer's 7 weights 
 # offloaded recompute; within ~5% of every one, benchmarks/NOTES.md): the GEMMs run near a constant
 # efficiency from 1,024 tokens up, and what makes small micro-steps slow is a fixed cost per layer
 # per micro-step (dequantization, the LoRA side's small kernels), not the GEMMs themselves.
-_DEQUANT_BYTES = 2.6  # per weight and pass: read 0.53 B, write 2 B (and the absmax)
+# Dequantization per weight and pass, in bytes at the card's copy bandwidth. Its traffic is 2.6 B
+# (read 0.53 B, write 2 B, and the absmax), but measured it costs more: on an H200 (4.3 TB/s) the
+# 8B row's profile (benchmarks/NOTES.md, session 8, call 1: 2 micro-steps x 32 layers x 2 passes
+# of 218M weights, 27.9G weights a step) spent 36 ms a step in bitsandbytes' dequantization (33.5 ms
+# at ~2.1 TB/s, half the card's copy rate, plus 2.7 ms decoding the nested absmax), and ~25 ms
+# after the Triton NF4 kernel replaced it (call 2). 25 ms x 4.3e12 B/s / 27.9e9 weights = 3.85 B.
+# With 2.6 the model put it at 17 ms a step and under-priced what a bf16 weight copy saves.
+_DEQUANT_BYTES = 3.85
 _ATTENTION_EFFICIENCY = 0.20  # causal flash attention forward + backward, counted as dense FLOPs
 _CE_BYTES_PER_LOGIT = 10  # the LM head writes bf16 logits, the loss kernel reads them twice and writes the gradient, the GEMM reads it
 _LAYER_FIXED_GPU_S = 0.0006  # per layer per micro-step, forward and backward
@@ -442,7 +449,19 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
     best = min(c[5] for c in cands)
     near = [c for c in cands if c[5] <= best * 1.03]
     choice = min(near, key=lambda c: (c[4], c[5]))
-    return _make_plan(shape, job, gpu, choice, budget, policy, packing, fused)
+    return _make_plan(shape, job, gpu, _with_weight_copies(choice, cands), budget, policy, packing, fused)
+
+
+def _with_weight_copies(choice, cands):
+    """The chosen micro-batch, recompute and loss chunk, with bf16 weight copies in as many layers
+    as the budget still holds when that is faster. A copy saves only time (no dequantization in
+    its layer's passes); the 3% rule above, which prefers the plan that needs least memory, would
+    otherwise leave the budget unspent for a gain of 2-3% at 7B-8B. Copies within 0.1% of the
+    fastest count as no faster, so no memory goes to them for nothing."""
+    b, rec, _, offload, *_rest = choice
+    same = [c for c in cands if (c[0], c[1], c[3], c[7]) == (b, rec, offload, choice[7])]
+    fastest = min(c[5] for c in same)
+    return min((c for c in same if c[5] <= fastest * 1.001), key=lambda c: (c[4], c[5]))
 
 
 def lean_cap_bytes(shape: ModelShape, job: JobShape, micro_batch: int, fused: bool = True) -> int:
