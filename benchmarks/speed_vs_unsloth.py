@@ -4,6 +4,7 @@ One script, one table, one device call (see benchmarks/NOTES.md for what each nu
 
     python benchmarks/speed_vs_unsloth.py                    # everything, table last, JSON to $OUT
     python benchmarks/speed_vs_unsloth.py --only 1.5b-512    # one row (names: see CONFIGS)
+    python benchmarks/speed_vs_unsloth.py --skip checks      # all but the GPU checks (run by an earlier call)
     python benchmarks/speed_vs_unsloth.py --only lossmatch  # the same on the GPU (random weights, real text)
     python benchmarks/speed_vs_unsloth.py --lossmatch-cpu    # the 50-step loss match on real SmolLM2 weights
 
@@ -285,6 +286,8 @@ def drive(args) -> None:
     site = prepare_site()
     env = worker_env(site)
     todo = configs(set(args.only.split(",")) if args.only else None)
+    if args.skip:  # e.g. the GPU checks, when an earlier call on the same tree ran them
+        todo = [c for c in todo if not any(c["name"].startswith(s) for s in args.skip.split(","))]
     for c in todo:
         c["profile"] = bool(args.profile) and c["task"] == "fixed"
 
@@ -1158,6 +1161,7 @@ def lossmatch_cpu() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="comma-separated prefixes of configuration names")
+    ap.add_argument("--skip", help="comma-separated prefixes of configuration names to leave out")
     ap.add_argument("--out", help="folder for results.json, table.md and logs (default $OUT)")
     ap.add_argument("--budget-s", type=float, default=560.0, help="stop starting runs after this many seconds")
     ap.add_argument("--profile", action="store_true", help="profile two extra steps of each fixed-shape run")
