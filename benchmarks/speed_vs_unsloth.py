@@ -205,8 +205,10 @@ def make_models(names: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(6)
-    g = torch.Generator().manual_seed(0)
     for name in names:
+        # One generator per shape: a shape's weights must not depend on which shapes this process
+        # made before it (session 9's 7B and 8B weights differed from session 8's for that reason).
+        g = torch.Generator().manual_seed(0)
         folder = SHM / name
         folder.mkdir(parents=True, exist_ok=True)
         if name == "smollm2-135m":
