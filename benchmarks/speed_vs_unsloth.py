@@ -4,6 +4,7 @@ One script, one table, one device call (see benchmarks/NOTES.md for what each nu
 
     python benchmarks/speed_vs_unsloth.py                    # everything, table last, JSON to $OUT
     python benchmarks/speed_vs_unsloth.py --only 1.5b-512    # one row (names: see CONFIGS)
+    python benchmarks/speed_vs_unsloth.py --skip checks      # all but the GPU checks (run by an earlier call)
     python benchmarks/speed_vs_unsloth.py --only lossmatch  # the same on the GPU (random weights, real text)
     python benchmarks/speed_vs_unsloth.py --lossmatch-cpu    # the 50-step loss match on real SmolLM2 weights
 
@@ -16,6 +17,9 @@ optimizer steps after 3 warm-up steps, peak = torch.cuda.max_memory_allocated ov
 - ours:    the trainer's default: plan_for_gpu() before loading, then apply_acceleration(); the
            plan may re-split the effective batch into micro-batch x accumulation.
 - lean:    ours on a simulated 24 GB card (set_per_process_memory_fraction).
+- <engine>-p0: the same at LoRA dropout 0, Unsloth's setting, so that ours-p0/Unsloth compares the
+           same hyperparameters (ours/Unsloth compares ours at the recipe's 0.05 with Unsloth at 0).
+           plain-p0 is their loss reference (the 7B and 8B rows; the 1.5B rows use Unsloth's curve).
 Each configuration runs in its own process with a hard timeout; the next one is started early and
 waits (imports done, no GPU touched) so imports overlap the previous run.
 """
@@ -72,6 +76,12 @@ PLAIN_SEED_SPREAD = 0.0082
 # seed 1 (11.4478 / 11.4693) in one H200 call (`--only 7b-1024/plain,7b-1024/plain-seed1,...`,
 # results/speed_vs_unsloth_7b_seed_spread_h200.md). Other rows use the 8B figure above, the smallest.
 ROW_SEED_SPREAD = {"7b-1024": 0.0215}
+# LoRA dropout of each engine's runs: the trainer's recipe (0.05) for plain and ours, Unsloth's fast
+# path (0) for Unsloth; a `-p0` run sets it to 0 (DROPOUT_P0) to compare at Unsloth's setting.
+RECIPE_DROPOUT, DROPOUT_P0 = 0.05, 0.0
+# Rows with a plain run at dropout 0: the loss reference of their -p0 rows. The 1.5B rows' -p0 runs
+# are held to Unsloth's curve (also at dropout 0) instead: the call has no room for both (~25 s).
+PLAIN_P0_ROWS = ("7b-1024", "8b-1024")
 
 
 def seed_spread(row: str) -> float:
@@ -92,12 +102,19 @@ def configs(only: set[str] | None) -> list[dict]:
         runs = [fixed("1.5b-512", engine), fixed("1.5b-2048", engine), varlen(engine)]
         out.append(dict(name=f"1.5b/{engine}", task="group", engine=engine, row="1.5b-512", runs=runs,
                         timeout=260 if engine == "unsloth" else 150))
-    out += [dict(fixed("1.5b-512", "ours"), timeout=110), dict(fixed("1.5b-2048", "ours"), timeout=110),
-            dict(varlen("ours"), timeout=110)]
+    def p0(cfg):  # the same run at Unsloth's dropout (0)
+        return dict(cfg, name=cfg["name"] + "-p0", dropout=DROPOUT_P0)
+
+    for row in ("1.5b-512", "1.5b-2048"):
+        out += [dict(fixed(row, "ours"), timeout=110), p0(dict(fixed(row, "ours"), timeout=110))]
+    out.append(dict(varlen("ours"), timeout=110))
     for row in ("7b-1024", "8b-1024"):
+        ours, lean = dict(fixed(row, "ours"), timeout=150), dict(fixed(row, "ours", simulate_card_gb=24),
+                                                                  name=f"{row}/lean", timeout=150)
         out += [dict(fixed(row, "plain"), timeout=150), dict(fixed(row, "unsloth"), timeout=210),
-                dict(fixed(row, "ours"), timeout=150),
-                dict(fixed(row, "ours", simulate_card_gb=24), name=f"{row}/lean", timeout=150)]
+                ours, p0(ours), lean, p0(lean)]
+    # Last: the dropout-0 loss references (without them the -p0 rows are held to Unsloth's curve).
+    out += [p0(dict(fixed(row, "plain"), timeout=150)) for row in PLAIN_P0_ROWS]
     runs = [dict(name=f"lossmatch/{e}", task="lossmatch", engine=e.split("-")[0], row="lossmatch",
                  dropout_seed=1 if e.endswith("reseed") else 0) for e in ("plain", "plain-reseed", "ours")]
     if only and any(o.startswith("lossmatch") for o in only):
@@ -116,13 +133,14 @@ def configs(only: set[str] | None) -> list[dict]:
             flat.append(c)
         out = flat
     if only:
-        out += [v for v in (_variant(name) for name in sorted(only)) if v is not None]
+        have = {c["name"] for c in out}
+        out += [v for v in (_variant(name) for name in sorted(only)) if v is not None and v["name"] not in have]
     return out
 
 
 def _variant(name: str) -> dict | None:
-    """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], or <row>/plain-seed<N>;
-    mods: seed<N> (another dropout seed, set after loading), max (the plan may use
+    """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], or <row>/plain-<seed<N>|p0>;
+    mods: seed<N> (another dropout seed, set after loading), p0 (LoRA dropout 0), max (the plan may use
     the whole card), unfused (QLORA_FUSED_LAYER=0), fused (QLORA_FUSED_LAYER=1: the fused decoder
     layer, the default), eager (QLORA_CUDA_GRAPHS=0), mb<N> (micro-batch
     pinned to N), none/selective/full/offload (recompute mode pinned); the rest is planned."""
@@ -130,7 +148,7 @@ def _variant(name: str) -> dict | None:
     base, *mods = rest.split("-")
     if row not in ROWS or base not in ("ours", "lean", "plain") or not mods:
         return None
-    if base == "plain" and not all(m.startswith("seed") for m in mods):
+    if base == "plain" and not all(m.startswith("seed") or m == "p0" for m in mods):
         return None
     cfg = dict(name=name, task="fixed", engine="plain" if base == "plain" else "ours", row=row, timeout=150, env={})
     if base == "lean":
@@ -138,6 +156,8 @@ def _variant(name: str) -> dict | None:
     for mod in mods:
         if mod == "max":
             cfg["policy"] = "max"
+        elif mod == "p0":
+            cfg["dropout"] = DROPOUT_P0
         elif mod == "unfused":
             cfg["env"]["QLORA_FUSED_LAYER"] = "0"
         elif mod == "fused":
@@ -185,8 +205,10 @@ def make_models(names: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(6)
-    g = torch.Generator().manual_seed(0)
     for name in names:
+        # One generator per shape: a shape's weights must not depend on which shapes this process
+        # made before it (session 9's 7B and 8B weights differed from session 8's for that reason).
+        g = torch.Generator().manual_seed(0)
         folder = SHM / name
         folder.mkdir(parents=True, exist_ok=True)
         if name == "smollm2-135m":
@@ -266,6 +288,8 @@ def drive(args) -> None:
     site = prepare_site()
     env = worker_env(site)
     todo = configs(set(args.only.split(",")) if args.only else None)
+    if args.skip:  # e.g. the GPU checks, when an earlier call on the same tree ran them
+        todo = [c for c in todo if not any(c["name"].startswith(s) for s in args.skip.split(","))]
     for c in todo:
         c["profile"] = bool(args.profile) and c["task"] == "fixed"
 
@@ -338,6 +362,8 @@ def render(results: list[dict]) -> str:
                      f"{ratio(f'{row}/ours', f'{row}/unsloth')} | {ours.get('mfu', '-')} | {ln[0]} | {ln[1]} | "
                      f"{ratio(f'{row}/lean', f'{row}/unsloth')} | {ours.get('plan', ours.get('error', '-'))[:90]} |")
     lines.append("")
+    lines += same_dropout_table(by)
+    lines.append("")
     lines.append("| variable-length (useful tokens/s) | plain | Unsloth (padding-free) | ours (packed) | ours/plain "
                  "| ours/Unsloth |")
     lines.append("|---|---|---|---|---|---|")
@@ -357,6 +383,16 @@ def render(results: list[dict]) -> str:
             losses = by.get(f"{row}/{e}", {}).get("losses")
             cells.append(f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "-")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {loss_departure(by, row)} |")
+    lines.append("")
+    lines.append("| loss at LoRA dropout 0, step 0 -> last step | plain-p0 | Unsloth | ours-p0 | lean-p0 "
+                 "| last loss vs plain-p0 (else vs Unsloth), same seed spreads |")
+    lines.append("|---|---|---|---|---|---|")
+    for row in ROWS:
+        cells = []
+        for e in ("plain-p0", "unsloth", "ours-p0", "lean-p0"):
+            losses = by.get(f"{row}/{e}", {}).get("losses")
+            cells.append(f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "-")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {loss_departure_p0(by, row)} |")
     lm = {e: by.get(f"lossmatch/{e}", {}) for e in ("plain", "plain-reseed", "ours")}
     if all("losses" in x for x in lm.values()):
         a, b, c = (lm[e]["losses"] for e in ("plain", "plain-reseed", "ours"))
@@ -369,20 +405,53 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def loss_departure(by: dict, row: str) -> str:
-    """DEPARTS when ours' or lean's last loss is further from plain's than plain's own seed spread
-    on that row.
+def loss_departure(by: dict, row: str, engines=("ours", "lean"), reference: str = "plain") -> str:
+    """DEPARTS when ours' or lean's last loss is further from the reference's (plain's) than plain's
+    own seed spread on that row.
     Only fixed-length rows: the packed variable-length run sees its records in another order."""
-    plain = by.get(f"{row}/plain", {}).get("losses")
+    plain = by.get(f"{row}/{reference}", {}).get("losses")
     if row not in ROWS or not plain:
         return "-"
     out = []
-    for e in ("ours", "lean"):
+    for e in engines:
         losses = by.get(f"{row}/{e}", {}).get("losses")
         if losses and len(losses) == len(plain):
             d = losses[-1] - plain[-1]
             out.append(f"{e} {d:+.4f}" + (" DEPARTS" if abs(d) > seed_spread(row) else ""))
     return ", ".join(out) or "-"
+
+
+def loss_departure_p0(by: dict, row: str) -> str:
+    """The dropout-0 runs against a reference of the same configuration: plain at dropout 0 where it
+    ran, else Unsloth (which always runs at dropout 0); the same seed-spread rule as loss_departure."""
+    ref = "plain-p0" if "losses" in by.get(f"{row}/plain-p0", {}) else "unsloth"
+    flags = loss_departure(by, row, ("ours-p0", "lean-p0"), ref)
+    return "-" if flags == "-" else f"{flags} (vs {ref})"
+
+
+def same_dropout_table(by: dict) -> list[str]:
+    """The same hyperparameters as Unsloth: ours and lean at LoRA dropout 0 against Unsloth (always
+    at 0). The table above compares ours at the recipe's dropout (0.05) with Unsloth at 0."""
+    def rate(name):
+        r = by.get(name)
+        if r is None:
+            return "-"
+        return "error" if "error" in r else f"{r['tokens_per_s']:,.0f} ({r.get('peak_gib', float('nan')):.2f})"
+
+    def ratio(a, b):
+        ok = all(n in by and "error" not in by[n] for n in (a, b))
+        return f"{by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.2f}x" if ok else "-"
+
+    lines = ["| same dropout as Unsloth (0) | Unsloth tok/s (GiB) | ours-p0 tok/s (GiB) | ours-p0/Unsloth "
+             "| ours-p0 MFU | lean-p0 tok/s (GiB) | lean-p0/Unsloth | plain-p0 tok/s (GiB) | ours-p0 plan |",
+             "|" + "---|" * 9]
+    for row in ROWS:
+        o = by.get(f"{row}/ours-p0", {})
+        lines.append(f"| {row} | {rate(f'{row}/unsloth')} | {rate(f'{row}/ours-p0')} | "
+                     f"{ratio(f'{row}/ours-p0', f'{row}/unsloth')} | {o.get('mfu', '-')} | {rate(f'{row}/lean-p0')} | "
+                     f"{ratio(f'{row}/lean-p0', f'{row}/unsloth')} | {rate(f'{row}/plain-p0')} | "
+                     f"{o.get('plan', o.get('error', '-'))[:90]} |")
+    return lines
 
 
 def loss_match_summary(plain, reseed, ours, label) -> str:
@@ -538,6 +607,11 @@ def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda"
     return times, losses, tokens
 
 
+def run_dropout(cfg) -> float:
+    """The run's LoRA dropout: its own (`-p0` runs: 0), else its engine's default."""
+    return cfg.get("dropout", DROPOUT_P0 if cfg["engine"] == "unsloth" else RECIPE_DROPOUT)
+
+
 def _fixed_batches(vocab, micro, seq, accum, seed=0):
     """Step s trains on the same micro*accum sequences whatever the split into micro-batches (a
     pool of 4 full steps, cycled), so every engine and plan sees the same data in the same order."""
@@ -563,7 +637,7 @@ def run_fixed(cfg) -> dict:
         torch.cuda.set_per_process_memory_fraction(cfg["memory_fraction"])
     result = {"name": cfg["name"]}
     micro, accum = batch, 1
-    dropout = 0.0 if engine == "unsloth" else 0.05
+    dropout = run_dropout(cfg)
     plan = None
     if engine == "ours":
         plan = plan_job(cfg, folder, seq, batch, 1, dropout)
@@ -656,7 +730,7 @@ def run_varlen(cfg) -> dict:
     lengths = _varlen_lengths(per_step * steps)
     g = torch.Generator().manual_seed(1)
     records = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in lengths]
-    dropout = 0.0 if engine == "unsloth" else 0.05
+    dropout = run_dropout(cfg)
     result = {"name": cfg["name"], "mean_len": round(statistics.mean(lengths), 1),
               "frac_under_512": round(sum(n < 512 for n in lengths) / len(lengths), 3)}
     plan = None
@@ -1089,6 +1163,7 @@ def lossmatch_cpu() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="comma-separated prefixes of configuration names")
+    ap.add_argument("--skip", help="comma-separated prefixes of configuration names to leave out")
     ap.add_argument("--out", help="folder for results.json, table.md and logs (default $OUT)")
     ap.add_argument("--budget-s", type=float, default=560.0, help="stop starting runs after this many seconds")
     ap.add_argument("--profile", action="store_true", help="profile two extra steps of each fixed-shape run")

@@ -8,7 +8,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from qlora_trainer.acceleration import GIB, GpuSpec, JobShape, ModelShape, PlanDoesNotFit, plan_memory
+from qlora_trainer.acceleration import (
+    GIB,
+    GpuSpec,
+    JobShape,
+    ModelShape,
+    PlanDoesNotFit,
+    plan_memory,
+    planner,
+)
 from qlora_trainer.acceleration.planner import baseline_peak_bytes, plan_peak_bytes
 
 QWEN_7B = ModelShape(layers=28, hidden=3584, intermediate=18944, heads=28, kv_heads=4, head_dim=128, vocab=152064)
@@ -42,6 +50,79 @@ def test_a_tight_card_gets_the_lean_plan():
     plan = plan_memory(QWEN_7B, job, GpuSpec(memory_bytes=24 * GIB))
     assert plan.policy == "lean" and plan.recompute == "full"
     assert plan.predicted_peak_bytes < 9 * GIB
+
+
+LLAMA_8B = ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
+# A small model with a large vocabulary: its loss chunk outgrows a layer's backward working set.
+SMALL_BIG_VOCAB = ModelShape(layers=24, hidden=512, intermediate=1536, heads=8, kv_heads=8, head_dim=64, vocab=128000)
+
+
+def test_lean_takes_the_large_loss_chunk_where_it_costs_no_memory():
+    """The loss and a layer's backward are never live together: at 8B the 1,024-token chunk's
+    logits (0.25 GiB) are smaller than a recomputing layer's backward, so the lean plan's peak is the
+    same as with 256-token chunks, and it takes the larger (faster) chunk."""
+    job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
+    plan = plan_memory(LLAMA_8B, job, GpuSpec(memory_bytes=24 * 10**9), packing=False)
+    tokens = plan.micro_batch * job.seq_len
+    assert plan.policy == "lean" and plan.recompute == "full"
+    assert plan.ce_chunk_tokens == planner.choose_ce_chunk(LLAMA_8B, tokens) == 1024
+    small = planner.choose_ce_chunk(LLAMA_8B, tokens, planner.CE_WORK_BYTES // 3)
+    assert small == 256
+    args = (LLAMA_8B, job, plan.micro_batch, LLAMA_8B.layers, 0, False)
+    assert plan_peak_bytes(*args, planner.CE_WORK_BYTES, True)[0] == plan_peak_bytes(*args, planner.CE_WORK_BYTES // 3,
+                                                                                     True)[0]
+    secs = [planner.step_seconds(LLAMA_8B, job, GpuSpec(memory_bytes=24 * 10**9), plan.micro_batch, LLAMA_8B.layers, 0,
+                                 graphs=True, ce_chunk=c) for c in (1024, 256)]
+    assert secs[0] < secs[1]
+    assert plan.predicted_peak_bytes <= planner.lean_cap_bytes(LLAMA_8B, job, plan.micro_batch)
+
+
+H200 = GpuSpec(memory_bytes=143771 * 2**20, peak_flops=989e12, bandwidth=4.3e12, name="NVIDIA H200")
+
+
+def test_dequantization_is_priced_as_the_8b_profile_measured_it():
+    """~25 ms a step at 8B on the H200 (2 micro-steps of 2,048 tokens; benchmarks/NOTES.md): what
+    keeping every layer's bf16 copy would save in the speed model."""
+    job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
+    none, every = (planner.step_seconds(LLAMA_8B, job, H200, 2, 0, cached, graphs=True) for cached in (0, 32))
+    assert 0.022 < none - every < 0.028
+
+
+@pytest.mark.parametrize("shape,seq,batch,plain_measured_gib", [
+    (QWEN_1_5B, 2048, 8, 37.37), (QWEN_7B, 1024, 4, 18.41), (LLAMA_8B, 1024, 4, 17.69)])
+def test_auto_spends_the_budget_left_on_bf16_weight_copies(shape, seq, batch, plain_measured_gib):
+    """The benchmark's rows on the H200: the auto plan keeps bf16 copies in as many layers as its
+    budget (0.9x the plain recipe's estimated peak) holds while they still make it faster, and its
+    predicted peak stays under the plain recipe's peak as measured (results/speed_vs_unsloth_h200.md)."""
+    job = JobShape(seq_len=seq, micro_batch=batch, grad_accum=1)
+    plan = plan_memory(shape, job, H200, packing=False)
+    assert plan.policy == "auto" and plan.cached_layers > 0
+    assert plan.predicted_peak_bytes <= plan.budget_bytes < plain_measured_gib * GIB
+    args = (shape, job, H200, plan.micro_batch, plan.recompute_layers)
+    without = planner.step_seconds(*args, 0, graphs=True, ce_chunk=plan.ce_chunk_tokens)
+    assert job.effective_batch * seq / without < plan.predicted_tokens_per_s
+    step = max(1, shape.layers // 16)
+    more, _ = plan_peak_bytes(shape, job, plan.micro_batch, plan.recompute_layers, plan.cached_layers + step,
+                              False, planner.CE_WORK_BYTES, True)
+    faster = planner.step_seconds(*args, plan.cached_layers + step, graphs=True, ce_chunk=plan.ce_chunk_tokens)
+    # one more step of copies would either pass the budget or gain less than 0.1%
+    assert more > plan.budget_bytes or job.effective_batch * seq / faster < plan.predicted_tokens_per_s * 1.001
+
+
+def test_lean_keeps_the_small_loss_chunk_where_the_large_one_would_pass_its_cap():
+    job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
+    plan = plan_memory(SMALL_BIG_VOCAB, job, GpuSpec(memory_bytes=4 * GIB), packing=False)
+    tokens = plan.micro_batch * job.seq_len
+    cap = planner.lean_cap_bytes(SMALL_BIG_VOCAB, job, plan.micro_batch)
+    large, _ = plan_peak_bytes(SMALL_BIG_VOCAB, job, plan.micro_batch, SMALL_BIG_VOCAB.layers, 0, False,
+                               planner.CE_WORK_BYTES, True)
+    assert plan.policy == "lean" and large > cap >= plan.predicted_peak_bytes
+    assert plan.ce_chunk_tokens == planner.choose_ce_chunk(SMALL_BIG_VOCAB, tokens, planner.CE_WORK_BYTES // 3) < \
+        planner.choose_ce_chunk(SMALL_BIG_VOCAB, tokens)
+    # The same job with room to spare (auto, not lean) keeps the one full-size chunk.
+    roomy = plan_memory(SMALL_BIG_VOCAB, job, H100, packing=False)
+    assert roomy.policy == "auto" and roomy.ce_chunk_tokens == planner.choose_ce_chunk(SMALL_BIG_VOCAB,
+                                                                                        roomy.micro_batch * 1024)
 
 
 def test_a_job_that_cannot_fit_is_refused_with_the_largest_setting_that_would():

@@ -267,6 +267,30 @@ def run_masks():
         agree = (m == other).float().mean().item()
         check("dropout_mask.independent_" + what, "", abs(agree - expected_agreement) < 0.02,
               f"agreement {agree:.4f}, independent masks agree on {expected_agreement:.4f}")
+    run_mask_statistics()
+
+
+def run_mask_statistics(rows=256, cols=2048, p=0.05):
+    """The draw is a fair coin at the LoRA recipe's p, element by element: 512k elements, each
+    tolerance 5 standard deviations. Dropped pairs at distance 1 (the two halves of one Philox
+    output), 2 and 6 (other outputs of the same call), 8 (the next counter) and one row (n_cols)
+    must be as frequent as p^2, and the rate must be the same in every 128-column stripe."""
+    m = T.dropout_mask(11, 2, rows, cols, p, DEV).cpu()
+    dropped = (~m).flatten().double()
+    n = dropped.numel()
+    rate = dropped.mean().item()
+    sd = (p * (1 - p) / n) ** 0.5
+    check("dropout_mask.stat_rate", f"p={p}", abs(rate - p) < 5 * sd, f"dropped {rate:.5f}, expected {p} +- {5 * sd:.5f}")
+    for lag in (1, 2, 6, 8, cols):
+        both = (dropped[:-lag] * dropped[lag:]).mean().item()
+        sd2 = (p * p * (1 - p * p) / (n - lag)) ** 0.5
+        check("dropout_mask.stat_pairs", f"lag {lag}", abs(both - p * p) < 5 * sd2,
+              f"both dropped {both:.6f}, independent {p * p:.6f} +- {5 * sd2:.6f}")
+    stripes = (~m).double().reshape(rows, cols // 128, 128).mean((0, 2))
+    sd3 = (p * (1 - p) / (rows * 128)) ** 0.5
+    worst = (stripes - p).abs().max().item()
+    # 16 stripes: 5 sd bounds the largest of them too (about 1e-5 chance each of passing it)
+    check("dropout_mask.stat_stripes", "", worst < 5 * sd3, f"worst stripe off by {worst:.5f} (5 sd {5 * sd3:.5f})")
 
 
 def run_errors():

@@ -35,10 +35,69 @@ def test_the_h100_tables_8b_and_7b_rows_are_flagged_and_a_matching_row_is_not():
 
 
 def test_the_7b_row_is_held_to_its_own_measured_spread():
-    """The H200 table's 7B ours (+0.0151) is within the 7B row's own seed spread (0.0215, plain with
-    two seeds), its 7B lean (+0.0234) is not; the 8B row keeps the tighter 8B spread."""
+    """The session-8 H200 table's 7B ours (+0.0151) is within the 7B row's own seed spread (0.0215,
+    plain with two seeds), its 7B lean (+0.0234) is not; the 8B row keeps the tighter 8B spread."""
     bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200.json").read_text())["results"]
+    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session8.json").read_text())["results"]
     row7, row8 = _loss_row(bench.render(results), "7b-1024"), _loss_row(bench.render(results), "8b-1024")
     assert "ours +0.0151," in row7 and "lean +0.0234 DEPARTS" in row7
     assert "ours -0.0074," in row8 and "lean -0.0131 DEPARTS" in row8
+
+
+def _with_p0_runs(results: list[dict], shift: dict[str, float]) -> list[dict]:
+    """The H200 table's results plus dropout-0 runs: each <row>/<e>-p0 is <row>/<e>'s run (its
+    speed and losses) with its last loss moved by shift[e]; plain-p0 only where shift names it."""
+    by = {r["name"]: r for r in results}
+    out = list(results)
+    for row in ("7b-1024", "8b-1024"):
+        for e, d in shift.items():
+            src = by[f"{row}/{e}"]
+            out.append(dict(src, name=f"{row}/{e}-p0", losses=src["losses"][:-1] + [src["losses"][-1] + d]))
+    return out
+
+
+def test_dropout_0_rows_are_held_to_a_reference_at_dropout_0():
+    """ours-p0 and lean-p0 are compared with plain-p0 where it ran, else with Unsloth (always at
+    dropout 0), by the same spread rule; the speed table shows both comparisons side by side."""
+    bench = _bench()
+    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session8.json").read_text())["results"]
+    by = {r["name"]: r for r in results}
+    spread8 = bench.seed_spread("8b-1024")
+    # plain-p0 ran: lean-p0 lands just outside the 8B spread from it, ours-p0 just inside.
+    table = bench.render(_with_p0_runs(results, {"plain": 0.0, "ours": 0.0, "lean": 0.0}))
+    p0_row = next(line for line in table.splitlines() if line.startswith("| 8b-1024 |") and "vs plain-p0" in line)
+    ours_d = by["8b-1024/ours"]["losses"][-1] - by["8b-1024/plain"]["losses"][-1]
+    assert f"ours-p0 {ours_d:+.4f}," in p0_row and "lean-p0 -0.0131 DEPARTS" in p0_row
+    # lean-p0 moved to half the spread below plain-p0: no longer flagged.
+    moved = bench.render(_with_p0_runs(results, {"plain": 0.0, "ours": 0.0, "lean": 0.0131 - spread8 / 2}))
+    p0_row = next(line for line in moved.splitlines() if line.startswith("| 8b-1024 |") and "vs plain-p0" in line)
+    assert f"lean-p0 {-spread8 / 2:+.4f} (vs" in p0_row and "DEPARTS" not in p0_row
+    # No plain-p0: Unsloth's curve is the reference (8B: ours -0.0074 from plain, plain 0.0093 above Unsloth).
+    table = bench.render(_with_p0_runs(results, {"ours": 0.0}))
+    p0_row = next(line for line in table.splitlines() if line.startswith("| 8b-1024 |") and "(vs unsloth)" in line)
+    d = by["8b-1024/ours"]["losses"][-1] - by["8b-1024/unsloth"]["losses"][-1]
+    assert f"ours-p0 {d:+.4f}" in p0_row and "DEPARTS" not in p0_row
+    # The speed tables: ours/Unsloth (0.05 vs 0) as before, and ours-p0/Unsloth (both at 0) beside it.
+    speed = next(line for line in table.splitlines() if line.startswith("| 8b-1024 |") and "->" not in line
+                 and "x |" in line and "ours-p0" not in line)
+    assert "1.35x" in speed
+    same = next(line for line in table.splitlines() if line.startswith("| 8b-1024 | 9,755 (7.02) |"))
+    assert "| 1.35x |" in same  # the copied ours run: 13,197 / 9,755
+
+
+def test_the_h200_tables_dropout_0_rows_against_plain_at_dropout_0_and_unsloth():
+    """The session-9 H200 table (one call, every row at both dropouts): the 7B and 8B dropout-0 rows
+    are held to plain at dropout 0, the 1.5B ones to Unsloth; all within; Unsloth itself ends 0.0496
+    above plain at dropout 0 on the 8B row, which is why plain-p0 is the reference where it ran."""
+    bench = _bench()
+    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200.json").read_text())["results"]
+    table = bench.render(results)
+    p0 = {row: next(line for line in table.splitlines() if line.startswith(f"| {row} |") and "(vs " in line)
+          for row in bench.ROWS}
+    assert "ours-p0 -0.0022, lean-p0 +0.0061 (vs plain-p0)" in p0["8b-1024"]
+    assert "ours-p0 -0.0005, lean-p0 +0.0064 (vs plain-p0)" in p0["7b-1024"]
+    assert "ours-p0 -0.0005 (vs unsloth)" in p0["1.5b-512"] and "(vs unsloth)" in p0["1.5b-2048"]
+    assert not any("DEPARTS" in line for line in p0.values())
+    assert "ours +0.0055, lean +0.0051 |" in _loss_row(table, "8b-1024")
+    by = {r["name"]: r for r in results}
+    assert round(by["8b-1024/unsloth"]["losses"][-1] - by["8b-1024/plain-p0"]["losses"][-1], 4) == 0.0496

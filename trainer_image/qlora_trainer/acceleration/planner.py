@@ -39,13 +39,23 @@ _DEQUANT_OVERHEAD_S = 0.0004  # host cost of dequantizing one layer's 7 weights 
 # offloaded recompute; within ~5% of every one, benchmarks/NOTES.md): the GEMMs run near a constant
 # efficiency from 1,024 tokens up, and what makes small micro-steps slow is a fixed cost per layer
 # per micro-step (dequantization, the LoRA side's small kernels), not the GEMMs themselves.
-_DEQUANT_BYTES = 2.6  # per weight and pass: read 0.53 B, write 2 B (and the absmax)
+# Dequantization per weight and pass, in bytes at the card's copy bandwidth. Its traffic is 2.6 B
+# (read 0.53 B, write 2 B, and the absmax), but measured it costs more: on an H200 (4.3 TB/s) the
+# 8B row's profile (benchmarks/NOTES.md, session 8, call 1: 2 micro-steps x 32 layers x 2 passes
+# of 218M weights, 27.9G weights a step) spent 36 ms a step in bitsandbytes' dequantization (33.5 ms
+# at ~2.1 TB/s, half the card's copy rate, plus 2.7 ms decoding the nested absmax), and ~25 ms
+# after the Triton NF4 kernel replaced it (call 2). 25 ms x 4.3e12 B/s / 27.9e9 weights = 3.85 B.
+# With 2.6 the model put it at 17 ms a step and under-priced what a bf16 weight copy saves.
+_DEQUANT_BYTES = 3.85
 _ATTENTION_EFFICIENCY = 0.20  # causal flash attention forward + backward, counted as dense FLOPs
 _CE_BYTES_PER_LOGIT = 10  # the LM head writes bf16 logits, the loss kernel reads them twice and writes the gradient, the GEMM reads it
 _LAYER_FIXED_GPU_S = 0.0006  # per layer per micro-step, forward and backward
 _ELEMENTWISE_PASSES = 16  # passes over a layer's saved activations (norms, RoPE, SwiGLU, LoRA A side, copies)
 _GRAPH_REPLAY_S = 0.0004  # host cost of one graphed layer's forward and backward replays (estimate)
 _STEP_OVERHEAD_S = 0.010  # fused AdamW step, clipping, data: per optimizer step
+# The loss runs eagerly (outside the layer graphs), four launches per chunk: the LM-head GEMM, the
+# loss kernel, the gradient GEMM and its copy. Host time per chunk (estimate: ~10 us a launch).
+_CE_CHUNK_HOST_S = 0.00005
 # bitsandbytes' optimizers synchronize the GPU after every parameter: 35-50 ms per step for the ~400
 # LoRA tensors of a 1.5B-8B model against 8-11 ms for fused AdamW (measured, benchmarks/NOTES.md).
 # LoRA's optimizer states are small and counted in the plan, so paging buys nothing once the plan
@@ -231,7 +241,13 @@ def ce_chunk_bytes(shape: ModelShape, chunk_tokens: int) -> int:
     return chunk_tokens * shape.vocab * 2
 
 
-CE_WORK_BYTES = int(1.5 * GIB)  # logits work per cross-entropy chunk; the lean plan uses a third
+CE_WORK_BYTES = int(1.5 * GIB)  # logits work per cross-entropy chunk
+# The lean plan may also take a third of it. The loss runs in the forward pass (the gradient over
+# the hidden states is made there, kernels.ChunkedLinearCrossEntropy), before any layer's backward:
+# its chunk and a layer's backward working set are never live together (plan_peak_bytes), so a
+# larger chunk costs lean nothing until the chunk outgrows that working set (a small model with a
+# large vocabulary). Lean takes the larger chunk where its peak stays within the lean cap.
+CE_WORK_CHOICES = {"lean": (CE_WORK_BYTES, CE_WORK_BYTES // 3)}
 
 
 def choose_ce_chunk(shape: ModelShape, tokens: int, work_bytes: int = CE_WORK_BYTES) -> int:
@@ -297,16 +313,25 @@ def baseline_peak_bytes(shape: ModelShape, job: JobShape) -> int:
 # Speed model (seconds per optimizer step)
 
 
+def _gemm_efficiency(tokens: int) -> float:
+    return _GEMM_EFFICIENCY * tokens / (tokens + _GEMM_TOKENS_HALF_EFFICIENCY)
+
+
 def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: int, recompute_layers: int,
-                 cached_layers: int, offload: bool = False, graphs: bool = False, fused: bool = True) -> float:
+                 cached_layers: int, offload: bool = False, graphs: bool = False, fused: bool = True,
+                 ce_chunk: int | None = None) -> float:
     tokens = micro_batch * job.seq_len
     accum = job.effective_batch // micro_batch
-    eff = _GEMM_EFFICIENCY * tokens / (tokens + _GEMM_TOKENS_HALF_EFFICIENCY)
+    eff = _gemm_efficiency(tokens)
     frac_recomputed = recompute_layers / shape.layers
     linear = 2.0 * shape.linear_params * tokens * (2 + frac_recomputed)
+    # The LM head's two GEMMs run a loss chunk at a time (ce_chunk tokens; default: the chunk the
+    # full logits work would give).
+    chunk = min(tokens, ce_chunk or choose_ce_chunk(shape, tokens))
     head = 4.0 * shape.vocab * shape.hidden * tokens
     attention = shape.layers * 2 * job.seq_len * shape.q_width * tokens * (3 + frac_recomputed)
-    gemm_s = (linear + head) / (gpu.peak_flops * eff) + attention / (gpu.peak_flops * _ATTENTION_EFFICIENCY)
+    gemm_s = (linear / (gpu.peak_flops * eff) + head / (gpu.peak_flops * _gemm_efficiency(chunk))
+              + attention / (gpu.peak_flops * _ATTENTION_EFFICIENCY))
     # Dequantizing one layer: read 0.53 B/weight, write 2 B, and the GEMM reads the 2 B again.
     # Uncached layers pay it in forward and backward (a recomputed layer's backward reuses the
     # weights its recompute dequantized: fused_layer.held_weights).
@@ -326,6 +351,7 @@ def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: in
     if graphs:  # graphed layers cost the host one replay each (recompute included); offloaded ones run eagerly
         eager = recompute_layers if offload else 0
         host_s = eager * (_LAYER_OVERHEAD_S * 1.4 + 3 * _DEQUANT_OVERHEAD_S) + (shape.layers - eager) * _GRAPH_REPLAY_S
+    host_s += math.ceil(tokens / chunk) * _CE_CHUNK_HOST_S
     micro_s = max(gpu_s + offload_s * 0.2, host_s) + 0.1 * min(gpu_s, host_s)
     return accum * micro_s + _STEP_OVERHEAD_S
 
@@ -339,17 +365,21 @@ def _usable(gpu: GpuSpec) -> int:
     return int(gpu.memory_bytes * 0.92 - 1.0 * GIB)
 
 
-def _candidates(shape: ModelShape, job: JobShape, gpu: GpuSpec, ce_work_bytes: int = CE_WORK_BYTES,
+def _candidates(shape: ModelShape, job: JobShape, gpu: GpuSpec, ce_works: tuple = (CE_WORK_BYTES,),
                 graphs: bool = False, fused: bool = True):
+    """(micro-batch, recomputed layers, cached layers, offload, peak, seconds, parts, loss chunk)
+    for every plan, each loss chunk size in `ce_works` (bytes of logits work) priced separately."""
     divisors = [b for b in range(1, job.effective_batch + 1) if job.effective_batch % b == 0]
     layer_steps = sorted(set([0, shape.layers] + list(range(0, shape.layers, max(1, shape.layers // 16)))))
     for b in divisors:
+        chunks = sorted({choose_ce_chunk(shape, b * job.seq_len, w): w for w in ce_works}.items())
         for rec in layer_steps:
             for cached in layer_steps:
                 for offload in ((False, True) if rec == shape.layers else (False,)):
-                    peak, parts = plan_peak_bytes(shape, job, b, rec, cached, offload, ce_work_bytes, graphs, fused)
-                    secs = step_seconds(shape, job, gpu, b, rec, cached, offload, graphs, fused)
-                    yield b, rec, cached, offload, peak, secs, parts
+                    for chunk, work in chunks:
+                        peak, parts = plan_peak_bytes(shape, job, b, rec, cached, offload, work, graphs, fused)
+                        secs = step_seconds(shape, job, gpu, b, rec, cached, offload, graphs, fused, chunk)
+                        yield b, rec, cached, offload, peak, secs, parts, chunk
 
 
 def _mode(shape: ModelShape, cand) -> str:
@@ -358,7 +388,7 @@ def _mode(shape: ModelShape, cand) -> str:
 
 
 def _make_plan(shape, job, gpu, cand, budget, policy, packing, fused) -> MemoryPlan:
-    b, rec, cached, offload, peak, secs, parts = cand
+    b, rec, cached, offload, peak, secs, parts, chunk = cand
     mode = _mode(shape, cand)
     return MemoryPlan(
         micro_batch=b,
@@ -366,7 +396,7 @@ def _make_plan(shape, job, gpu, cand, budget, policy, packing, fused) -> MemoryP
         recompute=mode,
         recompute_layers=rec,
         cached_layers=cached,
-        ce_chunk_tokens=choose_ce_chunk(shape, b * job.seq_len, CE_WORK_BYTES // 3 if policy == "lean" else CE_WORK_BYTES),
+        ce_chunk_tokens=chunk,
         packing=packing,
         predicted_peak_bytes=peak,
         predicted_tokens_per_s=job.effective_batch * job.seq_len / secs,
@@ -400,10 +430,10 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
         policy = "lean"
     # 10% under the standard recipe: both numbers are estimates, and the promise is "never more".
     budget = usable if policy == "max" else (min(usable, int(0.9 * baseline)) if policy == "auto" else usable)
-    ce_work = CE_WORK_BYTES // 3 if policy == "lean" else CE_WORK_BYTES
+    ce_works = CE_WORK_CHOICES.get(policy, (CE_WORK_BYTES,))
     # Fixed-length rows replay the fused layers as CUDA graphs; packed rows (boundaries change
     # from batch to batch) run them eagerly (cuda_graphs.py).
-    fitting = [c for c in _candidates(shape, job, gpu, ce_work, graphs=fused and not packing, fused=fused)
+    fitting = [c for c in _candidates(shape, job, gpu, ce_works, graphs=fused and not packing, fused=fused)
                if c[4] <= budget]
     if not fitting:
         raise PlanDoesNotFit(_does_not_fit_message(shape, job, gpu, usable))
@@ -419,23 +449,41 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
     best = min(c[5] for c in cands)
     near = [c for c in cands if c[5] <= best * 1.03]
     choice = min(near, key=lambda c: (c[4], c[5]))
-    return _make_plan(shape, job, gpu, choice, budget, policy, packing, fused)
+    return _make_plan(shape, job, gpu, _with_weight_copies(choice, cands), budget, policy, packing, fused)
+
+
+def _with_weight_copies(choice, cands):
+    """The chosen micro-batch, recompute and loss chunk, with bf16 weight copies in as many layers
+    as the budget still holds when that is faster. A copy saves only time (no dequantization in
+    its layer's passes); the 3% rule above, which prefers the plan that needs least memory, would
+    otherwise leave the budget unspent for a gain of 2-3% at 7B-8B. Copies within 0.1% of the
+    fastest count as no faster, so no memory goes to them for nothing."""
+    b, rec, _, offload, *_rest = choice
+    same = [c for c in cands if (c[0], c[1], c[3], c[7]) == (b, rec, offload, choice[7])]
+    fastest = min(c[5] for c in same)
+    return min((c for c in same if c[5] <= fastest * 1.001), key=lambda c: (c[4], c[5]))
+
+
+def lean_cap_bytes(shape: ModelShape, job: JobShape, micro_batch: int, fused: bool = True) -> int:
+    """The most a lean plan at this micro-batch may need (_lean_choice): 1.3x the weights and
+    optimizer, 0.25 GiB, and the fused layers' fp32 half of the layer checkpoints."""
+    base_cap = 1.3 * sum(static_bytes(shape, job.lora_rank, job.adapter_bytes).values()) + 0.25 * GIB
+    fp32_extra = (RESIDUAL_BYTES - 2) * shape.layers * shape.hidden * job.seq_len if fused else 0
+    return int(base_cap + fp32_extra * micro_batch)
 
 
 def _lean_choice(shape: ModelShape, job: JobShape, cands, fused: bool = True):
-    """Lean: every layer recomputed, no weight copies, and the fastest micro-batch whose peak stays
-    within 1.3x the weights-and-optimizer footprint (activations get less than a third of what the
-    model itself needs). The rule was set with a bf16 residual stream; the fused layers' fp32
+    """Lean: every layer recomputed, no weight copies, and the fastest micro-batch (and loss chunk,
+    CE_WORK_CHOICES) whose peak stays within 1.3x the weights-and-optimizer footprint (activations
+    get less than a third of what the model itself needs). The rule was set with a bf16 residual stream; the fused layers' fp32
     stream (kept for the plain recipe's numerics) doubles the layer checkpoints, and that second
     half is allowed on top, so the same jobs get the same micro-batch as before."""
     full = [c for c in cands if c[1] == shape.layers and c[2] == 0]
     if not full:
         return min(cands, key=lambda c: c[4])
-    base_cap = 1.3 * sum(static_bytes(shape, job.lora_rank, job.adapter_bytes).values()) + 0.25 * GIB
-    fp32_extra = (RESIDUAL_BYTES - 2) * shape.layers * shape.hidden * job.seq_len if fused else 0
 
     def cap(c):
-        return base_cap + fp32_extra * c[0]
+        return lean_cap_bytes(shape, job, c[0], fused)
 
     within = [c for c in full if c[4] <= cap(c) and not c[3]] or [c for c in full if c[4] <= cap(c)]
     if not within:
