@@ -152,7 +152,7 @@ def checkpoint_bytes(shape: str) -> int:
     return 2 * (layers * per_layer + vocab * h * (1 if c.get("tie_word_embeddings") else 2) + h)
 
 
-def place_checkpoints(needed: list[str], dry_run: bool) -> dict:
+def place_checkpoints(needed: list[str], downloaded: list[str]) -> dict:
     """Each shape's folder: in ROOT (memory, /dev/shm) while the checkpoints fit there with room for
     the CLI's and the floor's downloads; the rest on the disk with far more room, linked from
     ROOT/models/<shape> (the page cache keeps what was just written, as it keeps a download)."""
@@ -161,7 +161,8 @@ def place_checkpoints(needed: list[str], dry_run: bool) -> dict:
     (ROOT / CLAIM).mkdir(parents=True, exist_ok=True)
     disk = Path(tempfile.gettempdir()) / "qlora-cli-bench-disk"
     free = sh.disk_usage(ROOT).free
-    spare = 3 * max((checkpoint_bytes(s) for s in needed), default=0) if dry_run else 3 * checkpoint_bytes(needed[0])
+    # room for the downloaded models' two copies (the CLI's and the floor's) and a margin
+    spare = 2 * sum(checkpoint_bytes(s) for s in downloaded) + (2 << 30)
     places = {"shm_free_gb": round(free / 1e9, 1), "disk_free_gb": round(sh.disk_usage(tempfile.gettempdir()).free / 1e9, 1)}
     for shape in needed:
         link = ROOT / CLAIM / shape
@@ -537,7 +538,9 @@ def drive(opts) -> int:
     # server starts; every timed step waits for them, so that no measurement shares the GPU, the CPUs
     # or memory bandwidth with them.
     needed = list(dict.fromkeys(rows[r]["shape"] for r in chosen))
-    results_env = {"checkpoint_places": place_checkpoints(needed, opts.dry_run)}
+    s3_shapes = [] if opts.no_download else list(dict.fromkeys(rows[r]["shape"] for r in chosen
+                                                               if rows[r]["store"] == "s3"))
+    results_env = {"checkpoint_places": place_checkpoints(needed, s3_shapes)}
     writers = {shape: subprocess.Popen([sys.executable, __file__, "--task", "checkpoints", shape], env=child_env())
                for shape in needed}
 
@@ -554,8 +557,6 @@ def drive(opts) -> int:
     transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
     # The model the CLI downloads goes into the store as soon as its checkpoint is written, while the
     # larger ones are still being written (untimed: the upload floor is a sample, after them).
-    s3_shapes = [] if opts.no_download else list(dict.fromkeys(rows[r]["shape"] for r in chosen
-                                                               if rows[r]["store"] == "s3"))
     staged: dict[str, float] = {}
     while time.monotonic() < deadline and (any(w.poll() is None for w in writers.values())
                                            or any(sh not in staged for sh in s3_shapes)):
@@ -654,7 +655,7 @@ def phase_rows(res: dict, floors: dict) -> list[tuple[str, float, float | None, 
         add("downloadModel", down["seconds"], f"boto3 download, {down['megabytes_per_second']:.0f} MB/s")
     quant = floors.get("quantize", {}).get(row["shape"])
     if quant and "error" not in quant:
-        add("quantize", quant["seconds"], f"read + place + bnb quantize_4bit, {quant['params_per_second'] / 1e6:,.0f}M params/s")
+        add("quantize", quant["seconds"], f"read + place + bnb quantize_4bit + fp32 cast, {quant['params_per_second'] / 1e6:,.0f}M params/s")
     tok = res.get("tokenize_floor")
     if tok:
         serial = f"; on one thread {tok['serial_seconds']:.2f} s" if tok.get("serial_seconds") else ""
