@@ -7,22 +7,27 @@ variable-length records, Qwen2.5-7B and Llama-3-8B at 1024 x 4) it measures, in 
 - the benchmark's own fast-path number for the row (speed_vs_unsloth.run_fixed / run_varlen, engine
   `ours`, in a process of its own): target CLI >= 95% of it;
 - floors for the phases outside training: the store's download bandwidth (boto3 in another process,
-  the trainer's transfer settings, same server, same disk), its upload bandwidth (the base's upload),
-  bitsandbytes' quantization rate (every linear weight read from the checkpoint, moved to the
-  device and quantized with quantize_4bit, nothing else), the import time of torch & co. in a fresh
-  process, and a batched tokenizer pass over the same texts (train and eval) on the tokenizer's
-  threads: target each phase within 1.5x its floor. The import and quantization floors are taken
-  at the start of the fast-path row's own fresh process (before it loads anything), which saves a
-  process start per shape.
+  the trainer's transfer settings, same server, same disk), its upload bandwidth (a sample of the
+  checkpoint through boto3), the quantize phase's own work at bitsandbytes' and the bus's rates
+  (every tensor read from the checkpoint and placed on the device, the linear weights quantized
+  with quantize_4bit, the other tensors cast to fp32 as prepare_model_for_kbit_training does; the
+  device's first-use costs paid before the clock, as the trainer pays them on a thread while it
+  downloads), the import time of torch & co. in a fresh process, and a batched tokenizer pass over
+  the same texts (train and eval) on the tokenizer's threads: target each phase within 1.5x its
+  floor. The import and quantization floors are taken at the start of the fast-path row's own
+  fresh process (before it loads anything), which saves a process start per shape. The quantize
+  phase is also shown step by step (its sub-phases deviceWarmup, fromPretrained, prepareKbit)
+  beside the floor's parts (read, place, quantize, cast).
 
 No full bf16 checkpoint is ever held in memory: random weights are drawn one decoder layer at a time
-(on the GPU when there is one) and written as one safetensors shard per layer with an index. The
-1.5B model of the first row goes through the S3 server (moto, in this process) so that the download
-phase is real; the other rows read their model from a local folder as a pvc:// model (no download
-phase), which keeps the call inside its 600 s; with --no-download the 1.5B row does too, and the
-upload rate comes from a sample of its checkpoint (about 0.5 GB) instead of the whole of it. A row
-that would not end within --budget-s (by its estimate, ROW_ESTIMATE_S) is reported as skipped: run
-it with --only in a second call.
+(on the GPU when there is one) and written as one safetensors shard per layer with an index, every
+shape by a process of its own, side by side, in memory (/dev/shm) while they fit there and on the
+disk otherwise; rows of the same shape share it. The 1.5B model of the first row goes through the
+S3 server (moto, in this process) so that the download phase is real: it is put there as soon as
+its checkpoint is written, while the larger ones are still being written; the other rows read
+their model from a local folder as a pvc:// model (no download phase); with --no-download the 1.5B
+row does too. Rows run in --only's order; a row that would not end within --budget-s (by its
+estimate, ROW_ESTIMATE_S) is reported as skipped: run it with --only in a second call.
 
     # here: the wheels the GPU machine lacks (into .whl/trainer/), as for gpu_trainer_e2e.py
     python benchmarks/gpu_trainer_e2e.py wheels
@@ -57,11 +62,13 @@ CLAIM = "models"  # pvc://models/<shape>: QLORA_PVC_ROOT is ROOT, so the folder 
 TARGET_SPEED = 0.95
 TARGET_PHASE = 1.5
 # Seconds a row takes on the H200 (fast-path process, CLI, data and floors), fixed + per CLI step,
-# for the budget: a row starts only if it should end inside --budget-s. From the session-7 call
-# (the 1.5B and 8B rows); an s3 row adds its upload, download floor and download phase.
-ROW_ESTIMATE_S = {"1.5b-2048": (75, 0.5), "varlen": (80, 0.8), "7b-1024": (85, 0.6), "8b-1024": (85, 0.6)}
-S3_ROW_EXTRA_S = 45
+# for the budget: a row starts only if it should end inside --budget-s. From the session-9 call
+# (rows of 96 s with the download, 72 s and 70 s at 20 steps; `row_s` in results.json), with a few
+# seconds of margin; varlen from session 8 (~75 s); an s3 row adds its download floor and phase.
+ROW_ESTIMATE_S = {"1.5b-2048": (64, 0.5), "varlen": (62, 0.8), "7b-1024": (60, 0.6), "8b-1024": (62, 0.6)}
+S3_ROW_EXTRA_S = 22  # the download floor and the CLI's download (the upload is staged while checkpoints are written)
 UPLOAD_SAMPLE_BYTES = 500 << 20
+QUANTIZE_STEPS = ("deviceWarmup", "fromPretrained", "prepareKbit", "prepareSharded")  # sub-phases of quantize
 
 TINY = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
@@ -137,6 +144,51 @@ def write_checkpoint(shape: str, folder: Path) -> None:
     (folder / ".done").write_text("ok")
 
 
+def checkpoint_bytes(shape: str) -> int:
+    """Bytes of the shape's bf16 checkpoint (from its config: attention with biases as in Qwen2)."""
+    c = shapes()[shape]
+    h, i, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + h + 2 * kv + 2 * h
+    return 2 * (layers * per_layer + vocab * h * (1 if c.get("tie_word_embeddings") else 2) + h)
+
+
+def place_checkpoints(needed: list[str], downloaded: list[str]) -> dict:
+    """Each shape's folder: in ROOT (memory, /dev/shm) while the checkpoints fit there with room for
+    the CLI's and the floor's downloads; the rest on the disk with far more room, linked from
+    ROOT/models/<shape> (the page cache keeps what was just written, as it keeps a download)."""
+    import shutil as sh
+
+    (ROOT / CLAIM).mkdir(parents=True, exist_ok=True)
+    disk = Path(tempfile.gettempdir()) / "qlora-cli-bench-disk"
+    free = sh.disk_usage(ROOT).free
+    # room for the downloaded models' two copies (the CLI's and the floor's) and a margin
+    spare = 2 * sum(checkpoint_bytes(s) for s in downloaded) + (2 << 30)
+    places = {"shm_free_gb": round(free / 1e9, 1), "disk_free_gb": round(sh.disk_usage(tempfile.gettempdir()).free / 1e9, 1)}
+    for shape in needed:
+        link = ROOT / CLAIM / shape
+        size = checkpoint_bytes(shape)
+        if link.exists():
+            places[shape] = "kept"
+            continue
+        if link.is_symlink():  # a link left by an earlier run to a folder since removed
+            link.unlink()
+        if free - size > spare:
+            free -= size
+            places[shape] = f"memory, {size / 1e9:.1f} GB"
+        else:
+            target = disk / shape
+            target.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target, target_is_directory=True)
+            places[shape] = f"disk, {size / 1e9:.1f} GB"
+    print(f"[cli-bench] checkpoints: {places}", flush=True)
+    return places
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 # -- floors (each in a process of its own, like the CLI) ------------------------------------------------------
 
 
@@ -159,28 +211,51 @@ def download_floor(endpoint: str, prefix: str, dest: Path) -> dict:
 
 
 def quantize_floor(folder: Path) -> dict:
-    """bitsandbytes' rate: every weight read from the shards and placed on the device, the linear
-    weights quantized to NF4 with double quantization (what from_pretrained must do at least)."""
+    """The quantize phase's own work at bitsandbytes' and the bus's rates: every tensor of the
+    shards read into memory and placed on the device, the linear weights quantized to NF4 with
+    double quantization, every other tensor cast to fp32 (what prepare_model_for_kbit_training
+    does to the frozen floats), nothing else: no module tree, no per-parameter bookkeeping.
+    The device's one-off costs (the CUDA context, bitsandbytes' and the cast's first kernels) are
+    paid before the clock starts, as the trainer pays them on a thread while it downloads
+    (device_warmup.py). `parts`: host-side seconds of each step (the placement also waits for the
+    quantizations queued before it; the end's synchronisation is counted with quantize)."""
     import bitsandbytes.functional as bnbf
     import torch
     from safetensors import safe_open
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    params = 0
+    warm = torch.ones(64, 64, dtype=torch.bfloat16, device=device)
+    bnbf.quantize_4bit(warm, quant_type="nf4", compress_statistics=True)
+    warm.float()
     if device == "cuda":
         torch.cuda.synchronize()
+    params = 0
+    parts = {"read": 0.0, "place": 0.0, "quantize": 0.0, "cast": 0.0}
     t = time.perf_counter()
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
-                w = f.get_tensor(key).to(device, non_blocking=False)
+                a = time.perf_counter()
+                w = f.get_tensor(key)
+                b = time.perf_counter()
+                w = w.to(device, non_blocking=False)
+                c = time.perf_counter()
                 params += w.numel()
                 if w.dim() == 2 and "embed" not in key and "lm_head" not in key:
                     bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+                    parts["quantize"] += time.perf_counter() - c
+                else:
+                    w.float()
+                    parts["cast"] += time.perf_counter() - c
+                parts["read"] += b - a
+                parts["place"] += c - b
+    a = time.perf_counter()
     if device == "cuda":
         torch.cuda.synchronize()
+    parts["quantize"] += time.perf_counter() - a
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "params": params, "params_per_second": params / seconds}
+    return {"seconds": seconds, "params": params, "params_per_second": params / seconds,
+            "parts": {k: round(v, 4) for k, v in parts.items()}}
 
 
 def import_floor() -> dict:
@@ -341,7 +416,8 @@ def texts_for(row: dict, n_steps: int, seed: int, tokenizer=None) -> list[str]:
     return [" ".join(rng.choices(words, k=n)) for n in lengths]
 
 
-def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int, work: Path, folder: Path) -> dict:
+def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int, work: Path, folder: Path,
+            timeout: float | None = None) -> dict:
     from qlora_api import TrainerPhaseLine, TrainerProgressLine
     from qlora_api.protocol import parse_termination_message
     from transformers import AutoTokenizer
@@ -371,9 +447,13 @@ def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int,
     (run_dir / "config.json").write_text(json.dumps(config))
     t = time.perf_counter()
     with open(run_dir / "stdout.jsonl", "w") as out, open(run_dir / "stderr.log", "w") as err:
-        proc = subprocess.run([sys.executable, "-m", "qlora_trainer", "--config", str(run_dir / "config.json"),
-                               "--termination-log", str(run_dir / "termination-log"), "--workdir", str(run_dir / "work")],
-                              stdout=out, stderr=err, env=child_env(QLORA_PVC_ROOT=str(ROOT)), check=False)
+        try:
+            rc = subprocess.run([sys.executable, "-m", "qlora_trainer", "--config", str(run_dir / "config.json"),
+                                 "--termination-log", str(run_dir / "termination-log"), "--workdir",
+                                 str(run_dir / "work")], stdout=out, stderr=err,
+                                env=child_env(QLORA_PVC_ROOT=str(ROOT)), check=False, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"killed after {timeout:.0f} s (the call's budget)"
     wall = time.perf_counter() - t
     shutil.rmtree(run_dir / "work", ignore_errors=True)
     termination = run_dir / "termination-log"
@@ -388,12 +468,16 @@ def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int,
         for q in ("bytes", "params", "tokens", "rows"):
             if getattr(p, q) is not None:
                 entry[q] = entry.get(q, 0) + getattr(p, q)
+    stderr = (run_dir / "stderr.log").read_text()
     steady = [p.tokens_per_second for p in progress[1:] if p.tokens_per_second] or \
              [p.tokens_per_second for p in progress if p.tokens_per_second]
-    return {"rc": proc.returncode, "ok": proc.returncode == 0 and message is not None and message.event == "result",
+    return {"rc": rc, "ok": rc == 0 and message is not None and message.event == "result",
             "wall_s": round(wall, 2), "steady_tokens_per_s": round(statistics.mean(steady), 1) if steady else None,
             "reports": [p.tokens_per_second for p in progress], "phases": phases,
-            "texts": train + held_out, "stderr_tail": (run_dir / "stderr.log").read_text()[-3000:]}
+            "texts": train + held_out, "stderr_tail": stderr[-3000:],
+            # the GPU warm-up's own time on its thread (device_warmup.py logs it), beside the wait
+            "warmup_log": next((line[line.index("device warmed"):] for line in stderr.splitlines()
+                                if "device warmed up in" in line), None)}
 
 
 # -- the driver ------------------------------------------------------------------------------------------
@@ -440,7 +524,8 @@ def drive(opts) -> int:
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     rows = DRY_ROWS if opts.dry_run else ROWS
-    chosen = [r for r in rows if not opts.only or r in opts.only.split(",")]
+    # In --only's order (the rows a short budget must not drop first), else the table's.
+    chosen = [r for r in opts.only.split(",") if r in rows] if opts.only else list(rows)
     steps = opts.steps or (6 if opts.dry_run else 30)
     out = Path(opts.out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="cli-bench-out-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -454,8 +539,11 @@ def drive(opts) -> int:
     # server starts; every timed step waits for them, so that no measurement shares the GPU, the CPUs
     # or memory bandwidth with them.
     needed = list(dict.fromkeys(rows[r]["shape"] for r in chosen))
-    writers = [subprocess.Popen([sys.executable, __file__, "--task", "checkpoints", shape], env=child_env())
-               for shape in needed]
+    s3_shapes = [] if opts.no_download else list(dict.fromkeys(rows[r]["shape"] for r in chosen
+                                                               if rows[r]["store"] == "s3"))
+    results_env = {"checkpoint_places": place_checkpoints(needed, s3_shapes)}
+    writers = {shape: subprocess.Popen([sys.executable, __file__, "--task", "checkpoints", shape], env=child_env())
+               for shape in needed}
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -467,16 +555,26 @@ def drive(opts) -> int:
         s3.create_bucket(Bucket=bucket)
 
     t = time.monotonic()
-    for writer in writers:
-        try:
-            writer.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass  # the rows whose checkpoint is missing are reported as skipped
-    results = {"rows": {}, "floors": {}, "env": {"python": sys.version.split()[0], "cpus": os.cpu_count()},
+    transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
+    # The model the CLI downloads goes into the store as soon as its checkpoint is written, while the
+    # larger ones are still being written (untimed: the upload floor is a sample, after them).
+    staged: dict[str, float] = {}
+    while time.monotonic() < deadline and (any(w.poll() is None for w in writers.values())
+                                           or any(sh not in staged for sh in s3_shapes)):
+        for shape in s3_shapes:
+            folder = ROOT / CLAIM / shape
+            if shape not in staged and (writers[shape].poll() is not None or (folder / ".done").exists()):
+                began = time.monotonic()
+                if (folder / ".done").exists():
+                    for path in checkpoint_files(folder):
+                        s3.upload_file(str(path), "models", f"{shape}/{path.name}", Config=transfer)
+                staged[shape] = round(time.monotonic() - began, 1)
+        time.sleep(0.2)
+    results = {"rows": {}, "floors": {}, "env": {"python": sys.version.split()[0], "cpus": os.cpu_count(),
+                                                 **results_env, "staged_s": staged},
                "options": {"only": opts.only, "steps": steps, "budget_s": opts.budget_s,
                            "no_download": opts.no_download},
                "checkpoints_s": round(time.monotonic() - t0, 1), "waited_for_checkpoints_s": round(time.monotonic() - t, 1)}
-    transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
     uploaded: set[str] = set()
     floored: set[str] = set()
     for name in chosen:
@@ -489,14 +587,13 @@ def drive(opts) -> int:
                                               f"{deadline - time.monotonic():.0f} s left)"}
             continue
         res = {"row": row}
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        if row["store"] == "s3" and row["shape"] not in uploaded:
-            prefix = f"{row['shape']}/"
-            results["floors"].setdefault("upload", {})[row["shape"]] = upload_floor(s3, files, prefix, transfer)
+        row_began = time.monotonic()
+        files = checkpoint_files(folder)
+        if row["store"] == "s3" and row["shape"] not in uploaded:  # staged while the checkpoints were written
             results["floors"].setdefault("download", {})[row["shape"]] = in_child(
-                "download-floor", endpoint, prefix, str(work / "floor-download"))
+                "download-floor", endpoint, f"{row['shape']}/", str(work / "floor-download"))
             uploaded.add(row["shape"])
-        elif not results["floors"].get("upload"):  # the store's upload rate, from a sample of the checkpoint
+        if not results["floors"].get("upload"):  # the store's upload rate, from a sample of the checkpoint
             sample, size = [], 0
             for path in files:
                 if size < UPLOAD_SAMPLE_BYTES or not sample:
@@ -514,15 +611,17 @@ def drive(opts) -> int:
             results["floors"].setdefault("startup", fast.pop("import_floor"))
             results["floors"].setdefault("quantize", {})[row["shape"]] = fast.pop("quantize_floor")
         res["fast_path"] = fast
-        cli = run_cli(name, row, model_uri, endpoint, s3, steps, work, folder)
-        res["tokenize_floor"] = tokenize_floor(folder, cli.pop("texts"), serial=not results["rows"])
+        cli = run_cli(name, row, model_uri, endpoint, s3, steps, work, folder,
+                      timeout=max(60.0, deadline - time.monotonic() + 30))
+        res["tokenize_floor"] = tokenize_floor(folder, cli.pop("texts"))
         res["cli"] = cli
+        res["row_s"] = round(time.monotonic() - row_began, 1)  # what ROW_ESTIMATE_S estimates
         results["rows"][name] = res
         print(f"[cli-bench] {time.monotonic() - t0:6.1f}s {name}: cli {cli['steady_tokens_per_s']} tok/s, "
               f"fast path {_round(res['fast_path'].get('tokens_per_s'))}, rc {cli['rc']}", flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     server.stop()
-    for writer in writers:
+    for writer in writers.values():
         if writer.poll() is None:
             writer.kill()
     table, ok = render(results)
@@ -559,7 +658,7 @@ def phase_rows(res: dict, floors: dict) -> list[tuple[str, float, float | None, 
         add("downloadModel", down["seconds"], f"boto3 download, {down['megabytes_per_second']:.0f} MB/s")
     quant = floors.get("quantize", {}).get(row["shape"])
     if quant and "error" not in quant:
-        add("quantize", quant["seconds"], f"read + place + bnb quantize_4bit, {quant['params_per_second'] / 1e6:,.0f}M params/s")
+        add("quantize", quant["seconds"], f"read + place + bnb quantize_4bit + fp32 cast, {quant['params_per_second'] / 1e6:,.0f}M params/s")
     tok = res.get("tokenize_floor")
     if tok:
         serial = f"; on one thread {tok['serial_seconds']:.2f} s" if tok.get("serial_seconds") else ""
@@ -598,6 +697,23 @@ def render(results: dict) -> tuple[str, bool]:
             ok &= met
             lines.append(f"| {name} | {phase} | {seconds:.2f} | {floor_s:.2f} | {f'{ratio:.2f}x' if ratio else '-'} | "
                          f"{'met' if met else 'MISSED'} | {what} |")
+    lines += ["", "| row | quantize s | deviceWarmup (waited; on its thread) | fromPretrained | prepareKbit | floor s | "
+              "floor: read, place, quantize, cast | fromPretrained / floor |", "|---|---|---|---|---|---|---|---|"]
+    for name, res in results["rows"].items():
+        if "cli" not in res:
+            continue
+        ph = res["cli"]["phases"]
+        quant = results["floors"].get("quantize", {}).get(res["row"]["shape"], {})
+        step = {k: ph.get(k, {}).get("seconds") for k in ("quantize", "deviceWarmup", "fromPretrained", "prepareKbit")}
+        parts = quant.get("parts", {})
+        cells = [f"{v:.2f}" if v is not None else "-" for v in step.values()]
+        warmed = (res["cli"].get("warmup_log") or "").split()
+        if len(warmed) > 4:  # "device warmed up in 0.31 s on a thread, ..."
+            cells[1] += f" ({warmed[4]} s)"
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {_round(quant.get('seconds'), 2)} | "
+                     + (", ".join(f"{parts[k]:.2f}" for k in ("read", "place", "quantize", "cast")) if parts else "-")
+                     + f" | {f'{r:.2f}x' if (r := _ratio(step['fromPretrained'], quant.get('seconds'))) else '-'} |")
     lines += ["", "| row | CLI wall s | train s | outside training s | eval before + after s (share of train) | "
               "every phase (s) |", "|---|---|---|---|---|---|"]
     for name, res in results["rows"].items():
@@ -606,7 +722,7 @@ def render(results: dict) -> tuple[str, bool]:
         ph = res["cli"]["phases"]
         train = ph.get("train", {}).get("seconds", 0.0)
         evals = sum(ph.get(p, {}).get("seconds", 0.0) for p in ("evalBefore", "evalAfter"))
-        every = ", ".join(f"{p} {v['seconds']:.1f}" for p, v in ph.items())
+        every = ", ".join(f"{p} {v['seconds']:.1f}" for p, v in ph.items() if p not in QUANTIZE_STEPS)
         lines.append(f"| {name} | {res['cli']['wall_s']} | {train:.1f} | {res['cli']['wall_s'] - train:.1f} | "
                      f"{evals:.1f} ({100 * evals / train if train else 0:.1f}%) | {every} |")
     return "\n".join(lines), ok

@@ -99,7 +99,7 @@ def test_phases_account_for_the_run_in_stdout_and_training_config(trained, s3, t
     metrics = json.loads(s3.get("adapters", prefix + "metrics.json"))
     by = phases["byPhase"]
     assert phases["order"] == ["startup", "checkStorage", "downloadData", "downloadModel", "loadTokenizer",
-                               "tokenize", "planMemory", "quantize", "prepareAdapter", "restoreCheckpoint", "buildTrainer", "evalBefore",
+                               "tokenize", "planMemory", "fromPretrained", "prepareKbit", "quantize", "prepareAdapter", "restoreCheckpoint", "buildTrainer", "evalBefore",
                                "evalDuring", "checkpointUpload", "train", "evalAfter", "saveAdapter",
                                "exportMerged", "publish"]
     assert all(p["seconds"] > 0 for p in by.values()), by
@@ -126,6 +126,11 @@ def test_phases_account_for_the_run_in_stdout_and_training_config(trained, s3, t
     data_bytes = sum(len(s3.get("datasets", f"colours/{n}.jsonl")) for n in ("train", "eval"))
     assert by["downloadData"]["bytes"] == data_bytes
     assert by["quantize"]["params"] > 0 and by["quantize"]["paramsPerSecond"] > 0
+    # The quantize phase's steps, nested in it (no GPU here: no deviceWarmup to wait for).
+    assert by["fromPretrained"]["inside"] == by["prepareKbit"]["inside"] == "quantize"
+    assert by["fromPretrained"]["seconds"] + by["prepareKbit"]["seconds"] <= by["quantize"]["seconds"]
+    assert by["fromPretrained"]["params"] == by["quantize"]["params"]
+    assert 0 < by["prepareKbit"]["params"] < by["quantize"]["params"]  # the frozen floats (fp32 after it), not the 4-bit weights
     assert by["train"]["tokens"] == metrics["train_tokens_this_attempt"]
     published = {f.path: f.size for f in trained.termination.result.files}
     assert by["publish"]["bytes"] == sum(size for path, size in published.items()

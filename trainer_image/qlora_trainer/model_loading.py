@@ -7,6 +7,7 @@ connection; pvc:// is a folder on a mounted claim; hf:// is a Hugging Face model
 import hashlib
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,21 +130,29 @@ def load_tokenizer(files: ModelFiles, trust_remote_code: bool = False):
 
 
 def load_quantized_model(files: ModelFiles, source: ModelSource, quant: QuantizationSpec, training: TrainingSpec,
-                         device_map=None, sharded: bool = False):
+                         device_map=None, sharded: bool = False, phases=None):
     """The base in 4 bits, prepared for k-bit training (norms in fp32, input grads for checkpointing).
     `device_map`: where this process's copy goes (distributed.device_map: each rank its own GPU).
-    `sharded`: stored for FSDP2, frozen floats left in the compute dtype (sharding.py)."""
+    `sharded`: stored for FSDP2, frozen floats left in the compute dtype (sharding.py).
+    `phases`: a PhaseClock; the two steps are then timed as sub-phases of the caller's phase
+    (fromPretrained: transformers builds the module tree, reads every tensor, places it and
+    quantizes the linear weights; prepareKbit: the frozen floats cast to fp32, input gradients on)."""
     dtype = compute_dtype(quant)
     if device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(
-        str(files.path),
-        quantization_config=quantization_config(quant, sharded),
-        dtype=dtype,
-        device_map=device_map,
-        attn_implementation="sdpa",
-        trust_remote_code=source.trust_remote_code,
-    )
+    step = phases.phase if phases is not None else (lambda name: nullcontext(_Quantities()))
+    with step("fromPretrained") as phase:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(files.path),
+            quantization_config=quantization_config(quant, sharded),
+            dtype=dtype,
+            device_map=device_map,
+            attn_implementation="sdpa",
+            trust_remote_code=source.trust_remote_code,
+        )
+        phase.params = sum(p.numel() for p in model.parameters())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the last quantizations are queued on the GPU: their time is this step's
     # A KV cache during training would also switch off the packed-sequence masks (data.py).
     model.config.use_cache = False
     if not torch.cuda.is_available():
@@ -151,13 +160,25 @@ def load_quantized_model(files: ModelFiles, source: ModelSource, quant: Quantiza
     if sharded:
         from qlora_trainer.sharding import prepare_for_sharded_training
 
-        return prepare_for_sharded_training(model, training.gradient_checkpointing)
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=training.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+        with step("prepareSharded"):
+            return prepare_for_sharded_training(model, training.gradient_checkpointing)
+    with step("prepareKbit") as phase:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        # Only the parameters this step wrote (the frozen floats it casts to fp32): the 4-bit ones stay.
+        phase.params = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the casts are queued on the GPU: their time is this step's
     return model
+
+
+class _Quantities:
+    """Where a step's quantities go when no clock times it."""
+
+    params = None
 
 
 def _keep_cpu_4bit_differentiable(model) -> None:

@@ -34,6 +34,7 @@ from qlora_trainer import (
 )
 from qlora_trainer.acceleration import trainer_hooks
 from qlora_trainer.checkpoints import CheckpointStore
+from qlora_trainer.device_warmup import DeviceWarmup
 from qlora_trainer.errors import interrupted
 from qlora_trainer.merged_export import export_merged
 from qlora_trainer.phases import PhaseClock, folder_bytes
@@ -66,6 +67,9 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     workdir = workdir or Path(tempfile.mkdtemp(prefix="qlora-"))
     log.info("run %s of %s/%s (attempt %d), %s, work folder %s", cfg.run_id, cfg.namespace, cfg.name, cfg.attempt,
              world.describe(), workdir)
+    # The GPU's context and bitsandbytes' first kernel load while the data and model download (the
+    # quantize phase waits for it in its deviceWarmup sub-phase).
+    warmup = DeviceWarmup.start(world.local_rank)
 
     # Storage first: an unreachable or refusing S3 fails the run in seconds, not after model loading.
     with phases.phase("checkStorage"):
@@ -118,8 +122,12 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     set_seed(spec.training.seed)
     dtype = model_loading.compute_dtype(spec.quantization)
     with phases.phase("quantize") as phase:  # read the weights, quantize to 4 bits, place on the GPU
+        if warmup.active:
+            with phases.phase("deviceWarmup"):
+                warmup.wait()
         model = model_loading.load_quantized_model(model_files, spec.model, spec.quantization, spec.training,
-                                                   device_map=distributed.device_map(world), sharded=sharded)
+                                                   device_map=distributed.device_map(world), sharded=sharded,
+                                                   phases=phases)
         phase.params = sum(p.numel() for p in model.parameters())
         phase.bytes = folder_bytes(model_files.path) if Path(model_files.path).exists() else None
     with phases.phase("prepareAdapter"):
