@@ -373,6 +373,42 @@ def test_only_complete_and_intact_checkpoints_are_resumed(s3, tmp_path, monkeypa
     assert path.name == "checkpoint-20"  # Trainer's own layout, for resume_from_checkpoint
 
 
+def test_a_folder_goes_up_as_a_set_listed_in_path_order_and_a_missing_file_leaves_no_manifest(
+        s3, tmp_path, monkeypatch):  # noqa: F811
+    """upload_with_manifest sends the files several at a time: every body arrives intact, the
+    entries come back in path order whatever order the uploads finished in, and a file that
+    vanished before its turn fails the set before any manifest is written."""
+    from qlora_trainer.publishing import UPLOAD_WORKERS, files_under, upload_with_manifest
+
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    storage = storage_for(s3)
+    folder = tmp_path / "ckpt"
+    rng = random.Random(3)
+    # Large files first in path order, so the small ones after them finish first.
+    bodies = {f"{i:02d}-{'big' if i < UPLOAD_WORKERS else 'small'}.bin":
+              rng.randbytes(3 * 1024 * 1024 if i < UPLOAD_WORKERS else 100 + i) for i in range(3 * UPLOAD_WORKERS)}
+    bodies["sub/state.json"] = b'{"step": 7}'
+    for rel, body in bodies.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(body)
+    root = S3Uri.parse("s3://adapters/units/set")
+    manifest_body, entries = upload_with_manifest(storage, root, files_under(folder), {"step": 7})
+    assert [e.path for e in entries] == sorted(bodies)
+    manifest = json.loads(manifest_body)
+    assert [f["path"] for f in manifest["files"]] == sorted(bodies)
+    for rel, body in bodies.items():
+        assert s3.get("adapters", f"units/set/{rel}") == body, rel
+        listed = next(f for f in manifest["files"] if f["path"] == rel)
+        assert (listed["size"], listed["sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+
+    files = files_under(folder)
+    (folder / "03-big.bin").unlink()  # gone between the listing and its upload
+    with pytest.raises(FileNotFoundError, match="03-big.bin"):
+        upload_with_manifest(storage, S3Uri.parse("s3://adapters/units/broken"), files, {"step": 8})
+    assert "units/broken/manifest.json" not in s3.keys("adapters", "units/broken/")
+
+
 def test_https_data_is_downloaded_and_a_404_is_bad_data(tmp_path, monkeypatch):
     """An https:// dataset through a real TLS server on 127.0.0.1 (its self-signed CA trusted)."""
     import datetime

@@ -25,6 +25,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ CLAIM = "publish-claim.json"
 # How long a loser waits for the winner's manifest: the winner is uploading the same adapter.
 WINNER_WAIT_SECONDS = 600
 SETTLE_SECONDS = 2.0  # stores without conditional writes: the read-back delay
+UPLOAD_WORKERS = 4  # files in flight at once (storage.py sizes the connection pool for them)
 METRICS = "metrics.json"
 CONFIG = "training_config.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -82,8 +84,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def describe_file(rel: str, path: Path) -> PublishedFile:
+    return PublishedFile(path=rel, size=path.stat().st_size, sha256=sha256_file(path))
+
+
 def describe_files(files: dict[str, Path]) -> list[PublishedFile]:
-    return [PublishedFile(path=rel, size=p.stat().st_size, sha256=sha256_file(p)) for rel, p in sorted(files.items())]
+    return [describe_file(rel, p) for rel, p in sorted(files.items())]
 
 
 def files_under(folder: Path, prefix: str = "") -> dict[str, Path]:
@@ -91,11 +97,28 @@ def files_under(folder: Path, prefix: str = "") -> dict[str, Path]:
 
 
 def upload_files(storage: S3Storage, root: S3Uri, files: dict[str, Path]) -> list[PublishedFile]:
-    """Upload the files (no manifest); return their entries for upload_with_manifest's `uploaded`."""
-    entries = describe_files(files)
-    for entry in entries:
-        storage.upload_file(files[entry.path], root.join(entry.path))
-    return entries
+    """Upload the files (no manifest); return their entries, sorted by path, for
+    upload_with_manifest's `uploaded`. Files go UPLOAD_WORKERS at a time, each hashed on its worker
+    just before it is sent: a checkpoint is a dozen files, most below the multipart threshold (one
+    PUT each), and one after another they spent more in per-request latency and hashing than the
+    store's bandwidth needs (the CLI benchmark's checkpointUpload, 1.61x its bytes at the upload
+    rate). The first failure is raised once the files in flight have ended; none is left running."""
+    if len(files) <= 1:
+        return [_hash_and_upload(storage, root, rel, path) for rel, path in files.items()]
+    with ThreadPoolExecutor(max_workers=UPLOAD_WORKERS, thread_name_prefix="upload") as pool:
+        futures = [pool.submit(_hash_and_upload, storage, root, rel, path) for rel, path in sorted(files.items())]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()  # the ones not started; the running ones end before the pool closes
+            raise
+
+
+def _hash_and_upload(storage: S3Storage, root: S3Uri, rel: str, path: Path) -> PublishedFile:
+    entry = describe_file(rel, path)
+    storage.upload_file(path, root.join(rel))
+    return entry
 
 
 def upload_with_manifest(storage: S3Storage, root: S3Uri, files: dict[str, Path], extra: dict,

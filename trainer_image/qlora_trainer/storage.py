@@ -99,6 +99,9 @@ class S3Storage:
             retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
             connect_timeout=10,
             read_timeout=120,
+            # Room for the publisher's files in flight, each multipart with its own parts in flight
+            # (publishing.UPLOAD_WORKERS x TRANSFER.max_concurrency): fewer would drop connections.
+            max_pool_connections=32,
             s3={"addressing_style": addressing} if addressing else {},
             # Checksums only where S3 requires them: several S3-compatible servers reject the
             # CRC headers that newer boto3 sends by default.
