@@ -7,6 +7,8 @@ One script, one table, one device call (see benchmarks/NOTES.md for what each nu
     python benchmarks/speed_vs_unsloth.py --skip checks      # all but the GPU checks (run by an earlier call)
     python benchmarks/speed_vs_unsloth.py --only lossmatch  # the same on the GPU (random weights, real text)
     python benchmarks/speed_vs_unsloth.py --lossmatch-cpu    # the 50-step loss match on real SmolLM2 weights
+    python benchmarks/speed_vs_unsloth.py --only 8b-1024/ours,8b-1024/lean --skip checks --profile --gpu-weights
+                                                             # where an 8B step goes (profile.md; ~2 min)
 
 Protocol (as the issue states it): random weights of real model shapes, NF4 + double quantization,
 bf16 compute, LoRA r16/alpha32 on q,k,v,o,gate,up,down, paged AdamW 32-bit, median tokens/s of 10
@@ -734,6 +736,14 @@ def summarize_profile(kernels, steps: int, wall_s: float, loss_us: dict | None =
             "top": [(n[:70], round(us / 1e3 / steps, 2), c // steps) for n, us, c in top]}
 
 
+def device_kernels(averages, cuda) -> list[tuple[str, float, int]]:
+    """(name, device microseconds, launches) of the GPU kernels among torch.profiler's averages. Not
+    the user annotations that the profiler also puts on the GPU timeline (the optimizer's
+    `Optimizer.step#AdamW.step` range, ~1.3 ms at 8B): they span kernels already counted."""
+    return [(e.key, e.self_device_time_total, e.count) for e in averages
+            if e.device_type == cuda and not getattr(e, "is_user_annotation", False)]
+
+
 def lm_head_kernel_us(events, vocab: int) -> dict:
     """Microseconds per kernel name launched by matrix products with a vocabulary-sized operand (the
     LM head: logits = hidden @ W^T, and the loss's hidden gradient = logits @ W). Only the leaf ops
@@ -761,8 +771,7 @@ def profile_steps(model, params, opt, batches, engine, steps=2) -> dict:
         t = time.perf_counter()
         train_steps(model, params, opt, batches, steps, items=engine != "unsloth")
         wall = time.perf_counter() - t
-    kernels = [(e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
-               if e.device_type == DeviceType.CUDA]
+    kernels = device_kernels(prof.key_averages(), DeviceType.CUDA)
     vocab = getattr(getattr(model, "config", None), "vocab_size", 0)
     loss_us = lm_head_kernel_us(prof.events(), vocab) if vocab else {}
     return summarize_profile(kernels, steps, wall, loss_us)

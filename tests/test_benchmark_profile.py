@@ -98,3 +98,16 @@ def test_the_profile_table_has_one_column_per_profiled_run():
     assert "|   of A side: lora_a | 18.0 |" in table
     assert "| step, unprofiled median | 301.7 |" in table
     assert bench.profile_table(results[1:]) == ""
+
+
+def test_user_annotations_on_the_gpu_timeline_are_not_kernels():
+    """The profiler puts the optimizer's record_function range on the GPU timeline too (1.26 ms at 8B
+    in the session-9 profile): counting it adds time that its kernels already count."""
+    bench = _bench()
+    averages = [SimpleNamespace(key="_lora_a_kernel", self_device_time_total=10.0, count=2, device_type="cuda",
+                                is_user_annotation=False),
+                SimpleNamespace(key="Optimizer.step#AdamW.step", self_device_time_total=5.0, count=1, device_type="cuda",
+                                is_user_annotation=True),
+                SimpleNamespace(key="aten::mm", self_device_time_total=0.0, count=3, device_type="cpu",
+                                is_user_annotation=False)]
+    assert bench.device_kernels(averages, "cuda") == [("_lora_a_kernel", 10.0, 2)]
