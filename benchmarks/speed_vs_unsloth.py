@@ -7,6 +7,8 @@ One script, one table, one device call (see benchmarks/NOTES.md for what each nu
     python benchmarks/speed_vs_unsloth.py --skip checks      # all but the GPU checks (run by an earlier call)
     python benchmarks/speed_vs_unsloth.py --only lossmatch  # the same on the GPU (random weights, real text)
     python benchmarks/speed_vs_unsloth.py --lossmatch-cpu    # the 50-step loss match on real SmolLM2 weights
+    python benchmarks/speed_vs_unsloth.py --only 8b-1024/ours,8b-1024/lean --skip checks --profile --gpu-weights
+                                                             # where an 8B step goes (profile.md; ~2 min)
 
 Protocol (as the issue states it): random weights of real model shapes, NF4 + double quantization,
 bf16 compute, LoRA r16/alpha32 on q,k,v,o,gate,up,down, paged AdamW 32-bit, median tokens/s of 10
@@ -191,12 +193,14 @@ def prepare_site() -> str:
     return str(SITE) if SITE.exists() else ""
 
 
-def prepare_models(shapes: list[str]) -> subprocess.Popen | None:
-    """Random bf16 checkpoints of the real shapes, written in the background (CPU only)."""
+def prepare_models(shapes: list[str], gpu: bool = False) -> subprocess.Popen | None:
+    """Random bf16 checkpoints of the real shapes, written in the background (on the CPU, or drawn on
+    the GPU with --gpu-weights, before any run takes it)."""
     todo = [s for s in shapes if not (SHM / s / ".done").exists()]
     if not todo:
         return None
-    return subprocess.Popen([sys.executable, __file__, "--make-models", ",".join(todo)], env=worker_env(""))
+    env = dict(worker_env(""), QLORA_BENCH_GPU_WEIGHTS="1" if gpu else "0")
+    return subprocess.Popen([sys.executable, __file__, "--make-models", ",".join(todo)], env=env)
 
 
 def make_models(names: list[str]) -> None:
@@ -205,10 +209,14 @@ def make_models(names: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(6)
+    # The CPU draw (one thread: ~100 s for a 7B or 8B shape) is the reference; --gpu-weights draws on
+    # the GPU in seconds, for calls that measure speed alone: other values, so their losses are not
+    # comparable with tables made from the CPU draw.
+    device = "cuda" if os.environ.get("QLORA_BENCH_GPU_WEIGHTS") == "1" else "cpu"
     for name in names:
         # One generator per shape: a shape's weights must not depend on which shapes this process
         # made before it (session 9's 7B and 8B weights differed from session 8's for that reason).
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(0)
         folder = SHM / name
         folder.mkdir(parents=True, exist_ok=True)
         if name == "smollm2-135m":
@@ -228,7 +236,7 @@ def make_models(names: list[str]) -> None:
             if p.dim() == 1:
                 tensors[key] = torch.ones(p.shape, dtype=torch.bfloat16)
             else:
-                tensors[key] = torch.randn(p.shape, generator=g).mul_(0.02).to(torch.bfloat16)
+                tensors[key] = torch.randn(p.shape, generator=g, device=device).mul_(0.02).to(torch.bfloat16).cpu()
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         del tensors
         config.save_pretrained(folder)
@@ -297,7 +305,7 @@ def drive(args) -> None:
                     | ({"qwen2.5-1.5b"} if any(c["row"] == "varlen" for c in todo) else set())
                     | ({"smollm2-135m"} if any(c["row"] == "lossmatch" for c in todo) else set()))
     order = {"smollm2-135m": 0, "qwen2.5-1.5b": 1, "qwen2.5-7b": 2, "llama-3-8b": 3}
-    maker = prepare_models(sorted(shapes, key=order.get))
+    maker = prepare_models(sorted(shapes, key=order.get), gpu=args.gpu_weights)
     results = []
     env_info = {"python": sys.version.split()[0], "site": site}
     print(f"[bench] {len(todo)} configurations, budget {args.budget_s} s", flush=True)
@@ -329,6 +337,10 @@ def drive(args) -> None:
     if maker is not None and maker.poll() is None:
         maker.kill()
     table = render(results)
+    prof = profile_table(results)
+    if prof:  # --profile: where each profiled run's step goes, one column per run
+        (out_dir / "profile.md").write_text(prof)
+        table += "\n" + prof
     (out_dir / "table.md").write_text(table)
     print(table, flush=True)
 
@@ -670,35 +682,126 @@ def run_fixed(cfg) -> dict:
     return result
 
 
-_KERNEL_KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitk")), ("attention", ("flash", "fmha", "attn")),
-                 ("dequant", ("dequant",)), ("optimizer", ("adam", "multi_tensor")),
-                 ("copy/cast", ("copy", "convert", "cast")), ("reduce", ("reduce", "norm")))
+# Where a step's GPU time goes, in the categories benchmarks/NOTES.md reads, by kernel name (lower
+# case; the first category with a matching word wins, so the trainer's own Triton kernels are named
+# before the generic words). The LM head's matrix products are cuBLAS kernels like every other GEMM:
+# profile_steps finds them by their vocabulary-sized operand and moves them to "loss".
+PROFILE_CATEGORIES = (
+    ("masked LoRA A side", ("_lora_a_kernel", "_lora_x_backward", "_lora_a_backward", "_dropout_mask")),
+    ("NF4 dequant", ("dequant",)),
+    ("epilogues/norms/RoPE/SwiGLU", ("rms_norm", "layer_norm", "rope", "swiglu", "residual_add")),
+    ("loss", ("cross_entropy",)),
+    ("attention", ("flash", "fmha", "attn", "sdpa")),
+    ("optimizer", ("adam", "multi_tensor", "optimizer")),
+    ("GEMMs", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "gemv", "cublas")),
+)
+PROFILE_ORDER = ("GEMMs", "attention", "NF4 dequant", "masked LoRA A side", "epilogues/norms/RoPE/SwiGLU", "loss",
+                 "optimizer", "everything else")
+# The masked A side's kernels, shown one by one (session 8's profile: lora_a 18.9, lora_x_backward 11.2,
+# lora_a_backward 10.5 ms per 8B step).
+A_SIDE_KERNELS = ("_lora_a_kernel", "_lora_x_backward_kernel", "_lora_a_backward_kernel", "_dropout_mask_kernel")
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, words in PROFILE_CATEGORIES if any(w in low for w in words)), "everything else")
+
+
+def summarize_profile(kernels, steps: int, wall_s: float, loss_us: dict | None = None) -> dict:
+    """kernels: (name, device microseconds, launches) per kernel name over `steps` steps; loss_us:
+    microseconds of the kernels (by name) that the LM head's matrix products launched, moved from
+    their own category (GEMMs) to loss. Per step: wall and GPU busy time, their difference (the GPU
+    idle: launch gaps and host work), kernels, ms and launches by category, the A side's kernels, top."""
+    loss_us = loss_us or {}
+    ms = dict.fromkeys(PROFILE_ORDER, 0.0)
+    launches = dict.fromkeys(PROFILE_ORDER, 0)
+    for name, us, count in kernels:
+        cat = kernel_category(name)
+        moved = min(loss_us.get(name, 0.0), us)
+        ms[cat] += (us - moved) / 1e3 / steps
+        ms["loss"] += moved / 1e3 / steps
+        launches[cat] += count / steps
+    busy = sum(us for _, us, _ in kernels) / 1e3 / steps
+    wall = wall_s * 1e3 / steps
+    a_side = {k.strip("_").removesuffix("_kernel"): round(sum(us for n, us, _ in kernels if n == k) / 1e3 / steps, 2)
+              for k in A_SIDE_KERNELS}
+    top = sorted(kernels, key=lambda k: -k[1])[:25]
+    return {"wall_ms_per_step": round(wall, 1), "gpu_busy_ms_per_step": round(busy, 1),
+            "gpu_idle_ms_per_step": round(max(wall - busy, 0.0), 1),
+            "kernels_per_step": int(sum(c for _, _, c in kernels) / steps),
+            "ms_by_category": {k: round(v, 2) for k, v in ms.items()},
+            "launches_by_category": {k: int(v) for k, v in launches.items()},
+            "lm_head_gemm_ms": round(sum(loss_us.values()) / 1e3 / steps, 2),
+            "a_side_ms": a_side,
+            "top": [(n[:70], round(us / 1e3 / steps, 2), c // steps) for n, us, c in top]}
+
+
+def device_kernels(averages, cuda) -> list[tuple[str, float, int]]:
+    """(name, device microseconds, launches) of the GPU kernels among torch.profiler's averages. Not
+    the user annotations that the profiler also puts on the GPU timeline (the optimizer's
+    `Optimizer.step#AdamW.step` range, ~1.3 ms at 8B): they span kernels already counted."""
+    return [(e.key, e.self_device_time_total, e.count) for e in averages
+            if e.device_type == cuda and not getattr(e, "is_user_annotation", False)]
+
+
+def lm_head_kernel_us(events, vocab: int) -> dict:
+    """Microseconds per kernel name launched by matrix products with a vocabulary-sized operand (the
+    LM head: logits = hidden @ W^T, and the loss's hidden gradient = logits @ W). Only the leaf ops
+    (aten::mm/addmm) carry the launches, so nothing is counted twice."""
+    out: dict[str, float] = {}
+    for e in events:
+        if getattr(e, "name", "") not in ("aten::mm", "aten::addmm"):
+            continue
+        if not any(vocab in (shape or []) for shape in (getattr(e, "input_shapes", None) or [])):
+            continue
+        for k in getattr(e, "kernels", None) or []:
+            out[k.name] = out.get(k.name, 0.0) + k.duration
+    return out
 
 
 def profile_steps(model, params, opt, batches, engine, steps=2) -> dict:
-    """Two optimizer steps under torch.profiler: GPU busy time vs wall time, kernel launches per
-    step, the time per kind of kernel and the top kernels (where the step's time goes)."""
+    """Two optimizer steps under torch.profiler (input shapes recorded, to find the LM head's GEMMs):
+    see summarize_profile."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         t = time.perf_counter()
         train_steps(model, params, opt, batches, steps, items=engine != "unsloth")
         wall = time.perf_counter() - t
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    busy = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
-    count = sum(e.count for e in kernels) / steps
-    kinds: dict[str, float] = {}
-    for e in kernels:
-        low = e.key.lower()
-        kind = next((k for k, words in _KERNEL_KINDS if any(w in low for w in words)), "elementwise/other")
-        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e3 / steps
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:22]
-    return {"wall_ms_per_step": round(wall * 1e3 / steps, 1), "gpu_busy_ms_per_step": round(busy, 1),
-            "kernels_per_step": int(count), "ms_by_kind": {k: round(v, 1) for k, v in sorted(kinds.items())},
-            "top": [(e.key[:70], round(e.self_device_time_total / 1e3 / steps, 2), e.count // steps) for e in top]}
+    kernels = device_kernels(prof.key_averages(), DeviceType.CUDA)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0)
+    loss_us = lm_head_kernel_us(prof.events(), vocab) if vocab else {}
+    return summarize_profile(kernels, steps, wall, loss_us)
+
+
+def profile_table(results: list[dict]) -> str:
+    """One table of the profiled runs: ms per step by category (launches per step in brackets)."""
+    runs = [r for r in results if "profile" in r]
+    if not runs:
+        return ""
+    head = "| per step, ms (kernels) | " + " | ".join(r["name"] for r in runs) + " |"
+    lines = [head, "|" + "---|" * (len(runs) + 1)]
+
+    def row(label, fn):
+        lines.append(f"| {label} | " + " | ".join(fn(r) for r in runs) + " |")
+
+    row("step, unprofiled median", lambda r: f"{r['step_s'] * 1e3:.1f}" if "step_s" in r else "-")
+    row("tokens/s (unprofiled)", lambda r: f"{r.get('tokens_per_s', 0):,.0f}")
+    row("wall, profiled", lambda r: f"{r['profile']['wall_ms_per_step']:.1f}")
+    row("GPU busy", lambda r: f"{r['profile']['gpu_busy_ms_per_step']:.1f} ({r['profile']['kernels_per_step']:,})")
+    row("GPU idle (wall - busy)", lambda r: f"{r['profile']['gpu_idle_ms_per_step']:.1f}")
+    for cat in PROFILE_ORDER:
+        row(cat, lambda r, c=cat: f"{r['profile']['ms_by_category'][c]:.1f} "
+                                  f"({r['profile']['launches_by_category'][c]:,})")
+    row("  of loss: LM head GEMMs", lambda r: f"{r['profile']['lm_head_gemm_ms']:.1f}")
+    for k in A_SIDE_KERNELS:
+        short = k.strip("_").removesuffix("_kernel")
+        row(f"  of A side: {short}", lambda r, s=short: f"{r['profile']['a_side_ms'][s]:.1f}")
+    row("plan", lambda r: r.get("plan", "-")[:60])
+    return "\n".join(lines) + "\n"
 
 
 def _mfu(model, shape, seq, tps):
@@ -1166,7 +1269,10 @@ def main() -> None:
     ap.add_argument("--skip", help="comma-separated prefixes of configuration names to leave out")
     ap.add_argument("--out", help="folder for results.json, table.md and logs (default $OUT)")
     ap.add_argument("--budget-s", type=float, default=560.0, help="stop starting runs after this many seconds")
-    ap.add_argument("--profile", action="store_true", help="profile two extra steps of each fixed-shape run")
+    ap.add_argument("--profile", action="store_true", help="profile two extra steps of each fixed-shape run "
+                    "(profile.md: ms per step by category, one column per run)")
+    ap.add_argument("--gpu-weights", action="store_true", help="draw the random checkpoints on the GPU (seconds, "
+                    "not ~100 s a 7B/8B shape on the CPU; other values: for speed and profile calls, not loss tables)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--make-models", help=argparse.SUPPRESS)
     ap.add_argument("--lossmatch-cpu", action="store_true", help="real-weights loss match on this CPU")

@@ -1,0 +1,113 @@
+"""The speed benchmark's --profile summary: a step's GPU time in the categories benchmarks/NOTES.md
+reads (GEMMs, attention, NF4 dequant, the masked LoRA A side, epilogues, loss, optimizer, the rest),
+with the LM head's GEMMs moved to the loss. CPU only: a fake kernel list, and one real CPU profile
+for the LM head's operator match."""
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+# (kernel name as torch.profiler reports it, device microseconds over 2 steps, launches over 2 steps)
+KERNELS = [
+    ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT", 300_000.0, 4000),
+    ("void splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float>", 4_000.0, 200),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128>>", 30_000.0, 128),
+    ("_dequantize_nf4_kernel", 50_000.0, 400),
+    ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>", 2_000.0, 20),
+    ("_lora_a_kernel", 36_000.0, 900),
+    ("_lora_x_backward_kernel", 22_000.0, 450),
+    ("_lora_a_backward_kernel", 20_000.0, 450),
+    ("_lora_rope_kernel", 6_000.0, 128),
+    ("_rms_norm_backward_kernel", 4_000.0, 130),
+    ("_lora_swiglu_kernel", 5_000.0, 128),
+    ("_cross_entropy_rows_kernel", 3_000.0, 8),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
+     2_000.0, 4),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 1_000.0, 600),
+]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("speed_vs_unsloth", BENCHMARKS / "speed_vs_unsloth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # stdlib imports only at module level: no torch needed
+    return module
+
+
+def test_kernels_fall_into_the_notes_categories():
+    bench = _bench()
+    got = {name: bench.kernel_category(name) for name, _, _ in KERNELS}
+    assert [got[n] for n, _, _ in KERNELS] == [
+        "GEMMs", "GEMMs", "attention", "NF4 dequant", "NF4 dequant", "masked LoRA A side", "masked LoRA A side",
+        "masked LoRA A side", "epilogues/norms/RoPE/SwiGLU", "epilogues/norms/RoPE/SwiGLU",
+        "epilogues/norms/RoPE/SwiGLU", "loss", "optimizer", "everything else"]
+
+
+def test_summary_per_step_with_the_lm_head_gemms_moved_to_the_loss():
+    bench = _bench()
+    lm_head = {"nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTT": 20_000.0}
+    p = bench.summarize_profile(KERNELS, steps=2, wall_s=0.5, loss_us=lm_head)
+    ms = p["ms_by_category"]
+    assert list(ms) == list(bench.PROFILE_ORDER)
+    assert ms["GEMMs"] == 142.0  # (300 + 4 - 20) / 2
+    assert ms["loss"] == 11.5  # (3 + 20) / 2
+    assert ms["masked LoRA A side"] == 39.0 and ms["NF4 dequant"] == 26.0 and ms["attention"] == 15.0
+    assert ms["everything else"] == 0.5 and ms["optimizer"] == 1.0
+    assert abs(sum(ms.values()) - p["gpu_busy_ms_per_step"]) < 0.1  # nothing lost or counted twice
+    assert p["gpu_busy_ms_per_step"] == 242.5 and p["wall_ms_per_step"] == 250.0
+    assert p["gpu_idle_ms_per_step"] == 7.5
+    assert p["kernels_per_step"] == sum(c for _, _, c in KERNELS) // 2
+    assert p["launches_by_category"]["masked LoRA A side"] == 900
+    assert p["a_side_ms"] == {"lora_a": 18.0, "lora_x_backward": 11.0, "lora_a_backward": 10.0, "dropout_mask": 0.0}
+    assert p["lm_head_gemm_ms"] == 10.0
+    # without the attribution the LM head stays among the GEMMs
+    assert bench.summarize_profile(KERNELS, steps=2, wall_s=0.5)["ms_by_category"]["GEMMs"] == 152.0
+
+
+def test_the_lm_head_is_found_by_its_vocabulary_sized_operand():
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    bench = _bench()
+    hidden, head = torch.randn(4, 8), torch.randn(11, 8)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        logits = F.linear(hidden, head)
+        _ = logits @ head  # the loss's hidden gradient
+        _ = hidden @ torch.randn(8, 8)  # not the LM head
+    # the real events have no kernels on the CPU: give the matching ones a fake launch each
+    events = [SimpleNamespace(name=e.name, input_shapes=e.input_shapes,
+                              kernels=[SimpleNamespace(name=f"k{i}", duration=10.0)]) for i, e in enumerate(prof.events())]
+    found = bench.lm_head_kernel_us(events, vocab=11)
+    assert len(found) == 2  # the two aten::mm with an 11-wide operand, not their aten::matmul parents
+    names = {f"k{i}": e.name for i, e in enumerate(prof.events())}
+    assert {names[k] for k in found} == {"aten::mm"}
+    assert bench.lm_head_kernel_us(events, vocab=13) == {}
+
+
+def test_the_profile_table_has_one_column_per_profiled_run():
+    bench = _bench()
+    p = bench.summarize_profile(KERNELS, steps=2, wall_s=0.5)
+    results = [dict(name="8b-1024/ours", step_s=0.3017, tokens_per_s=13576.0, plan="micro-batch 2", profile=p),
+               dict(name="8b-1024/lean", error="timed out"), dict(name="8b-1024/plain", step_s=0.7)]
+    table = bench.profile_table(results)
+    assert table.splitlines()[0] == "| per step, ms (kernels) | 8b-1024/ours |"
+    assert "| masked LoRA A side | 39.0 (900) |" in table
+    assert "|   of A side: lora_a | 18.0 |" in table
+    assert "| step, unprofiled median | 301.7 |" in table
+    assert bench.profile_table(results[1:]) == ""
+
+
+def test_user_annotations_on_the_gpu_timeline_are_not_kernels():
+    """The profiler puts the optimizer's record_function range on the GPU timeline too (1.26 ms at 8B
+    in the session-9 profile): counting it adds time that its kernels already count."""
+    bench = _bench()
+    averages = [SimpleNamespace(key="_lora_a_kernel", self_device_time_total=10.0, count=2, device_type="cuda",
+                                is_user_annotation=False),
+                SimpleNamespace(key="Optimizer.step#AdamW.step", self_device_time_total=5.0, count=1, device_type="cuda",
+                                is_user_annotation=True),
+                SimpleNamespace(key="aten::mm", self_device_time_total=0.0, count=3, device_type="cpu",
+                                is_user_annotation=False)]
+    assert bench.device_kernels(averages, "cuda") == [("_lora_a_kernel", 10.0, 2)]
