@@ -102,3 +102,25 @@ def _wait_for_event(cluster, namespace: str, name: str, reason: str, timeout: fl
             return events["items"][-1]["message"]
         time.sleep(1)
     raise AssertionError(f"no {reason} event for {namespace}/{name} within {timeout:.0f} s")
+
+
+def test_a_new_crd_is_waited_for_until_established_and_a_missing_one_times_out_by_name(cluster):
+    """wait_crds_established (not `kubectl wait`, which fails at once on a CRD whose conditions are
+    still null): a CRD created the moment before is served when the wait returns."""
+    group = f"w{uuid.uuid4().hex[:8]}.example.dev"
+    name = f"widgets.{group}"
+    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": name},
+           "spec": {"group": group, "scope": "Namespaced",
+                    "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+                    "versions": [{"name": "v1", "served": True, "storage": True,
+                                  "schema": {"openAPIV3Schema": {"type": "object"}}}]}}
+    kubectl(cluster, "create", "-f", "-", input=json.dumps(crd))
+    try:
+        cluster.wait_crds_established(name, timeout=60)
+        assert kubectl(cluster, "get", f"widgets.{group}", "-A").returncode == 0  # the kind is served
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=f"nothings.{group}"):
+            cluster.wait_crds_established(name, f"nothings.{group}", timeout=2)
+        assert time.monotonic() - started < 15
+    finally:
+        kubectl(cluster, "delete", "crd", name, "--wait=false", check=False)

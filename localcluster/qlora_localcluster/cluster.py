@@ -109,6 +109,30 @@ class LocalCluster:
         return subprocess.run([str(binary), "--kubeconfig", str(self.kubeconfig), *args],
                               input=input, capture_output=True, text=True, timeout=timeout)
 
+    def wait_crds_established(self, *names: str, timeout: float = 60) -> None:
+        """Wait until every named CustomResourceDefinition is Established (its kinds are served).
+
+        Not `kubectl wait --for=condition=Established`: in the instant after a CRD is created its
+        `status.conditions` can be null, and kubectl then fails at once ("accessor error: <nil> is of
+        the type <nil>") instead of waiting (seen once under parallel test workers)."""
+        deadline = time.monotonic() + timeout
+        pending = list(names)
+        while True:
+            result = self.kubectl("get", "crd", *pending, "-o", "json", timeout=max(5.0, deadline - time.monotonic()))
+            if result.returncode == 0:
+                listed = json.loads(result.stdout)
+                items = listed.get("items", [listed])
+                established = {item["metadata"]["name"] for item in items
+                               if any(c.get("type") == "Established" and c.get("status") == "True"
+                                      for c in (item.get("status") or {}).get("conditions") or [])}
+                pending = [n for n in pending if n not in established]
+                if not pending:
+                    return
+            if time.monotonic() > deadline:
+                why = result.stderr.strip() if result.returncode else "not Established"
+                raise TimeoutError(f"CRDs {', '.join(pending)} after {timeout:.0f} s: {why}")
+            time.sleep(0.2)
+
     def env(self) -> dict[str, str]:
         """Environment for kubectl, helm, boto3 and the operator to reach this cluster."""
         path_dirs = self.tool_dirs()

@@ -153,8 +153,7 @@ def ensure_running(cluster: LocalCluster, timeout: float = 120.0) -> bool:
         # Kueue's cert rotator updates this Secret (it may not create it), as config/components/internalcert does.
         _apply(cluster, [{"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                           "metadata": {"name": f"{NAME_PREFIX}webhook-server-cert", "namespace": NAMESPACE}}])
-        _kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s",
-                 *[f"crd/{c['metadata']['name']}" for c in definitions])
+        cluster.wait_crds_established(*[c["metadata"]["name"] for c in definitions], timeout=60)
         state = cluster.state_dir / "kueue"
         state.mkdir(parents=True, exist_ok=True)
         config = configuration()

@@ -58,8 +58,7 @@ def apply_chart(cluster: LocalCluster, release: str = RELEASE) -> None:
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}))
     manifest = "\n---\n".join(json.dumps(d) for d in chart_objects(release=release))
     kubectl(cluster, "apply", "--server-side", "--force-conflicts", "-f", "-", input=manifest)
-    kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s",
-            "crd/qlorajobs.training.qlora-operator.dev")
+    cluster.wait_crds_established("qlorajobs.training.qlora-operator.dev", timeout=60)
 
 
 def service_account_kubeconfig(cluster: LocalCluster, path: Path | None = None, release: str = RELEASE) -> Path:

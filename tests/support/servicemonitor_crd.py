@@ -27,4 +27,4 @@ def crd_file() -> Path:
 def ensure_installed(cluster) -> None:
     if kubectl(cluster, "get", "crd", NAME, check=False).returncode != 0:
         kubectl(cluster, "apply", "--server-side", "-f", str(crd_file()))
-    kubectl(cluster, "wait", "--for=condition=Established", "--timeout=60s", f"crd/{NAME}")
+    cluster.wait_crds_established(NAME, timeout=60)

@@ -35,7 +35,7 @@ def replace(cluster, document: dict) -> None:
                         "resourceVersion": current["metadata"]["resourceVersion"],
                         "managedFields": [{}]}  # an update with one empty entry strips them all
     kubectl(cluster, "replace", "-f", "-", input=json.dumps(body))
-    kubectl(cluster, "wait", "--for=condition=Established", "--timeout=30s", f"crd/{NAME}")
+    cluster.wait_crds_established(NAME, timeout=30)
 
 
 def restore_working_tree(cluster) -> None:
