@@ -1022,10 +1022,6 @@ def run_checks(cfg) -> dict:
     checks["chunked_ce_grad_rel_err"] = float((h.grad.float() - g_ref.float()).norm() / g_ref.float().norm())
     checks.update(fused_op_checks())
     checks.update(fused_layer_checks())
-    try:
-        checks.update(lora_a_timing_info())
-    except Exception as exc:  # noqa: BLE001  (info only: never costs the checks above)
-        checks["lora_a_timing_error_info"] = f"{type(exc).__name__}: {exc}"[:200]
     checks["ok"] = all(v < 1e-2 for k, v in checks.items() if k != "ok" and not k.endswith("_info"))
     return {"name": cfg["name"], "checks": checks}
 
@@ -1137,38 +1133,6 @@ def adapter_epilogue_checks(n, heads, kv_heads, d, inter, h, rank, bf) -> dict:
     _, rstd = tri.rms_norm(x, nw, 1e-6)
     out["triton_rms_norm_bwd_residual"] = _rel(tri.rms_norm_backward(gh, x, nw, rstd, gres),
                                                ref.rms_norm_backward(cpu(gh), cpu(x), cpu(nw), cpu(rstd), cpu(gres)))
-    return out
-
-
-def lora_a_timing_info() -> dict:
-    """Microseconds per call (CUDA events, 20 calls after one) of the masked A side's forward and
-    its A gradient at an 8B layer's shapes (2,048 tokens, r 16, p 0.05): lora_a with its default
-    split, with session 9's split (about 2 programs per SM) and with twice the default's, and
-    lora_a_backward, which makes the same draws over the same reads of x. Info only."""
-    import torch
-    import triton
-    from qlora_trainer.acceleration import triton_ops as tri
-
-    out = {}
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for group, n, h in (("qkv", 3, 4096), ("o", 1, 4096), ("gate_up", 2, 4096), ("down", 1, 14336)):
-        x, A, ga = torch.randn(2048, h, **bf), torch.randn(n * 16, h, **bf) * 0.05, torch.randn(2048, n * 16, **bf)
-        pairs = n * triton.cdiv(2048, 64)
-        s9 = min(triton.cdiv(2 * sms, pairs), triton.cdiv(triton.cdiv(h, 64), 4))
-        double = 2 * triton.cdiv(tri._LORA_A_PROGRAMS_PER_SM * sms, pairs)
-        runs = (("lora_a", tri.lora_a, (x, A), {}), ("lora_a_s9split", tri.lora_a, (x, A), {"splits": s9}),
-                ("lora_a_2xsplit", tri.lora_a, (x, A), {"splits": double}),
-                ("lora_a_backward", tri.lora_a_backward, (ga, x), {}))
-        for name, fn, args, kw in runs:
-            fn(*args, 7, 0.05, n, **kw)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                fn(*args, 7, 0.05, n, **kw)
-            end.record()
-            end.synchronize()
-            out[f"{name}_{group}_us_info"] = round(start.elapsed_time(end) / 20 * 1000, 1)
     return out
 
 
