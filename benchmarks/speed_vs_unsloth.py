@@ -687,7 +687,7 @@ def run_fixed(cfg) -> dict:
 # before the generic words). The LM head's matrix products are cuBLAS kernels like every other GEMM:
 # profile_steps finds them by their vocabulary-sized operand and moves them to "loss".
 PROFILE_CATEGORIES = (
-    ("masked LoRA A side", ("_lora_a_kernel", "_lora_x_backward", "_lora_a_backward", "_dropout_mask")),
+    ("masked LoRA A side", ("_lora_a_kernel", "_sum_planes", "_lora_x_backward", "_lora_a_backward", "_dropout_mask")),
     ("NF4 dequant", ("dequant",)),
     ("epilogues/norms/RoPE/SwiGLU", ("rms_norm", "layer_norm", "rope", "swiglu", "residual_add")),
     ("loss", ("cross_entropy",)),
@@ -699,7 +699,8 @@ PROFILE_ORDER = ("GEMMs", "attention", "NF4 dequant", "masked LoRA A side", "epi
                  "optimizer", "everything else")
 # The masked A side's kernels, shown one by one (session 8's profile: lora_a 18.9, lora_x_backward 11.2,
 # lora_a_backward 10.5 ms per 8B step).
-A_SIDE_KERNELS = ("_lora_a_kernel", "_lora_x_backward_kernel", "_lora_a_backward_kernel", "_dropout_mask_kernel")
+A_SIDE_KERNELS = ("_lora_a_kernel", "_sum_planes_kernel", "_lora_x_backward_kernel", "_lora_a_backward_kernel",
+                  "_dropout_mask_kernel")
 
 
 def kernel_category(name: str) -> str:

@@ -109,6 +109,24 @@ def test_auto_spends_the_budget_left_on_bf16_weight_copies(shape, seq, batch, pl
     assert more > plan.budget_bytes or job.effective_batch * seq / faster < plan.predicted_tokens_per_s * 1.001
 
 
+def test_recomputed_fused_layers_count_the_lora_a_sides_they_keep():
+    """A fused layer that recomputes keeps its input in fp32 and its LoRA A sides in bf16 (7r values
+    per token: fused_layer.ASides); per-projection layers (torch's checkpoint) only their bf16
+    input, offloaded ones nothing on the GPU. The lean cap allows the A sides on top."""
+    llama_8b = ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
+                          vocab=128256)
+    job = JobShape(seq_len=1024, micro_batch=2, grad_accum=2, lora_rank=32)
+    tokens, h = 2048, llama_8b.hidden
+    _, fused = plan_peak_bytes(llama_8b, job, 2, 32, 0)
+    _, unfused = plan_peak_bytes(llama_8b, job, 2, 32, 0, fused=False)
+    _, offload = plan_peak_bytes(llama_8b, job, 2, 32, 0, offload=True)
+    assert fused["activations"] == tokens * 32 * (4 * h + 2 * 7 * 32)
+    assert unfused["activations"] == tokens * 32 * 2 * h
+    assert offload["activations"] == 0
+    cap_gain = planner.lean_cap_bytes(llama_8b, job, 2) - planner.lean_cap_bytes(llama_8b, job, 2, fused=False)
+    assert cap_gain == tokens * 32 * (2 * h + 2 * 7 * 32)
+
+
 def test_lean_keeps_the_small_loss_chunk_where_the_large_one_would_pass_its_cap():
     job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
     plan = plan_memory(SMALL_BIG_VOCAB, job, GpuSpec(memory_bytes=4 * GIB), packing=False)
@@ -515,6 +533,42 @@ def test_recomputed_fused_layers_draw_the_same_dropout_masks_again():
         torch.manual_seed(5)
         ids = torch.randint(0, 96, (2, 12))
         model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("graphs", ["0", "emulate"])
+def test_recomputed_layers_reuse_their_forwards_lora_a_sides(monkeypatch, graphs):
+    """A recomputing layer keeps its LoRA A-side products (fused_layer.ASides) and its recompute
+    runs no masked A-side kernel: lora_a runs in the forward only (4 groups x 2 layers), eagerly
+    and in the graph programs (emulated), and the gradients are a non-recomputing model's."""
+    from qlora_trainer.acceleration import apply_acceleration, fused_ops
+    from qlora_trainer.acceleration.fused_layer import ASides
+
+    monkeypatch.setenv("QLORA_CUDA_GRAPHS", graphs)
+    calls = []
+    original = fused_ops.lora_a
+    monkeypatch.setattr(fused_ops, "lora_a", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    grads = []
+    for layers, mode in ((0, "none"), (2, "full")):
+        model = _tiny_peft_model(0.3)
+        apply_acceleration(model, _plan(layers, mode))
+        model.train()
+        torch.manual_seed(5)
+        ids = torch.randint(0, 96, (2, 12))
+        calls.clear()
+        loss = model(input_ids=ids, labels=ids).loss
+        in_forward = len(calls)
+        loss.backward()
+        assert (in_forward, len(calls)) == (8, 8), (mode, in_forward, len(calls))
+        if graphs == "emulate":
+            states = model.get_base_model().model.layers[0]._qlora_graphs.states.values()
+            kept = [st.saved for st in states]
+            if layers:
+                assert all(isinstance(s, ASides) and len(s) == 4 for s in kept)
+                assert [t.shape[0] for s in kept for t in s] == [24] * 8  # [tokens, n*r] each
+            else:
+                assert not any(isinstance(s, ASides) for s in kept)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 

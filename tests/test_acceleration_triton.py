@@ -225,6 +225,20 @@ def run_lora(N, H, r, n, p, seed, splits=None):
     record("lora_x_backward_.vs_fused_ops", case, gx, gx_ref)
 
 
+def run_sum_planes(S, shape):
+    """lora_a's split-K reduction: the planes added in order in fp32, rounded once, bit for bit
+    what the same additions in torch give (so forward and recompute agree whatever the split)."""
+    case = f"S={S} shape={shape}"
+    parts = (torch.randn(S, *shape) * 3.0).to(DEV)
+    for dtype in {DT, torch.float32}:
+        expected = parts[0].clone()
+        for s in range(1, S):
+            expected = expected + parts[s]
+        out = T._sum_planes(parts, dtype)
+        check("sum_planes", f"{case} {dtype}", out.dtype == dtype and torch.equal(out, expected.to(dtype)),
+              f"max diff {float((out.double() - expected.to(dtype).double()).abs().max())}")
+
+
 def run_cross_entropy(C, V, scale):
     """Loss per row and the gradient written over the logits; some rows ignored (-100), one label
     at each end of the vocabulary, logits wide enough to take more than one block."""
@@ -334,6 +348,8 @@ for r in (8, 16):
     for n in (1, 2, 3):
         run_lora(N=37, H=96, r=r, n=n, p=0.3, seed=1234 + 10 * r + n)
 run_lora(N=150, H=296, r=24, n=3, p=0.3, seed=1, splits=3)
+run_sum_planes(S=3, shape=(37, 48))
+run_sum_planes(S=7, shape=(600, 40))  # more than one program of 1,024 elements
 run_lora(N=150, H=296, r=8, n=2, p=0.9, seed=2**45 + 3)
 run_cross_entropy(C=6, V=5000, scale=0.25)
 run_cross_entropy(C=5, V=77, scale=None)
@@ -405,6 +421,10 @@ def test_dropout_mask_is_a_pure_function_of_seed_projection_and_position(interpr
 
 def test_lora_kernels_match_the_formulas_with_the_kernels_mask(interpreted):
     _assert_group(interpreted, ("lora_",))
+
+
+def test_lora_a_split_sums_add_in_order_and_round_once(interpreted):
+    _assert_group(interpreted, ("sum_planes",))
 
 
 def test_cross_entropy_kernel_matches_the_reference(interpreted):

@@ -9,8 +9,9 @@ shapes, packed records whose boundaries change from batch to batch, offloaded la
 
 The layers are chained through static buffers, so graphing costs almost no memory of its own:
 - layer i's forward graph reads its input buffer and writes straight into layer i+1's input
-  buffer; that buffer is also the checkpoint a recomputing layer keeps (nothing else is saved for
-  it), and what a non-recomputing layer's saved activations refer to;
+  buffer; that buffer is also the checkpoint a recomputing layer keeps (with only its seeds and
+  its LoRA A-side products, fused_layer.ASides, which stay in the graphs' pool and are rewritten
+  by every forward replay), and what a non-recomputing layer's saved activations refer to;
 - backward graphs pass the gradient through two buffers shared by all layers (ping-pong);
 - each backward graph adds the layer's LoRA gradients into the parameters' .grad, which are static
   buffers of their own (handed back to the parameters before the first backward of every
@@ -71,7 +72,7 @@ class _LayerState:
         self.params = layer_lora_params(layer)
         self.seeds = torch.ones(4, dtype=torch.int64, device=x_in.device)
         self.keep = not getattr(layer, "_qlora_recompute", False)
-        self.saved = None  # what the forward keeps for backward (None: the backward recomputes)
+        self.saved = None  # what the forward keeps for backward (ASides: the backward recomputes)
         self.forward: _Program | None = None
         self.backward: _Program | None = None
 

@@ -25,8 +25,10 @@ Same numerics as the plain recipe, far fewer kernel launches and bytes moved:
   Llama-3-8B shape (benchmarks/results/lora_grad_parity_h200.md, sections 3 and 7).
 What is kept for backward: the layer input, the qkv buffer, the attention output and its
 logsumexp, gate|up, and the small LoRA A-side activations; the norms and SwiGLU are recomputed. A
-layer the memory plan recomputes keeps only its input and its dropout seeds and runs its forward
-again inside backward (so it can still be captured as a CUDA graph: cuda_graphs.py).
+layer the memory plan recomputes keeps only its input, its dropout seeds and its LoRA A-side
+products (ASides: N x 7r values, ~0.5 MB per layer of a 2,048-token 8B micro-step), and runs its
+forward again inside backward (so it can still be captured as a CUDA graph: cuda_graphs.py),
+without the masked A-side kernels, whose products it already has.
 
 Anything the functions do not cover (generation, eval, caches, disabled adapters, other
 architectures) keeps the original forward.
@@ -267,8 +269,17 @@ def _compute(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return g if g.dtype == dtype else g.to(dtype)
 
 
-def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params):
-    """y = x + o_proj(attention(rope(qkv(rms_norm(x))))) and what backward needs."""
+class ASides(tuple):
+    """What a recomputing block keeps besides its input and seeds: its LoRA A-side products
+    ((x * mask_j) @ A_j^T for each group of projections sharing an input). Its recompute takes
+    them as they are instead of running lora_a again: the masked A side was a fifth of a
+    recomputed layer's kernel time (benchmarks/NOTES.md, "Session 9 profile"), and they are the
+    forward's very values, so the backward sees what a non-recomputing layer would."""
+
+
+def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params, a_sides=None):
+    """y = x + o_proj(attention(rope(qkv(rms_norm(x))))) and what backward needs; `a_sides`
+    (ASides of the qkv and o_proj A sides): a recompute's, reused instead of drawn again."""
     shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
     qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
     A, B = qkv_lora.factors(lora_params[:6])
@@ -277,7 +288,7 @@ def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params):
     w = W.get()
     qkv = torch.addmm(W.bias, h, w.t()) if W.bias is not None else h @ w.t()
     del w
-    a = ops.lora_a(h, A, seeds[0], qkv_lora.p, 3)
+    a = ops.lora_a(h, A, seeds[0], qkv_lora.p, 3) if a_sides is None else a_sides[0]
     del h
     if x.dtype == torch.float32 and qkv.dtype != torch.float32:
         # fp32 stream: the adapter product joins in fp32, RoPE in fp32, one rounding (one kernel).
@@ -291,15 +302,15 @@ def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params):
     q, k, v, qk = shape.split(qkv)
     out, state = _attention(q, k, v, pack[0], pack[1], shape.scale)
     o2 = out.view(out.shape[0], -1)
-    ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1)
+    ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1) if a_sides is None else a_sides[1]
     y = _project_and_add(x, o2, Wo.get(), ao, Bo)
     return y, (rstd, qkv, out, state, a, ao)
 
 
 class FusedAttentionBlock(torch.autograd.Function):
     """Keeps rstd, qkv, the attention output and logsumexp, and the LoRA A sides; or, for a layer
-    that recomputes (layer._qlora_recompute), only x and the dropout seeds, and runs the forward
-    again in backward (inside the backward's CUDA graph, when the layer is graphed)."""
+    that recomputes (layer._qlora_recompute), only x, the dropout seeds and the A sides, and runs
+    the forward again in backward (inside the backward's CUDA graph, when the layer is graphed)."""
 
     @staticmethod
     def forward(ctx, x, norm_w, rope, pack, layer, *lora_params):
@@ -308,7 +319,7 @@ class FusedAttentionBlock(torch.autograd.Function):
         ctx.layer, ctx.seeds, ctx.pack, ctx.rope = layer, seeds, pack, rope
         ctx.recompute = bool(getattr(layer, "_qlora_recompute", False))
         if ctx.recompute:
-            ctx.save_for_backward(x, norm_w, *lora_params)
+            ctx.save_for_backward(x, norm_w, *lora_params, *saved[4:])
         else:
             rstd, qkv, out, ctx.state, a, ao = saved
             ctx.save_for_backward(x, norm_w, *lora_params, rstd, qkv, out, a, ao)
@@ -318,17 +329,17 @@ class FusedAttentionBlock(torch.autograd.Function):
     def backward(ctx, gy):
         x, norm_w, *rest = ctx.saved_tensors
         lora_params = rest[:8]
-        saved = None if ctx.recompute else (*rest[8:11], ctx.state, *rest[11:])
+        saved = ASides(rest[8:]) if ctx.recompute else (*rest[8:11], ctx.state, *rest[11:])
         gx, grads = _attention_backward(ctx.layer, x, norm_w, ctx.rope, ctx.pack, ctx.seeds, lora_params, saved, gy)
         return (gx, None, None, None, None, *grads)
 
 
 def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy):
     """(gx, LoRA gradients in lora_params' order) of the attention block; `saved` is what
-    _attention_forward returned, or None to run that forward again first."""
-    if saved is None:
+    _attention_forward returned, or None or ASides to run that forward again first."""
+    if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_qkv, layer._qlora_o):
-            _, saved = _attention_forward(layer, x, norm_w, *rope, pack, seeds, lora_params)
+            _, saved = _attention_forward(layer, x, norm_w, *rope, pack, seeds, lora_params, saved)
             return _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy)
     cos, sin = rope
     cu, max_len = pack
@@ -365,15 +376,16 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     return gx, [*qkv_grads, *o_grads]
 
 
-def _mlp_forward(layer, x, norm_w, seeds, lora_params):
-    """z = x + down(silu(gate(n)) * up(n)), n = rms_norm(x), and what backward needs."""
+def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None):
+    """z = x + down(silu(gate(n)) * up(n)), n = rms_norm(x), and what backward needs; `a_sides`
+    (ASides of the gate|up and down_proj A sides): a recompute's, reused."""
     Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
     gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
     A, B = gu_lora.factors(lora_params[:4])
     Ad, Bd = d_lora.factors(lora_params[4:])
     h, rstd = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps, Wgu.dtype)
     gu = h @ Wgu.get().t()
-    a = ops.lora_a(h, A, seeds[0], gu_lora.p, 2)
+    a = ops.lora_a(h, A, seeds[0], gu_lora.p, 2) if a_sides is None else a_sides[0]
     del h
     if x.dtype == torch.float32 and gu.dtype != torch.float32:
         # fp32 stream: SwiGLU of the fp32 sums, gate|up rounded once in place (what backward keeps)
@@ -381,14 +393,14 @@ def _mlp_forward(layer, x, norm_w, seeds, lora_params):
     else:
         gu.addmm_(a, B.t())
         m = ops.swiglu(gu, Wgu.dtype)
-    ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1)
+    ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1) if a_sides is None else a_sides[1]
     y = _project_and_add(x, m, Wd.get(), ad, Bd)
     del m
     return y, (rstd, gu, a, ad)
 
 
 class FusedMLPBlock(torch.autograd.Function):
-    """Keeps rstd, gate|up and the LoRA A sides, or (recompute) only x and the seeds."""
+    """Keeps rstd, gate|up and the LoRA A sides, or (recompute) only x, the seeds and the A sides."""
 
     @staticmethod
     def forward(ctx, x, norm_w, layer, *lora_params):
@@ -396,23 +408,24 @@ class FusedMLPBlock(torch.autograd.Function):
         y, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params)
         ctx.layer, ctx.seeds = layer, seeds
         ctx.recompute = bool(getattr(layer, "_qlora_recompute", False))
-        ctx.save_for_backward(x, norm_w, *lora_params, *(() if ctx.recompute else saved))
+        ctx.save_for_backward(x, norm_w, *lora_params, *(saved[2:] if ctx.recompute else saved))
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, norm_w, *rest = ctx.saved_tensors
         lora_params = rest[:6]
-        saved = None if ctx.recompute else tuple(rest[6:])
+        saved = ASides(rest[6:]) if ctx.recompute else tuple(rest[6:])
         gx, grads = _mlp_backward(ctx.layer, x, norm_w, ctx.seeds, lora_params, saved, gy)
         return (gx, None, None, *grads)
 
 
 def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy):
-    """(gx, LoRA gradients) of the MLP block; `saved` from _mlp_forward, or None to recompute."""
-    if saved is None:
+    """(gx, LoRA gradients) of the MLP block; `saved` from _mlp_forward, or None or ASides to
+    recompute."""
+    if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_gate_up, layer._qlora_down):
-            _, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params)
+            _, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params, saved)
             return _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy)
     rstd, gu, a, ad = saved
     Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
@@ -542,22 +555,26 @@ def layer_lora_params(layer) -> list[torch.Tensor]:
             *layer._qlora_gate_up_lora.params(), *layer._qlora_down_lora.params()]
 
 
-def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool):
+def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool, a_sides: ASides | None = None):
     """One installed layer without autograd (what cuda_graphs.py captures): z, and what
-    layer_backward needs (None when `keep` is False: backward runs this forward again).
-    `seeds` [4] on the device: the attention block's two dropout seeds, then the MLP block's."""
+    layer_backward needs (when `keep` is False only the four A sides, ASides: backward runs this
+    forward again with them, `a_sides`). `seeds` [4] on the device: the attention block's two
+    dropout seeds, then the MLP block's."""
     params = layer_lora_params(layer)
-    y, attn = _attention_forward(layer, x, layer.input_layernorm.weight, cos, sin, pack, seeds[:2], params[:8])
-    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:])
-    return z, ((y, attn, mlp) if keep else None)
+    attn_a, mlp_a = (None, None) if a_sides is None else (ASides(a_sides[:2]), ASides(a_sides[2:]))
+    y, attn = _attention_forward(layer, x, layer.input_layernorm.weight, cos, sin, pack, seeds[:2], params[:8],
+                                 attn_a)
+    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp_a)
+    return z, ((y, attn, mlp) if keep else ASides((*attn[4:], *mlp[2:])))
 
 
 def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz):
-    """(gx, the 14 LoRA gradients) of layer_forward; `saved` None recomputes the layer first."""
+    """(gx, the 14 LoRA gradients) of layer_forward; `saved` None or ASides recomputes the layer
+    first (reusing the A sides it holds)."""
     params = layer_lora_params(layer)
-    if saved is None:
+    if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_qkv, layer._qlora_o, layer._qlora_gate_up, layer._qlora_down):
-            _, saved = layer_forward(layer, x, cos, sin, pack, seeds, keep=True)
+            _, saved = layer_forward(layer, x, cos, sin, pack, seeds, keep=True, a_sides=saved)
             return layer_backward(layer, x, cos, sin, pack, seeds, saved, gz)
     y, attn, mlp = saved
     gy, mlp_grads = _mlp_backward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp, gz)

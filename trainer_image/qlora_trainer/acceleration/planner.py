@@ -228,6 +228,13 @@ def activation_bytes_per_token_layer(shape: ModelShape, dropout: float, fused: b
     return 2 * (q + 2 * kv + q + 2 * i + 7 * 16) + RESIDUAL_BYTES * 2 * h + 4 * shape.heads
 
 
+def recompute_a_sides_bytes_per_token(lora_rank: int) -> int:
+    """What a fused layer that recomputes keeps besides its input: its LoRA A-side products in the
+    compute dtype (q|k|v 3r, o_proj r, gate|up 2r, down_proj r: fused_layer.ASides), which its
+    recompute reuses instead of running the masked A side again."""
+    return 2 * 7 * lora_rank
+
+
 def transient_bytes_per_token(shape: ModelShape) -> int:
     """Working memory of the layer being run backward, beyond what it saved: in the MLP's backward
     the SwiGLU output's gradient and gate|up's gradient live together (the recomputed SwiGLU
@@ -265,7 +272,10 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     kept_layers = shape.layers - recompute_layers
     act = activation_bytes_per_token_layer(shape, job.lora_dropout, fused)
     res = RESIDUAL_BYTES if fused else 2  # bytes per element of the residual stream
-    checkpoints = 0 if offload else recompute_layers * res * shape.hidden
+    # A recomputed layer keeps its input (a fused one also its A sides); offloaded layers, under
+    # torch's checkpoint, keep nothing on the GPU.
+    kept_per_recomputed = res * shape.hidden + (recompute_a_sides_bytes_per_token(job.lora_rank) if fused else 0)
+    checkpoints = 0 if offload else recompute_layers * kept_per_recomputed
     parts = dict(static)
     parts["bf16_weight_copies"] = cached_layers * shape.linear_params_per_layer * 2
     parts["activations"] = tokens * (kept_layers * act + checkpoints)
@@ -466,10 +476,13 @@ def _with_weight_copies(choice, cands):
 
 def lean_cap_bytes(shape: ModelShape, job: JobShape, micro_batch: int, fused: bool = True) -> int:
     """The most a lean plan at this micro-batch may need (_lean_choice): 1.3x the weights and
-    optimizer, 0.25 GiB, and the fused layers' fp32 half of the layer checkpoints."""
+    optimizer, 0.25 GiB, and the fused layers' fp32 half of the layer checkpoints and their kept
+    LoRA A sides (both came after the rule was set: allowed on top, so the same jobs get the same
+    micro-batch)."""
     base_cap = 1.3 * sum(static_bytes(shape, job.lora_rank, job.adapter_bytes).values()) + 0.25 * GIB
-    fp32_extra = (RESIDUAL_BYTES - 2) * shape.layers * shape.hidden * job.seq_len if fused else 0
-    return int(base_cap + fp32_extra * micro_batch)
+    per_token_layer = (RESIDUAL_BYTES - 2) * shape.hidden + recompute_a_sides_bytes_per_token(job.lora_rank)
+    fused_extra = per_token_layer * shape.layers * job.seq_len if fused else 0
+    return int(base_cap + fused_extra * micro_batch)
 
 
 def _lean_choice(shape: ModelShape, job: JobShape, cands, fused: bool = True):

@@ -625,14 +625,45 @@ def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, k_per_split, se
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & r_in[None, :])
 
 
+@triton.jit
+def _sum_planes_kernel(parts_ptr, out_ptr, n_planes, plane, BLOCK: tl.constexpr):
+    """out = parts[0] + parts[1] + ... in fp32, in that order, rounded once to out's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < plane
+    acc = tl.load(parts_ptr + offs, mask=inside, other=0.0)
+    for s in range(1, n_planes):
+        acc += tl.load(parts_ptr + s * plane + offs, mask=inside, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _sum_planes(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[S, ...] fp32 partial sums -> their in-order fp32 sum in `dtype`: one kernel where
+    sum(0) then .to(dtype) took two (and a fp32 temporary)."""
+    out = _empty(parts.shape[1:], dtype, parts.device)
+    plane = out.numel()
+    if plane:
+        block = 1024
+        with _device_of(parts):
+            _sum_planes_kernel[(triton.cdiv(plane, block),)](parts, out, parts.shape[0], plane, BLOCK=block,
+                                                             num_warps=4)
+    return out
+
+
+# lora_a's programs per SM: the same shape as lora_a_backward's grid, which makes the same Philox
+# draws over the same reads of x. At about 2 per SM (session 9) each program walked twice the K
+# steps of a backward program with half the warps in flight to hide the draws' latency, and the
+# forward took 2.7x the backward's time (benchmarks/NOTES.md, "Session 9 profile").
+_LORA_A_PROGRAMS_PER_SM = 4
+
+
 def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
            splits: int | None = None) -> torch.Tensor:
     """x [N, H], A [n*r, H] -> [N, n*r] in x.dtype: block j is (x * mask_j) @ A_j^T.
 
-    With few tokens there are too few token blocks to fill the GPU, and each would walk all of H
-    alone (18,944 columns for a 7B down_proj): H is then cut into `splits` ranges (default: about
-    two programs per SM) whose fp32 partial sums are added in a fixed order, so the result does
-    not depend on scheduling."""
+    The token blocks alone are too few to fill the GPU (and each would walk all of H: 18,944
+    columns for a 7B down_proj), so H is cut into `splits` ranges (default: about
+    _LORA_A_PROGRAMS_PER_SM programs per SM) whose fp32 partial sums are added in a fixed order
+    by one more kernel, so the result does not depend on scheduling."""
     _check_lora_pair("lora_a", x, A, "A", 1, "H")
     N, H = x.shape
     r = _lora_shapes("lora_a", x, A.shape[0], n)
@@ -644,8 +675,8 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
     n_mblocks = triton.cdiv(N, block_m)
     k_blocks = triton.cdiv(H, block_k)
     if splits is None:
-        splits = triton.cdiv(2 * _num_sms(x.device), n * n_mblocks)
-    splits = max(1, min(int(splits), triton.cdiv(k_blocks, 4)))  # at least 4 K steps per split
+        splits = triton.cdiv(_LORA_A_PROGRAMS_PER_SM * _num_sms(x.device), n * n_mblocks)
+    splits = max(1, min(int(splits), triton.cdiv(k_blocks, 2)))  # at least 2 K steps per split
     k_per_split = triton.cdiv(k_blocks, splits) * block_k
     splits = triton.cdiv(H, k_per_split)
     out = _empty((splits, N, n * r), torch.float32, x.device)  # fp32 partial sums (one kernel variant)
@@ -654,7 +685,9 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
         _lora_a_kernel[grid](x, A, out, N, H, r, n, n_mblocks, k_per_split, seed, float(p), BLOCK_M=block_m,
                              BLOCK_K=block_k, BLOCK_R=block_r, IEEE=x.dtype == torch.float32, num_warps=4,
                              num_stages=3)
-    return (out[0] if splits == 1 else out.sum(0)).to(x.dtype)
+    if splits == 1:
+        return out[0] if x.dtype == torch.float32 else out[0].to(x.dtype)
+    return _sum_planes(out, x.dtype)
 
 
 @triton.jit(do_not_specialize=['N', 'rows_per_split'])
