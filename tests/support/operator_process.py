@@ -5,7 +5,6 @@ ClusterRole that the Helm chart renders, so every API call it makes is checked b
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import yaml
 from qlora_localcluster import operator_install
-from qlora_localcluster.testing import kubectl
+from qlora_localcluster.testing import free_ports, kubectl
 
 from support import crd_schema_lock
 
@@ -50,9 +49,8 @@ def service_account_kubeconfig(cluster, path: Path) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port reserved for this test process (not an ephemeral one: the operator binds it seconds later)."""
+    return free_ports(1)[0]
 
 
 class OperatorProcess:
