@@ -71,7 +71,11 @@ def entrypoint() -> int:
         os._exit(code[0])
 
     atexit.register(end_without_finalization)  # registered first, so it runs last
-    code[0] = main()
+    try:
+        code[0] = main()
+    except SystemExit as exc:  # argparse's --help (0) and usage errors (2) keep their codes
+        code[0] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
     return code[0]
 
 
