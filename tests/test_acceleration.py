@@ -523,18 +523,29 @@ def test_fused_layer_dropout_draws_fresh_masks_and_keeps_the_expectation():
 def test_recomputed_fused_layers_draw_the_same_dropout_masks_again():
     """A recomputed layer reruns its forward in backward: it must draw the masks of the first run,
     so gradients with full recompute equal those without (same seed, dropout on)."""
-    from qlora_trainer.acceleration import apply_acceleration
 
     grads = []
     for layers, mode in ((0, "none"), (2, "full")):
-        model = _tiny_peft_model(0.3)
-        apply_acceleration(model, _plan(layers, mode))
-        model.train()
-        torch.manual_seed(5)
-        ids = torch.randint(0, 96, (2, 12))
-        model(input_ids=ids, labels=ids).loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+        model, loss = _recompute_model_and_loss(layers, mode)
+        loss.backward()
+        grads.append(_lora_grads(model))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def _recompute_model_and_loss(layers: int, mode: str):
+    """The tiny model (dropout on) accelerated with `layers` recomputed, and its loss on a fixed batch."""
+    from qlora_trainer.acceleration import apply_acceleration
+
+    model = _tiny_peft_model(0.3)
+    apply_acceleration(model, _plan(layers, mode))
+    model.train()
+    torch.manual_seed(5)
+    ids = torch.randint(0, 96, (2, 12))
+    return model, model(input_ids=ids, labels=ids).loss
+
+
+def _lora_grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
 @pytest.mark.parametrize("graphs", ["0", "emulate"])
@@ -542,7 +553,7 @@ def test_recomputed_layers_reuse_their_forwards_lora_a_sides(monkeypatch, graphs
     """A recomputing layer keeps its LoRA A-side products (fused_layer.ASides) and its recompute
     runs no masked A-side kernel: lora_a runs in the forward only (4 groups x 2 layers), eagerly
     and in the graph programs (emulated), and the gradients are a non-recomputing model's."""
-    from qlora_trainer.acceleration import apply_acceleration, fused_ops
+    from qlora_trainer.acceleration import fused_ops
     from qlora_trainer.acceleration.fused_layer import ASides
 
     monkeypatch.setenv("QLORA_CUDA_GRAPHS", graphs)
@@ -551,13 +562,8 @@ def test_recomputed_layers_reuse_their_forwards_lora_a_sides(monkeypatch, graphs
     monkeypatch.setattr(fused_ops, "lora_a", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
     grads = []
     for layers, mode in ((0, "none"), (2, "full")):
-        model = _tiny_peft_model(0.3)
-        apply_acceleration(model, _plan(layers, mode))
-        model.train()
-        torch.manual_seed(5)
-        ids = torch.randint(0, 96, (2, 12))
         calls.clear()
-        loss = model(input_ids=ids, labels=ids).loss
+        model, loss = _recompute_model_and_loss(layers, mode)
         in_forward = len(calls)
         loss.backward()
         assert (in_forward, len(calls)) == (8, 8), (mode, in_forward, len(calls))
@@ -569,7 +575,7 @@ def test_recomputed_layers_reuse_their_forwards_lora_a_sides(monkeypatch, graphs
                 assert [t.shape[0] for s in kept for t in s] == [24] * 8  # [tokens, n*r] each
             else:
                 assert not any(isinstance(s, ASides) for s in kept)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+        grads.append(_lora_grads(model))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 

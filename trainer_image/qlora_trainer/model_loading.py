@@ -7,7 +7,6 @@ connection; pvc:// is a folder on a mounted claim; hf:// is a Hugging Face model
 import hashlib
 import logging
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from qlora_api.spec import LoRASpec, ModelSource, QuantizationSpec, TrainingSpec
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qlora_trainer.errors import model_not_found
+from qlora_trainer.phases import PhaseClock
 from qlora_trainer.storage import S3Storage, S3Uri, pvc_path
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def load_quantized_model(files: ModelFiles, source: ModelSource, quant: Quantiza
     dtype = compute_dtype(quant)
     if device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else "cpu"
-    step = phases.phase if phases is not None else (lambda name: nullcontext(_Quantities()))
+    step = (phases if phases is not None else PhaseClock()).phase  # without a run's clock: the log lines only
     with step("fromPretrained") as phase:
         model = AutoModelForCausalLM.from_pretrained(
             str(files.path),
@@ -173,12 +173,6 @@ def load_quantized_model(files: ModelFiles, source: ModelSource, quant: Quantiza
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the casts are queued on the GPU: their time is this step's
     return model
-
-
-class _Quantities:
-    """Where a step's quantities go when no clock times it."""
-
-    params = None
 
 
 def _keep_cpu_4bit_differentiable(model) -> None:
