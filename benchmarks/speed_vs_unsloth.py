@@ -589,27 +589,33 @@ def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda"
     train_steps.optimizer_seconds = opt_times = []
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (autocast and device == "cuda") else \
         (lambda: torch.autocast("cpu", enabled=False))
+    region = torch.profiler.record_function  # names the idle gaps of a --profile run (idle_gaps)
     for step in range(steps):
-        batches = micro_batches_per_step(step)
-        n_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b, _ in batches)
+        with region("batches"):
+            batches = micro_batches_per_step(step)
+            n_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b, _ in batches)
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         total = torch.zeros((), device=device)
         for kwargs, _ in batches:
-            kwargs = {k: (v.to(device, non_blocking=True) if hasattr(v, "to") and k not in
-                          ("cu_seq_lens_q", "cu_seq_lens_k", "packed_seq_lengths") else v) for k, v in kwargs.items()}
-            with ctx():
-                out = model(**kwargs, num_items_in_batch=n_items) if items else model(**kwargs)
-            loss = out.loss
-            loss.backward()
-            total += loss.detach().float()
+            with region("forward"):
+                kwargs = {k: (v.to(device, non_blocking=True) if hasattr(v, "to") and k not in
+                              ("cu_seq_lens_q", "cu_seq_lens_k", "packed_seq_lengths") else v)
+                          for k, v in kwargs.items()}
+                with ctx():
+                    out = model(**kwargs, num_items_in_batch=n_items) if items else model(**kwargs)
+                loss = out.loss
+            with region("backward"):
+                loss.backward()
+                total += loss.detach().float()
         if device == "cuda":
             torch.cuda.synchronize()
         t_opt = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with region("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 0.3)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
@@ -775,7 +781,79 @@ def profile_steps(model, params, opt, batches, engine, steps=2) -> dict:
     kernels = device_kernels(prof.key_averages(), DeviceType.CUDA)
     vocab = getattr(getattr(model, "config", None), "vocab_size", 0)
     loss_us = lm_head_kernel_us(prof.events(), vocab) if vocab else {}
-    return summarize_profile(kernels, steps, wall, loss_us)
+    summary = summarize_profile(kernels, steps, wall, loss_us)
+    trace = Path(os.environ.get("OUT", "/tmp")) / f"trace-{os.getpid()}.json"
+    try:
+        prof.export_chrome_trace(str(trace))
+        summary["idle"] = idle_gaps(json.loads(trace.read_text()), steps)
+    finally:
+        trace.unlink(missing_ok=True)
+    return summary
+
+
+# Device-side events of a Kineto trace: the GPU is busy during any of them.
+GPU_EVENT_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+
+
+def _enclosing(spans: list, t: float, innermost: bool):
+    """The innermost (or outermost) (ts, end, name) of `spans` (sorted by ts) that contains t."""
+    best = None
+    for ts, end, name in spans:
+        if ts > t:
+            break
+        if end >= t and (best is None or (end - ts < best[1] - best[0]) == innermost):
+            best = (ts, end, name)
+    return best[2] if best else "-"
+
+
+def idle_gaps(trace, steps: int, min_gap_us: float = 2.0, top: int = 12) -> dict:
+    """Where the GPU waits, from a Kineto (chrome) trace: every gap between device events longer than
+    min_gap_us, charged to what launched the event that ends it: the train_steps region
+    (record_function: batches, forward, backward, optimizer), the innermost operator around the
+    launch call, and the launch call itself (cudaGraphLaunch: a graphed layer's replay). Also how
+    much of the idle lies in gaps over 1 ms (host stalls, synchronisations) and in shorter ones
+    (launches that could not keep ahead). ms per step."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    spans = [e for e in events if e.get("ph") == "X"]
+    gpu = sorted((e for e in spans if e.get("cat") in GPU_EVENT_CATS), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in spans
+                if e.get("cat") in HOST_LAUNCH_CATS and "correlation" in e.get("args", {})}
+    ops, regions = {}, {}
+    for e in spans:
+        target = ops if e.get("cat") == "cpu_op" else regions if e.get("cat") == "user_annotation" else None
+        if target is not None:
+            target.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
+    for table in (ops, regions):
+        for tid in table:
+            table[tid].sort()
+    by: dict[str, list] = {}
+    long_us = short_us = 0.0
+    end = None
+    for k in gpu:
+        gap = 0.0 if end is None else k["ts"] - end
+        if gap > min_gap_us:
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            if launch is None:
+                key = "(no launch found)"
+            else:
+                t, tid = launch["ts"], launch["tid"]
+                window = [s for s in ops.get(tid, []) if s[0] <= t][-400:]  # recent ops only
+                key = " / ".join((_enclosing(regions.get(tid, []), t, innermost=False),
+                                  _enclosing(window, t, innermost=True), launch["name"]))
+            slot = by.setdefault(key, [0.0, 0])
+            slot[0] += gap
+            slot[1] += 1
+            if gap >= 1000:
+                long_us += gap
+            else:
+                short_us += gap
+        end = k["ts"] + k.get("dur", 0) if end is None else max(end, k["ts"] + k.get("dur", 0))
+    ranked = sorted(by.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"idle_ms_per_step": round((long_us + short_us) / 1e3 / steps, 2),
+            "in_gaps_over_1ms": round(long_us / 1e3 / steps, 2),
+            "in_shorter_gaps": round(short_us / 1e3 / steps, 2),
+            "by_launch": [(key, round(us / 1e3 / steps, 2), n // steps) for key, (us, n) in ranked]}
 
 
 def profile_table(results: list[dict]) -> str:
@@ -802,7 +880,15 @@ def profile_table(results: list[dict]) -> str:
         short = k.strip("_").removesuffix("_kernel")
         row(f"  of A side: {short}", lambda r, s=short: f"{r['profile']['a_side_ms'][s]:.1f}")
     row("plan", lambda r: r.get("plan", "-")[:60])
-    return "\n".join(lines) + "\n"
+    out = "\n".join(lines) + "\n"
+    for r in runs:  # where each run's GPU idle goes (idle_gaps)
+        idle = r["profile"].get("idle")
+        if not idle:
+            continue
+        out += (f"\n{r['name']}: GPU idle {idle['idle_ms_per_step']} ms per step, {idle['in_gaps_over_1ms']} of it in "
+                f"gaps over 1 ms\n\n| region / operator / launch call | idle ms per step | gaps per step |\n|---|---|---|\n")
+        out += "".join(f"| {key} | {ms} | {n} |\n" for key, ms, n in idle["by_launch"])
+    return out
 
 
 def _mfu(model, shape, seq, tps):

@@ -112,3 +112,42 @@ def test_user_annotations_on_the_gpu_timeline_are_not_kernels():
                 SimpleNamespace(key="aten::mm", self_device_time_total=0.0, count=3, device_type="cpu",
                                 is_user_annotation=False)]
     assert bench.device_kernels(averages, "cuda") == [("_lora_a_kernel", 10.0, 2)]
+
+
+def _span(cat, name, ts, dur, tid=1, correlation=None):
+    event = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": {}}
+    if correlation is not None:
+        event["args"]["correlation"] = correlation
+    return event
+
+
+def test_idle_gaps_are_charged_to_what_launched_the_kernel_after_them():
+    """A synthetic Kineto trace of one step: two kernels back to back, a 30 us gap before a graph
+    replay launched in the backward region, a 1.5 ms gap before the optimizer's kernel. Overlapping
+    device events (a copy inside a kernel's span) are no gap."""
+    bench = _bench()
+    trace = {"traceEvents": [
+        _span("user_annotation", "forward", 0, 85),
+        _span("cpu_op", "aten::mm", 5, 10),
+        _span("cuda_runtime", "cudaLaunchKernel", 6, 2, correlation=1),
+        _span("kernel", "nvjet_gemm", 10, 40, tid=7, correlation=1),
+        _span("cuda_runtime", "cudaLaunchKernel", 20, 2, correlation=2),
+        _span("kernel", "_rms_norm_kernel", 50, 20, tid=7, correlation=2),
+        _span("gpu_memcpy", "Memcpy DtoD", 55, 5, tid=8),
+        _span("user_annotation", "backward", 88, 200),
+        _span("cpu_op", "aten::zeros", 91, 4),  # ended before the launch at 98: not its operator
+        _span("cpu_op", "FusedLayerBackward", 95, 10),
+        _span("cpu_op", "autograd::engine::evaluate_function: FusedLayerBackward", 90, 50),
+        _span("cuda_runtime", "cudaGraphLaunch", 98, 1, correlation=3),
+        _span("kernel", "_lora_a_kernel", 100, 50, tid=7, correlation=3),
+        _span("user_annotation", "optimizer", 1600, 100),
+        _span("cpu_op", "Optimizer.step#AdamW.step", 1640, 50),
+        _span("cuda_runtime", "cudaLaunchKernel", 1645, 3, correlation=4),
+        _span("kernel", "multi_tensor_apply_kernel", 1650, 10, tid=7, correlation=4),
+    ]}
+    idle = bench.idle_gaps(trace, steps=1, min_gap_us=2.0)
+    assert idle["by_launch"] == [
+        ("optimizer / Optimizer.step#AdamW.step / cudaLaunchKernel", 1.5, 1),
+        ("backward / FusedLayerBackward / cudaGraphLaunch", 0.03, 1),
+    ]
+    assert idle["idle_ms_per_step"] == 1.53 and idle["in_gaps_over_1ms"] == 1.5 and idle["in_shorter_gaps"] == 0.03
