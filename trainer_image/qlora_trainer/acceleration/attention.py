@@ -9,8 +9,11 @@ records are given by their cumulative lengths `cu` (int32, on the device) and th
 - "varlen": anything else on CUDA (packed records of different lengths) through PyTorch's
   FlashAttention-2 variable-length kernels;
 - "sdpa": off CUDA, record by record with SDPA (packing._per_record_sdpa, the reference).
-Why cuDNN for fixed-length rows: benchmarks/results/attention_timing_h200.md times both at the
-benchmark rows' shapes. QLORA_ATTENTION=varlen keeps FlashAttention-2 for every batch (diagnosis).
+Why cuDNN for fixed-length rows: at the benchmark rows' micro-steps it ran forward + backward
+1.5-1.8x faster than FlashAttention-2 on an H200 (8B: 0.224 against 0.379 ms a layer, ~-10 ms an
+8B step) with the same error against fp32 (benchmarks/results/attention_timing_h200.md). Its
+ragged (cumulative-lengths) entry point crashed there, so packed records keep FlashAttention-2.
+QLORA_ATTENTION=varlen keeps FlashAttention-2 for every batch (diagnosis, A/B timing).
 """
 
 from __future__ import annotations
