@@ -144,7 +144,8 @@ def _variant(name: str) -> dict | None:
     """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], or <row>/plain-<seed<N>|p0>;
     mods: seed<N> (another dropout seed, set after loading), p0 (LoRA dropout 0), max (the plan may use
     the whole card), unfused (QLORA_FUSED_LAYER=0), fused (QLORA_FUSED_LAYER=1: the fused decoder
-    layer, the default), eager (QLORA_CUDA_GRAPHS=0), mb<N> (micro-batch
+    layer, the default), eager (QLORA_CUDA_GRAPHS=0), varlen (QLORA_ATTENTION=varlen: FlashAttention-2
+    for fixed-length rows too, instead of cuDNN), mb<N> (micro-batch
     pinned to N), none/selective/full/offload (recompute mode pinned); the rest is planned."""
     row, _, rest = name.partition("/")
     base, *mods = rest.split("-")
@@ -166,6 +167,8 @@ def _variant(name: str) -> dict | None:
             cfg["env"]["QLORA_FUSED_LAYER"] = "1"
         elif mod == "eager":
             cfg["env"]["QLORA_CUDA_GRAPHS"] = "0"
+        elif mod == "varlen":
+            cfg["env"]["QLORA_ATTENTION"] = "varlen"
         elif mod in ("none", "selective", "full", "offload"):
             cfg["recompute"] = mod
         elif mod.startswith("mb") and mod[2:].isdigit():

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from . import fused_layer
+from . import attention, fused_layer
 from .kernels import (
     FrozenWeight,
     LoRAGatedMLPFunction,
@@ -321,6 +321,11 @@ def apply_acceleration(model, plan: MemoryPlan) -> AccelerationReport:
         else:
             lm.config._attn_implementation = name
         report.attention = "varlen flash (per packed record)"
+        if report.fused_layers:  # the fused layers call their kernels directly (attention.py)
+            fused = next(layer for layer in layers if hasattr(layer, "_qlora_qkv"))
+            report.attention = f"fused layers: {attention.describe(fused.input_layernorm.weight.device)}"
+            if report.fused_layers < len(layers):
+                report.attention += "; other layers: varlen flash (per packed record)"
     except Exception as exc:  # an architecture that refuses custom attention keeps its own
         report.skipped.append(f"attention: {exc}")
     report.fused_cross_entropy = _patch_causal_lm_loss(lm, plan)

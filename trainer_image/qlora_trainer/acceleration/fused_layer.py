@@ -13,7 +13,8 @@ Same numerics as the plain recipe, far fewer kernel launches and bytes moved:
 - the residual add follows the o_proj and down_proj outputs with their LoRA products (one
   element-wise pass; riding on the GEMM, it rounded a young adapter's contribution away);
 - RMSNorm, RoPE (in place on the qkv buffer) and SwiGLU are one kernel each (fused_ops);
-- attention is variable-length flash attention over the packed records, called directly;
+- attention runs per record, called directly (attention.py: cuDNN's fused flash attention for
+  fixed-length rows on Hopper, FlashAttention-2 varlen for packed records);
 - the residual stream between the blocks and layers stays in fp32 when every layer of the model is
   fused (apply.py upcasts the embeddings' output), as in the plain recipe, whose
   prepare_model_for_kbit_training leaves embeddings and norms in fp32: the norms read fp32 and
@@ -40,8 +41,9 @@ import types
 
 import torch
 
+from . import attention
 from . import fused_ops as ops
-from .packing import _on_device, _per_record_sdpa
+from .packing import _on_device
 
 # ---------------------------------------------------------------------------------------------
 # Frozen weights of several projections as one matrix
@@ -215,26 +217,8 @@ class LoRASet:
 # Attention over packed records
 
 
-def _attention(q, k, v, cu, max_len, scale):
-    """Causal attention per record. Returns (out [N, Hq, D], state for _attention_backward_kernels)."""
-    if q.is_cuda:
-        from torch.nn.attention import varlen  # noqa: F401  (importing it registers the torch_attn ops)
-
-        out, lse, rng = torch.ops.torch_attn._varlen_attn(q, k, v, cu, cu, max_len, max_len, True, scale, [-1, 0])
-        return out, (lse, rng)
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = _per_record_sdpa(*leaves, cu, scale)
-    return out.detach(), (leaves, out)
-
-
-def _attention_backward_kernels(g, q, k, v, out, state, cu, max_len, scale):
-    if q.is_cuda:
-        lse, rng = state
-        return torch.ops.torch_attn._varlen_attn_backward(g.contiguous(), q, k, v, out, lse, cu, cu, max_len,
-                                                         max_len, True, rng, scale, [-1, 0])
-    leaves, graph_out = state
-    return torch.autograd.grad(graph_out, leaves, g, retain_graph=True)
+_attention = attention.forward  # (out, state): cuDNN for fixed-length rows, FlashAttention-2 varlen, or SDPA
+_attention_backward_kernels = attention.backward
 
 
 class AttentionShape:
