@@ -66,6 +66,10 @@ TARGET_PHASE = 1.5
 # (rows of 96 s with the download, 72 s and 70 s at 20 steps; `row_s` in results.json), with a few
 # seconds of margin; varlen from session 8 (~75 s); an s3 row adds its download floor and phase.
 ROW_ESTIMATE_S = {"1.5b-2048": (64, 0.5), "varlen": (62, 0.8), "7b-1024": (60, 0.6), "8b-1024": (62, 0.6)}
+# Session 10's diagnostics beside the quantize floor (a second floor pass, the pinned-staging floor,
+# the trainer's own load three times) in the first row of a shape, by its parameters (billions).
+DIAGNOSTICS_S_PER_B = 4.0  # the session-10 1.5B row took 132 s with them and the fresh tokenize floor
+FRESH_TOKENIZE_FLOOR_S = 20
 S3_ROW_EXTRA_S = 22  # the download floor and the CLI's download (the upload is staged while checkpoints are written)
 UPLOAD_SAMPLE_BYTES = 500 << 20
 QUANTIZE_STEPS = ("deviceWarmup", "fromPretrained", "prepareKbit", "prepareSharded")  # sub-phases of quantize
@@ -258,6 +262,103 @@ def quantize_floor(folder: Path) -> dict:
             "parts": {k: round(v, 4) for k, v in parts.items()}}
 
 
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def quantize_floor_pinned(folder: Path, chunk_mb: int = 64, ring: int = 4) -> dict:
+    """The same work as quantize_floor with the fastest placement found: each tensor's bytes read
+    from the file (readinto, no page faults on a mapping) into a ring of pinned staging chunks and
+    copied to the device without blocking the host, so the next read, the copies and the queued
+    quantizations overlap. The pinned ring is allocated before the clock (`pin_s`): a loader
+    would allocate it once, off its critical path."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"error": "no GPU"}
+    warm = torch.ones(64, 64, dtype=torch.bfloat16, device="cuda")
+    bnbf.quantize_4bit(warm, quant_type="nf4", compress_statistics=True)
+    warm.float()
+    a = time.perf_counter()
+    chunk = chunk_mb << 20
+    staging = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(ring)]
+    done = [torch.cuda.Event() for _ in range(ring)]
+    torch.cuda.synchronize()
+    pin_s = time.perf_counter() - a
+    params, k = 0, 0
+    t = time.perf_counter()
+    for shard in sorted(folder.glob("*.safetensors")):
+        with open(shard, "rb", buffering=0) as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            base = 8 + size
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = meta["data_offsets"]
+                dst = torch.empty(end - begin, dtype=torch.uint8, device="cuda")
+                f.seek(base + begin)
+                for off in range(0, end - begin, chunk):
+                    n = min(chunk, end - begin - off)
+                    slot = k % ring
+                    done[slot].synchronize()  # the copy that last used this chunk has ended
+                    view, got = memoryview(staging[slot].numpy())[:n], 0
+                    while got < n:  # a read may return less than asked
+                        got += f.readinto(view[got:])
+                    dst[off:off + n].copy_(staging[slot][:n], non_blocking=True)
+                    done[slot].record()
+                    k += 1
+                w = dst.view(getattr(torch, _SAFETENSORS_DTYPES[meta["dtype"]])).view(meta["shape"])
+                params += w.numel()
+                if w.dim() == 2 and "embed" not in key and "lm_head" not in key:
+                    bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+                else:
+                    w.float()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    del staging
+    return {"seconds": seconds, "params": params, "params_per_second": params / seconds, "pin_s": round(pin_s, 3),
+            "chunk_mb": chunk_mb, "ring": ring}
+
+
+def trainer_load_in_process(folder: Path, repeats: int = 2) -> dict:
+    """The trainer's own load_quantized_model (the phase's code: fromPretrained + prepareKbit) in
+    this fresh process, after the floors, `repeats` times: its cost outside the CLI's process,
+    the first time (the loader's first-use costs warmed first, as the CLI's warm-up thread does)
+    and again. Each model is freed before the next."""
+    import cProfile
+    import gc
+    import io
+    import pstats
+
+    import torch
+    from qlora_api.spec import ModelSource, QuantizationSpec, TrainingSpec
+    from qlora_trainer.device_warmup import warm_loader
+    from qlora_trainer.model_loading import ModelFiles, load_quantized_model
+
+    warm_loader()
+    out, profile = [], None
+    for i in range(repeats + 1):  # the last one under cProfile: where the seconds over the floor go
+        profiler = cProfile.Profile() if i == repeats else None
+        t = time.perf_counter()
+        if profiler:
+            profiler.enable()
+        model = load_quantized_model(ModelFiles(folder, "bench"), ModelSource(uri="pvc://models/bench"),
+                                     QuantizationSpec(), TrainingSpec())
+        if profiler:
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+            profile = text.getvalue()[-6000:]
+        else:
+            out.append(round(time.perf_counter() - t, 3))
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {"seconds": out, "profile_by_tottime": profile}
+
+
 def import_floor() -> dict:
     """What the CLI's startup phase must do at least: import torch & co. (first thing in a fresh process)."""
     t = time.perf_counter()
@@ -315,6 +416,12 @@ def fast_path_with_floors(row: dict, folder: Path, floors: bool) -> dict:
     if floors:
         out["import_floor"] = import_floor()
         out["quantize_floor"] = quantize_floor(folder)
+        try:  # diagnostics beside the floor (session 10): the best copy found, the phase's own code here
+            out["quantize_floor"]["pinned"] = quantize_floor_pinned(folder)
+            out["quantize_floor"]["again"] = quantize_floor(folder)["seconds"]
+            out["quantize_floor"]["trainer_load"] = trainer_load_in_process(folder)
+        except Exception as exc:  # noqa: BLE001  (a diagnostic must not cost the row)
+            out["quantize_floor"]["diagnostics_error"] = repr(exc)[-500:]
         import torch
 
         torch.cuda.empty_cache()  # the planner must see the memory the floor used as free
@@ -506,6 +613,8 @@ def task_main(task: str, args: list[str]) -> None:
         result = {"ok": True}
     elif task == "download-floor":
         result = download_floor(args[0], args[1], Path(args[2]))
+    elif task == "tokenize-floor":  # in a fresh process: the pass as the CLI's process first meets it
+        result = tokenize_floor(Path(args[0]), json.loads(Path(args[1]).read_text()))
     elif task == "quantize-floor":
         result = quantize_floor(Path(args[0]))
     elif task == "fast-path":
@@ -582,6 +691,10 @@ def drive(opts) -> int:
         folder = ROOT / CLAIM / row["shape"]
         fixed_s, per_step_s = ROW_ESTIMATE_S.get(name, (90, 0.6))
         estimate = 30 if opts.dry_run else fixed_s + per_step_s * steps + (S3_ROW_EXTRA_S if row["store"] == "s3" else 0)
+        if not opts.dry_run and row["shape"] not in floored:
+            estimate += DIAGNOSTICS_S_PER_B * checkpoint_bytes(row["shape"]) / 2e9
+        if not opts.dry_run and opts.fresh_tokenize_floor:
+            estimate += FRESH_TOKENIZE_FLOOR_S
         if not (folder / ".done").exists() or time.monotonic() + estimate > deadline:
             results["rows"][name] = {"error": f"skipped: checkpoint not ready or out of time (row estimate {estimate:.0f} s, "
                                               f"{deadline - time.monotonic():.0f} s left)"}
@@ -613,7 +726,11 @@ def drive(opts) -> int:
         res["fast_path"] = fast
         cli = run_cli(name, row, model_uri, endpoint, s3, steps, work, folder,
                       timeout=max(60.0, deadline - time.monotonic() + 30))
-        res["tokenize_floor"] = tokenize_floor(folder, cli.pop("texts"))
+        texts = cli.pop("texts")
+        res["tokenize_floor"] = tokenize_floor(folder, texts)
+        (work / "texts.json").write_text(json.dumps(texts))  # for the fresh-process floor
+        if opts.fresh_tokenize_floor:  # a process start (~20 s on the H200 machine)
+            res["tokenize_floor"]["fresh_process"] = in_child("tokenize-floor", str(folder), str(work / "texts.json"))
         res["cli"] = cli
         res["row_s"] = round(time.monotonic() - row_began, 1)  # what ROW_ESTIMATE_S estimates
         results["rows"][name] = res
@@ -662,6 +779,10 @@ def phase_rows(res: dict, floors: dict) -> list[tuple[str, float, float | None, 
     tok = res.get("tokenize_floor")
     if tok:
         serial = f"; on one thread {tok['serial_seconds']:.2f} s" if tok.get("serial_seconds") else ""
+        fresh = tok.get("fresh_process") or {}
+        if fresh.get("seconds") and "tokenize" in phases:  # the pass as a fresh process first meets it
+            serial += (f"; as a fresh process's first pass {fresh['seconds'] * 1e3:.1f} ms "
+                       f"({phases['tokenize']['seconds'] / fresh['seconds']:.2f}x)")
         add("tokenize", tok["seconds"], f"batched fast-tokenizer pass, train + eval, {tok.get('threads')} CPUs{serial}")
     up = next(iter(floors.get("upload", {}).values()), None)
     if up:
@@ -714,6 +835,19 @@ def render(results: dict) -> tuple[str, bool]:
                      + f" | {_round(quant.get('seconds'), 2)} | "
                      + (", ".join(f"{parts[k]:.2f}" for k in ("read", "place", "quantize", "cast")) if parts else "-")
                      + f" | {f'{r:.2f}x' if (r := _ratio(step['fromPretrained'], quant.get('seconds'))) else '-'} |")
+    lines += ["", "| row | floor s (pageable copy) | again | floor s (pinned staging, ring alloc s) | "
+              "load_quantized_model in the floor's process (1st, 2nd) | CLI fromPretrained + prepareKbit |",
+              "|---|---|---|---|---|---|"]
+    for name, res in results["rows"].items():
+        if "cli" not in res:
+            continue
+        ph = res["cli"]["phases"]
+        quant = results["floors"].get("quantize", {}).get(res["row"]["shape"], {})
+        pinned, loads = quant.get("pinned") or {}, (quant.get("trainer_load") or {}).get("seconds") or []
+        cli_s = sum(ph.get(k, {}).get("seconds", 0.0) for k in ("fromPretrained", "prepareKbit"))
+        lines.append(f"| {name} | {_round(quant.get('seconds'), 2)} | {_round(quant.get('again'), 2)} | "
+                     f"{_round(pinned.get('seconds'), 2)} ({pinned.get('pin_s', '-')}) | "
+                     f"{', '.join(f'{v:.2f}' for v in loads) or quant.get('diagnostics_error', '-')[:60]} | {cli_s:.2f} |")
     lines += ["", "| row | CLI wall s | train s | outside training s | eval before + after s (share of train) | "
               "every phase (s) |", "|---|---|---|---|---|---|"]
     for name, res in results["rows"].items():
@@ -747,6 +881,9 @@ def main() -> int:
     ap.add_argument("--no-download", action="store_true",
                     help="every row reads its model from the local folder (pvc://): no download phase, and the "
                          "upload rate from a sample of the checkpoint (saves ~50 s of a call at the 1.5B row)")
+    ap.add_argument("--fresh-tokenize-floor", action="store_true",
+                    help="also take the tokenize floor as a fresh process's first pass (a process start per row; "
+                         "session 10 found it equal to the warm floor at the 1.5B row)")
     ap.add_argument("--task", help=argparse.SUPPRESS)
     ap.add_argument("task_args", nargs="*", help=argparse.SUPPRESS)
     opts = ap.parse_args()

@@ -56,3 +56,15 @@ def test_a_slow_cli_or_a_slow_phase_is_missed():
 def test_a_pvc_model_has_no_download_to_compare():
     table, _ = _bench().render(_results(cli_tps=48_000.0, download_s=16.0, store="pvc"))
     assert not any(line.startswith("| 1.5b-2048 | downloadModel |") for line in table.splitlines())
+
+
+def test_the_quantize_diagnostics_sit_beside_the_floor_and_the_fresh_tokenize_floor_is_shown():
+    results = _results(cli_tps=48_000.0, download_s=14.0)
+    results["floors"]["quantize"]["qwen2.5-1.5b"].update(
+        again=10.5, pinned={"seconds": 13.0, "pin_s": 0.1}, trainer_load={"seconds": [14.0, 12.5]})
+    results["rows"]["1.5b-2048"]["tokenize_floor"]["fresh_process"] = {"seconds": 0.9}
+    results["rows"]["1.5b-2048"]["cli"]["phases"].update(fromPretrained={"seconds": 11.0},
+                                                         prepareKbit={"seconds": 0.5})
+    table, _ = _bench().render(results)
+    assert _line(table, "1.5b-2048", "10.0", "10.5") == "| 1.5b-2048 | 10.0 | 10.5 | 13.0 (0.1) | 14.00, 12.50 | 11.50 |"
+    assert "as a fresh process's first pass 900.0 ms (1.11x)" in _line(table, "1.5b-2048", "tokenize")

@@ -2,6 +2,8 @@
 and a warm-up that fails never fails the run by itself (the model load reports the real error)."""
 
 import logging
+import sys
+import threading
 import time
 
 import torch
@@ -47,3 +49,29 @@ def test_the_loader_warmup_builds_transformers_conversion_rules_once():
     conversion_mapping.get_checkpoint_conversion_mapping("qwen2")  # what from_pretrained asks next
     assert conversion_mapping._checkpoint_conversion_mapping_cache is built  # reused, not rebuilt
     assert time.perf_counter() - began < 0.05
+
+
+def test_the_run_gets_the_gil_back_quickly_while_the_warmup_runs_python():
+    """The warm-up's Python holds the GIL; the run (tokenizing, downloading) releases it in every
+    native call and must not wait the default 5 ms to get it back each time (device_warmup.py)."""
+    default = sys.getswitchinterval()
+    seen, stop, running = [], threading.Event(), threading.Event()
+
+    def python_work():  # as transformers' rules and bitsandbytes' import: pure Python, no release
+        seen.append(sys.getswitchinterval())
+        running.set()
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    warmup = DeviceWarmup(python_work)
+    running.wait(5)
+    began = time.perf_counter()
+    for _ in range(8):
+        time.sleep(0.001)  # a native call that releases the GIL, then wants it back
+    waited = time.perf_counter() - began
+    stop.set()
+    warmup.wait()
+    assert seen == [min(default, 0.0005)]
+    assert sys.getswitchinterval() == default  # the process's own interval once the warm-up ends
+    assert waited < 8 * (0.001 + default) - 0.004  # not a switch interval per return (0.048 s at 5 ms)
