@@ -3,7 +3,6 @@ and a warm-up that fails never fails the run by itself (the model load reports t
 
 import logging
 import sys
-import threading
 import time
 
 import torch
@@ -51,27 +50,26 @@ def test_the_loader_warmup_builds_transformers_conversion_rules_once():
     assert time.perf_counter() - began < 0.05
 
 
-def test_the_run_gets_the_gil_back_quickly_while_the_warmup_runs_python():
+def test_the_warmup_lowers_the_gil_switch_interval_while_it_runs_python():
     """The warm-up's Python holds the GIL; the run (tokenizing, downloading) releases it in every
-    native call and must not wait the default 5 ms to get it back each time (device_warmup.py)."""
+    native call and must not wait the default 5 ms to get it back each time (device_warmup.py):
+    the interval is lowered while the warm-up runs and the process's own comes back after it.
+    (The effect itself is timed in the GPU benchmark's tokenize phase, not here: a timing bound
+    on a loaded 2-core CI machine would be a flake.)"""
     default = sys.getswitchinterval()
-    seen, stop, running = [], threading.Event(), threading.Event()
-
-    def python_work():  # as transformers' rules and bitsandbytes' import: pure Python, no release
-        seen.append(sys.getswitchinterval())
-        running.set()
-        x = 0
-        while not stop.is_set():
-            x += 1
-
-    warmup = DeviceWarmup(python_work)
-    running.wait(5)
-    began = time.perf_counter()
-    for _ in range(8):
-        time.sleep(0.001)  # a native call that releases the GIL, then wants it back
-    waited = time.perf_counter() - began
-    stop.set()
+    seen = []
+    warmup = DeviceWarmup(lambda: seen.append(sys.getswitchinterval()))
     warmup.wait()
     assert seen == [min(default, 0.0005)]
-    assert sys.getswitchinterval() == default  # the process's own interval once the warm-up ends
-    assert waited < 8 * (0.001 + default) - 0.004  # not a switch interval per return (0.048 s at 5 ms)
+    assert sys.getswitchinterval() == default
+
+
+def test_the_warmup_leaves_an_interval_set_meanwhile_alone():
+    """Someone else changed the interval while the warm-up ran: theirs stays."""
+    default = sys.getswitchinterval()
+    try:
+        warmup = DeviceWarmup(lambda: sys.setswitchinterval(0.002))
+        warmup.wait()
+        assert sys.getswitchinterval() == 0.002
+    finally:
+        sys.setswitchinterval(default)
