@@ -102,47 +102,28 @@ def _setup():
 
 
 def _inputs(torch, dev, dt, tokens, n, h, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, h, generator=g).to(dev, dt)
-    A = (torch.randn(n * RANK, h, generator=g) * 0.05).to(dev, dt)
-    ga = torch.randn(tokens, n * RANK, generator=g).to(dev, dt)
+    g = torch.Generator(device=dev).manual_seed(seed)  # drawn where they live: 1.5B's x is 147M values
+    x = torch.randn(tokens, h, generator=g, device=dev).to(dt)
+    A = (torch.randn(n * RANK, h, generator=g, device=dev) * 0.05).to(dt)
+    ga = torch.randn(tokens, n * RANK, generator=g, device=dev).to(dt)
     return x, A, ga
 
 
-def _compile_worker(names: list[str], shapes: dict) -> list[str]:
-    """Run each variant once on every group shape (fills Triton's on-disk cache); errors as text."""
-    torch, dev, dt = _setup()
-    from qlora_trainer.acceleration import triton_ops as tri
-
-    errors = []
-    hidden, inter, _, _ = shapes["8b"]
-    for name in names:
-        cfg = tri.LoraAConfig(**VARIANTS[name])
-        for _, n, h in groups(hidden, inter):
-            x, A, _ = _inputs(torch, dev, dt, 256, n, h)
-            try:
-                tri.lora_a(x, A, 7, P, n, config=cfg)
-            except Exception as e:  # noqa: BLE001 -- reported in the table, the sweep goes on
-                errors.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
-                break
-        if not any(e.startswith(name + ":") for e in errors):
-            edge_error(torch, tri, dev, dt, cfg)
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    return errors
-
-
 def _time_us(torch, fn, dev) -> float:
-    fn()  # compile (or load) outside the capture
+    fn()  # compiled already: loads nothing here
     if dev != "cuda":
         start = time.perf_counter()
         fn()
         return round((time.perf_counter() - start) * 1e6, 1)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # capture_begin directly: torch.cuda.graph() runs gc.collect() each time
+        graph.capture_begin()
         for _ in range(CALLS):
             fn()
+        graph.capture_end()
+    torch.cuda.synchronize()
     graph.replay()
     best = float("inf")
     for _ in range(3):
@@ -155,57 +136,98 @@ def _time_us(torch, fn, dev) -> float:
     return round(best, 1)
 
 
-def timings(shapes: dict, budget_s: float, workers: int) -> dict:
-    """{model: {group: {case: {"us": ..., "diff": ...}}}}; cases: the VARIANTS of lora_a, then the
-    split-K sum alone (at the default split's plane count) and the two gradient kernels."""
-    t0 = time.monotonic()
-    names = list(VARIANTS)
-    compile_errors = []
-    if workers > 1:
-        chunks = [names[i::workers] for i in range(workers)]
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for errs in pool.starmap(_compile_worker, [(c, shapes) for c in chunks if c]):
-                compile_errors += errs
-    print(f"compiled {len(names)} variants in {time.monotonic() - t0:.0f} s; errors: {compile_errors}", flush=True)
-    broken = {e.split(":")[0] for e in compile_errors}
+def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> None:
+    """Compile this worker's cases (in parallel with the other workers) and check them on EDGES;
+    once every worker has compiled (barrier), time them on the GPU one worker at a time (lock),
+    kernels already loaded in this process. Each result is one JSON line appended to rows_path."""
     torch, dev, dt = _setup()
     import triton
     from qlora_trainer.acceleration import triton_ops as tri
 
-    seed = torch.tensor([7], dtype=torch.int64, device=dev)
-    sms = tri._num_sms(torch.device(dev))
-    result = {"errors": compile_errors, "models": {}, "edge_rel_err": {}}
-    for name in names:
-        if name not in broken:
-            result["edge_rel_err"][name] = edge_error(torch, tri, dev, dt, tri.LoraAConfig(**VARIANTS[name]))
-    print(f"edge cases checked: {time.monotonic() - t0:.0f} s", flush=True)
-    for model, (hidden, inter, tokens, _) in shapes.items():
-        if result["models"] and time.monotonic() - t0 > budget_s:  # the first model always runs
-            print(f"budget spent: {model} left out", flush=True)
-            break
-        per_group = {}
-        for group, n, h in groups(hidden, inter):
-            x, A, ga = _inputs(torch, dev, dt, tokens, n, h)
-            ref = tri.lora_a(x, A, seed, P, n).float()
-            row = {}
-            for name in names:
-                if name in broken:
-                    continue
+    def emit(entry: dict) -> None:
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(json.dumps(entry), flush=True)
+
+    hidden, inter, _, _ = shapes["8b"]
+    ok = []
+    for name in cases:
+        try:
+            if name in VARIANTS:
                 cfg = tri.LoraAConfig(**VARIANTS[name])
-                out = tri.lora_a(x, A, seed, P, n, config=cfg).float()
-                diff = float((out - ref).abs().max())
-                us = _time_us(torch, lambda c=cfg: tri.lora_a(x, A, seed, P, n, config=c), dev)  # noqa: B023
-                row[name] = {"us": us, "diff": diff}
-            pairs = n * triton.cdiv(tokens, 64)
-            planes = max(1, min(triton.cdiv(tri._LORA_A_PROGRAMS_PER_SM * sms, pairs), triton.cdiv(triton.cdiv(h, 64), 2)))
-            parts = torch.randn(planes, tokens, n * RANK, device=dev)
-            row["sum_planes"] = {"us": _time_us(torch, lambda: tri._sum_planes(parts, dt), dev)}  # noqa: B023
-            row["lora_a_backward"] = {"us": _time_us(torch, lambda: tri.lora_a_backward(ga, x, seed, P, n), dev)}  # noqa: B023
-            gx = torch.zeros_like(x)
-            row["lora_x_backward_"] = {"us": _time_us(torch, lambda: tri.lora_x_backward_(gx, ga, A, seed, P, n), dev)}  # noqa: B023
-            per_group[group] = row
-            print(f"{model} {group}: {time.monotonic() - t0:.0f} s", flush=True)
-        result["models"][model] = per_group
+                for _, n, h in groups(hidden, inter):
+                    x, A, _ = _inputs(torch, dev, dt, 256, n, h)
+                    tri.lora_a(x, A, 7, P, n, config=cfg)
+                emit({"case": name, "edge_rel_err": edge_error(torch, tri, dev, dt, cfg)})
+            ok.append(name)
+        except Exception as e:  # noqa: BLE001 -- reported in the table, the sweep goes on
+            emit({"case": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    barrier.wait()
+    with lock:
+        seed = torch.tensor([7], dtype=torch.int64, device=dev)
+        sms = tri._num_sms(torch.device(dev))
+        for model, (hidden, inter, tokens, _) in shapes.items():
+            for group, n, h in groups(hidden, inter):
+                x, A, ga = _inputs(torch, dev, dt, tokens, n, h)
+                ref = tri.lora_a(x, A, seed, P, n).float()  # session 9's launch (LoraAConfig())
+                for name in ok:
+                    entry = {"case": name, "model": model, "group": group}
+                    if name in VARIANTS:
+                        cfg = tri.LoraAConfig(**VARIANTS[name])
+                        entry["diff"] = float((tri.lora_a(x, A, seed, P, n, config=cfg).float() - ref).abs().max())
+                        entry["us"] = _time_us(torch, lambda c=cfg: tri.lora_a(x, A, seed, P, n, config=c), dev)  # noqa: B023
+                    elif name == "sum_planes":  # the default split's plane count
+                        pairs = n * triton.cdiv(tokens, 64)
+                        planes = max(1, min(triton.cdiv(tri._LORA_A_PROGRAMS_PER_SM * sms, pairs),
+                                            triton.cdiv(triton.cdiv(h, 64), 2)))
+                        parts = torch.randn(planes, tokens, n * RANK, device=dev)
+                        entry["us"] = _time_us(torch, lambda: tri._sum_planes(parts, dt), dev)  # noqa: B023
+                    elif name == "lora_a_backward":
+                        entry["us"] = _time_us(torch, lambda: tri.lora_a_backward(ga, x, seed, P, n), dev)  # noqa: B023
+                    else:
+                        gx = torch.zeros_like(x)
+                        entry["us"] = _time_us(torch, lambda: tri.lora_x_backward_(gx, ga, A, seed, P, n), dev)  # noqa: B023
+                    emit(entry)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+def timings(shapes: dict, workers: int, rows_path: Path) -> dict:
+    """{"models": {model: {group: {case: {"us": ..., "diff": ...}}}}, "edge_rel_err": {case: ...},
+    "errors": [...]} from the workers' JSON lines; cases: the VARIANTS of lora_a, then the split-K
+    sum alone and the two gradient kernels (REFERENCE_ROWS)."""
+    t0 = time.monotonic()
+    cases = list(VARIANTS) + list(REFERENCE_ROWS)
+    workers = max(1, min(workers, len(cases)))
+    chunks = [cases[i::workers] for i in range(workers)]
+    rows_path.write_text("")
+    ctx = multiprocessing.get_context("spawn")
+    barrier, lock = ctx.Barrier(workers), ctx.Lock()
+    procs = [ctx.Process(target=_worker, args=(c, shapes, barrier, lock, str(rows_path))) for c in chunks]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    print(f"all workers done in {time.monotonic() - t0:.0f} s", flush=True)
+    return collect(rows_path.read_text().splitlines(), shapes)
+
+
+def collect(lines: list[str], shapes: dict) -> dict:
+    result = {"errors": [], "edge_rel_err": {}, "models": {}}
+    for line in lines:
+        e = json.loads(line)
+        if "error" in e:
+            result["errors"].append(f"{e['case']}: {e['error']}")
+        elif "edge_rel_err" in e:
+            result["edge_rel_err"][e["case"]] = e["edge_rel_err"]
+        else:
+            cell = {k: e[k] for k in ("us", "diff") if k in e}
+            result["models"].setdefault(e["model"], {}).setdefault(e["group"], {})[e["case"]] = cell
+    order = list(VARIANTS) + list(REFERENCE_ROWS)
+    result["models"] = {m: {g: dict(sorted(row.items(), key=lambda kv: order.index(kv[0])))
+                            for g, row in result["models"][m].items()}
+                        for m in shapes if m in result["models"]}
     return result
 
 
@@ -242,16 +264,19 @@ def table(result: dict, shapes: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
-    parser.add_argument("--budget-s", type=float, default=120.0, help="stop starting new models after this")
     parser.add_argument("--workers", type=int, default=min(14, len(VARIANTS)))
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal shapes (TRITON_INTERPRET=1)")
+    parser.add_argument("--rows", help="only make the table from this rows.jsonl (a call cut short)")
     args = parser.parse_args()
     shapes = TINY if args.tiny else SHAPES
-    result = timings(shapes, args.budget_s, args.workers)
-    result["shapes"] = shapes
-    result["variants"] = {k: dataclasses.asdict(_config(v)) for k, v in VARIANTS.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.rows:
+        result = collect(Path(args.rows).read_text().splitlines(), shapes)
+    else:
+        result = timings(shapes, args.workers, out / "rows.jsonl")
+    result["shapes"] = shapes
+    result["variants"] = {k: dataclasses.asdict(_config(v)) for k, v in VARIANTS.items()}
     (out / "lora_a_timing.json").write_text(json.dumps(result, indent=1))
     text = table(result, shapes)
     (out / "table.md").write_text(text)
