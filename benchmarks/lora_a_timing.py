@@ -136,12 +136,32 @@ def _time_us(torch, fn, dev) -> float:
     return round(best, 1)
 
 
-def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> None:
-    """Compile this worker's cases (in parallel with the other workers) and check them on EDGES;
-    once every worker has compiled (barrier), time them on the GPU one worker at a time (lock),
-    kernels already loaded in this process. Each result is one JSON line appended to rows_path."""
-    torch, dev, dt = _setup()
+def _case_fn(name, tri, torch, dev, dt, x, A, ga, seed, n):
+    """The call that case `name` times, on these inputs."""
     import triton
+
+    if name in VARIANTS:
+        cfg = tri.LoraAConfig(**VARIANTS[name])
+        return lambda: tri.lora_a(x, A, seed, P, n, config=cfg)
+    if name == "sum_planes":  # the planes of the default split
+        tokens, h = x.shape
+        pairs = n * triton.cdiv(tokens, 64)
+        planes = max(1, min(triton.cdiv(tri._LORA_A_PROGRAMS_PER_SM * tri._num_sms(x.device), pairs),
+                            triton.cdiv(triton.cdiv(h, 64), 2)))
+        parts = torch.randn(planes, tokens, n * RANK, device=dev)
+        return lambda: tri._sum_planes(parts, dt)
+    if name == "lora_a_backward":
+        return lambda: tri.lora_a_backward(ga, x, seed, P, n)
+    gx = torch.zeros_like(x)
+    return lambda: tri.lora_x_backward_(gx, ga, A, seed, P, n)
+
+
+def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> None:
+    """Compile this worker's cases on every group shape (with few tokens: token counts do not
+    specialize the kernels) in parallel with the other workers, and check them on EDGES; once
+    every worker has compiled (barrier), time them on the GPU one worker at a time (lock), kernels
+    already loaded in this process. Each result is one JSON line appended to rows_path."""
+    torch, dev, dt = _setup()
     from qlora_trainer.acceleration import triton_ops as tri
 
     def emit(entry: dict) -> None:
@@ -149,44 +169,35 @@ def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> No
             f.write(json.dumps(entry) + "\n")
         print(json.dumps(entry), flush=True)
 
-    hidden, inter, _, _ = shapes["8b"]
-    ok = []
-    for name in cases:
-        try:
+    seed = torch.tensor([7], dtype=torch.int64, device=dev)
+    ok = list(cases)
+    try:
+        for hidden, inter, _, _ in shapes.values():
+            for _, n, h in groups(hidden, inter):
+                x, A, ga = _inputs(torch, dev, dt, 256, n, h)
+                tri.lora_a(x, A, seed, P, n)  # the reference (session 9's launch), in every worker
+                for name in list(ok):
+                    try:
+                        _case_fn(name, tri, torch, dev, dt, x, A, ga, seed, n)()
+                    except Exception as e:  # noqa: BLE001 -- reported in the table, the sweep goes on
+                        emit({"case": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                        ok.remove(name)
+        for name in ok:
             if name in VARIANTS:
-                cfg = tri.LoraAConfig(**VARIANTS[name])
-                for _, n, h in groups(hidden, inter):
-                    x, A, _ = _inputs(torch, dev, dt, 256, n, h)
-                    tri.lora_a(x, A, 7, P, n, config=cfg)
-                emit({"case": name, "edge_rel_err": edge_error(torch, tri, dev, dt, cfg)})
-            ok.append(name)
-        except Exception as e:  # noqa: BLE001 -- reported in the table, the sweep goes on
-            emit({"case": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-    barrier.wait()
+                emit({"case": name, "edge_rel_err": edge_error(torch, tri, dev, dt, tri.LoraAConfig(**VARIANTS[name]))})
+    finally:
+        barrier.wait()  # a worker that failed must not leave the others waiting
     with lock:
-        seed = torch.tensor([7], dtype=torch.int64, device=dev)
-        sms = tri._num_sms(torch.device(dev))
         for model, (hidden, inter, tokens, _) in shapes.items():
             for group, n, h in groups(hidden, inter):
                 x, A, ga = _inputs(torch, dev, dt, tokens, n, h)
-                ref = tri.lora_a(x, A, seed, P, n).float()  # session 9's launch (LoraAConfig())
+                ref = tri.lora_a(x, A, seed, P, n).float()
                 for name in ok:
+                    fn = _case_fn(name, tri, torch, dev, dt, x, A, ga, seed, n)
                     entry = {"case": name, "model": model, "group": group}
                     if name in VARIANTS:
-                        cfg = tri.LoraAConfig(**VARIANTS[name])
-                        entry["diff"] = float((tri.lora_a(x, A, seed, P, n, config=cfg).float() - ref).abs().max())
-                        entry["us"] = _time_us(torch, lambda c=cfg: tri.lora_a(x, A, seed, P, n, config=c), dev)  # noqa: B023
-                    elif name == "sum_planes":  # the default split's plane count
-                        pairs = n * triton.cdiv(tokens, 64)
-                        planes = max(1, min(triton.cdiv(tri._LORA_A_PROGRAMS_PER_SM * sms, pairs),
-                                            triton.cdiv(triton.cdiv(h, 64), 2)))
-                        parts = torch.randn(planes, tokens, n * RANK, device=dev)
-                        entry["us"] = _time_us(torch, lambda: tri._sum_planes(parts, dt), dev)  # noqa: B023
-                    elif name == "lora_a_backward":
-                        entry["us"] = _time_us(torch, lambda: tri.lora_a_backward(ga, x, seed, P, n), dev)  # noqa: B023
-                    else:
-                        gx = torch.zeros_like(x)
-                        entry["us"] = _time_us(torch, lambda: tri.lora_x_backward_(gx, ga, A, seed, P, n), dev)  # noqa: B023
+                        entry["diff"] = float((fn().float() - ref).abs().max())
+                    entry["us"] = _time_us(torch, fn, dev)
                     emit(entry)
         if dev == "cuda":
             torch.cuda.synchronize()
