@@ -161,17 +161,19 @@ def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> No
     specialize the kernels) in parallel with the other workers, and check them on EDGES; once
     every worker has compiled (barrier), time them on the GPU one worker at a time (lock), kernels
     already loaded in this process. Each result is one JSON line appended to rows_path."""
-    torch, dev, dt = _setup()
-    from qlora_trainer.acceleration import triton_ops as tri
 
     def emit(entry: dict) -> None:
         with open(rows_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
         print(json.dumps(entry), flush=True)
 
-    seed = torch.tensor([7], dtype=torch.int64, device=dev)
-    ok = list(cases)
-    try:
+    ok = []
+    try:  # whatever fails here, the barrier is reached: a broken worker must not leave the others waiting
+        torch, dev, dt = _setup()
+        from qlora_trainer.acceleration import triton_ops as tri
+
+        seed = torch.tensor([7], dtype=torch.int64, device=dev)
+        ok = list(cases)
         for hidden, inter, _, _ in shapes.values():
             for _, n, h in groups(hidden, inter):
                 x, A, ga = _inputs(torch, dev, dt, 256, n, h)
@@ -185,8 +187,13 @@ def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> No
         for name in ok:
             if name in VARIANTS:
                 emit({"case": name, "edge_rel_err": edge_error(torch, tri, dev, dt, tri.LoraAConfig(**VARIANTS[name]))})
+    except Exception as e:  # noqa: BLE001
+        emit({"case": ",".join(cases), "error": f"worker: {type(e).__name__}: {str(e)[:300]}"})
+        ok = []
     finally:
-        barrier.wait()  # a worker that failed must not leave the others waiting
+        barrier.wait()
+    if not ok:
+        return
     with lock:
         for model, (hidden, inter, tokens, _) in shapes.items():
             for group, n, h in groups(hidden, inter):
@@ -260,7 +267,8 @@ def table(result: dict, shapes: dict) -> str:
             continue
         cells = [f"{models['8b'][g][case]['us']:.1f}" for g in group_names] if "8b" in models else []
         cells += [f"{step_ms(m, case):.2f}" for m in models]
-        delta = f"{step_ms('8b', case) - step_ms('8b', 's9'):+.2f}" if "8b" in models and case in VARIANTS else "-"
+        has_s9 = "8b" in models and all("s9" in row for row in models["8b"].values())
+        delta = f"{step_ms('8b', case) - step_ms('8b', 's9'):+.2f}" if has_s9 and case in VARIANTS else "-"
         diffs = [models[m][g][case].get("diff") for m in models for g in models[m]]
         diff = f"{max(diffs):.2g}" if None not in diffs else "-"
         edge = result["edge_rel_err"].get(case)
