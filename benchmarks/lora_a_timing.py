@@ -1,97 +1,311 @@
-"""Kernel time of the masked LoRA A side's forward (triton_ops.lora_a, with its split-K sum) against
-its A gradient (lora_a_backward), which makes the same Philox draws over the same reads of x, at
-the Llama-3-8B layer's four projection groups (2,048 tokens, r 16, dropout 0.05).
+"""Kernel time of the masked LoRA A side's forward (triton_ops.lora_a, with its split-K sum) in
+several launch shapes, against its gradients (lora_a_backward makes the same Philox draws over
+the same reads of x), at the four projection groups of a decoder layer (r 16, dropout 0.05):
+Llama-3-8B and Qwen2.5-7B at 2,048-token micro-batches, Qwen2.5-1.5B at 16,384 (the 1.5b-2048
+row's micro-batch of 8 x 2,048).
 
 Each case is 20 calls captured as one CUDA graph (device seeds, as the trainer's graphed layers
-use them) and timed by CUDA events over one replay: kernel time without the host's launch cost
-(timing eager calls measures the launch: ~100 us a call whatever the kernel).
+use them) and timed by CUDA events over a replay (the least of 3): kernel time without the host's
+launch cost (timing eager calls measures the launch: ~100 us a call whatever the kernel). The
+same x is read by every call, so it is partly L2-resident, as it is for the backward rows.
 
-    python benchmarks/lora_a_timing.py --out $OUT      # table.md: microseconds per call
+Every variant's output is compared with the session-9 launch shape's (max abs diff): the
+keep-mask is the same function, only the order of the fp32 sums differs. The variants compile in
+parallel worker processes first (Triton's cache on disk), so the timing process only loads them.
+
+    python benchmarks/lora_a_timing.py --out $OUT      # table.md: ms per step, us per 8B call
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer_image"))
 
-GROUPS = (("qkv", 3, 4096), ("o_proj", 1, 4096), ("gate_up", 2, 4096), ("down", 1, 14336))
-TOKENS, RANK, P, CALLS = 2048, 16, 0.05, 20
+RANK, P, CALLS = 16, 0.05, 20
+# model: (hidden, intermediate, tokens per micro-batch, lora_a calls per group per step)
+SHAPES = {"8b": (4096, 14336, 2048, 32 * 2), "7b": (3584, 18944, 2048, 28 * 2), "1.5b": (1536, 8960, 16384, 28 * 1)}
+TINY = {"8b": (256, 512, 130, 64), "7b": (192, 320, 70, 56), "1.5b": (128, 256, 200, 28)}  # CPU rehearsal
 
 
-def _graph_us(fn) -> float:
+def groups(hidden: int, inter: int):
+    """(name, projections sharing the input, input width) of one decoder layer."""
+    return (("qkv", 3, hidden), ("o_proj", 1, hidden), ("gate_up", 2, hidden), ("down", 1, inter))
+
+
+# name: LoraAConfig fields (the default LoraAConfig() is "s9": session 9's launch)
+VARIANTS = {
+    "s9": {},
+    "s9_pps8": dict(programs_per_sm=8),
+    "s9_pps2": dict(programs_per_sm=2),
+    "w8": dict(num_warps=8),
+    "st2": dict(num_stages=2),
+    "st4": dict(num_stages=4),
+    "k128": dict(block_k=128),
+    "k128_w8": dict(block_k=128, num_warps=8),
+    "m128": dict(block_m=128),
+    "m128_w8": dict(block_m=128, num_warps=8),
+    "m128_k128_w8": dict(block_m=128, block_k=128, num_warps=8),
+    "T": dict(transposed=True),
+    "T_st2": dict(transposed=True, num_stages=2),
+    "T_st4": dict(transposed=True, num_stages=4),
+    "T_w8": dict(transposed=True, num_warps=8),
+    "T_k128": dict(transposed=True, block_k=128),
+    "T_m128": dict(transposed=True, block_m=128),
+    "T_m128_w8": dict(transposed=True, block_m=128, num_warps=8),
+    "T_pps8": dict(transposed=True, programs_per_sm=8),
+    "T_pps2": dict(transposed=True, programs_per_sm=2),
+    "N": dict(all_n=True),
+    "N_w8": dict(all_n=True, num_warps=8),
+    "N_m128_w8": dict(all_n=True, block_m=128, num_warps=8),
+    "NT": dict(all_n=True, transposed=True),
+    "NT_w8": dict(all_n=True, transposed=True, num_warps=8),
+    "NT_pps8": dict(all_n=True, transposed=True, programs_per_sm=8),
+    "NT_k128": dict(all_n=True, transposed=True, block_k=128),
+    "NT_m128_w8": dict(all_n=True, transposed=True, block_m=128, num_warps=8),
+}
+REFERENCE_ROWS = ("sum_planes", "lora_a_backward", "lora_x_backward_")
+# Edge cases against a float64 reference made from dropout_mask: (tokens, width, r, n), token
+# counts and widths that no tile divides, r not a power of two and below the 16-wide dot.
+EDGES = ((1000, 1000, 8, 1), (1000, 1000, 8, 2), (300, 520, 24, 3), (130, 4104, 16, 3))
+EDGES_TINY = ((70, 104, 8, 1), (37, 96, 24, 3))  # the CPU rehearsal's (Triton's interpreter is slow)
+
+
+def edge_error(torch, tri, dev, dt, cfg) -> float:
+    """The largest relative error (norm) of lora_a under `cfg` over EDGES."""
+    worst = 0.0
+    for tokens, h, r, n in (EDGES if dev == "cuda" else EDGES_TINY):
+        g = torch.Generator().manual_seed(tokens + h)
+        x = torch.randn(tokens, h, generator=g).to(dev, dt)
+        A = (torch.randn(n * r, h, generator=g) * 0.1).to(dev, dt)
+        xd, Ad = x.double().cpu(), A.double().cpu()
+        expected = torch.cat([(xd * tri.dropout_mask(3, j, tokens, h, 0.3, dev).cpu().double())
+                              @ Ad[j * r:(j + 1) * r].t() for j in range(n)], dim=1)
+        out = tri.lora_a(x, A, 3, 0.3, n, config=cfg).double().cpu()
+        worst = max(worst, float((out - expected).norm() / expected.norm()))
+    return worst
+
+
+def _setup():
     import torch
 
-    fn()  # compile outside the capture
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch, "cpu", torch.float32
+    return torch, "cuda", torch.bfloat16
+
+
+def _inputs(torch, dev, dt, tokens, n, h, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)  # drawn where they live: 1.5B's x is 147M values
+    x = torch.randn(tokens, h, generator=g, device=dev).to(dt)
+    A = (torch.randn(n * RANK, h, generator=g, device=dev) * 0.05).to(dt)
+    ga = torch.randn(tokens, n * RANK, generator=g, device=dev).to(dt)
+    return x, A, ga
+
+
+def _time_us(torch, fn, dev) -> float:
+    fn()  # compiled already: loads nothing here
+    if dev != "cuda":
+        start = time.perf_counter()
+        fn()
+        return round((time.perf_counter() - start) * 1e6, 1)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # capture_begin directly: torch.cuda.graph() runs gc.collect() each time
+        graph.capture_begin()
         for _ in range(CALLS):
             fn()
+        graph.capture_end()
+    torch.cuda.synchronize()
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return round(start.elapsed_time(end) / CALLS * 1000, 1)
+    best = float("inf")
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / CALLS * 1000)
+    return round(best, 1)
 
 
-def timings() -> dict:
-    """{group: {case: microseconds per call}}; cases: lora_a at its default split, at session 9's
-    (about 2 programs per SM), at 2x and 4x the default, the split-K sum alone, lora_a_backward."""
-    import torch
+def _case_fn(name, tri, torch, dev, dt, x, A, ga, seed, n):
+    """The call that case `name` times, on these inputs."""
     import triton
-    from qlora_trainer.acceleration import triton_ops as tri
 
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    seed = torch.tensor([7], dtype=torch.int64, device="cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    out = {}
-    for group, n, h in GROUPS:
-        x, A = torch.randn(TOKENS, h, **bf), torch.randn(n * RANK, h, **bf) * 0.05
-        ga = torch.randn(TOKENS, n * RANK, **bf)
-        pairs = n * triton.cdiv(TOKENS, 64)
-        default = triton.cdiv(tri._LORA_A_PROGRAMS_PER_SM * sms, pairs)
-        k_cap = triton.cdiv(triton.cdiv(h, 64), 2)
-        s9 = min(triton.cdiv(2 * sms, pairs), triton.cdiv(triton.cdiv(h, 64), 4))
-        row = {}
-        for name, splits in (("lora_a", None), ("lora_a_s9split", s9), ("lora_a_2x", min(2 * default, k_cap)),
-                             ("lora_a_4x", min(4 * default, k_cap))):
-            row[name] = _graph_us(lambda s=splits: tri.lora_a(x, A, seed, P, n, splits=s))  # noqa: B023
-        planes = torch.randn(min(default, k_cap), TOKENS, n * RANK, device="cuda")
-        row["sum_planes"] = _graph_us(lambda: tri._sum_planes(planes, torch.bfloat16))  # noqa: B023
-        row["lora_a_backward"] = _graph_us(lambda: tri.lora_a_backward(ga, x, seed, P, n))  # noqa: B023
-        out[group] = row
-    return out
+    if name in VARIANTS:
+        cfg = tri.LoraAConfig(**VARIANTS[name])
+        return lambda: tri.lora_a(x, A, seed, P, n, config=cfg)
+    if name == "sum_planes":  # the planes of the default split
+        tokens, h = x.shape
+        pairs = n * triton.cdiv(tokens, 64)
+        planes = max(1, min(triton.cdiv(tri._LORA_A_PROGRAMS_PER_SM * tri._num_sms(x.device), pairs),
+                            triton.cdiv(triton.cdiv(h, 64), 2)))
+        parts = torch.randn(planes, tokens, n * RANK, device=dev)
+        return lambda: tri._sum_planes(parts, dt)
+    if name == "lora_a_backward":
+        return lambda: tri.lora_a_backward(ga, x, seed, P, n)
+    gx = torch.zeros_like(x)
+    return lambda: tri.lora_x_backward_(gx, ga, A, seed, P, n)
 
 
-def table(result: dict) -> str:
-    cases = list(next(iter(result.values())))
-    lines = ["| us per call | " + " | ".join(cases) + " |", "|---|" + "---|" * len(cases)]
-    for group, row in result.items():
-        lines.append(f"| {group} | " + " | ".join(f"{row[c]:.1f}" for c in cases) + " |")
-    per_layer = {c: sum(r[c] for r in result.values()) for c in cases}
-    lines.append("| per layer (4 groups) | " + " | ".join(f"{per_layer[c]:.1f}" for c in cases) + " |")
-    lines.append("| per 8B step (x 64, ms) | " + " | ".join(f"{per_layer[c] * 64 / 1000:.2f}" for c in cases) + " |")
+def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> None:
+    """Compile this worker's cases on every group shape (with few tokens: token counts do not
+    specialize the kernels) in parallel with the other workers, and check them on EDGES; once
+    every worker has compiled (barrier), time them on the GPU one worker at a time (lock), kernels
+    already loaded in this process. Each result is one JSON line appended to rows_path."""
+
+    def emit(entry: dict) -> None:
+        with open(rows_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(json.dumps(entry), flush=True)
+
+    ok = []
+    try:  # whatever fails here, the barrier is reached: a broken worker must not leave the others waiting
+        torch, dev, dt = _setup()
+        from qlora_trainer.acceleration import triton_ops as tri
+
+        seed = torch.tensor([7], dtype=torch.int64, device=dev)
+        ok = list(cases)
+        for hidden, inter, _, _ in shapes.values():
+            for _, n, h in groups(hidden, inter):
+                x, A, ga = _inputs(torch, dev, dt, 256, n, h)
+                tri.lora_a(x, A, seed, P, n)  # the reference (session 9's launch), in every worker
+                for name in list(ok):
+                    try:
+                        _case_fn(name, tri, torch, dev, dt, x, A, ga, seed, n)()
+                    except Exception as e:  # noqa: BLE001 -- reported in the table, the sweep goes on
+                        emit({"case": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                        ok.remove(name)
+        for name in ok:
+            if name in VARIANTS:
+                emit({"case": name, "edge_rel_err": edge_error(torch, tri, dev, dt, tri.LoraAConfig(**VARIANTS[name]))})
+    except Exception as e:  # noqa: BLE001
+        emit({"case": ",".join(cases), "error": f"worker: {type(e).__name__}: {str(e)[:300]}"})
+        ok = []
+    finally:
+        barrier.wait()
+    if not ok:
+        return
+    with lock:
+        for model, (hidden, inter, tokens, _) in shapes.items():
+            for group, n, h in groups(hidden, inter):
+                x, A, ga = _inputs(torch, dev, dt, tokens, n, h)
+                ref = tri.lora_a(x, A, seed, P, n).float()
+                for name in ok:
+                    fn = _case_fn(name, tri, torch, dev, dt, x, A, ga, seed, n)
+                    entry = {"case": name, "model": model, "group": group}
+                    if name in VARIANTS:
+                        entry["diff"] = float((fn().float() - ref).abs().max())
+                    entry["us"] = _time_us(torch, fn, dev)
+                    emit(entry)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
+def timings(shapes: dict, workers: int, rows_path: Path) -> dict:
+    """{"models": {model: {group: {case: {"us": ..., "diff": ...}}}}, "edge_rel_err": {case: ...},
+    "errors": [...]} from the workers' JSON lines; cases: the VARIANTS of lora_a, then the split-K
+    sum alone and the two gradient kernels (REFERENCE_ROWS)."""
+    t0 = time.monotonic()
+    cases = list(VARIANTS) + list(REFERENCE_ROWS)
+    workers = max(1, min(workers, len(cases)))
+    chunks = [cases[i::workers] for i in range(workers)]
+    rows_path.write_text("")
+    ctx = multiprocessing.get_context("spawn")
+    barrier, lock = ctx.Barrier(workers), ctx.Lock()
+    procs = [ctx.Process(target=_worker, args=(c, shapes, barrier, lock, str(rows_path))) for c in chunks]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    print(f"all workers done in {time.monotonic() - t0:.0f} s", flush=True)
+    return collect(rows_path.read_text().splitlines(), shapes)
+
+
+def collect(lines: list[str], shapes: dict) -> dict:
+    result = {"errors": [], "edge_rel_err": {}, "models": {}}
+    for line in lines:
+        e = json.loads(line)
+        if "error" in e:
+            result["errors"].append(f"{e['case']}: {e['error']}")
+        elif "edge_rel_err" in e:
+            result["edge_rel_err"][e["case"]] = e["edge_rel_err"]
+        else:
+            cell = {k: e[k] for k in ("us", "diff") if k in e}
+            result["models"].setdefault(e["model"], {}).setdefault(e["group"], {})[e["case"]] = cell
+    order = list(VARIANTS) + list(REFERENCE_ROWS)
+    result["models"] = {m: {g: dict(sorted(row.items(), key=lambda kv: order.index(kv[0])))
+                            for g, row in result["models"][m].items()}
+                        for m in shapes if m in result["models"]}
+    return result
+
+
+def table(result: dict, shapes: dict) -> str:
+    models = result["models"]
+    first = next(iter(models.values()))
+    cases = list(first["qkv"])
+    group_names = list(first)
+    head = ([f"8b {g} us" for g in group_names] if "8b" in models else []) + [f"{m} ms/step" for m in models]
+    lines = ["| case | " + " | ".join(head) + " | vs s9, 8b ms | max abs diff vs s9 | edge rel err |",
+             "|---|" + "---|" * (len(head) + 3)]
+
+    def step_ms(model, case):
+        per_layer = sum(models[model][g][case]["us"] for g in models[model] if case in models[model][g])
+        return per_layer * shapes[model][3] / 1000
+
+    for case in cases:
+        if any(case not in models[m][g] for m in models for g in models[m]):
+            continue
+        cells = [f"{models['8b'][g][case]['us']:.1f}" for g in group_names] if "8b" in models else []
+        cells += [f"{step_ms(m, case):.2f}" for m in models]
+        has_s9 = "8b" in models and all("s9" in row for row in models["8b"].values())
+        delta = f"{step_ms('8b', case) - step_ms('8b', 's9'):+.2f}" if has_s9 and case in VARIANTS else "-"
+        diffs = [models[m][g][case].get("diff") for m in models for g in models[m]]
+        diff = f"{max(diffs):.2g}" if None not in diffs else "-"
+        edge = result["edge_rel_err"].get(case)
+        edge = "-" if edge is None else f"{edge:.2g}"
+        lines.append(f"| {case} | " + " | ".join(cells) + f" | {delta} | {diff} | {edge} |")
+    if result["errors"]:
+        lines.append("")
+        lines += [f"- not run: {e}" for e in result["errors"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--workers", type=int, default=min(14, len(VARIANTS)))
+    parser.add_argument("--tiny", action="store_true", help="CPU rehearsal shapes (TRITON_INTERPRET=1)")
+    parser.add_argument("--rows", help="only make the table from this rows.jsonl (a call cut short)")
     args = parser.parse_args()
-    result = timings()
+    shapes = TINY if args.tiny else SHAPES
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.rows:
+        result = collect(Path(args.rows).read_text().splitlines(), shapes)
+    else:
+        result = timings(shapes, args.workers, out / "rows.jsonl")
+    result["shapes"] = shapes
+    result["variants"] = {k: dataclasses.asdict(_config(v)) for k, v in VARIANTS.items()}
     (out / "lora_a_timing.json").write_text(json.dumps(result, indent=1))
-    text = table(result)
+    text = table(result, shapes)
     (out / "table.md").write_text(text)
     print(text, flush=True)
+
+
+def _config(fields: dict):
+    from qlora_trainer.acceleration import triton_ops as tri
+
+    return tri.LoraAConfig(**fields)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,20 @@ def run_lora(N, H, r, n, p, seed, splits=None):
     record("lora_x_backward_.vs_fused_ops", case, gx, gx_ref)
 
 
+def run_lora_a_configs(N, H, r, n, p, seed, splits=None):
+    """lora_a in the launch shapes that benchmarks/lora_a_timing.py sweeps (the dot transposed,
+    all n projections in one program, other tiles and warps) against the float64 formula with
+    the kernels' own mask: every shape draws the same keep-mask and computes the same product."""
+    case = f"N={N} H={H} r={r} n={n} p={p}" + (f" splits={splits}" if splits else "")
+    x, A = rnd(N, H), rnd(n * r, H, scale=0.1)
+    xd, Ad = x.double().cpu(), A.double().cpu()
+    exp_a = torch.cat([(xd * mask(seed, j, N, H, p).double()) @ Ad[j * r:(j + 1) * r].t() for j in range(n)], dim=1)
+    for fields in (dict(transposed=True), dict(all_n=True), dict(all_n=True, transposed=True, num_warps=8),
+                   dict(all_n=True, block_m=128, block_k=128, num_stages=2), dict(transposed=True, programs_per_sm=8)):
+        cfg = T.LoraAConfig(**fields)
+        record("lora_a.config", f"{case} {fields}", T.lora_a(x, A, seed, p, n, splits=splits, config=cfg), exp_a)
+
+
 def run_sum_planes(S, shape):
     """lora_a's split-K reduction: the planes added in order in fp32, rounded once, bit for bit
     what the same additions in torch give (so forward and recompute agree whatever the split)."""
@@ -348,6 +362,10 @@ for r in (8, 16):
     for n in (1, 2, 3):
         run_lora(N=37, H=96, r=r, n=n, p=0.3, seed=1234 + 10 * r + n)
 run_lora(N=150, H=296, r=24, n=3, p=0.3, seed=1, splits=3)
+run_lora_a_configs(N=37, H=96, r=8, n=1, p=0.3, seed=5)
+run_lora_a_configs(N=70, H=104, r=16, n=2, p=0.3, seed=6)
+run_lora_a_configs(N=150, H=296, r=24, n=3, p=0.3, seed=7, splits=3)
+run_lora_a_configs(N=37, H=96, r=8, n=4, p=0.3, seed=8)  # all_n takes n <= 3: one projection a program
 run_sum_planes(S=3, shape=(37, 48))
 run_sum_planes(S=7, shape=(600, 40))  # more than one program of 1,024 elements
 run_lora(N=150, H=296, r=8, n=2, p=0.9, seed=2**45 + 3)
@@ -361,6 +379,7 @@ if not INTERPRET:
     run_adapter_epilogues(N=1024, heads=32, kv_heads=8, D=128, I=14336, H=4096, R=48)
     run_lora(N=2048, H=1536, r=16, n=3, p=0.1, seed=99)
     run_lora(N=2048, H=1536, r=64, n=2, p=0.1, seed=99, splits=7)
+    run_lora_a_configs(N=2000, H=1000, r=16, n=3, p=0.1, seed=98)
 print("RESULTS_JSON=" + json.dumps(RESULTS))
 '''
 

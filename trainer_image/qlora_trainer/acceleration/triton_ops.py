@@ -21,6 +21,7 @@ Importing this module needs Triton; fused_ops falls back to torch when the impor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import operator
 
@@ -594,35 +595,77 @@ def _lora_shapes(name: str, x: torch.Tensor, rows_of_a: int, n: int) -> int:
     return r
 
 
+@triton.jit
+def _lora_a_step(acc, xt, a_ptr, seed, j, rows, cols, col_in, rr, r_in, H, r, p, IEEE: tl.constexpr,
+                 TRANSPOSED: tl.constexpr):
+    """acc + projection j's masked x tile times its A tile: [M, R] += (x*mask) @ A_j^T, or with
+    TRANSPOSED the same product transposed, [R, M] += A_j @ (x*mask)^T (A_j's tile a plain
+    row-major load, and a dot 16 rows tall like lora_a_backward's)."""
+    keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
+    xm = tl.where(keep, xt, tl.zeros_like(xt))
+    a_rows = (j * r + rr).to(tl.int64)
+    if TRANSPOSED:
+        at = tl.load(a_ptr + a_rows[:, None] * H + cols[None, :], mask=r_in[:, None] & col_in[None, :], other=0.0)
+        return _dot(at, tl.trans(xm), acc, IEEE)
+    else:
+        at = tl.load(a_ptr + a_rows[None, :] * H + cols[:, None], mask=col_in[:, None] & r_in[None, :], other=0.0)
+        return _dot(xm, at, acc, IEEE)
+
+
+@triton.jit
+def _lora_a_store(out_ptr, acc, split, N, n, r, j, rows, row_in, rr, r_in, TRANSPOSED: tl.constexpr):
+    base = out_ptr + split.to(tl.int64) * N * (n * r)
+    if TRANSPOSED:  # acc is [R, M]
+        ptrs = base + rows.to(tl.int64)[None, :] * (n * r) + (j * r + rr)[:, None]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=r_in[:, None] & row_in[None, :])
+    else:
+        ptrs = base + rows.to(tl.int64)[:, None] * (n * r) + (j * r + rr)[None, :]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & r_in[None, :])
+
+
 @triton.jit(do_not_specialize=['N', 'n_mblocks', 'k_per_split'])
 def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, k_per_split, seed_ptr, p,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                   NPROJ: tl.constexpr, TRANSPOSED: tl.constexpr):
     seed = tl.load(seed_ptr)
-    # Flat grid over (split of H, token block, j), j fastest: the n programs of one token block run
-    # together and share x in L2. Split s writes its fp32 partial sums to plane s of out.
+    # Flat grid over (split of H, token block, group of NPROJ projections), the group fastest: the
+    # programs of one token block run together and share x in L2. A program reads each x tile
+    # once for its NPROJ (1 to 3) projections, one mask and one dot each. Split s writes its fp32
+    # partial sums to plane s of out.
     pid = tl.program_id(0)
-    j = pid % n
-    mblock = (pid // n) % n_mblocks
-    split = pid // (n * n_mblocks)
+    groups = n // NPROJ
+    j0 = (pid % groups) * NPROJ
+    mblock = (pid // groups) % n_mblocks
+    split = pid // (groups * n_mblocks)
     rows = mblock * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     row_in = rows < N
     r_in = rr < r
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * H
-    a_cols = a_ptr + (j * r + rr).to(tl.int64)[None, :] * H  # A_j^T tile: [K, R]
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if TRANSPOSED:
+        acc0 = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+    else:
+        acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, H)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_in = cols < k_end
         xt = tl.load(x_rows + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
-        keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
-        xt = tl.where(keep, xt, tl.zeros_like(xt))
-        at = tl.load(a_cols + cols[:, None], mask=col_in[:, None] & r_in[None, :], other=0.0)
-        acc = _dot(xt, at, acc, IEEE)
-    out = out_ptr + split.to(tl.int64) * N * (n * r) + rows.to(tl.int64)[:, None] * (n * r) + (j * r + rr)[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & r_in[None, :])
+        acc0 = _lora_a_step(acc0, xt, a_ptr, seed, j0, rows, cols, col_in, rr, r_in, H, r, p, IEEE, TRANSPOSED)
+        if NPROJ > 1:
+            acc1 = _lora_a_step(acc1, xt, a_ptr, seed, j0 + 1, rows, cols, col_in, rr, r_in, H, r, p, IEEE,
+                                TRANSPOSED)
+        if NPROJ > 2:
+            acc2 = _lora_a_step(acc2, xt, a_ptr, seed, j0 + 2, rows, cols, col_in, rr, r_in, H, r, p, IEEE,
+                                TRANSPOSED)
+    _lora_a_store(out_ptr, acc0, split, N, n, r, j0, rows, row_in, rr, r_in, TRANSPOSED)
+    if NPROJ > 1:
+        _lora_a_store(out_ptr, acc1, split, N, n, r, j0 + 1, rows, row_in, rr, r_in, TRANSPOSED)
+    if NPROJ > 2:
+        _lora_a_store(out_ptr, acc2, split, N, n, r, j0 + 2, rows, row_in, rr, r_in, TRANSPOSED)
 
 
 @triton.jit
@@ -656,13 +699,31 @@ def _sum_planes(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _LORA_A_PROGRAMS_PER_SM = 4
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraAConfig:
+    """How lora_a launches its kernel (benchmarks/lora_a_timing.py sweeps these): token rows and
+    H columns per tile, warps and pipeline stages, programs per SM that the default split aims at,
+    projections per program (1, or all n when n <= 3: each x tile read and held once), and the
+    dot's orientation (transposed: [R, M] = A_j @ (x*mask)^T)."""
+    block_m: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = _LORA_A_PROGRAMS_PER_SM
+    all_n: bool = False
+    transposed: bool = False
+
+
+LORA_A_CONFIG = LoraAConfig()
+
+
 def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
-           splits: int | None = None) -> torch.Tensor:
+           splits: int | None = None, config: LoraAConfig | None = None) -> torch.Tensor:
     """x [N, H], A [n*r, H] -> [N, n*r] in x.dtype: block j is (x * mask_j) @ A_j^T.
 
     The token blocks alone are too few to fill the GPU (and each would walk all of H: 18,944
     columns for a 7B down_proj), so H is cut into `splits` ranges (default: about
-    _LORA_A_PROGRAMS_PER_SM programs per SM) whose fp32 partial sums are added in a fixed order
+    config.programs_per_sm programs per SM) whose fp32 partial sums are added in a fixed order
     by one more kernel, so the result does not depend on scheduling."""
     _check_lora_pair("lora_a", x, A, "A", 1, "H")
     N, H = x.shape
@@ -670,21 +731,24 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
     seed = _check_dropout(seed, p, n, N, H, x.device)
     if N == 0:
         return _empty((N, n * r), x.dtype, x.device)
-    block_m, block_r = 64, _block_r(r)
-    block_k = 64 if block_r <= 64 else 32
+    cfg = config or LORA_A_CONFIG
+    block_r = _block_r(r)
+    block_m = cfg.block_m
+    block_k = cfg.block_k if block_r <= 64 else min(cfg.block_k, 32)
+    nproj = n if cfg.all_n and n <= 3 else 1
     n_mblocks = triton.cdiv(N, block_m)
     k_blocks = triton.cdiv(H, block_k)
     if splits is None:
-        splits = triton.cdiv(_LORA_A_PROGRAMS_PER_SM * _num_sms(x.device), n * n_mblocks)
+        splits = triton.cdiv(cfg.programs_per_sm * _num_sms(x.device), (n // nproj) * n_mblocks)
     splits = max(1, min(int(splits), triton.cdiv(k_blocks, 2)))  # at least 2 K steps per split
     k_per_split = triton.cdiv(k_blocks, splits) * block_k
     splits = triton.cdiv(H, k_per_split)
     out = _empty((splits, N, n * r), torch.float32, x.device)  # fp32 partial sums (one kernel variant)
-    grid = (n * n_mblocks * splits,)
+    grid = ((n // nproj) * n_mblocks * splits,)
     with _device_of(x):
         _lora_a_kernel[grid](x, A, out, N, H, r, n, n_mblocks, k_per_split, seed, float(p), BLOCK_M=block_m,
-                             BLOCK_K=block_k, BLOCK_R=block_r, IEEE=x.dtype == torch.float32, num_warps=4,
-                             num_stages=3)
+                             BLOCK_K=block_k, BLOCK_R=block_r, IEEE=x.dtype == torch.float32, NPROJ=nproj,
+                             TRANSPOSED=cfg.transposed, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         return out[0] if x.dtype == torch.float32 else out[0].to(x.dtype)
     return _sum_planes(out, x.dtype)
