@@ -117,6 +117,7 @@ def test_a_truncated_shard_is_named(tmp_path):
         load_prefetching(folder, _kwargs(), "cpu")
 
 
+@pytest.mark.timeout(60)  # a hang here is the bug under test: fail fast
 def test_an_error_in_the_thread_fails_the_load_naming_the_file(tmp_path):
     """An index that sends a tensor to a shard without it: the thread that reads the tensors meets
     the error, and it must surface as the load's error (not a hang), the thread gone."""
@@ -137,6 +138,7 @@ def test_an_error_in_the_thread_fails_the_load_naming_the_file(tmp_path):
     assert not [t for t in threading.enumerate() if t.name == "checkpoint-prefetch"]
 
 
+@pytest.mark.timeout(60)  # a hang here is the bug under test: fail fast
 def test_the_thread_reads_ahead_no_more_than_its_bound(tmp_path):
     from qlora_trainer.checkpoint_prefetch import PrefetchedCheckpoint, checkpoint_shards
 
@@ -154,6 +156,7 @@ def test_the_thread_reads_ahead_no_more_than_its_bound(tmp_path):
     assert not [t for t in threading.enumerate() if t.name == "checkpoint-prefetch"]
 
 
+@pytest.mark.timeout(60)  # a hang here is the bug under test: fail fast
 def test_an_unused_key_does_not_stall_the_load(tmp_path):
     """A key transformers never asks for holds room in the bound: a later key is read by the asker."""
     from qlora_trainer.checkpoint_prefetch import PrefetchedCheckpoint, checkpoint_shards
