@@ -409,14 +409,16 @@ def upload_floor(s3, files: list[Path], prefix: str, transfer) -> dict:
 # -- the benchmark's fast-path number ----------------------------------------------------------------------
 
 
-def fast_path_with_floors(row: dict, folder: Path, floors: bool) -> dict:
+def fast_path_with_floors(row: dict, folder: Path, floors: bool, diagnostics: bool = True) -> dict:
     """In a fresh process: with `floors`, the import floor (first) and the quantization floor of
     the row's checkpoint (the GPU's cache emptied after it), then the row's fast-path number."""
     out = {}
     if floors:
         out["import_floor"] = import_floor()
         out["quantize_floor"] = quantize_floor(folder)
-        try:  # diagnostics beside the floor (session 10): the best copy found, the phase's own code here
+        try:
+            if not diagnostics:
+                raise RuntimeError("diagnostics off (--no-diagnostics)")  # diagnostics beside the floor (session 10): the best copy found, the phase's own code here
             out["quantize_floor"]["pinned"] = quantize_floor_pinned(folder)
             out["quantize_floor"]["again"] = quantize_floor(folder)["seconds"]
             out["quantize_floor"]["trainer_load"] = trainer_load_in_process(folder)
@@ -584,7 +586,10 @@ def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int,
             "texts": train + held_out, "stderr_tail": stderr[-3000:],
             # the GPU warm-up's own time on its thread (device_warmup.py logs it), beside the wait
             "warmup_log": next((line[line.index("device warmed"):] for line in stderr.splitlines()
-                                if "device warmed up in" in line), None)}
+                                if "device warmed up in" in line), None),
+            # which loader read the checkpoint (model_loading.choose_loader) and how far it read ahead
+            "loader_log": [line[line.index("fromPretrained:"):] for line in stderr.splitlines()
+                           if "fromPretrained:" in line]}
 
 
 # -- the driver ------------------------------------------------------------------------------------------
@@ -618,7 +623,8 @@ def task_main(task: str, args: list[str]) -> None:
     elif task == "quantize-floor":
         result = quantize_floor(Path(args[0]))
     elif task == "fast-path":
-        result = fast_path_with_floors(json.loads(args[0]), Path(args[1]), args[2] == "floors")
+        result = fast_path_with_floors(json.loads(args[0]), Path(args[1]), args[2].startswith("floors"),
+                                       diagnostics=args[2] != "floors-lean")
     else:
         raise SystemExit(f"unknown task {task}")
     print(json.dumps(result), flush=True)
@@ -682,7 +688,7 @@ def drive(opts) -> int:
     results = {"rows": {}, "floors": {}, "env": {"python": sys.version.split()[0], "cpus": os.cpu_count(),
                                                  **results_env, "staged_s": staged},
                "options": {"only": opts.only, "steps": steps, "budget_s": opts.budget_s,
-                           "no_download": opts.no_download},
+                           "no_download": opts.no_download, "no_diagnostics": opts.no_diagnostics},
                "checkpoints_s": round(time.monotonic() - t0, 1), "waited_for_checkpoints_s": round(time.monotonic() - t, 1)}
     uploaded: set[str] = set()
     floored: set[str] = set()
@@ -691,7 +697,7 @@ def drive(opts) -> int:
         folder = ROOT / CLAIM / row["shape"]
         fixed_s, per_step_s = ROW_ESTIMATE_S.get(name, (90, 0.6))
         estimate = 30 if opts.dry_run else fixed_s + per_step_s * steps + (S3_ROW_EXTRA_S if row["store"] == "s3" else 0)
-        if not opts.dry_run and row["shape"] not in floored:
+        if not opts.dry_run and row["shape"] not in floored and not opts.no_diagnostics:
             estimate += DIAGNOSTICS_S_PER_B * checkpoint_bytes(row["shape"]) / 2e9
         if not opts.dry_run and opts.fresh_tokenize_floor:
             estimate += FRESH_TOKENIZE_FLOOR_S
@@ -717,8 +723,8 @@ def drive(opts) -> int:
         model_uri = f"s3://models/{row['shape']}/" if row["store"] == "s3" else f"pvc://{CLAIM}/{row['shape']}"
         # The fast path in a fresh process; the first for a shape also measures the import and
         # quantization floors before it loads anything.
-        fast = in_child("fast-path", json.dumps(row), str(folder), "floors" if row["shape"] not in floored else "-",
-                        timeout=240)
+        floors_arg = ("floors-lean" if opts.no_diagnostics else "floors") if row["shape"] not in floored else "-"
+        fast = in_child("fast-path", json.dumps(row), str(folder), floors_arg, timeout=240)
         if "import_floor" in fast:
             floored.add(row["shape"])
             results["floors"].setdefault("startup", fast.pop("import_floor"))
@@ -881,6 +887,9 @@ def main() -> int:
     ap.add_argument("--no-download", action="store_true",
                     help="every row reads its model from the local folder (pvc://): no download phase, and the "
                          "upload rate from a sample of the checkpoint (saves ~50 s of a call at the 1.5B row)")
+    ap.add_argument("--no-diagnostics", action="store_true",
+                    help="skip session 10's diagnostics beside the quantize floor (pinned floor, second pass, "
+                         "the trainer's load in process: ~4 s per billion parameters)")
     ap.add_argument("--fresh-tokenize-floor", action="store_true",
                     help="also take the tokenize floor as a fresh process's first pass (a process start per row; "
                          "session 10 found it equal to the warm floor at the 1.5B row)")

@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from qlora_api.spec import LoRASpec, ModelSource, QuantizationSpec, TrainingSpec
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from qlora_trainer import checkpoint_prefetch
 from qlora_trainer.errors import model_not_found
 from qlora_trainer.phases import PhaseClock
 from qlora_trainer.storage import S3Storage, S3Uri, pvc_path
@@ -142,14 +143,15 @@ def load_quantized_model(files: ModelFiles, source: ModelSource, quant: Quantiza
         device_map = {"": 0} if torch.cuda.is_available() else "cpu"
     step = (phases if phases is not None else PhaseClock()).phase  # without a run's clock: the log lines only
     with step("fromPretrained") as phase:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(files.path),
-            quantization_config=quantization_config(quant, sharded),
-            dtype=dtype,
-            device_map=device_map,
-            attn_implementation="sdpa",
-            trust_remote_code=source.trust_remote_code,
-        )
+        kwargs = dict(quantization_config=quantization_config(quant, sharded), dtype=dtype, device_map=device_map,
+                      attn_implementation="sdpa")
+        loader, reason = choose_loader(files, source, device_map, sharded)
+        log.info("fromPretrained: %s loader (%s)", loader, reason)
+        if loader == "prefetching":
+            model = load_prefetching(files.path, kwargs, device_map[""])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(files.path), trust_remote_code=source.trust_remote_code,
+                                                         **kwargs)
         phase.params = sum(p.numel() for p in model.parameters())
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the last quantizations are queued on the GPU: their time is this step's
@@ -172,6 +174,51 @@ def load_quantized_model(files: ModelFiles, source: ModelSource, quant: Quantiza
         phase.params = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the casts are queued on the GPU: their time is this step's
+    return model
+
+
+def choose_loader(files: ModelFiles, source: ModelSource, device_map, sharded: bool) -> tuple[str, str]:
+    """("prefetching" or "folder", the one-line reason). The prefetching loader (checkpoint_prefetch.py)
+    overlaps the checkpoint's host-to-device copies with transformers' per-parameter Python; it
+    covers the plain case, and transformers' own folder load stays for the rest."""
+    if not torch.cuda.is_available():
+        return "folder", "no CUDA: no host-to-device copies to overlap"
+    if sharded:
+        return "folder", "sharded (FSDP2) storage: not covered by the prefetching loader"
+    if source.trust_remote_code:
+        return "folder", "remote code model: not checked with the prefetching loader"
+    if not (isinstance(device_map, dict) and list(device_map) == [""]):
+        return "folder", f"device_map {device_map!r} is not one device"
+    if not files.path.is_dir():
+        return "folder", "not a local folder"
+    if any((files.path / name).exists() for name in ("adapter_config.json", "quantization_config.json")):
+        return "folder", "the folder holds an adapter or quantization config"
+    if not any((files.path / name).is_file()
+               for name in (checkpoint_prefetch.INDEX_NAME, checkpoint_prefetch.SINGLE_NAME)):
+        return "folder", "no model.safetensors or its index in the folder"
+    return "prefetching", "safetensors checkpoint on one device: copies overlap transformers' Python"
+
+
+def load_prefetching(folder: Path, kwargs: dict, device) -> object:
+    """transformers' own from_pretrained on lazy state-dict values that a thread places ahead; what a
+    folder load also reads from the folder (config, generation config, name_or_path) is set here."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(str(folder))
+    if getattr(config, "quantization_config", None) is not None:  # a pre-quantized checkpoint
+        return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if (folder / "generation_config.json").is_file():
+        kwargs = dict(kwargs, generation_config=GenerationConfig.from_pretrained(str(folder)))
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    shards = checkpoint_prefetch.checkpoint_shards(folder)
+    with checkpoint_prefetch.PrefetchedCheckpoint(shards, device) as checkpoint:
+        model = model_class.from_pretrained(None, config=config, state_dict=checkpoint.state_dict(), **kwargs)
+        log.info("fromPretrained: %d of %d tensors placed ahead by the prefetching thread (peak %.0f MB ahead)",
+                 checkpoint.prefetched, len(shards), checkpoint.peak_outstanding / 1e6)
+    model.config.name_or_path = str(folder)  # what the folder load records
+    model.name_or_path = str(folder)
     return model
 
 
