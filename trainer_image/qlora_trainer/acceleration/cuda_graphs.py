@@ -210,14 +210,20 @@ class LayerGraphs:
 
     def _give_grads(self) -> None:
         """Every graphed parameter's .grad must be its static buffer when a backward graph runs:
-        a parameter without one gets it zeroed; one whose .grad was replaced has it copied in."""
+        a parameter without one gets it zeroed; one whose .grad was replaced has it copied in. The
+        zeroing is one multi-tensor call: after every zero_grad(set_to_none=True) all of them need it
+        (448 buffers at 8B), and one small kernel each left the GPU waiting on their launches, ~3.7 ms
+        an 8B step (benchmarks/NOTES.md, "Session 10, where the idle goes")."""
+        unset = []
         for p, buf in zip(self.params, self.grads):
             if p.grad is None:
-                buf.zero_()
+                unset.append(buf)
                 p.grad = buf
             elif p.grad is not buf:
                 buf.copy_(p.grad)
                 p.grad = buf
+        if unset:
+            torch._foreach_zero_(unset)
 
     def run_forward(self, st: _LayerState, x: torch.Tensor) -> torch.Tensor:
         if x.data_ptr() != st.x_in.data_ptr():  # chained layers already wrote it
