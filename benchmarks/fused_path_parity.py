@@ -163,8 +163,9 @@ def op_checks(n: int, seq: int, cpu: bool) -> dict:
     """Each GPU operation at n tokens (rows of `seq`) against its torch reference on the CPU."""
     import torch
     import torch.nn.functional as F
+    from qlora_trainer.acceleration import attention
     from qlora_trainer.acceleration import fused_ops as ops
-    from qlora_trainer.acceleration.fused_layer import _attention, rows_pack
+    from qlora_trainer.acceleration.fused_layer import rows_pack
     from qlora_trainer.acceleration.kernels import chunked_cross_entropy
 
     device, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.bfloat16)
@@ -190,7 +191,7 @@ def op_checks(n: int, seq: int, cpu: bool) -> dict:
     packed = rnd(n, heads + 2 * kv, hd)  # strided q/k/v views of one buffer, as the fused layer passes them
     q, k, v = packed[:, :heads], packed[:, heads:heads + kv], packed[:, heads + kv:]
     cu, max_len = rows_pack(n // seq, seq, device)
-    attn, _ = _attention(q, k, v, cu, max_len, hd ** -0.5)
+    attn, _ = attention.forward(q, k, v, cu, max_len, hd ** -0.5)
     rows = []
     for r in range(n // seq):
         part = [ref(t[r * seq:(r + 1) * seq]).transpose(0, 1)[None] for t in (q, k, v)]

@@ -29,6 +29,7 @@ waits (imports done, no GPU touched) so imports overlap the previous run.
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import math
@@ -830,6 +831,7 @@ def idle_gaps(trace, steps: int, min_gap_us: float = 2.0, top: int = 12) -> dict
     for table in (ops, regions):
         for tid in table:
             table[tid].sort()
+    op_starts = {tid: [start for start, _, _ in kept] for tid, kept in ops.items()}
     by: dict[str, list] = {}
     long_us = short_us = 0.0
     end = None
@@ -841,7 +843,8 @@ def idle_gaps(trace, steps: int, min_gap_us: float = 2.0, top: int = 12) -> dict
                 key = "(no launch found)"
             else:
                 t, tid = launch["ts"], launch["tid"]
-                window = [s for s in ops.get(tid, []) if s[0] <= t][-400:]  # recent ops only
+                last = bisect.bisect_right(op_starts.get(tid, []), t)
+                window = ops.get(tid, [])[max(0, last - 400):last]  # the 400 ops started last before t
                 key = " / ".join((_enclosing(regions.get(tid, []), t, innermost=False),
                                   _enclosing(window, t, innermost=True), launch["name"]))
             slot = by.setdefault(key, [0.0, 0])

@@ -799,6 +799,13 @@ def phase_rows(res: dict, floors: dict) -> list[tuple[str, float, float | None, 
     return out
 
 
+def _ran(results: dict):
+    """(row name, its result, its CLI phases, its shape's quantize floor) for every row whose CLI ran."""
+    for name, res in results["rows"].items():
+        if "cli" in res:
+            yield name, res, res["cli"]["phases"], results["floors"].get("quantize", {}).get(res["row"]["shape"], {})
+
+
 def render(results: dict) -> tuple[str, bool]:
     ok = True
     lines = ["| row | CLI steady tok/s | benchmark fast path tok/s | CLI / fast path | target >= 95% |",
@@ -815,9 +822,7 @@ def render(results: dict) -> tuple[str, bool]:
         lines.append(f"| {name} | {cli} | {_round(fast) if fast else res['fast_path'].get('error', '-')[-60:]} | "
                      f"{f'{ratio:.3f}' if ratio else '-'} | {'met' if met else 'MISSED'} |")
     lines += ["", "| row | phase | CLI s | floor s | CLI / floor | target <= 1.5x | floor |", "|---|---|---|---|---|---|---|"]
-    for name, res in results["rows"].items():
-        if "cli" not in res:
-            continue
+    for name, res, _, _ in _ran(results):
         for phase, seconds, floor_s, what in phase_rows(res, results["floors"]):
             ratio = _ratio(seconds, floor_s)
             met = ratio is not None and ratio <= TARGET_PHASE
@@ -826,11 +831,7 @@ def render(results: dict) -> tuple[str, bool]:
                          f"{'met' if met else 'MISSED'} | {what} |")
     lines += ["", "| row | quantize s | deviceWarmup (waited; on its thread) | fromPretrained | prepareKbit | floor s | "
               "floor: read, place, quantize, cast | fromPretrained / floor |", "|---|---|---|---|---|---|---|---|"]
-    for name, res in results["rows"].items():
-        if "cli" not in res:
-            continue
-        ph = res["cli"]["phases"]
-        quant = results["floors"].get("quantize", {}).get(res["row"]["shape"], {})
+    for name, res, ph, quant in _ran(results):
         step = {k: ph.get(k, {}).get("seconds") for k in ("quantize", "deviceWarmup", "fromPretrained", "prepareKbit")}
         parts = quant.get("parts", {})
         cells = [f"{v:.2f}" if v is not None else "-" for v in step.values()]
@@ -844,11 +845,7 @@ def render(results: dict) -> tuple[str, bool]:
     lines += ["", "| row | floor s (pageable copy) | again | floor s (pinned staging, ring alloc s) | "
               "load_quantized_model in the floor's process (1st, 2nd) | CLI fromPretrained + prepareKbit |",
               "|---|---|---|---|---|---|"]
-    for name, res in results["rows"].items():
-        if "cli" not in res:
-            continue
-        ph = res["cli"]["phases"]
-        quant = results["floors"].get("quantize", {}).get(res["row"]["shape"], {})
+    for name, _, ph, quant in _ran(results):
         pinned, loads = quant.get("pinned") or {}, (quant.get("trainer_load") or {}).get("seconds") or []
         cli_s = sum(ph.get(k, {}).get("seconds", 0.0) for k in ("fromPretrained", "prepareKbit"))
         lines.append(f"| {name} | {_round(quant.get('seconds'), 2)} | {_round(quant.get('again'), 2)} | "
@@ -856,10 +853,7 @@ def render(results: dict) -> tuple[str, bool]:
                      f"{', '.join(f'{v:.2f}' for v in loads) or quant.get('diagnostics_error', '-')[:60]} | {cli_s:.2f} |")
     lines += ["", "| row | CLI wall s | train s | outside training s | eval before + after s (share of train) | "
               "every phase (s) |", "|---|---|---|---|---|---|"]
-    for name, res in results["rows"].items():
-        if "cli" not in res:
-            continue
-        ph = res["cli"]["phases"]
+    for name, res, ph, _ in _ran(results):
         train = ph.get("train", {}).get("seconds", 0.0)
         evals = sum(ph.get(p, {}).get("seconds", 0.0) for p in ("evalBefore", "evalAfter"))
         every = ", ".join(f"{p} {v['seconds']:.1f}" for p, v in ph.items() if p not in QUANTIZE_STEPS)

@@ -5,6 +5,7 @@ connection; pvc:// is a folder on a mounted claim; hf:// is a Hugging Face model
 """
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,7 +197,17 @@ def choose_loader(files: ModelFiles, source: ModelSource, device_map, sharded: b
     if not any((files.path / name).is_file()
                for name in (checkpoint_prefetch.INDEX_NAME, checkpoint_prefetch.SINGLE_NAME)):
         return "folder", "no model.safetensors or its index in the folder"
+    if _config_is_quantized(files.path):
+        return "folder", "a pre-quantized checkpoint (quantization_config in config.json)"
     return "prefetching", "safetensors checkpoint on one device: copies overlap transformers' Python"
+
+
+def _config_is_quantized(folder: Path) -> bool:
+    config = folder / "config.json"
+    try:
+        return bool(config.is_file() and json.loads(config.read_text()).get("quantization_config"))
+    except ValueError:
+        return False  # an unreadable config: the folder load reports it
 
 
 def load_prefetching(folder: Path, kwargs: dict, device) -> object:
@@ -206,8 +217,6 @@ def load_prefetching(folder: Path, kwargs: dict, device) -> object:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = AutoConfig.from_pretrained(str(folder))
-    if getattr(config, "quantization_config", None) is not None:  # a pre-quantized checkpoint
-        return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     if (folder / "generation_config.json").is_file():
         kwargs = dict(kwargs, generation_config=GenerationConfig.from_pretrained(str(folder)))

@@ -213,14 +213,6 @@ class LoRASet:
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Attention over packed records
-
-
-_attention = attention.forward  # (out, state): cuDNN for fixed-length rows, FlashAttention-2 varlen, or SDPA
-_attention_backward_kernels = attention.backward
-
-
 class AttentionShape:
     def __init__(self, heads: int, kv_heads: int, head_dim: int, scale: float, eps: float):
         self.heads, self.kv_heads, self.head_dim, self.scale, self.eps = heads, kv_heads, head_dim, scale, eps
@@ -284,7 +276,7 @@ def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params, a_s
         qkv.addmm_(a, B.t())
         ops.rope_(shape.split(qkv)[3], cos, sin)
     q, k, v, qk = shape.split(qkv)
-    out, state = _attention(q, k, v, pack[0], pack[1], shape.scale)
+    out, state = attention.forward(q, k, v, pack[0], pack[1], shape.scale)
     o2 = out.view(out.shape[0], -1)
     ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1) if a_sides is None else a_sides[1]
     y = _project_and_add(x, o2, Wo.get(), ao, Bo)
@@ -344,7 +336,7 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     del gyc
     # attention, then RoPE backward on the q|k part of the gradient buffer
     q, k, v, _ = shape.split(qkv)
-    dq, dk, dv = _attention_backward_kernels(go.view_as(out), q, k, v, out, state, cu, max_len, shape.scale)
+    dq, dk, dv = attention.backward(go.view_as(out), q, k, v, out, state, cu, max_len, shape.scale)
     n = gy.shape[0]
     gqkv = torch.cat((dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1)), dim=1)
     ops.rope_backward_(shape.split(gqkv)[3], cos, sin)
