@@ -416,14 +416,15 @@ def fast_path_with_floors(row: dict, folder: Path, floors: bool, diagnostics: bo
     if floors:
         out["import_floor"] = import_floor()
         out["quantize_floor"] = quantize_floor(folder)
-        try:
-            if not diagnostics:
-                raise RuntimeError("diagnostics off (--no-diagnostics)")  # diagnostics beside the floor (session 10): the best copy found, the phase's own code here
-            out["quantize_floor"]["pinned"] = quantize_floor_pinned(folder)
-            out["quantize_floor"]["again"] = quantize_floor(folder)["seconds"]
-            out["quantize_floor"]["trainer_load"] = trainer_load_in_process(folder)
-        except Exception as exc:  # noqa: BLE001  (a diagnostic must not cost the row)
-            out["quantize_floor"]["diagnostics_error"] = repr(exc)[-500:]
+        if diagnostics:  # beside the floor (session 10): the best copy found, the phase's own code here
+            try:
+                out["quantize_floor"]["pinned"] = quantize_floor_pinned(folder)
+                out["quantize_floor"]["again"] = quantize_floor(folder)["seconds"]
+                out["quantize_floor"]["trainer_load"] = trainer_load_in_process(folder)
+            except Exception as exc:  # noqa: BLE001  (a diagnostic must not cost the row)
+                out["quantize_floor"]["diagnostics_error"] = repr(exc)[-500:]
+        else:
+            out["quantize_floor"]["diagnostics_error"] = "diagnostics off (--no-diagnostics)"
         import torch
 
         torch.cuda.empty_cache()  # the planner must see the memory the floor used as free
