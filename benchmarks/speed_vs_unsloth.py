@@ -585,27 +585,53 @@ def plan_job(cfg, folder: Path, seq: int, micro: int, accum: int, dropout: float
 
 def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda", autocast=True, items=True):
     """Run optimizer steps; micro_batches_per_step(step) -> list of (kwargs, useful_tokens).
-    Returns per-step seconds, losses and useful tokens."""
+    Returns per-step seconds, losses and useful tokens.
+
+    On CUDA the loop never waits for the GPU between its first and last step, as a real training
+    loop does not (the trainer's reads no tensor between logging steps, and its data loader pins
+    the batches): inputs go to the GPU from pinned memory, the losses stay on the device until the
+    end, and each step is timed by CUDA events on the stream, from the end of the step before to
+    the end of this one. So the host prepares the optimizer's and the next step's launches while the
+    GPU still runs this step's backward, and a step's time is what the GPU spends on it, its idle
+    gaps included. (Until session 11 the loop synchronized before and after the optimizer: the
+    optimizer's launches, and the next forward's first ones, then ran with the GPU idle.)"""
     import torch
 
     model.train()
+    cuda = device == "cuda"
     times, losses, tokens = [], [], []
     train_steps.optimizer_seconds = opt_times = []
-    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (autocast and device == "cuda") else \
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (autocast and cuda) else \
         (lambda: torch.autocast("cpu", enabled=False))
     region = torch.profiler.record_function  # names the idle gaps of a --profile run (idle_gaps)
+    host_only = ("cu_seq_lens_q", "cu_seq_lens_k", "packed_seq_lengths")
+
+    def to_device(v):
+        if cuda and v.device.type == "cpu":
+            v = v.pin_memory()  # a pageable source would make the copy wait for the stream
+        return v.to(device, non_blocking=True)
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(a, b):
+        return (b - a) if not cuda else a.elapsed_time(b) / 1e3
+
+    if cuda:
+        torch.cuda.synchronize()
+    step_ends, opt_starts, totals = [mark()], [], []
     for step in range(steps):
         with region("batches"):
             batches = micro_batches_per_step(step)
             n_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b, _ in batches)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
         total = torch.zeros((), device=device)
         for kwargs, _ in batches:
             with region("forward"):
-                kwargs = {k: (v.to(device, non_blocking=True) if hasattr(v, "to") and k not in
-                              ("cu_seq_lens_q", "cu_seq_lens_k", "packed_seq_lengths") else v)
+                kwargs = {k: (to_device(v) if hasattr(v, "to") and k not in host_only else v)
                           for k, v in kwargs.items()}
                 with ctx():
                     out = model(**kwargs, num_items_in_batch=n_items) if items else model(**kwargs)
@@ -613,19 +639,20 @@ def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda"
             with region("backward"):
                 loss.backward()
                 total += loss.detach().float()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t_opt = time.perf_counter()
+        opt_starts.append(mark())
         with region("optimizer"):
             torch.nn.utils.clip_grad_norm_(params, 0.3)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-        opt_times.append(time.perf_counter() - t_opt)
-        losses.append(float(total) / (1 if items else len(batches)))  # without items: a mean per micro-batch
+        step_ends.append(mark())
+        totals.append(total / (1 if items else len(batches)))  # without items: a mean per micro-batch
         tokens.append(sum(u for _, u in batches))
+    if cuda:
+        torch.cuda.synchronize()
+    for step in range(steps):
+        times.append(seconds(step_ends[step], step_ends[step + 1]))
+        opt_times.append(seconds(opt_starts[step], step_ends[step + 1]))
+        losses.append(float(totals[step]))
     return times, losses, tokens
 
 
