@@ -168,12 +168,26 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
     F.lora_rope_(expected, ref(a), ref(B), ref(cos), ref(sin), heads + kv_heads, D)
     T.lora_rope_(qkv, a, B, cos, sin, heads + kv_heads, D)
     record("lora_rope_", case, qkv, expected)
+    # other tilings (benchmarks/epilogue_timing.py's variants): several heads per program, the last
+    # program's heads partly past the end; column tiles past the end of gate|up
+    for launch in (T.EpilogueLaunch(block_m=16, heads=2), T.EpilogueLaunch(block_m=64, heads=4, warps=8)):
+        tiled = rnd(N, W, scale=2.0)
+        tiled_expected = ref(tiled)
+        F.lora_rope_(tiled_expected, ref(a), ref(B), ref(cos), ref(sin), heads + kv_heads, D)
+        T.lora_rope_(tiled, a, B, cos, sin, heads + kv_heads, D, launch=launch)
+        record("lora_rope_.tiled", f"{case} {launch}", tiled, tiled_expected)
     gu, Bgu = rnd(N, 2 * I, scale=2.0), rnd(2 * I, R, scale=0.3)
     gu_ref = ref(gu)
     m_ref = F.lora_swiglu_(gu_ref, ref(a), ref(Bgu))
     m = T.lora_swiglu_(gu, a, Bgu)
     record("lora_swiglu_.out", case, m, m_ref)
     record("lora_swiglu_.gate_up", case, gu, gu_ref)
+    for launch in (T.EpilogueLaunch(block_m=32, block_n=128, warps=8),):
+        tiled_src = rnd(N, 2 * I, scale=2.0)
+        tiled_ref = ref(tiled_src)
+        record("lora_swiglu_.tiled", f"{case} {launch}", T.lora_swiglu_(tiled_src, a, Bgu, launch=launch),
+               F.lora_swiglu_(tiled_ref, ref(a), ref(Bgu)))
+        record("lora_swiglu_.tiled_gate_up", f"{case} {launch}", tiled_src, tiled_ref)
     x, y, Bo = rnd(N, H).float(), rnd(N, H), rnd(H, R, scale=0.3)
     out = T.lora_residual_add(x, y, a, Bo)
     check("lora_residual_add.dtype", case, out.dtype == x.dtype, str(out.dtype))

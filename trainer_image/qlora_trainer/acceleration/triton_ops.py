@@ -357,41 +357,65 @@ def _check_adapter(name: str, out: torch.Tensor, a: torch.Tensor, B: torch.Tenso
 
 
 @triton.jit(do_not_specialize=['N'])
-def _lora_rope_kernel(qkv_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, N, W, R, rope_heads, stride_cos, stride_sin, HALF,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    # One program per (block of tokens, head): both halves of the head, so RoPE pairs are local.
-    head = tl.program_id(1)
+def _lora_rope_kernel(qkv_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, N, W, R, heads, rope_heads, stride_cos, stride_sin,
+                      HALF, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                      HEADS: tl.constexpr):
+    # One program per (block of tokens, HEADS consecutive heads): both halves of each head, so RoPE
+    # pairs are local; the tokens' cos, sin and adapter inputs are read once for all HEADS heads.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     rr = tl.arange(0, BLOCK_R)
     row_in, d_in, r_in = rows < N, d < HALF, rr < R
     rows64 = rows.to(tl.int64)
     inside = row_in[:, None] & d_in[None, :]
-    c1 = head * 2 * HALF + d
-    ptrs = qkv_ptr + rows64[:, None] * W + c1[None, :]
-    x1 = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
-    x2 = tl.load(ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
     at = tl.load(a_ptr + rows64[:, None] * R + rr[None, :], mask=row_in[:, None] & r_in[None, :], other=0.0)
-    b_ptrs = b_ptr + c1.to(tl.int64)[None, :] * R + rr[:, None]  # B^T tile [R, D]
-    b_in = r_in[:, None] & d_in[None, :]
-    x1 = _dot(at, tl.load(b_ptrs, mask=b_in, other=0.0), x1, IEEE)
-    x2 = _dot(at, tl.load(b_ptrs + HALF * R, mask=b_in, other=0.0), x2, IEEE)
-    # v heads (head >= rope_heads) read cos 1 and sin 0: the rotation is then exactly the identity.
-    rot = inside & ((d * 0 + head) < rope_heads)[None, :]
     c_ptrs = cos_ptr + (rows64 * stride_cos)[:, None] + d[None, :]
     s_ptrs = sin_ptr + (rows64 * stride_sin)[:, None] + d[None, :]
-    cos1 = tl.load(c_ptrs, mask=rot, other=1.0).to(tl.float32)
-    cos2 = tl.load(c_ptrs + HALF, mask=rot, other=1.0).to(tl.float32)
-    sin1 = tl.load(s_ptrs, mask=rot, other=0.0).to(tl.float32)
-    sin2 = tl.load(s_ptrs + HALF, mask=rot, other=0.0).to(tl.float32)
+    cos1 = tl.load(c_ptrs, mask=inside, other=1.0).to(tl.float32)
+    cos2 = tl.load(c_ptrs + HALF, mask=inside, other=1.0).to(tl.float32)
+    sin1 = tl.load(s_ptrs, mask=inside, other=0.0).to(tl.float32)
+    sin2 = tl.load(s_ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
     out_ty = qkv_ptr.dtype.element_ty
-    tl.store(ptrs, (x1 * cos1 - x2 * sin1).to(out_ty), mask=inside)
-    tl.store(ptrs + HALF, (x2 * cos2 + x1 * sin2).to(out_ty), mask=inside)
+    b_in = r_in[:, None] & d_in[None, :]
+    for i in tl.static_range(HEADS):
+        head = tl.program_id(1) * HEADS + i
+        here = inside & ((d * 0 + head) < heads)[None, :]
+        c1 = head * 2 * HALF + d
+        ptrs = qkv_ptr + rows64[:, None] * W + c1[None, :]
+        x1 = tl.load(ptrs, mask=here, other=0.0).to(tl.float32)
+        x2 = tl.load(ptrs + HALF, mask=here, other=0.0).to(tl.float32)
+        b_ptrs = b_ptr + c1.to(tl.int64)[None, :] * R + rr[:, None]  # B^T tile [R, D]
+        b_here = b_in & ((d * 0 + head) < heads)[None, :]
+        x1 = _dot(at, tl.load(b_ptrs, mask=b_here, other=0.0), x1, IEEE)
+        x2 = _dot(at, tl.load(b_ptrs + HALF * R, mask=b_here, other=0.0), x2, IEEE)
+        # v heads (head >= rope_heads) take cos 1 and sin 0: the rotation is then exactly the identity.
+        rope = (d * 0 + head) < rope_heads
+        c1h, c2h = tl.where(rope[None, :], cos1, 1.0), tl.where(rope[None, :], cos2, 1.0)
+        s1h, s2h = tl.where(rope[None, :], sin1, 0.0), tl.where(rope[None, :], sin2, 0.0)
+        tl.store(ptrs, (x1 * c1h - x2 * s1h).to(out_ty), mask=here)
+        tl.store(ptrs + HALF, (x2 * c2h + x1 * s2h).to(out_ty), mask=here)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpilogueLaunch:
+    """How an adapter epilogue kernel tiles its work (benchmarks/epilogue_timing.py times these):
+    token rows per program, columns per program (lora_swiglu_) or heads per program (lora_rope_),
+    and warps."""
+
+    block_m: int
+    block_n: int = 0
+    heads: int = 1
+    warps: int = 4
+
+
+LORA_ROPE_LAUNCH = EpilogueLaunch(block_m=64, heads=1, warps=4)  # fastest at 7B and 1.5B, within 0.07 ms of it at 8B
+LORA_SWIGLU_LAUNCH = EpilogueLaunch(block_m=64, block_n=128, warps=8)  # fastest at every row
 
 
 def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               rope_heads: int, head_dim: int) -> None:
-    """See fused_ops.lora_rope_: qkv [N, heads * head_dim] in place."""
+               rope_heads: int, head_dim: int, launch: EpilogueLaunch | None = None) -> None:
+    """See fused_ops.lora_rope_: qkv [N, heads * head_dim] in place. `launch`: LORA_ROPE_LAUNCH
+    unless given (the timing benchmark's variants)."""
     _check_2d("lora_rope_: qkv", qkv)
     N, W = qkv.shape
     if not (head_dim > 0 and head_dim % 2 == 0 and W % head_dim == 0):
@@ -408,13 +432,13 @@ def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.T
     if not (N and W):
         return
     half = head_dim // 2
-    block_m = 32
-    grid = (triton.cdiv(N, block_m), heads)
+    launch = LORA_ROPE_LAUNCH if launch is None else launch
+    grid = (triton.cdiv(N, launch.block_m), triton.cdiv(heads, launch.heads))
     with _device_of(qkv):
-        _lora_rope_kernel[grid](qkv, a, B, cos, sin, N, W, R, int(rope_heads), cos.stride(0), sin.stride(0), half,
-                                BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(half)),
+        _lora_rope_kernel[grid](qkv, a, B, cos, sin, N, W, R, heads, int(rope_heads), cos.stride(0), sin.stride(0),
+                                half, BLOCK_M=launch.block_m, BLOCK_D=max(16, triton.next_power_of_2(half)),
                                 BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32,
-                                num_warps=4)
+                                HEADS=launch.heads, num_warps=launch.warps)
 
 
 @triton.jit(do_not_specialize=['N'])
@@ -441,8 +465,10 @@ def _lora_swiglu_kernel(gu_ptr, a_ptr, b_ptr, h_ptr, N, inter, R, BLOCK_M: tl.co
     tl.store(h_ptr + rows64[:, None] * inter + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
 
 
-def lora_swiglu_(gu: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """See fused_ops.lora_swiglu_: gu [N, 2I] in place, returns [N, I] in gu.dtype."""
+def lora_swiglu_(gu: torch.Tensor, a: torch.Tensor, B: torch.Tensor,
+                 launch: EpilogueLaunch | None = None) -> torch.Tensor:
+    """See fused_ops.lora_swiglu_: gu [N, 2I] in place, returns [N, I] in gu.dtype. `launch`:
+    LORA_SWIGLU_LAUNCH unless given (the timing benchmark's variants)."""
     _check_2d("lora_swiglu_: gu", gu)
     if not (gu.shape[1] % 2 == 0):
         raise ValueError(f"lora_swiglu_: gu must have an even number of columns, got {gu.shape[1]}")
@@ -450,11 +476,11 @@ def lora_swiglu_(gu: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> torch.Te
     R = _check_adapter("lora_swiglu_", gu, a, B, 2 * inter)
     h = _empty((N, inter), gu.dtype, gu.device)
     if N and inter:
-        block_m, block_n = 64, 64
+        launch = LORA_SWIGLU_LAUNCH if launch is None else launch
         with _device_of(gu):
-            _lora_swiglu_kernel[(triton.cdiv(N, block_m), triton.cdiv(inter, block_n))](
-                gu, a, B, h, N, inter, R, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32, num_warps=4)
+            _lora_swiglu_kernel[(triton.cdiv(N, launch.block_m), triton.cdiv(inter, launch.block_n))](
+                gu, a, B, h, N, inter, R, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32, num_warps=launch.warps)
     return h
 
 
