@@ -47,16 +47,20 @@ L2_FLUSH_BYTES = 256 << 20  # the copies a graph cycles over move at least this 
 # name: triton_ops._Nf4Launch fields ("new" is the default launch)
 VARIANTS = {
     "new": {},
-    "b1024_w4": dict(bytes_per_program=1024, num_warps=4),
-    "b2048_w4": dict(bytes_per_program=2048, num_warps=4),
-    "b2048_w8": dict(bytes_per_program=2048, num_warps=8),
-    "b4096_w4": dict(bytes_per_program=4096, num_warps=4),
-    "b8192_w8": dict(bytes_per_program=8192, num_warps=8),
-    "b8192_w16": dict(bytes_per_program=8192, num_warps=16),
-    "b4096_w8_reg": dict(register_code=True),
-    "b4096_w8_cs": dict(stream_out=True),
-    "b2048_w4_cs": dict(bytes_per_program=2048, num_warps=4, stream_out=True),
-    "b8192_w8_cs": dict(bytes_per_program=8192, num_warps=8, stream_out=True),
+    "code_v4_b1024_w4": dict(lookup="code", vec_bytes=4, bytes_per_program=1024, num_warps=4),
+    "code_v4_b2048_w4": dict(lookup="code", vec_bytes=4, bytes_per_program=2048, num_warps=4),
+    "code_v4_b2048_w8": dict(lookup="code", vec_bytes=4, bytes_per_program=2048, num_warps=8),
+    "code_v4_b4096_w4": dict(lookup="code", vec_bytes=4, bytes_per_program=4096, num_warps=4),
+    "code_v4_b8192_w8": dict(lookup="code", vec_bytes=4, bytes_per_program=8192, num_warps=8),
+    "code_v4_b4096_w8_cs": dict(lookup="code", vec_bytes=4, bytes_per_program=4096, num_warps=8, stream_out=True),
+    "code_v16_b4096_w8": dict(lookup="code", vec_bytes=0, bytes_per_program=4096, num_warps=8),  # call 1's best
+    "load_v4_b1024_w4": dict(lookup="load", vec_bytes=4, bytes_per_program=1024, num_warps=4),
+    "load_v4_b2048_w4": dict(lookup="load", vec_bytes=4, bytes_per_program=2048, num_warps=4),
+    "load_v4_b4096_w8": dict(lookup="load", vec_bytes=4, bytes_per_program=4096, num_warps=8),
+    "load_v4_b8192_w8": dict(lookup="load", vec_bytes=4, bytes_per_program=8192, num_warps=8),
+    "load_v16_b1024_w4": dict(lookup="load", vec_bytes=0, bytes_per_program=1024, num_warps=4),
+    "table_v4_b4096_w8": dict(lookup="table", vec_bytes=4, bytes_per_program=4096, num_warps=8),
+    "table_v16_b2048_w4": dict(lookup="table", vec_bytes=0, bytes_per_program=2048, num_warps=4),
 }
 
 

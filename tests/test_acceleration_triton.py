@@ -361,7 +361,9 @@ for nested in (True, False):
     for shape in ((37, 72), (5, 300)):
         run_nf4(shape, nested, blocksize=128)
     # the launch variants that benchmarks/dequant_timing.py sweeps: several programs, a partial last one
-    run_nf4((9, 1000), nested, launch=T._Nf4Launch(bytes_per_program=1024, register_code=True, stream_out=True))
+    for launch in (T._Nf4Launch(bytes_per_program=1024, vec_bytes=0, stream_out=True),
+                   T._Nf4Launch(bytes_per_program=512, lookup="load"), T._Nf4Launch(lookup="table", num_warps=4)):
+        run_nf4((9, 1000), nested, launch=launch)
 run_nf4((4096, 1024), True)  # as many values as a Llama-3-8B k/v projection: 512 programs
 
 

@@ -882,23 +882,37 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
 
 @dataclasses.dataclass(frozen=True)
 class _Nf4Launch:
-    """How dequantize_nf4 launches (a private knob for benchmarks/dequant_timing.py's sweep)."""
+    """How dequantize_nf4 launches (a private knob for benchmarks/dequant_timing.py's sweep).
+    lookup: "table" gathers each value from its block's 16 products code * absmax, already rounded
+    to the output dtype (tl.gather: registers and shared memory); "code" gathers code[nibble] from
+    the 16 codes (tl.gather) and multiplies; "load" loads code[nibble] from global memory (L1)."""
 
     bytes_per_program: int = 4096
     num_warps: int = 8
-    register_code: bool = False  # the 16-entry code table through tl.gather instead of L1 loads
+    lookup: str = "code"
     stream_out: bool = False  # the output stored with the streaming (evict-first) cache hint
+    # bytes a thread loads at once (0: the compiler's choice, 16 bytes): 4 bytes make 8 outputs, one
+    # 16-byte store, so the loaded bytes and the stored values share a layout (no shared-memory
+    # round trip between them)
+    vec_bytes: int = 4
+
+
+_NF4_LOOKUPS = {"load": 0, "code": 1, "table": 2}
 
 
 @triton.jit
 def _dequantize_nf4_kernel(q_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr, n_bytes,
                            HALF: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                           ROWS: tl.constexpr, REGISTER_CODE: tl.constexpr, STREAM_OUT: tl.constexpr):
+                           ROWS: tl.constexpr, LOOKUP: tl.constexpr, STREAM_OUT: tl.constexpr,
+                           VEC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     first = pid * (ROWS * HALF)  # this program's first byte (int64: a weight may pass 2**31 values)
     rows = pid * ROWS + tl.arange(0, ROWS)  # absmax blocks
     local = tl.arange(0, ROWS)[:, None] * HALF + tl.arange(0, HALF)[None, :]  # byte i: values 2i, 2i + 1
     local_out = tl.arange(0, ROWS)[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+    if VEC > 0:
+        local = tl.max_contiguous(local, [1, VEC])
+        local_out = tl.max_contiguous(local_out, [1, 2 * VEC])
     full = first + ROWS * HALF <= n_bytes
     if full:
         q = tl.load(q_ptr + first + local, eviction_policy="evict_first").to(tl.int32)
@@ -911,15 +925,22 @@ def _dequantize_nf4_kernel(q_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr
         am = am + tl.load(offset_ptr)
     else:
         am = tl.load(absmax_ptr + rows, mask=row_in, other=0.0)
-    if REGISTER_CODE:
-        table = tl.load(code_ptr + tl.arange(0, 16))
-        hi = tl.reshape(tl.gather(table, tl.reshape(q >> 4, (ROWS * HALF,)), 0), (ROWS, HALF))
-        lo = tl.reshape(tl.gather(table, tl.reshape(q & 15, (ROWS * HALF,)), 0), (ROWS, HALF))
+    if LOOKUP == 2:
+        # code[j] * absmax is the same fp32 product whichever value needs it: 16 a block, not 64
+        table = (tl.load(code_ptr + tl.arange(0, 16))[None, :] * am[:, None]).to(out_ptr.dtype.element_ty)
+        hi = tl.gather(table, q >> 4, 1)
+        lo = tl.gather(table, q & 15, 1)
+        vals = tl.reshape(tl.join(hi, lo), (ROWS, 2 * HALF))
     else:
-        hi = tl.load(code_ptr + (q >> 4))
-        lo = tl.load(code_ptr + (q & 15))
-    am = am[:, None]
-    vals = tl.reshape(tl.join(hi * am, lo * am), (ROWS, 2 * HALF)).to(out_ptr.dtype.element_ty)
+        if LOOKUP == 1:
+            code = tl.load(code_ptr + tl.arange(0, 16))
+            hi = tl.reshape(tl.gather(code, tl.reshape(q >> 4, (ROWS * HALF,)), 0), (ROWS, HALF))
+            lo = tl.reshape(tl.gather(code, tl.reshape(q & 15, (ROWS * HALF,)), 0), (ROWS, HALF))
+        else:
+            hi = tl.load(code_ptr + (q >> 4))
+            lo = tl.load(code_ptr + (q & 15))
+        am = am[:, None]
+        vals = tl.reshape(tl.join(hi * am, lo * am), (ROWS, 2 * HALF)).to(out_ptr.dtype.element_ty)
     dst = out_ptr + 2 * first + local_out
     if full:
         if STREAM_OUT:
@@ -963,7 +984,7 @@ def dequantize_nf4(q: torch.Tensor, state, out: torch.Tensor, *, _launch: _Nf4La
     with _device_of(q):
         _dequantize_nf4_kernel[(triton.cdiv(n // 2, rows * half),)](
             q, absmax, code2, absmax2, offset, code, out, n // 2, HALF=half, BLOCKSIZE2=bs2, NESTED=nested,
-            ROWS=rows, REGISTER_CODE=launch.register_code, STREAM_OUT=launch.stream_out,
+            ROWS=rows, LOOKUP=_NF4_LOOKUPS[launch.lookup], STREAM_OUT=launch.stream_out, VEC=launch.vec_bytes,
             num_warps=launch.num_warps, enable_fp_fusion=False)
 
 
