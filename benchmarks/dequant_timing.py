@@ -44,24 +44,19 @@ TINY = {"q": (64, 64), "k": (16, 64), "v": (16, 64), "o": (64, 64), "gate": (224
 CALLS, REPLAYS = 20, 15
 L2_FLUSH_BYTES = 256 << 20  # the copies a graph cycles over move at least this much (H200 L2: 50 MB)
 
-# name: triton_ops._Nf4Launch fields ("new" is the default launch)
-VARIANTS = {
-    "new": {},
-    "code_v4_b1024_w4": dict(lookup="code", vec_bytes=4, bytes_per_program=1024, num_warps=4),
-    "code_v4_b2048_w4": dict(lookup="code", vec_bytes=4, bytes_per_program=2048, num_warps=4),
-    "code_v4_b2048_w8": dict(lookup="code", vec_bytes=4, bytes_per_program=2048, num_warps=8),
-    "code_v4_b4096_w4": dict(lookup="code", vec_bytes=4, bytes_per_program=4096, num_warps=4),
-    "code_v4_b8192_w8": dict(lookup="code", vec_bytes=4, bytes_per_program=8192, num_warps=8),
-    "code_v4_b4096_w8_cs": dict(lookup="code", vec_bytes=4, bytes_per_program=4096, num_warps=8, stream_out=True),
-    "code_v16_b4096_w8": dict(lookup="code", vec_bytes=0, bytes_per_program=4096, num_warps=8),  # call 1's best
-    "load_v4_b1024_w4": dict(lookup="load", vec_bytes=4, bytes_per_program=1024, num_warps=4),
-    "load_v4_b2048_w4": dict(lookup="load", vec_bytes=4, bytes_per_program=2048, num_warps=4),
-    "load_v4_b4096_w8": dict(lookup="load", vec_bytes=4, bytes_per_program=4096, num_warps=8),
-    "load_v4_b8192_w8": dict(lookup="load", vec_bytes=4, bytes_per_program=8192, num_warps=8),
-    "load_v16_b1024_w4": dict(lookup="load", vec_bytes=0, bytes_per_program=1024, num_warps=4),
-    "table_v4_b4096_w8": dict(lookup="table", vec_bytes=4, bytes_per_program=4096, num_warps=8),
-    "table_v16_b2048_w4": dict(lookup="table", vec_bytes=0, bytes_per_program=2048, num_warps=4),
-}
+# name: triton_ops._Nf4Launch fields, all given, so that a name keeps its meaning when the default
+# changes ("new" is the default launch: code_v4_b4096_w8_cs)
+VARIANTS = {"new": {}}
+for _lookup, _vec, _bytes, _warps, _cs in (
+        ("code", 4, 1024, 4, False), ("code", 4, 2048, 4, False), ("code", 4, 2048, 8, False),
+        ("code", 4, 4096, 4, False), ("code", 4, 8192, 8, False), ("code", 4, 4096, 8, True),
+        ("code", 4, 4096, 8, False),
+        ("code", 0, 4096, 8, False),  # 16-byte loads: the fastest of the first call's layouts
+        ("load", 4, 1024, 4, False), ("load", 4, 2048, 4, False), ("load", 4, 4096, 8, False),
+        ("load", 4, 8192, 8, False), ("load", 0, 1024, 4, False),
+        ("table", 4, 4096, 8, False), ("table", 0, 2048, 4, False)):
+    VARIANTS[f"{_lookup}_v{_vec or 16}_b{_bytes}_w{_warps}" + ("_cs" if _cs else "")] = dict(
+        lookup=_lookup, vec_bytes=_vec, bytes_per_program=_bytes, num_warps=_warps, stream_out=_cs)
 
 
 def _import_stack():
