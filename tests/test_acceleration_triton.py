@@ -197,6 +197,18 @@ def run_nf4(shape, nested, blocksize=64, launch=None):
     check("dequantize_nf4", case, torch.equal(out, expected), f"max diff {float((out - expected).abs().max())}")
 
 
+def run_nf4_errors():
+    import copy
+
+    import bitsandbytes.functional as bF
+
+    q, qs = bF.quantize_4bit(torch.randn(8, 96).to(DEV, DT), quant_type="nf4", blocksize=64)
+    odd = copy.copy(qs)
+    odd.blocksize = 96  # the kernel's tile is a whole number of power-of-two blocks
+    raises("dequantize_nf4", "blocksize 96", lambda: T.dequantize_nf4(q, odd, torch.empty(8, 96, device=DEV, dtype=DT)))
+    raises("dequantize_nf4", "values", lambda: T.dequantize_nf4(q, qs, torch.empty(8, 95, device=DEV, dtype=DT)))
+
+
 def run_lora(N, H, r, n, p, seed, splits=None):
     case = f"N={N} H={H} r={r} n={n} p={p} seed={seed}" + (f" splits={splits}" if splits else "")
     x, A, ga = rnd(N, H), rnd(n * r, H, scale=0.1), rnd(N, n * r)
@@ -365,19 +377,6 @@ for nested in (True, False):
                    T._Nf4Launch(bytes_per_program=512, lookup="load"), T._Nf4Launch(lookup="table", num_warps=4)):
         run_nf4((9, 1000), nested, launch=launch)
 run_nf4((4096, 1024), True)  # as many values as a Llama-3-8B k/v projection: 512 programs
-
-
-def run_nf4_errors():
-    import copy
-
-    import bitsandbytes.functional as bF
-
-    q, qs = bF.quantize_4bit(torch.randn(8, 96).to(DEV, DT), quant_type="nf4", blocksize=64)
-    odd = copy.copy(qs)
-    odd.blocksize = 96  # the kernel's tile is a whole number of power-of-two blocks
-    raises("dequantize_nf4", "blocksize 96", lambda: T.dequantize_nf4(q, odd, torch.empty(8, 96, device=DEV, dtype=DT)))
-    raises("dequantize_nf4", "values", lambda: T.dequantize_nf4(q, qs, torch.empty(8, 95, device=DEV, dtype=DT)))
-
 
 run_nf4_errors()
 run_adapter_epilogues(N=70, heads=2, kv_heads=2, D=12, I=52, H=100, R=16)
