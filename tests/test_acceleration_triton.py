@@ -198,17 +198,29 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
            F.rms_norm_backward(ref(gh), ref(xn), ref(w), rstd, ref(gres)))
 
 
-def run_nf4(shape, nested):
+def run_nf4(shape, nested, blocksize=64, launch=None):
     """NF4 dequantization bit for bit as bitsandbytes' own (plain and double-quantized absmax)."""
     import bitsandbytes.functional as bF
 
-    case = f"shape={shape} nested={nested}"
+    case = f"shape={shape} nested={nested} blocksize={blocksize} launch={launch}"
     w = torch.randn(*shape) * 0.02
-    q, qs = bF.quantize_4bit(w.to(DEV, DT), quant_type="nf4", compress_statistics=nested, blocksize=64)
+    q, qs = bF.quantize_4bit(w.to(DEV, DT), quant_type="nf4", compress_statistics=nested, blocksize=blocksize)
     out = torch.full(shape, float("nan"), device=DEV, dtype=DT)
-    T.dequantize_nf4(q, qs, out)
+    T.dequantize_nf4(q, qs, out, _launch=launch)
     expected = bF.dequantize_4bit(q, qs)
     check("dequantize_nf4", case, torch.equal(out, expected), f"max diff {float((out - expected).abs().max())}")
+
+
+def run_nf4_errors():
+    import copy
+
+    import bitsandbytes.functional as bF
+
+    q, qs = bF.quantize_4bit(torch.randn(8, 96).to(DEV, DT), quant_type="nf4", blocksize=64)
+    odd = copy.copy(qs)
+    odd.blocksize = 96  # the kernel's tile is a whole number of power-of-two blocks
+    raises("dequantize_nf4", "blocksize 96", lambda: T.dequantize_nf4(q, odd, torch.empty(8, 96, device=DEV, dtype=DT)))
+    raises("dequantize_nf4", "values", lambda: T.dequantize_nf4(q, qs, torch.empty(8, 95, device=DEV, dtype=DT)))
 
 
 def run_lora(N, H, r, n, p, seed, splits=None):
@@ -369,8 +381,18 @@ run_elementwise(N=19, H=100, I=52, heads=5, D=12, kept_heads=1)
 run_rope(N=200, heads=3, D=16, kept_heads=2)  # several programs per view (256 (token, head) rows each)
 run_adapter_epilogues(N=37, heads=3, kv_heads=1, D=16, I=80, H=96, R=48)
 for nested in (True, False):
-    for shape in ((64, 128), (40, 96), (3, 4096)):
+    # (3, 4096): the last program's tile is partial; (7, 100) and (5, 300): so is the last block
+    for shape in ((64, 128), (40, 96), (3, 4096), (7, 100)):
         run_nf4(shape, nested)
+    for shape in ((37, 72), (5, 300)):
+        run_nf4(shape, nested, blocksize=128)
+    # the launch variants that benchmarks/dequant_timing.py sweeps: several programs, a partial last one
+    for launch in (T._Nf4Launch(bytes_per_program=1024, vec_bytes=0, stream_out=True),
+                   T._Nf4Launch(bytes_per_program=512, lookup="load"), T._Nf4Launch(lookup="table", num_warps=4)):
+        run_nf4((9, 1000), nested, launch=launch)
+run_nf4((4096, 1024), True)  # as many values as a Llama-3-8B k/v projection: 512 programs
+
+run_nf4_errors()
 run_adapter_epilogues(N=70, heads=2, kv_heads=2, D=12, I=52, H=100, R=16)
 for r in (8, 16):
     for n in (1, 2, 3):
