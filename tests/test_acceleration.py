@@ -645,6 +645,52 @@ def test_chained_layer_graphs_train_like_the_eager_layers(monkeypatch, recompute
             torch.testing.assert_close(graphed[n], eager[n], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("recompute_layers,recompute", [(0, "none"), (2, "full")])
+def test_graph_programs_write_the_chained_buffers_without_a_copy(monkeypatch, recompute_layers, recompute):
+    """A graphed layer's last kernel writes its output straight into the next layer's input buffer
+    (forward) and its input gradient straight into the shared gradient buffer (backward): a copy of
+    the residual stream there cost 2 x 32 layers of 32 MB copies per 2-micro-step 8B step
+    (benchmarks/NOTES.md, session 11). The seeds are drawn into their buffer, not copied either.
+    Every aten op of the emulated programs is recorded: none may copy into those buffers."""
+    from qlora_trainer.acceleration import apply_acceleration
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setenv("QLORA_CUDA_GRAPHS", "emulate")
+    model = _tiny_peft_model()
+    apply_acceleration(model, _plan(recompute_layers, recompute))
+    model.train()
+    ids = torch.randint(0, 96, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    layers = model.get_base_model().model.layers
+    graphs = layers[0]._qlora_graphs
+    states = [graphs.states[id(layer)] for layer in layers]
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.into = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.copy_.default, torch.ops.aten.copy.default):
+                self.into.append(args[0].data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    buffers = {b.data_ptr(): name for name, b in [("grad_io[0]", graphs.grad_io[0]), ("grad_io[1]", graphs.grad_io[1])]
+               + [(f"x_out[{st.index}]", st.x_out) for st in states] + [(f"seeds[{st.index}]", st.seeds) for st in states]}
+    before = [st.x_out.clone() for st in states]
+    with Copies() as copies:
+        for st in states:
+            st.forward.replay()
+        for st in reversed(states):
+            st.backward.replay()
+    assert [buffers[p] for p in copies.into if p in buffers] == []
+    # ...and the buffers did receive the layers' outputs: layer 0's output is what it computed from the
+    # same input the first forward had (dropout 0, same weights)
+    assert torch.equal(states[0].x_out, before[0])
+    assert states[0].x_out is states[1].x_in
+    assert graphs.grad_io[0].abs().sum() > 0 and graphs.grad_io[1].abs().sum() > 0
+
+
 @pytest.mark.parametrize("cached_layers", [0, 2])
 def test_fused_layers_on_an_nf4_model_match_its_plain_forward(tmp_path, cached_layers):
     """The fused path over real NF4 weights (double quantization, dequantized into one buffer per

@@ -180,8 +180,20 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
     record("lora_residual_add", case, out, F.lora_residual_add(ref(x), ref(y), ref(a), ref(Bo)))
     gh, xn, w, gres = rnd(N, H), rnd(N, H).float(), rnd(H, scale=0.5) + 1.0, rnd(N, H).float()
     _, rstd = F.rms_norm(ref(xn), ref(w), 1e-6)
-    record("rms_norm_backward.residual", case, T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres),
-           F.rms_norm_backward(ref(gh), ref(xn), ref(w), rstd, ref(gres)))
+    gx_ref = F.rms_norm_backward(ref(gh), ref(xn), ref(w), rstd, ref(gres))
+    record("rms_norm_backward.residual", case, T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres), gx_ref)
+    # into a caller's buffer (a graphed layer's static output: no copy after the kernel), bit for bit
+    # what the launcher's own output holds
+    buf = torch.full_like(x, float("nan"))
+    got = T.lora_residual_add(x, y, a, Bo, out=buf)
+    check("lora_residual_add.out", case, got is buf and torch.equal(buf, out), "not written in place")
+    buf = torch.full_like(xn, float("nan"))
+    got = T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres, out=buf)
+    check("rms_norm_backward.residual.out", case,
+          got is buf and torch.equal(buf, T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres)), "not written in place")
+    raises("lora_residual_add.out", case + " wrong dtype", lambda: T.lora_residual_add(x, y, a, Bo, out=torch.empty_like(x, dtype=torch.float64)))
+    raises("rms_norm_backward.residual.out", case + " non-contiguous",
+           lambda: T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres, out=torch.empty_like(xn.t()).t()))
 
 
 def run_nf4(shape, nested):

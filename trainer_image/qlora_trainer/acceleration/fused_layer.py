@@ -225,8 +225,8 @@ class AttentionShape:
         return heads[:, :hq], heads[:, hq:hq + hk], heads[:, hq + hk:], heads[:, :hq + hk]
 
 
-def _project_and_add(x, inp, w, a, B):
-    """x + (inp @ w.T + a @ B.T), in this order. The adapter's product joins the projection's output
+def _project_and_add(x, inp, w, a, B, out=None):
+    """x + (inp @ w.T + a @ B.T), in this order (into `out` when given). The adapter's product joins the projection's output
     before the residual stream: added to the residual sum after it was rounded to bf16, a young
     adapter's contribution (smaller than half a bf16 step of the residual stream) rounded away to
     exactly nothing, and the fused path learned measurably slower than the plain recipe at the
@@ -234,9 +234,9 @@ def _project_and_add(x, inp, w, a, B):
     (x fp32) the sum is fp32, as the plain recipe's `residual + hidden_states`."""
     y = inp @ w.t()
     if x.dtype != y.dtype:  # fp32 stream: base and adapter products summed in fp32, as the plain recipe
-        return ops.lora_residual_add(x, y, a, B)
+        return ops.lora_residual_add(x, y, a, B, out=out)
     y.addmm_(a, B.t())
-    return y.add_(x)
+    return y.add_(x) if out is None else torch.add(y, x, out=out)
 
 
 def _compute(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -310,13 +310,14 @@ class FusedAttentionBlock(torch.autograd.Function):
         return (gx, None, None, None, None, *grads)
 
 
-def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy):
+def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy, gx_out=None):
     """(gx, LoRA gradients in lora_params' order) of the attention block; `saved` is what
-    _attention_forward returned, or None or ASides to run that forward again first."""
+    _attention_forward returned, or None or ASides to run that forward again first; gx written into
+    `gx_out` when given."""
     if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_qkv, layer._qlora_o):
             _, saved = _attention_forward(layer, x, norm_w, *rope, pack, seeds, lora_params, saved)
-            return _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy)
+            return _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy, gx_out)
     cos, sin = rope
     cu, max_len = pack
     rstd, qkv, out, state, a, ao = saved
@@ -348,13 +349,14 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3)
     del h
     qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
-    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy)
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out)
     return gx, [*qkv_grads, *o_grads]
 
 
-def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None):
+def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None, out=None):
     """z = x + down(silu(gate(n)) * up(n)), n = rms_norm(x), and what backward needs; `a_sides`
-    (ASides of the gate|up and down_proj A sides): a recompute's, reused."""
+    (ASides of the gate|up and down_proj A sides): a recompute's, reused; z written into `out` when
+    given."""
     Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
     gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
     A, B = gu_lora.factors(lora_params[:4])
@@ -370,7 +372,7 @@ def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None):
         gu.addmm_(a, B.t())
         m = ops.swiglu(gu, Wgu.dtype)
     ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1) if a_sides is None else a_sides[1]
-    y = _project_and_add(x, m, Wd.get(), ad, Bd)
+    y = _project_and_add(x, m, Wd.get(), ad, Bd, out)
     del m
     return y, (rstd, gu, a, ad)
 
@@ -531,31 +533,33 @@ def layer_lora_params(layer) -> list[torch.Tensor]:
             *layer._qlora_gate_up_lora.params(), *layer._qlora_down_lora.params()]
 
 
-def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool, a_sides: ASides | None = None):
+def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool, a_sides: ASides | None = None, out=None):
     """One installed layer without autograd (what cuda_graphs.py captures): z, and what
     layer_backward needs (when `keep` is False only the four A sides, ASides: backward runs this
     forward again with them, `a_sides`). `seeds` [4] on the device: the attention block's two
-    dropout seeds, then the MLP block's."""
+    dropout seeds, then the MLP block's. z is written into `out` when given (a graphed layer's
+    output buffer, which is the next layer's input: no copy of the residual stream per layer)."""
     params = layer_lora_params(layer)
     attn_a, mlp_a = (None, None) if a_sides is None else (ASides(a_sides[:2]), ASides(a_sides[2:]))
     y, attn = _attention_forward(layer, x, layer.input_layernorm.weight, cos, sin, pack, seeds[:2], params[:8],
                                  attn_a)
-    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp_a)
+    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp_a, out)
     return z, ((y, attn, mlp) if keep else ASides((*attn[4:], *mlp[2:])))
 
 
-def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz):
+def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz, out=None):
     """(gx, the 14 LoRA gradients) of layer_forward; `saved` None or ASides recomputes the layer
-    first (reusing the A sides it holds)."""
+    first (reusing the A sides it holds); gx written into `out` when given (a graphed layer's
+    gradient buffer: no copy per layer)."""
     params = layer_lora_params(layer)
     if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_qkv, layer._qlora_o, layer._qlora_gate_up, layer._qlora_down):
             _, saved = layer_forward(layer, x, cos, sin, pack, seeds, keep=True, a_sides=saved)
-            return layer_backward(layer, x, cos, sin, pack, seeds, saved, gz)
+            return layer_backward(layer, x, cos, sin, pack, seeds, saved, gz, out)
     y, attn, mlp = saved
     gy, mlp_grads = _mlp_backward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp, gz)
     gx, attn_grads = _attention_backward(layer, x, layer.input_layernorm.weight, (cos, sin), pack, seeds[:2],
-                                         params[:8], attn, gy)
+                                         params[:8], attn, gy, out)
     return gx, attn_grads + mlp_grads
 
 

@@ -47,6 +47,16 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _out(name: str, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A caller's output buffer (a graphed layer's static one: no copy after the kernel), checked to
+    be what the launcher would allocate."""
+    if not (out.shape == like.shape and out.dtype == like.dtype and out.device == like.device
+            and out.is_contiguous()):
+        raise ValueError(f"{name}: out must be contiguous {tuple(like.shape)} {like.dtype} on {like.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
 def _device_of(t: torch.Tensor):
     """Launch on the tensor's GPU, not the current one."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -231,9 +241,9 @@ def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, H
 
 
 def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-                      residual: torch.Tensor | None = None) -> torch.Tensor:
+                      residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype; plus
-    `residual` [N, H] (added in fp32 before the one rounding) when given."""
+    `residual` [N, H] (added in fp32 before the one rounding) when given; into `out` when given."""
     _check_2d("rms_norm_backward: x", x)
     _check_2d("rms_norm_backward: gy", gy)
     if not (gy.shape == x.shape):
@@ -251,7 +261,7 @@ def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: 
         if not (residual.shape == x.shape):
             raise ValueError(f"rms_norm_backward: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
         _check_same_device(x=x, residual=residual)
-    gx = _empty((N, H), x.dtype, x.device)
+    gx = _out("rms_norm_backward", out, x) if out is not None else _empty((N, H), x.dtype, x.device)
     if N and H:
         block = triton.next_power_of_2(H)
         with _device_of(x):
@@ -476,8 +486,9 @@ def _lora_residual_add_kernel(x_ptr, y_ptr, a_ptr, b_ptr, out_ptr, N, H, R, BLOC
     tl.store(out_ptr + offs, (x + y).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """See fused_ops.lora_residual_add: x + (y + a @ B^T) in x.dtype."""
+def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """See fused_ops.lora_residual_add: x + (y + a @ B^T) in x.dtype (into `out` when given)."""
     _check_2d("lora_residual_add: x", x)
     _check_2d("lora_residual_add: y", y)
     if not (y.shape == x.shape):
@@ -485,7 +496,7 @@ def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torc
     N, H = x.shape
     R = _check_adapter("lora_residual_add", x, a, B, H)
     _check_same_device(x=x, y=y)
-    out = _empty((N, H), x.dtype, x.device)
+    out = _out("lora_residual_add", out, x) if out is not None else _empty((N, H), x.dtype, x.device)
     if N and H:
         block_m, block_n = 64, 64
         with _device_of(x):
