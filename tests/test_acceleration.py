@@ -645,6 +645,85 @@ def test_chained_layer_graphs_train_like_the_eager_layers(monkeypatch, recompute
             torch.testing.assert_close(graphed[n], eager[n], rtol=1e-5, atol=1e-7)
 
 
+class _RecordOps:
+    """The aten ops that run inside the block (TorchDispatchMode), views left out."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if torch.Tag.view_copy not in func.tags and not func.is_view:
+                    ops.append(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def _bf16_lora_sets():
+    """A tiny fused model's q|k|v and o_proj LoRA sets, rebuilt for a bf16 compute dtype, with
+    random factors (B starts at zero) and a dropout's 1/(1-p) in the scales."""
+    from qlora_trainer.acceleration import apply_acceleration
+    from qlora_trainer.acceleration.fused_layer import LoRASet
+
+    model = _tiny_peft_model(dropout=0.1)
+    apply_acceleration(model, _plan())
+    layer = model.get_base_model().model.layers[0]
+    sets = [LoRASet(layer._qlora_qkv_lora.modules, torch.bfloat16), LoRASet(layer._qlora_o_lora.modules, torch.bfloat16)]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for st in sets:
+            for p in st.params():
+                p.normal_()
+    return sets
+
+
+def test_static_lora_factors_are_refreshed_in_place_with_one_kernel_per_factor():
+    """refresh_static writes what _build computes, bit for bit (the cast of A while concatenating,
+    each scaled B rounded into its block, the zeros around the blocks kept), with one kernel for A
+    and one per B: building and copying cost ~1,100 small kernels per 8B step."""
+    for st in _bf16_lora_sets():
+        st.make_static()
+        with torch.no_grad():
+            for p in st.params():
+                p.mul_(1.5).add_(0.25)
+        with _RecordOps() as rec:
+            st.refresh_static()
+        A, B = st._build(st.params())
+        assert st.static[0].dtype == st.static[1].dtype == torch.bfloat16
+        assert torch.equal(st.static[0], A) and torch.equal(st.static[1], B)
+        assert len(rec.ops) == 1 + len(st.modules), rec.ops  # cat, then one mul per B block
+
+
+def test_lora_gradients_cast_and_scale_in_one_kernel():
+    """gB_j = (gy_j^T a_j).to(fp32) * s_j, bit for bit, with the cast and the scaling one kernel:
+    no separate cast of each projection's gradient (448 small kernels per 8B step)."""
+    for st in _bf16_lora_sets():
+        rows = [p.shape[0] for p in st.params()[1::2]]
+        n, r = 37, st.rank
+        gy = torch.randn(n, sum(rows)).to(torch.bfloat16)
+        a = torch.randn(n, len(rows) * r).to(torch.bfloat16)
+        gA = torch.randn(len(rows) * r, st.params()[0].shape[1])
+        st.grads(gy, a, gA, rows, st.params())  # the scale tensors are made once, before
+        with _RecordOps() as rec:
+            got = st.grads(gy, a, gA, rows, st.params())
+        start = 0
+        for j, (scale, n_out) in enumerate(zip(st.scales(), rows)):
+            expected = (gy[:, start:start + n_out].t() @ a[:, j * r:(j + 1) * r]).to(torch.float32) * scale
+            assert got[2 * j + 1].dtype == torch.float32 and torch.equal(got[2 * j + 1], expected)
+            assert torch.equal(got[2 * j], gA[j * r:(j + 1) * r])
+            start += n_out
+        assert rec.ops.count("mm.default") == len(rows) and rec.ops.count("mul.Tensor") == len(rows)
+        assert not [op for op in rec.ops if "copy" in op], rec.ops
+
+
 @pytest.mark.parametrize("recompute_layers,recompute", [(0, "none"), (2, "full")])
 def test_graph_programs_write_the_chained_buffers_without_a_copy(monkeypatch, recompute_layers, recompute):
     """A graphed layer's last kernel writes its output straight into the next layer's input buffer

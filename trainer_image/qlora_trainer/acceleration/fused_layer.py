@@ -160,6 +160,7 @@ class LoRASet:
         self._key = None
         self._A = self._B = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scale_key = self._scale_t = None
         _count_optimizer_steps()  # the hook is in place before the first step
 
     def params(self) -> list[torch.Tensor]:
@@ -198,16 +199,40 @@ class LoRASet:
         self.static = tuple(t.clone() for t in self._build(self.params()))
 
     def refresh_static(self) -> None:
-        A, B = self._build(self.params())
-        self.static[0].copy_(A)
-        self.static[1].copy_(B)
+        """What _build computes, written straight into the static buffers: A cast while it is
+        concatenated (one kernel), each scaled B rounded into its block of the block diagonal (one
+        kernel per projection; the zeros around the blocks, from make_static, stay). Building and
+        copying took ~1,100 small kernels at 8B (casts, block_diag's fills and copies, two copies per
+        set), once per optimizer step (benchmarks/NOTES.md, session 11)."""
+        params = self.params()
+        A, B = self.static
+        with torch.no_grad():
+            torch.cat(params[0::2], 0, out=A)  # the cast to the compute dtype rounds as .to() does
+            row = 0
+            for j, (b, scale) in enumerate(zip(params[1::2], self.scales())):
+                # product in the parameter's dtype, rounded once when stored: (b * s).to(dtype)
+                torch.mul(b, scale, out=B[row:row + b.shape[0], j * self.rank:(j + 1) * self.rank])
+                row += b.shape[0]
+
+    def _scales_like(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Each projection's scale as a [1, 1] tensor of t's dtype and device: G * it, with G the
+        compute-dtype GEMM output, is G.to(t.dtype) * scale in one kernel (the promotion to t's
+        dtype is exact; the product rounds once, as before). Made once, outside any graph capture
+        (the capture's warm-up runs first)."""
+        key = (t.device, t.dtype, tuple(self.scales()))
+        if key != self._scale_key:
+            self._scale_t = [torch.full((1, 1), s, dtype=t.dtype, device=t.device) for s in key[2]]
+            self._scale_key = key
+        return self._scale_t
 
     def grads(self, gy: torch.Tensor, a: torch.Tensor, gA: torch.Tensor, rows: list[int],
               params) -> list[torch.Tensor]:
-        """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes."""
+        """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes. gB_j = (gy_j^T a_j).to(gA's
+        dtype) * s_j with the cast and the scaling one kernel (a cast and a multiplication per
+        projection were 2 x 448 small kernels of an 8B step)."""
         out, r, start = [], self.rank, 0
-        for j, (s, n_out) in enumerate(zip(self.scales(), rows)):
-            gB = (gy[:, start:start + n_out].t() @ a[:, j * r:(j + 1) * r]).to(gA.dtype) * s
+        for j, (s, n_out) in enumerate(zip(self._scales_like(gA), rows)):
+            gB = torch.mul(gy[:, start:start + n_out].t() @ a[:, j * r:(j + 1) * r], s)
             out += [gA[j * r:(j + 1) * r].to(params[2 * j].dtype), gB.to(params[2 * j + 1].dtype)]
             start += n_out
         return out
