@@ -191,6 +191,13 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
     got = T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres, out=buf)
     check("rms_norm_backward.residual.out", case,
           got is buf and torch.equal(buf, T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres)), "not written in place")
+    # and its compute-dtype copy from the same kernel: what .to() makes of the stored gradient, bit for bit
+    # (the interpreter rounds fp32 to bf16 towards zero whatever the kernel asks; compiled, it is rtne)
+    for cdt in (torch.float16,) if INTERPRET else (torch.bfloat16, torch.float16):
+        buf_c = torch.full(xn.shape, float("nan"), dtype=cdt, device=xn.device)
+        got = T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres, compute_out=buf_c)
+        check("rms_norm_backward.residual.compute_out", f"{case} {cdt}", torch.equal(buf_c, got.to(cdt)),
+              f"max diff {(buf_c.float() - got.to(cdt).float()).abs().max()}")
     raises("lora_residual_add.out", case + " wrong dtype", lambda: T.lora_residual_add(x, y, a, Bo, out=torch.empty_like(x, dtype=torch.float64)))
     raises("rms_norm_backward.residual.out", case + " non-contiguous",
            lambda: T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres, out=xn.new_empty(xn.shape[1], xn.shape[0]).t()))

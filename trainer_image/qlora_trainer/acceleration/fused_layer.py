@@ -335,14 +335,17 @@ class FusedAttentionBlock(torch.autograd.Function):
         return (gx, None, None, None, None, *grads)
 
 
-def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy, gx_out=None):
+def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy, gx_out=None, gyc=None,
+                        gx_compute=None):
     """(gx, LoRA gradients in lora_params' order) of the attention block; `saved` is what
     _attention_forward returned, or None or ASides to run that forward again first; gx written into
-    `gx_out` when given."""
+    `gx_out` when given. `gyc`: gy in the compute dtype when the caller has it (else cast here);
+    `gx_compute`: a buffer that gets gx in the compute dtype too (the next block's gyc)."""
     if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_qkv, layer._qlora_o):
             _, saved = _attention_forward(layer, x, norm_w, *rope, pack, seeds, lora_params, saved)
-            return _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy, gx_out)
+            return _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy, gx_out, gyc,
+                                       gx_compute)
     cos, sin = rope
     cu, max_len = pack
     rstd, qkv, out, state, a, ao = saved
@@ -351,7 +354,7 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     A, B = qkv_lora.factors(lora_params[:6])
     Ao, Bo = o_lora.factors(lora_params[6:])
     gy = gy.contiguous()
-    gyc = _compute(gy, Wo.dtype)
+    gyc = _compute(gy, Wo.dtype) if gyc is None else gyc
     o2 = out.view(out.shape[0], -1)
     # o_proj (+ residual): y = x + o2 Wo^T + ao Bo^T
     gao = gyc @ Bo
@@ -374,7 +377,7 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3)
     del h
     qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
-    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out)
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out, compute_out=gx_compute)
     return gx, [*qkv_grads, *o_grads]
 
 
@@ -423,20 +426,20 @@ class FusedMLPBlock(torch.autograd.Function):
         return (gx, None, None, *grads)
 
 
-def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy):
+def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_compute=None):
     """(gx, LoRA gradients) of the MLP block; `saved` from _mlp_forward, or None or ASides to
-    recompute."""
+    recompute; `gyc` and `gx_compute` as in _attention_backward."""
     if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_gate_up, layer._qlora_down):
             _, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params, saved)
-            return _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy)
+            return _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc, gx_compute)
     rstd, gu, a, ad = saved
     Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
     gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
     A, B = gu_lora.factors(lora_params[:4])
     Ad, Bd = d_lora.factors(lora_params[4:])
     gy = gy.contiguous()
-    gyc = _compute(gy, Wd.dtype)
+    gyc = _compute(gy, Wd.dtype) if gyc is None else gyc
     m = ops.swiglu(gu)
     gad = gyc @ Bd
     gm = gyc @ Wd.get()
@@ -454,7 +457,7 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy):
     gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2)
     del h
     gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
-    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy)
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, compute_out=gx_compute)
     return gx, [*gu_grads, *d_grads]
 
 
@@ -572,19 +575,25 @@ def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool, a_sides: ASides |
     return z, ((y, attn, mlp) if keep else ASides((*attn[4:], *mlp[2:])))
 
 
-def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz, out=None):
+def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz, out=None, gzc=None, out_c=None):
     """(gx, the 14 LoRA gradients) of layer_forward; `saved` None or ASides recomputes the layer
     first (reusing the A sides it holds); gx written into `out` when given (a graphed layer's
-    gradient buffer: no copy per layer)."""
+    gradient buffer: no copy per layer). An fp32 stream's gradient is needed in the compute dtype
+    by each block's GEMMs: each block's norm backward writes that copy too (the next block's,
+    `out_c` for the layer below), and `gzc` is gz's, so no block casts its own (2 casts of 32 MB
+    per layer per micro-step at 8B)."""
     params = layer_lora_params(layer)
     if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_qkv, layer._qlora_o, layer._qlora_gate_up, layer._qlora_down):
             _, saved = layer_forward(layer, x, cos, sin, pack, seeds, keep=True, a_sides=saved)
-            return layer_backward(layer, x, cos, sin, pack, seeds, saved, gz, out)
+            return layer_backward(layer, x, cos, sin, pack, seeds, saved, gz, out, gzc, out_c)
     y, attn, mlp = saved
-    gy, mlp_grads = _mlp_backward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp, gz)
+    compute = layer._qlora_o.dtype
+    gyc = torch.empty(gz.shape, dtype=compute, device=gz.device) if gz.dtype != compute else None
+    gy, mlp_grads = _mlp_backward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp, gz,
+                                  gzc, gyc)
     gx, attn_grads = _attention_backward(layer, x, layer.input_layernorm.weight, (cos, sin), pack, seeds[:2],
-                                         params[:8], attn, gy, out)
+                                         params[:8], attn, gy, out, gyc, out_c)
     return gx, attn_grads + mlp_grads
 
 

@@ -71,14 +71,20 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
 
 
 def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-                      residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                      residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      compute_out: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype; with
     `residual` (the gradient that reaches x around the block), that gradient is added before the
     one rounding (one pass over the residual stream's gradient instead of two). Written into `out`
-    when given (a graphed layer's gradient buffer: no copy after the kernel)."""
+    when given (a graphed layer's gradient buffer: no copy after the kernel); `compute_out` also
+    gets it cast (the compute-dtype copy the next block's GEMMs read: no cast kernel of its own)."""
     k = _kernel(x, "rms_norm_backward")
     if k is not None:
-        return k(gy, x, w, rstd, residual, out=out)
+        return k(gy, x, w, rstd, residual, out=out, compute_out=compute_out)
+    if compute_out is not None:
+        gx = rms_norm_backward(gy, x, w, rstd, residual, out)
+        compute_out.copy_(gx)
+        return gx
     xhat = x.to(_acc(x)) * rstd[:, None]
     gn = gy.to(xhat.dtype) * w.to(xhat.dtype)
     gx = rstd[:, None] * (gn - xhat * (gn * xhat).mean(-1, keepdim=True))

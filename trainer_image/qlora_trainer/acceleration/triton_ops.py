@@ -222,8 +222,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, H, BLOCK: tl.constexpr,
-                              RESIDUAL: tl.constexpr):
+def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, gxc_ptr, H, BLOCK: tl.constexpr,
+                              RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -237,13 +237,19 @@ def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, H
     gx = rstd * (gn - xhat * dot)
     if RESIDUAL:
         gx += tl.load(res_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(gx_ptr + row * H + cols, gx.to(gx_ptr.dtype.element_ty), mask=inside)
+    gx = gx.to(gx_ptr.dtype.element_ty)
+    tl.store(gx_ptr + row * H + cols, gx, mask=inside)
+    if COMPUTE:  # the stored gradient rounded (to nearest even, as torch's cast) to the compute dtype
+        tl.store(gxc_ptr + row * H + cols, gx.to(gxc_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                 mask=inside)
 
 
 def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-                      residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                      residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      compute_out: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype; plus
-    `residual` [N, H] (added in fp32 before the one rounding) when given; into `out` when given."""
+    `residual` [N, H] (added in fp32 before the one rounding) when given; into `out` when given;
+    `compute_out` (contiguous [N, H], a float dtype) also gets it cast, as .to() casts it."""
     _check_2d("rms_norm_backward: x", x)
     _check_2d("rms_norm_backward: gy", gy)
     if not (gy.shape == x.shape):
@@ -262,11 +268,18 @@ def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: 
             raise ValueError(f"rms_norm_backward: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
         _check_same_device(x=x, residual=residual)
     gx = _out("rms_norm_backward", out, x) if out is not None else _empty((N, H), x.dtype, x.device)
+    if compute_out is not None:
+        if not (compute_out.shape == x.shape and compute_out.is_contiguous() and compute_out.device == x.device
+                and compute_out.dtype in _FLOATS):
+            raise ValueError(f"rms_norm_backward: compute_out must be a contiguous float {tuple(x.shape)} on "
+                             f"{x.device}, got {tuple(compute_out.shape)} {compute_out.dtype}")
     if N and H:
         block = triton.next_power_of_2(H)
         with _device_of(x):
-            _rms_norm_backward_kernel[(N,)](gy, x, w, rstd, gx if residual is None else residual, gx, H, BLOCK=block,
-                                            RESIDUAL=residual is not None, num_warps=_warps_for_row(block))
+            _rms_norm_backward_kernel[(N,)](gy, x, w, rstd, gx if residual is None else residual, gx,
+                                            gx if compute_out is None else compute_out, H, BLOCK=block,
+                                            RESIDUAL=residual is not None, COMPUTE=compute_out is not None,
+                                            num_warps=_warps_for_row(block))
     return gx
 
 
