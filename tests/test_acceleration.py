@@ -702,34 +702,12 @@ def test_static_lora_factors_are_refreshed_in_place_with_one_kernel_per_factor()
         assert len(rec.ops) == 1 + len(st.modules), rec.ops  # cat, then one mul per B block
 
 
-def test_lora_gradients_cast_and_scale_in_one_kernel():
-    """gB_j = (gy_j^T a_j).to(fp32) * s_j, bit for bit, with the cast and the scaling one kernel:
-    no separate cast of each projection's gradient (448 small kernels per 8B step)."""
-    for st in _bf16_lora_sets():
-        rows = [p.shape[0] for p in st.params()[1::2]]
-        n, r = 37, st.rank
-        gy = torch.randn(n, sum(rows)).to(torch.bfloat16)
-        a = torch.randn(n, len(rows) * r).to(torch.bfloat16)
-        gA = torch.randn(len(rows) * r, st.params()[0].shape[1])
-        st.grads(gy, a, gA, rows, st.params())  # the scale tensors are made once, before
-        with _RecordOps() as rec:
-            got = st.grads(gy, a, gA, rows, st.params())
-        start = 0
-        for j, (scale, n_out) in enumerate(zip(st.scales(), rows)):
-            expected = (gy[:, start:start + n_out].t() @ a[:, j * r:(j + 1) * r]).to(torch.float32) * scale
-            assert got[2 * j + 1].dtype == torch.float32 and torch.equal(got[2 * j + 1], expected)
-            assert torch.equal(got[2 * j], gA[j * r:(j + 1) * r])
-            start += n_out
-        assert rec.ops.count("mm.default") == len(rows) and rec.ops.count("mul.Tensor") == len(rows)
-        assert not [op for op in rec.ops if "copy" in op], rec.ops
-
-
 @pytest.mark.parametrize("recompute_layers,recompute", [(0, "none"), (2, "full")])
 def test_graph_programs_write_the_chained_buffers_without_a_copy(monkeypatch, recompute_layers, recompute):
     """A graphed layer's last kernel writes its output straight into the next layer's input buffer
     (forward) and its input gradient straight into the shared gradient buffer (backward): a copy of
     the residual stream there cost 2 x 32 layers of 32 MB copies per 2-micro-step 8B step
-    (benchmarks/NOTES.md, session 11). The seeds are drawn into their buffer, not copied either.
+    (benchmarks/results/speed_small_kernels_8b_session11_h200.md). The seeds are drawn into their buffer, not copied either.
     Every aten op of the emulated programs is recorded: none may copy into those buffers."""
     from qlora_trainer.acceleration import apply_acceleration
     from torch.utils._python_dispatch import TorchDispatchMode

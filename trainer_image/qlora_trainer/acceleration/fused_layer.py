@@ -160,7 +160,6 @@ class LoRASet:
         self._key = None
         self._A = self._B = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._scale_key = self._scale_t = None
         _count_optimizer_steps()  # the hook is in place before the first step
 
     def params(self) -> list[torch.Tensor]:
@@ -203,7 +202,7 @@ class LoRASet:
         concatenated (one kernel), each scaled B rounded into its block of the block diagonal (one
         kernel per projection; the zeros around the blocks, from make_static, stay). Building and
         copying took ~1,100 small kernels at 8B (casts, block_diag's fills and copies, two copies per
-        set), once per optimizer step (benchmarks/NOTES.md, session 11)."""
+        set), once per optimizer step (benchmarks/results/speed_small_kernels_8b_session11_h200.md)."""
         params = self.params()
         A, B = self.static
         with torch.no_grad():
@@ -214,25 +213,14 @@ class LoRASet:
                 torch.mul(b, scale, out=B[row:row + b.shape[0], j * self.rank:(j + 1) * self.rank])
                 row += b.shape[0]
 
-    def _scales_like(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """Each projection's scale as a [1, 1] tensor of t's dtype and device: G * it, with G the
-        compute-dtype GEMM output, is G.to(t.dtype) * scale in one kernel (the promotion to t's
-        dtype is exact; the product rounds once, as before). Made once, outside any graph capture
-        (the capture's warm-up runs first)."""
-        key = (t.device, t.dtype, tuple(self.scales()))
-        if key != self._scale_key:
-            self._scale_t = [torch.full((1, 1), s, dtype=t.dtype, device=t.device) for s in key[2]]
-            self._scale_key = key
-        return self._scale_t
-
     def grads(self, gy: torch.Tensor, a: torch.Tensor, gA: torch.Tensor, rows: list[int],
               params) -> list[torch.Tensor]:
-        """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes. gB_j = (gy_j^T a_j).to(gA's
-        dtype) * s_j with the cast and the scaling one kernel (a cast and a multiplication per
-        projection were 2 x 448 small kernels of an 8B step)."""
+        """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes. (The cast and the scaling of gB
+        as one mixed-dtype multiplication took as long on the H200 as the two kernels:
+        benchmarks/results/speed_small_kernels_8b_session11_h200.md.)"""
         out, r, start = [], self.rank, 0
-        for j, (s, n_out) in enumerate(zip(self._scales_like(gA), rows)):
-            gB = torch.mul(gy[:, start:start + n_out].t() @ a[:, j * r:(j + 1) * r], s)
+        for j, (s, n_out) in enumerate(zip(self.scales(), rows)):
+            gB = (gy[:, start:start + n_out].t() @ a[:, j * r:(j + 1) * r]).to(gA.dtype) * s
             out += [gA[j * r:(j + 1) * r].to(params[2 * j].dtype), gB.to(params[2 * j + 1].dtype)]
             start += n_out
         return out
