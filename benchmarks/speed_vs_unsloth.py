@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -816,7 +817,9 @@ def profile_steps(model, params, opt, batches, engine, steps=2) -> dict:
     trace = Path(os.environ.get("OUT", "/tmp")) / f"trace-{os.getpid()}.json"
     try:
         prof.export_chrome_trace(str(trace))
-        summary["idle"] = idle_gaps(json.loads(trace.read_text()), steps)
+        events = json.loads(trace.read_text())
+        summary["idle"] = idle_gaps(events, steps)
+        summary["small"] = small_kernels(events, steps)
     finally:
         trace.unlink(missing_ok=True)
     return summary
@@ -838,43 +841,63 @@ def _enclosing(spans: list, t: float, innermost: bool):
     return best[2] if best else "-"
 
 
-def idle_gaps(trace, steps: int, min_gap_us: float = 2.0, top: int = 12) -> dict:
-    """Where the GPU waits, from a Kineto (chrome) trace: every gap between device events longer than
-    min_gap_us, charged to what launched the event that ends it: the train_steps region
-    (record_function: batches, forward, backward, optimizer), the innermost operator around the
-    launch call, and the launch call itself (cudaGraphLaunch: a graphed layer's replay). Also how
-    much of the idle lies in gaps over 1 ms (host stalls, synchronisations) and in shorter ones
-    (launches that could not keep ahead). ms per step."""
+class _Launchers:
+    """Who launched each device event of a Kineto (chrome) trace, by the correlation id it shares
+    with its launch call: the train_steps region around the launch (record_function: batches,
+    forward, backward, optimizer; "-" on autograd's backward thread), the operators around it and
+    the launch call itself (cudaGraphLaunch: every kernel of a graph replay carries that launch's id)."""
+
+    def __init__(self, spans: list):
+        self.launches = {e["args"]["correlation"]: e for e in spans
+                         if e.get("cat") in HOST_LAUNCH_CATS and "correlation" in e.get("args", {})}
+        self.ops, self.regions = {}, {}
+        for e in spans:
+            target = self.ops if e.get("cat") == "cpu_op" else self.regions if e.get("cat") == "user_annotation" \
+                else None
+            if target is not None:
+                target.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
+        for table in (self.ops, self.regions):
+            for tid in table:
+                table[tid].sort()
+        self.op_starts = {tid: [start for start, _, _ in kept] for tid, kept in self.ops.items()}
+
+    def key(self, event, outer: bool = False) -> str:
+        """"region / operator / launch call" of a device event; outer: "outermost > innermost"
+        operator (within the 400 operators started last before the launch)."""
+        launch = self.launches.get(event.get("args", {}).get("correlation"))
+        if launch is None:
+            return "(no launch found)"
+        t, tid = launch["ts"], launch["tid"]
+        last = bisect.bisect_right(self.op_starts.get(tid, []), t)
+        window = self.ops.get(tid, [])[max(0, last - 400):last]
+        op = _enclosing(window, t, innermost=True)
+        if outer:
+            top = _enclosing(window, t, innermost=False)
+            op = op if top == op else f"{top} > {op}"
+        return " / ".join((_enclosing(self.regions.get(tid, []), t, innermost=False), op, launch["name"]))
+
+
+def _device_events(trace) -> tuple[list, list]:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     spans = [e for e in events if e.get("ph") == "X"]
-    gpu = sorted((e for e in spans if e.get("cat") in GPU_EVENT_CATS), key=lambda e: e["ts"])
-    launches = {e["args"]["correlation"]: e for e in spans
-                if e.get("cat") in HOST_LAUNCH_CATS and "correlation" in e.get("args", {})}
-    ops, regions = {}, {}
-    for e in spans:
-        target = ops if e.get("cat") == "cpu_op" else regions if e.get("cat") == "user_annotation" else None
-        if target is not None:
-            target.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
-    for table in (ops, regions):
-        for tid in table:
-            table[tid].sort()
-    op_starts = {tid: [start for start, _, _ in kept] for tid, kept in ops.items()}
+    return spans, sorted((e for e in spans if e.get("cat") in GPU_EVENT_CATS), key=lambda e: e["ts"])
+
+
+def idle_gaps(trace, steps: int, min_gap_us: float = 2.0, top: int = 12) -> dict:
+    """Where the GPU waits, from a Kineto (chrome) trace: every gap between device events longer than
+    min_gap_us, charged to what launched the event that ends it (_Launchers.key: region, innermost
+    operator around the launch call, launch call). Also how much of the idle lies in gaps over 1 ms
+    (host stalls, synchronisations) and in shorter ones (launches that could not keep ahead). ms per
+    step."""
+    spans, gpu = _device_events(trace)
+    launchers = _Launchers(spans)
     by: dict[str, list] = {}
     long_us = short_us = 0.0
     end = None
     for k in gpu:
         gap = 0.0 if end is None else k["ts"] - end
         if gap > min_gap_us:
-            launch = launches.get(k.get("args", {}).get("correlation"))
-            if launch is None:
-                key = "(no launch found)"
-            else:
-                t, tid = launch["ts"], launch["tid"]
-                last = bisect.bisect_right(op_starts.get(tid, []), t)
-                window = ops.get(tid, [])[max(0, last - 400):last]  # the 400 ops started last before t
-                key = " / ".join((_enclosing(regions.get(tid, []), t, innermost=False),
-                                  _enclosing(window, t, innermost=True), launch["name"]))
-            slot = by.setdefault(key, [0.0, 0])
+            slot = by.setdefault(launchers.key(k), [0.0, 0])
             slot[0] += gap
             slot[1] += 1
             if gap >= 1000:
@@ -886,6 +909,45 @@ def idle_gaps(trace, steps: int, min_gap_us: float = 2.0, top: int = 12) -> dict
     return {"idle_ms_per_step": round((long_us + short_us) / 1e3 / steps, 2),
             "in_gaps_over_1ms": round(long_us / 1e3 / steps, 2),
             "in_shorter_gaps": round(short_us / 1e3 / steps, 2),
+            "by_launch": [(key, round(us / 1e3 / steps, 2), n // steps) for key, (us, n) in ranked]}
+
+
+# The small kernels small_kernels groups by launcher: besides "everything else", the element-wise,
+# copy and fill kernels of any category (torch's casts, fills, memcpy nodes of graph replays).
+SMALL_KERNEL_WORDS = ("elementwise", "copy", "fill", "memcpy", "memset")
+
+
+def short_kernel(name: str) -> str:
+    """A kernel's name without `void`, namespaces and the functor's argument lists, up to 80 characters:
+    `vectorized_elementwise_kernel<8, bfloat16_copy_kernel_cuda` tells a cast from a multiplication."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "at::", "c10::"):
+        name = name.replace(noise, "")
+    name = re.sub(r"\([^()]*\)", "", name)
+    return re.sub(r", std::array<char\*, \d+ul> >.*$", ">", name)[:80]
+
+
+def small_kernels(trace, steps: int, top: int = 20) -> dict:
+    """The GPU time of the small kernels (category "everything else", and element-wise, copy and
+    fill kernels of any category) per step, grouped by what launched them (_Launchers.key with the
+    outermost and innermost operators) and the kernel: which casts, fills and copies the step runs
+    and from where. Kernels of a graph replay all carry its cudaGraphLaunch (the operator around it:
+    _GraphedLayer for a layer's forward, _GraphedLayerBackward, "-" for the factor refresh)."""
+    spans, gpu = _device_events(trace)
+    launchers = _Launchers(spans)
+    by: dict[str, list] = {}
+    total_us, total_n = 0.0, 0
+    for k in gpu:
+        name = k.get("name", "")
+        low = name.lower()
+        if kernel_category(name) != "everything else" and not any(w in low for w in SMALL_KERNEL_WORDS):
+            continue
+        slot = by.setdefault(f"{launchers.key(k, outer=True)} / {short_kernel(name)}", [0.0, 0])
+        slot[0] += k.get("dur", 0)
+        slot[1] += 1
+        total_us += k.get("dur", 0)
+        total_n += 1
+    ranked = sorted(by.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"ms_per_step": round(total_us / 1e3 / steps, 2), "launches_per_step": total_n // steps,
             "by_launch": [(key, round(us / 1e3 / steps, 2), n // steps) for key, (us, n) in ranked]}
 
 
@@ -921,6 +983,14 @@ def profile_table(results: list[dict]) -> str:
         out += (f"\n{r['name']}: GPU idle {idle['idle_ms_per_step']} ms per step, {idle['in_gaps_over_1ms']} of it in "
                 f"gaps over 1 ms\n\n| region / operator / launch call | idle ms per step | gaps per step |\n|---|---|---|\n")
         out += "".join(f"| {key} | {ms} | {n} |\n" for key, ms, n in idle["by_launch"])
+    for r in runs:  # which small kernels (casts, copies, fills) each run's step launches, and from where
+        small = r["profile"].get("small")
+        if not small:
+            continue
+        out += (f"\n{r['name']}: small kernels {small['ms_per_step']} ms per step ({small['launches_per_step']:,} "
+                f"launches)\n\n| region / operators / launch call / kernel | ms per step | launches per step |\n"
+                f"|---|---|---|\n")
+        out += "".join(f"| {key} | {ms} | {n} |\n" for key, ms, n in small["by_launch"])
     return out
 
 

@@ -645,6 +645,156 @@ def test_chained_layer_graphs_train_like_the_eager_layers(monkeypatch, recompute
             torch.testing.assert_close(graphed[n], eager[n], rtol=1e-5, atol=1e-7)
 
 
+class _RecordOps:
+    """The aten ops that run inside the block (TorchDispatchMode), views left out."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if torch.Tag.view_copy not in func.tags and not func.is_view:
+                    ops.append(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def _bf16_lora_sets():
+    """A tiny fused model's q|k|v and o_proj LoRA sets, rebuilt for a bf16 compute dtype, with
+    random factors (B starts at zero) and a dropout's 1/(1-p) in the scales."""
+    from qlora_trainer.acceleration import apply_acceleration
+    from qlora_trainer.acceleration.fused_layer import LoRASet
+
+    model = _tiny_peft_model(dropout=0.1)
+    apply_acceleration(model, _plan())
+    layer = model.get_base_model().model.layers[0]
+    sets = [LoRASet(layer._qlora_qkv_lora.modules, torch.bfloat16), LoRASet(layer._qlora_o_lora.modules, torch.bfloat16)]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for st in sets:
+            for p in st.params():
+                p.normal_()
+    return sets
+
+
+def test_static_lora_factors_are_refreshed_in_place_with_one_kernel_per_factor():
+    """refresh_static writes what _build computes, bit for bit (the cast of A while concatenating,
+    each scaled B rounded into its block, the zeros around the blocks kept), with one kernel for A
+    and one per B: building and copying cost ~1,100 small kernels per 8B step."""
+    for st in _bf16_lora_sets():
+        st.make_static()
+        with torch.no_grad():
+            for p in st.params():
+                p.mul_(1.5).add_(0.25)
+        with _RecordOps() as rec:
+            st.refresh_static()
+        A, B = st._build(st.params())
+        assert st.static[0].dtype == st.static[1].dtype == torch.bfloat16
+        assert torch.equal(st.static[0], A) and torch.equal(st.static[1], B)
+        assert len(rec.ops) == 1 + len(st.modules), rec.ops  # cat, then one mul per B block
+
+
+@pytest.mark.parametrize("recompute_layers,recompute", [(0, "none"), (2, "full")])
+def test_graph_programs_write_the_chained_buffers_without_a_copy(monkeypatch, recompute_layers, recompute):
+    """A graphed layer's last kernel writes its output straight into the next layer's input buffer
+    (forward) and its input gradient straight into the shared gradient buffer (backward): a copy of
+    the residual stream there cost 2 x 32 layers of 32 MB copies per 2-micro-step 8B step
+    (benchmarks/results/speed_small_kernels_8b_session11_h200.md). The seeds are drawn into their buffer, not copied either.
+    Every aten op of the emulated programs is recorded: none may copy into those buffers."""
+    from qlora_trainer.acceleration import apply_acceleration
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setenv("QLORA_CUDA_GRAPHS", "emulate")
+    model = _tiny_peft_model()
+    apply_acceleration(model, _plan(recompute_layers, recompute))
+    model.train()
+    ids = torch.randint(0, 96, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    layers = model.get_base_model().model.layers
+    graphs = layers[0]._qlora_graphs
+    states = [graphs.states[id(layer)] for layer in layers]
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.into = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.copy_.default, torch.ops.aten.copy.default):
+                self.into.append(args[0].data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    buffers = {b.data_ptr(): name for name, b in [("grad_io[0]", graphs.grad_io[0]), ("grad_io[1]", graphs.grad_io[1])]
+               + [(f"x_out[{st.index}]", st.x_out) for st in states] + [(f"seeds[{st.index}]", st.seeds) for st in states]}
+    before = [st.x_out.clone() for st in states]
+    with Copies() as copies:
+        for st in states:
+            st.forward.replay()
+        for st in reversed(states):
+            st.backward.replay()
+    assert [buffers[p] for p in copies.into if p in buffers] == []
+    # ...and the buffers did receive the layers' outputs: layer 0's output is what it computed from the
+    # same input the first forward had (dropout 0, same weights)
+    assert torch.equal(states[0].x_out, before[0])
+    assert states[0].x_out is states[1].x_in
+    assert graphs.grad_io[0].abs().sum() > 0 and graphs.grad_io[1].abs().sum() > 0
+
+
+def test_graphed_backward_reads_the_gradients_compute_copy_on_an_fp32_stream(monkeypatch):
+    """A bf16 model's fused layers carry an fp32 residual stream; each block's GEMMs need its
+    gradient in bf16. The norm backward that produces the gradient writes that copy too (a twin
+    buffer between graphed layers), so no block of a layer whose gradient came through the buffers
+    casts it (2 casts of 32 MB per layer per micro-step at 8B); the top layer's copy is made when
+    the gradient comes in. Same gradients as the eager fused layers."""
+    from qlora_trainer.acceleration import apply_acceleration
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    models = {}
+    for mode in ("0", "emulate"):
+        monkeypatch.setenv("QLORA_CUDA_GRAPHS", mode)
+        models[mode] = _tiny_peft_model().to(torch.bfloat16)
+        apply_acceleration(models[mode], _plan())
+        models[mode].train()
+    torch.manual_seed(3)
+    batches = [torch.randint(0, 96, (2, 12)) for _ in range(2)]
+    grads = {}
+    for mode, model in models.items():
+        for ids in batches:
+            model(input_ids=ids, labels=ids).loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for n in grads["0"]:
+        torch.testing.assert_close(grads["emulate"][n], grads["0"][n], rtol=0, atol=0)
+    layers = models["emulate"].get_base_model().model.layers
+    graphs = layers[0]._qlora_graphs
+    assert layers[0]._qlora_residual == torch.float32 and graphs.grad_io[0].dtype == torch.float32
+    assert [t.dtype for t in graphs.grad_io_c] == [torch.bfloat16, torch.bfloat16]
+    bottom = graphs.states[id(layers[0])]
+    g_in = graphs.grad_io[(bottom.index + 1) % 2]
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 \
+                    and (kwargs or {}).get("dtype") == torch.bfloat16 and args[0].shape == graphs.grad_io[0].shape:
+                casts.append("gradient in" if args[0].data_ptr() == g_in.data_ptr() else "other")
+            return func(*args, **(kwargs or {}))
+
+    bottom.forward.replay()
+    with Casts():
+        bottom.backward.replay()  # its gradient came through the buffer from the layer above
+    # what is left: the two norms' recomputed outputs rounded to bf16 (the CPU reference norm's own
+    # cast; the Triton norm rounds in its kernel); the two gradient casts (MLP block, attention block) are gone
+    assert casts == ["other", "other"]
+
+
 @pytest.mark.parametrize("cached_layers", [0, 2])
 def test_fused_layers_on_an_nf4_model_match_its_plain_forward(tmp_path, cached_layers):
     """The fused path over real NF4 weights (double quantization, dequantized into one buffer per

@@ -194,8 +194,27 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
     record("lora_residual_add", case, out, F.lora_residual_add(ref(x), ref(y), ref(a), ref(Bo)))
     gh, xn, w, gres = rnd(N, H), rnd(N, H).float(), rnd(H, scale=0.5) + 1.0, rnd(N, H).float()
     _, rstd = F.rms_norm(ref(xn), ref(w), 1e-6)
-    record("rms_norm_backward.residual", case, T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres),
-           F.rms_norm_backward(ref(gh), ref(xn), ref(w), rstd, ref(gres)))
+    gx_ref = F.rms_norm_backward(ref(gh), ref(xn), ref(w), rstd, ref(gres))
+    record("rms_norm_backward.residual", case, T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres), gx_ref)
+    # into a caller's buffer (a graphed layer's static output: no copy after the kernel), bit for bit
+    # what the launcher's own output holds
+    buf = torch.full_like(x, float("nan"))
+    got = T.lora_residual_add(x, y, a, Bo, out=buf)
+    check("lora_residual_add.out", case, got is buf and torch.equal(buf, out), "not written in place")
+    buf = torch.full_like(xn, float("nan"))
+    got = T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres, out=buf)
+    check("rms_norm_backward.residual.out", case,
+          got is buf and torch.equal(buf, T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres)), "not written in place")
+    # and its compute-dtype copy from the same kernel: what .to() makes of the stored gradient, bit for bit
+    # (the interpreter rounds fp32 to bf16 towards zero whatever the kernel asks; compiled, it is rtne)
+    for cdt in (torch.float16,) if INTERPRET else (torch.bfloat16, torch.float16):
+        buf_c = torch.full(xn.shape, float("nan"), dtype=cdt, device=xn.device)
+        got = T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres, compute_out=buf_c)
+        check("rms_norm_backward.residual.compute_out", f"{case} {cdt}", torch.equal(buf_c, got.to(cdt)),
+              f"max diff {(buf_c.float() - got.to(cdt).float()).abs().max()}")
+    raises("lora_residual_add.out", case + " wrong dtype", lambda: T.lora_residual_add(x, y, a, Bo, out=torch.empty_like(x, dtype=torch.float64)))
+    raises("rms_norm_backward.residual.out", case + " non-contiguous",
+           lambda: T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres, out=xn.new_empty(xn.shape[1], xn.shape[0]).t()))
 
 
 def run_nf4(shape, nested, blocksize=64, launch=None):

@@ -151,3 +151,52 @@ def test_idle_gaps_are_charged_to_what_launched_the_kernel_after_them():
         ("backward / FusedLayerBackward / cudaGraphLaunch", 0.03, 1),
     ]
     assert idle["idle_ms_per_step"] == 1.53 and idle["in_gaps_over_1ms"] == 1.5 and idle["in_shorter_gaps"] == 0.03
+
+
+def test_small_kernels_are_grouped_by_what_launched_them():
+    """A synthetic trace of one step: an eager cast under aten::to > aten::_to_copy, a fill launched
+    twice by aten::zero_ under aten::zeros, a memcpy node and a copy of a graph replay (charged to
+    the replay's cudaGraphLaunch), and a GEMM and a norm kernel, which are not small kernels."""
+    bench = _bench()
+    cast = ("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda"
+            "(at::TensorIteratorBase&)::{lambda(float)#1}, std::array<char*, 2ul> >(int, T2, T3)")
+    fill = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::array<char*, 1ul> >"
+    trace = {"traceEvents": [
+        _span("user_annotation", "forward", 0, 400),
+        _span("cpu_op", "aten::to", 5, 20),
+        _span("cpu_op", "aten::_to_copy", 6, 18),
+        _span("cpu_op", "aten::copy_", 8, 10),
+        _span("cuda_runtime", "cudaLaunchKernel", 10, 2, correlation=1),
+        _span("kernel", cast, 20, 4, tid=7, correlation=1),
+        _span("cpu_op", "aten::zeros", 30, 20),
+        _span("cpu_op", "aten::zero_", 32, 15),
+        _span("cuda_runtime", "cudaLaunchKernel", 35, 2, correlation=2),
+        _span("kernel", fill, 40, 3, tid=7, correlation=2),
+        _span("cuda_runtime", "cudaLaunchKernel", 40, 2, correlation=3),
+        _span("kernel", fill, 45, 3, tid=7, correlation=3),
+        _span("cpu_op", "aten::mm", 60, 10),
+        _span("cuda_runtime", "cudaLaunchKernel", 61, 2, correlation=4),
+        _span("kernel", "nvjet_sm90_tst_256x128", 70, 100, tid=7, correlation=4),
+        _span("cpu_op", "_GraphedLayer", 200, 20),
+        _span("cuda_runtime", "cudaGraphLaunch", 205, 5, correlation=5),
+        _span("kernel", "_rms_norm_kernel", 210, 10, tid=7, correlation=5),
+        _span("kernel", "memcpy128", 220, 13, tid=7, correlation=5),
+        _span("kernel", "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", 240, 7,
+              tid=7, correlation=5),
+        _span("kernel", "memcpy128", 250, 13, tid=7, correlation=5),
+    ]}
+    small = bench.small_kernels(trace, steps=1)
+    assert small["by_launch"] == [
+        ("forward / _GraphedLayer / cudaGraphLaunch / memcpy128", 0.03, 2),
+        ("forward / _GraphedLayer / cudaGraphLaunch / unrolled_elementwise_kernel<direct_copy_kernel_cuda>", 0.01, 1),
+        ("forward / aten::zeros > aten::zero_ / cudaLaunchKernel / vectorized_elementwise_kernel<4, FillFunctor<float>>",
+         0.01, 2),
+        ("forward / aten::to > aten::copy_ / cudaLaunchKernel / vectorized_elementwise_kernel<8, "
+         "bfloat16_copy_kernel_cuda::{lambda#1}>", 0.0, 1),
+    ]
+    assert small["ms_per_step"] == 0.04 and small["launches_per_step"] == 6  # 13+13+7+3+3+4 us; no GEMM, no norm
+    assert bench.small_kernels(trace, steps=2)["launches_per_step"] == 3
+    table = bench.profile_table([dict(name="8b-1024/ours", step_s=0.3, plan="p", profile=dict(
+        bench.summarize_profile(KERNELS, steps=2, wall_s=0.5), small=small))])
+    assert "8b-1024/ours: small kernels 0.04 ms per step (6 launches)" in table
+    assert "| forward / _GraphedLayer / cudaGraphLaunch / memcpy128 | 0.03 | 2 |" in table

@@ -9,10 +9,13 @@ shapes, packed records whose boundaries change from batch to batch, offloaded la
 
 The layers are chained through static buffers, so graphing costs almost no memory of its own:
 - layer i's forward graph reads its input buffer and writes straight into layer i+1's input
-  buffer; that buffer is also the checkpoint a recomputing layer keeps (with only its seeds and
+  buffer (its last kernel, the MLP's residual add, writes there: no copy of the residual stream
+  per layer, 2 x 32 layers of 32 MB a 2-micro-step 8B step); that buffer is also the checkpoint a recomputing layer keeps (with only its seeds and
   its LoRA A-side products, fused_layer.ASides, which stay in the graphs' pool and are rewritten
   by every forward replay), and what a non-recomputing layer's saved activations refer to;
-- backward graphs pass the gradient through two buffers shared by all layers (ping-pong);
+- backward graphs pass the gradient through two buffers shared by all layers (ping-pong), their
+  last kernel (the input norm's backward) writing straight into the buffer and, with an fp32
+  stream, into its compute-dtype twin, which the next layer's GEMMs read (no cast per block);
 - each backward graph adds the layer's LoRA gradients into the parameters' .grad, which are static
   buffers of their own (handed back to the parameters before the first backward of every
   micro-step, so the optimizer's zero_grad(set_to_none=True) is fine).
@@ -105,6 +108,7 @@ class LayerGraphs:
         self.first = self.last = None  # graphed layers: the first copies the RoPE tables in, the last hands .grad back
         self.rope = self.pack = None
         self.grad_io: list[torch.Tensor] = []
+        self.grad_io_c: list = [None, None]  # their compute-dtype twins (an fp32 stream's)
         self.grads: list[torch.Tensor] = []
         self.params: list[torch.Tensor] = []
         self.lora_sets: list = []
@@ -132,6 +136,9 @@ class LayerGraphs:
             out = inputs[id(nxt)] if nxt is not None and id(nxt) in inputs else new()
             states.append(_LayerState(layer, k, inputs[id(layer)], out))
         self.grad_io = [new(), new()]
+        compute = layers[0]._qlora_o.dtype  # an fp32 stream: each gradient buffer has its compute-dtype twin
+        self.grad_io_c = [torch.zeros(n, h, dtype=compute, device=x.device) for _ in range(2)] \
+            if x.dtype != compute else [None, None]
         self.params = [p for st in states for p in st.params]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self._give_grads()
@@ -161,18 +168,23 @@ class LayerGraphs:
     def _forward_fn(self, st: _LayerState):
         def run():
             with graph_program():
-                st.seeds.copy_(torch.randint(1, 2**30, (4,), device=st.seeds.device))
-                z, st.saved = layer_forward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.keep)
-                st.x_out.copy_(z)
+                st.seeds.random_(1, 2**30)  # torch.randint's very draw, straight into the buffer
+                z, st.saved = layer_forward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.keep,
+                                            out=st.x_out)
+                if z.data_ptr() != st.x_out.data_ptr():  # written in place: no 32 MB copy per layer (8B)
+                    st.x_out.copy_(z)
         return run
 
     def _backward_fn(self, st: _LayerState):
         g_in, g_out = self.grad_io[(st.index + 1) % 2], self.grad_io[st.index % 2]
+        gc_in, gc_out = self.grad_io_c[(st.index + 1) % 2], self.grad_io_c[st.index % 2]
 
         def run():
             with graph_program():
-                gx, grads = layer_backward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.saved, g_in)
-                g_out.copy_(gx)
+                gx, grads = layer_backward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.saved, g_in,
+                                           out=g_out, gzc=gc_in, out_c=gc_out)
+                if gx.data_ptr() != g_out.data_ptr():
+                    g_out.copy_(gx)
                 torch._foreach_add_([p.grad for p in st.params], grads)
         return run
 
@@ -234,9 +246,11 @@ class LayerGraphs:
     def run_backward(self, st: _LayerState, gz: torch.Tensor) -> torch.Tensor:
         if st is self.last:
             self._give_grads()
-        g_in = self.grad_io[(st.index + 1) % 2]
-        if gz.data_ptr() != g_in.data_ptr():  # the layer above handed it over through the buffer
+        g_in, gc_in = self.grad_io[(st.index + 1) % 2], self.grad_io_c[(st.index + 1) % 2]
+        if gz.data_ptr() != g_in.data_ptr():  # else the layer above handed it over through the buffer (and its twin)
             g_in.copy_(gz)
+            if gc_in is not None:  # the compute-dtype twin the program reads, as _compute casts it
+                gc_in.copy_(g_in)
         st.backward.replay()
         return self.grad_io[st.index % 2].detach()
 

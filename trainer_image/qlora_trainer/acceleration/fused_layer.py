@@ -198,13 +198,26 @@ class LoRASet:
         self.static = tuple(t.clone() for t in self._build(self.params()))
 
     def refresh_static(self) -> None:
-        A, B = self._build(self.params())
-        self.static[0].copy_(A)
-        self.static[1].copy_(B)
+        """What _build computes, written straight into the static buffers: A cast while it is
+        concatenated (one kernel), each scaled B rounded into its block of the block diagonal (one
+        kernel per projection; the zeros around the blocks, from make_static, stay). Building and
+        copying took ~1,100 small kernels at 8B (casts, block_diag's fills and copies, two copies per
+        set), once per optimizer step (benchmarks/results/speed_small_kernels_8b_session11_h200.md)."""
+        params = self.params()
+        A, B = self.static
+        with torch.no_grad():
+            torch.cat(params[0::2], 0, out=A)  # the cast to the compute dtype rounds as .to() does
+            row = 0
+            for j, (b, scale) in enumerate(zip(params[1::2], self.scales())):
+                # product in the parameter's dtype, rounded once when stored: (b * s).to(dtype)
+                torch.mul(b, scale, out=B[row:row + b.shape[0], j * self.rank:(j + 1) * self.rank])
+                row += b.shape[0]
 
     def grads(self, gy: torch.Tensor, a: torch.Tensor, gA: torch.Tensor, rows: list[int],
               params) -> list[torch.Tensor]:
-        """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes."""
+        """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes. (The cast and the scaling of gB
+        as one mixed-dtype multiplication took as long on the H200 as the two kernels:
+        benchmarks/results/speed_small_kernels_8b_session11_h200.md.)"""
         out, r, start = [], self.rank, 0
         for j, (s, n_out) in enumerate(zip(self.scales(), rows)):
             gB = (gy[:, start:start + n_out].t() @ a[:, j * r:(j + 1) * r]).to(gA.dtype) * s
@@ -225,8 +238,8 @@ class AttentionShape:
         return heads[:, :hq], heads[:, hq:hq + hk], heads[:, hq + hk:], heads[:, :hq + hk]
 
 
-def _project_and_add(x, inp, w, a, B):
-    """x + (inp @ w.T + a @ B.T), in this order. The adapter's product joins the projection's output
+def _project_and_add(x, inp, w, a, B, out=None):
+    """x + (inp @ w.T + a @ B.T), in this order (into `out` when given). The adapter's product joins the projection's output
     before the residual stream: added to the residual sum after it was rounded to bf16, a young
     adapter's contribution (smaller than half a bf16 step of the residual stream) rounded away to
     exactly nothing, and the fused path learned measurably slower than the plain recipe at the
@@ -234,9 +247,9 @@ def _project_and_add(x, inp, w, a, B):
     (x fp32) the sum is fp32, as the plain recipe's `residual + hidden_states`."""
     y = inp @ w.t()
     if x.dtype != y.dtype:  # fp32 stream: base and adapter products summed in fp32, as the plain recipe
-        return ops.lora_residual_add(x, y, a, B)
+        return ops.lora_residual_add(x, y, a, B, out=out)
     y.addmm_(a, B.t())
-    return y.add_(x)
+    return y.add_(x) if out is None else torch.add(y, x, out=out)
 
 
 def _compute(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -310,13 +323,17 @@ class FusedAttentionBlock(torch.autograd.Function):
         return (gx, None, None, None, None, *grads)
 
 
-def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy):
+def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy, gx_out=None, gyc=None,
+                        gx_compute=None):
     """(gx, LoRA gradients in lora_params' order) of the attention block; `saved` is what
-    _attention_forward returned, or None or ASides to run that forward again first."""
+    _attention_forward returned, or None or ASides to run that forward again first; gx written into
+    `gx_out` when given. `gyc`: gy in the compute dtype when the caller has it (else cast here);
+    `gx_compute`: a buffer that gets gx in the compute dtype too (the next block's gyc)."""
     if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_qkv, layer._qlora_o):
             _, saved = _attention_forward(layer, x, norm_w, *rope, pack, seeds, lora_params, saved)
-            return _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy)
+            return _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy, gx_out, gyc,
+                                       gx_compute)
     cos, sin = rope
     cu, max_len = pack
     rstd, qkv, out, state, a, ao = saved
@@ -325,7 +342,7 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     A, B = qkv_lora.factors(lora_params[:6])
     Ao, Bo = o_lora.factors(lora_params[6:])
     gy = gy.contiguous()
-    gyc = _compute(gy, Wo.dtype)
+    gyc = _compute(gy, Wo.dtype) if gyc is None else gyc
     o2 = out.view(out.shape[0], -1)
     # o_proj (+ residual): y = x + o2 Wo^T + ao Bo^T
     gao = gyc @ Bo
@@ -348,13 +365,14 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3)
     del h
     qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
-    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy)
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out, compute_out=gx_compute)
     return gx, [*qkv_grads, *o_grads]
 
 
-def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None):
+def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None, out=None):
     """z = x + down(silu(gate(n)) * up(n)), n = rms_norm(x), and what backward needs; `a_sides`
-    (ASides of the gate|up and down_proj A sides): a recompute's, reused."""
+    (ASides of the gate|up and down_proj A sides): a recompute's, reused; z written into `out` when
+    given."""
     Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
     gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
     A, B = gu_lora.factors(lora_params[:4])
@@ -370,7 +388,7 @@ def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None):
         gu.addmm_(a, B.t())
         m = ops.swiglu(gu, Wgu.dtype)
     ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1) if a_sides is None else a_sides[1]
-    y = _project_and_add(x, m, Wd.get(), ad, Bd)
+    y = _project_and_add(x, m, Wd.get(), ad, Bd, out)
     del m
     return y, (rstd, gu, a, ad)
 
@@ -396,20 +414,20 @@ class FusedMLPBlock(torch.autograd.Function):
         return (gx, None, None, *grads)
 
 
-def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy):
+def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_compute=None):
     """(gx, LoRA gradients) of the MLP block; `saved` from _mlp_forward, or None or ASides to
-    recompute."""
+    recompute; `gyc` and `gx_compute` as in _attention_backward."""
     if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_gate_up, layer._qlora_down):
             _, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params, saved)
-            return _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy)
+            return _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc, gx_compute)
     rstd, gu, a, ad = saved
     Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
     gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
     A, B = gu_lora.factors(lora_params[:4])
     Ad, Bd = d_lora.factors(lora_params[4:])
     gy = gy.contiguous()
-    gyc = _compute(gy, Wd.dtype)
+    gyc = _compute(gy, Wd.dtype) if gyc is None else gyc
     m = ops.swiglu(gu)
     gad = gyc @ Bd
     gm = gyc @ Wd.get()
@@ -427,7 +445,7 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy):
     gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2)
     del h
     gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
-    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy)
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, compute_out=gx_compute)
     return gx, [*gu_grads, *d_grads]
 
 
@@ -531,31 +549,39 @@ def layer_lora_params(layer) -> list[torch.Tensor]:
             *layer._qlora_gate_up_lora.params(), *layer._qlora_down_lora.params()]
 
 
-def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool, a_sides: ASides | None = None):
+def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool, a_sides: ASides | None = None, out=None):
     """One installed layer without autograd (what cuda_graphs.py captures): z, and what
     layer_backward needs (when `keep` is False only the four A sides, ASides: backward runs this
     forward again with them, `a_sides`). `seeds` [4] on the device: the attention block's two
-    dropout seeds, then the MLP block's."""
+    dropout seeds, then the MLP block's. z is written into `out` when given (a graphed layer's
+    output buffer, which is the next layer's input: no copy of the residual stream per layer)."""
     params = layer_lora_params(layer)
     attn_a, mlp_a = (None, None) if a_sides is None else (ASides(a_sides[:2]), ASides(a_sides[2:]))
     y, attn = _attention_forward(layer, x, layer.input_layernorm.weight, cos, sin, pack, seeds[:2], params[:8],
                                  attn_a)
-    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp_a)
+    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp_a, out)
     return z, ((y, attn, mlp) if keep else ASides((*attn[4:], *mlp[2:])))
 
 
-def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz):
+def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz, out=None, gzc=None, out_c=None):
     """(gx, the 14 LoRA gradients) of layer_forward; `saved` None or ASides recomputes the layer
-    first (reusing the A sides it holds)."""
+    first (reusing the A sides it holds); gx written into `out` when given (a graphed layer's
+    gradient buffer: no copy per layer). An fp32 stream's gradient is needed in the compute dtype
+    by each block's GEMMs: each block's norm backward writes that copy too (the next block's,
+    `out_c` for the layer below), and `gzc` is gz's, so no block casts its own (2 casts of 32 MB
+    per layer per micro-step at 8B)."""
     params = layer_lora_params(layer)
     if saved is None or isinstance(saved, ASides):
         with held_weights(layer._qlora_qkv, layer._qlora_o, layer._qlora_gate_up, layer._qlora_down):
             _, saved = layer_forward(layer, x, cos, sin, pack, seeds, keep=True, a_sides=saved)
-            return layer_backward(layer, x, cos, sin, pack, seeds, saved, gz)
+            return layer_backward(layer, x, cos, sin, pack, seeds, saved, gz, out, gzc, out_c)
     y, attn, mlp = saved
-    gy, mlp_grads = _mlp_backward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp, gz)
+    compute = layer._qlora_o.dtype
+    gyc = torch.empty(gz.shape, dtype=compute, device=gz.device) if gz.dtype != compute else None
+    gy, mlp_grads = _mlp_backward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp, gz,
+                                  gzc, gyc)
     gx, attn_grads = _attention_backward(layer, x, layer.input_layernorm.weight, (cos, sin), pack, seeds[:2],
-                                         params[:8], attn, gy)
+                                         params[:8], attn, gy, out, gyc, out_c)
     return gx, attn_grads + mlp_grads
 
 

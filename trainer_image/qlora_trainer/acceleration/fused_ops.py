@@ -71,19 +71,28 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
 
 
 def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-                      residual: torch.Tensor | None = None) -> torch.Tensor:
+                      residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      compute_out: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype; with
     `residual` (the gradient that reaches x around the block), that gradient is added before the
-    one rounding (one pass over the residual stream's gradient instead of two)."""
+    one rounding (one pass over the residual stream's gradient instead of two). Written into `out`
+    when given (a graphed layer's gradient buffer: no copy after the kernel); `compute_out` also
+    gets it cast (the compute-dtype copy the next block's GEMMs read: no cast kernel of its own)."""
     k = _kernel(x, "rms_norm_backward")
     if k is not None:
-        return k(gy, x, w, rstd, residual)
+        return k(gy, x, w, rstd, residual, out=out, compute_out=compute_out)
+    if compute_out is not None:
+        gx = rms_norm_backward(gy, x, w, rstd, residual, out)
+        compute_out.copy_(gx)
+        return gx
     xhat = x.to(_acc(x)) * rstd[:, None]
     gn = gy.to(xhat.dtype) * w.to(xhat.dtype)
     gx = rstd[:, None] * (gn - xhat * (gn * xhat).mean(-1, keepdim=True))
     if residual is not None:
+        if out is not None and out.dtype == gx.dtype:  # the fp32 stream: the sum itself is the result
+            return torch.add(gx, residual.to(gx.dtype), out=out)
         gx = gx + residual.to(gx.dtype)
-    return gx.to(x.dtype)
+    return gx.to(x.dtype) if out is None else out.copy_(gx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,16 +181,21 @@ def lora_swiglu_(gu: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> torch.Te
     return m
 
 
-def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """x + (y + a @ B^T) in x.dtype, summed in fp32: a projection's output y (compute dtype) and its
     adapter product join the residual stream x (fp32) in one pass, as the plain recipe's
-    `residual + hidden_states` on its fp32 stream."""
+    `residual + hidden_states` on its fp32 stream. Written into `out` when given (a graphed layer's
+    output buffer, the next layer's input: no copy after the kernel)."""
     k = _kernel(x, "lora_residual_add")
     if k is not None:
-        return k(x, y, a, B)
+        return k(x, y, a, B, out=out)
     acc = torch.promote_types(x.dtype, _acc(y))
     t = y.to(acc, copy=True).addmm_(a.to(acc), B.to(acc).t())
-    return (x.to(acc) + t).to(x.dtype)
+    if out is not None and out.dtype == acc:  # the fp32 stream: the sum itself is the result
+        return torch.add(x.to(acc), t, out=out)
+    z = (x.to(acc) + t).to(x.dtype)
+    return z if out is None else out.copy_(z)
 
 
 def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:

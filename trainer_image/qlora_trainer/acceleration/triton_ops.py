@@ -47,6 +47,16 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _out(name: str, out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A caller's output buffer (a graphed layer's static one: no copy after the kernel), checked to
+    be what the launcher would allocate."""
+    if not (out.shape == like.shape and out.dtype == like.dtype and out.device == like.device
+            and out.is_contiguous()):
+        raise ValueError(f"{name}: out must be contiguous {tuple(like.shape)} {like.dtype} on {like.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
 def _device_of(t: torch.Tensor):
     """Launch on the tensor's GPU, not the current one."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -212,8 +222,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, H, BLOCK: tl.constexpr,
-                              RESIDUAL: tl.constexpr):
+def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, gxc_ptr, H, BLOCK: tl.constexpr,
+                              RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -227,13 +237,19 @@ def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, H
     gx = rstd * (gn - xhat * dot)
     if RESIDUAL:
         gx += tl.load(res_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(gx_ptr + row * H + cols, gx.to(gx_ptr.dtype.element_ty), mask=inside)
+    gx = gx.to(gx_ptr.dtype.element_ty)
+    tl.store(gx_ptr + row * H + cols, gx, mask=inside)
+    if COMPUTE:  # the stored gradient rounded (to nearest even, as torch's cast) to the compute dtype
+        tl.store(gxc_ptr + row * H + cols, gx.to(gxc_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+                 mask=inside)
 
 
 def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
-                      residual: torch.Tensor | None = None) -> torch.Tensor:
+                      residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      compute_out: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype; plus
-    `residual` [N, H] (added in fp32 before the one rounding) when given."""
+    `residual` [N, H] (added in fp32 before the one rounding) when given; into `out` when given;
+    `compute_out` (contiguous [N, H], a float dtype) also gets it cast, as .to() casts it."""
     _check_2d("rms_norm_backward: x", x)
     _check_2d("rms_norm_backward: gy", gy)
     if not (gy.shape == x.shape):
@@ -251,12 +267,19 @@ def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: 
         if not (residual.shape == x.shape):
             raise ValueError(f"rms_norm_backward: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
         _check_same_device(x=x, residual=residual)
-    gx = _empty((N, H), x.dtype, x.device)
+    gx = _out("rms_norm_backward", out, x) if out is not None else _empty((N, H), x.dtype, x.device)
+    if compute_out is not None:
+        if not (compute_out.shape == x.shape and compute_out.is_contiguous() and compute_out.device == x.device
+                and compute_out.dtype in _FLOATS):
+            raise ValueError(f"rms_norm_backward: compute_out must be a contiguous float {tuple(x.shape)} on "
+                             f"{x.device}, got {tuple(compute_out.shape)} {compute_out.dtype}")
     if N and H:
         block = triton.next_power_of_2(H)
         with _device_of(x):
-            _rms_norm_backward_kernel[(N,)](gy, x, w, rstd, gx if residual is None else residual, gx, H, BLOCK=block,
-                                            RESIDUAL=residual is not None, num_warps=_warps_for_row(block))
+            _rms_norm_backward_kernel[(N,)](gy, x, w, rstd, gx if residual is None else residual, gx,
+                                            gx if compute_out is None else compute_out, H, BLOCK=block,
+                                            RESIDUAL=residual is not None, COMPUTE=compute_out is not None,
+                                            num_warps=_warps_for_row(block))
     return gx
 
 
@@ -502,8 +525,9 @@ def _lora_residual_add_kernel(x_ptr, y_ptr, a_ptr, b_ptr, out_ptr, N, H, R, BLOC
     tl.store(out_ptr + offs, (x + y).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """See fused_ops.lora_residual_add: x + (y + a @ B^T) in x.dtype."""
+def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """See fused_ops.lora_residual_add: x + (y + a @ B^T) in x.dtype (into `out` when given)."""
     _check_2d("lora_residual_add: x", x)
     _check_2d("lora_residual_add: y", y)
     if not (y.shape == x.shape):
@@ -511,7 +535,7 @@ def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torc
     N, H = x.shape
     R = _check_adapter("lora_residual_add", x, a, B, H)
     _check_same_device(x=x, y=y)
-    out = _empty((N, H), x.dtype, x.device)
+    out = _out("lora_residual_add", out, x) if out is not None else _empty((N, H), x.dtype, x.device)
     if N and H:
         block_m, block_n = 64, 64
         with _device_of(x):
