@@ -258,7 +258,10 @@ def test_rmsnorm_function_matches_transformers():
     assert torch.autograd.gradcheck(lambda x: RMSNormFunction.apply(x, norm.weight.detach(), 1e-6), (x,))
 
 
-def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradient():
+@pytest.mark.parametrize("denominator", [11.0, "tensor"])
+def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradient(denominator):
+    """A float denominator, or the Trainer's token count as a tensor (kept on the device, never
+    read by the host): the same loss and gradient."""
     from qlora_trainer.acceleration.kernels import chunked_cross_entropy
 
     torch.manual_seed(2)
@@ -269,10 +272,16 @@ def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradient():
     ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="sum") / 11.0
     ref.backward()
     ref_grad, hidden.grad = hidden.grad.clone(), None
-    loss = chunked_cross_entropy(hidden, weight, labels, denominator=11.0, chunk=8)
+    count = torch.tensor(11) if denominator == "tensor" else denominator
+    loss = chunked_cross_entropy(hidden, weight, labels, denominator=count, chunk=8)
     loss.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(hidden.grad, ref_grad)
+    if denominator == "tensor":  # exactly the float path's numbers
+        grad_by_tensor, hidden.grad = hidden.grad.clone(), None
+        by_float = chunked_cross_entropy(hidden, weight, labels, denominator=11.0, chunk=8)
+        by_float.backward()
+        assert torch.equal(loss.detach(), by_float.detach()) and torch.equal(grad_by_tensor, hidden.grad)
 
 
 @pytest.mark.parametrize("bad", [50, -3])

@@ -308,12 +308,18 @@ def run_cross_entropy(C, V, scale):
     labels[2], labels[3] = 0, V - 1
     labels = labels.to(DEV)
     expected = ref(logits)
+    logits_in = logits.clone()
     loss_ref = F.cross_entropy_rows_(expected, labels.cpu(), scale)
     loss = T.cross_entropy_rows_(logits, labels, scale)
     record("cross_entropy_rows_.loss", case, loss, loss_ref)
     if scale is not None:
         record("cross_entropy_rows_.grad", case, logits, expected)
         check("cross_entropy_rows_.ignored_row_zero", case, bool((logits[1] == 0).all()), "")
+        # the scale as a device scalar (the Trainer's token count): the same loss and gradient, bit for bit
+        again = logits_in.clone()
+        loss_t = T.cross_entropy_rows_(again, labels, torch.tensor(scale, dtype=torch.float32, device=DEV))
+        check("cross_entropy_rows_.tensor_scale", case, bool(torch.equal(loss_t, loss) and torch.equal(again, logits)),
+              "a tensor scale gave other values than the same float")
     else:
         record("cross_entropy_rows_.logits_untouched", case, logits, expected)
 
@@ -427,6 +433,9 @@ run_lora(N=150, H=296, r=8, n=2, p=0.9, seed=2**45 + 3)
 run_cross_entropy(C=6, V=5000, scale=0.25)
 run_cross_entropy(C=5, V=77, scale=None)
 raises("cross_entropy_rows_", "labels shape", lambda: T.cross_entropy_rows_(rnd(4, 8), torch.zeros(3, dtype=torch.long, device=DEV), 1.0))
+raises("cross_entropy_rows_", "tensor scale of two values",
+       lambda: T.cross_entropy_rows_(rnd(4, 8), torch.zeros(4, dtype=torch.long, device=DEV),
+                                     torch.ones(2, device=DEV)))
 if not INTERPRET:
     run_cross_entropy(C=1024, V=151936, scale=1e-3)
     run_dispatch()

@@ -270,11 +270,12 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
 # Cross-entropy over one chunk of logits, the gradient written over the logits
 
 
-def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: float | None) -> torch.Tensor:
+def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: float | torch.Tensor | None) -> torch.Tensor:
     """logits [C, V], labels [C] (-100: ignored) -> per-row loss [C] in the accumulation dtype
     (lse - logit[label], 0 for ignored rows), computed from the logits as given. With `scale`, the
     logits are overwritten with the loss's gradient times `scale`: (softmax - onehot(label)) *
-    scale on valid rows, 0 on ignored ones, rounded once to the logits' dtype."""
+    scale on valid rows, 0 on ignored ones, rounded once to the logits' dtype. `scale` may be a
+    one-element fp32 tensor on the logits' device (never read by the host)."""
     k = _kernel(logits, "cross_entropy_rows_")
     if k is not None:
         return k(logits, labels, scale)

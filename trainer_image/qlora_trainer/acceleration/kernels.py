@@ -235,13 +235,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, denominator: float, chunk: int):
+    def forward(ctx, hidden, weight, labels, denominator: float | torch.Tensor, chunk: int):
         n = hidden.shape[0]
         w = weight.to(hidden.dtype)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 for bf16, as transformers' loss
         total = torch.zeros((), dtype=acc, device=hidden.device)
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
-        inv = 1.0 / float(denominator)
+        # a tensor denominator (the Trainer's token count, on the GPU) stays there: reading it
+        # would make the host wait for the GPU at every micro-step
+        inv = torch.reciprocal(denominator) if isinstance(denominator, torch.Tensor) else 1.0 / float(denominator)
         for start in range(0, n, chunk):
             logits = F.linear(hidden[start:start + chunk], w)
             # the per-row losses, and (when a gradient is needed) the gradient over the logits
@@ -266,9 +268,11 @@ def chunked_cross_entropy(hidden, weight, labels, denominator=None, chunk: int =
     if denominator is None:
         denominator = max(int((labels != -100).sum()), 1)
     if isinstance(denominator, torch.Tensor):
-        denominator = float(denominator.item())
+        denominator = denominator.detach().to(hidden.device, torch.promote_types(hidden.dtype, torch.float32)).reshape(())
+    else:
+        denominator = float(denominator)
     bad = ((labels < 0) & (labels != -100)) | (labels >= weight.shape[0])
     if bool(bad.any()):
         value = int(labels[bad][0])
         raise ValueError(f"label {value} is outside the vocabulary (0..{weight.shape[0] - 1}, or -100 to ignore)")
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, float(denominator), int(chunk))
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, denominator, int(chunk))

@@ -1056,7 +1056,7 @@ _CE_BLOCK = 4096
 
 @triton.jit
 def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, scale,
-                               WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                               WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, SCALE_IN_MEMORY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     label = tl.load(labels_ptr + row)
@@ -1076,7 +1076,10 @@ def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, scal
     target = tl.load(base + safe).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
     if WRITE_GRAD:
-        coef = tl.where(valid, scale, 0.0)
+        if SCALE_IN_MEMORY:  # a device scalar (fp32), read here rather than by the host
+            coef = tl.where(valid, tl.load(scale), 0.0)
+        else:
+            coef = tl.where(valid, scale, 0.0)
         for v0 in range(0, V, BLOCK):
             cols = v0 + tl.arange(0, BLOCK)
             inside = cols < V
@@ -1086,8 +1089,9 @@ def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, scal
             tl.store(base + cols, p.to(logits_ptr.dtype.element_ty), mask=inside)
 
 
-def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """See fused_ops.cross_entropy_rows_. Labels must be -100 or in [0, V) (the caller checks)."""
+def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: float | torch.Tensor | None) -> torch.Tensor:
+    """See fused_ops.cross_entropy_rows_. Labels must be -100 or in [0, V) (the caller checks); a
+    tensor `scale` is a one-element fp32 tensor on the logits' device, read by the kernel."""
     _check_2d("cross_entropy_rows_: logits", logits)
     if not (logits.stride(1) == 1):
         raise ValueError("cross_entropy_rows_: logits rows must be contiguous")
@@ -1097,12 +1101,18 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: float
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"cross_entropy_rows_: labels must be int64 or int32, got {labels.dtype}")
     _check_same_device(logits=logits, labels=labels)
+    if isinstance(scale, torch.Tensor):
+        if not (scale.numel() == 1 and scale.dtype == torch.float32):
+            raise ValueError(f"cross_entropy_rows_: a tensor scale must be one fp32 value, got {tuple(scale.shape)} "
+                             f"{scale.dtype}")
+        _check_same_device(logits=logits, scale=scale)
     C, V = logits.shape
     loss = _empty((C,), torch.promote_types(logits.dtype, torch.float32), logits.device)
     if C and V:
         with _device_of(logits):
+            in_memory = isinstance(scale, torch.Tensor)
             _cross_entropy_rows_kernel[(C,)](logits, labels, loss, V, logits.stride(0),
-                                             float(scale) if scale is not None else 0.0,
+                                             scale if in_memory else (float(scale) if scale is not None else 0.0),
                                              WRITE_GRAD=scale is not None, BLOCK=min(_CE_BLOCK, triton.next_power_of_2(V)),
-                                             num_warps=8)
+                                             SCALE_IN_MEMORY=in_memory, num_warps=8)
     return loss
