@@ -406,6 +406,45 @@ def upload_floor(s3, files: list[Path], prefix: str, transfer) -> dict:
     return {"seconds": seconds, "bytes": total, "megabytes_per_second": total / 1e6 / seconds}
 
 
+def publish_floor(endpoint: str, adapter_uri: str, dest: Path, repeats: int = 2) -> dict:
+    """The publish phase's floor: the very files the phase uploaded (its manifest's, less the config
+    and metrics written after it), the same bytes into the same store, by plain boto3 in a fresh
+    process (the CLI's store is in another process too), with no hashing and no claim, and with the
+    trainer's transfer settings (storage.upload_transfer's parts), as the download floor uses them;
+    best of `repeats`. One PUT per file is timed beside it: on moto it is the faster (its multipart
+    completion copies the object again, ~0.4 s of a 2-core CPU at 84 MB), on MinIO the slower, and
+    on S3 one connection carries a fraction of what parts in flight do, so the trainer uses parts.
+    The base's upload rate is from a 1 GB file in 64 MiB parts, whose per-object costs differ from
+    an 84 MB adapter's."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from qlora_trainer.publishing import CONFIG, MANIFEST, METRICS
+    from qlora_trainer.storage import TRANSFER, S3Uri, upload_transfer
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    root = S3Uri.parse(adapter_uri)
+    manifest = json.loads(s3.get_object(Bucket=root.bucket, Key=root.join(MANIFEST).key)["Body"].read())
+    paths = [f["path"] for f in manifest["files"] if f["path"] not in (CONFIG, METRICS)]
+    files = []
+    for rel in paths:  # untimed: the bytes the phase uploaded, onto the work folder's file system
+        path = dest / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(root.bucket, root.join(rel).key, str(path))
+        files.append((rel, path))
+    one_put = TransferConfig(multipart_threshold=1 << 40, max_concurrency=TRANSFER.max_request_concurrency)
+    best = {"one PUT": float("inf"), "trainer's parts": float("inf")}
+    for i in range(repeats):
+        for k, strategy in enumerate(best):
+            t = time.perf_counter()
+            for rel, path in files:
+                config = one_put if strategy == "one PUT" else upload_transfer(TRANSFER, path.stat().st_size)
+                s3.upload_file(str(path), root.bucket, f"publish-floor/{i}-{k}/{rel}", Config=config)
+            best[strategy] = min(best[strategy], time.perf_counter() - t)
+    total = sum(p.stat().st_size for _, p in files)
+    shutil.rmtree(dest, ignore_errors=True)
+    return {"seconds": best["trainer's parts"], "by_strategy": best, "bytes": total, "files": len(files)}
+
+
 # -- the benchmark's fast-path number ----------------------------------------------------------------------
 
 
@@ -582,6 +621,7 @@ def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int,
     steady = [p.tokens_per_second for p in progress[1:] if p.tokens_per_second] or \
              [p.tokens_per_second for p in progress if p.tokens_per_second]
     return {"rc": rc, "ok": rc == 0 and message is not None and message.event == "result",
+            "adapter_uri": message.result.adapter_uri if message is not None and message.event == "result" else None,
             "wall_s": round(wall, 2), "steady_tokens_per_s": round(statistics.mean(steady), 1) if steady else None,
             "reports": [p.tokens_per_second for p in progress], "phases": phases,
             "texts": train + held_out, "stderr_tail": stderr[-3000:],
@@ -621,6 +661,8 @@ def task_main(task: str, args: list[str]) -> None:
         result = download_floor(args[0], args[1], Path(args[2]))
     elif task == "tokenize-floor":  # in a fresh process: the pass as the CLI's process first meets it
         result = tokenize_floor(Path(args[0]), json.loads(Path(args[1]).read_text()))
+    elif task == "publish-floor":
+        result = publish_floor(args[0], args[1], Path(args[2]))
     elif task == "quantize-floor":
         result = quantize_floor(Path(args[0]))
     elif task == "fast-path":
@@ -735,6 +777,8 @@ def drive(opts) -> int:
                       timeout=max(60.0, deadline - time.monotonic() + 30))
         texts = cli.pop("texts")
         res["tokenize_floor"] = tokenize_floor(folder, texts)
+        if cli.get("adapter_uri"):  # the same files into the same store, in a fresh process (~2 s at 8B)
+            res["publish_floor"] = in_child("publish-floor", endpoint, cli["adapter_uri"], str(work / "publish-floor"))
         (work / "texts.json").write_text(json.dumps(texts))  # for the fresh-process floor
         if opts.fresh_tokenize_floor:  # a process start (~20 s on the H200 machine)
             res["tokenize_floor"]["fresh_process"] = in_child("tokenize-floor", str(folder), str(work / "texts.json"))
@@ -792,11 +836,22 @@ def phase_rows(res: dict, floors: dict) -> list[tuple[str, float, float | None, 
                        f"({phases['tokenize']['seconds'] / fresh['seconds']:.2f}x)")
         add("tokenize", tok["seconds"], f"batched fast-tokenizer pass, train + eval, {tok.get('threads')} CPUs{serial}")
     up = next(iter(floors.get("upload", {}).values()), None)
+    same = res.get("publish_floor") or {}
     if up:
         rate = up["bytes"] / up["seconds"]
         for phase in ("checkpointUpload", "publish"):
+            if phase == "publish" and same.get("seconds"):
+                continue  # measured on its own files below
             if phase in phases and phases[phase].get("bytes"):
                 add(phase, phases[phase]["bytes"] / rate, f"bytes at the base's upload rate, {rate / 1e6:.0f} MB/s")
+    if same.get("seconds"):
+        by = same.get("by_strategy", {})
+        one_put, parts = by.get("one PUT", 0.0), by.get("trainer's parts", 0.0)
+        rated = f"; at the base's upload rate {same['bytes'] * up['seconds'] / up['bytes']:.2f} s" if up else ""
+        add("publish", same["seconds"],
+            f"its {same.get('files')} files ({same['bytes'] / 1e6:.1f} MB) into the same store by plain boto3 in the "
+            f"trainer's parts {parts:.2f} s; as one PUT per file {one_put:.2f} s "
+            f"({phases['publish']['seconds'] / one_put if one_put else 0:.2f}x){rated}")
     return out
 
 
