@@ -67,7 +67,10 @@ def test_the_quantize_diagnostics_sit_beside_the_floor_and_the_fresh_tokenize_fl
                                                          prepareKbit={"seconds": 0.5})
     table, _ = _bench().render(results)
     assert _line(table, "1.5b-2048", "10.0", "10.5") == "| 1.5b-2048 | 10.0 | 10.5 | 13.0 (0.1) | 14.00, 12.50 | 11.50 |"
-    assert "as a fresh process's first pass 900.0 ms (1.11x)" in _line(table, "1.5b-2048", "tokenize")
+    # Taken, the fresh process's first pass is the floor (the CLI's pass is its process's first too).
+    tokenize = _line(table, "1.5b-2048", "tokenize")
+    assert tokenize.startswith("| 1.5b-2048 | tokenize | 1.00 | 0.90 | 1.11x | met |"), tokenize
+    assert "in the driver's warm process 800.0 ms (1.25x)" in tokenize
 
 
 def test_the_publish_phase_is_compared_with_its_own_files_uploaded_again_with_one_put_beside():
