@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -160,6 +161,7 @@ def main() -> int:
         result = measure(server, adapter, opts.repeats)
     finally:
         stop()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"{opts.shape} adapter: {result['files']} files, {result['bytes'] / 1e6:.1f} MB (largest "
           f"{result['largest'] / 1e6:.1f} MB, {result['parts_now']} part(s) with the trainer's settings); "
           f"store {opts.store}; seconds, best of {opts.repeats}")

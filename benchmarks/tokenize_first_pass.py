@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,12 +92,15 @@ def main() -> int:
     prepare(folder)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")  # as the trainer image sets it
     times: dict[str, list[float]] = {}
-    for _ in range(opts.repeats):
-        for mode in ("phase", "floor", "warm"):
-            out = subprocess.run([sys.executable, __file__, "--measure", str(folder), mode], capture_output=True,
-                                 text=True, env=env, check=True).stdout
-            for name, seconds in json.loads(out.strip().splitlines()[-1]).items():
-                times.setdefault(name, []).append(seconds)
+    try:
+        for _ in range(opts.repeats):
+            for mode in ("phase", "floor", "warm"):
+                out = subprocess.run([sys.executable, __file__, "--measure", str(folder), mode], capture_output=True,
+                                     text=True, env=env, check=True).stdout
+                for name, seconds in json.loads(out.strip().splitlines()[-1]).items():
+                    times.setdefault(name, []).append(seconds)
+    finally:
+        shutil.rmtree(folder.parent, ignore_errors=True)
     median = {name: statistics.median(xs) for name, xs in times.items()}
     print(f"8B row's texts, {os.cpu_count()} CPUs, medians of {opts.repeats} processes")
     print("| measurement | ms | phase, first pass / it |\n|---|---|---|")
