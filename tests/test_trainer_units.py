@@ -352,6 +352,47 @@ def test_large_files_go_up_in_parts_and_come_back_intact(s3, tmp_path, monkeypat
     assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(blob.read_bytes()).digest()
 
 
+def test_a_file_above_the_threshold_goes_up_in_as_many_parts_as_there_are_in_flight_and_hashed_beside(
+        s3, tmp_path, monkeypatch):  # noqa: F811
+    """A file just over the threshold used to go up as one configured-size part plus a remainder (an
+    84 MB adapter in 64 MiB parts: one request carried most of it). Now its parts are sized so that
+    every concurrent request has one (at least 8 MiB each), and its sha256 is taken on a thread
+    beside the upload: the published entry still describes the object byte for byte, and a failed
+    upload still fails the set."""
+    from qlora_trainer.publishing import OVERLAP_HASH_BYTES, upload_files
+
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    mib = 1024 * 1024
+    transfer = TransferConfig(multipart_threshold=16 * mib, multipart_chunksize=64 * mib, max_concurrency=3)
+    storage = S3Storage(OutputSpec(bucket="adapters", endpointUrl=s3.endpoint, addressingStyle="path"),
+                        transfer=transfer)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    body = random.Random(2).randbytes(24 * mib)
+    assert len(body) >= OVERLAP_HASH_BYTES
+    (folder / "adapter_model.safetensors").write_bytes(body)
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    files = {p.name: p for p in folder.iterdir()}
+    entries = upload_files(storage, S3Uri.parse("s3://adapters/units/parts"), files)
+    head = s3.client().head_object(Bucket="adapters", Key="units/parts/adapter_model.safetensors")
+    assert head["ETag"].strip('"').endswith("-3")  # 24 MiB over 3 requests: 8 MiB each, not 24 + 0
+    assert s3.get("adapters", "units/parts/adapter_model.safetensors") == body
+    assert [(e.path, e.size, e.sha256) for e in entries] == [
+        ("adapter_config.json", 8, hashlib.sha256(b'{"r": 8}').hexdigest()),
+        ("adapter_model.safetensors", len(body), hashlib.sha256(body).hexdigest())]
+    # Below the threshold a file stays one PUT, whatever the concurrency.
+    small = tmp_path / "small.bin"
+    small.write_bytes(body[:9 * mib])
+    storage.upload_file(small, S3Uri.parse("s3://adapters/units/parts/small.bin"))
+    assert "-" not in s3.client().head_object(Bucket="adapters", Key="units/parts/small.bin")["ETag"]
+
+    missing = S3Storage(OutputSpec(bucket="no-such-bucket", endpointUrl=s3.endpoint, addressingStyle="path"),
+                        transfer=transfer)
+    with pytest.raises(errors.TrainerFailure, match="no-such-bucket"):
+        upload_files(missing, S3Uri.parse("s3://no-such-bucket/units/parts"), files)
+
+
 def test_only_complete_and_intact_checkpoints_are_resumed(s3, tmp_path, monkeypatch):  # noqa: F811
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)

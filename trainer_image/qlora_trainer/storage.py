@@ -5,6 +5,7 @@ datasets. Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_A
 AWS_SESSION_TOKEN, which the pod gets from the Secret) or boto3's other ambient sources.
 """
 
+import copy
 import logging
 import os
 import shutil
@@ -56,6 +57,30 @@ OUTAGE_MAX_WAIT_SECONDS = 30.0
 MiB = 1024 * 1024
 # Parts of 64 MiB: a 1.5B model's merged export (~3 GB) is ~50 parts, far under S3's 10,000.
 TRANSFER = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB, max_concurrency=8)
+
+
+MIN_UPLOAD_PART = 8 * MiB  # boto3's own default part size; S3 refuses parts under 5 MiB but the last
+
+
+def upload_transfer(transfer: TransferConfig, size: int) -> TransferConfig:
+    """`transfer` for uploading a file of `size` bytes, with parts small enough that all of
+    `max_concurrency` are in flight: size / max_concurrency, rounded up to a MiB, at least
+    MIN_UPLOAD_PART (or the configured part if smaller), at most the configured part. An 84 MB
+    adapter in fixed 64 MiB parts went up as one 64 MiB part beside one of 16 MiB, so one request
+    carried most of it (the 8B row's publish phase, 1.57x its floor on the H200): on a 2-core
+    build machine 0.84-1.0 s to moto, 0.73-0.78 s in these parts; on MinIO 0.27-0.40 s against
+    0.22-0.24 s (benchmarks/publish_timing.py and NOTES.md, session 11). The threshold stays: a
+    file below it is one PUT, as before. A 3 GB merged export keeps its 64 MiB parts."""
+    if size < transfer.multipart_threshold:
+        return transfer
+    floor = min(MIN_UPLOAD_PART, transfer.multipart_chunksize)
+    part = -(-size // max(1, transfer.max_request_concurrency) // MiB) * MiB
+    part = min(transfer.multipart_chunksize, max(floor, part))
+    if part == transfer.multipart_chunksize:
+        return transfer
+    sized = copy.copy(transfer)  # every other setting as configured
+    sized.multipart_chunksize = part
+    return sized
 
 
 @dataclass(frozen=True)
@@ -170,8 +195,10 @@ class S3Storage:
 
     # -- writes -----------------------------------------------------------------------------------
     def upload_file(self, path: Path, uri: S3Uri) -> None:
-        """Upload one file; multipart above the threshold, retried as a whole on transient failure."""
-        self._call(uri, "upload", lambda: self.client.upload_file(str(path), uri.bucket, uri.key, Config=self.transfer))
+        """Upload one file; multipart above the threshold (in parts sized by upload_transfer), retried
+        as a whole on transient failure."""
+        transfer = upload_transfer(self.transfer, path.stat().st_size)
+        self._call(uri, "upload", lambda: self.client.upload_file(str(path), uri.bucket, uri.key, Config=transfer))
 
     def put_bytes(self, data: bytes, uri: S3Uri, content_type: str = "application/json") -> None:
         self._call(uri, "write", lambda: self.client.put_object(
