@@ -262,6 +262,9 @@ def run_lora(N, H, r, n, p, seed, splits=None):
     check("lora_a_backward.dtype", case, gA.dtype == torch.float32, str(gA.dtype))
     record("lora_a_backward", case, gA, exp_gA)
     record("lora_a_backward.vs_fused_ops", case, gA, F.lora_a_backward(ref(ga), ref(x), seed, p, n))
+    into = torch.full_like(gA, float("nan"))  # a graphed layer's source buffer: overwritten, not added to
+    T.lora_a_backward(ga, x, seed, p, n, out=into, **kw)
+    record("lora_a_backward.out", case, into, exp_gA)
     gx = gx0.clone()
     T.lora_x_backward_(gx, ga, A, seed, p, n)
     record("lora_x_backward_", case, gx, exp_gx)
@@ -282,6 +285,29 @@ def run_lora_a_configs(N, H, r, n, p, seed, splits=None):
                    dict(all_n=True, block_m=128, block_k=128, num_stages=2), dict(transposed=True, programs_per_sm=8)):
         cfg = T.LoraAConfig(**fields)
         record("lora_a.config", f"{case} {fields}", T.lora_a(x, A, seed, p, n, splits=splits, config=cfg), exp_a)
+
+
+def run_grads_accumulate(sizes_a, rows_b, rank):
+    """A graphed layer's LoRA gradient accumulation: acc[:nA] += gA, acc[nA:] += float(gB) * the
+    row's scale, bit for bit the torch reference (the cast, the scaling, the add it replaces)."""
+    case = f"nA={sum(sizes_a)} rows={rows_b} r={rank}"
+    n_a, n_b = sum(sizes_a), sum(rows_b) * rank
+    acc = torch.randn(n_a + n_b).to(DEV)
+    src_a = torch.randn(n_a).to(DEV)
+    src_b = torch.randn(n_b).to(DEV, torch.bfloat16)  # read and widened: exact in the interpreter too
+    scale = torch.cat([torch.full((r,), s) for r, s in zip(rows_b, (0.7, 2.0 / 3.0, 1.1, 0.3))]).to(DEV)
+    expected = acc.cpu().clone()
+    F.lora_grads_accumulate_(expected, src_a.cpu(), src_b.cpu(), scale.cpu(), rank)
+    old = acc.cpu().clone()  # the formula of LoRASet.grads and torch._foreach_add_
+    old[:n_a].add_(src_a.cpu())
+    at = n_a
+    for r, s in zip(rows_b, (0.7, 2.0 / 3.0, 1.1, 0.3)):
+        old[at:at + r * rank].add_(src_b.cpu()[at - n_a:at - n_a + r * rank].to(torch.float32) * s)
+        at += r * rank
+    check("lora_grads_accumulate_.reference_vs_old_formula", case, torch.equal(expected, old))
+    T.lora_grads_accumulate_(acc, src_a, src_b, scale, rank)
+    check("lora_grads_accumulate_", case, torch.equal(acc.cpu(), expected),
+          f"max diff {float((acc.cpu().double() - expected.double()).abs().max())}")
 
 
 def run_sum_planes(S, shape):
@@ -428,6 +454,8 @@ run_lora_a_configs(N=70, H=104, r=16, n=2, p=0.3, seed=6)
 run_lora_a_configs(N=150, H=296, r=24, n=3, p=0.3, seed=7, splits=3)
 run_lora_a_configs(N=37, H=96, r=8, n=4, p=0.3, seed=8)  # all_n takes n <= 3: one projection a program
 run_sum_planes(S=3, shape=(37, 48))
+run_grads_accumulate(sizes_a=(3 * 4 * 32, 4 * 32), rows_b=(32, 16, 16, 32), rank=4)
+run_grads_accumulate(sizes_a=(5000,), rows_b=(700, 300, 20, 1), rank=16)  # several programs, a partial last one
 run_sum_planes(S=7, shape=(600, 40))  # more than one program of 1,024 elements
 run_lora(N=150, H=296, r=8, n=2, p=0.9, seed=2**45 + 3)
 run_cross_entropy(C=6, V=5000, scale=0.25)

@@ -41,6 +41,7 @@ import os
 
 import torch
 
+from . import fused_ops as ops
 from .fused_layer import (
     _count_optimizer_steps,
     graph_program,
@@ -66,6 +67,49 @@ class _Program:
             self.fn()
 
 
+class LayerGrads:
+    """One graphed layer's LoRA gradients as views of one flat fp32 buffer ([all A gradients | all
+    B gradients], each parameter's .grad an ordinary view of it), and their sources: gA written
+    there by lora_a_backward, each projection's gB GEMM writing its compute-dtype output into one
+    flat buffer. `accumulate` adds them in one kernel per layer instead of a cast and a scaling per
+    projection and a multi-tensor add per layer (448 + 448 + 64 kernels an 8B step, ~3.2 ms:
+    benchmarks/results/speed_small_kernels_8b_session11_h200.md), with the same bits. Only for
+    fp32 LoRA factors (anything else keeps LoRASet.grads' list and torch._foreach_add_)."""
+
+    def __init__(self, sets, dtype: torch.dtype, device):
+        params = [p for s in sets for p in s.params()]
+        self.rank = sets[0].rank
+        n_a = sum(p.numel() for p in params[0::2])
+        n_b = sum(p.numel() for p in params[1::2])
+        self.acc = torch.zeros(n_a + n_b, dtype=torch.float32, device=device)
+        self.src_a = torch.zeros(n_a, dtype=torch.float32, device=device)
+        self.src_b = torch.zeros(n_b, dtype=dtype, device=device)
+        scales, grads, a_at, b_at = [], {}, 0, 0
+        for s in sets:
+            ps = s.params()
+            a_len = sum(p.numel() for p in ps[0::2])
+            b_views = []
+            for a, b, scale in zip(ps[0::2], ps[1::2], s.scales()):
+                grads[id(a)] = self.acc[a_at:a_at + a.numel()].view(a.shape)
+                grads[id(b)] = self.acc[n_a + b_at:n_a + b_at + b.numel()].view(b.shape)
+                b_views.append(self.src_b[b_at:b_at + b.numel()].view(b.shape))
+                scales.append(torch.full((b.shape[0],), scale, dtype=torch.float32))  # rounded as a scalar factor
+                a_at += a.numel()
+                b_at += b.numel()
+            s.sink = (self.src_a[a_at - a_len:a_at].view(s.rank * len(s.modules), ps[0].shape[1]), b_views)
+        self.row_scale = torch.cat(scales).to(device)
+        self.grads = [grads[id(p)] for p in params]
+
+    @staticmethod
+    def fits(sets) -> bool:
+        params = [p for s in sets for p in s.params()]
+        return all(p.dtype == torch.float32 for p in params) and all(
+            p.shape[1] == s.rank for s in sets for p in s.params()[1::2])
+
+    def accumulate(self) -> None:
+        ops.lora_grads_accumulate_(self.acc, self.src_a, self.src_b, self.row_scale, self.rank)
+
+
 class _LayerState:
     """The static buffers and programs of one graphed layer."""
 
@@ -78,6 +122,7 @@ class _LayerState:
         self.saved = None  # what the forward keeps for backward (ASides: the backward recomputes)
         self.forward: _Program | None = None
         self.backward: _Program | None = None
+        self.lora_grads: LayerGrads | None = None
 
 
 class _GraphedLayer(torch.autograd.Function):
@@ -140,7 +185,14 @@ class LayerGraphs:
         self.grad_io_c = [torch.zeros(n, h, dtype=compute, device=x.device) for _ in range(2)] \
             if x.dtype != compute else [None, None]
         self.params = [p for st in states for p in st.params]
-        self.grads = [torch.zeros_like(p) for p in self.params]
+        self.grads = []
+        for st in states:
+            sets = lora_sets(st.layer)
+            if LayerGrads.fits(sets) and [id(p) for s in sets for p in s.params()] == [id(p) for p in st.params]:
+                st.lora_grads = LayerGrads(sets, layers[0]._qlora_o.dtype, x.device)
+                self.grads += st.lora_grads.grads
+            else:
+                self.grads += [torch.zeros_like(p) for p in st.params]
         self._give_grads()
         self.lora_sets = [s for st in states for s in lora_sets(st.layer)]
         for s in self.lora_sets:
@@ -185,7 +237,10 @@ class LayerGraphs:
                                            out=g_out, gzc=gc_in, out_c=gc_out)
                 if gx.data_ptr() != g_out.data_ptr():
                     g_out.copy_(gx)
-                torch._foreach_add_([p.grad for p in st.params], grads)
+                if st.lora_grads is not None:  # grads is empty: the sources are in the sink
+                    st.lora_grads.accumulate()
+                else:
+                    torch._foreach_add_([p.grad for p in st.params], grads)
         return run
 
     def _capture(self, states) -> None:

@@ -160,6 +160,10 @@ class LoRASet:
         self._key = None
         self._A = self._B = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+        # A graphed layer's gradient sources (cuda_graphs.LayerGrads): inside its programs, gA is
+        # written into sink[0] and each projection's gB GEMM into sink[1][j], which one kernel per
+        # layer then adds, scaled, into the flat .grad buffer.
+        self.sink: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         _count_optimizer_steps()  # the hook is in place before the first step
 
     def params(self) -> list[torch.Tensor]:
@@ -213,12 +217,26 @@ class LoRASet:
                 torch.mul(b, scale, out=B[row:row + b.shape[0], j * self.rank:(j + 1) * self.rank])
                 row += b.shape[0]
 
+    def grad_a_out(self) -> torch.Tensor | None:
+        """Where lora_a_backward writes gA: the graphed layer's source buffer, or None (fresh)."""
+        return self.sink[0] if self.sink is not None and _IN_GRAPH[0] else None
+
     def grads(self, gy: torch.Tensor, a: torch.Tensor, gA: torch.Tensor, rows: list[int],
               params) -> list[torch.Tensor]:
         """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes. (The cast and the scaling of gB
         as one mixed-dtype multiplication took as long on the H200 as the two kernels:
-        benchmarks/results/speed_small_kernels_8b_session11_h200.md.)"""
-        out, r, start = [], self.rank, 0
+        benchmarks/results/speed_small_kernels_8b_session11_h200.md.) Inside a graphed layer's
+        program with a sink: [] (gA is already in the sink; each gB GEMM writes its compute-dtype
+        output there; LayerGrads.accumulate casts, scales and adds them all in one kernel)."""
+        r, start = self.rank, 0
+        if self.sink is not None and _IN_GRAPH[0]:
+            if gA.data_ptr() != self.sink[0].data_ptr():
+                raise RuntimeError("LoRASet.grads: gA was not written into the graphed layer's sink")
+            for j, n_out in enumerate(rows):
+                torch.mm(gy[:, start:start + n_out].t(), a[:, j * r:(j + 1) * r], out=self.sink[1][j])
+                start += n_out
+            return []
+        out = []
         for j, (s, n_out) in enumerate(zip(self.scales(), rows)):
             gB = (gy[:, start:start + n_out].t() @ a[:, j * r:(j + 1) * r]).to(gA.dtype) * s
             out += [gA[j * r:(j + 1) * r].to(params[2 * j].dtype), gB.to(params[2 * j + 1].dtype)]
@@ -348,7 +366,7 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     gao = gyc @ Bo
     go = gyc @ Wo.get()
     ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1)
-    gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1)
+    gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1, out=o_lora.grad_a_out())
     o_grads = o_lora.grads(gyc, ao, gAo, [gy.shape[1]], lora_params[6:])
     del gyc
     # attention, then RoPE backward on the q|k part of the gradient buffer
@@ -362,7 +380,7 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     gh = gqkv @ W.get()
     ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3)
     h, _ = ops.rms_norm(x, norm_w, shape.eps, W.dtype)
-    gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3)
+    gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3, out=qkv_lora.grad_a_out())
     del h
     qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
     gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out, compute_out=gx_compute)
@@ -432,7 +450,7 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
     gad = gyc @ Bd
     gm = gyc @ Wd.get()
     ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
-    gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1)
+    gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1, out=d_lora.grad_a_out())
     d_grads = d_lora.grads(gyc, ad, gAd, [gy.shape[1]], lora_params[4:])
     del gyc
     del m
@@ -442,7 +460,7 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
     gh = ggu @ Wgu.get()
     ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2)
     h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps, Wgu.dtype)
-    gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2)
+    gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2, out=gu_lora.grad_a_out())
     del h
     gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
     gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, compute_out=gx_compute)
@@ -564,7 +582,8 @@ def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool, a_sides: ASides |
 
 
 def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz, out=None, gzc=None, out_c=None):
-    """(gx, the 14 LoRA gradients) of layer_forward; `saved` None or ASides recomputes the layer
+    """(gx, the 14 LoRA gradients) of layer_forward (none inside a graphed layer's program whose LoRA
+    sets have sinks: cuda_graphs.LayerGrads adds them); `saved` None or ASides recomputes the layer
     first (reusing the A sides it holds); gx written into `out` when given (a graphed layer's
     gradient buffer: no copy per layer). An fp32 stream's gradient is needed in the compute dtype
     by each block's GEMMs: each block's norm backward writes that copy too (the next block's,

@@ -240,15 +240,34 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> tor
     return torch.cat([_masked(x, seed, j, p) @ A[j * r:(j + 1) * r].t() for j in range(n)], dim=-1)
 
 
-def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: int) -> torch.Tensor:
-    """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j)."""
+def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j);
+    written into `out` (contiguous fp32) when given (a graphed layer's gradient sources)."""
     if p == 0:
-        return (ga.t() @ x).to(_acc(x))
+        g = (ga.t() @ x).to(_acc(x))
+        return g if out is None else out.copy_(g)
     k = _masked_kernel(x, "lora_a_backward", x.shape[1])
     if k is not None:
-        return k(ga, x, seed, p, n)
+        return k(ga, x, seed, p, n, out=out)
     r = ga.shape[1] // n
-    return torch.cat([(ga[:, j * r:(j + 1) * r].t() @ _masked(x, seed, j, p)).to(_acc(x)) for j in range(n)], dim=0)
+    parts = [(ga[:, j * r:(j + 1) * r].t() @ _masked(x, seed, j, p)).to(_acc(x)) for j in range(n)]
+    return torch.cat(parts, dim=0) if out is None else torch.cat(parts, dim=0, out=out)
+
+
+def lora_grads_accumulate_(acc: torch.Tensor, src_a: torch.Tensor, src_b: torch.Tensor,
+                           row_scale: torch.Tensor, rank: int) -> None:
+    """In place, one pass over a graphed layer's LoRA gradients (acc fp32 [nA + nB]: the A
+    gradients, then the B gradients): acc[:nA] += src_a (fp32), and acc[nA:] += float(src_b) *
+    row_scale[row] (src_b the compute-dtype gB GEMM outputs, rows of `rank` values): the very bits
+    of the cast, the scaling and torch._foreach_add_ it replaces (LoRASet.grads), in one launch."""
+    k = _kernel(acc, "lora_grads_accumulate_")
+    if k is not None:
+        k(acc, src_a, src_b, row_scale, rank)
+        return
+    n_a = src_a.numel()
+    acc[:n_a].add_(src_a)
+    acc[n_a:].view(-1, rank).add_(src_b.view(-1, rank).to(acc.dtype) * row_scale[:, None])
 
 
 def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> None:

@@ -834,7 +834,7 @@ def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_
 
 
 def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: int, *,
-                    splits: int | None = None) -> torch.Tensor:
+                    splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j).
 
     The token dimension is cut into `splits` ranges (default: enough for about 4 programs per SM)
@@ -844,7 +844,13 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     N, H = x.shape
     r = _lora_shapes("lora_a_backward", x, ga.shape[1], n)
     seed = _check_dropout(seed, p, n, N, H, x.device)
-    out = torch.zeros((n * r, H), dtype=torch.float32, device=x.device)
+    if out is None:
+        out = torch.zeros((n * r, H), dtype=torch.float32, device=x.device)
+    else:  # the partial sums meet there by atomic adds: it starts from zero, as the fresh buffer
+        if not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == (n * r, H)):
+            raise ValueError(f"lora_a_backward: out must be contiguous fp32 {(n * r, H)}, got {out.dtype} "
+                             f"{tuple(out.shape)}")
+        out.zero_()
     if N == 0 or H == 0:
         return out
     block_n, block_h, block_r = 64, 64, _block_r(r)
@@ -861,6 +867,40 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
                                       BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_R=block_r,
                                       IEEE=x.dtype == torch.float32, num_warps=4, num_stages=3)
     return out
+
+
+@triton.jit
+def _lora_grads_accumulate_kernel(acc_ptr, a_ptr, b_ptr, scale_ptr, n_a, n, rank, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < n
+    is_a = i < n_a
+    is_b = inside & (i >= n_a)
+    acc = tl.load(acc_ptr + i, mask=inside, other=0.0)
+    ga = tl.load(a_ptr + i, mask=is_a, other=0.0)
+    jb = tl.where(is_b, i - n_a, 0)
+    gb = tl.load(b_ptr + jb, mask=is_b, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + jb // rank, mask=is_b, other=0.0)
+    g = tl.where(is_a, ga, gb * s)  # rounded to fp32 before the add (no FMA: enable_fp_fusion=False)
+    tl.store(acc_ptr + i, acc + g, mask=inside)
+
+
+def lora_grads_accumulate_(acc: torch.Tensor, src_a: torch.Tensor, src_b: torch.Tensor,
+                           row_scale: torch.Tensor, rank: int) -> None:
+    """fused_ops.lora_grads_accumulate_ in one launch: acc[:nA] += src_a, acc[nA:] += float(src_b)
+    * row_scale[row], with the multiplication rounded on its own (the cast, the scaling and the
+    multi-tensor add it replaces, bit for bit)."""
+    n_a, n = src_a.numel(), acc.numel()
+    if not (acc.dtype == src_a.dtype == row_scale.dtype == torch.float32 and n == n_a + src_b.numel()
+            and src_b.numel() == row_scale.numel() * rank
+            and all(t.is_contiguous() for t in (acc, src_a, src_b, row_scale))):
+        raise ValueError("lora_grads_accumulate_: contiguous fp32 acc [nA + nB], src_a [nA] fp32, src_b [nB], "
+                         f"row_scale [nB / rank] fp32; got {acc.shape} {src_a.shape} {src_b.shape} {row_scale.shape}")
+    if n == 0:
+        return
+    block = 2048
+    with _device_of(acc):
+        _lora_grads_accumulate_kernel[(triton.cdiv(n, block),)](acc, src_a, src_b, row_scale, n_a, n, rank,
+                                                                 BLOCK=block, num_warps=8, enable_fp_fusion=False)
 
 
 @triton.jit(do_not_specialize=['N'])
