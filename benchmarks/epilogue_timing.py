@@ -6,7 +6,7 @@ place, and SwiGLU's output; ~113 us a call, 2.6 TB/s), each in several tilings
 micro-batches, Qwen2.5-1.5B at 16,384.
 
 Each case is 20 calls captured as one CUDA graph and timed by CUDA events over a replay (the least
-of 3), so the host's launch cost is not counted. GB/s counts the bytes a call must move (q|k|v or
+of 3; lora_a_timing's measurement), so the host's launch cost is not counted. GB/s counts the bytes a call must move (q|k|v or
 gate|up read and written, SwiGLU's output written, the fp32 cos and sin tables read once), against
 a device-to-device copy of as many bytes. Every variant's output is compared with the default
 tiling's on the same inputs (max abs difference: the same fp32 arithmetic, only the tensor-core
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer_image"))
 
-RANK, CALLS = 16, 20
+RANK = 16
 # model: (heads, kv_heads, head_dim, intermediate, tokens per micro-batch, calls per step of each kernel)
 SHAPES = {"8b": (32, 8, 128, 14336, 2048, 32 * 2), "7b": (28, 4, 128, 18944, 2048, 28 * 2),
           "1.5b": (12, 2, 128, 8960, 16384, 28 * 1)}
@@ -56,33 +56,12 @@ SWIGLU_VARIANTS = {
 
 
 def timed(fn, cuda: bool) -> float:
-    """Seconds per call: the least of 3 replays of CALLS calls in one CUDA graph (one call on the CPU)."""
-    import time
-
+    """Seconds per call: lora_a_timing's measurement (its 20 calls in one CUDA graph, the least of 3
+    replays; one call on the CPU)."""
     import torch
+    from lora_a_timing import _time_us
 
-    if not cuda:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile and warm outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    best = float("inf")
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3 / CALLS)
-    return best
+    return _time_us(torch, fn, "cuda" if cuda else "cpu") / 1e6
 
 
 def run_model(name: str, dims, cuda: bool) -> list[dict]:

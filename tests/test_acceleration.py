@@ -757,25 +757,23 @@ def test_graph_programs_write_the_chained_buffers_without_a_copy(monkeypatch, re
     assert graphs.grad_io[0].abs().sum() > 0 and graphs.grad_io[1].abs().sum() > 0
 
 
-def test_graphed_backward_adds_a_layers_lora_gradients_in_one_pass_with_the_same_bits(monkeypatch):
-    """Each graphed layer's 14 LoRA gradients are views of one flat .grad buffer; its backward program
-    writes the gB GEMMs and gA into source buffers and adds them, gB cast and scaled, in one pass
-    (one kernel on the GPU) instead of a cast and a multiplication per projection and a multi-tensor
-    add (448 + 448 + 64 kernels, ~3.2 ms an 8B step). The gradients are the eager layers' (the
-    cast, the scaling by a factor that is not a power of two, the add), bit for bit, over two
-    accumulated micro-steps."""
-    from qlora_trainer.acceleration import apply_acceleration
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+def _eager_and_emulated_graphs(monkeypatch, apply_acceleration, make=None, after=None) -> dict:
+    """The same tiny fused model twice: eager fused layers ("0") and the CUDA graph programs run
+    eagerly on the CPU ("emulate"); `make` builds the model, `after` adjusts it once accelerated."""
     models = {}
     for mode in ("0", "emulate"):
         monkeypatch.setenv("QLORA_CUDA_GRAPHS", mode)
-        models[mode] = _tiny_peft_model()
-        apply_acceleration(models[mode], _plan())
-        models[mode].train()
-        for layer in models[mode].get_base_model().model.layers:
-            for m in layer._qlora_all_lora:
-                m._qlora_proj.scaling = 0.7  # rounds when stored as fp32, unlike peft's 2.0
+        model = (make or _tiny_peft_model)()
+        apply_acceleration(model, _plan())
+        model.train()
+        if after is not None:
+            after(model)
+        models[mode] = model
+    return models
+
+
+def _assert_same_accumulated_grads(models: dict) -> None:
+    """Two micro-steps accumulated in each model: the same gradients, bit for bit."""
     torch.manual_seed(3)
     batches = [torch.randint(0, 96, (2, 12)) for _ in range(2)]
     grads = {}
@@ -786,6 +784,25 @@ def test_graphed_backward_adds_a_layers_lora_gradients_in_one_pass_with_the_same
     assert grads["0"].keys() == grads["emulate"].keys()
     for n in grads["0"]:
         torch.testing.assert_close(grads["emulate"][n], grads["0"][n], rtol=0, atol=0)
+
+
+def test_graphed_backward_adds_a_layers_lora_gradients_in_one_pass_with_the_same_bits(monkeypatch):
+    """Each graphed layer's 14 LoRA gradients are views of one flat .grad buffer; its backward program
+    writes the gB GEMMs and gA into source buffers and adds them, gB cast and scaled, in one pass
+    (one kernel on the GPU) instead of a cast and a multiplication per projection and a multi-tensor
+    add (448 + 448 + 64 kernels, ~3.2 ms an 8B step). The gradients are the eager layers' (the
+    cast, the scaling by a factor that is not a power of two, the add), bit for bit, over two
+    accumulated micro-steps."""
+    from qlora_trainer.acceleration import apply_acceleration
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def scale_07(model):
+        for layer in model.get_base_model().model.layers:
+            for m in layer._qlora_all_lora:
+                m._qlora_proj.scaling = 0.7  # rounds when stored as fp32, unlike peft's 2.0
+
+    models = _eager_and_emulated_graphs(monkeypatch, apply_acceleration, after=scale_07)
+    _assert_same_accumulated_grads(models)
     layers = models["emulate"].get_base_model().model.layers
     graphs = layers[0]._qlora_graphs
     st = graphs.states[id(layers[0])]
@@ -823,21 +840,9 @@ def test_graphed_backward_reads_the_gradients_compute_copy_on_an_fp32_stream(mon
     from qlora_trainer.acceleration import apply_acceleration
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    models = {}
-    for mode in ("0", "emulate"):
-        monkeypatch.setenv("QLORA_CUDA_GRAPHS", mode)
-        models[mode] = _tiny_peft_model().to(torch.bfloat16)
-        apply_acceleration(models[mode], _plan())
-        models[mode].train()
-    torch.manual_seed(3)
-    batches = [torch.randint(0, 96, (2, 12)) for _ in range(2)]
-    grads = {}
-    for mode, model in models.items():
-        for ids in batches:
-            model(input_ids=ids, labels=ids).loss.backward()
-        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    for n in grads["0"]:
-        torch.testing.assert_close(grads["emulate"][n], grads["0"][n], rtol=0, atol=0)
+    models = _eager_and_emulated_graphs(monkeypatch, apply_acceleration,
+                                        make=lambda: _tiny_peft_model().to(torch.bfloat16))
+    _assert_same_accumulated_grads(models)
     layers = models["emulate"].get_base_model().model.layers
     graphs = layers[0]._qlora_graphs
     assert layers[0]._qlora_residual == torch.float32 and graphs.grad_io[0].dtype == torch.float32
