@@ -67,10 +67,10 @@ def upload_transfer(transfer: TransferConfig, size: int) -> TransferConfig:
     `max_concurrency` are in flight: size / max_concurrency, rounded up to a MiB, at least
     MIN_UPLOAD_PART (or the configured part if smaller), at most the configured part. An 84 MB
     adapter in fixed 64 MiB parts went up as one 64 MiB part beside one of 16 MiB, so one request
-    carried most of it (the 8B row's publish phase, 1.57x its floor on the H200): on a 2-core
-    build machine 0.84-1.0 s to moto, 0.73-0.78 s in these parts; on MinIO 0.27-0.40 s against
-    0.22-0.24 s (benchmarks/publish_timing.py and NOTES.md, session 11). The threshold stays: a
-    file below it is one PUT, as before. A 3 GB merged export keeps its 64 MiB parts."""
+    carried most of it: the 8B row's publish phase took 1.03 s on the H200 machine, 0.59 s in these
+    parts (benchmarks/results/trainer_cli_speed_h200.md, session 11; benchmarks/publish_timing.py
+    times the steps). The threshold stays: a file below it is one PUT, as before. A 3 GB merged
+    export keeps its 64 MiB parts."""
     if size < transfer.multipart_threshold:
         return transfer
     floor = min(MIN_UPLOAD_PART, transfer.multipart_chunksize)

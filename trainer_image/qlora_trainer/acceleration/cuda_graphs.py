@@ -10,9 +10,10 @@ shapes, packed records whose boundaries change from batch to batch, offloaded la
 The layers are chained through static buffers, so graphing costs almost no memory of its own:
 - layer i's forward graph reads its input buffer and writes straight into layer i+1's input
   buffer (its last kernel, the MLP's residual add, writes there: no copy of the residual stream
-  per layer, 2 x 32 layers of 32 MB a 2-micro-step 8B step); that buffer is also the checkpoint a recomputing layer keeps (with only its seeds and
-  its LoRA A-side products, fused_layer.ASides, which stay in the graphs' pool and are rewritten
-  by every forward replay), and what a non-recomputing layer's saved activations refer to;
+  per layer, 2 x 32 layers of 32 MB a 2-micro-step 8B step); that buffer is also the checkpoint
+  a recomputing layer keeps (with only its seeds and its LoRA A-side products,
+  fused_layer.ASides, which stay in the graphs' pool and are rewritten by every forward replay),
+  and what a non-recomputing layer's saved activations refer to;
 - backward graphs pass the gradient through two buffers shared by all layers (ping-pong), their
   last kernel (the input norm's backward) writing straight into the buffer and, with an fp32
   stream, into its compute-dtype twin, which the next layer's GEMMs read (no cast per block);

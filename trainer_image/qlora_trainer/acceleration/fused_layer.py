@@ -257,8 +257,8 @@ class AttentionShape:
 
 
 def _project_and_add(x, inp, w, a, B, out=None):
-    """x + (inp @ w.T + a @ B.T), in this order (into `out` when given). The adapter's product joins the projection's output
-    before the residual stream: added to the residual sum after it was rounded to bf16, a young
+    """x + (inp @ w.T + a @ B.T), in this order (into `out` when given). The adapter's product
+    joins the projection's output before the residual stream: added to the residual sum after it was rounded to bf16, a young
     adapter's contribution (smaller than half a bf16 step of the residual stream) rounded away to
     exactly nothing, and the fused path learned measurably slower than the plain recipe at the
     Llama-3-8B shape (benchmarks/results/lora_grad_parity_h200.md). With an fp32 residual stream
