@@ -190,7 +190,7 @@ class LayerGraphs:
         for st in states:
             sets = lora_sets(st.layer)
             if LayerGrads.fits(sets) and [id(p) for s in sets for p in s.params()] == [id(p) for p in st.params]:
-                st.lora_grads = LayerGrads(sets, layers[0]._qlora_o.dtype, x.device)
+                st.lora_grads = LayerGrads(sets, compute, x.device)
                 self.grads += st.lora_grads.grads
             else:
                 self.grads += [torch.zeros_like(p) for p in st.params]

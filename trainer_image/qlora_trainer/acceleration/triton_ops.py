@@ -402,13 +402,14 @@ def _lora_rope_kernel(qkv_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, N, W, R, heads, r
     b_in = r_in[:, None] & d_in[None, :]
     for i in tl.static_range(HEADS):
         head = tl.program_id(1) * HEADS + i
-        here = inside & ((d * 0 + head) < heads)[None, :]
+        head_in = ((d * 0 + head) < heads)[None, :]  # the last program's heads may run past the end
+        here = inside & head_in
         c1 = head * 2 * HALF + d
         ptrs = qkv_ptr + rows64[:, None] * W + c1[None, :]
         x1 = tl.load(ptrs, mask=here, other=0.0).to(tl.float32)
         x2 = tl.load(ptrs + HALF, mask=here, other=0.0).to(tl.float32)
         b_ptrs = b_ptr + c1.to(tl.int64)[None, :] * R + rr[:, None]  # B^T tile [R, D]
-        b_here = b_in & ((d * 0 + head) < heads)[None, :]
+        b_here = b_in & head_in
         x1 = _dot(at, tl.load(b_ptrs, mask=b_here, other=0.0), x1, IEEE)
         x2 = _dot(at, tl.load(b_ptrs + HALF * R, mask=b_here, other=0.0), x2, IEEE)
         # v heads (head >= rope_heads) take cos 1 and sin 0: the rotation is then exactly the identity.
