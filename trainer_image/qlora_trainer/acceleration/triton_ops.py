@@ -674,8 +674,8 @@ def _lora_a_store(out_ptr, acc, split, N, n, r, j, rows, row_in, rr, r_in, TRANS
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & r_in[None, :])
 
 
-@triton.jit(do_not_specialize=['N', 'n_mblocks', 'k_per_split'])
-def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, k_per_split, seed_ptr, p,
+@triton.jit(do_not_specialize=['N', 'n_mblocks', 'kblocks_per_split'])
+def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, kblocks_per_split, seed_ptr, p,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
                    NPROJ: tl.constexpr, TRANSPOSED: tl.constexpr):
     seed = tl.load(seed_ptr)
@@ -699,8 +699,11 @@ def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, k_per_split, se
         acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     acc1 = acc0
     acc2 = acc0
-    k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, H)
+    # The split's first column as a multiple of the constexpr BLOCK_K, so the compiler knows every
+    # x tile starts 16-byte aligned and loads it in 16-byte vectors (cp.async). Passed as a column
+    # count, its alignment was unknown and each element took its own 2-byte load (session 12).
+    k_start = split * kblocks_per_split * BLOCK_K
+    k_end = tl.minimum(k_start + kblocks_per_split * BLOCK_K, H)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_in = cols < k_end
@@ -792,12 +795,12 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
     if splits is None:
         splits = triton.cdiv(cfg.programs_per_sm * _num_sms(x.device), (n // nproj) * n_mblocks)
     splits = max(1, min(int(splits), triton.cdiv(k_blocks, 2)))  # at least 2 K steps per split
-    k_per_split = triton.cdiv(k_blocks, splits) * block_k
-    splits = triton.cdiv(H, k_per_split)
+    kblocks_per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, kblocks_per_split)
     out = _empty((splits, N, n * r), torch.float32, x.device)  # fp32 partial sums (one kernel variant)
     grid = ((n // nproj) * n_mblocks * splits,)
     with _device_of(x):
-        _lora_a_kernel[grid](x, A, out, N, H, r, n, n_mblocks, k_per_split, seed, float(p), BLOCK_M=block_m,
+        _lora_a_kernel[grid](x, A, out, N, H, r, n, n_mblocks, kblocks_per_split, seed, float(p), BLOCK_M=block_m,
                              BLOCK_K=block_k, BLOCK_R=block_r, IEEE=x.dtype == torch.float32, NPROJ=nproj,
                              TRANSPOSED=cfg.transposed, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
