@@ -831,6 +831,65 @@ def test_graphed_backward_adds_a_layers_lora_gradients_in_one_pass_with_the_same
     assert [op for op in writes.ops if not op.startswith(("slice", "view", "_reshape"))] == ["add_.Tensor", "add_.Tensor"]
 
 
+_DRAWS = {"random_", "randint", "rand", "randn", "randperm", "bernoulli", "bernoulli_", "normal", "normal_",
+          "uniform_", "multinomial", "exponential_"}
+
+
+def test_dropout_seeds_are_drawn_once_per_micro_step_outside_the_graphs_as_eager_draws_them(monkeypatch):
+    """Every fused layer's dropout seeds for a micro-step are drawn in one kernel before the first
+    layer, by the eager and the graphed path alike, and the graphed layers read them from a static
+    buffer: their forward programs draw no random numbers (inside a CUDA graph that made torch write
+    the graph's generator seed and offset with two eager kernels before every replay, ~1.1 ms of GPU
+    idle an 8B step). With dropout, the graphed layers' losses and gradients are the eager layers',
+    bit for bit, from the same generator state."""
+    from qlora_trainer.acceleration import apply_acceleration
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    models = {}
+    for mode in ("0", "emulate"):
+        monkeypatch.setenv("QLORA_CUDA_GRAPHS", mode)
+        models[mode] = _tiny_peft_model(dropout=0.1)
+        apply_acceleration(models[mode], _plan())
+        models[mode].train()
+    batches = [torch.randint(0, 96, (2, 12)) for _ in range(2)]
+    results = {}
+    for mode, model in models.items():
+        torch.manual_seed(11)
+        losses = []
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+        results[mode] = torch.stack(losses), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                        if p.requires_grad}
+    torch.testing.assert_close(results["emulate"][0], results["0"][0], rtol=0, atol=0)
+    for n in results["0"][1]:
+        torch.testing.assert_close(results["emulate"][1][n], results["0"][1][n], rtol=0, atol=0)
+    layers = models["emulate"].get_base_model().model.layers
+    graphs = layers[0]._qlora_graphs
+    states = [graphs.states[id(layer)] for layer in layers]
+    assert [st.seeds.data_ptr() for st in states] == [graphs.static_seeds[i].data_ptr() for i in range(2)]
+
+    class Draws(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # the default generator's draws (the CPU masks use a generator of their own)
+            if func.__name__.split(".")[0] in _DRAWS and (kwargs or {}).get("generator") is None:
+                self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Draws() as draws:
+        for st in states:
+            st.forward.replay()
+    assert draws.ops == []
+    with Draws() as draws:  # one micro-step through the model: one draw for both layers
+        models["emulate"](input_ids=batches[0], labels=batches[0])
+    assert draws.ops == ["randint.low"]
+
+
 def test_graphed_backward_reads_the_gradients_compute_copy_on_an_fp32_stream(monkeypatch):
     """A bf16 model's fused layers carry an fp32 residual stream; each block's GEMMs need its
     gradient in bf16. The norm backward that produces the gradient writes that copy too (a twin

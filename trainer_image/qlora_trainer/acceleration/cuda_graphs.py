@@ -23,9 +23,10 @@ The layers are chained through static buffers, so graphing costs almost no memor
 A recomputing layer's backward graph runs its forward again first; its temporaries are freed
 inside the capture, so the next layer's backward reuses that memory.
 
-What makes the layers capturable: no host syncs; dropout seeds drawn on the device inside the
-forward graph into a static buffer the backward graph reads (torch's graph-safe generator: every
-replay draws new masks); LoRA factors (A concatenated, B block-diagonal and scaled) read from
+What makes the layers capturable: no host syncs; dropout seeds read from a static buffer (every
+fused layer's seeds for a micro-step drawn in one eager kernel before the first layer, the same draw
+an eager micro-step makes, and copied in: no RNG inside the graphs, so torch writes no generator
+state before each replay); LoRA factors (A concatenated, B block-diagonal and scaled) read from
 static buffers, which one more graph rewrites from the live parameters before the first layer's
 forward whenever an optimizer step (or an in-place write) may have changed them: once per
 optimizer step, not in every replay of every layer (~60 small kernels per layer per micro-step);
@@ -160,6 +161,22 @@ class LayerGraphs:
         self.lora_sets: list = []
         self.refresh: _Program | None = None
         self.factor_key = None
+        self.position = {id(layer): i for i, layer in enumerate(layers)}
+        self.seed_table: torch.Tensor | None = None  # this micro-step's dropout seeds, [fused layers, 4]
+        self.static_seeds: torch.Tensor | None = None  # what the graphed layers read
+
+    def draw_seeds(self, layer, device) -> torch.Tensor:
+        """The layer's four dropout seeds for this micro-step. The first fused layer draws every
+        layer's in one kernel (the rest take their rows), whether the layers then run graphed or
+        eagerly: the graphed forwards used to draw their own inside the graph, so torch wrote the
+        graphs' RNG seed and offset with two eager kernels before every forward replay (128 small
+        launches and ~1.1 ms of GPU idle an 8B step: benchmarks/results/speed_small_kernels_8b_session11_h200.md).
+        A fresh tensor each micro-step: an eager layer's backward keeps its own rows."""
+        pos = self.position[id(layer)]
+        if pos == 0 or self.seed_table is None:
+            self.seed_table = torch.randint(1, 2**30, (len(self.layers), 4), device=device)
+        seeds = self.seed_table[pos]
+        return seeds if seeds.device == torch.device(device) else seeds.to(device)
 
     def _eligible(self):
         return [layer for layer in self.layers if not getattr(layer, "gradient_checkpointing", False)]
@@ -181,6 +198,9 @@ class LayerGraphs:
             nxt = self.layers[position[id(layer)] + 1] if position[id(layer)] + 1 < len(self.layers) else None
             out = inputs[id(nxt)] if nxt is not None and id(nxt) in inputs else new()
             states.append(_LayerState(layer, k, inputs[id(layer)], out))
+        self.static_seeds = torch.ones(len(self.layers), 4, dtype=torch.int64, device=x.device)
+        for st in states:
+            st.seeds = self.static_seeds[position[id(st.layer)]]
         self.grad_io = [new(), new()]
         compute = layers[0]._qlora_o.dtype  # an fp32 stream: each gradient buffer has its compute-dtype twin
         self.grad_io_c = [torch.zeros(n, h, dtype=compute, device=x.device) for _ in range(2)] \
@@ -221,7 +241,6 @@ class LayerGraphs:
     def _forward_fn(self, st: _LayerState):
         def run():
             with graph_program():
-                st.seeds.random_(1, 2**30)  # torch.randint's very draw, straight into the buffer
                 z, st.saved = layer_forward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.keep,
                                             out=st.x_out)
                 if z.data_ptr() != st.x_out.data_ptr():  # written in place: no 32 MB copy per layer (8B)
@@ -334,6 +353,7 @@ class LayerGraphs:
         if st is self.first:
             self.rope[0].copy_(cos)
             self.rope[1].copy_(sin)
+            self.static_seeds.copy_(self.seed_table)  # drawn by the first fused layer (draw_seeds)
             factors = self._factor_key()
             if factors != self.factor_key:  # an optimizer step (or a write) since the last refresh
                 self.refresh.replay()

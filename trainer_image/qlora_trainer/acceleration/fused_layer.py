@@ -320,8 +320,7 @@ class FusedAttentionBlock(torch.autograd.Function):
     the forward again in backward (inside the backward's CUDA graph, when the layer is graphed)."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, rope, pack, layer, *lora_params):
-        seeds = torch.randint(1, 2**30, (2,), device=x.device)  # on the device: no sync, graph-safe
+    def forward(ctx, x, norm_w, rope, pack, seeds, layer, *lora_params):
         y, saved = _attention_forward(layer, x, norm_w, *rope, pack, seeds, lora_params)
         ctx.layer, ctx.seeds, ctx.pack, ctx.rope = layer, seeds, pack, rope
         ctx.recompute = bool(getattr(layer, "_qlora_recompute", False))
@@ -338,7 +337,7 @@ class FusedAttentionBlock(torch.autograd.Function):
         lora_params = rest[:8]
         saved = ASides(rest[8:]) if ctx.recompute else (*rest[8:11], ctx.state, *rest[11:])
         gx, grads = _attention_backward(ctx.layer, x, norm_w, ctx.rope, ctx.pack, ctx.seeds, lora_params, saved, gy)
-        return (gx, None, None, None, None, *grads)
+        return (gx, None, None, None, None, None, *grads)
 
 
 def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved, gy, gx_out=None, gyc=None,
@@ -415,8 +414,7 @@ class FusedMLPBlock(torch.autograd.Function):
     """Keeps rstd, gate|up and the LoRA A sides, or (recompute) only x, the seeds and the A sides."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, layer, *lora_params):
-        seeds = torch.randint(1, 2**30, (2,), device=x.device)
+    def forward(ctx, x, norm_w, seeds, layer, *lora_params):
         y, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params)
         ctx.layer, ctx.seeds = layer, seeds
         ctx.recompute = bool(getattr(layer, "_qlora_recompute", False))
@@ -429,7 +427,7 @@ class FusedMLPBlock(torch.autograd.Function):
         lora_params = rest[:6]
         saved = ASides(rest[6:]) if ctx.recompute else tuple(rest[6:])
         gx, grads = _mlp_backward(ctx.layer, x, norm_w, ctx.seeds, lora_params, saved, gy)
-        return (gx, None, None, *grads)
+        return (gx, None, None, None, *grads)
 
 
 def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_compute=None):
@@ -542,22 +540,28 @@ def install(layer, config, dtype: torch.dtype) -> bool:
         cos, sin = _token_rope(position_embeddings, x.shape[0], shape[0])
         pack = packed_records(kwargs, position_ids, shape[0], shape[1], x.device)
         graphs = getattr(self, "_qlora_graphs", None)
+        seeds = graphs.draw_seeds(self, x.device) if graphs is not None else None
         if graphs is not None and pack[0] is _ROWS.get((shape[0], shape[1], str(x.device))):
             z = graphs(self, x, cos, sin, pack)  # fixed-length rows: static boundaries, graphs apply
             if z is not None:
                 return z.view(shape)
-        return run_fused_layer(self, x, cos, sin, pack).view(shape)
+        return run_fused_layer(self, x, cos, sin, pack, seeds).view(shape)
 
     layer._qlora_original_layer_forward = original
     layer.forward = types.MethodType(forward, layer)
     return True
 
 
-def run_fused_layer(layer, x, cos, sin, pack):
-    """One training forward of an installed layer: x [N, H] -> [N, H]."""
-    y = FusedAttentionBlock.apply(x, layer.input_layernorm.weight, (cos, sin), pack, layer,
+def run_fused_layer(layer, x, cos, sin, pack, seeds=None):
+    """One training forward of an installed layer: x [N, H] -> [N, H]. `seeds` [4] on the device:
+    the two blocks' dropout seeds (cuda_graphs.LayerGraphs.draw_seeds: every fused layer's, drawn
+    in one kernel per micro-step, the same draws whether the layer then runs graphed or eagerly);
+    drawn here when not given."""
+    if seeds is None:
+        seeds = torch.randint(1, 2**30, (4,), device=x.device)  # on the device: no sync
+    y = FusedAttentionBlock.apply(x, layer.input_layernorm.weight, (cos, sin), pack, seeds[:2], layer,
                                   *layer._qlora_qkv_lora.params(), *layer._qlora_o_lora.params())
-    return FusedMLPBlock.apply(y, layer.post_attention_layernorm.weight, layer,
+    return FusedMLPBlock.apply(y, layer.post_attention_layernorm.weight, seeds[2:], layer,
                                *layer._qlora_gate_up_lora.params(), *layer._qlora_down_lora.params())
 
 
