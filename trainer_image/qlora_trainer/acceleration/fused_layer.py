@@ -280,7 +280,7 @@ def _compute(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _keep_bits(lora, n: int, x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
     """A buffer for lora_a to write the dropout masks it draws into, packed (fused_ops.keep_bits:
-    one bit an element, ~N x 7H/8 bytes a layer with o_proj and down_proj's widths), so the two
+    one bit an element, N x 7H/8 bytes a layer with o_proj and down_proj's widths), so the two
     backward kernels read them instead of drawing them twice more (the masked A side was bound by
     its Philox arithmetic: benchmarks/NOTES.md, session 12). None where there is no mask, a width
     the masked kernels do not take, or the layer recomputes (it keeps the seeds only)."""

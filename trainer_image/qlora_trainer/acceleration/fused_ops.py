@@ -225,42 +225,33 @@ def dropout_mask(seed: int, j: int, n_rows: int, n_cols: int, p: float, device) 
     return (torch.rand(n_rows, n_cols, generator=g) >= p).to(device)
 
 
-def bit_row_bytes(width: int) -> int:
-    """Bytes a token takes in a keep-bit plane: a bit a column, rounded up to whole 8-byte words
-    (each 64-column tile's bytes one aligned word for the kernels)."""
-    return (width + 63) // 64 * 8
-
-
 def keep_bits(n: int, x: torch.Tensor) -> torch.Tensor:
-    """An empty keep-bit buffer for n masks over x [N, H] (H % 8 == 0): uint8 [n, N,
-    bit_row_bytes(H)], bit i of byte [j, t, c] holding element (t, 8c + i) of mask j (the bytes
-    past H / 8 are padding). lora_a fills it (`bits_out`) with the masks it draws; the backward ops
-    read them there (`bits`) instead of drawing them again."""
+    """An empty keep-bit buffer for n masks over x [N, H] (H % 8 == 0): uint8 [n, N, H / 8], bit
+    i of byte [j, t, c] holding element (t, 8c + i) of mask j. lora_a fills it (`bits_out`) with
+    the masks it draws; the backward ops read them there (`bits`) instead of drawing them again."""
     if not (x.shape[1] % 8 == 0):
         raise ValueError(f"keep bits need a width divisible by 8, got {x.shape[1]}")
-    return torch.empty((n, x.shape[0], bit_row_bytes(x.shape[1])), dtype=torch.uint8, device=x.device)
+    return torch.empty((n, x.shape[0], x.shape[1] // 8), dtype=torch.uint8, device=x.device)
 
 
 _BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
-    """A keep-mask [N, H] -> its plane [N, bit_row_bytes(H)] (bit i of byte c: element 8c + i;
-    zero padding)."""
+    """A keep-mask [N, H] -> its bytes [N, H / 8] (bit i of byte c: element 8c + i)."""
     bits = _BIT.to(mask.device)
-    packed = (mask.view(mask.shape[0], -1, 8).to(torch.uint8) * bits).sum(-1, dtype=torch.uint8)
-    return F.pad(packed, (0, bit_row_bytes(mask.shape[1]) - packed.shape[1]))
+    return (mask.view(mask.shape[0], -1, 8).to(torch.uint8) * bits).sum(-1, dtype=torch.uint8)
 
 
-def _unpack(plane: torch.Tensor, width: int) -> torch.Tensor:
-    """A plane [N, bit_row_bytes(width)] -> the keep-mask [N, width] it packs."""
-    bits = _BIT.to(plane.device)
-    return (plane[:, :width // 8, None] & bits).ne(0).reshape(plane.shape[0], width)
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Bytes [N, H / 8] -> the keep-mask [N, H] they pack."""
+    bits = _BIT.to(packed.device)
+    return (packed[..., None] & bits).ne(0).view(packed.shape[0], -1)
 
 
 def _mask(seed: int, j: int, p: float, x: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
     if bits is not None:
-        return _unpack(bits[j], x.shape[1])
+        return _unpack(bits[j])
     return dropout_mask(seed, j, x.shape[0], x.shape[1], p, x.device)
 
 

@@ -10,7 +10,7 @@ column): element o = token * n_cols + column takes 16-bit half (o % 2) of output
 tl.randint4x(seed * 64 + j, o // 8) (Philox4x32-7), kept when that 16-bit uniform is at least
 p * 65536; widths must be multiples of 8. The forward draws it; both backward kernels either
 draw it again (the Philox arithmetic is the masked kernels' dominant cost) or read the bits the
-forward stored, one byte per Philox call ([n, N, bit_row_bytes(H)] uint8; bit i of byte c is element 8c + i);
+forward stored, one byte per Philox call ([n, N, H/8] uint8; bit i of byte c is element 8c + i);
 `dropout_mask` materialises it (tests only). Callers guarantee n_rows * n_cols < 2**31.
 
 Token counts change from batch to batch with packed records: the kernels do not specialize on
@@ -199,27 +199,14 @@ def _keep(seed, j, rows, cols, n_cols, p):
 
 
 @triton.jit
-def _bit_tile(bits_ptr, j, N, H, rows, col0, K: tl.constexpr):
-    """Pointers [M, K/8] to the bytes of the tile rows [M] x columns [col0, col0 + K) (col0 a
-    multiple of K) in projection j's plane of the keep bits [n, N, bit_row_bytes(H)], and which of
-    them exist. A plane's rows are padded to whole 8-byte words, so each row of a 64-column tile is
-    one aligned word: the compiler moves them as vectors (and pipelines the loads), where a byte at
-    a time cost more than the draws it saved (session 12)."""
-    row_bytes = (H + 63) // 64 * 8
-    first = (col0 // K) * (K // 8)
-    byte = first + tl.arange(0, K // 8)
-    ptrs = bits_ptr + tl.cast(j, tl.int64) * N * row_bytes + rows.to(tl.int64)[:, None] * row_bytes + byte[None, :]
-    return ptrs, (rows < N)[:, None] & (byte < H // 8)[None, :]
-
-
-@triton.jit
-def _bit_load(bits_ptr, j, N, H, rows, col0, K: tl.constexpr):
-    """The [M, K/8] bytes of the tile (rows [M], columns [col0, col0 + K)) as lora_a stored them
-    (zero outside the data). The backward kernels load the next
-    tile's while they work on this one: a plain load, waited for where it is used, stalled them
-    for its whole latency every step (session 12)."""
-    ptrs, inside = _bit_tile(bits_ptr, j, N, H, rows, col0, K)
-    return tl.load(ptrs, mask=inside, other=0)
+def _keep_read(bits_ptr, j, N, rows, cols, n_cols):
+    """The keep-mask of the tile (rows [M, 1], cols [1, K]) as the forward stored it: projection
+    j's plane of the keep bits [n, N, n_cols / 8], one byte per group of eight. Rows past N read
+    nothing (dropped); columns past n_cols read the next row's bytes, which only ever mask values
+    the caller has already masked out."""
+    groups = _groups_of_eight(rows, cols, n_cols)
+    plane = bits_ptr + tl.cast(j, tl.int64) * N * (n_cols // 8)
+    return _keep_of_bits(tl.load(plane + groups, mask=groups < N * (n_cols // 8), other=0))
 
 
 @triton.jit
@@ -727,8 +714,8 @@ def _lora_shapes(name: str, x: torch.Tensor, rows_of_a: int, n: int) -> int:
 
 
 @triton.jit
-def _lora_a_step(acc, xt, a_ptr, seed, j, rows, k0, cols, col_in, rr, r_in, N, H, r, p, bits_ptr, K: tl.constexpr,
-                 IEEE: tl.constexpr, TRANSPOSED: tl.constexpr, BITS: tl.constexpr):
+def _lora_a_step(acc, xt, a_ptr, seed, j, rows, cols, col_in, rr, r_in, N, H, r, p, bits_ptr, IEEE: tl.constexpr,
+                 TRANSPOSED: tl.constexpr, BITS: tl.constexpr):
     """acc + projection j's masked x tile times its A tile: [M, R] += (x*mask) @ A_j^T, or with
     TRANSPOSED the same product transposed, [R, M] += A_j @ (x*mask)^T (A_j's tile a plain
     row-major load, and a dot 16 rows tall like lora_a_backward's). With BITS the tile's mask is
@@ -738,8 +725,9 @@ def _lora_a_step(acc, xt, a_ptr, seed, j, rows, k0, cols, col_in, rr, r_in, N, H
     r0, r1, r2, r3 = _draw(seed, j, groups)
     keep = _keep_of(r0, r1, r2, r3, p)
     if BITS:
-        ptrs, inside = _bit_tile(bits_ptr, j, N, H, rows, k0, K)
-        tl.store(ptrs, _bits_of(r0, r1, r2, r3, p), mask=inside)
+        group_cols = groups - rows[:, None] * (H // 8)
+        plane = bits_ptr + tl.cast(j, tl.int64) * N * (H // 8)
+        tl.store(plane + groups, _bits_of(r0, r1, r2, r3, p), mask=(rows < N)[:, None] & (group_cols < H // 8))
     xm = tl.where(keep, xt, tl.zeros_like(xt))
     a_rows = (j * r + rr).to(tl.int64)
     if TRANSPOSED:
@@ -795,14 +783,14 @@ def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, kblocks_per_spl
         cols = k0 + tl.arange(0, BLOCK_K)
         col_in = cols < k_end
         xt = tl.load(x_rows + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
-        acc0 = _lora_a_step(acc0, xt, a_ptr, seed, j0, rows, k0, cols, col_in, rr, r_in, N, H, r, p, bits_ptr,
-                            BLOCK_K, IEEE, TRANSPOSED, BITS)
+        acc0 = _lora_a_step(acc0, xt, a_ptr, seed, j0, rows, cols, col_in, rr, r_in, N, H, r, p, bits_ptr, IEEE,
+                            TRANSPOSED, BITS)
         if NPROJ > 1:
-            acc1 = _lora_a_step(acc1, xt, a_ptr, seed, j0 + 1, rows, k0, cols, col_in, rr, r_in, N, H, r, p,
-                                bits_ptr, BLOCK_K, IEEE, TRANSPOSED, BITS)
+            acc1 = _lora_a_step(acc1, xt, a_ptr, seed, j0 + 1, rows, cols, col_in, rr, r_in, N, H, r, p, bits_ptr,
+                                IEEE, TRANSPOSED, BITS)
         if NPROJ > 2:
-            acc2 = _lora_a_step(acc2, xt, a_ptr, seed, j0 + 2, rows, k0, cols, col_in, rr, r_in, N, H, r, p,
-                                bits_ptr, BLOCK_K, IEEE, TRANSPOSED, BITS)
+            acc2 = _lora_a_step(acc2, xt, a_ptr, seed, j0 + 2, rows, cols, col_in, rr, r_in, N, H, r, p, bits_ptr,
+                                IEEE, TRANSPOSED, BITS)
     _lora_a_store(out_ptr, acc0, split, N, n, r, j0, rows, row_in, rr, r_in, TRANSPOSED)
     if NPROJ > 1:
         _lora_a_store(out_ptr, acc1, split, N, n, r, j0 + 1, rows, row_in, rr, r_in, TRANSPOSED)
@@ -859,19 +847,13 @@ class LoraAConfig:
 LORA_A_CONFIG = LoraAConfig()
 
 
-def bit_row_bytes(H: int) -> int:
-    """Bytes a token takes in a keep-bit plane: one bit a column, rounded up to whole 8-byte words."""
-    return (H + 63) // 64 * 8
-
-
 def _check_bits(name: str, bits: torch.Tensor | None, n: int, N: int, H: int, device) -> None:
-    """A keep-bit buffer: uint8 [n, N, bit_row_bytes(H)], contiguous, on the data's device."""
+    """A keep-bit buffer: uint8 [n, N, H / 8], contiguous, on the data's device."""
     if bits is None:
         return
-    shape = (n, N, bit_row_bytes(H))
-    if not (bits.dtype == torch.uint8 and tuple(bits.shape) == shape and bits.is_contiguous()
+    if not (bits.dtype == torch.uint8 and tuple(bits.shape) == (n, N, H // 8) and bits.is_contiguous()
             and bits.device == torch.device(device)):
-        raise ValueError(f"{name}: keep bits must be contiguous uint8 {shape} on {device}, got "
+        raise ValueError(f"{name}: keep bits must be contiguous uint8 {(n, N, H // 8)} on {device}, got "
                          f"{bits.dtype} {tuple(bits.shape)} on {bits.device}")
 
 
@@ -879,9 +861,8 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
            splits: int | None = None, config: LoraAConfig | None = None,
            bits_out: torch.Tensor | None = None) -> torch.Tensor:
     """x [N, H], A [n*r, H] -> [N, n*r] in x.dtype: block j is (x * mask_j) @ A_j^T; with
-    `bits_out` (uint8 [n, N, bit_row_bytes(H)]) the masks it drew are also written there, packed
-    (bit i of byte [j, t, c] is element (t, 8c + i) of mask j; the rows' padding bytes are not
-    written), for the backward kernels to read.
+    `bits_out` (uint8 [n, N, H/8]) the masks it drew are also written there, packed (bit i of
+    byte [j, t, c] is element (t, 8c + i) of mask j), for the backward kernels to read.
 
     The token blocks alone are too few to fill the GPU (and each would walk all of H: 18,944
     columns for a 7B down_proj), so H is cut into `splits` ranges (default: about
@@ -934,10 +915,6 @@ def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_
     col_in = cols < H
     r_in = rr < r
     acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
-    col0 = (rest % n_hblocks) * BLOCK_H
-    nxt = tl.zeros((BLOCK_N, BLOCK_H // 8), dtype=tl.uint8)
-    if BITS:  # the first tile's mask bytes; each step then loads the next tile's
-        nxt = _bit_load(bits_ptr, j, N, H, start + tl.arange(0, BLOCK_N), col0, BLOCK_H)
     for t0 in range(0, rows_per_split, BLOCK_N):
         rows = start + t0 + tl.arange(0, BLOCK_N)
         row_in = rows < N
@@ -946,9 +923,7 @@ def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_
                      mask=row_in[:, None] & r_in[None, :], other=0.0)  # [T, R]
         xt = tl.load(x_ptr + rows64[:, None] * H + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
         if BITS:
-            byte = nxt
-            nxt = _bit_load(bits_ptr, j, N, H, rows + BLOCK_N, col0, BLOCK_H)
-            keep = _keep_of_bits(byte)
+            keep = _keep_read(bits_ptr, j, N, rows[:, None], cols[None, :], H)
         else:
             keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
         xt = tl.where(keep, xt, tl.zeros_like(xt))
@@ -1045,10 +1020,6 @@ def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_p
     r_in = rr < r
     rows64 = rows.to(tl.int64)
     total = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    col0 = (pid % n_hblocks) * BLOCK_H
-    nxt = tl.zeros((BLOCK_M, BLOCK_H // 8), dtype=tl.uint8)
-    if BITS:  # projection 0's mask bytes; each projection's step then loads the next one's
-        nxt = _bit_load(bits_ptr, 0, N, H, rows, col0, BLOCK_H)
     for j in range(0, n):
         ga = tl.load(ga_ptr + rows64[:, None] * (n * r) + (j * r + rr)[None, :],
                      mask=row_in[:, None] & r_in[None, :], other=0.0)  # [M, R]
@@ -1056,9 +1027,7 @@ def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_p
                     mask=r_in[:, None] & col_in[None, :], other=0.0)  # [R, H]
         part = _dot(ga, a, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IEEE)
         if BITS:
-            byte = nxt
-            nxt = _bit_load(bits_ptr, tl.minimum(j + 1, n - 1), N, H, rows, col0, BLOCK_H)  # the last: unused
-            keep = _keep_of_bits(byte)
+            keep = _keep_read(bits_ptr, j, N, rows[:, None], cols[None, :], H)
         else:
             keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
         total += tl.where(keep, part, 0.0)
