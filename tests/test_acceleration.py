@@ -541,31 +541,6 @@ def test_recomputed_fused_layers_draw_the_same_dropout_masks_again():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
-def test_fused_layers_keep_their_dropout_masks_as_bits_and_backward_draws_none(monkeypatch):
-    """A layer that keeps its activations keeps its dropout masks too, packed one bit an element:
-    its backward reads them and draws none (each mask was drawn three times, and the masked
-    kernels were bound by that arithmetic). A recomputing layer keeps only its seeds and draws the
-    masks again in backward: 7 projections' masks, each for the input and for the A gradient."""
-    from qlora_trainer.acceleration import fused_ops
-
-    real = fused_ops.dropout_mask
-    draws: list[int] = []
-
-    def counted(*args, **kwargs):
-        draws.append(args[1])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fused_ops, "dropout_mask", counted)
-    for layers, mode, backward_draws in ((0, "none", 0), (2, "full", 2 * 2 * 7)):
-        draws.clear()
-        model, loss = _recompute_model_and_loss(layers, mode)
-        assert len(draws) == 2 * 7, draws  # the forward: 2 layers x 7 projections
-        draws.clear()
-        loss.backward()
-        assert len(draws) == backward_draws, (mode, draws)
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
-
-
 def _recompute_model_and_loss(layers: int, mode: str):
     """The tiny model (dropout on) accelerated with `layers` recomputed, and its loss on a fixed batch."""
     from qlora_trainer.acceleration import apply_acceleration

@@ -271,34 +271,6 @@ def run_lora(N, H, r, n, p, seed, splits=None):
     gx_ref = ref(gx0)
     F.lora_x_backward_(gx_ref, ref(ga), ref(A), seed, p, n)
     record("lora_x_backward_.vs_fused_ops", case, gx, gx_ref)
-    run_lora_bits(case, x, A, ga, gx0, seed, p, n, kw, a, gx, exp_gA)
-
-
-def run_lora_bits(case, x, A, ga, gx0, seed, p, n, kw, a, gx, exp_gA):
-    """The forward writes the masks it drew, packed, into the keep bits (every byte of them: the
-    buffer starts poisoned), and the backward kernels given those bits compute what they compute
-    drawing the masks from the seed, even when handed another seed (so they read the bits)."""
-    N, H = x.shape
-    packed = torch.stack([F._pack(mask(seed, j, N, H, p)) for j in range(n)])
-    bits = torch.full((n, N, H // 8), 0xA5, dtype=torch.uint8, device=DEV)
-    check("lora_a.bits_out.same_product", case, torch.equal(T.lora_a(x, A, seed, p, n, bits_out=bits, **kw), a))
-    check("lora_a.bits_out", case, torch.equal(bits.cpu(), packed),
-          f"{int((bits.cpu() != packed).sum())} of {packed.numel()} bytes differ")
-    ref_bits = torch.full((n, N, H // 8), 0xA5, dtype=torch.uint8)
-    F.lora_a(ref(x), ref(A), seed, p, n, bits_out=ref_bits)
-    check("lora_a.bits_out.vs_fused_ops", case, torch.equal(ref_bits, packed))
-    other = seed + 1  # a different seed: only the bits can give the same masks
-    gA = T.lora_a_backward(ga, x, other, p, n, bits=bits, **kw)
-    record("lora_a_backward.bits", case, gA, exp_gA)
-    if INTERPRET:  # the same order of sums (compiled, the split partial sums meet by atomic adds)
-        check("lora_a_backward.bits.same_as_drawn", case, torch.equal(gA, T.lora_a_backward(ga, x, seed, p, n, **kw)))
-    gx_b = gx0.clone()
-    T.lora_x_backward_(gx_b, ga, A, other, p, n, bits=bits)
-    check("lora_x_backward_.bits", case, torch.equal(gx_b, gx),
-          f"max diff {float((gx_b.double() - gx.double()).abs().max())}")
-    gx_ref = ref(gx0)
-    F.lora_x_backward_(gx_ref, ref(ga), ref(A), other, p, n, bits=packed)
-    record("lora_x_backward_.bits.vs_fused_ops", case, gx_b, gx_ref)
 
 
 def run_lora_a_configs(N, H, r, n, p, seed, splits=None):
@@ -438,8 +410,6 @@ def run_errors():
     raises("lora_a", "dtype mismatch", lambda: T.lora_a(x, rnd(16, 32).double(), 1, 0.1, 1))
     raises("lora_a", "negative seed", lambda: T.lora_a(x, rnd(16, 32), -1, 0.1, 1))
     raises("lora_a", "width not divisible by 8", lambda: T.lora_a(rnd(8, 36), rnd(16, 36), 1, 0.1, 1))
-    raises("lora_a", "keep bits of another shape",
-           lambda: T.lora_a(x, rnd(16, 32), 1, 0.1, 1, bits_out=torch.empty(1, 8, 3, dtype=torch.uint8, device=DEV)))
     raises("lora_a_backward", "N mismatch", lambda: T.lora_a_backward(rnd(7, 16), x, 1, 0.1, 1))
     raises("lora_x_backward_", "ga width", lambda: T.lora_x_backward_(rnd(8, 32), rnd(8, 15), rnd(16, 32), 1, 0.1, 1))
 
@@ -575,7 +545,7 @@ def test_cross_entropy_kernel_matches_the_reference(interpreted):
 def test_launchers_reject_bad_arguments_with_value_errors(interpreted):
     errors = [e for e in interpreted if "detail" in e and e["op"] in
               ("rms_norm", "rope_", "swiglu", "swiglu_backward", "lora_a", "lora_a_backward", "lora_x_backward_")]
-    assert len(errors) == 13
+    assert len(errors) == 12
     bad = [_describe(e) for e in errors if not e["ok"]]
     assert not bad, "\n".join(bad)
 

@@ -7,10 +7,9 @@ for training with LoRA on every projection of a frozen (NF4 or bf16) base.
 Same numerics as the plain recipe, far fewer kernel launches and bytes moved:
 - q, k and v run as one GEMM over their concatenated frozen weights, gate and up as another
   (dequantized straight into one buffer, or a cached bf16 copy of the concatenation);
-- the LoRA A side of the projections that share an input is one kernel that draws each
-  projection's dropout mask while it reads the input (fused_ops.lora_a) and keeps it packed, one
-  bit an element, for the backward kernels (a recomputing layer keeps only the seeds, and its
-  backward draws the masks again); the B side of q, k and v is one GEMM with a block-diagonal B;
+- the LoRA A side of the projections that share an input is one kernel that applies each
+  projection's dropout mask while it reads the input (fused_ops.lora_a): no mask is stored, backward
+  draws it again from the same seed; the B side of q, k and v is one GEMM with a block-diagonal B;
 - the residual add follows the o_proj and down_proj outputs with their LoRA products (one
   element-wise pass; riding on the GEMM, it rounded a young adapter's contribution away);
 - RMSNorm, RoPE (in place on the qkv buffer) and SwiGLU are one kernel each (fused_ops);
@@ -26,8 +25,7 @@ Same numerics as the plain recipe, far fewer kernel launches and bytes moved:
   rounding noise and the fused path learned measurably slower than the plain recipe at the
   Llama-3-8B shape (benchmarks/results/lora_grad_parity_h200.md, sections 3 and 7).
 What is kept for backward: the layer input, the qkv buffer, the attention output and its
-logsumexp, gate|up, the small LoRA A-side activations and the packed dropout masks (N x 7H/8 bytes
-with o_proj's and down_proj's widths); the norms and SwiGLU are recomputed. A
+logsumexp, gate|up, and the small LoRA A-side activations; the norms and SwiGLU are recomputed. A
 layer the memory plan recomputes keeps only its input, its dropout seeds and its LoRA A-side
 products (ASides: N x 7r values, ~0.5 MB per layer of a 2,048-token 8B micro-step), and runs its
 forward again inside backward (so it can still be captured as a CUDA graph: cuda_graphs.py),
@@ -278,17 +276,6 @@ def _compute(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return g if g.dtype == dtype else g.to(dtype)
 
 
-def _keep_bits(lora, n: int, x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
-    """A buffer for lora_a to write the dropout masks it draws into, packed (fused_ops.keep_bits:
-    one bit an element, N x 7H/8 bytes a layer with o_proj and down_proj's widths), so the two
-    backward kernels read them instead of drawing them twice more (the masked A side was bound by
-    its Philox arithmetic: benchmarks/NOTES.md, session 12). None where there is no mask, a width
-    the masked kernels do not take, or the layer recomputes (it keeps the seeds only)."""
-    if not wanted or lora.p == 0 or x.shape[1] % 8:
-        return None
-    return ops.keep_bits(n, x)
-
-
 class ASides(tuple):
     """What a recomputing block keeps besides its input and seeds: its LoRA A-side products
     ((x * mask_j) @ A_j^T for each group of projections sharing an input). Its recompute takes
@@ -297,10 +284,9 @@ class ASides(tuple):
     forward's very values, so the backward sees what a non-recomputing layer would."""
 
 
-def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params, a_sides=None, bits=True):
+def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params, a_sides=None):
     """y = x + o_proj(attention(rope(qkv(rms_norm(x))))) and what backward needs; `a_sides`
-    (ASides of the qkv and o_proj A sides): a recompute's, reused instead of drawn again; `bits`:
-    keep the dropout masks, packed, for backward (the last two saved values, else None)."""
+    (ASides of the qkv and o_proj A sides): a recompute's, reused instead of drawn again."""
     shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
     qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
     A, B = qkv_lora.factors(lora_params[:6])
@@ -309,8 +295,7 @@ def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params, a_s
     w = W.get()
     qkv = torch.addmm(W.bias, h, w.t()) if W.bias is not None else h @ w.t()
     del w
-    bits_qkv = _keep_bits(qkv_lora, 3, h, bits and a_sides is None)
-    a = ops.lora_a(h, A, seeds[0], qkv_lora.p, 3, bits_out=bits_qkv) if a_sides is None else a_sides[0]
+    a = ops.lora_a(h, A, seeds[0], qkv_lora.p, 3) if a_sides is None else a_sides[0]
     del h
     if x.dtype == torch.float32 and qkv.dtype != torch.float32:
         # fp32 stream: the adapter product joins in fp32, RoPE in fp32, one rounding (one kernel).
@@ -324,10 +309,9 @@ def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params, a_s
     q, k, v, qk = shape.split(qkv)
     out, state = attention.forward(q, k, v, pack[0], pack[1], shape.scale)
     o2 = out.view(out.shape[0], -1)
-    bits_o = _keep_bits(o_lora, 1, o2, bits and a_sides is None)
-    ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1, bits_out=bits_o) if a_sides is None else a_sides[1]
+    ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1) if a_sides is None else a_sides[1]
     y = _project_and_add(x, o2, Wo.get(), ao, Bo)
-    return y, (rstd, qkv, out, state, a, ao, bits_qkv, bits_o)
+    return y, (rstd, qkv, out, state, a, ao)
 
 
 class FusedAttentionBlock(torch.autograd.Function):
@@ -337,14 +321,14 @@ class FusedAttentionBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, norm_w, rope, pack, seeds, layer, *lora_params):
-        ctx.recompute = bool(getattr(layer, "_qlora_recompute", False))
-        y, saved = _attention_forward(layer, x, norm_w, *rope, pack, seeds, lora_params, bits=not ctx.recompute)
+        y, saved = _attention_forward(layer, x, norm_w, *rope, pack, seeds, lora_params)
         ctx.layer, ctx.seeds, ctx.pack, ctx.rope = layer, seeds, pack, rope
+        ctx.recompute = bool(getattr(layer, "_qlora_recompute", False))
         if ctx.recompute:
-            ctx.save_for_backward(x, norm_w, *lora_params, *saved[4:6])
+            ctx.save_for_backward(x, norm_w, *lora_params, *saved[4:])
         else:
-            rstd, qkv, out, ctx.state, *kept = saved
-            ctx.save_for_backward(x, norm_w, *lora_params, rstd, qkv, out, *kept)
+            rstd, qkv, out, ctx.state, a, ao = saved
+            ctx.save_for_backward(x, norm_w, *lora_params, rstd, qkv, out, a, ao)
         return y
 
     @staticmethod
@@ -369,7 +353,7 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
                                        gx_compute)
     cos, sin = rope
     cu, max_len = pack
-    rstd, qkv, out, state, a, ao, bits_qkv, bits_o = saved
+    rstd, qkv, out, state, a, ao = saved
     shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
     qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
     A, B = qkv_lora.factors(lora_params[:6])
@@ -380,8 +364,8 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     # o_proj (+ residual): y = x + o2 Wo^T + ao Bo^T
     gao = gyc @ Bo
     go = gyc @ Wo.get()
-    ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1, bits=bits_o)
-    gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1, out=o_lora.grad_a_out(), bits=bits_o)
+    ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1)
+    gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1, out=o_lora.grad_a_out())
     o_grads = o_lora.grads(gyc, ao, gAo, [gy.shape[1]], lora_params[6:])
     del gyc
     # attention, then RoPE backward on the q|k part of the gradient buffer
@@ -393,27 +377,26 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     # qkv projection: qkv = h W^T + b + a B^T
     ga = gqkv @ B
     gh = gqkv @ W.get()
-    ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3, bits=bits_qkv)
+    ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3)
     h, _ = ops.rms_norm(x, norm_w, shape.eps, W.dtype)
-    gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3, out=qkv_lora.grad_a_out(), bits=bits_qkv)
+    gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3, out=qkv_lora.grad_a_out())
     del h
     qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
     gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out, compute_out=gx_compute)
     return gx, [*qkv_grads, *o_grads]
 
 
-def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None, out=None, bits=True):
+def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None, out=None):
     """z = x + down(silu(gate(n)) * up(n)), n = rms_norm(x), and what backward needs; `a_sides`
     (ASides of the gate|up and down_proj A sides): a recompute's, reused; z written into `out` when
-    given; `bits` as in _attention_forward."""
+    given."""
     Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
     gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
     A, B = gu_lora.factors(lora_params[:4])
     Ad, Bd = d_lora.factors(lora_params[4:])
     h, rstd = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps, Wgu.dtype)
     gu = h @ Wgu.get().t()
-    bits_gu = _keep_bits(gu_lora, 2, h, bits and a_sides is None)
-    a = ops.lora_a(h, A, seeds[0], gu_lora.p, 2, bits_out=bits_gu) if a_sides is None else a_sides[0]
+    a = ops.lora_a(h, A, seeds[0], gu_lora.p, 2) if a_sides is None else a_sides[0]
     del h
     if x.dtype == torch.float32 and gu.dtype != torch.float32:
         # fp32 stream: SwiGLU of the fp32 sums, gate|up rounded once in place (what backward keeps)
@@ -421,11 +404,10 @@ def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None, out=None, b
     else:
         gu.addmm_(a, B.t())
         m = ops.swiglu(gu, Wgu.dtype)
-    bits_d = _keep_bits(d_lora, 1, m, bits and a_sides is None)
-    ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1, bits_out=bits_d) if a_sides is None else a_sides[1]
+    ad = ops.lora_a(m, Ad, seeds[1], d_lora.p, 1) if a_sides is None else a_sides[1]
     y = _project_and_add(x, m, Wd.get(), ad, Bd, out)
     del m
-    return y, (rstd, gu, a, ad, bits_gu, bits_d)
+    return y, (rstd, gu, a, ad)
 
 
 class FusedMLPBlock(torch.autograd.Function):
@@ -433,10 +415,10 @@ class FusedMLPBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, norm_w, seeds, layer, *lora_params):
-        ctx.recompute = bool(getattr(layer, "_qlora_recompute", False))
-        y, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params, bits=not ctx.recompute)
+        y, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params)
         ctx.layer, ctx.seeds = layer, seeds
-        ctx.save_for_backward(x, norm_w, *lora_params, *(saved[2:4] if ctx.recompute else saved))
+        ctx.recompute = bool(getattr(layer, "_qlora_recompute", False))
+        ctx.save_for_backward(x, norm_w, *lora_params, *(saved[2:] if ctx.recompute else saved))
         return y
 
     @staticmethod
@@ -455,7 +437,7 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
         with held_weights(layer._qlora_gate_up, layer._qlora_down):
             _, saved = _mlp_forward(layer, x, norm_w, seeds, lora_params, saved)
             return _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc, gx_compute)
-    rstd, gu, a, ad, bits_gu, bits_d = saved
+    rstd, gu, a, ad = saved
     Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
     gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
     A, B = gu_lora.factors(lora_params[:4])
@@ -465,8 +447,8 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
     m = ops.swiglu(gu)
     gad = gyc @ Bd
     gm = gyc @ Wd.get()
-    ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1, bits=bits_d)
-    gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1, out=d_lora.grad_a_out(), bits=bits_d)
+    ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
+    gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1, out=d_lora.grad_a_out())
     d_grads = d_lora.grads(gyc, ad, gAd, [gy.shape[1]], lora_params[4:])
     del gyc
     del m
@@ -474,9 +456,9 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
     del gm
     ga = ggu @ B
     gh = ggu @ Wgu.get()
-    ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2, bits=bits_gu)
+    ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2)
     h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps, Wgu.dtype)
-    gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2, out=gu_lora.grad_a_out(), bits=bits_gu)
+    gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2, out=gu_lora.grad_a_out())
     del h
     gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
     gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, compute_out=gx_compute)
@@ -598,10 +580,9 @@ def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool, a_sides: ASides |
     params = layer_lora_params(layer)
     attn_a, mlp_a = (None, None) if a_sides is None else (ASides(a_sides[:2]), ASides(a_sides[2:]))
     y, attn = _attention_forward(layer, x, layer.input_layernorm.weight, cos, sin, pack, seeds[:2], params[:8],
-                                 attn_a, bits=keep)
-    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp_a, out,
-                          bits=keep)
-    return z, ((y, attn, mlp) if keep else ASides((*attn[4:6], *mlp[2:4])))
+                                 attn_a)
+    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp_a, out)
+    return z, ((y, attn, mlp) if keep else ASides((*attn[4:], *mlp[2:])))
 
 
 def layer_backward(layer, x, cos, sin, pack, seeds, saved, gz, out=None, gzc=None, out_c=None):

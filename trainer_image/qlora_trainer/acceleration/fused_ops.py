@@ -8,8 +8,7 @@ checked against (tests/test_acceleration_triton.py, in Triton's interpreter).
 Shapes: token-major 2-D tensors, N tokens. LoRA tensors of `n` projections that share one input
 are concatenated: A is [n*r, H] (projection j owns rows j*r:(j+1)*r), the A-side activations are
 [N, n*r]. LoRA dropout: projection j's keep-mask is a pure function of (seed, j, token, column), so
-backward can regenerate it; lora_a can also write the masks it draws, packed one bit an element
-(`keep_bits`), for the backward ops to read instead; `dropout_mask` materialises one. A seed
+backward regenerates it instead of keeping it; `dropout_mask` materialises it (tests only). A seed
 is an int or a one-element int64 tensor on the data's device (the Triton kernels read it from
 memory, so a captured CUDA graph draws new masks whenever the seed tensor changes).
 """
@@ -225,73 +224,34 @@ def dropout_mask(seed: int, j: int, n_rows: int, n_cols: int, p: float, device) 
     return (torch.rand(n_rows, n_cols, generator=g) >= p).to(device)
 
 
-def keep_bits(n: int, x: torch.Tensor) -> torch.Tensor:
-    """An empty keep-bit buffer for n masks over x [N, H] (H % 8 == 0): uint8 [n, N, H / 8], bit
-    i of byte [j, t, c] holding element (t, 8c + i) of mask j. lora_a fills it (`bits_out`) with
-    the masks it draws; the backward ops read them there (`bits`) instead of drawing them again."""
-    if not (x.shape[1] % 8 == 0):
-        raise ValueError(f"keep bits need a width divisible by 8, got {x.shape[1]}")
-    return torch.empty((n, x.shape[0], x.shape[1] // 8), dtype=torch.uint8, device=x.device)
+def _masked(x: torch.Tensor, seed: int, j: int, p: float) -> torch.Tensor:
+    return x * dropout_mask(seed, j, x.shape[0], x.shape[1], p, x.device).to(x.dtype)
 
 
-_BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-
-
-def _pack(mask: torch.Tensor) -> torch.Tensor:
-    """A keep-mask [N, H] -> its bytes [N, H / 8] (bit i of byte c: element 8c + i)."""
-    bits = _BIT.to(mask.device)
-    return (mask.view(mask.shape[0], -1, 8).to(torch.uint8) * bits).sum(-1, dtype=torch.uint8)
-
-
-def _unpack(packed: torch.Tensor) -> torch.Tensor:
-    """Bytes [N, H / 8] -> the keep-mask [N, H] they pack."""
-    bits = _BIT.to(packed.device)
-    return (packed[..., None] & bits).ne(0).view(packed.shape[0], -1)
-
-
-def _mask(seed: int, j: int, p: float, x: torch.Tensor, bits: torch.Tensor | None) -> torch.Tensor:
-    if bits is not None:
-        return _unpack(bits[j])
-    return dropout_mask(seed, j, x.shape[0], x.shape[1], p, x.device)
-
-
-def _masked(x: torch.Tensor, seed: int, j: int, p: float, bits: torch.Tensor | None = None) -> torch.Tensor:
-    return x * _mask(seed, j, p, x, bits).to(x.dtype)
-
-
-def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int,
-           bits_out: torch.Tensor | None = None) -> torch.Tensor:
+def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> torch.Tensor:
     """x [N, H], A [n*r, H] -> [N, n*r]: block j is (x * mask_j) @ A_j^T (no mask when p == 0).
-    Any 1/(1-p) scale is the caller's, folded into A or B. With `bits_out` (keep_bits(n, x)) the
-    masks drawn are also written there, for lora_a_backward and lora_x_backward_ to read."""
+    Any 1/(1-p) scale is the caller's, folded into A or B."""
     if p == 0:
         return x @ A.t()
     k = _masked_kernel(x, "lora_a", x.shape[1])
     if k is not None:
-        return k(x, A, seed, p, n, bits_out=bits_out)
+        return k(x, A, seed, p, n)
     r = A.shape[0] // n
-    parts = []
-    for j in range(n):
-        mask = dropout_mask(seed, j, x.shape[0], x.shape[1], p, x.device)
-        if bits_out is not None:
-            bits_out[j].copy_(_pack(mask))
-        parts.append((x * mask.to(x.dtype)) @ A[j * r:(j + 1) * r].t())
-    return torch.cat(parts, dim=-1)
+    return torch.cat([_masked(x, seed, j, p) @ A[j * r:(j + 1) * r].t() for j in range(n)], dim=-1)
 
 
 def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: int,
-                    out: torch.Tensor | None = None, bits: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j);
-    written into `out` (contiguous fp32) when given (a graphed layer's gradient sources); the
-    masks read from `bits` (lora_a's bits_out) when given instead of drawn from the seed."""
+    written into `out` (contiguous fp32) when given (a graphed layer's gradient sources)."""
     if p == 0:
         g = (ga.t() @ x).to(_acc(x))
         return g if out is None else out.copy_(g)
     k = _masked_kernel(x, "lora_a_backward", x.shape[1])
     if k is not None:
-        return k(ga, x, seed, p, n, out=out, bits=bits)
+        return k(ga, x, seed, p, n, out=out)
     r = ga.shape[1] // n
-    parts = [(ga[:, j * r:(j + 1) * r].t() @ _masked(x, seed, j, p, bits)).to(_acc(x)) for j in range(n)]
+    parts = [(ga[:, j * r:(j + 1) * r].t() @ _masked(x, seed, j, p)).to(_acc(x)) for j in range(n)]
     return torch.cat(parts, dim=0) if out is None else torch.cat(parts, dim=0, out=out)
 
 
@@ -310,21 +270,19 @@ def lora_grads_accumulate_(acc: torch.Tensor, src_a: torch.Tensor, src_b: torch.
     acc[n_a:].view(-1, rank).add_(src_b.view(-1, rank).to(acc.dtype) * row_scale[:, None])
 
 
-def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int,
-                     bits: torch.Tensor | None = None) -> None:
-    """In place: gx += sum_j (ga_j @ A_j) * mask_j, the input gradient of lora_a (masks from
-    `bits` when given, as lora_a_backward)."""
+def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> None:
+    """In place: gx += sum_j (ga_j @ A_j) * mask_j, the input gradient of lora_a."""
     if p == 0:
         gx.addmm_(ga, A)
         return
     k = _masked_kernel(gx, "lora_x_backward_", gx.shape[1])
     if k is not None:
-        k(gx, ga, A, seed, p, n, bits=bits)
+        k(gx, ga, A, seed, p, n)
         return
     r = A.shape[0] // n
     for j in range(n):
         part = ga[:, j * r:(j + 1) * r] @ A[j * r:(j + 1) * r]
-        gx.add_(_masked(part, seed, j, p, bits))
+        gx.add_(_masked(part, seed, j, p))
 
 
 # ---------------------------------------------------------------------------------------------

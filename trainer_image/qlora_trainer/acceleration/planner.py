@@ -218,17 +218,14 @@ RESIDUAL_BYTES = 4
 def activation_bytes_per_token_layer(shape: ModelShape, dropout: float, fused: bool = True) -> int:
     """What a decoder layer keeps for backward, per token, with nothing recomputed.
     Fused (fused_layer.py): both blocks' inputs, the qkv buffer, the attention output and its fp32
-    logsumexp, gate|up, the small LoRA A-side activations (r=16 assumed) and, with dropout, the
-    masks packed one bit an element (q|k|v and gate|up over the hidden width, o_proj over the
-    attention's, down_proj over the intermediate: fused_layer._keep_bits).
+    logsumexp, gate|up, and the small LoRA A-side activations (r=16 assumed; masks are redrawn).
     Per projection: the norm inputs, the attention input, q/k/v after RoPE, the attention output
     (and its reshaped copy for o_proj), the MLP input, gate and up, and a 1-byte dropout mask per
     LoRA input when dropout is on."""
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
     if not fused:
         return 2 * (4 * h + q + 2 * kv + q + 2 * i) + ((5 * h + q + i) if dropout > 0 else 0)
-    mask_bits = (5 * h + q + i) // 8 if dropout > 0 else 0
-    return 2 * (q + 2 * kv + q + 2 * i + 7 * 16) + RESIDUAL_BYTES * 2 * h + 4 * shape.heads + mask_bits
+    return 2 * (q + 2 * kv + q + 2 * i + 7 * 16) + RESIDUAL_BYTES * 2 * h + 4 * shape.heads
 
 
 def recompute_a_sides_bytes_per_token(lora_rank: int) -> int:

@@ -8,10 +8,9 @@ fp32 arithmetic and one rounding on the store; the element-wise kernels also rea
 LoRA dropout: projection j's keep-mask is `_keep` below, a pure function of (seed, j, token,
 column): element o = token * n_cols + column takes 16-bit half (o % 2) of output (o % 8) // 2 of
 tl.randint4x(seed * 64 + j, o // 8) (Philox4x32-7), kept when that 16-bit uniform is at least
-p * 65536; widths must be multiples of 8. The forward draws it; both backward kernels either
-draw it again (the Philox arithmetic is the masked kernels' dominant cost) or read the bits the
-forward stored, one byte per Philox call ([n, N, H/8] uint8; bit i of byte c is element 8c + i);
-`dropout_mask` materialises it (tests only). Callers guarantee n_rows * n_cols < 2**31.
+p * 65536; widths must be multiples of 8. Forward and both backward kernels regenerate it from
+those eight numbers per Philox call (the masked kernels' dominant cost), so nothing is
+stored; `dropout_mask` materialises it (tests only). Callers guarantee n_rows * n_cols < 2**31.
 
 Token counts change from batch to batch with packed records: the kernels do not specialize on
 them (do_not_specialize), so a new count never means a new compilation mid-training.
@@ -122,71 +121,6 @@ def _check_dropout(seed, p: float, n: int, n_rows: int, n_cols: int, device) -> 
 
 
 @triton.jit
-def _groups_of_eight(rows, cols, n_cols):
-    """[M, K/8] int32: for each group of eight elements of the tile rows [M, 1] x cols [1, K], its
-    Philox counter (row * n_cols + col) // 8, which is also the group's byte in a keep-bit plane."""
-    offsets = (rows * n_cols + cols).to(tl.int32)
-    M: tl.constexpr = offsets.shape[0]
-    K: tl.constexpr = offsets.shape[1]
-    firsts, _ = tl.split(tl.reshape(offsets, (M, K // 8, 2, 2, 2)))
-    firsts, _ = tl.split(firsts)
-    firsts, _ = tl.split(firsts)  # [M, K/8]: the offset of each group of eight
-    return firsts // 8
-
-
-@triton.jit
-def _eight(b0, b1, b2, b3, b4, b5, b6, b7):
-    """Eight [M, K/8] tensors -> [M, K]: element 8c + i of a row is b_i's element c."""
-    lo = tl.join(tl.join(b0, b4), tl.join(b2, b6))
-    hi = tl.join(tl.join(b1, b5), tl.join(b3, b7))
-    M: tl.constexpr = b0.shape[0]
-    K: tl.constexpr = b0.shape[1] * 8
-    return tl.reshape(tl.join(lo, hi), (M, K))
-
-
-@triton.jit
-def _draw(seed, j, counters):
-    """Projection j's Philox4x32-7 output at each counter: four [M, K/8] uint32 tensors."""
-    seed_j = seed.to(tl.int64) * 64 + j
-    return tl.randint4x(seed_j, counters, _PHILOX_ROUNDS)
-
-
-@triton.jit
-def _threshold(p):
-    """The smallest kept 16-bit value: u >= p * 65536 (as fp32) exactly when u >= ceil(p * 65536)
-    for an integer u, so the masks compare integers (no int-to-float conversion per element)."""
-    return tl.math.ceil(p * 65536.0).to(tl.uint32)
-
-
-@triton.jit
-def _keep_of(r0, r1, r2, r3, p):
-    """[M, K] keep-mask of a tile from its draws: element 8c + 2k + h takes 16-bit half h of r_k's
-    element c, kept when it is >= p * 65536."""
-    t = _threshold(p)
-    return _eight((r0 & 0xFFFF) >= t, (r0 >> 16) >= t, (r1 & 0xFFFF) >= t, (r1 >> 16) >= t,
-                  (r2 & 0xFFFF) >= t, (r2 >> 16) >= t, (r3 & 0xFFFF) >= t, (r3 >> 16) >= t)
-
-
-@triton.jit
-def _bits_of(r0, r1, r2, r3, p):
-    """[M, K/8] uint8, the same keep-mask packed: bit i of byte c is element 8c + i's."""
-    t = _threshold(p)
-    b = ((r0 & 0xFFFF) >= t).to(tl.int32) | (((r0 >> 16) >= t).to(tl.int32) << 1)
-    b |= (((r1 & 0xFFFF) >= t).to(tl.int32) << 2) | (((r1 >> 16) >= t).to(tl.int32) << 3)
-    b |= (((r2 & 0xFFFF) >= t).to(tl.int32) << 4) | (((r2 >> 16) >= t).to(tl.int32) << 5)
-    b |= (((r3 & 0xFFFF) >= t).to(tl.int32) << 6) | (((r3 >> 16) >= t).to(tl.int32) << 7)
-    return b.to(tl.uint8)
-
-
-@triton.jit
-def _keep_of_bits(byte):
-    """[M, K/8] bytes of a keep-bit plane -> the [M, K] keep-mask they pack."""
-    b = byte.to(tl.int32)
-    return _eight((b & 1) != 0, (b & 2) != 0, (b & 4) != 0, (b & 8) != 0,
-                  (b & 16) != 0, (b & 32) != 0, (b & 64) != 0, (b & 128) != 0)
-
-
-@triton.jit
 def _keep(seed, j, rows, cols, n_cols, p):
     """Keep (True) or drop element (rows, cols) of projection j. rows [M, 1], cols [1, K] with
     K a multiple of 8, tiles starting at a column that is a multiple of 8, and n_cols % 8 == 0.
@@ -194,19 +128,18 @@ def _keep(seed, j, rows, cols, n_cols, p):
     Philox call at counter o // 8 (tl.randint4x) and is kept when it is >= p * 65536: a pure
     function of (seed, j, o), whatever the tile shape, at an eighth of the Philox work of one call
     per element (p is resolved to 1/65536)."""
-    r0, r1, r2, r3 = _draw(seed, j, _groups_of_eight(rows, cols, n_cols))
-    return _keep_of(r0, r1, r2, r3, p)
-
-
-@triton.jit
-def _keep_read(bits_ptr, j, N, rows, cols, n_cols):
-    """The keep-mask of the tile (rows [M, 1], cols [1, K]) as the forward stored it: projection
-    j's plane of the keep bits [n, N, n_cols / 8], one byte per group of eight. Rows past N read
-    nothing (dropped); columns past n_cols read the next row's bytes, which only ever mask values
-    the caller has already masked out."""
-    groups = _groups_of_eight(rows, cols, n_cols)
-    plane = bits_ptr + tl.cast(j, tl.int64) * N * (n_cols // 8)
-    return _keep_of_bits(tl.load(plane + groups, mask=groups < N * (n_cols // 8), other=0))
+    seed_j = seed.to(tl.int64) * 64 + j
+    offsets = (rows * n_cols + cols).to(tl.int32)
+    M: tl.constexpr = offsets.shape[0]
+    K: tl.constexpr = offsets.shape[1]
+    firsts, _ = tl.split(tl.reshape(offsets, (M, K // 8, 2, 2, 2)))
+    firsts, _ = tl.split(firsts)
+    firsts, _ = tl.split(firsts)  # [M, K/8]: the offset of each group of eight
+    r0, r1, r2, r3 = tl.randint4x(seed_j, firsts // 8, _PHILOX_ROUNDS)
+    lo = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))
+    hi = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
+    u = tl.reshape(tl.join(lo, hi), (M, K))  # position 8c + 2k + h holds half h (0 low, 1 high) of r_k
+    return u.to(tl.float32) >= p * 65536.0
 
 
 @triton.jit
@@ -714,20 +647,12 @@ def _lora_shapes(name: str, x: torch.Tensor, rows_of_a: int, n: int) -> int:
 
 
 @triton.jit
-def _lora_a_step(acc, xt, a_ptr, seed, j, rows, cols, col_in, rr, r_in, N, H, r, p, bits_ptr, IEEE: tl.constexpr,
-                 TRANSPOSED: tl.constexpr, BITS: tl.constexpr):
+def _lora_a_step(acc, xt, a_ptr, seed, j, rows, cols, col_in, rr, r_in, H, r, p, IEEE: tl.constexpr,
+                 TRANSPOSED: tl.constexpr):
     """acc + projection j's masked x tile times its A tile: [M, R] += (x*mask) @ A_j^T, or with
     TRANSPOSED the same product transposed, [R, M] += A_j @ (x*mask)^T (A_j's tile a plain
-    row-major load, and a dot 16 rows tall like lora_a_backward's). With BITS the tile's mask is
-    also stored, packed, into projection j's keep-bit plane (the backward kernels read it there
-    instead of drawing it twice more)."""
-    groups = _groups_of_eight(rows[:, None], cols[None, :], H)
-    r0, r1, r2, r3 = _draw(seed, j, groups)
-    keep = _keep_of(r0, r1, r2, r3, p)
-    if BITS:
-        group_cols = groups - rows[:, None] * (H // 8)
-        plane = bits_ptr + tl.cast(j, tl.int64) * N * (H // 8)
-        tl.store(plane + groups, _bits_of(r0, r1, r2, r3, p), mask=(rows < N)[:, None] & (group_cols < H // 8))
+    row-major load, and a dot 16 rows tall like lora_a_backward's)."""
+    keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
     xm = tl.where(keep, xt, tl.zeros_like(xt))
     a_rows = (j * r + rr).to(tl.int64)
     if TRANSPOSED:
@@ -750,9 +675,9 @@ def _lora_a_store(out_ptr, acc, split, N, n, r, j, rows, row_in, rr, r_in, TRANS
 
 
 @triton.jit(do_not_specialize=['N', 'n_mblocks', 'kblocks_per_split'])
-def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, kblocks_per_split, seed_ptr, p, bits_ptr,
+def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, kblocks_per_split, seed_ptr, p,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
-                   NPROJ: tl.constexpr, TRANSPOSED: tl.constexpr, BITS: tl.constexpr):
+                   NPROJ: tl.constexpr, TRANSPOSED: tl.constexpr):
     seed = tl.load(seed_ptr)
     # Flat grid over (split of H, token block, group of NPROJ projections), the group fastest: the
     # programs of one token block run together and share x in L2. A program reads each x tile
@@ -783,14 +708,13 @@ def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, kblocks_per_spl
         cols = k0 + tl.arange(0, BLOCK_K)
         col_in = cols < k_end
         xt = tl.load(x_rows + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
-        acc0 = _lora_a_step(acc0, xt, a_ptr, seed, j0, rows, cols, col_in, rr, r_in, N, H, r, p, bits_ptr, IEEE,
-                            TRANSPOSED, BITS)
+        acc0 = _lora_a_step(acc0, xt, a_ptr, seed, j0, rows, cols, col_in, rr, r_in, H, r, p, IEEE, TRANSPOSED)
         if NPROJ > 1:
-            acc1 = _lora_a_step(acc1, xt, a_ptr, seed, j0 + 1, rows, cols, col_in, rr, r_in, N, H, r, p, bits_ptr,
-                                IEEE, TRANSPOSED, BITS)
+            acc1 = _lora_a_step(acc1, xt, a_ptr, seed, j0 + 1, rows, cols, col_in, rr, r_in, H, r, p, IEEE,
+                                TRANSPOSED)
         if NPROJ > 2:
-            acc2 = _lora_a_step(acc2, xt, a_ptr, seed, j0 + 2, rows, cols, col_in, rr, r_in, N, H, r, p, bits_ptr,
-                                IEEE, TRANSPOSED, BITS)
+            acc2 = _lora_a_step(acc2, xt, a_ptr, seed, j0 + 2, rows, cols, col_in, rr, r_in, H, r, p, IEEE,
+                                TRANSPOSED)
     _lora_a_store(out_ptr, acc0, split, N, n, r, j0, rows, row_in, rr, r_in, TRANSPOSED)
     if NPROJ > 1:
         _lora_a_store(out_ptr, acc1, split, N, n, r, j0 + 1, rows, row_in, rr, r_in, TRANSPOSED)
@@ -847,22 +771,9 @@ class LoraAConfig:
 LORA_A_CONFIG = LoraAConfig()
 
 
-def _check_bits(name: str, bits: torch.Tensor | None, n: int, N: int, H: int, device) -> None:
-    """A keep-bit buffer: uint8 [n, N, H / 8], contiguous, on the data's device."""
-    if bits is None:
-        return
-    if not (bits.dtype == torch.uint8 and tuple(bits.shape) == (n, N, H // 8) and bits.is_contiguous()
-            and bits.device == torch.device(device)):
-        raise ValueError(f"{name}: keep bits must be contiguous uint8 {(n, N, H // 8)} on {device}, got "
-                         f"{bits.dtype} {tuple(bits.shape)} on {bits.device}")
-
-
 def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
-           splits: int | None = None, config: LoraAConfig | None = None,
-           bits_out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, H], A [n*r, H] -> [N, n*r] in x.dtype: block j is (x * mask_j) @ A_j^T; with
-    `bits_out` (uint8 [n, N, H/8]) the masks it drew are also written there, packed (bit i of
-    byte [j, t, c] is element (t, 8c + i) of mask j), for the backward kernels to read.
+           splits: int | None = None, config: LoraAConfig | None = None) -> torch.Tensor:
+    """x [N, H], A [n*r, H] -> [N, n*r] in x.dtype: block j is (x * mask_j) @ A_j^T.
 
     The token blocks alone are too few to fill the GPU (and each would walk all of H: 18,944
     columns for a 7B down_proj), so H is cut into `splits` ranges (default: about
@@ -872,7 +783,6 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
     N, H = x.shape
     r = _lora_shapes("lora_a", x, A.shape[0], n)
     seed = _check_dropout(seed, p, n, N, H, x.device)
-    _check_bits("lora_a", bits_out, n, N, H, x.device)
     if N == 0:
         return _empty((N, n * r), x.dtype, x.device)
     cfg = config or LORA_A_CONFIG
@@ -890,20 +800,18 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
     out = _empty((splits, N, n * r), torch.float32, x.device)  # fp32 partial sums (one kernel variant)
     grid = ((n // nproj) * n_mblocks * splits,)
     with _device_of(x):
-        _lora_a_kernel[grid](x, A, out, N, H, r, n, n_mblocks, kblocks_per_split, seed, float(p),
-                             seed if bits_out is None else bits_out, BLOCK_M=block_m, BLOCK_K=block_k,
-                             BLOCK_R=block_r, IEEE=x.dtype == torch.float32, NPROJ=nproj,
-                             TRANSPOSED=cfg.transposed, BITS=bits_out is not None, num_warps=cfg.num_warps,
-                             num_stages=cfg.num_stages)
+        _lora_a_kernel[grid](x, A, out, N, H, r, n, n_mblocks, kblocks_per_split, seed, float(p), BLOCK_M=block_m,
+                             BLOCK_K=block_k, BLOCK_R=block_r, IEEE=x.dtype == torch.float32, NPROJ=nproj,
+                             TRANSPOSED=cfg.transposed, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         return out[0] if x.dtype == torch.float32 else out[0].to(x.dtype)
     return _sum_planes(out, x.dtype)
 
 
 @triton.jit(do_not_specialize=['N', 'rows_per_split'])
-def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_per_split, seed_ptr, p, bits_ptr,
+def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_per_split, seed_ptr, p,
                             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-                            IEEE: tl.constexpr, BITS: tl.constexpr):
+                            IEEE: tl.constexpr):
     seed = tl.load(seed_ptr)
     # Flat grid over (split of N, block of H, j), j fastest then H: neighbours share x tiles in L2.
     pid = tl.program_id(0)
@@ -922,10 +830,7 @@ def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_
         ga = tl.load(ga_ptr + rows64[:, None] * (n * r) + (j * r + rr)[None, :],
                      mask=row_in[:, None] & r_in[None, :], other=0.0)  # [T, R]
         xt = tl.load(x_ptr + rows64[:, None] * H + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
-        if BITS:
-            keep = _keep_read(bits_ptr, j, N, rows[:, None], cols[None, :], H)
-        else:
-            keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
+        keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
         xt = tl.where(keep, xt, tl.zeros_like(xt))
         acc = _dot(tl.trans(ga), xt, acc, IEEE)
     out = out_ptr + (j * r + rr).to(tl.int64)[:, None] * H + cols[None, :]
@@ -933,10 +838,8 @@ def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_
 
 
 def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: int, *,
-                    splits: int | None = None, out: torch.Tensor | None = None,
-                    bits: torch.Tensor | None = None) -> torch.Tensor:
-    """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j),
-    the masks read from `bits` when given (what lora_a wrote with the same seed) instead of drawn.
+                    splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j).
 
     The token dimension is cut into `splits` ranges (default: enough for about 4 programs per SM)
     whose partial sums meet in the output by fp32 atomic adds, so the summation order, and with
@@ -945,7 +848,6 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     N, H = x.shape
     r = _lora_shapes("lora_a_backward", x, ga.shape[1], n)
     seed = _check_dropout(seed, p, n, N, H, x.device)
-    _check_bits("lora_a_backward", bits, n, N, H, x.device)
     if out is None:
         out = torch.zeros((n * r, H), dtype=torch.float32, device=x.device)
     else:  # the partial sums meet there by atomic adds: it starts from zero, as the fresh buffer
@@ -966,9 +868,8 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     grid = (n * n_hblocks * splits,)
     with _device_of(x):
         _lora_a_backward_kernel[grid](ga, x, out, N, H, r, n, n_hblocks, rows_per_split, seed, float(p),
-                                      seed if bits is None else bits, BLOCK_N=block_n, BLOCK_H=block_h,
-                                      BLOCK_R=block_r, IEEE=x.dtype == torch.float32, BITS=bits is not None,
-                                      num_warps=4, num_stages=3)
+                                      BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_R=block_r,
+                                      IEEE=x.dtype == torch.float32, num_warps=4, num_stages=3)
     return out
 
 
@@ -1007,9 +908,9 @@ def lora_grads_accumulate_(acc: torch.Tensor, src_a: torch.Tensor, src_b: torch.
 
 
 @triton.jit(do_not_specialize=['N'])
-def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_ptr, p, bits_ptr,
+def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_ptr, p,
                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-                            IEEE: tl.constexpr, BITS: tl.constexpr):
+                            IEEE: tl.constexpr):
     seed = tl.load(seed_ptr)
     pid = tl.program_id(0)
     cols = (pid % n_hblocks) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -1026,10 +927,7 @@ def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_p
         a = tl.load(a_ptr + (j * r + rr).to(tl.int64)[:, None] * H + cols[None, :],
                     mask=r_in[:, None] & col_in[None, :], other=0.0)  # [R, H]
         part = _dot(ga, a, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IEEE)
-        if BITS:
-            keep = _keep_read(bits_ptr, j, N, rows[:, None], cols[None, :], H)
-        else:
-            keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
+        keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
         total += tl.where(keep, part, 0.0)
     inside = row_in[:, None] & col_in[None, :]
     ptrs = gx_ptr + rows64[:, None] * H + cols[None, :]
@@ -1037,10 +935,9 @@ def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_p
     tl.store(ptrs, (gx + total).to(gx_ptr.dtype.element_ty), mask=inside)
 
 
-def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
-                     bits: torch.Tensor | None = None) -> None:
+def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> None:
     """In place: gx += sum_j (ga_j @ A_j) * mask_j, the input gradient of lora_a (fp32 sums, one
-    rounding to gx.dtype); the masks read from `bits` when given, as lora_a_backward."""
+    rounding to gx.dtype)."""
     _check_2d("lora_x_backward_: gx", gx)
     _check_2d("lora_x_backward_: ga", ga, _DOT_DTYPES)
     _check_2d("lora_x_backward_: A", A, _DOT_DTYPES)
@@ -1054,7 +951,6 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
     N, H = gx.shape
     r = _lora_shapes("lora_x_backward_", gx, A.shape[0], n)
     seed = _check_dropout(seed, p, n, gx.shape[0], H, gx.device)
-    _check_bits("lora_x_backward_", bits, n, N, H, gx.device)
     if N == 0 or H == 0:
         return
     block_m, block_h, block_r = 64, 128, _block_r(r)
@@ -1062,9 +958,8 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
     grid = (n_hblocks * triton.cdiv(N, block_m),)
     with _device_of(gx):
         _lora_x_backward_kernel[grid](gx, ga, A, N, H, r, n, n_hblocks, seed, float(p),
-                                      seed if bits is None else bits, BLOCK_M=block_m, BLOCK_H=block_h,
-                                      BLOCK_R=block_r, IEEE=ga.dtype == torch.float32, BITS=bits is not None,
-                                      num_warps=4, num_stages=2)
+                                      BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_R=block_r,
+                                      IEEE=ga.dtype == torch.float32, num_warps=4, num_stages=2)
 
 
 # ---------------------------------------------------------------------------------------------
