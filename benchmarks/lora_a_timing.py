@@ -10,7 +10,9 @@ launch cost (timing eager calls measures the launch: ~100 us a call whatever the
 same x is read by every call, so it is partly L2-resident, as it is for the backward rows.
 
 Every variant's output is compared with the session-9 launch shape's (max abs diff): the
-keep-mask is the same function, only the order of the fp32 sums differs. The variants compile in
+keep-mask is the same function, only the order of the fp32 sums differs. The two gradient
+kernels' launch variants (BACKWARD_VARIANTS, session 12) are timed and compared the same way
+against their default launches (the reference rows). The variants compile in
 parallel worker processes first (Triton's cache on disk), so the timing process only loads them.
 
     python benchmarks/lora_a_timing.py --out $OUT      # table.md: ms per step, us per 8B call
@@ -72,6 +74,28 @@ VARIANTS = {
     "NT_m128_w8": dict(all_n=True, transposed=True, block_m=128, num_warps=8),
 }
 REFERENCE_ROWS = ("sum_planes", "lora_a_backward", "lora_x_backward_")
+# name: (kernel, MaskedBackwardLaunch fields) of the two gradient kernels ("ab" lora_a_backward,
+# "xb" lora_x_backward_), each against its default launch (the reference row of its kernel)
+BACKWARD_VARIANTS = {
+    "ab_w8": ("ab", dict(block_m=64, block_h=64, warps=8)),
+    "ab_h128": ("ab", dict(block_m=64, block_h=128)),
+    "ab_h128_w8": ("ab", dict(block_m=64, block_h=128, warps=8)),
+    "ab_m128_w8": ("ab", dict(block_m=128, block_h=64, warps=8)),
+    "ab_st2": ("ab", dict(block_m=64, block_h=64, stages=2)),
+    "ab_st4": ("ab", dict(block_m=64, block_h=64, stages=4)),
+    "ab_pps8": ("ab", dict(block_m=64, block_h=64, programs_per_sm=8)),
+    "ab_pps2": ("ab", dict(block_m=64, block_h=64, programs_per_sm=2)),
+    "xb_w8": ("xb", dict(block_m=64, block_h=128, warps=8, stages=2)),
+    "xb_h64": ("xb", dict(block_m=64, block_h=64, stages=2)),
+    "xb_h64_w8": ("xb", dict(block_m=64, block_h=64, warps=8, stages=2)),
+    "xb_m128_w8": ("xb", dict(block_m=128, block_h=64, warps=8, stages=2)),
+    "xb_m128_h128_w8": ("xb", dict(block_m=128, block_h=128, warps=8, stages=2)),
+    "xb_h256_w8": ("xb", dict(block_m=64, block_h=256, warps=8, stages=2)),
+    "xb_st1": ("xb", dict(block_m=64, block_h=128, stages=1)),
+    "xb_st3": ("xb", dict(block_m=64, block_h=128, stages=3)),
+    "xb_m32": ("xb", dict(block_m=32, block_h=128, stages=2)),
+}
+_BACKWARD_REFERENCE = {"ab": "lora_a_backward", "xb": "lora_x_backward_"}
 # Edge cases against a float64 reference made from dropout_mask: (tokens, width, r, n), token
 # counts and widths that no tile divides, r not a power of two and below the 16-wide dot.
 EDGES = ((1000, 1000, 8, 1), (1000, 1000, 8, 2), (300, 520, 24, 3), (130, 4104, 16, 3))
@@ -150,10 +174,19 @@ def _case_fn(name, tri, torch, dev, dt, x, A, ga, seed, n):
                             triton.cdiv(triton.cdiv(h, 64), 2)))
         parts = torch.randn(planes, tokens, n * RANK, device=dev)
         return lambda: tri._sum_planes(parts, dt)
+    launch = None
+    if name in BACKWARD_VARIANTS:
+        kind, fields = BACKWARD_VARIANTS[name]
+        name, launch = _BACKWARD_REFERENCE[kind], tri.MaskedBackwardLaunch(**fields)
     if name == "lora_a_backward":
-        return lambda: tri.lora_a_backward(ga, x, seed, P, n)
+        return lambda: tri.lora_a_backward(ga, x, seed, P, n, launch=launch)
     gx = torch.zeros_like(x)
-    return lambda: tri.lora_x_backward_(gx, ga, A, seed, P, n)
+
+    def x_backward():  # returns a fresh result (the timed graph adds into gx call after call)
+        gx.zero_()
+        tri.lora_x_backward_(gx, ga, A, seed, P, n, launch=launch)
+        return gx
+    return x_backward
 
 
 def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> None:
@@ -199,11 +232,15 @@ def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> No
             for group, n, h in groups(hidden, inter):
                 x, A, ga = _inputs(torch, dev, dt, tokens, n, h)
                 ref = tri.lora_a(x, A, seed, P, n).float()
+                refs = {kind: _case_fn(row, tri, torch, dev, dt, x, A, ga, seed, n)().float().clone()
+                        for kind, row in _BACKWARD_REFERENCE.items()}
                 for name in ok:
                     fn = _case_fn(name, tri, torch, dev, dt, x, A, ga, seed, n)
                     entry = {"case": name, "model": model, "group": group}
                     if name in VARIANTS:
                         entry["diff"] = float((fn().float() - ref).abs().max())
+                    elif name in BACKWARD_VARIANTS:
+                        entry["diff"] = float((fn().float() - refs[BACKWARD_VARIANTS[name][0]]).abs().max())
                     entry["us"] = _time_us(torch, fn, dev)
                     emit(entry)
         if dev == "cuda":
@@ -216,7 +253,7 @@ def timings(shapes: dict, workers: int, rows_path: Path) -> dict:
     "errors": [...]} from the workers' JSON lines; cases: the VARIANTS of lora_a, then the split-K
     sum alone and the two gradient kernels (REFERENCE_ROWS)."""
     t0 = time.monotonic()
-    cases = list(VARIANTS) + list(REFERENCE_ROWS)
+    cases = list(VARIANTS) + list(REFERENCE_ROWS) + list(BACKWARD_VARIANTS)
     workers = max(1, min(workers, len(cases)))
     chunks = [cases[i::workers] for i in range(workers)]
     rows_path.write_text("")
@@ -242,7 +279,7 @@ def collect(lines: list[str], shapes: dict) -> dict:
         else:
             cell = {k: e[k] for k in ("us", "diff") if k in e}
             result["models"].setdefault(e["model"], {}).setdefault(e["group"], {})[e["case"]] = cell
-    order = list(VARIANTS) + list(REFERENCE_ROWS)
+    order = list(VARIANTS) + list(REFERENCE_ROWS) + list(BACKWARD_VARIANTS)
     result["models"] = {m: {g: dict(sorted(row.items(), key=lambda kv: order.index(kv[0])))
                             for g, row in result["models"][m].items()}
                         for m in shapes if m in result["models"]}
@@ -255,7 +292,7 @@ def table(result: dict, shapes: dict) -> str:
     cases = list(first["qkv"])
     group_names = list(first)
     head = ([f"8b {g} us" for g in group_names] if "8b" in models else []) + [f"{m} ms/step" for m in models]
-    lines = ["| case | " + " | ".join(head) + " | vs s9, 8b ms | max abs diff vs s9 | edge rel err |",
+    lines = ["| case | " + " | ".join(head) + " | vs default, 8b ms | max abs diff vs default | edge rel err |",
              "|---|" + "---|" * (len(head) + 3)]
 
     def step_ms(model, case):
@@ -268,7 +305,9 @@ def table(result: dict, shapes: dict) -> str:
         cells = [f"{models['8b'][g][case]['us']:.1f}" for g in group_names] if "8b" in models else []
         cells += [f"{step_ms(m, case):.2f}" for m in models]
         has_s9 = "8b" in models and all("s9" in row for row in models["8b"].values())
-        delta = f"{step_ms('8b', case) - step_ms('8b', 's9'):+.2f}" if has_s9 and case in VARIANTS else "-"
+        base = "s9" if case in VARIANTS else _BACKWARD_REFERENCE.get(BACKWARD_VARIANTS.get(case, ("",))[0])
+        known = "8b" in models and base is not None and all(base in row for row in models["8b"].values())
+        delta = f"{step_ms('8b', case) - step_ms('8b', base):+.2f}" if (has_s9 or base != "s9") and known else "-"
         diffs = [models[m][g][case].get("diff") for m in models for g in models[m]]
         diff = f"{max(diffs):.2g}" if None not in diffs else "-"
         edge = result["edge_rel_err"].get(case)

@@ -810,6 +810,27 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
     return _sum_planes(out, x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskedBackwardLaunch:
+    """How lora_a_backward and lora_x_backward_ tile their work (benchmarks/lora_a_timing.py times
+    these): token rows and columns per tile, warps, pipeline stages, and the programs per SM that
+    lora_a_backward's token split aims at."""
+
+    block_m: int
+    block_h: int
+    warps: int = 4
+    stages: int = 3
+    programs_per_sm: int = 4
+
+
+# The fastest of benchmarks/lora_a_timing.py's launches on the H200 at every row (session 12,
+# results/lora_a_timing_session12_h200.md): 8 programs an SM for the A gradient's token split
+# (-0.2 / -0.6 / -0.9 ms a step at 8B / 7B / 1.5B), 32-token tiles for the input gradient
+# (-0.9 / -1.0 / -1.9 ms; 64-token tiles held 255 registers a thread).
+LORA_A_BACKWARD_LAUNCH = MaskedBackwardLaunch(block_m=64, block_h=64, warps=4, stages=3, programs_per_sm=8)
+LORA_X_BACKWARD_LAUNCH = MaskedBackwardLaunch(block_m=32, block_h=128, warps=4, stages=2)
+
+
 @triton.jit(do_not_specialize=['N', 'rows_per_split'])
 def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_per_split, seed_ptr, p,
                             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -840,10 +861,11 @@ def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_
 
 
 def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: int, *,
-                    splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    splits: int | None = None, out: torch.Tensor | None = None,
+                    launch: MaskedBackwardLaunch | None = None) -> torch.Tensor:
     """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j).
 
-    The token dimension is cut into `splits` ranges (default: enough for about 4 programs per SM)
+    The token dimension is cut into `splits` ranges (default: enough for the launch's programs per SM)
     whose partial sums meet in the output by fp32 atomic adds, so the summation order, and with
     it the last bits of the result, can vary from run to run when there is more than one split."""
     _check_lora_pair("lora_a_backward", x, ga, "ga", 0, "N")
@@ -859,11 +881,12 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
         out.zero_()
     if N == 0 or H == 0:
         return out
-    block_n, block_h, block_r = 64, 64, _block_r(r)
+    launch = LORA_A_BACKWARD_LAUNCH if launch is None else launch
+    block_n, block_h, block_r = launch.block_m, launch.block_h, _block_r(r)
     n_hblocks = triton.cdiv(H, block_h)
     token_blocks = triton.cdiv(N, block_n)
     if splits is None:
-        splits = triton.cdiv(4 * _num_sms(x.device), n * n_hblocks)
+        splits = triton.cdiv(launch.programs_per_sm * _num_sms(x.device), n * n_hblocks)
     splits = max(1, min(int(splits), token_blocks))
     rows_per_split = triton.cdiv(token_blocks, splits) * block_n
     splits = triton.cdiv(N, rows_per_split)
@@ -871,7 +894,8 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     with _device_of(x):
         _lora_a_backward_kernel[grid](ga, x, out, N, H, r, n, n_hblocks, rows_per_split, seed, float(p),
                                       BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_R=block_r,
-                                      IEEE=x.dtype == torch.float32, num_warps=4, num_stages=3)
+                                      IEEE=x.dtype == torch.float32, num_warps=launch.warps,
+                                      num_stages=launch.stages)
     return out
 
 
@@ -937,7 +961,8 @@ def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_p
     tl.store(ptrs, (gx + total).to(gx_ptr.dtype.element_ty), mask=inside)
 
 
-def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> None:
+def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
+                     launch: MaskedBackwardLaunch | None = None) -> None:
     """In place: gx += sum_j (ga_j @ A_j) * mask_j, the input gradient of lora_a (fp32 sums, one
     rounding to gx.dtype)."""
     _check_2d("lora_x_backward_: gx", gx)
@@ -955,13 +980,15 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
     seed = _check_dropout(seed, p, n, gx.shape[0], H, gx.device)
     if N == 0 or H == 0:
         return
-    block_m, block_h, block_r = 64, 128, _block_r(r)
+    launch = LORA_X_BACKWARD_LAUNCH if launch is None else launch
+    block_m, block_h, block_r = launch.block_m, launch.block_h, _block_r(r)
     n_hblocks = triton.cdiv(H, block_h)
     grid = (n_hblocks * triton.cdiv(N, block_m),)
     with _device_of(gx):
         _lora_x_backward_kernel[grid](gx, ga, A, N, H, r, n, n_hblocks, seed, float(p),
                                       BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_R=block_r,
-                                      IEEE=ga.dtype == torch.float32, num_warps=4, num_stages=2)
+                                      IEEE=ga.dtype == torch.float32, num_warps=launch.warps,
+                                      num_stages=launch.stages)
 
 
 # ---------------------------------------------------------------------------------------------
