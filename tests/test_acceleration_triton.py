@@ -287,6 +287,28 @@ def run_lora_a_configs(N, H, r, n, p, seed, splits=None):
         record("lora_a.config", f"{case} {fields}", T.lora_a(x, A, seed, p, n, splits=splits, config=cfg), exp_a)
 
 
+def run_masked_backward_launches(N, H, r, n, p, seed):
+    """lora_a_backward and lora_x_backward_ in the launch shapes that benchmarks/lora_a_timing.py
+    sweeps (tiles of 16-128 tokens and 64-256 columns, 8 warps, 1-4 stages, several programs per
+    SM) against the float64 formulas with the kernels' own mask: the tile changes the order of the
+    fp32 sums only."""
+    case = f"N={N} H={H} r={r} n={n} p={p}"
+    x, A, ga, gx0 = rnd(N, H), rnd(n * r, H, scale=0.1), rnd(N, n * r), rnd(N, H)
+    masks = [mask(seed, j, N, H, p).double() for j in range(n)]
+    xd, Ad, gad = x.double().cpu(), A.double().cpu(), ga.double().cpu()
+    blocks = [slice(j * r, (j + 1) * r) for j in range(n)]
+    exp_gA = torch.cat([gad[:, b].t() @ (xd * masks[j]) for j, b in enumerate(blocks)], dim=0)
+    exp_gx = gx0.double().cpu() + sum((gad[:, b] @ Ad[b]) * masks[j] for j, b in enumerate(blocks))
+    for fields in (dict(block_m=16, block_h=64), dict(block_m=128, block_h=64, warps=8, stages=2),
+                   dict(block_m=64, block_h=128, stages=4, programs_per_sm=8),
+                   dict(block_m=32, block_h=256, warps=8, stages=1, programs_per_sm=2)):
+        launch = T.MaskedBackwardLaunch(**fields)
+        record("lora_a_backward.launch", f"{case} {fields}", T.lora_a_backward(ga, x, seed, p, n, launch=launch), exp_gA)
+        gx = gx0.clone()
+        T.lora_x_backward_(gx, ga, A, seed, p, n, launch=launch)
+        record("lora_x_backward_.launch", f"{case} {fields}", gx, exp_gx)
+
+
 def run_grads_accumulate(sizes_a, rows_b, rank):
     """A graphed layer's LoRA gradient accumulation: acc[:nA] += gA, acc[nA:] += float(gB) * the
     row's scale, bit for bit the torch reference (the cast, the scaling, the add it replaces)."""
@@ -453,6 +475,8 @@ run_lora_a_configs(N=37, H=96, r=8, n=1, p=0.3, seed=5)
 run_lora_a_configs(N=70, H=104, r=16, n=2, p=0.3, seed=6)
 run_lora_a_configs(N=150, H=296, r=24, n=3, p=0.3, seed=7, splits=3)
 run_lora_a_configs(N=37, H=96, r=8, n=4, p=0.3, seed=8)  # all_n takes n <= 3: one projection a program
+run_masked_backward_launches(N=37, H=96, r=8, n=3, p=0.3, seed=9)  # tokens and widths no tile divides
+run_masked_backward_launches(N=150, H=296, r=24, n=2, p=0.3, seed=10)
 run_sum_planes(S=3, shape=(37, 48))
 run_grads_accumulate(sizes_a=(3 * 4 * 32, 4 * 32), rows_b=(32, 16, 16, 32), rank=4)
 run_grads_accumulate(sizes_a=(5000,), rows_b=(700, 300, 20, 1), rank=16)  # several programs, a partial last one
@@ -472,6 +496,7 @@ if not INTERPRET:
     run_lora(N=2048, H=1536, r=16, n=3, p=0.1, seed=99)
     run_lora(N=2048, H=1536, r=64, n=2, p=0.1, seed=99, splits=7)
     run_lora_a_configs(N=2000, H=1000, r=16, n=3, p=0.1, seed=98)
+    run_masked_backward_launches(N=2000, H=1000, r=16, n=3, p=0.1, seed=97)
 print("RESULTS_JSON=" + json.dumps(RESULTS))
 '''
 
