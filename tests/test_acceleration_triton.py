@@ -434,6 +434,8 @@ def run_errors():
     raises("lora_a", "width not divisible by 8", lambda: T.lora_a(rnd(8, 36), rnd(16, 36), 1, 0.1, 1))
     raises("lora_a_backward", "N mismatch", lambda: T.lora_a_backward(rnd(7, 16), x, 1, 0.1, 1))
     raises("lora_x_backward_", "ga width", lambda: T.lora_x_backward_(rnd(8, 32), rnd(8, 15), rnd(16, 32), 1, 0.1, 1))
+    raises("MaskedBackwardLaunch", "a 48-token tile", lambda: T.MaskedBackwardLaunch(block_m=48, block_h=64))
+    raises("MaskedBackwardLaunch", "3 warps", lambda: T.MaskedBackwardLaunch(block_m=32, block_h=64, warps=3))
 
 
 def run_dispatch():
@@ -569,8 +571,9 @@ def test_cross_entropy_kernel_matches_the_reference(interpreted):
 
 def test_launchers_reject_bad_arguments_with_value_errors(interpreted):
     errors = [e for e in interpreted if "detail" in e and e["op"] in
-              ("rms_norm", "rope_", "swiglu", "swiglu_backward", "lora_a", "lora_a_backward", "lora_x_backward_")]
-    assert len(errors) == 12
+              ("rms_norm", "rope_", "swiglu", "swiglu_backward", "lora_a", "lora_a_backward", "lora_x_backward_",
+               "MaskedBackwardLaunch")]
+    assert len(errors) == 14
     bad = [_describe(e) for e in errors if not e["ok"]]
     assert not bad, "\n".join(bad)
 

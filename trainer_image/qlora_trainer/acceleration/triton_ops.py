@@ -822,6 +822,14 @@ class MaskedBackwardLaunch:
     stages: int = 3
     programs_per_sm: int = 4
 
+    def __post_init__(self):
+        tiles = (self.block_m, self.block_h)
+        if not all(t >= 16 and t & (t - 1) == 0 for t in tiles):  # tl.dot's smallest side; the masks' groups of 8
+            raise ValueError(f"MaskedBackwardLaunch: tiles must be powers of two >= 16, got {tiles}")
+        if not (self.warps in (1, 2, 4, 8, 16) and self.stages >= 1 and self.programs_per_sm >= 1):
+            raise ValueError(f"MaskedBackwardLaunch: warps {self.warps}, stages {self.stages} and programs per SM "
+                             f"{self.programs_per_sm} must be a power of two <= 16, >= 1 and >= 1")
+
 
 # The fastest of benchmarks/lora_a_timing.py's launches on the H200 at every row (session 12,
 # results/lora_a_timing_session12_h200.md): 8 programs an SM for the A gradient's token split
