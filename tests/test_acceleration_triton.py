@@ -242,17 +242,23 @@ def run_nf4_errors():
     raises("dequantize_nf4", "values", lambda: T.dequantize_nf4(q, qs, torch.empty(8, 95, device=DEV, dtype=DT)))
 
 
-def run_lora(N, H, r, n, p, seed, splits=None):
-    case = f"N={N} H={H} r={r} n={n} p={p} seed={seed}" + (f" splits={splits}" if splits else "")
+def lora_case(N, H, r, n, p, seed):
+    """Random x, A, ga and a starting gx, and the float64 expectations of lora_a, lora_a_backward
+    and lora_x_backward_ from the written-out formulas with the kernels' own masks."""
     x, A, ga = rnd(N, H), rnd(n * r, H, scale=0.1), rnd(N, n * r)
     gx0 = rnd(N, H)
     masks = [mask(seed, j, N, H, p).double() for j in range(n)]
     xd, Ad, gad = x.double().cpu(), A.double().cpu(), ga.double().cpu()
     blocks = [slice(j * r, (j + 1) * r) for j in range(n)]
-    # float64 expectations from the written-out formulas
     exp_a = torch.cat([(xd * masks[j]) @ Ad[b].t() for j, b in enumerate(blocks)], dim=1)
     exp_gA = torch.cat([gad[:, b].t() @ (xd * masks[j]) for j, b in enumerate(blocks)], dim=0)
     exp_gx = gx0.double().cpu() + sum((gad[:, b] @ Ad[b]) * masks[j] for j, b in enumerate(blocks))
+    return x, A, ga, gx0, exp_a, exp_gA, exp_gx
+
+
+def run_lora(N, H, r, n, p, seed, splits=None):
+    case = f"N={N} H={H} r={r} n={n} p={p} seed={seed}" + (f" splits={splits}" if splits else "")
+    x, A, ga, gx0, exp_a, exp_gA, exp_gx = lora_case(N, H, r, n, p, seed)
 
     a = T.lora_a(x, A, seed, p, n, **({"splits": splits} if splits else {}))
     record("lora_a", case, a, exp_a)
@@ -293,12 +299,7 @@ def run_masked_backward_launches(N, H, r, n, p, seed):
     SM) against the float64 formulas with the kernels' own mask: the tile changes the order of the
     fp32 sums only."""
     case = f"N={N} H={H} r={r} n={n} p={p}"
-    x, A, ga, gx0 = rnd(N, H), rnd(n * r, H, scale=0.1), rnd(N, n * r), rnd(N, H)
-    masks = [mask(seed, j, N, H, p).double() for j in range(n)]
-    xd, Ad, gad = x.double().cpu(), A.double().cpu(), ga.double().cpu()
-    blocks = [slice(j * r, (j + 1) * r) for j in range(n)]
-    exp_gA = torch.cat([gad[:, b].t() @ (xd * masks[j]) for j, b in enumerate(blocks)], dim=0)
-    exp_gx = gx0.double().cpu() + sum((gad[:, b] @ Ad[b]) * masks[j] for j, b in enumerate(blocks))
+    x, A, ga, gx0, _, exp_gA, exp_gx = lora_case(N, H, r, n, p, seed)
     for fields in (dict(block_m=16, block_h=64), dict(block_m=128, block_h=64, warps=8, stages=2),
                    dict(block_m=64, block_h=128, stages=4, programs_per_sm=8),
                    dict(block_m=32, block_h=256, warps=8, stages=1, programs_per_sm=2)):

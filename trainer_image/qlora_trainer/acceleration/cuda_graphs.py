@@ -192,7 +192,7 @@ class LayerGraphs:
         self.rope = (cos.detach().clone(), sin.detach().clone())
         self.pack = pack
         inputs = {id(layer): new() for layer in layers}
-        position = {id(layer): i for i, layer in enumerate(self.layers)}
+        position = self.position
         states = []
         for k, layer in enumerate(layers):
             nxt = self.layers[position[id(layer)] + 1] if position[id(layer)] + 1 < len(self.layers) else None
