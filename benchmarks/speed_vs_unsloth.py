@@ -662,6 +662,13 @@ def run_dropout(cfg) -> float:
     return cfg.get("dropout", DROPOUT_P0 if cfg["engine"] == "unsloth" else RECIPE_DROPOUT)
 
 
+def _check_records(records, vocab: int) -> None:
+    """The host-side check the trainer's collator makes (data.check_token_ids): the fast path's loss
+    then skips its own, which stalls every micro-step (apply: labels_checked_on_host)."""
+    if any(min(r) < 0 or max(r) >= vocab for r in records if r):
+        raise ValueError(f"token ids outside the vocabulary of {vocab}")
+
+
 def _fixed_batches(vocab, micro, seq, accum, seed=0):
     """Step s trains on the same micro*accum sequences whatever the split into micro-batches (a
     pool of 4 full steps, cycled), so every engine and plan sees the same data in the same order."""
@@ -669,6 +676,7 @@ def _fixed_batches(vocab, micro, seq, accum, seed=0):
 
     g = torch.Generator().manual_seed(seed)
     pool = [torch.randint(0, min(vocab, 49152), (micro * accum, seq), generator=g) for _ in range(4)]
+    _check_records([p.flatten().tolist() for p in pool], vocab)
 
     def make(step):
         full = pool[step % len(pool)]
@@ -697,9 +705,10 @@ def run_fixed(cfg) -> dict:
     t_load = time.perf_counter()
     model = shared_model(engine, folder, seq, dropout)
     if plan is not None:
-        from qlora_trainer.acceleration import apply_acceleration
+        from qlora_trainer.acceleration import apply_acceleration, labels_checked_on_host
 
         result["acceleration"] = apply_acceleration(model, plan).describe()
+        labels_checked_on_host(model)  # every batch below is checked on the host (_fixed_batches, _varlen_batches)
     result["load_s"] = round(time.perf_counter() - t_load, 1)
     params, opt = make_optimizer(model, plan=plan)
     if cfg.get("torch_seed") is not None:  # after loading: only the dropout masks change
@@ -1032,9 +1041,11 @@ def run_varlen(cfg) -> dict:
         result["plan"] = plan.describe()
     model = shared_model(engine, folder, max_len, dropout)
     if plan is not None:
-        from qlora_trainer.acceleration import apply_acceleration
+        from qlora_trainer.acceleration import apply_acceleration, labels_checked_on_host
 
         apply_acceleration(model, plan)
+        _check_records(records, model.config.vocab_size)
+        labels_checked_on_host(model)
     params, opt = make_optimizer(model, plan=plan)
     from qlora_trainer.acceleration.packing import pack_records
 
@@ -1151,9 +1162,11 @@ def run_lossmatch(cfg, device="cuda", folder: Path | None = None) -> dict:
                               predicted_tokens_per_s=0.0, budget_bytes=0, policy="cpu")
     model = load_model(engine, folder, max_len, 0.05, device=device)
     if plan is not None:
-        from qlora_trainer.acceleration import apply_acceleration
+        from qlora_trainer.acceleration import apply_acceleration, labels_checked_on_host
 
         apply_acceleration(model, plan)
+        _check_records(records, model.config.vocab_size)
+        labels_checked_on_host(model)
     params, opt = make_optimizer(model, device, plan=plan)
     torch.manual_seed(cfg.get("dropout_seed", 0))
 

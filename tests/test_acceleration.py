@@ -294,6 +294,25 @@ def test_chunked_cross_entropy_names_a_label_outside_the_vocabulary(bad):
         chunked_cross_entropy(torch.randn(6, 16), torch.randn(50, 16), labels)
 
 
+def test_an_unchecked_label_outside_the_vocabulary_counts_as_ignored():
+    """With check_labels=False (the collator checked them on the host) nothing reads past a row of
+    logits: a label outside the vocabulary adds no loss and no gradient, as -100."""
+    from qlora_trainer.acceleration.kernels import chunked_cross_entropy
+
+    hidden, weight = torch.randn(6, 16), torch.randn(50, 16)
+    labels = torch.tensor([3, 7, 50, 1, -3, 9])
+    ignored = torch.where((labels < 0) | (labels >= 50), torch.full_like(labels, -100), labels)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    got = chunked_cross_entropy(h1, weight, labels, denominator=4.0, check_labels=False)
+    want = chunked_cross_entropy(h2, weight, ignored, denominator=4.0)
+    got.backward()
+    want.backward()
+    assert torch.equal(got, want) and torch.equal(h1.grad, h2.grad)
+    assert not h1.grad[[2, 4]].any() and h1.grad[[0, 1, 3, 5]].abs().sum(-1).min() > 0
+    with pytest.raises(ValueError, match="label 50 is outside the vocabulary"):
+        chunked_cross_entropy(hidden, weight, labels, denominator=4.0)
+
+
 # --- the whole model ----------------------------------------------------------------------------
 
 def _tiny_peft_model(dropout=0.0):

@@ -222,6 +222,25 @@ def test_collator_pads_with_unlabelled_tokens():
     assert set(full) == {"input_ids", "labels"} and full["input_ids"].shape == (2, 4)
 
 
+@pytest.mark.parametrize("field,value,where", [("input_ids", 50, "token id 50 (row 1, position 2)"),
+                                               ("labels", 64, "label 64 (row 1, position 2)"),
+                                               ("labels", -1, "label -1 (row 1, position 2)")])
+def test_collator_stops_on_ids_outside_the_models_vocabulary(field, value, where):
+    """The trainer's collator checks ids and labels on the host (so the fused loss need not stall
+    the GPU for it every micro-step) and names the offending token; -100 and padding pass."""
+    from qlora_trainer.errors import TrainerFailure
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]},
+            {"input_ids": [4, 5, 6], "labels": [-100, 5, 6], "position_ids": [0, 1, 2]}]
+    collate = data.Collator(pad_token_id=0, packed=True, pad_to_multiple_of=4, vocab_size=50)
+    assert collate(rows)["labels"].tolist() == [[-100, 2, 3, -100], [-100, 5, 6, -100]]
+    rows[1][field] = [*rows[1][field][:2], value]
+    with pytest.raises(TrainerFailure) as caught:
+        collate(rows)
+    assert caught.value.reason == "BadData" and where in str(caught.value) and "(0..49" in str(caught.value)
+    data.Collator(pad_token_id=0, packed=True, pad_to_multiple_of=4)(rows)  # unchecked without a vocabulary
+
+
 # -- translators ----------------------------------------------------------------------------------------------
 
 

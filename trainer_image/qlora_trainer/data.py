@@ -424,15 +424,35 @@ def to_dataset(rows: list[Example]):
     })
 
 
+def check_token_ids(input_ids, labels, vocab_size: int) -> None:
+    """Raise a BadData TrainerFailure when a batch's token ids or labels fall outside the model's
+    vocabulary (0..vocab_size-1; labels may also be IGNORE). On the host, before the batch goes to
+    the GPU: there an out-of-range id stops the process with a device-side assert in the embedding,
+    and checking labels on the GPU made the host wait for it at every micro-step."""
+    for name, t, allowed in (("token id", input_ids, None), ("label", labels, IGNORE)):
+        t = t.reshape(-1, t.shape[-1])  # [rows, positions]
+        bad = (t < 0) | (t >= vocab_size)
+        if allowed is not None:
+            bad &= t != allowed
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            value = int(t[row, col])
+            ignore = f", or {IGNORE} to ignore" if allowed is not None else ""
+            raise bad_data(f"{name} {value} (row {row}, position {col}) is outside the model's vocabulary "
+                           f"(0..{vocab_size - 1}{ignore}): was the data tokenized for another model?")
+
+
 @dataclass
 class Collator:
     """Pads a batch of rows. Packed rows get no attention mask (see the module docstring); the
     padding is a segment of its own (positions restart at 0) with no labels. Unpacked rows get a
-    mask only when one of them is padded."""
+    mask only when one of them is padded. With `vocab_size`, every batch's ids and labels are
+    checked against it (check_token_ids)."""
 
     pad_token_id: int
     packed: bool
     pad_to_multiple_of: int = 8
+    vocab_size: int | None = None
 
     def __call__(self, rows: list[dict]) -> dict:
         import torch
@@ -447,6 +467,8 @@ class Collator:
             positions.append(list(r["position_ids"]) + list(range(pad)))
             mask.append([1] * len(r["input_ids"]) + [0] * pad)
         batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        if self.vocab_size is not None:
+            check_token_ids(batch["input_ids"], batch["labels"], self.vocab_size)
         if self.packed:
             batch["position_ids"] = torch.tensor(positions)
         elif any(len(r["input_ids"]) < length for r in rows):

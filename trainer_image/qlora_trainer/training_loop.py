@@ -20,6 +20,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from qlora_trainer import distributed, evaluation
+from qlora_trainer.acceleration import labels_checked_on_host
 from qlora_trainer.checkpoints import CheckpointStore
 from qlora_trainer.data import Collator, Example, to_dataset
 from qlora_trainer.phases import PhaseClock, folder_bytes
@@ -424,6 +425,16 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _vocab_rows(lm) -> int | None:
+    """The rows of the LM head (or of the input embeddings, without one): the ids and labels a batch may hold."""
+    for get in ("get_output_embeddings", "get_input_embeddings"):
+        layer = getattr(lm, get)() if hasattr(lm, get) else None
+        weight = getattr(layer, "weight", None)
+        if weight is not None and weight.dim() == 2:
+            return int(weight.shape[0])
+    return None
+
+
 class ResumingSFTTrainer(LeanSFTTrainer):
     """LeanSFTTrainer whose resume keeps the adapter in the dtype it trains in.
 
@@ -451,7 +462,11 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, spec: TrainingSpec, o
     saves and restores its adapter and optimizer through gathered state dicts. `all_reduce_after_step`
     (data parallel on the fast path): no DistributedDataParallel; the LoRA gradients are averaged
     once per optimizer step instead (gradient_sync.py), so the fused layers keep their CUDA graphs."""
-    collator = Collator(tokenizer.pad_token_id, packed=spec.packing)
+    collator = Collator(tokenizer.pad_token_id, packed=spec.packing, vocab_size=_vocab_rows(_causal_lm(model)))
+    if collator.vocab_size is not None:
+        # it checks every batch's ids and labels on the host: the fused loss need not read its own
+        # check back from the GPU at every micro-step
+        labels_checked_on_host(model)
     progress = ProgressReport(reporter, linear_flops_per_token(model), peak_flops(dtype), world, store)
     callbacks = [progress, StopOnInterruption(interruption, store is not None, world)]
     if store is not None:

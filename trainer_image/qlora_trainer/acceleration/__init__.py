@@ -53,6 +53,14 @@ def plan_for_gpu(model_config, job: JobShape, policy: str = "auto", device: int 
                        recompute=recompute, fused=fused)
 
 
+def labels_checked_on_host(model) -> None:
+    """Tell the fused loss that every batch's labels were checked against the vocabulary on the host
+    before they reached the GPU (the trainer's collator: data.check_token_ids), so it skips its own
+    check, which would make the host wait for the GPU at every micro-step."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm._qlora_labels_checked = True
+
+
 def apply_acceleration(model, plan: MemoryPlan):
     from .apply import apply_acceleration as _apply
 
@@ -70,6 +78,7 @@ __all__ = [
     "apply_acceleration",
     "fused_layer_wanted",
     "gpu_spec",
+    "labels_checked_on_host",
     "plan_for_gpu",
     "plan_memory",
 ]

@@ -267,7 +267,10 @@ def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
         out = backbone(input_ids=input_ids, **kwargs)
         hidden = out.last_hidden_state.to(head.weight.dtype)  # an fp32 residual stream: the LM head runs in bf16
         shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
-        loss = chunked_cross_entropy(hidden, head.weight, shifted, num_items_in_batch, plan.ce_chunk_tokens)
+        # labels the trainer's collator already checked on the host (data.check_token_ids) are not
+        # checked again here: that check reads the GPU's answer and stalls every micro-step
+        loss = chunked_cross_entropy(hidden, head.weight, shifted, num_items_in_batch, plan.ce_chunk_tokens,
+                                     check_labels=not getattr(self, "_qlora_labels_checked", False))
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     lm.forward = types.MethodType(forward, lm)

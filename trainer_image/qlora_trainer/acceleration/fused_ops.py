@@ -290,7 +290,7 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
 
 
 def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: float | torch.Tensor | None) -> torch.Tensor:
-    """logits [C, V], labels [C] (-100: ignored) -> per-row loss [C] in the accumulation dtype
+    """logits [C, V], labels [C] (-100, or any label outside 0..V-1: ignored) -> per-row loss [C] in the accumulation dtype
     (lse - logit[label], 0 for ignored rows), computed from the logits as given. With `scale`, the
     logits are overwritten with the loss's gradient times `scale`: (softmax - onehot(label)) *
     scale on valid rows, 0 on ignored ones, rounded once to the logits' dtype. `scale` may be a
@@ -300,7 +300,7 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: float
         return k(logits, labels, scale)
     lf = logits.to(_acc(logits))
     lse = torch.logsumexp(lf, dim=-1)
-    valid = labels != -100
+    valid = (labels >= 0) & (labels < logits.shape[1])  # as the kernel: outside the vocabulary, no loss
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     loss = torch.where(valid, lse - lf.gather(1, safe[:, None]).squeeze(1), torch.zeros_like(lse))
     if scale is not None:

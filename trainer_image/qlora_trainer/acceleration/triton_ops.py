@@ -1141,7 +1141,7 @@ def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, scal
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     label = tl.load(labels_ptr + row)
-    valid = label != -100
+    valid = (label >= 0) & (label < V)  # -100, or an unchecked label outside the vocabulary: no loss
     safe = tl.where(valid, label, 0)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK], dtype=tl.float32)
