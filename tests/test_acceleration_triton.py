@@ -310,6 +310,29 @@ def run_masked_backward_launches(N, H, r, n, p, seed):
         record("lora_x_backward_.launch", f"{case} {fields}", gx, exp_gx)
 
 
+def run_lora_factors(outs, r, in_f, out_dtype):
+    """A LoRA set's static factors in one launch, bit for bit the torch reference (cat with the
+    cast, each B block scaled and rounded once; the zeros around the blocks untouched). fp16
+    outputs in the interpreter (its bf16 conversion truncates; compiled, both round to nearest
+    even as torch does)."""
+    case = f"outs={outs} r={r} in={in_f} {out_dtype}"
+    n = len(outs)
+    As = [torch.randn(r, in_f).to(DEV) for _ in range(n)]
+    Bs = [torch.randn(o, r).to(DEV) for o in outs]
+    scales = torch.tensor([2.0 / 3.0, 0.5 / 0.95, 1.1][:n], dtype=torch.float32, device=DEV)
+    A = torch.full((n * r, in_f), float("nan"), dtype=out_dtype, device=DEV)
+    B = torch.full((sum(outs), n * r), float("nan"), dtype=out_dtype, device=DEV)
+    row = 0
+    for j, o in enumerate(outs):  # make_static's zeros around the blocks, which must stay
+        B[row:row + o] = 0
+        row += o
+    A_ref, B_ref = A.cpu().clone(), B.cpu().clone()
+    F.lora_factors_(A_ref, B_ref, [a.cpu() for a in As], [b.cpu() for b in Bs], scales.cpu())
+    T.lora_factors_(A, B, As, Bs, scales)
+    check("lora_factors_.A", case, torch.equal(A.cpu(), A_ref), f"max diff {float((A.cpu().float() - A_ref.float()).abs().max())}")
+    check("lora_factors_.B", case, torch.equal(B.cpu(), B_ref), f"max diff {float((B.cpu().float() - B_ref.float()).abs().max())}")
+
+
 def run_grads_accumulate(sizes_a, rows_b, rank):
     """A graphed layer's LoRA gradient accumulation: acc[:nA] += gA, acc[nA:] += float(gB) * the
     row's scale, bit for bit the torch reference (the cast, the scaling, the add it replaces)."""
@@ -485,6 +508,13 @@ run_lora_a_configs(N=37, H=96, r=8, n=4, p=0.3, seed=8)  # all_n takes n <= 3: o
 run_masked_backward_launches(N=37, H=96, r=8, n=3, p=0.3, seed=9)  # tokens and widths no tile divides
 run_masked_backward_launches(N=150, H=296, r=24, n=2, p=0.3, seed=10)
 run_sum_planes(S=3, shape=(37, 48))
+run_lora_factors(outs=(40, 8, 8), r=4, in_f=32, out_dtype=torch.float16)  # q, k, v
+run_lora_factors(outs=(36, 36), r=8, in_f=20, out_dtype=torch.float16)  # gate, up
+run_lora_factors(outs=(5000,), r=4, in_f=3000, out_dtype=torch.float16)  # one projection, several chunks
+run_lora_factors(outs=(24, 8), r=4, in_f=16, out_dtype=torch.float32)
+raises("lora_factors_", "a bf16 parameter", lambda: T.lora_factors_(
+    torch.empty(4, 16, device=DEV), torch.empty(8, 4, device=DEV), [torch.empty(4, 16, device=DEV, dtype=torch.bfloat16)],
+    [torch.empty(8, 4, device=DEV)], torch.ones(1, device=DEV)))
 run_grads_accumulate(sizes_a=(3 * 4 * 32, 4 * 32), rows_b=(32, 16, 16, 32), rank=4)
 run_grads_accumulate(sizes_a=(5000,), rows_b=(700, 300, 20, 1), rank=16)  # several programs, a partial last one
 run_sum_planes(S=7, shape=(600, 40))  # more than one program of 1,024 elements
@@ -504,6 +534,8 @@ if not INTERPRET:
     run_lora(N=2048, H=1536, r=64, n=2, p=0.1, seed=99, splits=7)
     run_lora_a_configs(N=2000, H=1000, r=16, n=3, p=0.1, seed=98)
     run_masked_backward_launches(N=2000, H=1000, r=16, n=3, p=0.1, seed=97)
+    run_lora_factors(outs=(4096, 1024, 1024), r=16, in_f=4096, out_dtype=torch.bfloat16)  # compiled: bf16 too
+    run_lora_factors(outs=(14336, 14336), r=16, in_f=4096, out_dtype=torch.bfloat16)
 print("RESULTS_JSON=" + json.dumps(RESULTS))
 '''
 
@@ -564,6 +596,10 @@ def test_dropout_mask_is_a_pure_function_of_seed_projection_and_position(interpr
 
 def test_lora_kernels_match_the_formulas_with_the_kernels_mask(interpreted):
     _assert_group(interpreted, ("lora_",))
+
+
+def test_a_lora_sets_factors_are_refreshed_in_one_launch_bit_for_bit(interpreted):
+    _assert_group(interpreted, ("lora_factors_",))
 
 
 def test_lora_a_split_sums_add_in_order_and_round_once(interpreted):

@@ -200,22 +200,19 @@ class LoRASet:
         replay (~60 small kernels per layer per micro-step): `refresh_static` writes them, once
         after each change of the parameters."""
         self.static = tuple(t.clone() for t in self._build(self.params()))
+        self.static_scales = torch.tensor(self.scales(), dtype=torch.float32, device=self.static[0].device)
 
     def refresh_static(self) -> None:
-        """What _build computes, written straight into the static buffers: A cast while it is
-        concatenated (one kernel), each scaled B rounded into its block of the block diagonal (one
-        kernel per projection; the zeros around the blocks, from make_static, stay). Building and
-        copying took ~1,100 small kernels at 8B (casts, block_diag's fills and copies, two copies per
-        set), once per optimizer step (benchmarks/results/speed_small_kernels_8b_session11_h200.md)."""
+        """What _build computes, written straight into the static buffers (fused_ops.lora_factors_:
+        A cast while it is concatenated, each scaled B rounded into its block of the block
+        diagonal, the zeros around the blocks from make_static left alone; one kernel per set on a
+        GPU). Building and copying took ~1,100 small kernels at 8B (casts, block_diag's fills and
+        copies, two copies per set), once per optimizer step
+        (benchmarks/results/speed_small_kernels_8b_session11_h200.md); writing in place ~450."""
         params = self.params()
         A, B = self.static
         with torch.no_grad():
-            torch.cat(params[0::2], 0, out=A)  # the cast to the compute dtype rounds as .to() does
-            row = 0
-            for j, (b, scale) in enumerate(zip(params[1::2], self.scales())):
-                # product in the parameter's dtype, rounded once when stored: (b * s).to(dtype)
-                torch.mul(b, scale, out=B[row:row + b.shape[0], j * self.rank:(j + 1) * self.rank])
-                row += b.shape[0]
+            ops.lora_factors_(A, B, params[0::2], params[1::2], self.static_scales)
 
     def grad_a_out(self) -> torch.Tensor | None:
         """Where lora_a_backward writes gA: the graphed layer's source buffer, or None (fresh)."""

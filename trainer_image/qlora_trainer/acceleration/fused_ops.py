@@ -270,6 +270,26 @@ def lora_grads_accumulate_(acc: torch.Tensor, src_a: torch.Tensor, src_b: torch.
     acc[n_a:].view(-1, rank).add_(src_b.view(-1, rank).to(acc.dtype) * row_scale[:, None])
 
 
+def lora_factors_(A: torch.Tensor, B: torch.Tensor, As: list[torch.Tensor], Bs: list[torch.Tensor],
+                  scales: torch.Tensor) -> None:
+    """A LoRA set's static factors, in place: A [n*r, in] <- the A_j [r, in] concatenated and cast
+    to A's dtype; B's diagonal blocks B[rows of j, j*r:(j+1)*r] <- B_j * scales[j] (fp32 scales
+    [n]), each product rounded once to B's dtype. The zeros around the blocks are not written.
+    One kernel for the set on a GPU (fp32 factors, n <= 3) where this took one per projection
+    plus one for the concatenation (~450 an 8B step, each a few microseconds, most of them the
+    factor-refresh graph's ~1.2 ms: benchmarks/results/speed_profile_8b_session12_h200.md)."""
+    if A.is_cuda and len(As) <= 3 and all(t.dtype == torch.float32 for t in (*As, *Bs)):
+        k = _kernel(A, "lora_factors_")
+        if k is not None:
+            k(A, B, As, Bs, scales)
+            return
+    torch.cat(As, 0, out=A)  # the cast to A's dtype rounds as .to() does
+    r, row = As[0].shape[0], 0
+    for j, b in enumerate(Bs):
+        torch.mul(b, scales[j], out=B[row:row + b.shape[0], j * r:(j + 1) * r])  # rounded once when stored
+        row += b.shape[0]
+
+
 def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> None:
     """In place: gx += sum_j (ga_j @ A_j) * mask_j, the input gradient of lora_a."""
     if p == 0:

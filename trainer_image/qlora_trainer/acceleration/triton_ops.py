@@ -941,6 +941,63 @@ def lora_grads_accumulate_(acc: torch.Tensor, src_a: torch.Tensor, src_b: torch.
                                                                  BLOCK=block, num_warps=8, enable_fp_fusion=False)
 
 
+@triton.jit
+def _lora_factors_kernel(a0, a1, a2, b0, b1, b2, A_ptr, B_ptr, scale_ptr, in_f, out0, out1, out2,
+                         R: tl.constexpr, N_PROJ: tl.constexpr, BLOCK: tl.constexpr):
+    """One LoRA set's static factors from its parameters: program (chunk, j, part) writes chunk of
+    projection j's A rows (part 0: cast) or of its scaled B block (part 1: B[row_j + i, j*R + k] =
+    b_j[i, k] * scale_j, rounded once)."""
+    chunk = tl.program_id(0)
+    j = tl.program_id(1)
+    part = tl.program_id(2)
+    e = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    out_ty = A_ptr.dtype.element_ty
+    if part == 0:
+        if j == 0:
+            src = a0
+        elif j == 1:
+            src = a1
+        else:
+            src = a2
+        count = R * in_f
+        inside = e < count
+        v = tl.load(src + e, mask=inside, other=0.0)
+        tl.store(A_ptr + j * count + e, v.to(out_ty, fp_downcast_rounding="rtne"), mask=inside)
+    else:
+        if j == 0:
+            src, rows, first = b0, out0, out0 * 0
+        elif j == 1:
+            src, rows, first = b1, out1, out0
+        else:
+            src, rows, first = b2, out2, out0 + out1
+        inside = e < rows * R
+        v = tl.load(src + e, mask=inside, other=0.0) * tl.load(scale_ptr + j)
+        i, k = e // R, e % R
+        tl.store(B_ptr + (first + i) * (N_PROJ * R) + j * R + k, v.to(out_ty, fp_downcast_rounding="rtne"), mask=inside)
+
+
+def lora_factors_(A: torch.Tensor, B: torch.Tensor, As: list, Bs: list, scales: torch.Tensor) -> None:
+    """fused_ops.lora_factors_ in one launch: A [n*r, in] <- cat(As) cast, B's diagonal blocks
+    [out_j, r] <- Bs[j] * scales[j] rounded once (the zeros around them stay)."""
+    n = len(As)
+    r, in_f = As[0].shape
+    if not (1 <= n <= 3 and len(Bs) == n and scales.numel() == n and scales.dtype == torch.float32
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in (*As, *Bs))
+            and A.is_contiguous() and B.is_contiguous() and tuple(A.shape) == (n * r, in_f)
+            and tuple(B.shape) == (sum(b.shape[0] for b in Bs), n * r)
+            and all(tuple(a.shape) == (r, in_f) for a in As) and all(b.shape[1] == r for b in Bs)):
+        raise ValueError("lora_factors_: n <= 3 contiguous fp32 A_j [r, in] and B_j [out_j, r], fp32 scales [n], "
+                         f"A [n*r, in], B [sum out_j, n*r]; got A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                         f"As {[tuple(a.shape) for a in As]}, Bs {[tuple(b.shape) for b in Bs]}")
+    outs = [b.shape[0] for b in Bs] + [0] * (3 - n)
+    pad_a, pad_b = [*As, *[As[0]] * (3 - n)], [*Bs, *[Bs[0]] * (3 - n)]
+    block = 4096
+    chunks = triton.cdiv(max(r * in_f, max(outs) * r), block)
+    with _device_of(A):
+        _lora_factors_kernel[(chunks, n, 2)](*pad_a, *pad_b, A, B, scales, in_f, *outs, R=r, N_PROJ=n, BLOCK=block,
+                                              num_warps=4, enable_fp_fusion=False)
+
+
 @triton.jit(do_not_specialize=['N'])
 def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_ptr, p,
                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
