@@ -425,21 +425,24 @@ def to_dataset(rows: list[Example]):
 
 
 def check_token_ids(input_ids, labels, vocab_size: int) -> None:
-    """Raise a BadData TrainerFailure when a batch's token ids or labels fall outside the model's
-    vocabulary (0..vocab_size-1; labels may also be IGNORE). On the host, before the batch goes to
-    the GPU: there an out-of-range id stops the process with a device-side assert in the embedding,
-    and checking labels on the GPU made the host wait for it at every micro-step."""
-    for name, t, allowed in (("token id", input_ids, None), ("label", labels, IGNORE)):
+    """Raise a BadData TrainerFailure when a batch's token ids or labels ([rows][positions], lists
+    or arrays) fall outside the model's vocabulary (0..vocab_size-1; labels may also be IGNORE). On
+    the host, before the batch goes to the GPU: there an out-of-range id stops the process with a
+    device-side assert in the embedding, and checking labels on the GPU made the host wait for it
+    at every micro-step. In numpy, not torch: no tensor is read back, on any device."""
+    import numpy as np
+
+    for name, values, allowed in (("token id", input_ids, None), ("label", labels, IGNORE)):
+        t = np.asarray(values)
         t = t.reshape(-1, t.shape[-1])  # [rows, positions]
         bad = (t < 0) | (t >= vocab_size)
         if allowed is not None:
             bad &= t != allowed
-        if bool(bad.any()):
-            row, col = (int(i) for i in bad.nonzero()[0])
-            value = int(t[row, col])
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
             ignore = f", or {IGNORE} to ignore" if allowed is not None else ""
-            raise bad_data(f"{name} {value} (row {row}, position {col}) is outside the model's vocabulary "
-                           f"(0..{vocab_size - 1}{ignore}): was the data tokenized for another model?")
+            raise bad_data(f"{name} {int(t[row, col])} (row {row}, position {col}) is outside the model's "
+                           f"vocabulary (0..{vocab_size - 1}{ignore}): was the data tokenized for another model?")
 
 
 @dataclass
@@ -466,9 +469,9 @@ class Collator:
             labels.append(list(r["labels"]) + [IGNORE] * pad)
             positions.append(list(r["position_ids"]) + list(range(pad)))
             mask.append([1] * len(r["input_ids"]) + [0] * pad)
-        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if self.vocab_size is not None:
-            check_token_ids(batch["input_ids"], batch["labels"], self.vocab_size)
+            check_token_ids(ids, labels, self.vocab_size)
+        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if self.packed:
             batch["position_ids"] = torch.tensor(positions)
         elif any(len(r["input_ids"]) < length for r in rows):
