@@ -126,19 +126,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def sweep_main(doc: str, run_model, table, tag: str, shapes: dict = SHAPES, tiny: dict = TINY) -> int:
+    """The command line of a per-model timing sweep: `--models`, `--out` (table.md and results.json
+    there); the real shapes on a GPU, `tiny` (a CPU rehearsal) elsewhere. `run_model(name, dims,
+    cuda)` -> rows, `table(rows)` -> markdown."""
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--models", default=",".join(SHAPES))
+    parser.add_argument("--models", default=",".join(shapes))
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    shapes = SHAPES if cuda else TINY
+    dims = shapes if cuda else tiny
     rows = []
     for name in args.models.split(","):
-        rows += run_model(name, shapes[name], cuda)
-        print(f"[epilogue] {name} done", flush=True)
+        rows += run_model(name, dims[name], cuda)
+        print(f"[{tag}] {name} done", flush=True)
     text = table(rows)
     print(text)
     if args.out:
@@ -147,6 +150,10 @@ def main() -> int:
         env = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
         (args.out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     return 0
+
+
+def main() -> int:
+    return sweep_main(__doc__, run_model, table, "epilogue")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ instead of two).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -136,26 +134,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    import torch
+    from epilogue_timing import sweep_main
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--models", default=",".join(SHAPES))
-    args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    shapes = SHAPES if cuda else TINY
-    rows = []
-    for name in args.models.split(","):
-        rows += run_model(name, shapes[name], cuda)
-        print(f"[fold] {name} done", flush=True)
-    text = table(rows)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table.md").write_text(text + "\n")
-        env = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__}
-        (args.out / "results.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    return 0
+    return sweep_main(__doc__, run_model, table, "fold", SHAPES, TINY)
 
 
 if __name__ == "__main__":
