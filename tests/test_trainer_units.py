@@ -241,6 +241,21 @@ def test_collator_stops_on_ids_outside_the_models_vocabulary(field, value, where
     data.Collator(pad_token_id=0, packed=True, pad_to_multiple_of=4)(rows)  # unchecked without a vocabulary
 
 
+def test_the_collators_vocabulary_is_what_both_the_embeddings_and_the_lm_head_hold():
+    """A sequence's tokens are the model's inputs and, shifted, its labels: the trainer's collator
+    checks them against the smaller of the input embeddings' and the LM head's rows."""
+    from qlora_trainer.training_loop import _vocab_rows
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1))
+    assert _vocab_rows(lm) == 100
+    lm.lm_head = torch.nn.Linear(16, 90, bias=False)
+    assert _vocab_rows(lm) == 90
+    lm.set_input_embeddings(torch.nn.Embedding(80, 16))
+    assert _vocab_rows(lm) == 80
+
+
 # -- translators ----------------------------------------------------------------------------------------------
 
 

@@ -426,13 +426,16 @@ def _causal_lm(model):
 
 
 def _vocab_rows(lm) -> int | None:
-    """The rows of the LM head (or of the input embeddings, without one): the ids and labels a batch may hold."""
-    for get in ("get_output_embeddings", "get_input_embeddings"):
+    """The ids a batch may hold: fewer than the rows of both the input embeddings and the LM head
+    (a sequence's tokens are the model's inputs and, shifted by one, its labels); None if neither
+    is found. (A sharded weight's shape is the whole one: FSDP2's DTensor.)"""
+    rows = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
         layer = getattr(lm, get)() if hasattr(lm, get) else None
         weight = getattr(layer, "weight", None)
         if weight is not None and weight.dim() == 2:
-            return int(weight.shape[0])
-    return None
+            rows.append(int(weight.shape[0]))
+    return min(rows) if rows else None
 
 
 class ResumingSFTTrainer(LeanSFTTrainer):
