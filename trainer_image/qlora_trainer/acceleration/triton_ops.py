@@ -1056,6 +1056,120 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
                                       num_stages=launch.stages)
 
 
+
+@triton.jit
+def _lora_a_grads_step(total, acc, xt, ga_ptr, a_ptr, seed, j, rows64, rows, cols, row_in, col_in, rr, r_in,
+                       H, r, n, p, IEEE: tl.constexpr):
+    """Projection j's share of one tile: its masked input gradient added to `total` ([M, H] fp32)
+    and its A gradient to `acc` ([R, H] fp32), both under one draw of its keep-mask."""
+    ga = tl.load(ga_ptr + rows64[:, None] * (n * r) + (j * r + rr)[None, :],
+                 mask=row_in[:, None] & r_in[None, :], other=0.0)  # [M, R]
+    a = tl.load(a_ptr + (j * r + rr).to(tl.int64)[:, None] * H + cols[None, :],
+                mask=r_in[:, None] & col_in[None, :], other=0.0)  # [R, H]
+    keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
+    part = _dot(ga, a, tl.zeros(total.shape, dtype=tl.float32), IEEE)
+    total += tl.where(keep, part, 0.0)
+    acc = _dot(tl.trans(ga), tl.where(keep, xt, tl.zeros_like(xt)), acc, IEEE)
+    return total, acc
+
+
+@triton.jit(do_not_specialize=['N', 'rows_per_split'])
+def _lora_a_grads_kernel(gx_ptr, ga_ptr, x_ptr, a_ptr, out_ptr, N, H, r, n, n_hblocks, rows_per_split, seed_ptr, p,
+                         BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                         NPROJ: tl.constexpr):
+    # lora_a_backward's grid without j (a program takes all NPROJ projections of its tiles): a
+    # block of H columns and a range of tokens, walked a token tile at a time. Each projection's
+    # mask is drawn once a tile for both gradients, where the two kernels drew it twice.
+    seed = tl.load(seed_ptr)
+    pid = tl.program_id(0)
+    cols = (pid % n_hblocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+    start = (pid // n_hblocks) * rows_per_split
+    rr = tl.arange(0, BLOCK_R)
+    col_in = cols < H
+    r_in = rr < r
+    acc0 = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    for t0 in range(0, rows_per_split, BLOCK_M):
+        rows = start + t0 + tl.arange(0, BLOCK_M)
+        row_in = rows < N
+        rows64 = rows.to(tl.int64)
+        inside = row_in[:, None] & col_in[None, :]
+        xt = tl.load(x_ptr + rows64[:, None] * H + cols[None, :], mask=inside, other=0.0)
+        total = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        total, acc0 = _lora_a_grads_step(total, acc0, xt, ga_ptr, a_ptr, seed, 0, rows64, rows, cols, row_in, col_in,
+                                         rr, r_in, H, r, n, p, IEEE)
+        if NPROJ > 1:
+            total, acc1 = _lora_a_grads_step(total, acc1, xt, ga_ptr, a_ptr, seed, 1, rows64, rows, cols, row_in,
+                                             col_in, rr, r_in, H, r, n, p, IEEE)
+        if NPROJ > 2:
+            total, acc2 = _lora_a_grads_step(total, acc2, xt, ga_ptr, a_ptr, seed, 2, rows64, rows, cols, row_in,
+                                             col_in, rr, r_in, H, r, n, p, IEEE)
+        ptrs = gx_ptr + rows64[:, None] * H + cols[None, :]
+        gx = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(ptrs, (gx + total).to(gx_ptr.dtype.element_ty), mask=inside)
+    out = out_ptr + rr.to(tl.int64)[:, None] * H + cols[None, :]
+    out_in = r_in[:, None] & col_in[None, :]
+    tl.atomic_add(out, acc0, mask=out_in, sem="relaxed")
+    if NPROJ > 1:
+        tl.atomic_add(out + r * H, acc1, mask=out_in, sem="relaxed")
+    if NPROJ > 2:
+        tl.atomic_add(out + 2 * r * H, acc2, mask=out_in, sem="relaxed")
+
+
+# The one-kernel gradients' launch (lora_a_grads_): 32-token tiles (64 held 219-255 registers a thread in
+# benchmarks/sass_census.py), lora_a_backward's columns and programs per SM.
+LORA_A_GRADS_LAUNCH = MaskedBackwardLaunch(block_m=32, block_h=64, warps=4, stages=3, programs_per_sm=8)
+_LORA_A_GRADS_MAX_N = 3  # projections a program holds accumulators for (q|k|v is the most a layer has)
+
+
+def lora_a_grads_(gx: torch.Tensor, ga: torch.Tensor, x: torch.Tensor, A: torch.Tensor, seed: int, p: float,
+                  n: int, *, out: torch.Tensor | None = None, splits: int | None = None,
+                  launch: MaskedBackwardLaunch | None = None) -> torch.Tensor:
+    """Both gradients of lora_a in one launch: in place gx += sum_j (ga_j @ A_j) * mask_j (as
+    lora_x_backward_), and the A gradient returned (as lora_a_backward: [n*r, H] fp32, written into
+    `out` when given, token splits meeting by fp32 atomic adds). Each tile's masks are drawn once
+    for both, and the tiles of x and gx are read in the same pass. n up to 3."""
+    _check_2d("lora_a_grads_: gx", gx)
+    _check_lora_pair("lora_a_grads_", x, ga, "ga", 0, "N")
+    _check_lora_pair("lora_a_grads_", x, A, "A", 1, "H")
+    if not (gx.shape == x.shape):
+        raise ValueError(f"lora_a_grads_: gx {tuple(gx.shape)} must have x's shape {tuple(x.shape)}")
+    if not (ga.dtype == A.dtype):
+        raise ValueError(f"lora_a_grads_: ga ({ga.dtype}) and A ({A.dtype}) must have one dtype")
+    _check_same_device(gx=gx, x=x)
+    N, H = x.shape
+    r = _lora_shapes("lora_a_grads_", x, ga.shape[1], n)
+    if not (A.shape[0] == n * r):
+        raise ValueError(f"lora_a_grads_: A has {A.shape[0]} rows, ga {ga.shape[1]} columns: both must be n * r")
+    if n > _LORA_A_GRADS_MAX_N:
+        raise ValueError(f"lora_a_grads_: up to {_LORA_A_GRADS_MAX_N} projections share an input, got n={n}")
+    seed = _check_dropout(seed, p, n, N, H, x.device)
+    if out is None:
+        out = torch.zeros((n * r, H), dtype=torch.float32, device=x.device)
+    else:
+        if not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == (n * r, H)):
+            raise ValueError(f"lora_a_grads_: out must be contiguous fp32 {(n * r, H)}, got {out.dtype} "
+                             f"{tuple(out.shape)}")
+        out.zero_()
+    if N == 0 or H == 0:
+        return out
+    launch = LORA_A_GRADS_LAUNCH if launch is None else launch
+    block_m, block_h, block_r = launch.block_m, launch.block_h, _block_r(r)
+    n_hblocks = triton.cdiv(H, block_h)
+    token_blocks = triton.cdiv(N, block_m)
+    if splits is None:
+        splits = triton.cdiv(launch.programs_per_sm * _num_sms(x.device), n_hblocks)
+    splits = max(1, min(int(splits), token_blocks))
+    rows_per_split = triton.cdiv(token_blocks, splits) * block_m
+    splits = triton.cdiv(N, rows_per_split)
+    with _device_of(x):
+        _lora_a_grads_kernel[(n_hblocks * splits,)](gx, ga, x, A, out, N, H, r, n, n_hblocks, rows_per_split, seed,
+                                                    float(p), BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_R=block_r,
+                                                    IEEE=x.dtype == torch.float32, NPROJ=n, num_warps=launch.warps,
+                                                    num_stages=launch.stages)
+    return out
+
 # ---------------------------------------------------------------------------------------------
 # NF4 dequantization (bitsandbytes' format): one launch per weight, the nested (double-quantized)
 # absmax decoded in the same kernel. Same arithmetic as bitsandbytes' kernels, in the same order
