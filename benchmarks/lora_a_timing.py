@@ -73,7 +73,7 @@ VARIANTS = {
     "NT_k128": dict(all_n=True, transposed=True, block_k=128),
     "NT_m128_w8": dict(all_n=True, transposed=True, block_m=128, num_warps=8),
 }
-REFERENCE_ROWS = ("sum_planes", "lora_a_backward", "lora_x_backward_", "lora_a_grads_")
+REFERENCE_ROWS = ("sum_planes", "lora_a_backward", "lora_x_backward_")
 # name: (kernel, MaskedBackwardLaunch fields) of the two gradient kernels ("ab" lora_a_backward,
 # "xb" lora_x_backward_), each against its default launch (the reference row of its kernel)
 BACKWARD_VARIANTS = {
@@ -94,19 +94,8 @@ BACKWARD_VARIANTS = {
     "xb_st1": ("xb", dict(block_m=64, block_h=128, stages=1)),
     "xb_st3": ("xb", dict(block_m=64, block_h=128, stages=3)),
     "xb_m32": ("xb", dict(block_m=32, block_h=128, stages=2)),
-    # both gradients in one kernel (session 14), against its default launch; "ab + xb" in the
-    # table is what the two kernels it replaces take together
-    "gb_m32": ("gb", dict(block_m=32, block_h=64, warps=4, stages=3, programs_per_sm=8)),
-    "gb_m32_st2": ("gb", dict(block_m=32, block_h=64, warps=4, stages=2, programs_per_sm=8)),
-    "gb_m32_pps4": ("gb", dict(block_m=32, block_h=64, warps=4, stages=3, programs_per_sm=4)),
-    "gb_m32_pps16": ("gb", dict(block_m=32, block_h=64, warps=4, stages=3, programs_per_sm=16)),
-    "gb_m64_w8": ("gb", dict(block_m=64, block_h=64, warps=8, stages=3, programs_per_sm=8)),
-    "gb_m16_h128": ("gb", dict(block_m=16, block_h=128, warps=4, stages=2, programs_per_sm=8)),
-    "gb_m32_h128_w8": ("gb", dict(block_m=32, block_h=128, warps=8, stages=2, programs_per_sm=8)),
-    "gb_m64_h128_w8": ("gb", dict(block_m=64, block_h=128, warps=8, stages=2, programs_per_sm=8)),
 }
-_BACKWARD_REFERENCE = {"ab": "lora_a_backward", "xb": "lora_x_backward_", "gb": "lora_a_grads_"}
-TWO_KERNELS = "lora_a_backward + lora_x_backward_"
+_BACKWARD_REFERENCE = {"ab": "lora_a_backward", "xb": "lora_x_backward_"}
 # Edge cases against a float64 reference made from dropout_mask: (tokens, width, r, n), token
 # counts and widths that no tile divides, r not a power of two and below the 16-wide dot.
 EDGES = ((1000, 1000, 8, 1), (1000, 1000, 8, 2), (300, 520, 24, 3), (130, 4104, 16, 3))
@@ -192,11 +181,6 @@ def _case_fn(name, tri, torch, dev, dt, x, A, ga, seed, n):
     if name == "lora_a_backward":
         return lambda: tri.lora_a_backward(ga, x, seed, P, n, launch=launch)
     gx = torch.zeros_like(x)  # each call adds into it: a new case's first call gives the result alone
-    if name == "lora_a_grads_":
-        def both():  # returns the A gradient; .gx holds the input gradient, compared too
-            return tri.lora_a_grads_(gx, ga, x, A, seed, P, n, launch=launch)
-        both.gx = gx
-        return both
 
     def x_backward():
         tri.lora_x_backward_(gx, ga, A, seed, P, n, launch=launch)
@@ -254,14 +238,8 @@ def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> No
                     entry = {"case": name, "model": model, "group": group}
                     if name in VARIANTS:
                         entry["diff"] = float((fn().float() - ref).abs().max())
-                    elif name in BACKWARD_VARIANTS or name == "lora_a_grads_":
-                        kind = BACKWARD_VARIANTS[name][0] if name in BACKWARD_VARIANTS else "gb"
-                        if kind == "gb":  # both outputs against the two kernels it replaces
-                            got = fn().float()
-                            entry["diff"] = max(float((got - refs["ab"]).abs().max()),
-                                                float((fn.gx.float() - refs["xb"]).abs().max()))
-                        else:
-                            entry["diff"] = float((fn().float() - refs[kind]).abs().max())
+                    elif name in BACKWARD_VARIANTS:
+                        entry["diff"] = float((fn().float() - refs[BACKWARD_VARIANTS[name][0]]).abs().max())
                     entry["us"] = _time_us(torch, fn, dev)
                     emit(entry)
         if dev == "cuda":
@@ -269,13 +247,12 @@ def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> No
             torch.cuda.empty_cache()
 
 
-def timings(shapes: dict, workers: int, rows_path: Path, only: list[str] | None = None) -> dict:
+def timings(shapes: dict, workers: int, rows_path: Path) -> dict:
     """{"models": {model: {group: {case: {"us": ..., "diff": ...}}}}, "edge_rel_err": {case: ...},
     "errors": [...]} from the workers' JSON lines; cases: the VARIANTS of lora_a, then the split-K
     sum alone and the two gradient kernels (REFERENCE_ROWS)."""
     t0 = time.monotonic()
     cases = list(VARIANTS) + list(REFERENCE_ROWS) + list(BACKWARD_VARIANTS)
-    cases = [c for c in cases if only is None or c in only or c.startswith(tuple(only))]
     workers = max(1, min(workers, len(cases)))
     chunks = [cases[i::workers] for i in range(workers)]
     rows_path.write_text("")
@@ -310,10 +287,6 @@ def collect(lines: list[str], shapes: dict) -> dict:
 
 def table(result: dict, shapes: dict) -> str:
     models = result["models"]
-    for rows in models.values():  # what lora_a_grads_ replaces: the two gradient kernels together
-        for row in rows.values():
-            if "lora_a_backward" in row and "lora_x_backward_" in row:
-                row[TWO_KERNELS] = {"us": round(row["lora_a_backward"]["us"] + row["lora_x_backward_"]["us"], 1)}
     first = next(iter(models.values()))
     cases = list(first["qkv"])
     group_names = list(first)
@@ -331,7 +304,6 @@ def table(result: dict, shapes: dict) -> str:
         cells = [f"{models['8b'][g][case]['us']:.1f}" for g in group_names] if "8b" in models else []
         cells += [f"{step_ms(m, case):.2f}" for m in models]
         base = "s9" if case in VARIANTS else _BACKWARD_REFERENCE.get(BACKWARD_VARIANTS.get(case, ("",))[0])
-        base = TWO_KERNELS if case == "lora_a_grads_" else base
         known = "8b" in models and base is not None and all(base in row for row in models["8b"].values())
         delta = f"{step_ms('8b', case) - step_ms('8b', base):+.2f}" if known else "-"
         diffs = [models[m][g][case].get("diff") for m in models for g in models[m]]
@@ -351,8 +323,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(14, len(VARIANTS)))
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal shapes (TRITON_INTERPRET=1)")
     parser.add_argument("--rows", help="only make the table from this rows.jsonl (a call cut short)")
-    parser.add_argument("--only", help="comma-separated cases or name prefixes (e.g. lora_a_backward,lora_x_backward_,"
-                                       "lora_a_grads_,gb_): time only these")
     args = parser.parse_args()
     shapes = TINY if args.tiny else SHAPES
     out = Path(args.out)
@@ -360,7 +330,7 @@ def main() -> None:
     if args.rows:
         result = collect(Path(args.rows).read_text().splitlines(), shapes)
     else:
-        result = timings(shapes, args.workers, out / "rows.jsonl", args.only.split(",") if args.only else None)
+        result = timings(shapes, args.workers, out / "rows.jsonl")
     result["shapes"] = shapes
     result["variants"] = {k: dataclasses.asdict(_config(v)) for k, v in VARIANTS.items()}
     (out / "lora_a_timing.json").write_text(json.dumps(result, indent=1))

@@ -35,7 +35,7 @@ def _kernels():
     specialized; a constexpr given a value is folded in."""
     from qlora_trainer.acceleration import triton_ops as T
 
-    a_cfg, ab, xb, gb = T.LORA_A_CONFIG, T.LORA_A_BACKWARD_LAUNCH, T.LORA_X_BACKWARD_LAUNCH, T.LORA_A_GRADS_LAUNCH
+    a_cfg, ab, xb = T.LORA_A_CONFIG, T.LORA_A_BACKWARD_LAUNCH, T.LORA_X_BACKWARD_LAUNCH
     dropout = {"seed_ptr": "*i64", "p": "fp32", "H": "i32/16", "r": "i32/16"}
     return {
         "lora_a": (T._lora_a_kernel, {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32", **dropout},
@@ -48,11 +48,6 @@ def _kernels():
         "lora_x_backward_": (T._lora_x_backward_kernel, {"gx_ptr": "*bf16", "ga_ptr": "*bf16", "a_ptr": "*bf16", **dropout},
                              {"BLOCK_M": xb.block_m, "BLOCK_H": xb.block_h, "BLOCK_R": 16, "IEEE": False},
                              xb.warps, xb.stages),
-        **{f"lora_a_grads_{n}": (T._lora_a_grads_kernel,
-                                 {"gx_ptr": "*bf16", "ga_ptr": "*bf16", "x_ptr": "*bf16", "a_ptr": "*bf16",
-                                  "out_ptr": "*fp32", **dropout},
-                                 {"BLOCK_M": gb.block_m, "BLOCK_H": gb.block_h, "BLOCK_R": 16, "IEEE": False,
-                                  "NPROJ": n}, gb.warps, gb.stages) for n in (1, 3)},
     }
 
 

@@ -739,8 +739,7 @@ def run_fixed(cfg) -> dict:
 # before the generic words). The LM head's matrix products are cuBLAS kernels like every other GEMM:
 # profile_steps finds them by their vocabulary-sized operand and moves them to "loss".
 PROFILE_CATEGORIES = (
-    ("masked LoRA A side", ("_lora_a_kernel", "_sum_planes", "_lora_x_backward", "_lora_a_backward", "_lora_a_grads",
-                            "_dropout_mask")),
+    ("masked LoRA A side", ("_lora_a_kernel", "_sum_planes", "_lora_x_backward", "_lora_a_backward", "_dropout_mask")),
     ("NF4 dequant", ("dequant",)),
     ("epilogues/norms/RoPE/SwiGLU", ("rms_norm", "layer_norm", "rope", "swiglu", "residual_add")),
     ("loss", ("cross_entropy",)),
@@ -753,7 +752,7 @@ PROFILE_ORDER = ("GEMMs", "attention", "NF4 dequant", "masked LoRA A side", "epi
 # The masked A side's kernels, shown one by one (session 8's profile: lora_a 18.9, lora_x_backward 11.2,
 # lora_a_backward 10.5 ms per 8B step).
 A_SIDE_KERNELS = ("_lora_a_kernel", "_sum_planes_kernel", "_lora_x_backward_kernel", "_lora_a_backward_kernel",
-                  "_lora_a_grads_kernel", "_dropout_mask_kernel")
+                  "_dropout_mask_kernel")
 
 
 def kernel_category(name: str) -> str:
@@ -1306,12 +1305,8 @@ def fused_op_checks() -> dict:
         gx = torch.randn(n, h, **bf)
         gx_ref = gx.cpu().double() + sum((gad[:, j * r:(j + 1) * r] @ A[j * r:(j + 1) * r].cpu().double()) * masks[j]
                                          for j in range(k))
-        gx_both = gx.clone()
         tri.lora_x_backward_(gx, ga, A, seed, p, k)
         out[f"triton_lora_x_bwd_{k}"] = _rel(gx, gx_ref)
-        gA_both = tri.lora_a_grads_(gx_both, ga, x, A, seed, p, k)  # both in one kernel
-        out[f"triton_lora_a_grads_gA_{k}"] = _rel(gA_both, gA_ref)
-        out[f"triton_lora_a_grads_gx_{k}"] = _rel(gx_both, gx_ref)
         out[f"mask_keep_error_{k}"] = abs(float(masks[0].mean()) - (1 - p))
     return {k: round(v, 6) for k, v in out.items()}
 

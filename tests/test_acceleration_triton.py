@@ -277,16 +277,6 @@ def run_lora(N, H, r, n, p, seed, splits=None):
     gx_ref = ref(gx0)
     F.lora_x_backward_(gx_ref, ref(ga), ref(A), seed, p, n)
     record("lora_x_backward_.vs_fused_ops", case, gx, gx_ref)
-    if n <= 3:  # both gradients in one kernel: the same two results
-        gx = gx0.clone()
-        into = torch.full_like(gA, float("nan"))
-        both = T.lora_a_grads_(gx, ga, x, A, seed, p, n, out=into, **kw)
-        check("lora_a_grads_.out", case, both.data_ptr() == into.data_ptr(), "the A gradient is not written into out")
-        record("lora_a_grads_.gA", case, both, exp_gA)
-        record("lora_a_grads_.gx", case, gx, exp_gx)
-        gx_f = ref(gx0)
-        record("lora_a_grads_.vs_fused_ops", case, F.lora_a_grads_(gx_f, ref(ga), ref(x), ref(A), seed, p, n), exp_gA)
-        record("lora_a_grads_.vs_fused_ops_gx", case, gx_f, exp_gx)
 
 
 def run_lora_a_configs(N, H, r, n, p, seed, splits=None):
@@ -318,10 +308,6 @@ def run_masked_backward_launches(N, H, r, n, p, seed):
         gx = gx0.clone()
         T.lora_x_backward_(gx, ga, A, seed, p, n, launch=launch)
         record("lora_x_backward_.launch", f"{case} {fields}", gx, exp_gx)
-        gx = gx0.clone()
-        record("lora_a_grads_.launch", f"{case} {fields}", T.lora_a_grads_(gx, ga, x, A, seed, p, n, launch=launch),
-               exp_gA)
-        record("lora_a_grads_.launch_gx", f"{case} {fields}", gx, exp_gx)
 
 
 def run_lora_factors(outs, r, in_f, out_dtype):
@@ -476,8 +462,6 @@ def run_errors():
     raises("lora_a", "width not divisible by 8", lambda: T.lora_a(rnd(8, 36), rnd(16, 36), 1, 0.1, 1))
     raises("lora_a_backward", "N mismatch", lambda: T.lora_a_backward(rnd(7, 16), x, 1, 0.1, 1))
     raises("lora_x_backward_", "ga width", lambda: T.lora_x_backward_(rnd(8, 32), rnd(8, 15), rnd(16, 32), 1, 0.1, 1))
-    raises("lora_a_grads_", "gx of another shape", lambda: T.lora_a_grads_(rnd(8, 40), rnd(8, 16), x, rnd(16, 32), 1, 0.1, 1))
-    raises("lora_a_grads_", "four projections", lambda: T.lora_a_grads_(rnd(8, 32), rnd(8, 64), x, rnd(64, 32), 1, 0.1, 4))
     raises("MaskedBackwardLaunch", "a 48-token tile", lambda: T.MaskedBackwardLaunch(block_m=48, block_h=64))
     raises("MaskedBackwardLaunch", "3 warps", lambda: T.MaskedBackwardLaunch(block_m=32, block_h=64, warps=3))
 
@@ -629,8 +613,8 @@ def test_cross_entropy_kernel_matches_the_reference(interpreted):
 def test_launchers_reject_bad_arguments_with_value_errors(interpreted):
     errors = [e for e in interpreted if "detail" in e and e["op"] in
               ("rms_norm", "rope_", "swiglu", "swiglu_backward", "lora_a", "lora_a_backward", "lora_x_backward_",
-               "lora_a_grads_", "MaskedBackwardLaunch")]
-    assert len(errors) == 16
+               "MaskedBackwardLaunch")]
+    assert len(errors) == 14
     bad = [_describe(e) for e in errors if not e["ok"]]
     assert not bad, "\n".join(bad)
 

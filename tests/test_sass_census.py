@@ -28,7 +28,7 @@ def counts() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kernel", ["lora_a", "lora_a_backward", "lora_x_backward_", "lora_a_grads_1", "lora_a_grads_3"])
+@pytest.mark.parametrize("kernel", ["lora_a", "lora_a_backward", "lora_x_backward_"])
 def test_masked_lora_kernels_load_in_16_byte_vectors_not_element_by_element(counts, kernel):
     ops = counts[kernel]["ops"]
     narrow = {op: n for op, n in ops.items() if op.startswith(NARROW)}

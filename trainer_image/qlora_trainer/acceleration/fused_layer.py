@@ -215,7 +215,7 @@ class LoRASet:
             ops.lora_factors_(A, B, params[0::2], params[1::2], self.static_scales)
 
     def grad_a_out(self) -> torch.Tensor | None:
-        """Where lora_a_grads_ writes gA: the graphed layer's source buffer, or None (fresh)."""
+        """Where lora_a_backward writes gA: the graphed layer's source buffer, or None (fresh)."""
         return self.sink[0] if self.sink is not None and _IN_GRAPH[0] else None
 
     def grads(self, gy: torch.Tensor, a: torch.Tensor, gA: torch.Tensor, rows: list[int],
@@ -361,7 +361,8 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     # o_proj (+ residual): y = x + o2 Wo^T + ao Bo^T
     gao = gyc @ Bo
     go = gyc @ Wo.get()
-    gAo = ops.lora_a_grads_(go, gao, o2, Ao, seeds[1], o_lora.p, 1, out=o_lora.grad_a_out())
+    ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1)
+    gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1, out=o_lora.grad_a_out())
     o_grads = o_lora.grads(gyc, ao, gAo, [gy.shape[1]], lora_params[6:])
     del gyc
     # attention, then RoPE backward on the q|k part of the gradient buffer
@@ -373,8 +374,9 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     # qkv projection: qkv = h W^T + b + a B^T
     ga = gqkv @ B
     gh = gqkv @ W.get()
+    ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3)
     h, _ = ops.rms_norm(x, norm_w, shape.eps, W.dtype)
-    gA = ops.lora_a_grads_(gh, ga, h, A, seeds[0], qkv_lora.p, 3, out=qkv_lora.grad_a_out())
+    gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3, out=qkv_lora.grad_a_out())
     del h
     qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
     gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out, compute_out=gx_compute)
@@ -442,7 +444,8 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
     m = ops.swiglu(gu)
     gad = gyc @ Bd
     gm = gyc @ Wd.get()
-    gAd = ops.lora_a_grads_(gm, gad, m, Ad, seeds[1], d_lora.p, 1, out=d_lora.grad_a_out())
+    ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
+    gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1, out=d_lora.grad_a_out())
     d_grads = d_lora.grads(gyc, ad, gAd, [gy.shape[1]], lora_params[4:])
     del gyc
     del m
@@ -450,8 +453,9 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
     del gm
     ga = ggu @ B
     gh = ggu @ Wgu.get()
+    ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2)
     h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps, Wgu.dtype)
-    gA = ops.lora_a_grads_(gh, ga, h, A, seeds[0], gu_lora.p, 2, out=gu_lora.grad_a_out())
+    gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2, out=gu_lora.grad_a_out())
     del h
     gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
     gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, compute_out=gx_compute)

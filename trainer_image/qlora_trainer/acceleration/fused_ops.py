@@ -305,20 +305,6 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
         gx.add_(_masked(part, seed, j, p))
 
 
-
-def lora_a_grads_(gx: torch.Tensor, ga: torch.Tensor, x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """Both gradients of lora_a, for the backward of a projection group whose input x is still at
-    hand: in place gx += sum_j (ga_j @ A_j) * mask_j (lora_x_backward_), and the A gradient
-    returned (lora_a_backward, into `out` when given). On a GPU one kernel draws each mask once for
-    both (triton_ops.lora_a_grads_, up to 3 projections); here, the two ops in turn."""
-    if p > 0 and n <= 3:
-        k = _masked_kernel(x, "lora_a_grads_", x.shape[1])
-        if k is not None:
-            return k(gx, ga, x, A, seed, p, n, out=out)
-    lora_x_backward_(gx, ga, A, seed, p, n)
-    return lora_a_backward(ga, x, seed, p, n, out=out)
-
 # ---------------------------------------------------------------------------------------------
 # Cross-entropy over one chunk of logits, the gradient written over the logits
 
