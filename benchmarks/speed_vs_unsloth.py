@@ -1277,6 +1277,9 @@ def fused_op_checks() -> dict:
     ref.rope_backward_(expect, cos.cpu().double(), sin.cpu().double())
     tri.rope_backward_(qk, cos, sin)
     out["triton_rope_bwd"] = _rel(qk, expect)
+    dq, dk, dv = buf[:, :12], buf[:, 12:14], buf[:, 14:]  # strided views, as cuDNN's gradients
+    out["triton_rope_bwd_cat"] = _rel(tri.rope_backward_cat(dq, dk, dv, cos, sin),
+                                      ref.rope_backward_cat(*(t.cpu().double() for t in (dq, dk, dv, cos, sin))))
     gu = torch.randn(n, 2 * i, **bf)
     out["triton_swiglu"] = _rel(tri.swiglu(gu), ref.swiglu(gu.cpu().double()))
     gh = torch.randn(n, i, **bf)

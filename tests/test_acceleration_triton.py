@@ -136,6 +136,65 @@ def run_rope(N, heads, D, kept_heads):
         check(name + ".untouched", case, untouched, "" if untouched else "heads outside the view were modified")
 
 
+def _backward_cat_sources(layout, rows, S, hq, hk, D, dtype):
+    """dq [N, hq, D], dk and dv [N, hk, D] (N = rows * S) in the layouts attention.backward returns:
+    "separate" contiguous tensors (FlashAttention-2 varlen); "bshd", views of one padded [rows, S,
+    heads, D] buffer through attention._tokens (cuDNN's gradients laid out like the q|k|v buffer:
+    token stride > D, head stride D); "bhsd", [rows, heads, S, D] buffers through _tokens (with
+    rows == 1 a view whose head stride S * D exceeds its token stride D); "padded", a head stride
+    of 2 * D (only the first half of each row's head slot is the head)."""
+    from qlora_trainer.acceleration.attention import _tokens
+
+    N = rows * S
+    make = lambda *shape: (torch.randn(*shape) * 2).to(DEV, dtype)  # noqa: E731
+    if layout == "separate":
+        return make(N, hq, D), make(N, hk, D), make(N, hk, D)
+    if layout == "bshd":
+        buf = make(rows, S, hq + 2 * hk + 1, D)  # one spare head: no view is the whole row
+        heads = (buf[:, :, :hq], buf[:, :, hq:hq + hk], buf[:, :, hq + hk:hq + 2 * hk])
+        return tuple(_tokens(h.transpose(1, 2)) for h in heads)
+    if layout == "bhsd":
+        return tuple(_tokens(make(rows, h, S, D)) for h in (hq, hk, hk))
+    return tuple(make(N, h, 2 * D)[..., :D] for h in (hq, hk, hk))
+
+
+def run_rope_backward_cat(rows, S, hq, hk, D, layout):
+    """rope_backward_cat against (1) the reference, (2) exactly what it replaces: the plain
+    concatenation followed by the in-place rope_backward_ kernel (bit for bit: the same
+    arithmetic), and (3) the definition of a gradient: autograd through the forward's rope_ (the
+    reference) on the q|k heads of a q|k|v buffer, v passed through. (3) fails for the forward
+    rotation in place of the transposed one, and for a v that is not copied as it is."""
+    N = rows * S
+    for dtype in (torch.float32, torch.bfloat16):
+        case = f"N={N} heads={hq}+2x{hk} D={D} {layout} {str(dtype)[6:]}"
+        dq, dk, dv = _backward_cat_sources(layout, rows, S, hq, hk, D, dtype)
+        if layout in ("bshd", "padded") or (layout == "bhsd" and rows == 1):  # (else _tokens copies)
+            strided = not all(t.is_contiguous() for t in (dq, dk, dv))
+            check("rope_backward_cat.strided_views", case, strided, "" if strided else "the sources are contiguous")
+        cos, sin = rnd(N, D), rnd(N, D)
+        out = T.rope_backward_cat(dq, dk, dv, cos, sin)
+        check("rope_backward_cat.dtype", case, out.dtype == dtype and out.is_contiguous(), f"{out.dtype}")
+        # the interpreter rounds to bf16 by truncation (1 ulp from the reference's rounding)
+        tol = TOL if dtype == torch.float32 else max(TOL, 1e-2)
+        expected = F.rope_backward_cat(ref(dq), ref(dk), ref(dv), ref(cos), ref(sin))
+        record("rope_backward_cat", case, out, expected, tol)
+        plain = torch.cat((dq.reshape(N, -1), dk.reshape(N, -1), dv.reshape(N, -1)), dim=1)
+        T.rope_backward_(plain.view(N, -1, D)[:, :hq + hk], cos, sin)
+        same = bool(torch.equal(out, plain))
+        check("rope_backward_cat.is_cat_then_rope_backward_", case, same,
+              "" if same else f"{int((out != plain).sum())} elements differ from cat + rope_backward_")
+        # v's gradient is the attention's dv itself, bit for bit
+        v_same = bool(torch.equal(out.view(N, -1, D)[:, hq + hk:], dv))
+        check("rope_backward_cat.v_copied", case, v_same, "" if v_same else "v's heads are not dv")
+        x = torch.zeros(N, hq + 2 * hk, D, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            y = x.clone()
+            F.rope_(y[:, :hq + hk], ref(cos).double(), ref(sin).double())
+            g = torch.cat((ref(dq), ref(dk), ref(dv)), dim=1).double()
+            (gx,) = torch.autograd.grad(y, x, g)
+        record("rope_backward_cat.autograd", case, out, gx.view(N, -1), tol)
+
+
 def run_elementwise(N, H, I, heads, D, kept_heads):
     case = f"N={N} H={H} I={I}"
     # RMSNorm
@@ -454,6 +513,14 @@ def run_errors():
     raises("rms_norm", "w of the wrong size", lambda: T.rms_norm(x, rnd(31), 1e-6))
     raises("rope_", "cos of the wrong shape", lambda: T.rope_(rnd(8, 2, 16), rnd(8, 8), rnd(8, 16)))
     raises("rope_", "inner dim not contiguous", lambda: T.rope_(rnd(8, 16, 2).transpose(1, 2), rnd(8, 16), rnd(8, 16)))
+    q, kv = rnd(8, 4, 16), rnd(8, 2, 16)
+    cs = rnd(8, 16)
+    raises("rope_backward_cat", "dk of another dtype", lambda: T.rope_backward_cat(q, kv.half(), kv, cs, cs))
+    raises("rope_backward_cat", "dv heads not dk's", lambda: T.rope_backward_cat(q, kv, rnd(8, 3, 16), cs, cs))
+    raises("rope_backward_cat", "dk tokens not dq's", lambda: T.rope_backward_cat(q, rnd(7, 2, 16), rnd(7, 2, 16), cs, cs))
+    raises("rope_backward_cat", "inner dim not contiguous",
+           lambda: T.rope_backward_cat(q, kv, rnd(8, 16, 2).transpose(1, 2), cs, cs))
+    raises("rope_backward_cat", "sin of the wrong shape", lambda: T.rope_backward_cat(q, kv, kv, cs, rnd(8, 8)))
     raises("swiglu", "odd width", lambda: T.swiglu(rnd(8, 33)))
     raises("swiglu_backward", "gh of the wrong shape", lambda: T.swiglu_backward(rnd(8, 15), rnd(8, 32)))
     raises("lora_a", "A rows not n * r", lambda: T.lora_a(x, rnd(10, 32), 1, 0.1, 3))
@@ -475,6 +542,9 @@ def run_dispatch():
     A = rnd(48, 256, scale=0.1)
     check("dispatch.lora_a", "", torch.equal(F.lora_a(x, A, 3, 0.1, 3), T.lora_a(x, A, 3, 0.1, 3)), "")
     check("dispatch.dropout_mask", "", F._kernel(x, "dropout_mask") is T.dropout_mask, "")
+    q, kv, cs = rnd(64, 4, 128), rnd(64, 2, 128), rnd(64, 128)
+    check("dispatch.rope_backward_cat", "",
+          torch.equal(F.rope_backward_cat(q, kv, kv, cs, cs), T.rope_backward_cat(q, kv, kv, cs, cs)), "")
 
 
 run_masks()
@@ -482,6 +552,12 @@ run_errors()
 run_elementwise(N=37, H=96, I=80, heads=3, D=16, kept_heads=2)
 run_elementwise(N=19, H=100, I=52, heads=5, D=12, kept_heads=1)
 run_rope(N=200, heads=3, D=16, kept_heads=2)  # several programs per view (256 (token, head) rows each)
+for layout in ("separate", "bshd", "bhsd", "padded"):
+    # odd token counts; GQA; 256 (token, head) pairs a program at D=16: q's last tile (3 x 37 = 111
+    # pairs, or 3 x 91) is partial and k's and v's ranges start after it
+    run_rope_backward_cat(rows=1, S=37, hq=3, hk=1, D=16, layout=layout)
+    run_rope_backward_cat(rows=7, S=13, hq=4, hk=2, D=16, layout=layout)
+run_rope_backward_cat(rows=3, S=67, hq=3, hk=2, D=12, layout="bshd")  # several programs per range; D/2 not a power of 2
 run_adapter_epilogues(N=37, heads=3, kv_heads=1, D=16, I=80, H=96, R=48)
 for nested in (True, False):
     # (3, 4096): the last program's tile is partial; (7, 100) and (5, 300): so is the last block
@@ -529,6 +605,8 @@ if not INTERPRET:
     run_cross_entropy(C=1024, V=151936, scale=1e-3)
     run_dispatch()
     run_elementwise(N=1024, H=1536, I=8960, heads=12, D=128, kept_heads=2)
+    for layout in ("separate", "bshd", "bhsd"):
+        run_rope_backward_cat(rows=2, S=1023, hq=32, hk=8, D=128, layout=layout)
     run_adapter_epilogues(N=1024, heads=32, kv_heads=8, D=128, I=14336, H=4096, R=48)
     run_lora(N=2048, H=1536, r=16, n=3, p=0.1, seed=99)
     run_lora(N=2048, H=1536, r=64, n=2, p=0.1, seed=99, splits=7)
@@ -582,6 +660,10 @@ def test_elementwise_kernels_match_the_references(interpreted):
     _assert_group(interpreted, ("rms_norm", "rope_", "swiglu"))
 
 
+def test_rope_backward_cat_writes_the_qkv_gradient_of_every_attention_layout(interpreted):
+    _assert_group(interpreted, ("rope_backward_cat",))
+
+
 def test_nf4_dequantization_is_bitsandbytes_bit_for_bit(interpreted):
     _assert_group(interpreted, ("dequantize_nf4",))
 
@@ -612,9 +694,9 @@ def test_cross_entropy_kernel_matches_the_reference(interpreted):
 
 def test_launchers_reject_bad_arguments_with_value_errors(interpreted):
     errors = [e for e in interpreted if "detail" in e and e["op"] in
-              ("rms_norm", "rope_", "swiglu", "swiglu_backward", "lora_a", "lora_a_backward", "lora_x_backward_",
-               "MaskedBackwardLaunch")]
-    assert len(errors) == 14
+              ("rms_norm", "rope_", "rope_backward_cat", "swiglu", "swiglu_backward", "lora_a", "lora_a_backward",
+               "lora_x_backward_", "MaskedBackwardLaunch")]
+    assert len(errors) == 19
     bad = [_describe(e) for e in errors if not e["ok"]]
     assert not bad, "\n".join(bad)
 

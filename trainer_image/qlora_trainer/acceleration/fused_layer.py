@@ -365,12 +365,11 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1, out=o_lora.grad_a_out())
     o_grads = o_lora.grads(gyc, ao, gAo, [gy.shape[1]], lora_params[6:])
     del gyc
-    # attention, then RoPE backward on the q|k part of the gradient buffer
+    # attention, then the q|k|v gradient buffer written once: RoPE backward on the q and k heads, v's
+    # copied (dq, dk, dv come in each attention backend's own layout)
     q, k, v, _ = shape.split(qkv)
     dq, dk, dv = attention.backward(go.view_as(out), q, k, v, out, state, cu, max_len, shape.scale)
-    n = gy.shape[0]
-    gqkv = torch.cat((dq.reshape(n, -1), dk.reshape(n, -1), dv.reshape(n, -1)), dim=1)
-    ops.rope_backward_(shape.split(gqkv)[3], cos, sin)
+    gqkv = ops.rope_backward_cat(dq, dk, dv, cos, sin)
     # qkv projection: qkv = h W^T + b + a B^T
     ga = gqkv @ B
     gh = gqkv @ W.get()

@@ -133,6 +133,26 @@ def rope_backward_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Non
         _rope_reference_(g, cos, sin, backward=True)
 
 
+def rope_backward_cat(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+    """The gradient of the q|k|v projection output from attention's dq [N, Hq, D], dk and dv
+    [N, Hk, D] (views of any layout, as the attention backends return them): gqkv
+    [N, (Hq + 2 Hk) * D] in dq's dtype, q and k heads through rope_backward_'s transposed rotation
+    (fp32, one rounding), v heads copied unchanged. Exactly the concatenation followed by
+    rope_backward_ on its q|k part, but written in one pass: the concatenation's copy and the
+    in-place RoPE pass were two passes over the whole gradient."""
+    k = _kernel(dq, "rope_backward_cat")
+    if k is not None:
+        return k(dq, dk, dv, cos, sin)
+    n, hq, d = dq.shape
+    hk = dk.shape[1]
+    g = torch.empty(n, (hq + 2 * hk) * d, dtype=dq.dtype, device=dq.device)
+    heads = g.view(n, hq + 2 * hk, d)
+    heads[:, :hq], heads[:, hq:hq + hk], heads[:, hq + hk:] = dq, dk, dv
+    _rope_reference_(heads[:, :hq + hk], cos, sin, backward=True)
+    return g
+
+
 def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                rope_heads: int, head_dim: int) -> None:
     """In place on the q|k|v projection output qkv [N, heads * head_dim] (compute dtype): its

@@ -286,38 +286,75 @@ def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Rotary embedding, in place. The (token, head) pairs are numbered token-major and each program
-# takes BLOCK_ROWS of them, both halves of each head: full tiles however few heads a view has
+# Rotary embedding. The (token, head) pairs of a [N, heads, D] view are numbered token-major and each
+# program takes BLOCK_ROWS of them, both halves of each head: full tiles however few heads a view has
 # (a K view of 2 heads gets the same tiles as a Q view of 28). cos/sin rows are re-read per head,
-# from cache.
+# from cache. One tile function serves the in-place rotations (source = destination) and
+# rope_backward_cat (three sources, one destination).
+
+# _rope_tile's MODE: the rotation, the transposed rotation (its gradient), the identity (a copy)
+_ROPE_ROTATE, _ROPE_BACKWARD, _ROPE_COPY = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
-@triton.jit(do_not_specialize=['n_rows'])
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, n_rows, heads, stride_n, stride_h, stride_cos, stride_sin, HALF,
-                 BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+@triton.jit
+def _rope_tile(src_ptr, dst_ptr, cos_ptr, sin_ptr, block, n_rows, heads, src_stride_n, src_stride_h, dst_stride_n,
+               dst_stride_h, stride_cos, stride_sin, HALF, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+               MODE: tl.constexpr):
+    """Rows block*BLOCK_ROWS.. of the (token, head) pairs of src [N, heads, 2*HALF] (strides
+    src_stride_n, src_stride_h, 1) rotated (MODE 0), rotated back (1) or copied (2) into the same
+    (token, head) of dst (strides dst_stride_n, dst_stride_h, 1), rounded once to dst's dtype."""
+    rows = block.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     tok = rows // heads
     head = rows % heads
     d = tl.arange(0, BLOCK_D)
     inside = (rows < n_rows)[:, None] & (d < HALF)[None, :]
-    c_ptrs = cos_ptr + (tok * stride_cos)[:, None] + d[None, :]
-    s_ptrs = sin_ptr + (tok * stride_sin)[:, None] + d[None, :]
-    c1 = tl.load(c_ptrs, mask=inside, other=0.0).to(tl.float32)
-    c2 = tl.load(c_ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptrs, mask=inside, other=0.0).to(tl.float32)
-    s2 = tl.load(s_ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
-    ptrs = x_ptr + (tok * stride_n + head * stride_h)[:, None] + d[None, :]
-    x1 = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
-    x2 = tl.load(ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
-    if BACKWARD:  # the transposed rotation
-        o1 = x1 * c1 + x2 * s2
-        o2 = x2 * c2 - x1 * s1
+    src = src_ptr + (tok * src_stride_n + head * src_stride_h)[:, None] + d[None, :]
+    dst = dst_ptr + (tok * dst_stride_n + head * dst_stride_h)[:, None] + d[None, :]
+    out_ty = dst_ptr.dtype.element_ty
+    if MODE == _ROPE_COPY:  # no arithmetic, no cos/sin traffic: the values themselves
+        tl.store(dst, tl.load(src, mask=inside).to(out_ty), mask=inside)
+        tl.store(dst + HALF, tl.load(src + HALF, mask=inside).to(out_ty), mask=inside)
     else:
-        o1 = x1 * c1 - x2 * s1
-        o2 = x2 * c2 + x1 * s2
-    out_ty = x_ptr.dtype.element_ty
-    tl.store(ptrs, o1.to(out_ty), mask=inside)
-    tl.store(ptrs + HALF, o2.to(out_ty), mask=inside)
+        c_ptrs = cos_ptr + (tok * stride_cos)[:, None] + d[None, :]
+        s_ptrs = sin_ptr + (tok * stride_sin)[:, None] + d[None, :]
+        c1 = tl.load(c_ptrs, mask=inside, other=0.0).to(tl.float32)
+        c2 = tl.load(c_ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
+        s1 = tl.load(s_ptrs, mask=inside, other=0.0).to(tl.float32)
+        s2 = tl.load(s_ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
+        x1 = tl.load(src, mask=inside, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=inside, other=0.0).to(tl.float32)
+        if MODE == _ROPE_BACKWARD:  # the transposed rotation
+            o1 = x1 * c1 + x2 * s2
+            o2 = x2 * c2 - x1 * s1
+        else:
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+        tl.store(dst, o1.to(out_ty), mask=inside)
+        tl.store(dst + HALF, o2.to(out_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=['n_rows'])
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, n_rows, heads, stride_n, stride_h, stride_cos, stride_sin, HALF,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr):
+    _rope_tile(x_ptr, x_ptr, cos_ptr, sin_ptr, tl.program_id(0), n_rows, heads, stride_n, stride_h, stride_n,
+               stride_h, stride_cos, stride_sin, HALF, BLOCK_ROWS, BLOCK_D, MODE)
+
+
+def _rope_blocks(D: int) -> tuple[int, int, int]:
+    """(half, BLOCK_D, BLOCK_ROWS) of a head dim D: tiles of about 2048 pairs of values."""
+    half = D // 2
+    block_d = triton.next_power_of_2(half)
+    return half, block_d, max(1, 2048 // block_d)
+
+
+def _check_rope_tables(name: str, cos: torch.Tensor, sin: torch.Tensor, N: int, D: int) -> None:
+    for nm, t in (("cos", cos), ("sin", sin)):
+        if not (t.dim() == 2 and tuple(t.shape) == (N, D)):
+            raise ValueError(f"{name}: {nm} must be [{N}, {D}], got {tuple(t.shape)}")
+        if t.dtype not in _TABLE_DTYPES:
+            raise ValueError(f"{name}: {nm} must be a float tensor, got {t.dtype}")
+        if not (t.stride(1) == 1):
+            raise ValueError(f"{name}: {nm}'s last dim must be contiguous, strides {t.stride()}")
 
 
 def _rope_launch(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
@@ -330,23 +367,16 @@ def _rope_launch(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise ValueError(f"{name}: the head dim must be even, got {D}")
     if not (x.stride(2) == 1 or D == 1):
         raise ValueError(f"{name}: x's last dim must be contiguous, strides {x.stride()}")
-    for nm, t in (("cos", cos), ("sin", sin)):
-        if not (t.dim() == 2 and tuple(t.shape) == (N, D)):
-            raise ValueError(f"{name}: {nm} must be [{N}, {D}], got {tuple(t.shape)}")
-        if t.dtype not in _TABLE_DTYPES:
-            raise ValueError(f"{name}: {nm} must be a float tensor, got {t.dtype}")
-        if not (t.stride(1) == 1):
-            raise ValueError(f"{name}: {nm}'s last dim must be contiguous, strides {t.stride()}")
+    _check_rope_tables(name, cos, sin, N, D)
     _check_same_device(x=x, cos=cos, sin=sin)
     if not (N and heads and D):
         return
-    half = D // 2
-    block_d = triton.next_power_of_2(half)
-    block_rows = max(1, 2048 // block_d)
+    half, block_d, block_rows = _rope_blocks(D)
     grid = (triton.cdiv(N * heads, block_rows),)
     with _device_of(x):
         _rope_kernel[grid](x, cos, sin, N * heads, heads, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
-                           half, BLOCK_ROWS=block_rows, BLOCK_D=block_d, BACKWARD=backward, num_warps=4)
+                           half, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+                           MODE=(_ROPE_BACKWARD if backward else _ROPE_ROTATE).value, num_warps=4)
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -358,6 +388,62 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 def rope_backward_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """In place: the gradient of rope_ with respect to its input (the transposed rotation)."""
     _rope_launch("rope_backward_", g, cos, sin, backward=True)
+
+
+@triton.jit(do_not_specialize=['N'])
+def _rope_backward_cat_kernel(dq_ptr, dk_ptr, dv_ptr, out_ptr, cos_ptr, sin_ptr, N, HQ, HK, q_stride_n, q_stride_h,
+                              k_stride_n, k_stride_h, v_stride_n, v_stride_h, W, stride_cos, stride_sin, HALF,
+                              BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One launch, three program ranges: dq's tiles, then dk's, then dv's, each source's own
+    # (token, head) numbering (so the tiles of every range are full), written at its heads' columns.
+    pid = tl.program_id(0)
+    q_blocks = tl.cdiv(N * HQ, BLOCK_ROWS)
+    k_blocks = tl.cdiv(N * HK, BLOCK_ROWS)
+    D = 2 * HALF
+    if pid < q_blocks:
+        _rope_tile(dq_ptr, out_ptr, cos_ptr, sin_ptr, pid, N * HQ, HQ, q_stride_n, q_stride_h, W, D, stride_cos,
+                   stride_sin, HALF, BLOCK_ROWS, BLOCK_D, _ROPE_BACKWARD)
+    elif pid < q_blocks + k_blocks:
+        _rope_tile(dk_ptr, out_ptr + HQ * D, cos_ptr, sin_ptr, pid - q_blocks, N * HK, HK, k_stride_n, k_stride_h,
+                   W, D, stride_cos, stride_sin, HALF, BLOCK_ROWS, BLOCK_D, _ROPE_BACKWARD)
+    else:
+        _rope_tile(dv_ptr, out_ptr + (HQ + HK) * D, cos_ptr, sin_ptr, pid - q_blocks - k_blocks, N * HK, HK,
+                   v_stride_n, v_stride_h, W, D, stride_cos, stride_sin, HALF, BLOCK_ROWS, BLOCK_D, _ROPE_COPY)
+
+
+def rope_backward_cat(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+    """See fused_ops.rope_backward_cat: dq [N, Hq, D], dk and dv [N, Hk, D] (strided views are fine;
+    last dim contiguous; one dtype) -> gqkv [N, (Hq + 2 Hk) * D], contiguous, in one launch."""
+    name = "rope_backward_cat"
+    for nm, t in (("dq", dq), ("dk", dk), ("dv", dv)):
+        if not (t.dim() == 3):
+            raise ValueError(f"{name}: {nm} must be [N, heads, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{name}: {nm} must be a float tensor, got {t.dtype}")
+        if not (t.dtype == dq.dtype):
+            raise ValueError(f"{name}: {nm} ({t.dtype}) must have dq's dtype ({dq.dtype})")
+        if not (t.stride(2) == 1):
+            raise ValueError(f"{name}: {nm}'s last dim must be contiguous, strides {t.stride()}")
+    N, HQ, D = dq.shape
+    HK = dk.shape[1]
+    if not (dk.shape[0] == N and dk.shape[2] == D and tuple(dv.shape) == tuple(dk.shape)):
+        raise ValueError(f"{name}: dk and dv must both be [{N}, Hk, {D}], got {tuple(dk.shape)} and {tuple(dv.shape)}")
+    if not (D > 0 and D % 2 == 0):
+        raise ValueError(f"{name}: the head dim must be even, got {D}")
+    _check_rope_tables(name, cos, sin, N, D)
+    _check_same_device(dq=dq, dk=dk, dv=dv, cos=cos, sin=sin)
+    W = (HQ + 2 * HK) * D
+    out = _empty((N, W), dq.dtype, dq.device)
+    if not (N and W):
+        return out
+    half, block_d, block_rows = _rope_blocks(D)
+    grid = (triton.cdiv(N * HQ, block_rows) + 2 * triton.cdiv(N * HK, block_rows),)
+    with _device_of(dq):
+        _rope_backward_cat_kernel[grid](dq, dk, dv, out, cos, sin, N, HQ, HK, dq.stride(0), dq.stride(1),
+                                        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), W, cos.stride(0),
+                                        sin.stride(0), half, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=4)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
