@@ -745,7 +745,8 @@ PROFILE_CATEGORIES = (
     ("loss", ("cross_entropy",)),
     ("attention", ("flash", "fmha", "attn", "sdpa")),
     ("optimizer", ("adam", "multi_tensor", "optimizer")),
-    ("GEMMs", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "gemv", "cublas")),
+    # lora_b_grads: the LoRA B side's two products in one Triton kernel (session 14), which were GEMMs
+    ("GEMMs", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "gemv", "cublas", "_lora_b_grads")),
 )
 PROFILE_ORDER = ("GEMMs", "attention", "NF4 dequant", "masked LoRA A side", "epilogues/norms/RoPE/SwiGLU", "loss",
                  "optimizer", "everything else")

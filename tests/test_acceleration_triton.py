@@ -369,6 +369,40 @@ def run_masked_backward_launches(N, H, r, n, p, seed):
         record("lora_x_backward_.launch", f"{case} {fields}", gx, exp_gx)
 
 
+def run_lora_b_grads(N, rows, r, launch=None, splits=None):
+    """The B side's two products from one read of g: ga = g @ B (B block-diagonal, as LoRASet
+    builds it) and each projection's gB_j = g_j^T @ a_j, fp32, against float64 formulas; the fp32
+    ga feeds the masked kernels as the compute-dtype GEMM output did."""
+    n, W = len(rows), sum(rows)
+    case = f"N={N} rows={rows} r={r} launch={launch} splits={splits}"
+    g, a = rnd(N, W), rnd(N, n * r)
+    blocks = [rnd(m, r, scale=0.1) for m in rows]
+    B = torch.block_diag(*[b.cpu() for b in blocks]).to(DEV, DT)
+    gd, ad = g.double().cpu(), a.double().cpu()
+    starts = [sum(rows[:j]) for j in range(n)]
+    exp_ga = gd @ B.double().cpu()
+    exp_gB = torch.cat([gd[:, s0:s0 + m].t() @ ad[:, j * r:(j + 1) * r] for j, (s0, m) in enumerate(zip(starts, rows))])
+    kw = {k: v for k, v in (("launch", launch), ("splits", splits)) if v is not None}
+    into = torch.full((W, r), float("nan"), device=DEV)
+    ga, gB = T.lora_b_grads(g, a, B, rows, out=into, **kw)
+    check("lora_b_grads.dtypes", case, ga.dtype == gB.dtype == torch.float32 and gB.data_ptr() == into.data_ptr(),
+          f"{ga.dtype} {gB.dtype}")
+    record("lora_b_grads.ga", case, ga, exp_ga)
+    record("lora_b_grads.gB", case, gB, exp_gB)
+    ga_ref, gB_ref = F.lora_b_grads(ref(g), ref(a), ref(B), rows)
+    record("lora_b_grads.vs_fused_ops_ga", case, ga, ga_ref)
+    record("lora_b_grads.vs_fused_ops_gB", case, gB, gB_ref)
+    if W % 8 == 0:  # the fp32 ga into the masked kernels, against the compute-dtype ga
+        x, A = rnd(N, 64), rnd(n * r, 64, scale=0.1)
+        gx = rnd(N, 64)
+        gx_c = gx.clone()
+        T.lora_x_backward_(gx, ga, A, 5, 0.3, n)
+        T.lora_x_backward_(gx_c, ga.to(DT), A, 5, 0.3, n)
+        record("lora_b_grads.fp32_ga_x_backward", case, gx, gx_c)
+        record("lora_b_grads.fp32_ga_a_backward", case, T.lora_a_backward(ga, x, 5, 0.3, n),
+               T.lora_a_backward(ga.to(DT), x, 5, 0.3, n))
+
+
 def run_lora_factors(outs, r, in_f, out_dtype):
     """A LoRA set's static factors in one launch, bit for bit the torch reference (cat with the
     cast, each B block scaled and rounded once; the zeros around the blocks untouched). fp16
@@ -529,6 +563,9 @@ def run_errors():
     raises("lora_a", "width not divisible by 8", lambda: T.lora_a(rnd(8, 36), rnd(16, 36), 1, 0.1, 1))
     raises("lora_a_backward", "N mismatch", lambda: T.lora_a_backward(rnd(7, 16), x, 1, 0.1, 1))
     raises("lora_x_backward_", "ga width", lambda: T.lora_x_backward_(rnd(8, 32), rnd(8, 15), rnd(16, 32), 1, 0.1, 1))
+    raises("lora_b_grads", "rows no column block divides",
+           lambda: T.lora_b_grads(rnd(8, 48), rnd(8, 16), rnd(48, 16), [40, 8], launch=T.LoraBGradsLaunch(block_n=16)))
+    raises("lora_b_grads", "rows not summing to W", lambda: T.lora_b_grads(rnd(8, 48), rnd(8, 16), rnd(48, 16), [32]))
     raises("MaskedBackwardLaunch", "a 48-token tile", lambda: T.MaskedBackwardLaunch(block_m=48, block_h=64))
     raises("MaskedBackwardLaunch", "3 warps", lambda: T.MaskedBackwardLaunch(block_m=32, block_h=64, warps=3))
 
@@ -577,6 +614,9 @@ for r in (8, 16):
     for n in (1, 2, 3):
         run_lora(N=37, H=96, r=r, n=n, p=0.3, seed=1234 + 10 * r + n)
 run_lora(N=150, H=296, r=24, n=3, p=0.3, seed=1, splits=3)
+run_lora_b_grads(N=37, rows=[32, 16, 16], r=8, launch=T.LoraBGradsLaunch(block_m=16, block_n=16))
+run_lora_b_grads(N=70, rows=[64, 32], r=16, launch=T.LoraBGradsLaunch(block_m=32, block_n=32), splits=3)
+run_lora_b_grads(N=50, rows=[48], r=24, launch=T.LoraBGradsLaunch(block_m=16, block_n=16, warps=2), splits=1)
 run_lora_a_configs(N=37, H=96, r=8, n=1, p=0.3, seed=5)
 run_lora_a_configs(N=70, H=104, r=16, n=2, p=0.3, seed=6)
 run_lora_a_configs(N=150, H=296, r=24, n=3, p=0.3, seed=7, splits=3)
@@ -609,6 +649,8 @@ if not INTERPRET:
         run_rope_backward_cat(rows=2, S=1023, hq=32, hk=8, D=128, layout=layout)
     run_adapter_epilogues(N=1024, heads=32, kv_heads=8, D=128, I=14336, H=4096, R=48)
     run_lora(N=2048, H=1536, r=16, n=3, p=0.1, seed=99)
+    run_lora_b_grads(N=2048, rows=[1536, 256, 256], r=16)
+    run_lora_b_grads(N=1000, rows=[8960, 8960], r=16)
     run_lora(N=2048, H=1536, r=64, n=2, p=0.1, seed=99, splits=7)
     run_lora_a_configs(N=2000, H=1000, r=16, n=3, p=0.1, seed=98)
     run_masked_backward_launches(N=2000, H=1000, r=16, n=3, p=0.1, seed=97)
@@ -695,8 +737,8 @@ def test_cross_entropy_kernel_matches_the_reference(interpreted):
 def test_launchers_reject_bad_arguments_with_value_errors(interpreted):
     errors = [e for e in interpreted if "detail" in e and e["op"] in
               ("rms_norm", "rope_", "rope_backward_cat", "swiglu", "swiglu_backward", "lora_a", "lora_a_backward",
-               "lora_x_backward_", "MaskedBackwardLaunch")]
-    assert len(errors) == 19
+               "lora_x_backward_", "lora_b_grads", "MaskedBackwardLaunch")]
+    assert len(errors) == 21
     bad = [_describe(e) for e in errors if not e["ok"]]
     assert not bad, "\n".join(bad)
 

@@ -71,34 +71,34 @@ class _Program:
 
 class LayerGrads:
     """One graphed layer's LoRA gradients as views of one flat fp32 buffer ([all A gradients | all
-    B gradients], each parameter's .grad an ordinary view of it), and their sources: gA written
-    there by lora_a_backward, each projection's gB GEMM writing its compute-dtype output into one
-    flat buffer. `accumulate` adds them in one kernel per layer instead of a cast and a scaling per
-    projection and a multi-tensor add per layer (448 + 448 + 64 kernels an 8B step, ~3.2 ms:
+    B gradients], each parameter's .grad an ordinary view of it), and their sources, two flat fp32
+    buffers: gA written there by lora_a_backward, each set's gB by lora_b_grads. `accumulate` adds
+    them in one kernel per layer instead of a cast and a scaling per projection and a multi-tensor
+    add per layer (448 + 448 + 64 kernels an 8B step, ~3.2 ms:
     benchmarks/results/speed_small_kernels_8b_session11_h200.md), with the same bits. Only for
     fp32 LoRA factors (anything else keeps LoRASet.grads' list and torch._foreach_add_)."""
 
-    def __init__(self, sets, dtype: torch.dtype, device):
+    def __init__(self, sets, device):
         params = [p for s in sets for p in s.params()]
         self.rank = sets[0].rank
         n_a = sum(p.numel() for p in params[0::2])
         n_b = sum(p.numel() for p in params[1::2])
         self.acc = torch.zeros(n_a + n_b, dtype=torch.float32, device=device)
         self.src_a = torch.zeros(n_a, dtype=torch.float32, device=device)
-        self.src_b = torch.zeros(n_b, dtype=dtype, device=device)
+        self.src_b = torch.zeros(n_b, dtype=torch.float32, device=device)
         scales, grads, a_at, b_at = [], {}, 0, 0
         for s in sets:
             ps = s.params()
             a_len = sum(p.numel() for p in ps[0::2])
-            b_views = []
             for a, b, scale in zip(ps[0::2], ps[1::2], s.scales()):
                 grads[id(a)] = self.acc[a_at:a_at + a.numel()].view(a.shape)
                 grads[id(b)] = self.acc[n_a + b_at:n_a + b_at + b.numel()].view(b.shape)
-                b_views.append(self.src_b[b_at:b_at + b.numel()].view(b.shape))
                 scales.append(torch.full((b.shape[0],), scale, dtype=torch.float32))  # rounded as a scalar factor
                 a_at += a.numel()
                 b_at += b.numel()
-            s.sink = (self.src_a[a_at - a_len:a_at].view(s.rank * len(s.modules), ps[0].shape[1]), b_views)
+            b_len = sum(p.numel() for p in ps[1::2])
+            s.sink = (self.src_a[a_at - a_len:a_at].view(s.rank * len(s.modules), ps[0].shape[1]),
+                      self.src_b[b_at - b_len:b_at].view(-1, s.rank))
         self.row_scale = torch.cat(scales).to(device)
         self.grads = [grads[id(p)] for p in params]
 
@@ -210,7 +210,7 @@ class LayerGraphs:
         for st in states:
             sets = lora_sets(st.layer)
             if LayerGrads.fits(sets) and [id(p) for s in sets for p in s.params()] == [id(p) for p in st.params]:
-                st.lora_grads = LayerGrads(sets, compute, x.device)
+                st.lora_grads = LayerGrads(sets, x.device)
                 self.grads += st.lora_grads.grads
             else:
                 self.grads += [torch.zeros_like(p) for p in st.params]

@@ -161,9 +161,9 @@ class LoRASet:
         self._A = self._B = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
         # A graphed layer's gradient sources (cuda_graphs.LayerGrads): inside its programs, gA is
-        # written into sink[0] and each projection's gB GEMM into sink[1][j], which one kernel per
-        # layer then adds, scaled, into the flat .grad buffer.
-        self.sink: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        # written into sink[0] and the set's gB ([sum(out_j), r] fp32, lora_b_grads) into sink[1],
+        # which one kernel per layer then adds, scaled, into the flat .grad buffer.
+        self.sink: tuple[torch.Tensor, torch.Tensor] | None = None
         _count_optimizer_steps()  # the hook is in place before the first step
 
     def params(self) -> list[torch.Tensor]:
@@ -218,25 +218,24 @@ class LoRASet:
         """Where lora_a_backward writes gA: the graphed layer's source buffer, or None (fresh)."""
         return self.sink[0] if self.sink is not None and _IN_GRAPH[0] else None
 
-    def grads(self, gy: torch.Tensor, a: torch.Tensor, gA: torch.Tensor, rows: list[int],
-              params) -> list[torch.Tensor]:
-        """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes. (The cast and the scaling of gB
-        as one mixed-dtype multiplication took as long on the H200 as the two kernels:
-        benchmarks/results/speed_small_kernels_8b_session11_h200.md.) Inside a graphed layer's
-        program with a sink: [] (gA is already in the sink; each gB GEMM writes its compute-dtype
-        output there; LayerGrads.accumulate casts, scales and adds them all in one kernel)."""
+    def grad_b_out(self) -> torch.Tensor | None:
+        """Where lora_b_grads writes gB: the graphed layer's source buffer, or None (fresh)."""
+        return self.sink[1] if self.sink is not None and _IN_GRAPH[0] else None
+
+    def grads(self, gB: torch.Tensor, gA: torch.Tensor, rows: list[int], params) -> list[torch.Tensor]:
+        """[gA_0, gB_0, gA_1, gB_1, ...] in the parameters' dtypes from the set's gA [n*r, in] and gB
+        [sum(rows), r] (lora_b_grads' fp32 sums, scaled here). Inside a graphed layer's program
+        with a sink: [] (both are already in the sink; LayerGrads.accumulate scales and adds them
+        all in one kernel)."""
         r, start = self.rank, 0
         if self.sink is not None and _IN_GRAPH[0]:
-            if gA.data_ptr() != self.sink[0].data_ptr():
-                raise RuntimeError("LoRASet.grads: gA was not written into the graphed layer's sink")
-            for j, n_out in enumerate(rows):
-                torch.mm(gy[:, start:start + n_out].t(), a[:, j * r:(j + 1) * r], out=self.sink[1][j])
-                start += n_out
+            if gA.data_ptr() != self.sink[0].data_ptr() or gB.data_ptr() != self.sink[1].data_ptr():
+                raise RuntimeError("LoRASet.grads: gA or gB was not written into the graphed layer's sink")
             return []
         out = []
         for j, (s, n_out) in enumerate(zip(self.scales(), rows)):
-            gB = (gy[:, start:start + n_out].t() @ a[:, j * r:(j + 1) * r]).to(gA.dtype) * s
-            out += [gA[j * r:(j + 1) * r].to(params[2 * j].dtype), gB.to(params[2 * j + 1].dtype)]
+            gBj = gB[start:start + n_out].to(gA.dtype) * s
+            out += [gA[j * r:(j + 1) * r].to(params[2 * j].dtype), gBj.to(params[2 * j + 1].dtype)]
             start += n_out
         return out
 
@@ -359,11 +358,11 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     gyc = _compute(gy, Wo.dtype) if gyc is None else gyc
     o2 = out.view(out.shape[0], -1)
     # o_proj (+ residual): y = x + o2 Wo^T + ao Bo^T
-    gao = gyc @ Bo
+    gao, gBo = ops.lora_b_grads(gyc, ao, Bo, [gy.shape[1]], out=o_lora.grad_b_out())
     go = gyc @ Wo.get()
     ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1)
     gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1, out=o_lora.grad_a_out())
-    o_grads = o_lora.grads(gyc, ao, gAo, [gy.shape[1]], lora_params[6:])
+    o_grads = o_lora.grads(gBo, gAo, [gy.shape[1]], lora_params[6:])
     del gyc
     # attention, then the q|k|v gradient buffer written once: RoPE backward on the q and k heads, v's
     # copied (dq, dk, dv come in each attention backend's own layout)
@@ -371,13 +370,13 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     dq, dk, dv = attention.backward(go.view_as(out), q, k, v, out, state, cu, max_len, shape.scale)
     gqkv = ops.rope_backward_cat(dq, dk, dv, cos, sin)
     # qkv projection: qkv = h W^T + b + a B^T
-    ga = gqkv @ B
+    ga, gB = ops.lora_b_grads(gqkv, a, B, W.rows, out=qkv_lora.grad_b_out())
     gh = gqkv @ W.get()
     ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3)
     h, _ = ops.rms_norm(x, norm_w, shape.eps, W.dtype)
     gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3, out=qkv_lora.grad_a_out())
     del h
-    qkv_grads = qkv_lora.grads(gqkv, a, gA, W.rows, lora_params[:6])
+    qkv_grads = qkv_lora.grads(gB, gA, W.rows, lora_params[:6])
     gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out, compute_out=gx_compute)
     return gx, [*qkv_grads, *o_grads]
 
@@ -441,22 +440,22 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
     gy = gy.contiguous()
     gyc = _compute(gy, Wd.dtype) if gyc is None else gyc
     m = ops.swiglu(gu)
-    gad = gyc @ Bd
+    gad, gBd = ops.lora_b_grads(gyc, ad, Bd, [gy.shape[1]], out=d_lora.grad_b_out())
     gm = gyc @ Wd.get()
     ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
     gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1, out=d_lora.grad_a_out())
-    d_grads = d_lora.grads(gyc, ad, gAd, [gy.shape[1]], lora_params[4:])
+    d_grads = d_lora.grads(gBd, gAd, [gy.shape[1]], lora_params[4:])
     del gyc
     del m
     ggu = ops.swiglu_backward(gm, gu)
     del gm
-    ga = ggu @ B
+    ga, gB = ops.lora_b_grads(ggu, a, B, Wgu.rows, out=gu_lora.grad_b_out())
     gh = ggu @ Wgu.get()
     ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2)
     h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps, Wgu.dtype)
     gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2, out=gu_lora.grad_a_out())
     del h
-    gu_grads = gu_lora.grads(ggu, a, gA, Wgu.rows, lora_params[:4])
+    gu_grads = gu_lora.grads(gB, gA, Wgu.rows, lora_params[:4])
     gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, compute_out=gx_compute)
     return gx, [*gu_grads, *d_grads]
 

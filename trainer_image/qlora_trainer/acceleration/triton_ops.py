@@ -711,12 +711,15 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _check_lora_pair(name: str, x: torch.Tensor, other: torch.Tensor, other_name: str, dim: int, what: str) -> None:
-    """x and the other operand of a LoRA A-side kernel: 2-D, one dot dtype, one device, and the
-    same size in x's dimension `dim` (H or N, named by `what`) and the other's matching one."""
+def _check_lora_pair(name: str, x: torch.Tensor, other: torch.Tensor, other_name: str, dim: int, what: str,
+                     fp32_ok: bool = False) -> None:
+    """x and the other operand of a LoRA A-side kernel: 2-D, one dot dtype (or, `fp32_ok`, the
+    other fp32: lora_b_grads' sums, which the kernel rounds to x's dtype as it loads them, one
+    rounding as a GEMM with a compute-dtype output makes), one device, and the same size in x's
+    dimension `dim` (H or N, named by `what`) and the other's matching one."""
     _check_2d(f"{name}: x", x, _DOT_DTYPES)
     _check_2d(f"{name}: {other_name}", other, _DOT_DTYPES)
-    if not (other.dtype == x.dtype):
+    if not (other.dtype == x.dtype or (fp32_ok and other.dtype == torch.float32)):
         raise ValueError(f"{name}: {other_name} ({other.dtype}) and x ({x.dtype}) must have one dtype")
     if not (other.shape[dim] == x.shape[dim]):
         raise ValueError(f"{name}: {other_name} {tuple(other.shape)} and x {tuple(x.shape)} differ in {what}")
@@ -945,7 +948,7 @@ def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_
         row_in = rows < N
         rows64 = rows.to(tl.int64)
         ga = tl.load(ga_ptr + rows64[:, None] * (n * r) + (j * r + rr)[None, :],
-                     mask=row_in[:, None] & r_in[None, :], other=0.0)  # [T, R]
+                     mask=row_in[:, None] & r_in[None, :], other=0.0).to(x_ptr.dtype.element_ty)  # [T, R]
         xt = tl.load(x_ptr + rows64[:, None] * H + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
         keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
         xt = tl.where(keep, xt, tl.zeros_like(xt))
@@ -962,7 +965,7 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     The token dimension is cut into `splits` ranges (default: enough for the launch's programs per SM)
     whose partial sums meet in the output by fp32 atomic adds, so the summation order, and with
     it the last bits of the result, can vary from run to run when there is more than one split."""
-    _check_lora_pair("lora_a_backward", x, ga, "ga", 0, "N")
+    _check_lora_pair("lora_a_backward", x, ga, "ga", 0, "N", fp32_ok=True)
     N, H = x.shape
     r = _lora_shapes("lora_a_backward", x, ga.shape[1], n)
     seed = _check_dropout(seed, p, n, N, H, x.device)
@@ -1100,7 +1103,7 @@ def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_p
     total = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     for j in range(0, n):
         ga = tl.load(ga_ptr + rows64[:, None] * (n * r) + (j * r + rr)[None, :],
-                     mask=row_in[:, None] & r_in[None, :], other=0.0)  # [M, R]
+                     mask=row_in[:, None] & r_in[None, :], other=0.0).to(a_ptr.dtype.element_ty)  # [M, R]
         a = tl.load(a_ptr + (j * r + rr).to(tl.int64)[:, None] * H + cols[None, :],
                     mask=r_in[:, None] & col_in[None, :], other=0.0)  # [R, H]
         part = _dot(ga, a, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IEEE)
@@ -1119,8 +1122,8 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
     _check_2d("lora_x_backward_: gx", gx)
     _check_2d("lora_x_backward_: ga", ga, _DOT_DTYPES)
     _check_2d("lora_x_backward_: A", A, _DOT_DTYPES)
-    if not (ga.dtype == A.dtype):
-        raise ValueError(f"lora_x_backward_: ga ({ga.dtype}) and A ({A.dtype}) must have one dtype")
+    if ga.dtype not in (A.dtype, torch.float32):
+        raise ValueError(f"lora_x_backward_: ga ({ga.dtype}) must be A's dtype ({A.dtype}) or fp32")
     if not (A.shape[1] == gx.shape[1]):
         raise ValueError(f"lora_x_backward_: A {tuple(A.shape)} does not match gx {tuple(gx.shape)} in H")
     if not (ga.shape[0] == gx.shape[0] and ga.shape[1] == A.shape[0]):
@@ -1141,6 +1144,112 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
                                       IEEE=ga.dtype == torch.float32, num_warps=launch.warps,
                                       num_stages=launch.stages)
 
+
+
+@triton.jit(do_not_specialize=['N', 'rows_per_split'])
+def _lora_b_grads_kernel(g_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, N, W, R, r, end0, end1, n_cblocks, rows_per_split,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    # Flat grid over (token split, block of W's columns), the column block fastest. A column block
+    # lies in one projection j (BLOCK_N divides every projection's rows): it reads g's tiles once
+    # for both gradients, B_j's rows once, a_j's columns once a tile. gB's rows sum over the
+    # split's tokens in registers; ga's columns of j sum over the column blocks: fp32 atomic adds
+    # into buffers the launcher zeroed (so the summation order, and the last bits, can vary).
+    pid = tl.program_id(0)
+    cb = pid % n_cblocks
+    start = (pid // n_cblocks) * rows_per_split
+    col0 = cb * BLOCK_N
+    j = (col0 >= end0).to(tl.int32) + (col0 >= end1).to(tl.int32)
+    cols = col0 + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    col_in = cols < W
+    r_in = rr < r
+    cols64 = cols.to(tl.int64)
+    bt = tl.load(b_ptr + cols64[:, None] * R + (j * r + rr)[None, :], mask=col_in[:, None] & r_in[None, :],
+                 other=0.0)  # [BN, R]: B_j's block
+    gb = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for t0 in range(0, rows_per_split, BLOCK_M):
+        rows = start + t0 + tl.arange(0, BLOCK_M)
+        row_in = rows < N
+        rows64 = rows.to(tl.int64)
+        gt = tl.load(g_ptr + rows64[:, None] * W + cols64[None, :], mask=row_in[:, None] & col_in[None, :],
+                     other=0.0)  # [BM, BN]
+        at = tl.load(a_ptr + rows64[:, None] * R + (j * r + rr)[None, :], mask=row_in[:, None] & r_in[None, :],
+                     other=0.0)  # [BM, R]
+        ga = _dot(gt, bt, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), IEEE)
+        tl.atomic_add(ga_ptr + rows64[:, None] * R + (j * r + rr)[None, :], ga, mask=row_in[:, None] & r_in[None, :],
+                      sem="relaxed")
+        gb = _dot(tl.trans(gt), at, gb, IEEE)
+    tl.atomic_add(gb_ptr + cols64[:, None] * r + rr[None, :], gb, mask=col_in[:, None] & r_in[None, :], sem="relaxed")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraBGradsLaunch:
+    """How lora_b_grads tiles g: token rows and columns (BLOCK_N must divide every projection's
+    rows), warps, stages, and the programs per SM that its token split aims at."""
+
+    block_m: int = 64
+    block_n: int = 128
+    warps: int = 4
+    stages: int = 3
+    programs_per_sm: int = 4
+
+
+LORA_B_GRADS_LAUNCH = LoraBGradsLaunch()
+
+
+def lora_b_grads_fits(rows: list[int], launch: LoraBGradsLaunch | None = None) -> bool:
+    """Whether the kernel takes these projections: up to 3, each a whole number of column blocks."""
+    block_n = (launch or LORA_B_GRADS_LAUNCH).block_n
+    return 1 <= len(rows) <= 3 and all(n > 0 and n % block_n == 0 for n in rows)
+
+
+def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[int], *,
+                 out: torch.Tensor | None = None, splits: int | None = None,
+                 launch: LoraBGradsLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """See fused_ops.lora_b_grads: (ga [N, n*r] fp32, gB [W, r] fp32, into `out` when given) from
+    one read of g."""
+    _check_2d("lora_b_grads: g", g, _DOT_DTYPES)
+    _check_2d("lora_b_grads: a", a, _DOT_DTYPES)
+    _check_2d("lora_b_grads: B", B, _DOT_DTYPES)
+    if not (a.dtype == B.dtype == g.dtype):
+        raise ValueError(f"lora_b_grads: g ({g.dtype}), a ({a.dtype}) and B ({B.dtype}) must have one dtype")
+    N, W = g.shape
+    n = len(rows)
+    if not (sum(rows) == W and B.shape[0] == W and a.shape[0] == N and a.shape[1] == B.shape[1]
+            and a.shape[1] % max(n, 1) == 0):
+        raise ValueError(f"lora_b_grads: g {tuple(g.shape)}, a {tuple(a.shape)}, B {tuple(B.shape)} and rows {rows} "
+                         "must be g [N, W], a [N, n*r], B [W, n*r] with the rows summing to W")
+    launch = LORA_B_GRADS_LAUNCH if launch is None else launch
+    if not lora_b_grads_fits(rows, launch):
+        raise ValueError(f"lora_b_grads: up to 3 projections, each a multiple of {launch.block_n} rows, got {rows}")
+    _check_same_device(g=g, a=a, B=B)
+    R = a.shape[1]
+    r = R // n
+    if not (r <= 256):
+        raise ValueError(f"lora_b_grads: r up to 256 is supported, got {r}")
+    ga = torch.zeros((N, R), dtype=torch.float32, device=g.device)
+    if out is None:
+        out = torch.zeros((W, r), dtype=torch.float32, device=g.device)
+    else:  # the partial sums meet there by atomic adds: it starts from zero
+        if not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == (W, r)):
+            raise ValueError(f"lora_b_grads: out must be contiguous fp32 {(W, r)}, got {out.dtype} {tuple(out.shape)}")
+        out.zero_()
+    if N == 0:
+        return ga, out
+    n_cblocks = W // launch.block_n
+    token_blocks = triton.cdiv(N, launch.block_m)
+    if splits is None:
+        splits = triton.cdiv(launch.programs_per_sm * _num_sms(g.device), n_cblocks)
+    splits = max(1, min(int(splits), token_blocks))
+    rows_per_split = triton.cdiv(token_blocks, splits) * launch.block_m
+    splits = triton.cdiv(N, rows_per_split)
+    ends = [sum(rows[:k + 1]) for k in range(n)] + [W] * (3 - n)
+    with _device_of(g):
+        _lora_b_grads_kernel[(n_cblocks * splits,)](g, a, B, ga, out, N, W, R, r, ends[0], ends[1], n_cblocks,
+                                                    rows_per_split, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+                                                    BLOCK_R=_block_r(r), IEEE=g.dtype == torch.float32,
+                                                    num_warps=launch.warps, num_stages=launch.stages)
+    return ga, out
 
 # ---------------------------------------------------------------------------------------------
 # NF4 dequantization (bitsandbytes' format): one launch per weight, the nested (double-quantized)
