@@ -1235,9 +1235,7 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
 
 @triton.jit(do_not_specialize=['N', 'rows_per_split'])
 def _lora_b_grads_kernel(g_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, N, W, R, r, end0, end1, n_cblocks, rows_per_split,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
-                         PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     # Flat grid over (token split, block of W's columns), the column block fastest. A column block
     # lies in one projection j (BLOCK_N divides every projection's rows): it reads g's tiles once
     # for both gradients, B_j's rows once, a_j's columns once a tile. gB's rows sum over the
@@ -1337,7 +1335,7 @@ def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[i
         _lora_b_grads_kernel[(n_cblocks * splits,)](g, a, B, ga, out, N, W, R, r, ends[0], ends[1], n_cblocks,
                                                     rows_per_split, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
                                                     BLOCK_R=_block_r(r), IEEE=g.dtype == torch.float32,
-                                                    num_warps=launch.warps, num_stages=launch.stages, **_LAUNCH)
+                                                    num_warps=launch.warps, num_stages=launch.stages)
     return ga, out
 
 # ---------------------------------------------------------------------------------------------
