@@ -57,15 +57,12 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_sm90(fn, types: dict, constexprs: dict, warps: int, stages: int, **options) -> dict:
-    """fn compiled for sm_90 as its launcher specializes it: {"ptx", "sass", "usage", "launch_pdl"}.
-    A constexpr parameter with a default (PDL) takes it unless constexprs names it; options are
-    further compile options (launch_pdl)."""
+def census(fn, types: dict, constexprs: dict, warps: int, stages: int) -> dict:
+    """Opcode counts (all of them, and the memory and barrier ones by name), registers a thread."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
@@ -76,27 +73,14 @@ def compile_sm90(fn, types: dict, constexprs: dict, warps: int, stages: int, **o
             attrs[(i,)] = [["tt.divisibility", 16]]
         signature[arg] = kind.removesuffix("/16")
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": warps, "num_stages": stages, **options})
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
                                check=True).stdout
-    return {"ptx": kernel.asm["ptx"], "sass": sass, "usage": usage, "launch_pdl": kernel.metadata.launch_pdl}
-
-
-def sass_opcodes(sass: str) -> list[str]:
-    """The SASS instructions' opcodes, in program order."""
-    return [m.group(1) for m in _OPCODE.finditer(sass)]
-
-
-def census(fn, types: dict, constexprs: dict, warps: int, stages: int) -> dict:
-    """Opcode counts (all of them, and the memory and barrier ones by name), registers a thread."""
-    asm = compile_sm90(fn, types, constexprs, warps, stages)
-    sass, usage = asm["sass"], asm["usage"]
-    ops = collections.Counter(sass_opcodes(sass))
+    ops = collections.Counter(m.group(1) for m in _OPCODE.finditer(sass))
     memory = {k: v for k, v in sorted(ops.items())
               if k.startswith(("LDG", "STG", "LDS", "STS", "BAR", "REDG", "HGMMA", "HMMA", "I2F"))}
     return {"instructions": sum(ops.values()), "registers": int(re.search(r"REG:(\d+)", usage).group(1)), "ops": memory}

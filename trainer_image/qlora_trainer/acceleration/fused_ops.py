@@ -30,8 +30,6 @@ def _triton_ops():
         if os.environ.get("QLORA_TRITON", "1") != "0":
             try:
                 from . import triton_ops as mod  # noqa: PLC0415
-            except ValueError:  # a bad setting (QLORA_PDL) is to be fixed, not run slowly in torch
-                raise
             except Exception:  # noqa: BLE001  (no triton, or one too old)
                 mod = None
         _TRITON["mod"] = mod

@@ -15,21 +15,6 @@ stored; `dropout_mask` materialises it (tests only). Callers guarantee n_rows * 
 Token counts change from batch to batch with packed records: the kernels do not specialize on
 them (do_not_specialize), so a new count never means a new compilation mid-training.
 
-Programmatic dependent launch (PDL, Hopper and later): a fused layer's CUDA graph runs about three
-thousand of these kernels a step, most depending on the one before, and without PDL the GPU idles
-for the launch latency (1-2 us) between each pair. With PDL a kernel is launched while its
-predecessor still runs: its programs are scheduled early and block in griddepcontrol.wait until the
-predecessor has completed and its writes are visible. Safety rule: the wait is the FIRST statement of
-every launched kernel (`_pdl_enter`; never in a helper), before any load or store, whatever the
-kernel reads (scalars such as the dropout seed included), so no kernel sees its predecessor's output
-half-written, and a kernel's completion still implies that of all kernels before it. QLORA_PDL, read once at import,
-picks the mode: "off" (plain launches; the kernels compile to exactly the code they had without
-PDL), "wait" (launched with PDL and waiting first; a kernel's successor is released as its programs
-exit) or "early" (as "wait", and each program releases the successor right after its wait, so the
-successor is launched once this kernel's last wave has started and waits on the SMs for its end). It resolves to "off" where PDL cannot
-work: Triton's interpreter, no CUDA device, compute capability below 9, or a Triton without the
-griddepcontrol API. tests/test_triton_pdl.py checks the compiled sm_90 code.
-
 Importing this module needs Triton; fused_ops falls back to torch when the import fails.
 """
 
@@ -39,7 +24,6 @@ import contextlib
 import dataclasses
 import functools
 import operator
-import os
 
 import torch
 import triton
@@ -56,53 +40,6 @@ _MAX_PROJECTIONS = 64  # j < 64 keeps the streams of different (seed, j) apart
 # masked LoRA kernels are bound by this arithmetic (benchmarks/NOTES.md); a dropout mask needs
 # independent fair coins, which tests/test_acceleration_triton.py checks statistically.
 _PHILOX_ROUNDS = tl.constexpr(7)
-
-try:  # in Triton 3.6 and 3.9 alike; a Triton without it gets PDL off
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:
-    gdc_wait = gdc_launch_dependents = None
-
-PDL_MODES = {"off": 0, "wait": 1, "early": 2}  # mode: the kernels' PDL constexpr
-
-
-def pdl_level(mode: str) -> int:
-    """The PDL constexpr of the launched kernels for a QLORA_PDL mode."""
-    if mode not in PDL_MODES:
-        raise ValueError(f"QLORA_PDL must be one of {', '.join(PDL_MODES)}, got {mode!r}")
-    return PDL_MODES[mode]
-
-
-def pdl_launch_options(level: int) -> dict:
-    """The keywords every launch adds: none when off, so the interpreter never sees launch_pdl."""
-    return {"launch_pdl": True, "PDL": level} if level else {}
-
-
-def _pdl_works() -> bool:
-    if gdc_wait is None:
-        return False
-    knobs = getattr(triton, "knobs", None)
-    if knobs.runtime.interpret if knobs else os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return False
-    if not torch.cuda.is_available():
-        return False
-    return all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count()))
-
-
-_PDL_ENV = os.environ.get("QLORA_PDL", "early")
-pdl_level(_PDL_ENV)  # a bad value fails the import, not silently the speed-up
-PDL_MODE = _PDL_ENV if _pdl_works() else "off"  # what the launches below use
-_LAUNCH = pdl_launch_options(pdl_level(PDL_MODE))
-
-
-@triton.jit
-def _pdl_enter(PDL: tl.constexpr):
-    """A launched kernel's first statement (never a helper's): with PDL, wait until the predecessor
-    has completed and its writes are visible, then ("early") let the successor be scheduled. PDL 0
-    emits nothing."""
-    if PDL >= 1:
-        gdc_wait()
-    if PDL >= 2:
-        gdc_launch_dependents()
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -217,9 +154,7 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, n_rows, n_cols, seed_ptr, j, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+def _dropout_mask_kernel(out_ptr, n_rows, n_cols, seed_ptr, j, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -242,7 +177,7 @@ def dropout_mask(seed: int, j: int, n_rows: int, n_cols: int, p: float, device) 
         grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
         with _device_of(out):
             _dropout_mask_kernel[grid](out, n_rows, n_cols, seed, int(j), float(p),
-                                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **_LAUNCH)
+                                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out.view(torch.bool)
 
 
@@ -251,8 +186,7 @@ def dropout_mask(seed: int, j: int, n_rows: int, n_cols: int, p: float, device) 
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -285,15 +219,13 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
     if N and H:
         block = triton.next_power_of_2(H)
         with _device_of(x):
-            _rms_norm_kernel[(N,)](x, w, y, rstd, H, float(eps), BLOCK=block, num_warps=_warps_for_row(block),
-                                   **_LAUNCH)
+            _rms_norm_kernel[(N,)](x, w, y, rstd, H, float(eps), BLOCK=block, num_warps=_warps_for_row(block))
     return y, rstd
 
 
 @triton.jit
 def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, gxc_ptr, H, BLOCK: tl.constexpr,
-                              RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                              RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -349,7 +281,7 @@ def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: 
             _rms_norm_backward_kernel[(N,)](gy, x, w, rstd, gx if residual is None else residual, gx,
                                             gx if compute_out is None else compute_out, H, BLOCK=block,
                                             RESIDUAL=residual is not None, COMPUTE=compute_out is not None,
-                                            num_warps=_warps_for_row(block), **_LAUNCH)
+                                            num_warps=_warps_for_row(block))
     return gx
 
 
@@ -403,8 +335,7 @@ def _rope_tile(src_ptr, dst_ptr, cos_ptr, sin_ptr, block, n_rows, heads, src_str
 
 @triton.jit(do_not_specialize=['n_rows'])
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, n_rows, heads, stride_n, stride_h, stride_cos, stride_sin, HALF,
-                 BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                 BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr):
     _rope_tile(x_ptr, x_ptr, cos_ptr, sin_ptr, tl.program_id(0), n_rows, heads, stride_n, stride_h, stride_n,
                stride_h, stride_cos, stride_sin, HALF, BLOCK_ROWS, BLOCK_D, MODE)
 
@@ -445,7 +376,7 @@ def _rope_launch(name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     with _device_of(x):
         _rope_kernel[grid](x, cos, sin, N * heads, heads, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
                            half, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
-                           MODE=(_ROPE_BACKWARD if backward else _ROPE_ROTATE).value, num_warps=4, **_LAUNCH)
+                           MODE=(_ROPE_BACKWARD if backward else _ROPE_ROTATE).value, num_warps=4)
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -462,8 +393,7 @@ def rope_backward_(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Non
 @triton.jit(do_not_specialize=['N'])
 def _rope_backward_cat_kernel(dq_ptr, dk_ptr, dv_ptr, out_ptr, cos_ptr, sin_ptr, N, HQ, HK, q_stride_n, q_stride_h,
                               k_stride_n, k_stride_h, v_stride_n, v_stride_h, W, stride_cos, stride_sin, HALF,
-                              BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                              BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     # One launch, three program ranges: dq's tiles, then dk's, then dv's, each source's own
     # (token, head) numbering (so the tiles of every range are full), written at its heads' columns.
     pid = tl.program_id(0)
@@ -512,8 +442,7 @@ def rope_backward_cat(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos:
     with _device_of(dq):
         _rope_backward_cat_kernel[grid](dq, dk, dv, out, cos, sin, N, HQ, HK, dq.stride(0), dq.stride(1),
                                         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), W, cos.stride(0),
-                                        sin.stride(0), half, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=4,
-                                        **_LAUNCH)
+                                        sin.stride(0), half, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=4)
     return out
 
 
@@ -541,8 +470,7 @@ def _check_adapter(name: str, out: torch.Tensor, a: torch.Tensor, B: torch.Tenso
 @triton.jit(do_not_specialize=['N'])
 def _lora_rope_kernel(qkv_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, N, W, R, heads, rope_heads, stride_cos, stride_sin,
                       HALF, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
-                      HEADS: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                      HEADS: tl.constexpr):
     # One program per (block of tokens, HEADS consecutive heads): both halves of each head, so RoPE
     # pairs are local; the tokens' cos, sin and adapter inputs are read once for all HEADS heads.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -622,13 +550,12 @@ def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.T
         _lora_rope_kernel[grid](qkv, a, B, cos, sin, N, W, R, heads, int(rope_heads), cos.stride(0), sin.stride(0),
                                 half, BLOCK_M=launch.block_m, BLOCK_D=max(16, triton.next_power_of_2(half)),
                                 BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32,
-                                HEADS=launch.heads, num_warps=launch.warps, **_LAUNCH)
+                                HEADS=launch.heads, num_warps=launch.warps)
 
 
 @triton.jit(do_not_specialize=['N'])
 def _lora_swiglu_kernel(gu_ptr, a_ptr, b_ptr, h_ptr, N, inter, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                        BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
@@ -665,16 +592,13 @@ def lora_swiglu_(gu: torch.Tensor, a: torch.Tensor, B: torch.Tensor,
         with _device_of(gu):
             _lora_swiglu_kernel[(triton.cdiv(N, launch.block_m), triton.cdiv(inter, launch.block_n))](
                 gu, a, B, h, N, inter, R, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
-                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32, num_warps=launch.warps,
-                **_LAUNCH)
+                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32, num_warps=launch.warps)
     return h
 
 
 @triton.jit(do_not_specialize=['N'])
 def _lora_residual_add_kernel(x_ptr, y_ptr, a_ptr, b_ptr, out_ptr, N, H, R, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
-                              PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                              BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
@@ -706,7 +630,7 @@ def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torc
         with _device_of(x):
             _lora_residual_add_kernel[(triton.cdiv(N, block_m), triton.cdiv(H, block_n))](
                 x, y, a, B, out, N, H, R, BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32, num_warps=4, **_LAUNCH)
+                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32, num_warps=4)
     return out
 
 
@@ -717,8 +641,7 @@ _SWIGLU_BLOCK = 1024
 
 
 @triton.jit
-def _swiglu_kernel(gu_ptr, h_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+def _swiglu_kernel(gu_ptr, h_ptr, inter, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < inter
@@ -740,13 +663,12 @@ def swiglu(gu: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tens
     if N and inter:
         block = min(_SWIGLU_BLOCK, triton.next_power_of_2(inter))
         with _device_of(gu):
-            _swiglu_kernel[(N, triton.cdiv(inter, block))](gu, h, inter, BLOCK=block, num_warps=4, **_LAUNCH)
+            _swiglu_kernel[(N, triton.cdiv(inter, block))](gu, h, inter, BLOCK=block, num_warps=4)
     return h
 
 
 @triton.jit
-def _swiglu_backward_kernel(gh_ptr, gu_ptr, d_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+def _swiglu_backward_kernel(gh_ptr, gu_ptr, d_ptr, inter, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < inter
@@ -777,8 +699,7 @@ def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
     if N and inter:
         block = min(_SWIGLU_BLOCK, triton.next_power_of_2(inter))
         with _device_of(gu):
-            _swiglu_backward_kernel[(N, triton.cdiv(inter, block))](gh, gu, d, inter, BLOCK=block, num_warps=4,
-                                                                    **_LAUNCH)
+            _swiglu_backward_kernel[(N, triton.cdiv(inter, block))](gh, gu, d, inter, BLOCK=block, num_warps=4)
     return d
 
 
@@ -847,8 +768,7 @@ def _lora_a_store(out_ptr, acc, split, N, n, r, j, rows, row_in, rr, r_in, TRANS
 @triton.jit(do_not_specialize=['N', 'n_mblocks', 'kblocks_per_split'])
 def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, kblocks_per_split, seed_ptr, p,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
-                   NPROJ: tl.constexpr, TRANSPOSED: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                   NPROJ: tl.constexpr, TRANSPOSED: tl.constexpr):
     seed = tl.load(seed_ptr)
     # Flat grid over (split of H, token block, group of NPROJ projections), the group fastest: the
     # programs of one token block run together and share x in L2. A program reads each x tile
@@ -894,9 +814,8 @@ def _lora_a_kernel(x_ptr, a_ptr, out_ptr, N, H, r, n, n_mblocks, kblocks_per_spl
 
 
 @triton.jit
-def _sum_planes_kernel(parts_ptr, out_ptr, n_planes, plane, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+def _sum_planes_kernel(parts_ptr, out_ptr, n_planes, plane, BLOCK: tl.constexpr):
     """out = parts[0] + parts[1] + ... in fp32, in that order, rounded once to out's dtype."""
-    _pdl_enter(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < plane
     acc = tl.load(parts_ptr + offs, mask=inside, other=0.0)
@@ -914,7 +833,7 @@ def _sum_planes(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         block = 1024
         with _device_of(parts):
             _sum_planes_kernel[(triton.cdiv(plane, block),)](parts, out, parts.shape[0], plane, BLOCK=block,
-                                                             num_warps=4, **_LAUNCH)
+                                                             num_warps=4)
     return out
 
 
@@ -974,7 +893,7 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
     with _device_of(x):
         _lora_a_kernel[grid](x, A, out, N, H, r, n, n_mblocks, kblocks_per_split, seed, float(p), BLOCK_M=block_m,
                              BLOCK_K=block_k, BLOCK_R=block_r, IEEE=x.dtype == torch.float32, NPROJ=nproj,
-                             TRANSPOSED=cfg.transposed, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH)
+                             TRANSPOSED=cfg.transposed, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         return out[0] if x.dtype == torch.float32 else out[0].to(x.dtype)
     return _sum_planes(out, x.dtype)
@@ -1012,8 +931,7 @@ LORA_X_BACKWARD_LAUNCH = MaskedBackwardLaunch(block_m=32, block_h=128, warps=4, 
 @triton.jit(do_not_specialize=['N', 'rows_per_split'])
 def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_per_split, seed_ptr, p,
                             BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-                            IEEE: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                            IEEE: tl.constexpr):
     seed = tl.load(seed_ptr)
     # Flat grid over (split of N, block of H, j), j fastest then H: neighbours share x tiles in L2.
     pid = tl.program_id(0)
@@ -1074,14 +992,12 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
         _lora_a_backward_kernel[grid](ga, x, out, N, H, r, n, n_hblocks, rows_per_split, seed, float(p),
                                       BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_R=block_r,
                                       IEEE=x.dtype == torch.float32, num_warps=launch.warps,
-                                      num_stages=launch.stages, **_LAUNCH)
+                                      num_stages=launch.stages)
     return out
 
 
 @triton.jit
-def _lora_grads_accumulate_kernel(acc_ptr, a_ptr, b_ptr, scale_ptr, n_a, n, rank, BLOCK: tl.constexpr,
-                                  PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+def _lora_grads_accumulate_kernel(acc_ptr, a_ptr, b_ptr, scale_ptr, n_a, n, rank, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < n
     is_a = i < n_a
@@ -1111,17 +1027,15 @@ def lora_grads_accumulate_(acc: torch.Tensor, src_a: torch.Tensor, src_b: torch.
     block = 2048
     with _device_of(acc):
         _lora_grads_accumulate_kernel[(triton.cdiv(n, block),)](acc, src_a, src_b, row_scale, n_a, n, rank,
-                                                                 BLOCK=block, num_warps=8, enable_fp_fusion=False,
-                                                                 **_LAUNCH)
+                                                                 BLOCK=block, num_warps=8, enable_fp_fusion=False)
 
 
 @triton.jit
 def _lora_factors_kernel(a0, a1, a2, b0, b1, b2, A_ptr, B_ptr, scale_ptr, in_f, out0, out1, out2,
-                         R: tl.constexpr, N_PROJ: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+                         R: tl.constexpr, N_PROJ: tl.constexpr, BLOCK: tl.constexpr):
     """One LoRA set's static factors from its parameters: program (chunk, j, part) writes chunk of
     projection j's A rows (part 0: cast) or of its scaled B block (part 1: B[row_j + i, j*R + k] =
     b_j[i, k] * scale_j, rounded once)."""
-    _pdl_enter(PDL)
     chunk = tl.program_id(0)
     j = tl.program_id(1)
     part = tl.program_id(2)
@@ -1170,14 +1084,13 @@ def lora_factors_(A: torch.Tensor, B: torch.Tensor, As: list, Bs: list, scales: 
     chunks = triton.cdiv(max(r * in_f, max(outs) * r), block)
     with _device_of(A):
         _lora_factors_kernel[(chunks, n, 2)](*pad_a, *pad_b, A, B, scales, in_f, *outs, R=r, N_PROJ=n, BLOCK=block,
-                                              num_warps=4, enable_fp_fusion=False, **_LAUNCH)
+                                              num_warps=4, enable_fp_fusion=False)
 
 
 @triton.jit(do_not_specialize=['N'])
 def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_ptr, p,
                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-                            IEEE: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                            IEEE: tl.constexpr):
     seed = tl.load(seed_ptr)
     pid = tl.program_id(0)
     cols = (pid % n_hblocks) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -1229,7 +1142,7 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
         _lora_x_backward_kernel[grid](gx, ga, A, N, H, r, n, n_hblocks, seed, float(p),
                                       BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_R=block_r,
                                       IEEE=ga.dtype == torch.float32, num_warps=launch.warps,
-                                      num_stages=launch.stages, **_LAUNCH)
+                                      num_stages=launch.stages)
 
 
 
@@ -1379,8 +1292,7 @@ _NF4_LOOKUPS = {"load": 0, "code": 1, "table": 2}
 def _dequantize_nf4_kernel(q_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr, n_bytes,
                            HALF: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                            ROWS: tl.constexpr, LOOKUP: tl.constexpr, STREAM_OUT: tl.constexpr,
-                           VEC: tl.constexpr, PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                           VEC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     first = pid * (ROWS * HALF)  # this program's first byte (int64: a weight may pass 2**31 values)
     rows = pid * ROWS + tl.arange(0, ROWS)  # absmax blocks
@@ -1461,7 +1373,7 @@ def dequantize_nf4(q: torch.Tensor, state, out: torch.Tensor, *, _launch: _Nf4La
         _dequantize_nf4_kernel[(triton.cdiv(n // 2, rows * half),)](
             q, absmax, code2, absmax2, offset, code, out, n // 2, HALF=half, BLOCKSIZE2=bs2, NESTED=nested,
             ROWS=rows, LOOKUP=_NF4_LOOKUPS[launch.lookup], STREAM_OUT=launch.stream_out, VEC=launch.vec_bytes,
-            num_warps=launch.num_warps, enable_fp_fusion=False, **_LAUNCH)
+            num_warps=launch.num_warps, enable_fp_fusion=False)
 
 
 _NF4_LAUNCH = _Nf4Launch()
@@ -1477,9 +1389,7 @@ _CE_BLOCK = 4096
 
 @triton.jit
 def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, scale,
-                               WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, SCALE_IN_MEMORY: tl.constexpr,
-                               PDL: tl.constexpr = 0):
-    _pdl_enter(PDL)
+                               WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, SCALE_IN_MEMORY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     label = tl.load(labels_ptr + row)
@@ -1537,5 +1447,5 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor, scale: float
             _cross_entropy_rows_kernel[(C,)](logits, labels, loss, V, logits.stride(0),
                                              scale if in_memory else (float(scale) if scale is not None else 0.0),
                                              WRITE_GRAD=scale is not None, BLOCK=min(_CE_BLOCK, triton.next_power_of_2(V)),
-                                             SCALE_IN_MEMORY=in_memory, num_warps=8, **_LAUNCH)
+                                             SCALE_IN_MEMORY=in_memory, num_warps=8)
     return loss
