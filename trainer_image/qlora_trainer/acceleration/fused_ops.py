@@ -264,13 +264,12 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j);
     written into `out` (contiguous fp32) when given (a graphed layer's gradient sources)."""
-    k = _masked_kernel(x, "lora_a_backward", x.shape[1]) if p > 0 else None
-    if k is not None:
-        return k(ga, x, seed, p, n, out=out)
-    ga = ga.to(x.dtype)  # lora_b_grads' fp32 sums: rounded once, as the kernel loads them
     if p == 0:
         g = (ga.t() @ x).to(_acc(x))
         return g if out is None else out.copy_(g)
+    k = _masked_kernel(x, "lora_a_backward", x.shape[1])
+    if k is not None:
+        return k(ga, x, seed, p, n, out=out)
     r = ga.shape[1] // n
     parts = [(ga[:, j * r:(j + 1) * r].t() @ _masked(x, seed, j, p)).to(_acc(x)) for j in range(n)]
     return torch.cat(parts, dim=0) if out is None else torch.cat(parts, dim=0, out=out)
@@ -280,9 +279,9 @@ def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[i
                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both products of a LoRA set's output gradient g [N, W] (the projections' outputs side by
     side, rows[j] columns each) that the B side's backward needs: ga = g @ B [N, n*r] (B the set's
-    block-diagonal [W, n*r], the A side's output gradient) and gB [W, r], row block j = g_j^T @
-    a_j (a [N, n*r] the forward's A-side output), both fp32 sums (gB into `out` when given: a
-    graphed layer's gradient source). On a GPU one kernel reads g once for both
+    block-diagonal [W, n*r], the A side's output gradient, fp32 sums rounded once to g's dtype as
+    a GEMM's output) and gB [W, r], row block j = g_j^T @ a_j (a [N, n*r] the forward's A-side
+    output), fp32 sums (into `out` when given: a graphed layer's gradient source). On a GPU one kernel reads g once for both
     (triton_ops.lora_b_grads), where two GEMMs per set read it twice (3 to 4 for a set of 2-3
     projections): g is the widest tensor of a layer's backward after the weights."""
     k = _kernel(g, "lora_b_grads")
@@ -291,7 +290,7 @@ def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[i
     acc = _acc(g)
     n = len(rows)
     r = a.shape[1] // n
-    ga = g.to(acc) @ B.to(acc)
+    ga = (g.to(acc) @ B.to(acc)).to(g.dtype)
     starts = [sum(rows[:j]) for j in range(n)]
     gB = torch.cat([g[:, s:s + m].to(acc).t() @ a[:, j * r:(j + 1) * r].to(acc)
                     for j, (s, m) in enumerate(zip(starts, rows))])
@@ -334,15 +333,13 @@ def lora_factors_(A: torch.Tensor, B: torch.Tensor, As: list[torch.Tensor], Bs: 
 
 
 def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> None:
-    """In place: gx += sum_j (ga_j @ A_j) * mask_j, the input gradient of lora_a. ga may be fp32
-    (lora_b_grads' sums) with A in the compute dtype: rounded to it once."""
-    k = _masked_kernel(gx, "lora_x_backward_", gx.shape[1]) if p > 0 else None
-    if k is not None:
-        k(gx, ga, A, seed, p, n)
-        return
-    ga = ga.to(A.dtype)
+    """In place: gx += sum_j (ga_j @ A_j) * mask_j, the input gradient of lora_a."""
     if p == 0:
         gx.addmm_(ga, A)
+        return
+    k = _masked_kernel(gx, "lora_x_backward_", gx.shape[1])
+    if k is not None:
+        k(gx, ga, A, seed, p, n)
         return
     r = A.shape[0] // n
     for j in range(n):

@@ -711,15 +711,12 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _check_lora_pair(name: str, x: torch.Tensor, other: torch.Tensor, other_name: str, dim: int, what: str,
-                     fp32_ok: bool = False) -> None:
-    """x and the other operand of a LoRA A-side kernel: 2-D, one dot dtype (or, `fp32_ok`, the
-    other fp32: lora_b_grads' sums, which the kernel rounds to x's dtype as it loads them, one
-    rounding as a GEMM with a compute-dtype output makes), one device, and the same size in x's
-    dimension `dim` (H or N, named by `what`) and the other's matching one."""
+def _check_lora_pair(name: str, x: torch.Tensor, other: torch.Tensor, other_name: str, dim: int, what: str) -> None:
+    """x and the other operand of a LoRA A-side kernel: 2-D, one dot dtype, one device, and the
+    same size in x's dimension `dim` (H or N, named by `what`) and the other's matching one."""
     _check_2d(f"{name}: x", x, _DOT_DTYPES)
     _check_2d(f"{name}: {other_name}", other, _DOT_DTYPES)
-    if not (other.dtype == x.dtype or (fp32_ok and other.dtype == torch.float32)):
+    if not (other.dtype == x.dtype):
         raise ValueError(f"{name}: {other_name} ({other.dtype}) and x ({x.dtype}) must have one dtype")
     if not (other.shape[dim] == x.shape[dim]):
         raise ValueError(f"{name}: {other_name} {tuple(other.shape)} and x {tuple(x.shape)} differ in {what}")
@@ -948,7 +945,7 @@ def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_
         row_in = rows < N
         rows64 = rows.to(tl.int64)
         ga = tl.load(ga_ptr + rows64[:, None] * (n * r) + (j * r + rr)[None, :],
-                     mask=row_in[:, None] & r_in[None, :], other=0.0).to(x_ptr.dtype.element_ty)  # [T, R]
+                     mask=row_in[:, None] & r_in[None, :], other=0.0)  # [T, R]
         xt = tl.load(x_ptr + rows64[:, None] * H + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
         keep = _keep(seed, j, rows[:, None], cols[None, :], H, p)
         xt = tl.where(keep, xt, tl.zeros_like(xt))
@@ -965,7 +962,7 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     The token dimension is cut into `splits` ranges (default: enough for the launch's programs per SM)
     whose partial sums meet in the output by fp32 atomic adds, so the summation order, and with
     it the last bits of the result, can vary from run to run when there is more than one split."""
-    _check_lora_pair("lora_a_backward", x, ga, "ga", 0, "N", fp32_ok=True)
+    _check_lora_pair("lora_a_backward", x, ga, "ga", 0, "N")
     N, H = x.shape
     r = _lora_shapes("lora_a_backward", x, ga.shape[1], n)
     seed = _check_dropout(seed, p, n, N, H, x.device)
@@ -1103,7 +1100,7 @@ def _lora_x_backward_kernel(gx_ptr, ga_ptr, a_ptr, N, H, r, n, n_hblocks, seed_p
     total = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     for j in range(0, n):
         ga = tl.load(ga_ptr + rows64[:, None] * (n * r) + (j * r + rr)[None, :],
-                     mask=row_in[:, None] & r_in[None, :], other=0.0).to(a_ptr.dtype.element_ty)  # [M, R]
+                     mask=row_in[:, None] & r_in[None, :], other=0.0)  # [M, R]
         a = tl.load(a_ptr + (j * r + rr).to(tl.int64)[:, None] * H + cols[None, :],
                     mask=r_in[:, None] & col_in[None, :], other=0.0)  # [R, H]
         part = _dot(ga, a, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IEEE)
@@ -1122,8 +1119,8 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
     _check_2d("lora_x_backward_: gx", gx)
     _check_2d("lora_x_backward_: ga", ga, _DOT_DTYPES)
     _check_2d("lora_x_backward_: A", A, _DOT_DTYPES)
-    if ga.dtype not in (A.dtype, torch.float32):
-        raise ValueError(f"lora_x_backward_: ga ({ga.dtype}) must be A's dtype ({A.dtype}) or fp32")
+    if not (ga.dtype == A.dtype):
+        raise ValueError(f"lora_x_backward_: ga ({ga.dtype}) and A ({A.dtype}) must have one dtype")
     if not (A.shape[1] == gx.shape[1]):
         raise ValueError(f"lora_x_backward_: A {tuple(A.shape)} does not match gx {tuple(gx.shape)} in H")
     if not (ga.shape[0] == gx.shape[0] and ga.shape[1] == A.shape[0]):
@@ -1206,8 +1203,10 @@ def lora_b_grads_fits(rows: list[int], launch: LoraBGradsLaunch | None = None) -
 def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[int], *,
                  out: torch.Tensor | None = None, splits: int | None = None,
                  launch: LoraBGradsLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """See fused_ops.lora_b_grads: (ga [N, n*r] fp32, gB [W, r] fp32, into `out` when given) from
-    one read of g."""
+    """See fused_ops.lora_b_grads: (ga [N, n*r] in g's dtype, gB [W, r] fp32, into `out` when given)
+    from one read of g; ga's fp32 sums are rounded by one more small kernel (_sum_planes of one
+    plane): the masked A-side kernels read it 3-5 us a call faster in the compute dtype than fp32
+    (benchmarks/results/lora_b_timing_h200.md)."""
     _check_2d("lora_b_grads: g", g, _DOT_DTYPES)
     _check_2d("lora_b_grads: a", a, _DOT_DTYPES)
     _check_2d("lora_b_grads: B", B, _DOT_DTYPES)
@@ -1235,7 +1234,7 @@ def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[i
             raise ValueError(f"lora_b_grads: out must be contiguous fp32 {(W, r)}, got {out.dtype} {tuple(out.shape)}")
         out.zero_()
     if N == 0:
-        return ga, out
+        return ga.to(g.dtype), out
     n_cblocks = W // launch.block_n
     token_blocks = triton.cdiv(N, launch.block_m)
     if splits is None:
@@ -1249,7 +1248,7 @@ def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[i
                                                     rows_per_split, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
                                                     BLOCK_R=_block_r(r), IEEE=g.dtype == torch.float32,
                                                     num_warps=launch.warps, num_stages=launch.stages)
-    return ga, out
+    return (ga if g.dtype == torch.float32 else _sum_planes(ga[None], g.dtype)), out
 
 # ---------------------------------------------------------------------------------------------
 # NF4 dequantization (bitsandbytes' format): one launch per weight, the nested (double-quantized)
