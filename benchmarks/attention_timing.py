@@ -15,9 +15,10 @@ the layout glue included):
 - cudnn-ragged (--with-ragged only): aten._cudnn_attention_forward/_backward over cumulative
   lengths (packed, ragged); it crashed the process on the H200 (an illegal memory access);
 - fa3-varlen: fa2-varlen after torch.nn.attention.activate_flash_attention_impl("FA3"), if it loads.
-Times: each call captured in a CUDA graph and replayed (median over trials of many replays; eager
-CUDA events where a capture fails). Errors: max |x - FA2's x| of the output and the three gradients,
-and each candidate's and FA2's max error against an fp32 reference (SDPA math per row).
+Times: --reps calls captured as one CUDA graph, timed by CUDA events around a replay, the median
+of --trials (graph_timing.seconds_per_call; eager calls between the events where a capture
+fails). Errors: max |x - FA2's x| of the output and the three gradients, and each candidate's and
+FA2's max error against an fp32 reference (SDPA math per row).
 """
 
 from __future__ import annotations
@@ -156,31 +157,11 @@ class _null:
 
 
 def timed(fn, trials, reps, graphs: bool):
-    """Median ms per call of fn: CUDA-graph replays (or eager calls) between CUDA events."""
-    if graphs:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        call = graph.replay
-    else:
-        call = fn
-    call()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(trials):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            call()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / reps)
-    return statistics.median(times)
+    """Median ms per call of fn over `trials` timings of `reps` calls: captured as one CUDA graph and
+    replayed, or (graphs False) made eagerly, between CUDA events (graph_timing.seconds_per_call)."""
+    from graph_timing import seconds_per_call
+
+    return seconds_per_call(fn, True, calls=reps, trials=trials, pick=statistics.median, graphed=graphs) * 1e3
 
 
 def flops(hq, d, lens):

@@ -5,9 +5,9 @@ the current one in several launch shapes (triton_ops._Nf4Launch), bitsandbytes' 
 dequantize_4bit, and a torch copy of the same output as the bandwidth reference.
 
 Each case is CALLS calls captured as one CUDA graph and timed by CUDA events over REPLAYS replays
-(the median): kernel time without the host's launch cost. The calls cycle over enough copies of
-the packed weight and of the output that they do not stay in L2 (as in a training step, where a
-GEMM runs between two dequantizations). TB/s counts what a call must move: 0.5 B a value read,
+(the median; graph_timing.seconds_per_call): kernel time without the host's launch cost. The
+calls cycle over enough copies of the packed weight and of the output that they do not stay in L2
+(as in a training step, where a GEMM runs between two dequantizations). TB/s counts what a call must move: 0.5 B a value read,
 the output written, the absmax (and nested absmax) read; the copy counts its read and its write.
 bitsandbytes runs eagerly (events around CALLS calls), the others graphed.
 Every case's output is compared bit for bit with bitsandbytes' dequantize_4bit on the same GPU.
@@ -111,47 +111,14 @@ def _import_stack():
     return torch, tri, bnbf, old_dequantize
 
 
-def _time_ms(torch, fns, dev, graphed: bool = True) -> float:
-    """Median ms of one call, the calls cycling over fns (one per copy). Not graphed: CALLS eager
-    calls a replay (bitsandbytes allocates its nested absmax in each call)."""
-    for fn in fns:
-        fn()
-    if dev == "cuda" and not graphed:
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(REPLAYS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for i in range(CALLS):
-                fns[i % len(fns)]()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / CALLS)
-        return statistics.median(times)
-    if dev != "cuda":
-        start = time.perf_counter()
-        for i in range(CALLS):
-            fns[i % len(fns)]()
-        return (time.perf_counter() - start) / CALLS * 1000
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        graph.capture_begin()
-        for i in range(CALLS):
-            fns[i % len(fns)]()
-        graph.capture_end()
-    torch.cuda.synchronize()
-    graph.replay()  # warm-up
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / CALLS)
-    return statistics.median(times)
+def _time_ms(fns, dev, graphed: bool = True) -> float:
+    """Median ms of one call over REPLAYS timings of CALLS calls, the calls cycling over fns (one per
+    copy). Not graphed: the calls are made eagerly (bitsandbytes allocates its nested absmax in each
+    call)."""
+    from graph_timing import seconds_per_call
+
+    return seconds_per_call(fns, dev == "cuda", calls=CALLS, trials=REPLAYS, pick=statistics.median,
+                            graphed=graphed) * 1e3
 
 
 def measure(shapes: dict, variants: dict, nested_only_default: bool = True) -> dict:
@@ -198,14 +165,14 @@ def _measure_shape(torch, bnbf, cases, dev, dt, g, shape, nested, errors) -> dic
             fn(q, qs, outs[0])
             equal = bool(torch.equal(outs[0], expected))
             calls = [lambda fn=fn, p=p, o=o: fn(p, qs, o) for p, o in zip(packed, outs)]
-            ms = _time_ms(torch, calls, dev, graphed=name != "bitsandbytes")
+            ms = _time_ms(calls, dev, graphed=name != "bitsandbytes")
             row[name] = {"ms": ms, "tb_s": moved / ms / 1e9, "bit_equal": equal}
         except Exception as e:  # noqa: BLE001 -- reported in the table, the sweep goes on
             errors.append(f"{key} {name}: {type(e).__name__}: {str(e)[:300]}")
         print(key, name, row.get(name), flush=True)
     src = torch.empty(shape, device=dev, dtype=dt).normal_()
     dsts = [torch.empty_like(src) for _ in range(max(1, copies // 2))]
-    ms = _time_ms(torch, [lambda d=d: d.copy_(src) for d in dsts], dev)
+    ms = _time_ms([lambda d=d: d.copy_(src) for d in dsts], dev)
     row["torch copy"] = {"ms": ms, "tb_s": 2 * n * w.element_size() / ms / 1e9}
     return row
 

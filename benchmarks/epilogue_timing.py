@@ -6,8 +6,9 @@ place, and SwiGLU's output; ~113 us a call, 2.6 TB/s), each in several tilings
 micro-batches, Qwen2.5-1.5B at 16,384.
 
 Each case is 20 calls captured as one CUDA graph and timed by CUDA events over a replay (the least
-of 3; lora_a_timing's measurement), so the host's launch cost is not counted. GB/s counts the bytes a call must move (q|k|v or
-gate|up read and written, SwiGLU's output written, the fp32 cos and sin tables read once), against
+of 3; graph_timing.seconds_per_call), so the host's launch cost is not counted. GB/s counts the
+bytes a call must move (q|k|v or gate|up read and written, SwiGLU's output written, the fp32 cos
+and sin tables read once), against
 a device-to-device copy of as many bytes. Every variant's output is compared with the default
 tiling's on the same inputs (max abs difference: the same fp32 arithmetic, only the tensor-core
 dot's blocking can differ).
@@ -55,17 +56,9 @@ SWIGLU_VARIANTS = {
 }
 
 
-def timed(fn, cuda: bool) -> float:
-    """Seconds per call: lora_a_timing's measurement (its 20 calls in one CUDA graph, the least of 3
-    replays; one call on the CPU)."""
-    import torch
-    from lora_a_timing import _time_us
-
-    return _time_us(torch, fn, "cuda" if cuda else "cpu") / 1e6
-
-
 def run_model(name: str, dims, cuda: bool) -> list[dict]:
     import torch
+    from graph_timing import seconds_per_call as timed
     from qlora_trainer.acceleration import triton_ops as T
 
     heads, kv, d, inter, n, per_step = dims

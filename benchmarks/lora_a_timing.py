@@ -5,9 +5,10 @@ Llama-3-8B and Qwen2.5-7B at 2,048-token micro-batches, Qwen2.5-1.5B at 16,384 (
 row's micro-batch of 8 x 2,048).
 
 Each case is 20 calls captured as one CUDA graph (device seeds, as the trainer's graphed layers
-use them) and timed by CUDA events over a replay (the least of 3): kernel time without the host's
-launch cost (timing eager calls measures the launch: ~100 us a call whatever the kernel). The
-same x is read by every call, so it is partly L2-resident, as it is for the backward rows.
+use them) and timed by CUDA events over a replay (the least of 3; graph_timing.seconds_per_call):
+kernel time without the host's launch cost (timing eager calls measures the launch: ~100 us a call
+whatever the kernel). The same x is read by every call, so it is partly L2-resident, as it is for
+the backward rows.
 
 Every variant's output is compared with the session-9 launch shape's (max abs diff): the
 keep-mask is the same function, only the order of the fp32 sums differs. The two gradient
@@ -31,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer_image"))
 
-RANK, P, CALLS = 16, 0.05, 20
+RANK, P = 16, 0.05
 # model: (hidden, intermediate, tokens per micro-batch, lora_a calls per group per step)
 SHAPES = {"8b": (4096, 14336, 2048, 32 * 2), "7b": (3584, 18944, 2048, 28 * 2), "1.5b": (1536, 8960, 16384, 28 * 1)}
 TINY = {"8b": (256, 512, 130, 64), "7b": (192, 320, 70, 56), "1.5b": (128, 256, 200, 28)}  # CPU rehearsal
@@ -133,33 +134,6 @@ def _inputs(torch, dev, dt, tokens, n, h, seed=0):
     return x, A, ga
 
 
-def _time_us(torch, fn, dev) -> float:
-    fn()  # compiled already: loads nothing here
-    if dev != "cuda":
-        start = time.perf_counter()
-        fn()
-        return round((time.perf_counter() - start) * 1e6, 1)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):  # capture_begin directly: torch.cuda.graph() runs gc.collect() each time
-        graph.capture_begin()
-        for _ in range(CALLS):
-            fn()
-        graph.capture_end()
-    torch.cuda.synchronize()
-    graph.replay()
-    best = float("inf")
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / CALLS * 1000)
-    return round(best, 1)
-
-
 def _case_fn(name, tri, torch, dev, dt, x, A, ga, seed, n):
     """The call that case `name` times, on these inputs."""
     import triton
@@ -202,6 +176,7 @@ def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> No
     ok = []
     try:  # whatever fails here, the barrier is reached: a broken worker must not leave the others waiting
         torch, dev, dt = _setup()
+        from graph_timing import seconds_per_call
         from qlora_trainer.acceleration import triton_ops as tri
 
         seed = torch.tensor([7], dtype=torch.int64, device=dev)
@@ -240,7 +215,7 @@ def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> No
                         entry["diff"] = float((fn().float() - ref).abs().max())
                     elif name in BACKWARD_VARIANTS:
                         entry["diff"] = float((fn().float() - refs[BACKWARD_VARIANTS[name][0]]).abs().max())
-                    entry["us"] = _time_us(torch, fn, dev)
+                    entry["us"] = round(seconds_per_call(fn, dev == "cuda") * 1e6, 1)
                     emit(entry)
         if dev == "cuda":
             torch.cuda.synchronize()

@@ -4,7 +4,7 @@ shapes, against what it replaces (the torch GEMMs the fused layer ran: g @ B, th
 per projection), at the four projection groups of a decoder layer (r 16): Llama-3-8B and
 Qwen2.5-7B at 2,048-token micro-batches, Qwen2.5-1.5B at 16,384.
 
-Timing: lora_a_timing's (20 calls in one CUDA graph, the least of 3 replays). Every variant's two
+Timing: graph_timing.seconds_per_call (20 calls in one CUDA graph, the least of 3 replays). Every variant's two
 outputs are compared with the GEMMs' (max abs difference, fp32 against the GEMMs' bf16-rounded
 outputs).
 
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer_image"))
 
-from lora_a_timing import _time_us  # noqa: E402  (one timing loop for the kernel sweeps)
+from graph_timing import seconds_per_call  # noqa: E402  (one timing loop for the kernel sweeps)
 
 RANK = 16
 # model: (q width, kv width, hidden, intermediate, tokens per micro-batch, calls per group per step)
@@ -93,14 +93,14 @@ def time_group(torch, tri, dev, dt, tokens: int, rows: list[int], variants: dict
 
     ga_ref = gemms().float()
     gb_ref = torch.cat(sinks).float()
-    cell = {"gemms": {"us": _time_us(torch, gemms, dev)}}
+    cell = {"gemms": {"us": round(seconds_per_call(gemms, dev == "cuda") * 1e6, 1)}}
     out = torch.empty(W, RANK, device=dev)
     for name, launch in variants.items():
         def fused(launch=launch):
             return tri.lora_b_grads(g, a, B, rows, out=out, launch=launch)[0]
         ga = fused().float()
         diff = max(float((ga - ga_ref).abs().max()), float((out - gb_ref).abs().max()))
-        cell[name] = {"us": _time_us(torch, fused, dev), "diff": diff}
+        cell[name] = {"us": round(seconds_per_call(fused, dev == "cuda") * 1e6, 1), "diff": diff}
     return cell
 
 

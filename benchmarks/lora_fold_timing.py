@@ -14,7 +14,7 @@ two. This script times both ways at the benchmark rows' shapes, bf16, rank 16:
 - backward, gate|up: (g @ W, g @ B) against g @ W[:, :K] with the extended rows' stride (the
   x-gradient when W is stored extended) and against one g @ [W | B].
 
-Each case is lora_a_timing's measurement (20 calls in one CUDA graph, the least of 3 replays).
+Each case is graph_timing.seconds_per_call (20 calls in one CUDA graph, the least of 3 replays).
 The folded outputs are compared with the epilogue's (max abs difference, bf16: one rounding
 instead of two).
 
@@ -35,15 +35,9 @@ SHAPES = {"8b": (4096, 32, 8, 128, 14336, 2048, 32 * 2), "7b": (3584, 28, 4, 128
 TINY = {"8b": (64, 4, 2, 16, 96, 40, 64), "7b": (64, 4, 1, 16, 80, 33, 56), "1.5b": (48, 3, 1, 16, 64, 50, 28)}
 
 
-def timed(fn, cuda: bool) -> float:
-    import torch
-    from lora_a_timing import _time_us
-
-    return _time_us(torch, fn, "cuda" if cuda else "cpu") / 1e6
-
-
 def run_model(name: str, dims, cuda: bool) -> list[dict]:
     import torch
+    from graph_timing import seconds_per_call as timed
     from qlora_trainer.acceleration import triton_ops as T
 
     hidden, heads, kv, d, inter, n, per_step = dims

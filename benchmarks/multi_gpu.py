@@ -213,9 +213,10 @@ def run_rank(cfg: dict) -> dict:
     else:
         model = base.load_model(engine, base.SHM / cfg["shape"], seq, dropout)
     if plan is not None:
-        from qlora_trainer.acceleration import apply_acceleration
+        from qlora_trainer.acceleration import apply_acceleration, labels_checked_on_host
 
         result["acceleration"] = apply_acceleration(model, plan).describe()
+        labels_checked_on_host(model)  # batches_of checks every batch on the host before it goes to the GPU
     if sharded:  # the trainer's sharded path: FSDP2 units, torch's fused AdamW on the sharded LoRA
         from qlora_trainer.distributed import World
         from qlora_trainer.sharding import shard
@@ -243,14 +244,22 @@ def run_rank(cfg: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     # Every rank its own micro-batches: rank r takes every world-th one of a global pool, so the
     # group trains world x the one-GPU batch per step with the same per-GPU plan. The batches are on
-    # the device before the clock starts (the trainer copies pinned batches without waiting).
+    # the device before the clock starts (the trainer copies pinned batches without waiting), each
+    # checked against the vocabulary on the host first, as the trainer's collator does: the fast
+    # path's loss, told so (labels_checked_on_host), then skips its own check, a host read of the
+    # GPU at every micro-step.
+    from qlora_trainer.data import check_token_ids
+
     pool = base._fixed_batches(shape["vocab_size"], micro, seq, accum * world)
     on_device = {}
 
     def batches_of(step):
         key = step % 4  # _fixed_batches cycles a pool of 4 steps
         if key not in on_device:
-            on_device[key] = [({k: v.to(device) for k, v in kw.items()}, u) for kw, u in pool(step)[rank::world]]
+            mine = pool(step)[rank::world]
+            for kw, _ in mine:
+                check_token_ids(kw["input_ids"].numpy(), kw["labels"].numpy(), shape["vocab_size"])
+            on_device[key] = [({k: v.to(device) for k, v in kw.items()}, u) for kw, u in mine]
         return on_device[key]
 
     def one_step(step) -> torch.Tensor:
