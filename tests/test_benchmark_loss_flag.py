@@ -155,7 +155,7 @@ def test_the_session_13_h200_table_renders_from_its_raw_results_with_no_departur
     results file shows it comes from its raw JSON: no loss departs at either dropout; ours at 1.52x
     and 1.53x Unsloth on the 7B and 8B rows in that call, lean at 1.08x and 1.09x."""
     bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200.json").read_text())["results"]
+    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session13.json").read_text())["results"]
     table = bench.render(results)
     assert "DEPARTS" not in table
     assert "ours -0.0029, lean -0.0015 |" in _loss_row(table, "8b-1024")
@@ -164,7 +164,30 @@ def test_the_session_13_h200_table_renders_from_its_raw_results_with_no_departur
              for row in ("7b-1024", "8b-1024")}
     assert "| 1.52x | 0.47 | 11,411 | 7.79 | 1.08x |" in speed["7b-1024"]
     assert "| 1.53x | 0.471 | 10,742 | 8.11 | 1.09x |" in speed["8b-1024"]
+    assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200_session13.md").read_text()
+
+
+def test_the_session_14_h200_table_renders_from_its_raw_results_and_its_flags_are_run_to_run_movement():
+    """The session-14 table (the B side's products in one read, the q|k|v gradient written once) as
+    its results file shows it comes from its raw JSON, with its two flags (8B ours-p0 -0.0106 from
+    plain-p0, 8B lean at +0.0082); the same-seed rerun of the 8B dropout-0 pair in the next call
+    ends within the spread (+0.0007)."""
+    bench = _bench()
+    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200.json").read_text())["results"]
+    table = bench.render(results)
+    assert "ours +0.0019, lean +0.0082 DEPARTS |" in _loss_row(table, "8b-1024")
+    assert "ours +0.0110, lean +0.0017 |" in _loss_row(table, "7b-1024")
+    p0 = table.split("loss at LoRA dropout 0")[1]
+    assert "ours-p0 -0.0106 DEPARTS" in _loss_row(p0, "8b-1024")
+    speed = {row: next(line for line in table.splitlines() if line.startswith(f"| {row} | ") and "x |" in line)
+             for row in ("7b-1024", "8b-1024")}
+    assert "| 1.60x | 0.494 | 12,006 | 7.83 | 1.14x |" in speed["7b-1024"]
+    assert "| 1.57x | 0.496 | 11,228 | 8.15 | 1.10x |" in speed["8b-1024"]
     assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200.md").read_text()
+    rerun = bench.render(json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_8b_p0_rerun_h200.json")
+                                    .read_text())["results"])
+    row = _loss_row(rerun.split("loss at LoRA dropout 0")[1], "8b-1024")
+    assert "ours-p0 +0.0007 (vs plain-p0)" in row and "DEPARTS" not in row
 
 
 def test_a_row_whose_plain_p0_did_not_run_is_not_held_to_unsloth():
