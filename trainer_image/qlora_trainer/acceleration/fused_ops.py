@@ -279,22 +279,21 @@ def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[i
                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both products of a LoRA set's output gradient g [N, W] (the projections' outputs side by
     side, rows[j] columns each) that the B side's backward needs: ga = g @ B [N, n*r] (B the set's
-    block-diagonal [W, n*r], the A side's output gradient, fp32 sums rounded once to g's dtype as
-    a GEMM's output) and gB [W, r], row block j = g_j^T @ a_j (a [N, n*r] the forward's A-side
-    output), fp32 sums (into `out` when given: a graphed layer's gradient source). On a GPU one kernel reads g once for both
+    block-diagonal [W, n*r], the A side's output gradient, in g's dtype) and gB [W, r] in fp32, row
+    block j = g_j^T @ a_j (a [N, n*r] the forward's A-side output; into `out` when given: a graphed
+    layer's gradient source). On a GPU one kernel reads g once for both
     (triton_ops.lora_b_grads), where two GEMMs per set read it twice (3 to 4 for a set of 2-3
     projections): g is the widest tensor of a layer's backward after the weights."""
     k = _kernel(g, "lora_b_grads")
     if k is not None and _triton_ops().lora_b_grads_fits(rows):
         return k(g, a, B, rows, out=out)
-    acc = _acc(g)
+    # Elsewhere (the CPU, or widths no column block divides) the GEMMs the kernel replaces, in g's
+    # dtype: fp32 accumulation inside each, rounded once on output.
     n = len(rows)
     r = a.shape[1] // n
-    ga = (g.to(acc) @ B.to(acc)).to(g.dtype)
     starts = [sum(rows[:j]) for j in range(n)]
-    gB = torch.cat([g[:, s:s + m].to(acc).t() @ a[:, j * r:(j + 1) * r].to(acc)
-                    for j, (s, m) in enumerate(zip(starts, rows))])
-    return ga, (gB if out is None else out.copy_(gB))
+    gB = torch.cat([g[:, s:s + m].t() @ a[:, j * r:(j + 1) * r] for j, (s, m) in enumerate(zip(starts, rows))])
+    return g @ B, (gB.to(_acc(g)) if out is None else out.copy_(gB))
 
 
 def lora_grads_accumulate_(acc: torch.Tensor, src_a: torch.Tensor, src_b: torch.Tensor,

@@ -1142,7 +1142,6 @@ def lora_x_backward_(gx: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, seed: 
                                       num_stages=launch.stages)
 
 
-
 @triton.jit(do_not_specialize=['N', 'rows_per_split'])
 def _lora_b_grads_kernel(g_ptr, a_ptr, b_ptr, ga_ptr, gb_ptr, N, W, R, r, end0, end1, n_cblocks, rows_per_split,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
@@ -1205,8 +1204,8 @@ def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[i
                  launch: LoraBGradsLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See fused_ops.lora_b_grads: (ga [N, n*r] in g's dtype, gB [W, r] fp32, into `out` when given)
     from one read of g; ga's fp32 sums are rounded by one more small kernel (_sum_planes of one
-    plane): the masked A-side kernels read it 3-5 us a call faster in the compute dtype than fp32
-    (benchmarks/results/lora_b_timing_h200.md)."""
+    plane): when the masked A-side kernels read ga as fp32 instead, an 8B step took 1.7 ms longer
+    (benchmarks/results/speed_profile_8b_session14_h200.md)."""
     _check_2d("lora_b_grads: g", g, _DOT_DTYPES)
     _check_2d("lora_b_grads: a", a, _DOT_DTYPES)
     _check_2d("lora_b_grads: B", B, _DOT_DTYPES)
@@ -1249,6 +1248,7 @@ def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[i
                                                     BLOCK_R=_block_r(r), IEEE=g.dtype == torch.float32,
                                                     num_warps=launch.warps, num_stages=launch.stages)
     return (ga if g.dtype == torch.float32 else _sum_planes(ga[None], g.dtype)), out
+
 
 # ---------------------------------------------------------------------------------------------
 # NF4 dequantization (bitsandbytes' format): one launch per weight, the nested (double-quantized)
