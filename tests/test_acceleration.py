@@ -258,6 +258,24 @@ def test_rmsnorm_function_matches_transformers():
     assert torch.autograd.gradcheck(lambda x: RMSNormFunction.apply(x, norm.weight.detach(), 1e-6), (x,))
 
 
+def test_norm_and_swiglu_backwards_write_their_forwards_output_over_the_gradient_bit_for_bit():
+    """The fused layer's backward takes the norm's and SwiGLU's outputs (the LoRA A gradients'
+    inputs) from their backward, written over the gradient it has just read: the forward's own bits
+    (an fp32 residual stream into a bf16 GEMM input, as on the GPU) and an unchanged gradient."""
+    from qlora_trainer.acceleration import fused_ops as ops
+
+    x, w, eps = torch.randn(6, 32) * 3, torch.randn(32) * 0.5 + 1, 1e-6
+    y, rstd = ops.rms_norm(x, w, eps, torch.bfloat16)
+    gy, res = torch.randn(6, 32).to(torch.bfloat16), torch.randn(6, 32)
+    expected = ops.rms_norm_backward(gy, x, w, rstd, residual=res)
+    got = ops.rms_norm_backward(gy, x, w, rstd, residual=res, forward_into_gy=True)
+    assert torch.equal(got, expected) and torch.equal(gy, y)
+    gu, gh = (torch.randn(6, 64) * 2).to(torch.bfloat16), torch.randn(6, 32).to(torch.bfloat16)
+    expected = ops.swiglu_backward(gh, gu)
+    got = ops.swiglu_backward(gh, gu, forward_into_gh=True)
+    assert torch.equal(got, expected) and torch.equal(gh, ops.swiglu(gu))
+
+
 @pytest.mark.parametrize("denominator", [11.0, "tensor"])
 def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradient(denominator):
     """A float denominator, or the Trainer's token count as a tensor (kept on the device, never
@@ -527,6 +545,29 @@ def test_fused_decoder_layer_gradients_match_finite_differences(dropout, recompu
 
     numeric = (shifted_loss(eps) - shifted_loss(-eps)) / (2 * eps)
     torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_layer_backward_runs_no_norm_or_swiglu_of_its_own(monkeypatch, recompute):
+    """Backward reads the norms' and SwiGLU's outputs from their backward kernels (above): a layer
+    that keeps its activations runs rms_norm and swiglu in its forward only (2 and 1), one that
+    recomputes runs them once more, in its recompute; the gradients are the same either way."""
+    from qlora_trainer.acceleration import fused_ops
+
+    calls = []
+    for name in ("rms_norm", "swiglu", "lora_swiglu_"):
+        original = getattr(fused_ops, name)
+        monkeypatch.setattr(fused_ops, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    model, layer, x, rope = _fused_double_layer(0.3)
+    layer._qlora_recompute = recompute
+    torch.manual_seed(11)
+    y = layer(x, position_embeddings=rope)
+    y = y[0] if isinstance(y, tuple) else y
+    forward = sorted(calls)
+    calls.clear()
+    y.sum().backward()
+    assert forward == ["rms_norm", "rms_norm", "swiglu"]
+    assert sorted(calls) == (forward if recompute else []), calls
 
 
 def test_fused_layer_dropout_draws_fresh_masks_and_keeps_the_expectation():
@@ -939,9 +980,9 @@ def test_graphed_backward_reads_the_gradients_compute_copy_on_an_fp32_stream(mon
     bottom.forward.replay()
     with Casts():
         bottom.backward.replay()  # its gradient came through the buffer from the layer above
-    # what is left: the two norms' recomputed outputs rounded to bf16 (the CPU reference norm's own
-    # cast; the Triton norm rounds in its kernel); the two gradient casts (MLP block, attention block) are gone
-    assert casts == ["other", "other"]
+    # nothing: the two gradient casts (MLP block, attention block) are gone, and the norms' outputs
+    # come from their backward, written over the bf16 gradient it read (no recompute's cast either)
+    assert casts == []
 
 
 @pytest.mark.parametrize("cached_layers", [0, 2])

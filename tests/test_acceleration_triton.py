@@ -208,11 +208,22 @@ def run_elementwise(N, H, I, heads, D, kept_heads):
         record("rms_norm.fp32_in", case, y32, F.rms_norm(ref(x.float()), ref(w), 1e-6)[0])
     gx = T.rms_norm_backward(gy, x, w, rstd)
     record("rms_norm_backward", case, gx, F.rms_norm_backward(ref(gy), ref(x), ref(w), rstd_ref))
+    # the forward's output written over gy once read (what the fused layer's LoRA A gradient reads)
+    gy_over = gy.clone()
+    got = T.rms_norm_backward(gy_over, x, w, rstd, forward_into_gy=True)
+    check("rms_norm_backward.forward_into_gy", case, torch.equal(got, gx) and torch.equal(gy_over, y),
+          f"gx equal {torch.equal(got, gx)}, {int((gy_over != y).sum())} elements differ from rms_norm's")
     run_rope(N, heads, D, kept_heads)
     # SwiGLU
     gu, gh = rnd(N, 2 * I, scale=2.0), rnd(N, I)
     record("swiglu", case, T.swiglu(gu), F.swiglu(ref(gu)))
-    record("swiglu_backward", case, T.swiglu_backward(gh, gu), F.swiglu_backward(ref(gh), ref(gu)))
+    d = T.swiglu_backward(gh, gu)
+    record("swiglu_backward", case, d, F.swiglu_backward(ref(gh), ref(gu)))
+    gh_over = gh.clone()
+    got = T.swiglu_backward(gh_over, gu, forward_into_gh=True)
+    m = T.swiglu(gu)
+    check("swiglu_backward.forward_into_gh", case, torch.equal(got, d) and torch.equal(gh_over, m),
+          f"gradient equal {torch.equal(got, d)}, {int((gh_over != m).sum())} elements differ from swiglu's")
 
 
 def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
@@ -257,6 +268,13 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
     record("rms_norm_backward.residual", case, T.rms_norm_backward(gh, xn, w, rstd.to(DEV), gres), gx_ref)
     # into a caller's buffer (a graphed layer's static output: no copy after the kernel), bit for bit
     # what the launcher's own output holds
+    # an fp32 stream's norm output (the bf16 GEMM input, compiled) written over gh once read
+    yn, rstd_n = T.rms_norm(xn, w, 1e-6, gh.dtype)
+    gh_over = gh.clone()
+    got = T.rms_norm_backward(gh_over, xn, w, rstd_n, gres, forward_into_gy=True)
+    same_gx = torch.equal(got, T.rms_norm_backward(gh, xn, w, rstd_n, gres))
+    check("rms_norm_backward.residual.forward_into_gy", case, same_gx and torch.equal(gh_over, yn),
+          f"gx equal {same_gx}, {int((gh_over != yn).sum())} elements differ from rms_norm's")
     buf = torch.full_like(x, float("nan"))
     got = T.lora_residual_add(x, y, a, Bo, out=buf)
     check("lora_residual_add.out", case, got is buf and torch.equal(buf, out), "not written in place")
@@ -556,6 +574,9 @@ def run_errors():
     raises("rope_backward_cat", "sin of the wrong shape", lambda: T.rope_backward_cat(q, kv, kv, cs, rnd(8, 8)))
     raises("swiglu", "odd width", lambda: T.swiglu(rnd(8, 33)))
     raises("swiglu_backward", "gh of the wrong shape", lambda: T.swiglu_backward(rnd(8, 15), rnd(8, 32)))
+    g32, r32 = rnd(8, 32), torch.ones(8, device=DEV)
+    raises("rms_norm_backward", "the forward over a gy that is also the residual",
+           lambda: T.rms_norm_backward(g32, x, rnd(32), r32, residual=g32, forward_into_gy=True))
     raises("lora_a", "A rows not n * r", lambda: T.lora_a(x, rnd(10, 32), 1, 0.1, 3))
     raises("lora_a", "dtype mismatch", lambda: T.lora_a(x, rnd(16, 32).double(), 1, 0.1, 1))
     raises("lora_a", "negative seed", lambda: T.lora_a(x, rnd(16, 32), -1, 0.1, 1))
@@ -735,9 +756,9 @@ def test_cross_entropy_kernel_matches_the_reference(interpreted):
 
 def test_launchers_reject_bad_arguments_with_value_errors(interpreted):
     errors = [e for e in interpreted if "detail" in e and e["op"] in
-              ("rms_norm", "rope_", "rope_backward_cat", "swiglu", "swiglu_backward", "lora_a", "lora_a_backward",
-               "lora_x_backward_", "lora_b_grads", "MaskedBackwardLaunch")]
-    assert len(errors) == 21
+              ("rms_norm", "rms_norm_backward", "rope_", "rope_backward_cat", "swiglu", "swiglu_backward", "lora_a",
+               "lora_a_backward", "lora_x_backward_", "lora_b_grads", "MaskedBackwardLaunch")]
+    assert len(errors) == 22
     bad = [_describe(e) for e in errors if not e["ok"]]
     assert not bad, "\n".join(bad)
 

@@ -25,7 +25,9 @@ Same numerics as the plain recipe, far fewer kernel launches and bytes moved:
   rounding noise and the fused path learned measurably slower than the plain recipe at the
   Llama-3-8B shape (benchmarks/results/lora_grad_parity_h200.md, sections 3 and 7).
 What is kept for backward: the layer input, the qkv buffer, the attention output and its
-logsumexp, gate|up, and the small LoRA A-side activations; the norms and SwiGLU are recomputed. A
+logsumexp, gate|up, and the small LoRA A-side activations. The norms' and SwiGLU's outputs, which
+the LoRA A gradients read, are rebuilt bit for bit by their own backward kernels, over the
+gradient each has just read (no pass of their own over x or gate|up, no memory of their own). A
 layer the memory plan recomputes keeps only its input, its dropout seeds and its LoRA A-side
 products (ASides: N x 7r values, ~0.5 MB per layer of a 2,048-token 8B micro-step), and runs its
 forward again inside backward (so it can still be captured as a CUDA graph: cuda_graphs.py),
@@ -373,11 +375,12 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     ga, gB = ops.lora_b_grads(gqkv, a, B, W.rows, out=qkv_lora.grad_b_out())
     gh = gqkv @ W.get()
     ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3)
-    h, _ = ops.rms_norm(x, norm_w, shape.eps, W.dtype)
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out, compute_out=gx_compute,
+                               forward_into_gy=True)
+    h = gh  # now the norm's output, the q|k|v input, as the forward made it
     gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3, out=qkv_lora.grad_a_out())
-    del h
+    del h, gh
     qkv_grads = qkv_lora.grads(gB, gA, W.rows, lora_params[:6])
-    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out, compute_out=gx_compute)
     return gx, [*qkv_grads, *o_grads]
 
 
@@ -439,24 +442,24 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
     Ad, Bd = d_lora.factors(lora_params[4:])
     gy = gy.contiguous()
     gyc = _compute(gy, Wd.dtype) if gyc is None else gyc
-    m = ops.swiglu(gu)
     gad, gBd = ops.lora_b_grads(gyc, ad, Bd, [gy.shape[1]], out=d_lora.grad_b_out())
     gm = gyc @ Wd.get()
-    ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
-    gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1, out=d_lora.grad_a_out())
-    d_grads = d_lora.grads(gBd, gAd, [gy.shape[1]], lora_params[4:])
     del gyc
-    del m
-    ggu = ops.swiglu_backward(gm, gu)
-    del gm
+    ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
+    ggu = ops.swiglu_backward(gm, gu, forward_into_gh=True)
+    m = gm  # now SwiGLU's output, the down_proj input, as the forward made it
+    gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1, out=d_lora.grad_a_out())
+    del m, gm
+    d_grads = d_lora.grads(gBd, gAd, [gy.shape[1]], lora_params[4:])
     ga, gB = ops.lora_b_grads(ggu, a, B, Wgu.rows, out=gu_lora.grad_b_out())
     gh = ggu @ Wgu.get()
+    del ggu
     ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2)
-    h, _ = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps, Wgu.dtype)
+    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, compute_out=gx_compute, forward_into_gy=True)
+    h = gh  # now the norm's output, the gate|up input
     gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2, out=gu_lora.grad_a_out())
-    del h
+    del h, gh
     gu_grads = gu_lora.grads(gB, gA, Wgu.rows, lora_params[:4])
-    gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, compute_out=gx_compute)
     return gx, [*gu_grads, *d_grads]
 
 

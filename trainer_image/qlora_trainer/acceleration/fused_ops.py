@@ -72,15 +72,23 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
 
 def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
                       residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                      compute_out: torch.Tensor | None = None) -> torch.Tensor:
+                      compute_out: torch.Tensor | None = None, forward_into_gy: bool = False) -> torch.Tensor:
     """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype; with
     `residual` (the gradient that reaches x around the block), that gradient is added before the
     one rounding (one pass over the residual stream's gradient instead of two). Written into `out`
     when given (a graphed layer's gradient buffer: no copy after the kernel); `compute_out` also
-    gets it cast (the compute-dtype copy the next block's GEMMs read: no cast kernel of its own)."""
+    gets it cast (the compute-dtype copy the next block's GEMMs read: no cast kernel of its own).
+    forward_into_gy: gy, once read, is overwritten by the forward's output rms_norm(x, w, eps,
+    gy.dtype)[0] (rstd being that call's), which a LoRA A gradient needs next: the fused layer's
+    backward gets it without another pass over the fp32 x (GPU: the same kernel writes it)."""
     k = _kernel(x, "rms_norm_backward")
     if k is not None:
-        return k(gy, x, w, rstd, residual, out=out, compute_out=compute_out)
+        return k(gy, x, w, rstd, residual, out=out, compute_out=compute_out, forward_into_gy=forward_into_gy)
+    if forward_into_gy:
+        gx = rms_norm_backward(gy, x, w, rstd, residual, out, compute_out)
+        xf = x.to(_acc(x))
+        gy.copy_(w.to(x.dtype) * (xf * rstd[:, None]).to(x.dtype))
+        return gx
     if compute_out is not None:
         gx = rms_norm_backward(gy, x, w, rstd, residual, out)
         compute_out.copy_(gx)
@@ -218,17 +226,22 @@ def lora_residual_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, B: torc
     return z if out is None else out.copy_(z)
 
 
-def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
-    """Gradient of swiglu: [N, I] -> [N, 2I] (d gate | d up), in gu.dtype."""
+def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor, forward_into_gh: bool = False) -> torch.Tensor:
+    """Gradient of swiglu: [N, I] -> [N, 2I] (d gate | d up), in gu.dtype. forward_into_gh: gh,
+    once read, is overwritten by the forward's output swiglu(gu, gh.dtype), which down_proj's LoRA
+    A gradient needs next: no pass of its own over gate|up (GPU: the same kernel writes it)."""
     k = _kernel(gu, "swiglu_backward")
     if k is not None:
-        return k(gh, gu)
+        return k(gh, gu, forward_into_gh=forward_into_gh)
     g, u = gu.to(_acc(gu)).chunk(2, dim=-1)
     ghf = gh.to(g.dtype)
     s = torch.sigmoid(g)
     d_up = ghf * g * s
     d_gate = ghf * u * s * (1 + g * (1 - s))
-    return torch.cat((d_gate, d_up), dim=-1).to(gu.dtype)
+    d = torch.cat((d_gate, d_up), dim=-1).to(gu.dtype)
+    if forward_into_gh:
+        gh.copy_(F.silu(g) * u)
+    return d
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,8 +237,8 @@ def recompute_a_sides_bytes_per_token(lora_rank: int) -> int:
 
 def transient_bytes_per_token(shape: ModelShape) -> int:
     """Working memory of the layer being run backward, beyond what it saved: in the MLP's backward
-    the SwiGLU output's gradient and gate|up's gradient live together (the recomputed SwiGLU
-    output is freed first), plus a few hidden-size gradients."""
+    the SwiGLU output's gradient and gate|up's gradient live together (SwiGLU's output, which
+    down_proj's A gradient reads, is written over its gradient), plus a few hidden-size gradients."""
     return 2 * (3 * shape.intermediate + 2 * shape.hidden)
 
 

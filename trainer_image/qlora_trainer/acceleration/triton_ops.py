@@ -225,7 +225,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
 
 @triton.jit
 def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, gxc_ptr, H, BLOCK: tl.constexpr,
-                              RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr):
+                              RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr, FORWARD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < H
@@ -234,6 +234,10 @@ def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, g
     w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + row)
     xhat = x * rstd
+    if FORWARD:  # over gy, read above: _rms_norm_kernel's output, its roundings in its order
+        x_ty = x_ptr.dtype.element_ty
+        y = w.to(x_ty).to(tl.float32) * xhat.to(x_ty).to(tl.float32)
+        tl.store(gy_ptr + row * H + cols, y.to(gy_ptr.dtype.element_ty), mask=inside)
     gn = gy * w
     dot = tl.sum(gn * xhat, axis=0) / H
     gx = rstd * (gn - xhat * dot)
@@ -248,14 +252,19 @@ def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, g
 
 def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
                       residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                      compute_out: torch.Tensor | None = None) -> torch.Tensor:
+                      compute_out: torch.Tensor | None = None, forward_into_gy: bool = False) -> torch.Tensor:
     """Gradient of rms_norm with respect to x (the norm weight is frozen), in x.dtype; plus
     `residual` [N, H] (added in fp32 before the one rounding) when given; into `out` when given;
-    `compute_out` (contiguous [N, H], a float dtype) also gets it cast, as .to() casts it."""
+    `compute_out` (contiguous [N, H], a float dtype) also gets it cast, as .to() casts it;
+    forward_into_gy: gy then holds rms_norm(x, w, eps, gy.dtype)[0] bit for bit (rstd is that
+    call's), each row written once the kernel has read it."""
     _check_2d("rms_norm_backward: x", x)
     _check_2d("rms_norm_backward: gy", gy)
     if not (gy.shape == x.shape):
         raise ValueError(f"rms_norm_backward: gy {tuple(gy.shape)} and x {tuple(x.shape)} differ in shape")
+    if forward_into_gy and any(t is not None and t.data_ptr() == gy.data_ptr() for t in (residual, out, compute_out)):
+        raise ValueError("rms_norm_backward: forward_into_gy overwrites gy, which must not also be residual, out "
+                         "or compute_out")
     N, H = x.shape
     if not (w.dim() == 1 and w.shape[0] == H and w.is_contiguous() and w.dtype in _FLOATS):
         raise ValueError(f"rms_norm_backward: w must be a contiguous float [{H}], got {tuple(w.shape)} {w.dtype}")
@@ -281,7 +290,7 @@ def rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: 
             _rms_norm_backward_kernel[(N,)](gy, x, w, rstd, gx if residual is None else residual, gx,
                                             gx if compute_out is None else compute_out, H, BLOCK=block,
                                             RESIDUAL=residual is not None, COMPUTE=compute_out is not None,
-                                            num_warps=_warps_for_row(block))
+                                            FORWARD=bool(forward_into_gy), num_warps=_warps_for_row(block))
     return gx
 
 
@@ -668,7 +677,7 @@ def swiglu(gu: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tens
 
 
 @triton.jit
-def _swiglu_backward_kernel(gh_ptr, gu_ptr, d_ptr, inter, BLOCK: tl.constexpr):
+def _swiglu_backward_kernel(gh_ptr, gu_ptr, d_ptr, inter, BLOCK: tl.constexpr, FORWARD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < inter
@@ -683,10 +692,14 @@ def _swiglu_backward_kernel(gh_ptr, gu_ptr, d_ptr, inter, BLOCK: tl.constexpr):
     out_ty = d_ptr.dtype.element_ty
     tl.store(d_row + cols, d_gate.to(out_ty), mask=inside)
     tl.store(d_row + inter + cols, d_up.to(out_ty), mask=inside)
+    if FORWARD:  # over gh, read above: _swiglu_kernel's output, the same products in the same order
+        h = g * s * u
+        tl.store(gh_ptr + row * inter + cols, h.to(gh_ptr.dtype.element_ty), mask=inside)
 
 
-def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
-    """Gradient of swiglu: gh [N, I] -> [N, 2I] (d gate | d up), in gu.dtype."""
+def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor, forward_into_gh: bool = False) -> torch.Tensor:
+    """Gradient of swiglu: gh [N, I] -> [N, 2I] (d gate | d up), in gu.dtype; forward_into_gh:
+    gh then holds swiglu(gu, gh.dtype) bit for bit, each element written once the kernel has read it."""
     _check_2d("swiglu_backward: gu", gu)
     _check_2d("swiglu_backward: gh", gh)
     if not (gu.shape[1] % 2 == 0):
@@ -699,7 +712,8 @@ def swiglu_backward(gh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
     if N and inter:
         block = min(_SWIGLU_BLOCK, triton.next_power_of_2(inter))
         with _device_of(gu):
-            _swiglu_backward_kernel[(N, triton.cdiv(inter, block))](gh, gu, d, inter, BLOCK=block, num_warps=4)
+            _swiglu_backward_kernel[(N, triton.cdiv(inter, block))](gh, gu, d, inter, BLOCK=block,
+                                                                    FORWARD=bool(forward_into_gh), num_warps=4)
     return d
 
 
