@@ -120,5 +120,8 @@ def test_a_bounded_run_scores_only_its_sample(s3, tiny_model_uri, tiny_model_dir
     collator = data.Collator(tokenizer.pad_token_id, packed=True)
     on_sample = evaluation.eval_loss(base, sample, collator, 8)
     on_split = evaluation.eval_loss(base, rows, collator, 8)
-    assert result.eval_loss_before == pytest.approx(on_sample, rel=1e-3)
+    # 5e-3: this reference runs bitsandbytes' CPU 4-bit kernels, which take a bf16 path on a CPU with
+    # AVX-512 BF16 (gemv_4bit casts activations and absmax to bf16): 0.18% off the trainer's loss on
+    # such a machine, within 1e-3 on others. The whole split's loss is more than 1% away (next).
+    assert result.eval_loss_before == pytest.approx(on_sample, rel=5e-3)
     assert abs(on_split - on_sample) > 1e-2 * on_sample, (on_split, on_sample)
