@@ -234,12 +234,15 @@ def _rms_norm_backward_kernel(gy_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, gx_ptr, g
     w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + row)
     xhat = x * rstd
-    if FORWARD:  # over gy, read above: _rms_norm_kernel's output, its roundings in its order
-        x_ty = x_ptr.dtype.element_ty
-        y = w.to(x_ty).to(tl.float32) * xhat.to(x_ty).to(tl.float32)
-        tl.store(gy_ptr + row * H + cols, y.to(gy_ptr.dtype.element_ty), mask=inside)
     gn = gy * w
     dot = tl.sum(gn * xhat, axis=0) / H
+    if FORWARD:  # over gy: _rms_norm_kernel's output, its roundings in its order
+        x_ty = x_ptr.dtype.element_ty
+        y = w.to(x_ty).to(tl.float32) * xhat.to(x_ty).to(tl.float32)
+        # every thread's load of gy (a row narrower than the program's threads is loaded by
+        # several) is done before any of them writes over it
+        tl.debug_barrier()
+        tl.store(gy_ptr + row * H + cols, y.to(gy_ptr.dtype.element_ty), mask=inside)
     gx = rstd * (gn - xhat * dot)
     if RESIDUAL:
         gx += tl.load(res_ptr + row * H + cols, mask=inside, other=0.0).to(tl.float32)
@@ -692,8 +695,9 @@ def _swiglu_backward_kernel(gh_ptr, gu_ptr, d_ptr, inter, BLOCK: tl.constexpr, F
     out_ty = d_ptr.dtype.element_ty
     tl.store(d_row + cols, d_gate.to(out_ty), mask=inside)
     tl.store(d_row + inter + cols, d_up.to(out_ty), mask=inside)
-    if FORWARD:  # over gh, read above: _swiglu_kernel's output, the same products in the same order
+    if FORWARD:  # over gh: _swiglu_kernel's output, the same products in the same order
         h = g * s * u
+        tl.debug_barrier()  # every thread's load of gh is done before any of them writes over it
         tl.store(gh_ptr + row * inter + cols, h.to(gh_ptr.dtype.element_ty), mask=inside)
 
 
