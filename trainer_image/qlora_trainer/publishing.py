@@ -85,14 +85,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_entry(rel: str, size: int, sha256: str) -> PublishedFile:
-    """The manifest's entry of one file, made here alone: describe_file hashes before it returns
-    one, _hash_and_upload while the file goes up."""
-    return PublishedFile(path=rel, size=size, sha256=sha256)
-
-
 def describe_file(rel: str, path: Path) -> PublishedFile:
-    return file_entry(rel, path.stat().st_size, sha256_file(path))
+    return PublishedFile(path=rel, size=path.stat().st_size, sha256=sha256_file(path))
 
 
 def describe_files(files: dict[str, Path]) -> list[PublishedFile]:
@@ -138,7 +132,7 @@ def _hash_and_upload(storage: S3Storage, root: S3Uri, rel: str, path: Path) -> P
         sha = digest.result()
     if path.stat().st_size != size:  # written to while it went up: its entry would not describe the object
         raise RuntimeError(f"{path} changed while it was uploaded ({size} -> {path.stat().st_size} bytes)")
-    return file_entry(rel, size, sha)
+    return PublishedFile(path=rel, size=size, sha256=sha)
 
 
 def upload_with_manifest(storage: S3Storage, root: S3Uri, files: dict[str, Path], extra: dict,

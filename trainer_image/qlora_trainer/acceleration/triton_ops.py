@@ -309,6 +309,18 @@ _ROPE_ROTATE, _ROPE_BACKWARD, _ROPE_COPY = tl.constexpr(0), tl.constexpr(1), tl.
 
 
 @triton.jit
+def _rope_tables(cos_ptr, sin_ptr, tok, stride_cos, stride_sin, d, HALF, mask, COS_OTHER: tl.constexpr):
+    """Both halves of the cos and sin rows of tokens `tok` (columns d and d + HALF), in fp32."""
+    c_ptrs = cos_ptr + (tok * stride_cos)[:, None] + d[None, :]
+    s_ptrs = sin_ptr + (tok * stride_sin)[:, None] + d[None, :]
+    c1 = tl.load(c_ptrs, mask=mask, other=COS_OTHER).to(tl.float32)
+    c2 = tl.load(c_ptrs + HALF, mask=mask, other=COS_OTHER).to(tl.float32)
+    s1 = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(s_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    return c1, c2, s1, s2
+
+
+@triton.jit
 def _rope_tile(src_ptr, dst_ptr, cos_ptr, sin_ptr, block, n_rows, heads, src_stride_n, src_stride_h, dst_stride_n,
                dst_stride_h, stride_cos, stride_sin, HALF, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                MODE: tl.constexpr):
@@ -327,12 +339,7 @@ def _rope_tile(src_ptr, dst_ptr, cos_ptr, sin_ptr, block, n_rows, heads, src_str
         tl.store(dst, tl.load(src, mask=inside).to(out_ty), mask=inside)
         tl.store(dst + HALF, tl.load(src + HALF, mask=inside).to(out_ty), mask=inside)
     else:
-        c_ptrs = cos_ptr + (tok * stride_cos)[:, None] + d[None, :]
-        s_ptrs = sin_ptr + (tok * stride_sin)[:, None] + d[None, :]
-        c1 = tl.load(c_ptrs, mask=inside, other=0.0).to(tl.float32)
-        c2 = tl.load(c_ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
-        s1 = tl.load(s_ptrs, mask=inside, other=0.0).to(tl.float32)
-        s2 = tl.load(s_ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
+        c1, c2, s1, s2 = _rope_tables(cos_ptr, sin_ptr, tok, stride_cos, stride_sin, d, HALF, inside, 0.0)
         x1 = tl.load(src, mask=inside, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=inside, other=0.0).to(tl.float32)
         if MODE == _ROPE_BACKWARD:  # the transposed rotation
@@ -492,12 +499,7 @@ def _lora_rope_kernel(qkv_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, N, W, R, heads, r
     rows64 = rows.to(tl.int64)
     inside = row_in[:, None] & d_in[None, :]
     at = tl.load(a_ptr + rows64[:, None] * R + rr[None, :], mask=row_in[:, None] & r_in[None, :], other=0.0)
-    c_ptrs = cos_ptr + (rows64 * stride_cos)[:, None] + d[None, :]
-    s_ptrs = sin_ptr + (rows64 * stride_sin)[:, None] + d[None, :]
-    cos1 = tl.load(c_ptrs, mask=inside, other=1.0).to(tl.float32)
-    cos2 = tl.load(c_ptrs + HALF, mask=inside, other=1.0).to(tl.float32)
-    sin1 = tl.load(s_ptrs, mask=inside, other=0.0).to(tl.float32)
-    sin2 = tl.load(s_ptrs + HALF, mask=inside, other=0.0).to(tl.float32)
+    cos1, cos2, sin1, sin2 = _rope_tables(cos_ptr, sin_ptr, rows64, stride_cos, stride_sin, d, HALF, inside, 1.0)
     out_ty = qkv_ptr.dtype.element_ty
     b_in = r_in[:, None] & d_in[None, :]
     for i in tl.static_range(HEADS):
