@@ -916,6 +916,19 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int, *,
     return _sum_planes(out, x.dtype)
 
 
+def _token_split(N: int, block_m: int, splits: int | None, programs_per_sm: int, device,
+                 programs_per_split: int) -> tuple[int, int]:
+    """(splits, tokens per split) for a kernel whose programs sum over ranges of N tokens: `splits`
+    when given, else enough for programs_per_sm programs an SM at programs_per_split programs a
+    split; whole tiles of block_m tokens per split, none of the splits empty."""
+    token_blocks = triton.cdiv(N, block_m)
+    if splits is None:
+        splits = triton.cdiv(programs_per_sm * _num_sms(device), programs_per_split)
+    splits = max(1, min(int(splits), token_blocks))
+    rows_per_split = triton.cdiv(token_blocks, splits) * block_m
+    return triton.cdiv(N, rows_per_split), rows_per_split
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskedBackwardLaunch:
     """How lora_a_backward and lora_x_backward_ tile their work (benchmarks/lora_a_timing.py times
@@ -998,12 +1011,7 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
     launch = LORA_A_BACKWARD_LAUNCH if launch is None else launch
     block_n, block_h, block_r = launch.block_m, launch.block_h, _block_r(r)
     n_hblocks = triton.cdiv(H, block_h)
-    token_blocks = triton.cdiv(N, block_n)
-    if splits is None:
-        splits = triton.cdiv(launch.programs_per_sm * _num_sms(x.device), n * n_hblocks)
-    splits = max(1, min(int(splits), token_blocks))
-    rows_per_split = triton.cdiv(token_blocks, splits) * block_n
-    splits = triton.cdiv(N, rows_per_split)
+    splits, rows_per_split = _token_split(N, block_n, splits, launch.programs_per_sm, x.device, n * n_hblocks)
     grid = (n * n_hblocks * splits,)
     with _device_of(x):
         _lora_a_backward_kernel[grid](ga, x, out, N, H, r, n, n_hblocks, rows_per_split, seed, float(p),
@@ -1255,12 +1263,7 @@ def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[i
     if N == 0:
         return ga.to(g.dtype), out
     n_cblocks = W // launch.block_n
-    token_blocks = triton.cdiv(N, launch.block_m)
-    if splits is None:
-        splits = triton.cdiv(launch.programs_per_sm * _num_sms(g.device), n_cblocks)
-    splits = max(1, min(int(splits), token_blocks))
-    rows_per_split = triton.cdiv(token_blocks, splits) * launch.block_m
-    splits = triton.cdiv(N, rows_per_split)
+    splits, rows_per_split = _token_split(N, launch.block_m, splits, launch.programs_per_sm, g.device, n_cblocks)
     ends = [sum(rows[:k + 1]) for k in range(n)] + [W] * (3 - n)
     with _device_of(g):
         _lora_b_grads_kernel[(n_cblocks * splits,)](g, a, B, ga, out, N, W, R, r, ends[0], ends[1], n_cblocks,
