@@ -31,8 +31,8 @@ SHAPES = {"8b": (32, 8, 128, 14336, 2048, 32 * 2), "7b": (28, 4, 128, 18944, 204
           "1.5b": (12, 2, 128, 8960, 16384, 28 * 1)}
 TINY = {"8b": (4, 2, 16, 96, 40, 64), "7b": (4, 1, 16, 80, 33, 56), "1.5b": (3, 1, 16, 64, 50, 28)}  # CPU rehearsal
 
-# name: EpilogueLaunch fields; the first of each kernel is triton_ops' default (session 11's choice from
-# results/epilogue_timing_h200.md; until then m32_h1_w4 and m64_n64_w4)
+# name: EpilogueLaunch fields; the first of each kernel is triton_ops' default (lora_rope_: session 11's choice from
+# results/epilogue_timing_h200.md, until then m32_h1_w4; lora_swiglu_: session 16's, until then m64_n128_w8)
 ROPE_VARIANTS = {
     "m64_h1_w4": dict(block_m=64, heads=1, warps=4),
     "m32_h1_w4": dict(block_m=32, heads=1, warps=4),
@@ -45,6 +45,7 @@ ROPE_VARIANTS = {
     "m16_h8_w2": dict(block_m=16, heads=8, warps=2),
 }
 SWIGLU_VARIANTS = {
+    "m64_n128_w8_p1_s4": dict(block_m=64, block_n=128, warps=8, programs_per_sm=1, stages=4),
     "m64_n128_w8": dict(block_m=64, block_n=128, warps=8),
     "m64_n64_w4": dict(block_m=64, block_n=64, warps=4),
     "m64_n128_w4": dict(block_m=64, block_n=128, warps=4),
@@ -53,6 +54,21 @@ SWIGLU_VARIANTS = {
     "m32_n128_w4": dict(block_m=32, block_n=128, warps=4),
     "m32_n256_w8": dict(block_m=32, block_n=256, warps=8),
     "m16_n256_w4": dict(block_m=16, block_n=256, warps=4),
+    # persistent programs walking the tiles, the next tiles' loads in flight while one is computed
+    # (session 16; lora_rope_ measured slower that way and has no such launch)
+    "m64_n128_w8_p1_s2": dict(block_m=64, block_n=128, warps=8, programs_per_sm=1, stages=2),
+    "m64_n128_w8_p1_s3": dict(block_m=64, block_n=128, warps=8, programs_per_sm=1, stages=3),
+    "m64_n64_w4_p2_s2": dict(block_m=64, block_n=64, warps=4, programs_per_sm=2, stages=2),
+    "m64_n64_w4_p3_s2": dict(block_m=64, block_n=64, warps=4, programs_per_sm=3, stages=2),
+    "m64_n64_w4_p2_s3": dict(block_m=64, block_n=64, warps=4, programs_per_sm=2, stages=3),
+    "m32_n128_w4_p2_s2": dict(block_m=32, block_n=128, warps=4, programs_per_sm=2, stages=2),
+    "m64_n128_w8_p2_s1": dict(block_m=64, block_n=128, warps=8, programs_per_sm=2, stages=1),
+    "m64_n128_w4_p1_s3": dict(block_m=64, block_n=128, warps=4, programs_per_sm=1, stages=3),
+    "m64_n64_w4_p3_s3": dict(block_m=64, block_n=64, warps=4, programs_per_sm=3, stages=3),
+    "m64_n64_w4_p2_s4": dict(block_m=64, block_n=64, warps=4, programs_per_sm=2, stages=4),
+    "m64_n64_w4_p4_s2": dict(block_m=64, block_n=64, warps=4, programs_per_sm=4, stages=2),
+    "m128_n64_w8_p1_s3": dict(block_m=128, block_n=64, warps=8, programs_per_sm=1, stages=3),
+    "m32_n128_w4_p3_s3": dict(block_m=32, block_n=128, warps=4, programs_per_sm=3, stages=3),
 }
 
 
@@ -60,6 +76,7 @@ def run_model(name: str, dims, cuda: bool) -> list[dict]:
     import torch
     from graph_timing import seconds_per_call as timed
     from qlora_trainer.acceleration import triton_ops as T
+    from triton.runtime.errors import OutOfResources
 
     heads, kv, d, inter, n, per_step = dims
     dev, dt = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -81,10 +98,23 @@ def run_model(name: str, dims, cuda: bool) -> list[dict]:
         rows.append({"model": name, "kernel": kernel, "variant": variant, **fields, "us_per_call": secs * 1e6,
                      "ms_per_step": secs * 1e3 * per_step, "gb_per_s": nbytes / secs / 1e9, "max_abs_diff": diff})
 
+    def fits(call) -> bool:
+        """Run the variant once; False (and a line on stderr) when it asks for more shared memory
+        or registers than the GPU has, so the sweep goes on to the next one."""
+        try:
+            call()
+        except OutOfResources as e:
+            print(f"[epilogue] {name}: skipped, {e}", file=sys.stderr, flush=True)
+            return False
+        return True
+
     rope_bytes = 2 * qkv.numel() * size + 2 * cos.numel() * 4
     default = None
     for variant, fields in ROPE_VARIANTS.items():
         launch = T.EpilogueLaunch(**fields)
+        if not fits(lambda lc=launch: T.lora_rope_(qkv.clone(), a3, b3, cos, sin, heads + kv, d, launch=lc)):
+            add("lora_rope_", variant, fields, float("nan"), rope_bytes, float("nan"))
+            continue
         out = qkv.clone()
         T.lora_rope_(out, a3, b3, cos, sin, heads + kv, d, launch=launch)
         default = out if default is None else default
@@ -95,6 +125,9 @@ def run_model(name: str, dims, cuda: bool) -> list[dict]:
     default = None
     for variant, fields in SWIGLU_VARIANTS.items():
         launch = T.EpilogueLaunch(**fields)
+        if not fits(lambda lc=launch: T.lora_swiglu_(gu.clone(), a2, b2, launch=lc)):
+            add("lora_swiglu_", variant, fields, float("nan"), swiglu_bytes, float("nan"))
+            continue
         out = gu.clone()
         h = T.lora_swiglu_(out, a2, b2, launch=launch)
         default = (out, h) if default is None else default

@@ -258,6 +258,21 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
         record("lora_swiglu_.tiled", f"{case} {launch}", T.lora_swiglu_(tiled_src, a, Bgu, launch=launch),
                F.lora_swiglu_(tiled_ref, ref(a), ref(Bgu)))
         record("lora_swiglu_.tiled_gate_up", f"{case} {launch}", tiled_src, tiled_ref)
+    raises("lora_rope_", "a persistent launch", lambda: T.lora_rope_(
+        rnd(N, W), a, B, cos, sin, heads + kv_heads, D, launch=T.EpilogueLaunch(block_m=16, programs_per_sm=1)))
+    # persistent programs (EpilogueLaunch.programs_per_sm), each walking several tiles through a
+    # pipelined loop; with the SM count taken as 1, two programs share all the tiles, and at N=37,
+    # I=80 the second one's last tile lies past the end (masked out whole)
+    persistent = T.EpilogueLaunch(block_m=16, block_n=32, warps=4, programs_per_sm=2, stages=2)
+    sms, T._num_sms = T._num_sms, lambda device: 1
+    try:
+        walked = rnd(N, 2 * I, scale=2.0)
+        walked_ref = ref(walked)
+        record("lora_swiglu_.persistent", f"{case} {persistent}", T.lora_swiglu_(walked, a, Bgu, launch=persistent),
+               F.lora_swiglu_(walked_ref, ref(a), ref(Bgu)))
+        record("lora_swiglu_.persistent_gate_up", f"{case} {persistent}", walked, walked_ref)
+    finally:
+        T._num_sms = sms
     x, y, Bo = rnd(N, H).float(), rnd(N, H), rnd(H, R, scale=0.3)
     out = T.lora_residual_add(x, y, a, Bo)
     check("lora_residual_add.dtype", case, out.dtype == x.dtype, str(out.dtype))

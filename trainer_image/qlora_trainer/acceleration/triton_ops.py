@@ -532,10 +532,13 @@ class EpilogueLaunch:
     block_n: int = 0
     heads: int = 1
     warps: int = 4
+    programs_per_sm: int = 0  # lora_swiglu_: 0 a program a tile; N > 0, N programs an SM, each walking tiles
+    stages: int = 1  # ... in a loop that keeps this many tiles' loads in flight (software pipelining)
 
 
 LORA_ROPE_LAUNCH = EpilogueLaunch(block_m=64, heads=1, warps=4)  # fastest at 7B and 1.5B, within 0.07 ms of it at 8B
-LORA_SWIGLU_LAUNCH = EpilogueLaunch(block_m=64, block_n=128, warps=8)  # fastest at every row
+# persistent, four tiles' loads in flight: 8B 109.8 -> 84.2 us a call, 7B 143.7 -> 107.9 (session 16)
+LORA_SWIGLU_LAUNCH = EpilogueLaunch(block_m=64, block_n=128, warps=8, programs_per_sm=1, stages=4)
 
 
 def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -559,6 +562,9 @@ def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.T
         return
     half = head_dim // 2
     launch = LORA_ROPE_LAUNCH if launch is None else launch
+    if launch.programs_per_sm:
+        raise ValueError("lora_rope_: no persistent launch (programs_per_sm): it measured slower than a program a "
+                         "tile (benchmarks/results/epilogue_timing_h200.md)")
     grid = (triton.cdiv(N, launch.block_m), triton.cdiv(heads, launch.heads))
     with _device_of(qkv):
         _lora_rope_kernel[grid](qkv, a, B, cos, sin, N, W, R, heads, int(rope_heads), cos.stride(0), sin.stride(0),
@@ -567,11 +573,11 @@ def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.T
                                 HEADS=launch.heads, num_warps=launch.warps)
 
 
-@triton.jit(do_not_specialize=['N'])
-def _lora_swiglu_kernel(gu_ptr, a_ptr, b_ptr, h_ptr, N, inter, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+@triton.jit
+def _lora_swiglu_tile(gu_ptr, a_ptr, b_ptr, h_ptr, N, inter, R, pid_m, pid_n, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
     row_in, col_in, r_in = rows < N, cols < inter, rr < R
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
@@ -591,6 +597,28 @@ def _lora_swiglu_kernel(gu_ptr, a_ptr, b_ptr, h_ptr, N, inter, R, BLOCK_M: tl.co
     tl.store(h_ptr + rows64[:, None] * inter + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit(do_not_specialize=['N'])
+def _lora_swiglu_kernel(gu_ptr, a_ptr, b_ptr, h_ptr, N, inter, R, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    _lora_swiglu_tile(gu_ptr, a_ptr, b_ptr, h_ptr, N, inter, R, tl.program_id(0), tl.program_id(1),
+                      BLOCK_M, BLOCK_N, BLOCK_R, IEEE)
+
+
+@triton.jit(do_not_specialize=['N'])
+def _lora_swiglu_persistent_kernel(gu_ptr, a_ptr, b_ptr, h_ptr, N, inter, R, tiles_per_program,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                                   IEEE: tl.constexpr, STAGES: tl.constexpr):
+    # a fixed number of programs, each walking tiles (token blocks fastest, so programs that run
+    # together share B's columns); the loop lets the compiler issue a tile's loads while the one
+    # before it is still being computed and stored. A tile past the last one is masked out whole.
+    tiles_m = tl.cdiv(N, BLOCK_M)
+    first, step = tl.program_id(0), tl.num_programs(0)
+    for i in tl.range(0, tiles_per_program, num_stages=STAGES):
+        t = first + i * step
+        _lora_swiglu_tile(gu_ptr, a_ptr, b_ptr, h_ptr, N, inter, R, t % tiles_m, t // tiles_m,
+                          BLOCK_M, BLOCK_N, BLOCK_R, IEEE)
+
+
 def lora_swiglu_(gu: torch.Tensor, a: torch.Tensor, B: torch.Tensor,
                  launch: EpilogueLaunch | None = None) -> torch.Tensor:
     """See fused_ops.lora_swiglu_: gu [N, 2I] in place, returns [N, I] in gu.dtype. `launch`:
@@ -603,10 +631,17 @@ def lora_swiglu_(gu: torch.Tensor, a: torch.Tensor, B: torch.Tensor,
     h = _empty((N, inter), gu.dtype, gu.device)
     if N and inter:
         launch = LORA_SWIGLU_LAUNCH if launch is None else launch
+        tiles_m, tiles_n = triton.cdiv(N, launch.block_m), triton.cdiv(inter, launch.block_n)
+        shape = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_R=max(16, triton.next_power_of_2(R)),
+                     IEEE=a.dtype == torch.float32, num_warps=launch.warps)
         with _device_of(gu):
-            _lora_swiglu_kernel[(triton.cdiv(N, launch.block_m), triton.cdiv(inter, launch.block_n))](
-                gu, a, B, h, N, inter, R, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
-                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32, num_warps=launch.warps)
+            if launch.programs_per_sm:
+                programs = min(tiles_m * tiles_n, launch.programs_per_sm * _num_sms(gu.device))
+                per_program = triton.cdiv(tiles_m * tiles_n, programs)
+                _lora_swiglu_persistent_kernel[(programs,)](gu, a, B, h, N, inter, R, per_program,
+                                                            STAGES=launch.stages, **shape)
+            else:
+                _lora_swiglu_kernel[(tiles_m, tiles_n)](gu, a, B, h, N, inter, R, **shape)
     return h
 
 
