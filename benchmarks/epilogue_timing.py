@@ -43,6 +43,17 @@ ROPE_VARIANTS = {
     "m64_h4_w8": dict(block_m=64, heads=4, warps=8),
     "m16_h4_w4": dict(block_m=16, heads=4, warps=4),
     "m16_h8_w2": dict(block_m=16, heads=8, warps=2),
+    # a program's heads in a loop that keeps `stages` heads' loads in flight, the token block's cos,
+    # sin and adapter input read once for all of them (session 16: not yet timed)
+    "m32_h6_w4_loop_s2": dict(block_m=32, heads=6, warps=4, heads_loop=True, stages=2),
+    "m32_h6_w4_loop_s1": dict(block_m=32, heads=6, warps=4, heads_loop=True, stages=1),
+    "m32_h8_w4_loop_s3": dict(block_m=32, heads=8, warps=4, heads_loop=True, stages=3),
+    "m32_h12_w4_loop_s2": dict(block_m=32, heads=12, warps=4, heads_loop=True, stages=2),
+    "m64_h4_w4_loop_s2": dict(block_m=64, heads=4, warps=4, heads_loop=True, stages=2),
+    "m64_h6_w8_loop_s2": dict(block_m=64, heads=6, warps=8, heads_loop=True, stages=2),
+    "m64_h12_w8_loop_s3": dict(block_m=64, heads=12, warps=8, heads_loop=True, stages=3),
+    "m16_h12_w4_loop_s2": dict(block_m=16, heads=12, warps=4, heads_loop=True, stages=2),
+    "m16_h6_w2_loop_s3": dict(block_m=16, heads=6, warps=2, heads_loop=True, stages=3),
 }
 SWIGLU_VARIANTS = {
     "m64_n128_w8_p1_s4": dict(block_m=64, block_n=128, warps=8, programs_per_sm=1, stages=4),

@@ -1,13 +1,13 @@
-"""What the masked LoRA kernels compile to on an H100/H200 (sm_90), without a GPU: each kernel is
-compiled by Triton for that target with its arguments specialized as the launcher's real calls
-specialize them (pointers 16-byte aligned, widths divisible by 16, the do_not_specialize token
-counts left as plain integers), and its SASS (Triton's bundled cuobjdump) is counted: global loads
+"""What the masked LoRA kernels and lora_swiglu_ compile to on an H100/H200 (sm_90), without a
+GPU: each kernel is compiled by Triton for that target with its arguments specialized as the
+launcher's real calls specialize them (pointers 16-byte aligned, widths divisible by 16, the
+do_not_specialize token counts left as plain integers), and its SASS (Triton's bundled cuobjdump) is counted: global loads
 by width, shared-memory traffic, barriers, registers.
 
 Session 12 found this way that lora_a loaded x one 2-byte element at a time (its split start was a
 runtime value the compiler could not prove aligned) where lora_a_backward, over the same tiles,
 used 16-byte asynchronous copies: 12.8 -> 5.6 ms an 8B step once fixed. tests/test_sass_census.py
-keeps it from coming back.
+keeps it from coming back, and keeps lora_swiglu_'s tile loop pipelined (session 16).
 
     python benchmarks/sass_census.py            # a table; --json for the counts
 """
@@ -30,12 +30,12 @@ _OPCODE = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z0-9_]+(?:\.[
 
 def _kernels():
     """name: (jit function, argument types, constexprs, warps, stages), as the launchers' defaults
-    run them at an 8B layer (bf16, r 16). Types: '*bf16' etc. are pointers (16-byte aligned);
-    'i32/16' an integer the launcher's values make divisible by 16; plain 'i32' one that is not
-    specialized; a constexpr given a value is folded in."""
+    run them at an 8B layer (bf16, r 16): the masked LoRA kernels and lora_swiglu_. Types: '*bf16'
+    etc. are pointers (16-byte aligned); 'i32/16' an integer the launcher's values make divisible
+    by 16; plain 'i32' one that is not specialized; a constexpr given a value is folded in."""
     from qlora_trainer.acceleration import triton_ops as T
 
-    a_cfg, ab, xb = T.LORA_A_CONFIG, T.LORA_A_BACKWARD_LAUNCH, T.LORA_X_BACKWARD_LAUNCH
+    a_cfg, ab, xb, sw = T.LORA_A_CONFIG, T.LORA_A_BACKWARD_LAUNCH, T.LORA_X_BACKWARD_LAUNCH, T.LORA_SWIGLU_LAUNCH
     dropout = {"seed_ptr": "*i64", "p": "fp32", "H": "i32/16", "r": "i32/16"}
     return {
         "lora_a": (T._lora_a_kernel, {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32", **dropout},
@@ -48,6 +48,12 @@ def _kernels():
         "lora_x_backward_": (T._lora_x_backward_kernel, {"gx_ptr": "*bf16", "ga_ptr": "*bf16", "a_ptr": "*bf16", **dropout},
                              {"BLOCK_M": xb.block_m, "BLOCK_H": xb.block_h, "BLOCK_R": 16, "IEEE": False},
                              xb.warps, xb.stages),
+        # the SwiGLU epilogue's default launch: persistent programs whose tile loop is pipelined
+        "lora_swiglu_": (T._lora_swiglu_persistent_kernel,
+                         {"gu_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "h_ptr": "*bf16", "inter": "i32/16",
+                          "R": "i32/16"},
+                         {"BLOCK_M": sw.block_m, "BLOCK_N": sw.block_n, "BLOCK_R": 16, "IEEE": False,
+                          "STAGES": sw.stages}, sw.warps, sw.stages),
     }
 
 

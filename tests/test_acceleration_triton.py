@@ -238,9 +238,11 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
     F.lora_rope_(expected, ref(a), ref(B), ref(cos), ref(sin), heads + kv_heads, D)
     T.lora_rope_(qkv, a, B, cos, sin, heads + kv_heads, D)
     record("lora_rope_", case, qkv, expected)
-    # other tilings (benchmarks/epilogue_timing.py's variants): several heads per program, the last
-    # program's heads partly past the end; column tiles past the end of gate|up
-    for launch in (T.EpilogueLaunch(block_m=16, heads=2), T.EpilogueLaunch(block_m=64, heads=4, warps=8)):
+    # other tilings (benchmarks/epilogue_timing.py's variants): several heads per program, unrolled or
+    # in a pipelined loop, the last program's heads partly past the end; column tiles past the end
+    # of gate|up
+    for launch in (T.EpilogueLaunch(block_m=16, heads=2), T.EpilogueLaunch(block_m=64, heads=4, warps=8),
+                   T.EpilogueLaunch(block_m=16, heads=2, heads_loop=True, stages=2)):
         tiled = rnd(N, W, scale=2.0)
         tiled_expected = ref(tiled)
         F.lora_rope_(tiled_expected, ref(a), ref(B), ref(cos), ref(sin), heads + kv_heads, D)

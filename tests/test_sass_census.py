@@ -41,3 +41,14 @@ def test_lora_a_holds_no_more_registers_than_its_gradient_kernel_needs(counts):
     the forward needs about what lora_a_backward does over the same tiles."""
     assert counts["lora_a"]["registers"] <= 128, counts["lora_a"]
     assert counts["lora_a"]["registers"] <= 2 * counts["lora_a_backward"]["registers"], counts
+
+
+def test_swiglu_epilogue_keeps_its_next_tiles_loads_in_flight(counts):
+    """lora_swiglu_'s default launch walks tiles in a loop that Triton software-pipelines: gate|up
+    tiles arrive by asynchronous 16-byte copies (cp.async, LDGSTS) while the tile before is computed.
+    One tile a program, loaded then waited for, ran at 2.7 TB/s where the pipelined loop runs at 3.5
+    (benchmarks/results/epilogue_timing_session16_h200.md): this fails if the loop stops being
+    pipelined (a launch change, a Triton that no longer pipelines it)."""
+    ops = counts["lora_swiglu_"]["ops"]
+    assert ops.get("LDGSTS.E.BYPASS.128", 0) + ops.get("LDGSTS.E.128", 0) >= 16, ops
+    assert not {op: n for op, n in ops.items() if op.startswith(NARROW)}, ops

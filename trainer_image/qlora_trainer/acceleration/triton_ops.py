@@ -486,12 +486,36 @@ def _check_adapter(name: str, out: torch.Tensor, a: torch.Tensor, B: torch.Tenso
     return a.shape[1]
 
 
+@triton.jit
+def _lora_rope_head(qkv_ptr, b_ptr, at, cos1, cos2, sin1, sin2, rows64, d, rr, inside, b_in, W, R, heads, rope_heads,
+                    HALF, head, IEEE: tl.constexpr):
+    """One head of a token block: its adapter product added to both halves, then rotated, in place."""
+    head_in = ((d * 0 + head) < heads)[None, :]  # the last program's heads may run past the end
+    here = inside & head_in
+    c1 = head * 2 * HALF + d
+    ptrs = qkv_ptr + rows64[:, None] * W + c1[None, :]
+    x1 = tl.load(ptrs, mask=here, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=here, other=0.0).to(tl.float32)
+    b_ptrs = b_ptr + c1.to(tl.int64)[None, :] * R + rr[:, None]  # B^T tile [R, D]
+    b_here = b_in & head_in
+    x1 = _dot(at, tl.load(b_ptrs, mask=b_here, other=0.0), x1, IEEE)
+    x2 = _dot(at, tl.load(b_ptrs + HALF * R, mask=b_here, other=0.0), x2, IEEE)
+    # v heads (head >= rope_heads) take cos 1 and sin 0: the rotation is then exactly the identity.
+    rope = (d * 0 + head) < rope_heads
+    c1h, c2h = tl.where(rope[None, :], cos1, 1.0), tl.where(rope[None, :], cos2, 1.0)
+    s1h, s2h = tl.where(rope[None, :], sin1, 0.0), tl.where(rope[None, :], sin2, 0.0)
+    out_ty = qkv_ptr.dtype.element_ty
+    tl.store(ptrs, (x1 * c1h - x2 * s1h).to(out_ty), mask=here)
+    tl.store(ptrs + HALF, (x2 * c2h + x1 * s2h).to(out_ty), mask=here)
+
+
 @triton.jit(do_not_specialize=['N'])
 def _lora_rope_kernel(qkv_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, N, W, R, heads, rope_heads, stride_cos, stride_sin,
                       HALF, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
-                      HEADS: tl.constexpr):
+                      HEADS: tl.constexpr, LOOP: tl.constexpr, STAGES: tl.constexpr):
     # One program per (block of tokens, HEADS consecutive heads): both halves of each head, so RoPE
     # pairs are local; the tokens' cos, sin and adapter inputs are read once for all HEADS heads.
+    # The heads are unrolled, or with LOOP walked by a loop keeping STAGES heads' loads in flight.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     rr = tl.arange(0, BLOCK_R)
@@ -500,26 +524,16 @@ def _lora_rope_kernel(qkv_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, N, W, R, heads, r
     inside = row_in[:, None] & d_in[None, :]
     at = tl.load(a_ptr + rows64[:, None] * R + rr[None, :], mask=row_in[:, None] & r_in[None, :], other=0.0)
     cos1, cos2, sin1, sin2 = _rope_tables(cos_ptr, sin_ptr, rows64, stride_cos, stride_sin, d, HALF, inside, 1.0)
-    out_ty = qkv_ptr.dtype.element_ty
     b_in = r_in[:, None] & d_in[None, :]
-    for i in tl.static_range(HEADS):
-        head = tl.program_id(1) * HEADS + i
-        head_in = ((d * 0 + head) < heads)[None, :]  # the last program's heads may run past the end
-        here = inside & head_in
-        c1 = head * 2 * HALF + d
-        ptrs = qkv_ptr + rows64[:, None] * W + c1[None, :]
-        x1 = tl.load(ptrs, mask=here, other=0.0).to(tl.float32)
-        x2 = tl.load(ptrs + HALF, mask=here, other=0.0).to(tl.float32)
-        b_ptrs = b_ptr + c1.to(tl.int64)[None, :] * R + rr[:, None]  # B^T tile [R, D]
-        b_here = b_in & head_in
-        x1 = _dot(at, tl.load(b_ptrs, mask=b_here, other=0.0), x1, IEEE)
-        x2 = _dot(at, tl.load(b_ptrs + HALF * R, mask=b_here, other=0.0), x2, IEEE)
-        # v heads (head >= rope_heads) take cos 1 and sin 0: the rotation is then exactly the identity.
-        rope = (d * 0 + head) < rope_heads
-        c1h, c2h = tl.where(rope[None, :], cos1, 1.0), tl.where(rope[None, :], cos2, 1.0)
-        s1h, s2h = tl.where(rope[None, :], sin1, 0.0), tl.where(rope[None, :], sin2, 0.0)
-        tl.store(ptrs, (x1 * c1h - x2 * s1h).to(out_ty), mask=here)
-        tl.store(ptrs + HALF, (x2 * c2h + x1 * s2h).to(out_ty), mask=here)
+    first = tl.program_id(1) * HEADS
+    if LOOP:
+        for i in tl.range(0, HEADS, num_stages=STAGES):
+            _lora_rope_head(qkv_ptr, b_ptr, at, cos1, cos2, sin1, sin2, rows64, d, rr, inside, b_in, W, R, heads,
+                            rope_heads, HALF, first + i, IEEE)
+    else:
+        for i in tl.static_range(HEADS):
+            _lora_rope_head(qkv_ptr, b_ptr, at, cos1, cos2, sin1, sin2, rows64, d, rr, inside, b_in, W, R, heads,
+                            rope_heads, HALF, first + i, IEEE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -534,6 +548,7 @@ class EpilogueLaunch:
     warps: int = 4
     programs_per_sm: int = 0  # lora_swiglu_: 0 a program a tile; N > 0, N programs an SM, each walking tiles
     stages: int = 1  # ... in a loop that keeps this many tiles' loads in flight (software pipelining)
+    heads_loop: bool = False  # lora_rope_: a program's heads in a loop (`stages` heads' loads in flight), not unrolled
 
 
 LORA_ROPE_LAUNCH = EpilogueLaunch(block_m=64, heads=1, warps=4)  # fastest at 7B and 1.5B, within 0.07 ms of it at 8B
@@ -570,7 +585,8 @@ def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.T
         _lora_rope_kernel[grid](qkv, a, B, cos, sin, N, W, R, heads, int(rope_heads), cos.stride(0), sin.stride(0),
                                 half, BLOCK_M=launch.block_m, BLOCK_D=max(16, triton.next_power_of_2(half)),
                                 BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=a.dtype == torch.float32,
-                                HEADS=launch.heads, num_warps=launch.warps)
+                                HEADS=launch.heads, LOOP=launch.heads_loop, STAGES=launch.stages,
+                                num_warps=launch.warps)
 
 
 @triton.jit
