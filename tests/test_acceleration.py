@@ -891,6 +891,49 @@ def test_graphed_backward_adds_a_layers_lora_gradients_in_one_pass_with_the_same
     assert [op for op in writes.ops if not op.startswith(("slice", "view", "_reshape"))] == ["add_.Tensor", "add_.Tensor"]
 
 
+@pytest.mark.parametrize("cleared", [True, False])
+def test_graphed_backward_zeroes_its_lora_sources_in_one_fill_for_the_kernels_to_sum_into(monkeypatch, cleared):
+    """A graphed layer's backward zeroes all its LoRA gradient sources at once (LayerGrads.clear)
+    and tells the 8 LoRA kernels that sum into them (lora_a_backward and lora_b_grads, 4 sets) not
+    to fill their parts again: 8 fills a layer's backward fewer. Each kernel is told so only when
+    its part is zero when it starts (the sources start as NaN here, so only the fill can make them
+    zero), and a backward that did not clear them leaves each kernel to fill its own part. The
+    gradients stay the eager layers' (the test above)."""
+    from qlora_trainer.acceleration import apply_acceleration, fused_ops
+    from qlora_trainer.acceleration.cuda_graphs import LayerGrads
+
+    monkeypatch.setenv("QLORA_CUDA_GRAPHS", "emulate")
+    model = _tiny_peft_model()
+    apply_acceleration(model, _plan())
+    model.train()
+    ids = torch.randint(0, 96, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    layers = model.get_base_model().model.layers
+    states = [layers[0]._qlora_graphs.states[id(layer)] for layer in layers]
+    assert all(st.lora_grads is not None for st in states)
+    if not cleared:
+        monkeypatch.setattr(LayerGrads, "clear", lambda self: None)
+    seen = []
+    for name in ("lora_a_backward", "lora_b_grads"):
+        original = getattr(fused_ops, name)
+
+        def spy(*args, _f=original, _n=name, out=None, out_zeroed=False, **kw):
+            seen.append((_n, out is not None, out_zeroed, out is not None and bool((out == 0).all())))
+            return _f(*args, out=out, out_zeroed=out_zeroed, **kw)
+        monkeypatch.setattr(fused_ops, name, spy)
+    for st in states:
+        st.lora_grads.src.fill_(float("nan"))
+        st.forward.replay()
+    for st in reversed(states):
+        st.backward.replay()
+    assert len(seen) == 8 * len(states), seen
+    if cleared:
+        assert all(into and zeroed and zero for _, into, zeroed, zero in seen), seen
+        assert all(not st.lora_grads.cleared for st in states)  # until the next backward's clear
+    else:
+        assert all(into and not zeroed and not zero for _, into, zeroed, zero in seen), seen
+
+
 _DRAWS = {"random_", "randint", "rand", "randn", "randperm", "bernoulli", "bernoulli_", "normal", "normal_",
           "uniform_", "multinomial", "exponential_"}
 

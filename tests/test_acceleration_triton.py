@@ -373,6 +373,11 @@ def run_lora(N, H, r, n, p, seed, splits=None):
     into = torch.full_like(gA, float("nan"))  # a graphed layer's source buffer: overwritten, not added to
     T.lora_a_backward(ga, x, seed, p, n, out=into, **kw)
     record("lora_a_backward.out", case, into, exp_gA)
+    # out_zeroed: the caller zeroed the buffer (a graphed layer's sources, in one fill): the kernel
+    # sums into it as it is, so a buffer of ones comes back as ones plus the gradient
+    ones = torch.ones_like(gA)
+    T.lora_a_backward(ga, x, seed, p, n, out=ones, out_zeroed=True, **kw)
+    record("lora_a_backward.out_zeroed", case, ones, exp_gA + 1.0)
     gx = gx0.clone()
     T.lora_x_backward_(gx, ga, A, seed, p, n)
     record("lora_x_backward_", case, gx, exp_gx)
@@ -435,6 +440,9 @@ def run_lora_b_grads(N, rows, r, launch=None, splits=None):
     ga_ref, gB_ref = F.lora_b_grads(ref(g), ref(a), ref(B), rows)
     record("lora_b_grads.vs_fused_ops_ga", case, ga, ga_ref)
     record("lora_b_grads.vs_fused_ops_gB", case, gB, gB_ref)
+    ones = torch.ones((W, r), device=DEV)  # out_zeroed, as in run_lora: summed into as it is
+    _, gB_ones = T.lora_b_grads(g, a, B, rows, out=ones, out_zeroed=True, **kw)
+    record("lora_b_grads.out_zeroed", case, gB_ones, exp_gB + 1.0)
 
 
 def run_lora_factors(outs, r, in_f, out_dtype):

@@ -84,8 +84,11 @@ class LayerGrads:
         n_a = sum(p.numel() for p in params[0::2])
         n_b = sum(p.numel() for p in params[1::2])
         self.acc = torch.zeros(n_a + n_b, dtype=torch.float32, device=device)
-        self.src_a = torch.zeros(n_a, dtype=torch.float32, device=device)
-        self.src_b = torch.zeros(n_b, dtype=torch.float32, device=device)
+        # the sources, gA then gB, in one buffer: the layer's program zeroes it in one fill (clear)
+        # before its backward, and the kernels sum into their parts without filling them again
+        self.src = torch.zeros(n_a + n_b, dtype=torch.float32, device=device)
+        self.src_a, self.src_b = self.src[:n_a], self.src[n_a:]
+        self.cleared = False  # between clear() and accumulate(): the sources were zeroed together
         scales, grads, a_at, b_at = [], {}, 0, 0
         for s in sets:
             ps = s.params()
@@ -99,6 +102,7 @@ class LayerGrads:
             b_len = sum(p.numel() for p in ps[1::2])
             s.sink = (self.src_a[a_at - a_len:a_at].view(s.rank * len(s.modules), ps[0].shape[1]),
                       self.src_b[b_at - b_len:b_at].view(-1, s.rank))
+            s.sink_owner = self
         self.row_scale = torch.cat(scales).to(device)
         self.grads = [grads[id(p)] for p in params]
 
@@ -108,8 +112,16 @@ class LayerGrads:
         return all(p.dtype == torch.float32 for p in params) and all(
             p.shape[1] == s.rank for s in sets for p in s.params()[1::2])
 
+    def clear(self) -> None:
+        """Zero all the sources in one fill before the layer's backward writes them: its LoRA
+        kernels then sum into their parts without a fill each (LoRASet.a_grad, b_grads; 8 fills
+        a layer's backward fewer). A backward run without it still fills each part itself."""
+        self.src.zero_()
+        self.cleared = True
+
     def accumulate(self) -> None:
         ops.lora_grads_accumulate_(self.acc, self.src_a, self.src_b, self.row_scale, self.rank)
+        self.cleared = False
 
 
 class _LayerState:
@@ -253,6 +265,8 @@ class LayerGraphs:
 
         def run():
             with graph_program():
+                if st.lora_grads is not None:
+                    st.lora_grads.clear()  # the sinks the backward's LoRA kernels sum into
                 gx, grads = layer_backward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.saved, g_in,
                                            out=g_out, gzc=gc_in, out_c=gc_out)
                 if gx.data_ptr() != g_out.data_ptr():

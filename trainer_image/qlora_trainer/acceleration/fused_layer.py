@@ -166,6 +166,7 @@ class LoRASet:
         # written into sink[0] and the set's gB ([sum(out_j), r] fp32, lora_b_grads) into sink[1],
         # which one kernel per layer then adds, scaled, into the flat .grad buffer.
         self.sink: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sink_owner = None  # the cuda_graphs.LayerGrads whose buffers the sink is part of
         _count_optimizer_steps()  # the hook is in place before the first step
 
     def params(self) -> list[torch.Tensor]:
@@ -215,6 +216,22 @@ class LoRASet:
         A, B = self.static
         with torch.no_grad():
             ops.lora_factors_(A, B, params[0::2], params[1::2], self.static_scales)
+
+    def a_grad(self, ga: torch.Tensor, x: torch.Tensor, seed) -> torch.Tensor:
+        """The set's gA (lora_a_backward): into the graphed layer's sink when there is one. When
+        the layer's program has zeroed all its sources in one fill (LayerGrads.clear), the kernel
+        sums into the sink without filling it again."""
+        out = self.grad_a_out()
+        return ops.lora_a_backward(ga, x, seed, self.p, len(self.modules), out=out,
+                                   out_zeroed=self._sink_zeroed(out))
+
+    def b_grads(self, g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[int]):
+        """The set's ga and gB (lora_b_grads), gB into the graphed layer's sink as in a_grad."""
+        out = self.grad_b_out()
+        return ops.lora_b_grads(g, a, B, rows, out=out, out_zeroed=self._sink_zeroed(out))
+
+    def _sink_zeroed(self, out) -> bool:
+        return out is not None and self.sink_owner is not None and self.sink_owner.cleared
 
     def grad_a_out(self) -> torch.Tensor | None:
         """Where lora_a_backward writes gA: the graphed layer's source buffer, or None (fresh)."""
@@ -360,10 +377,10 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     gyc = _compute(gy, Wo.dtype) if gyc is None else gyc
     o2 = out.view(out.shape[0], -1)
     # o_proj (+ residual): y = x + o2 Wo^T + ao Bo^T
-    gao, gBo = ops.lora_b_grads(gyc, ao, Bo, [gy.shape[1]], out=o_lora.grad_b_out())
+    gao, gBo = o_lora.b_grads(gyc, ao, Bo, [gy.shape[1]])
     go = gyc @ Wo.get()
     ops.lora_x_backward_(go, gao, Ao, seeds[1], o_lora.p, 1)
-    gAo = ops.lora_a_backward(gao, o2, seeds[1], o_lora.p, 1, out=o_lora.grad_a_out())
+    gAo = o_lora.a_grad(gao, o2, seeds[1])
     o_grads = o_lora.grads(gBo, gAo, [gy.shape[1]], lora_params[6:])
     del gyc
     # attention, then the q|k|v gradient buffer written once: RoPE backward on the q and k heads, v's
@@ -372,13 +389,13 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     dq, dk, dv = attention.backward(go.view_as(out), q, k, v, out, state, cu, max_len, shape.scale)
     gqkv = ops.rope_backward_cat(dq, dk, dv, cos, sin)
     # qkv projection: qkv = h W^T + b + a B^T
-    ga, gB = ops.lora_b_grads(gqkv, a, B, W.rows, out=qkv_lora.grad_b_out())
+    ga, gB = qkv_lora.b_grads(gqkv, a, B, W.rows)
     gh = gqkv @ W.get()
     ops.lora_x_backward_(gh, ga, A, seeds[0], qkv_lora.p, 3)
     gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, out=gx_out, compute_out=gx_compute,
                                forward_into_gy=True)
     h = gh  # now the norm's output, the q|k|v input, as the forward made it
-    gA = ops.lora_a_backward(ga, h, seeds[0], qkv_lora.p, 3, out=qkv_lora.grad_a_out())
+    gA = qkv_lora.a_grad(ga, h, seeds[0])
     del h, gh
     qkv_grads = qkv_lora.grads(gB, gA, W.rows, lora_params[:6])
     return gx, [*qkv_grads, *o_grads]
@@ -442,22 +459,22 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
     Ad, Bd = d_lora.factors(lora_params[4:])
     gy = gy.contiguous()
     gyc = _compute(gy, Wd.dtype) if gyc is None else gyc
-    gad, gBd = ops.lora_b_grads(gyc, ad, Bd, [gy.shape[1]], out=d_lora.grad_b_out())
+    gad, gBd = d_lora.b_grads(gyc, ad, Bd, [gy.shape[1]])
     gm = gyc @ Wd.get()
     del gyc
     ops.lora_x_backward_(gm, gad, Ad, seeds[1], d_lora.p, 1)
     ggu = ops.swiglu_backward(gm, gu, forward_into_gh=True)
     m = gm  # now SwiGLU's output, the down_proj input, as the forward made it
-    gAd = ops.lora_a_backward(gad, m, seeds[1], d_lora.p, 1, out=d_lora.grad_a_out())
+    gAd = d_lora.a_grad(gad, m, seeds[1])
     del m, gm
     d_grads = d_lora.grads(gBd, gAd, [gy.shape[1]], lora_params[4:])
-    ga, gB = ops.lora_b_grads(ggu, a, B, Wgu.rows, out=gu_lora.grad_b_out())
+    ga, gB = gu_lora.b_grads(ggu, a, B, Wgu.rows)
     gh = ggu @ Wgu.get()
     del ggu
     ops.lora_x_backward_(gh, ga, A, seeds[0], gu_lora.p, 2)
     gx = ops.rms_norm_backward(gh, x, norm_w, rstd, residual=gy, compute_out=gx_compute, forward_into_gy=True)
     h = gh  # now the norm's output, the gate|up input
-    gA = ops.lora_a_backward(ga, h, seeds[0], gu_lora.p, 2, out=gu_lora.grad_a_out())
+    gA = gu_lora.a_grad(ga, h, seeds[0])
     del h, gh
     gu_grads = gu_lora.grads(gB, gA, Wgu.rows, lora_params[:4])
     return gx, [*gu_grads, *d_grads]

@@ -274,32 +274,34 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, seed: int, p: float, n: int) -> tor
 
 
 def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: int,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, out_zeroed: bool = False) -> torch.Tensor:
     """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j);
-    written into `out` (contiguous fp32) when given (a graphed layer's gradient sources)."""
+    written into `out` (contiguous fp32) when given (a graphed layer's gradient sources).
+    `out_zeroed`: the caller has zeroed `out` already (one fill for a whole layer's sources), so
+    the kernel, which sums into it, does not fill it again; the result is the same."""
     if p == 0:
         g = (ga.t() @ x).to(_acc(x))
         return g if out is None else out.copy_(g)
     k = _masked_kernel(x, "lora_a_backward", x.shape[1])
     if k is not None:
-        return k(ga, x, seed, p, n, out=out)
+        return k(ga, x, seed, p, n, out=out, out_zeroed=out_zeroed)
     r = ga.shape[1] // n
     parts = [(ga[:, j * r:(j + 1) * r].t() @ _masked(x, seed, j, p)).to(_acc(x)) for j in range(n)]
     return torch.cat(parts, dim=0) if out is None else torch.cat(parts, dim=0, out=out)
 
 
 def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[int],
-                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 out: torch.Tensor | None = None, out_zeroed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Both products of a LoRA set's output gradient g [N, W] (the projections' outputs side by
     side, rows[j] columns each) that the B side's backward needs: ga = g @ B [N, n*r] (B the set's
     block-diagonal [W, n*r], the A side's output gradient, in g's dtype) and gB [W, r] in fp32, row
     block j = g_j^T @ a_j (a [N, n*r] the forward's A-side output; into `out` when given: a graphed
-    layer's gradient source). On a GPU one kernel reads g once for both
-    (triton_ops.lora_b_grads), where two GEMMs per set read it twice (3 to 4 for a set of 2-3
-    projections): g is the widest tensor of a layer's backward after the weights."""
+    layer's gradient source; `out_zeroed` as in lora_a_backward). On a GPU one kernel reads g
+    once for both (triton_ops.lora_b_grads), where two GEMMs per set read it twice (3 to 4 for a
+    set of 2-3 projections): g is the widest tensor of a layer's backward after the weights."""
     k = _kernel(g, "lora_b_grads")
     if k is not None and _triton_ops().lora_b_grads_fits(rows):
-        return k(g, a, B, rows, out=out)
+        return k(g, a, B, rows, out=out, out_zeroed=out_zeroed)
     # Elsewhere (the CPU, or widths no column block divides) the GEMMs the kernel replaces, in g's
     # dtype: fp32 accumulation inside each, rounded once on output.
     n = len(rows)

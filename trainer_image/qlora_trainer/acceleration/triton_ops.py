@@ -1039,7 +1039,7 @@ def _lora_a_backward_kernel(ga_ptr, x_ptr, out_ptr, N, H, r, n, n_hblocks, rows_
 
 
 def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: int, *,
-                    splits: int | None = None, out: torch.Tensor | None = None,
+                    splits: int | None = None, out: torch.Tensor | None = None, out_zeroed: bool = False,
                     launch: MaskedBackwardLaunch | None = None) -> torch.Tensor:
     """The gradient of lora_a with respect to A: [n*r, H] fp32, block j = ga_j^T @ (x * mask_j).
 
@@ -1056,7 +1056,8 @@ def lora_a_backward(ga: torch.Tensor, x: torch.Tensor, seed: int, p: float, n: i
         if not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == (n * r, H)):
             raise ValueError(f"lora_a_backward: out must be contiguous fp32 {(n * r, H)}, got {out.dtype} "
                              f"{tuple(out.shape)}")
-        out.zero_()
+        if not out_zeroed:  # else the caller zeroed it (fused_ops.lora_a_backward)
+            out.zero_()
     if N == 0 or H == 0:
         return out
     launch = LORA_A_BACKWARD_LAUNCH if launch is None else launch
@@ -1279,7 +1280,7 @@ def lora_b_grads_fits(rows: list[int], launch: LoraBGradsLaunch | None = None) -
 
 
 def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[int], *,
-                 out: torch.Tensor | None = None, splits: int | None = None,
+                 out: torch.Tensor | None = None, out_zeroed: bool = False, splits: int | None = None,
                  launch: LoraBGradsLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """See fused_ops.lora_b_grads: (ga [N, n*r] in g's dtype, gB [W, r] fp32, into `out` when given)
     from one read of g; ga's fp32 sums are rounded by one more small kernel (_sum_planes of one
@@ -1310,7 +1311,8 @@ def lora_b_grads(g: torch.Tensor, a: torch.Tensor, B: torch.Tensor, rows: list[i
     else:  # the partial sums meet there by atomic adds: it starts from zero
         if not (out.dtype == torch.float32 and out.is_contiguous() and out.shape == (W, r)):
             raise ValueError(f"lora_b_grads: out must be contiguous fp32 {(W, r)}, got {out.dtype} {tuple(out.shape)}")
-        out.zero_()
+        if not out_zeroed:  # else the caller zeroed it (fused_ops.lora_b_grads)
+            out.zero_()
     if N == 0:
         return ga.to(g.dtype), out
     n_cblocks = W // launch.block_n
