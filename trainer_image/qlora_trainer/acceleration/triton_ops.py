@@ -579,7 +579,7 @@ def lora_rope_(qkv: torch.Tensor, a: torch.Tensor, B: torch.Tensor, cos: torch.T
     launch = LORA_ROPE_LAUNCH if launch is None else launch
     if launch.programs_per_sm:
         raise ValueError("lora_rope_: no persistent launch (programs_per_sm): it measured slower than a program a "
-                         "tile (benchmarks/results/epilogue_timing_h200.md)")
+                         "tile (benchmarks/results/epilogue_timing_session16_h200.md)")
     grid = (triton.cdiv(N, launch.block_m), triton.cdiv(heads, launch.heads))
     with _device_of(qkv):
         _lora_rope_kernel[grid](qkv, a, B, cos, sin, N, W, R, heads, int(rope_heads), cos.stride(0), sin.stride(0),
