@@ -173,7 +173,7 @@ def test_the_session_14_h200_table_renders_from_its_raw_results_and_its_flags_ar
     plain-p0, 8B lean at +0.0082); the same-seed rerun of the 8B dropout-0 pair in the next call
     ends within the spread (+0.0007)."""
     bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200.json").read_text())["results"]
+    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session14.json").read_text())["results"]
     table = bench.render(results)
     assert "ours +0.0019, lean +0.0082 DEPARTS |" in _loss_row(table, "8b-1024")
     assert "ours +0.0110, lean +0.0017 |" in _loss_row(table, "7b-1024")
@@ -183,11 +183,42 @@ def test_the_session_14_h200_table_renders_from_its_raw_results_and_its_flags_ar
              for row in ("7b-1024", "8b-1024")}
     assert "| 1.60x | 0.494 | 12,006 | 7.83 | 1.14x |" in speed["7b-1024"]
     assert "| 1.57x | 0.496 | 11,228 | 8.15 | 1.10x |" in speed["8b-1024"]
-    assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200.md").read_text()
+    assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200_session14.md").read_text()
     rerun = bench.render(json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_8b_p0_rerun_h200.json")
                                     .read_text())["results"])
     row = _loss_row(rerun.split("loss at LoRA dropout 0")[1], "8b-1024")
     assert "ours-p0 +0.0007 (vs plain-p0)" in row and "DEPARTS" not in row
+
+
+def test_the_session_16_h200_table_renders_from_its_raw_results_with_no_departure():
+    """The session-16 table (persistent lora_swiglu_, the backward's recomputes folded) as its
+    results file shows it comes from its raw JSON: no loss departs; the three rows the budget cut
+    read as errors there, and the next call's run of them (with ours-p0 again) renders as its file
+    shows it, also without a departure."""
+    bench = _bench()
+    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200.json").read_text())["results"]
+    table = bench.render(results)
+    assert "DEPARTS" not in table
+    assert "ours +0.0138, lean +0.0088 |" in _loss_row(table, "7b-1024")
+    assert "ours -0.0010, lean -0.0007 |" in _loss_row(table, "8b-1024")
+    speed = {row: next(line for line in table.splitlines() if line.startswith(f"| {row} | ") and "x |" in line)
+             for row in ("7b-1024", "8b-1024")}
+    assert "| 1.60x | 0.492 | 12,100 | 7.83 | 1.15x |" in speed["7b-1024"]
+    assert "| 1.74x | 0.491 | 11,212 | 8.15 | 1.24x |" in speed["8b-1024"]
+    assert {r["name"]: r.get("error") for r in results if "error" in r} == {
+        "8b-1024/lean-p0": "timed out after 13 s", "7b-1024/plain-p0": "skipped: out of time",
+        "8b-1024/plain-p0": "skipped: out of time"}
+    assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200.md").read_text()
+    rest = bench.render(json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_p0_rows_session16_h200.json")
+                                   .read_text())["results"])
+    assert "DEPARTS" not in rest
+    p0 = rest.split("loss at LoRA dropout 0")[1]
+    assert "ours-p0 +0.0015, lean-p0 -0.0042 (vs plain-p0)" in _loss_row(p0, "8b-1024")
+    assert "ours-p0 +0.0057 (vs plain-p0)" in _loss_row(p0, "7b-1024")
+    shown = (BENCHMARKS / "results" / "speed_vs_unsloth_p0_rows_session16_h200.md").read_text()
+    for part in ("| same dropout as Unsloth (0) |", "| loss at LoRA dropout 0, step 0 -> last step |"):
+        section = part + rest.split(part)[1].split("\n\n")[0]
+        assert section in shown, section
 
 
 def test_a_row_whose_plain_p0_did_not_run_is_not_held_to_unsloth():
