@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -38,6 +39,70 @@ def test_records_count_transitions_and_keep_the_acquire_time_on_renewal():
     assert renewed.transitions == 0
     taken = next_record(renewed, "b", 15, t1)
     assert (taken.holder, taken.transitions, taken.acquire_time) == ("b", 1, taken.renew_time)
+
+
+class _MemoryLock:
+    """A Lease in memory with the API server's optimistic concurrency: a write carrying an older
+    resourceVersion is refused (None, as LeaseLock.write answers a 409). `before_write` runs just
+    before each write is judged, to slip a competing write in."""
+
+    namespace, name = "ns", "lease"
+
+    def __init__(self):
+        self.record, self.version, self.before_write = None, 0, None
+
+    def get(self):
+        return None if self.record is None else replace(self.record, resource_version=str(self.version))
+
+    def write(self, record, create):
+        if self.before_write is not None:
+            hook, self.before_write = self.before_write, None
+            hook()
+        if (self.record is None) != create or (not create and record.resource_version != str(self.version)):
+            return None
+        self.version += 1
+        self.record = replace(record, resource_version=None)
+        return self.get()
+
+
+def test_a_release_that_meets_its_own_last_renewal_reads_again_and_frees_the_lease():
+    """The race a loaded CI machine showed: the holder's renewal lands between release's read and
+    its write, so the first write is refused as a conflict. Release reads the Lease again (still
+    ours) and frees it; a standby may then take it at once."""
+    lock = _MemoryLock()
+    a = LeaderElector(lock, "a", lease_duration=4, renew_deadline=3, retry_period=0.3)
+    assert a.acquire(threading.Event())
+    lock.before_write = lambda: lock.write(next_record(lock.get(), "a", 4, datetime.now(UTC)), create=False)
+    assert a.release()
+    assert lock.record.holder == "" and lock.version == 3  # taken, renewed, freed
+    assert LeaderElector(lock, "b", lease_duration=4, renew_deadline=3, retry_period=0.3).try_acquire_or_renew()
+
+
+def test_a_release_while_a_renewal_is_in_flight_frees_the_lease():
+    """keep_renewing's thread may be inside a renewal when release is called, its write reaching
+    the server only after release has read the Lease: release lets the renewal finish before it
+    reads (and would read again after a conflict), so it frees the Lease all the same."""
+    lock = _MemoryLock()
+    a = LeaderElector(lock, "a", lease_duration=4, renew_deadline=3, retry_period=0.05)
+    assert a.acquire(threading.Event())
+    renewing, committed = threading.Event(), threading.Event()
+    original = lock.write
+
+    def slow_write(record, create):
+        if record.holder == "a":  # a renewal, in flight for a while
+            renewing.set()
+            time.sleep(0.3)
+            written = original(record, create)
+            committed.set()
+            return written
+        committed.wait(5)  # the release's write reaches the server after the renewal's
+        return original(record, create)
+
+    lock.write = slow_write
+    a.keep_renewing(on_lost=lambda: None)
+    assert renewing.wait(5)
+    assert a.release()
+    assert lock.record.holder == ""
 
 
 def test_the_charts_variables_and_flags_turn_election_on():

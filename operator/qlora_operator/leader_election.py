@@ -127,6 +127,7 @@ class LeaderElector:
         self._observed_at = 0.0
         self._leading = threading.Event()
         self._released = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -193,6 +194,7 @@ class LeaderElector:
 
         thread = threading.Thread(target=renew, name="qlora-lease-renewal", daemon=True)
         thread.start()
+        self._renewer = thread
         return thread
 
     def release(self) -> bool:
@@ -201,16 +203,22 @@ class LeaderElector:
         if not self._leading.is_set():
             return False
         self._leading.clear()
+        renewer = self._renewer
+        if renewer is not None and renewer is not threading.current_thread():
+            # a renewal still in flight would change the Lease under the write below (a conflict)
+            renewer.join(self.renew_deadline)
         try:
-            current = self.lock.get()
-            if current is None or current.holder != self.identity:
-                return False
-            now = datetime.now(UTC).strftime(MICRO_TIME)
-            freed = replace(current, holder="", lease_duration_seconds=1, renew_time=now, acquire_time=now)
-            if self.lock.write(freed, create=False) is None:
-                return False
+            for _ in range(3):  # a conflict (the Lease changed since it was read): read it again
+                current = self.lock.get()
+                if current is None or current.holder != self.identity:
+                    return False
+                now = datetime.now(UTC).strftime(MICRO_TIME)
+                freed = replace(current, holder="", lease_duration_seconds=1, renew_time=now, acquire_time=now)
+                if self.lock.write(freed, create=False) is not None:
+                    log.info("%s released the Lease %s/%s", self.identity, self.lock.namespace, self.lock.name)
+                    return True
         except Exception as e:
             log.warning("could not release the Lease: %s", e)
             return False
-        log.info("%s released the Lease %s/%s", self.identity, self.lock.namespace, self.lock.name)
-        return True
+        log.warning("could not release the Lease %s/%s: it kept changing", self.lock.namespace, self.lock.name)
+        return False
