@@ -19,6 +19,11 @@ def _loss_row(table: str, row: str) -> str:
     return next(line for line in table.splitlines() if line.startswith(f"| {row} |") and "->" in line)
 
 
+def _speed_row(table: str, row: str) -> str:
+    """The row's line of the first speed table (the one with the ours/Unsloth ratios)."""
+    return next(line for line in table.splitlines() if line.startswith(f"| {row} | ") and "x |" in line)
+
+
 def test_the_h100_tables_8b_and_7b_rows_are_flagged_and_a_matching_row_is_not():
     bench = _bench()
     results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h100.json").read_text())["results"]
@@ -160,10 +165,8 @@ def test_the_session_13_h200_table_renders_from_its_raw_results_with_no_departur
     assert "DEPARTS" not in table
     assert "ours -0.0029, lean -0.0015 |" in _loss_row(table, "8b-1024")
     assert "ours -0.0105, lean -0.0059 |" in _loss_row(table, "7b-1024")
-    speed = {row: next(line for line in table.splitlines() if line.startswith(f"| {row} | ") and "x |" in line)
-             for row in ("7b-1024", "8b-1024")}
-    assert "| 1.52x | 0.47 | 11,411 | 7.79 | 1.08x |" in speed["7b-1024"]
-    assert "| 1.53x | 0.471 | 10,742 | 8.11 | 1.09x |" in speed["8b-1024"]
+    assert "| 1.52x | 0.47 | 11,411 | 7.79 | 1.08x |" in _speed_row(table, "7b-1024")
+    assert "| 1.53x | 0.471 | 10,742 | 8.11 | 1.09x |" in _speed_row(table, "8b-1024")
     assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200_session13.md").read_text()
 
 
@@ -179,10 +182,8 @@ def test_the_session_14_h200_table_renders_from_its_raw_results_and_its_flags_ar
     assert "ours +0.0110, lean +0.0017 |" in _loss_row(table, "7b-1024")
     p0 = table.split("loss at LoRA dropout 0")[1]
     assert "ours-p0 -0.0106 DEPARTS" in _loss_row(p0, "8b-1024")
-    speed = {row: next(line for line in table.splitlines() if line.startswith(f"| {row} | ") and "x |" in line)
-             for row in ("7b-1024", "8b-1024")}
-    assert "| 1.60x | 0.494 | 12,006 | 7.83 | 1.14x |" in speed["7b-1024"]
-    assert "| 1.57x | 0.496 | 11,228 | 8.15 | 1.10x |" in speed["8b-1024"]
+    assert "| 1.60x | 0.494 | 12,006 | 7.83 | 1.14x |" in _speed_row(table, "7b-1024")
+    assert "| 1.57x | 0.496 | 11,228 | 8.15 | 1.10x |" in _speed_row(table, "8b-1024")
     assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200_session14.md").read_text()
     rerun = bench.render(json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_8b_p0_rerun_h200.json")
                                     .read_text())["results"])
@@ -201,10 +202,8 @@ def test_the_session_16_h200_table_renders_from_its_raw_results_with_no_departur
     assert "DEPARTS" not in table
     assert "ours +0.0138, lean +0.0088 |" in _loss_row(table, "7b-1024")
     assert "ours -0.0010, lean -0.0007 |" in _loss_row(table, "8b-1024")
-    speed = {row: next(line for line in table.splitlines() if line.startswith(f"| {row} | ") and "x |" in line)
-             for row in ("7b-1024", "8b-1024")}
-    assert "| 1.60x | 0.492 | 12,100 | 7.83 | 1.15x |" in speed["7b-1024"]
-    assert "| 1.74x | 0.491 | 11,212 | 8.15 | 1.24x |" in speed["8b-1024"]
+    assert "| 1.60x | 0.492 | 12,100 | 7.83 | 1.15x |" in _speed_row(table, "7b-1024")
+    assert "| 1.74x | 0.491 | 11,212 | 8.15 | 1.24x |" in _speed_row(table, "8b-1024")
     assert {r["name"]: r.get("error") for r in results if "error" in r} == {
         "8b-1024/lean-p0": "timed out after 13 s", "7b-1024/plain-p0": "skipped: out of time",
         "8b-1024/plain-p0": "skipped: out of time"}
