@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer_image"))
 
 RANK = 16
+SKIPPED = object()  # a variant the GPU has not the resources to run
 # model: (heads, kv_heads, head_dim, intermediate, tokens per micro-batch, calls per step of each kernel)
 SHAPES = {"8b": (32, 8, 128, 14336, 2048, 32 * 2), "7b": (28, 4, 128, 18944, 2048, 28 * 2),
           "1.5b": (12, 2, 128, 8960, 16384, 28 * 1)}
@@ -109,25 +110,24 @@ def run_model(name: str, dims, cuda: bool) -> list[dict]:
         rows.append({"model": name, "kernel": kernel, "variant": variant, **fields, "us_per_call": secs * 1e6,
                      "ms_per_step": secs * 1e3 * per_step, "gb_per_s": nbytes / secs / 1e9, "max_abs_diff": diff})
 
-    def fits(call) -> bool:
-        """Run the variant once; False (and a line on stderr) when it asks for more shared memory
-        or registers than the GPU has, so the sweep goes on to the next one."""
+    def attempt(call):
+        """Run the variant once (its output is the one compared): its result, or SKIPPED (and a
+        line on stderr) when it asks for more shared memory or registers than the GPU has, so the
+        sweep goes on to the next one."""
         try:
-            call()
+            return call()
         except OutOfResources as e:
             print(f"[epilogue] {name}: skipped, {e}", file=sys.stderr, flush=True)
-            return False
-        return True
+            return SKIPPED
 
     rope_bytes = 2 * qkv.numel() * size + 2 * cos.numel() * 4
     default = None
     for variant, fields in ROPE_VARIANTS.items():
         launch = T.EpilogueLaunch(**fields)
-        if not fits(lambda lc=launch: T.lora_rope_(qkv.clone(), a3, b3, cos, sin, heads + kv, d, launch=lc)):
+        out = qkv.clone()
+        if attempt(lambda o=out, lc=launch: T.lora_rope_(o, a3, b3, cos, sin, heads + kv, d, launch=lc)) is SKIPPED:
             add("lora_rope_", variant, fields, float("nan"), rope_bytes, float("nan"))
             continue
-        out = qkv.clone()
-        T.lora_rope_(out, a3, b3, cos, sin, heads + kv, d, launch=launch)
         default = out if default is None else default
         work = qkv.clone()
         secs = timed(lambda w=work, lc=launch: T.lora_rope_(w, a3, b3, cos, sin, heads + kv, d, launch=lc), cuda)
@@ -136,11 +136,11 @@ def run_model(name: str, dims, cuda: bool) -> list[dict]:
     default = None
     for variant, fields in SWIGLU_VARIANTS.items():
         launch = T.EpilogueLaunch(**fields)
-        if not fits(lambda lc=launch: T.lora_swiglu_(gu.clone(), a2, b2, launch=lc)):
+        out = gu.clone()
+        h = attempt(lambda o=out, lc=launch: T.lora_swiglu_(o, a2, b2, launch=lc))
+        if h is SKIPPED:
             add("lora_swiglu_", variant, fields, float("nan"), swiglu_bytes, float("nan"))
             continue
-        out = gu.clone()
-        h = T.lora_swiglu_(out, a2, b2, launch=launch)
         default = (out, h) if default is None else default
         diff = max(float((out.float() - default[0].float()).abs().max()), float((h.float() - default[1].float()).abs().max()))
         work = gu.clone()
