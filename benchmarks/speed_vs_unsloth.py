@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -101,7 +102,7 @@ def configs(only: set[str] | None) -> list[dict]:
     def varlen(engine):
         return dict(name=f"varlen/{engine}", task="varlen", engine=engine, row="varlen")
 
-    out = [dict(name="checks/kernels", task="checks", engine="ours", row="checks", timeout=90)]
+    out = [dict(name="checks/kernels", task="checks", engine="ours", row="checks", timeout=300)]
     for engine in ("plain", "unsloth"):  # the 1.5B rows and the variable-length case, one process each
         runs = [fixed("1.5b-512", engine), fixed("1.5b-2048", engine), varlen(engine)]
         out.append(dict(name=f"1.5b/{engine}", task="group", engine=engine, row="1.5b-512", runs=runs,
@@ -630,31 +631,52 @@ def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda"
     if cuda:
         torch.cuda.synchronize()
     step_ends, opt_starts, totals = [mark()], [], []
-    for step in range(steps):
-        with region("batches"):
-            batches = micro_batches_per_step(step)
-            n_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b, _ in batches)
-        total = torch.zeros((), device=device)
-        for kwargs, _ in batches:
-            with region("forward"):
-                kwargs = {k: (to_device(v) if hasattr(v, "to") and k not in host_only else v)
-                          for k, v in kwargs.items()}
-                with ctx():
-                    out = model(**kwargs, num_items_in_batch=n_items) if items else model(**kwargs)
-                loss = out.loss
-            with region("backward"):
-                loss.backward()
-                total += loss.detach().float()
-        opt_starts.append(mark())
-        with region("optimizer"):
-            torch.nn.utils.clip_grad_norm_(params, 0.3)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        step_ends.append(mark())
-        totals.append(total / (1 if items else len(batches)))  # without items: a mean per micro-batch
-        tokens.append(sum(u for _, u in batches))
+    host_ends = [time.perf_counter()]  # when the host had queued each step: the GPU's lead over it
+    collections, gc_state = [], {"step": 0, "start": None}  # (step, generation, ms) of each GC pass
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_state["start"] = time.perf_counter()
+        elif gc_state["start"] is not None:
+            collections.append((gc_state["step"], info["generation"],
+                                round((time.perf_counter() - gc_state["start"]) * 1e3, 2)))
+            gc_state["start"] = None
+
+    gc.callbacks.append(on_gc)
+    try:
+        for step in range(steps):
+            gc_state["step"] = step
+            with region("batches"):
+                batches = micro_batches_per_step(step)
+                n_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b, _ in batches)
+            total = torch.zeros((), device=device)
+            for kwargs, _ in batches:
+                with region("forward"):
+                    kwargs = {k: (to_device(v) if hasattr(v, "to") and k not in host_only else v)
+                              for k, v in kwargs.items()}
+                    with ctx():
+                        out = model(**kwargs, num_items_in_batch=n_items) if items else model(**kwargs)
+                    loss = out.loss
+                with region("backward"):
+                    loss.backward()
+                    total += loss.detach().float()
+            opt_starts.append(mark())
+            with region("optimizer"):
+                torch.nn.utils.clip_grad_norm_(params, 0.3)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            step_ends.append(mark())
+            host_ends.append(time.perf_counter())
+            totals.append(total / (1 if items else len(batches)))  # without items: a mean per micro-batch
+            tokens.append(sum(u for _, u in batches))
+    finally:
+        gc.callbacks.remove(on_gc)
     if cuda:
         torch.cuda.synchronize()
+    # how far the GPU ran behind the host at each step end (ms): near 0, the GPU waited on the host
+    train_steps.host_lead_ms = [round(seconds(step_ends[0], step_ends[i]) * 1e3 - (host_ends[i] - host_ends[0]) * 1e3, 1)
+                                for i in range(1, steps + 1)]
+    train_steps.collections = collections
     for step in range(steps):
         times.append(seconds(step_ends[step], step_ends[step + 1]))
         opt_times.append(seconds(opt_starts[step], step_ends[step + 1]))
@@ -721,6 +743,9 @@ def run_fixed(cfg) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     vocab = model.config.vocab_size if hasattr(model, "config") else 32000
+    if os.environ.get("QLORA_BENCH_GC_FREEZE") == "1":  # experiment: no GC pass walks the loaded model's objects
+        gc.collect()
+        gc.freeze()
     times, losses, _ = train_steps(model, params, opt, _fixed_batches(vocab, micro, seq, accum),
                                    WARMUP + TIMED, items=engine != "unsloth")
     step = statistics.median(times[WARMUP:])
@@ -728,7 +753,8 @@ def run_fixed(cfg) -> dict:
     result.update(tokens_per_s=round(tokens / step, 1), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                   step_s=round(step, 4), step_times=[round(t, 4) for t in times], micro_batch=micro, grad_accum=accum,
                   losses=[round(x, 4) for x in losses], mfu=_mfu(model, shape, seq, tokens / step),
-                  optimizer_s=round(statistics.median(train_steps.optimizer_seconds[WARMUP:]), 4))
+                  optimizer_s=round(statistics.median(train_steps.optimizer_seconds[WARMUP:]), 4),
+                  host_lead_ms=train_steps.host_lead_ms, gc_passes=train_steps.collections)
     if cfg.get("profile"):
         result["profile"] = profile_steps(model, params, opt, _fixed_batches(vocab, micro, seq, accum), engine)
     return result
@@ -1230,6 +1256,7 @@ def run_checks(cfg) -> dict:
     checks["chunked_ce_grad_rel_err"] = float((h.grad.float() - g_ref.float()).norm() / g_ref.float().norm())
     checks.update(fused_op_checks())
     checks.update(fused_layer_checks())
+    checks.update(rank_sweep_checks())
     checks["ok"] = all(v < 1e-2 for k, v in checks.items() if k != "ok" and not k.endswith("_info"))
     return {"name": cfg["name"], "checks": checks}
 
@@ -1347,7 +1374,32 @@ def adapter_epilogue_checks(n, heads, kv_heads, d, inter, h, rank, bf) -> dict:
     return out
 
 
-def fused_layer_checks() -> dict:
+# Ranks the fused layer is checked at besides 16: every launch its kernels choose by rank (tile
+# widths, pipeline stages, lora_swiglu_'s step-down when shared memory runs out) up to its largest,
+# and twice that, where the layers must run per projection instead.
+SWEPT_RANKS = (8, 32, 64, 128, 256)
+
+
+def rank_sweep_checks() -> dict:
+    from qlora_trainer.acceleration import fused_layer
+
+    out = {}
+    for rank in SWEPT_RANKS:
+        try:
+            got = fused_layer_checks(rank)
+        except Exception as exc:  # a kernel that does not compile at this rank: named, and a failure
+            out[f"r{rank}_raised"] = 1.0
+            out[f"r{rank}_error_info"] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        fused = rank <= fused_layer.FUSED_MAX_RANK
+        out[f"r{rank}_fused_as_expected"] = 0.0 if got.pop("fused_layers_count") == (2 if fused else 0) else 1.0
+        for key in ("fused_grads_excess_error", "fused_model_loss_vs_fp32", "fused_grads_vs_fp32_info",
+                    "plain_bf16_grads_vs_fp32_info") + (("graphed_vs_eager_grads",) if fused else ()):
+            out[f"r{rank}_{key}"] = got[key]
+    return out
+
+
+def fused_layer_checks(rank: int = 16) -> dict:
     """A small bf16 Qwen2 with LoRA (dropout 0): the fused decoder layers' loss and LoRA gradients
     against the same model's original forward."""
     import copy
@@ -1362,7 +1414,7 @@ def fused_layer_checks() -> dict:
     config = Qwen2Config(vocab_size=1000, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
     model = Qwen2ForCausalLM(config).to("cuda", torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -1391,6 +1443,11 @@ def fused_layer_checks() -> dict:
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten().float() for n, p in m.named_parameters() if p.requires_grad]))
     plain_err, fused_err = _rel(grads[1], grads[0]), _rel(grads[2], grads[0])
+    if rank != 16:  # the sweep: what the rank changes (the graph and recompute checks below are rank 16's)
+        return {"fused_layers_count": report.fused_layers, "fused_model_loss_vs_fp32": round(_rel(losses[2], losses[0]), 6),
+                "plain_bf16_grads_vs_fp32_info": round(plain_err, 6), "fused_grads_vs_fp32_info": round(fused_err, 6),
+                "fused_grads_excess_error": round(max(0.0, fused_err - 1.2 * plain_err), 6),
+                "graphed_vs_eager_grads": round(_rel(grads[2], grads[3]), 6)}
     graphs = fast.get_base_model().model.layers[0]._qlora_graphs
     for p in fast.parameters():  # gradient accumulation through replays: two backward passes, 2x
         p.grad = None

@@ -391,6 +391,33 @@ def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_lay
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
 
 
+def test_a_rank_above_the_fused_layers_largest_runs_per_projection_and_says_so(monkeypatch):
+    """The fused layer's kernels hold 3r adapter columns a token block; above FUSED_MAX_RANK the
+    decoder layers run per projection (any rank), the report says why, and the model still trains
+    as the plain one does."""
+    from qlora_trainer.acceleration import apply_acceleration, fused_layer
+
+    plain = _tiny_peft_model()  # rank 4
+    monkeypatch.setattr(fused_layer, "FUSED_MAX_RANK", 3)
+    fast = copy.deepcopy(plain)
+    report = apply_acceleration(fast, _plan())
+    assert report.fused_layers == 0 and report.lora_layers == 14
+    assert report.skipped == ["decoder layers without the fused path: LoRA rank 4 is above the fused layer's "
+                              "largest, 3"], report.skipped
+    ids = torch.randint(0, 96, (2, 12))
+    fast.train(), plain.train()
+    ref, out = plain(input_ids=ids, labels=ids), fast(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    ref.loss.backward()
+    out.loss.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(fused_layer, "FUSED_MAX_RANK", 4)  # at the largest itself: fused
+    assert apply_acceleration(copy.deepcopy(plain), _plan()).fused_layers == 2
+
+
 @pytest.mark.parametrize("fused", [True, "graphed", False])
 @pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw_foreach", "sgd"])
 def test_accelerated_forward_sees_every_optimizer_step(fused, optimizer, monkeypatch):

@@ -226,6 +226,52 @@ def run_elementwise(N, H, I, heads, D, kept_heads):
           f"gradient equal {torch.equal(got, d)}, {int((gh_over != m).sum())} elements differ from swiglu's")
 
 
+def run_swiglu_step_down(N, I, R, a, Bgu, case):
+    """lora_swiglu_'s default launch steps down to the first of LORA_SWIGLU_FALLBACKS that fits the
+    card's shared memory (a large rank, a card with less than an H100's), and remembers it; here
+    the kernels refuse as Triton does (OutOfResources before anything runs) any launch with three
+    or more pipeline stages, then every launch."""
+    real = {name: getattr(T, name) for name in ("_lora_swiglu_persistent_kernel", "_lora_swiglu_kernel")}
+
+    class Refusing:
+        def __init__(self, kernel, refuse):
+            self.kernel, self.refuse = kernel, refuse
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if self.refuse(kwargs):
+                    raise T.OutOfResources(300000, 232448, "shared memory")
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    memo = dict(T._FITTING_LAUNCH)
+    try:
+        T._FITTING_LAUNCH.clear()
+        T._lora_swiglu_persistent_kernel = Refusing(real["_lora_swiglu_persistent_kernel"], lambda kw: kw["STAGES"] >= 3)
+        for attempt in ("first call", "remembered"):
+            src = rnd(N, 2 * I, scale=2.0)
+            src_ref = ref(src)
+            record("lora_swiglu_.stepped_down", f"{case} {attempt}", T.lora_swiglu_(src, a, Bgu),
+                   F.lora_swiglu_(src_ref, ref(a), ref(Bgu)))
+            record("lora_swiglu_.stepped_down_gate_up", f"{case} {attempt}", src, src_ref)
+            chosen = list(T._FITTING_LAUNCH.values())
+            check("lora_swiglu_.stepped_down_launch", f"{case} {attempt}",
+                  chosen == [2] and (T.LORA_SWIGLU_LAUNCH, *T.LORA_SWIGLU_FALLBACKS)[2].stages == 2, str(chosen))
+        T._FITTING_LAUNCH.clear()
+        T._lora_swiglu_persistent_kernel = Refusing(real["_lora_swiglu_persistent_kernel"], lambda kw: True)
+        T._lora_swiglu_kernel = Refusing(real["_lora_swiglu_kernel"], lambda kw: True)
+        try:
+            T.lora_swiglu_(rnd(N, 2 * I), a, Bgu)
+            check("lora_swiglu_.nothing_fits", case, False, "no error when no launch fits")
+        except T.OutOfResources as exc:
+            check("lora_swiglu_.nothing_fits", case, not T._FITTING_LAUNCH, str(exc))
+    finally:
+        for name, kernel in real.items():
+            setattr(T, name, kernel)
+        T._FITTING_LAUNCH.clear()
+        T._FITTING_LAUNCH.update(memo)
+
+
 def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
     """The adapter product joined in fp32 with RoPE (q|k|v), SwiGLU (gate|up) and the residual add
     (o, down), against the references (fp32 sums, one rounding); the residual stream is fp32."""
@@ -275,6 +321,7 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
         record("lora_swiglu_.persistent_gate_up", f"{case} {persistent}", walked, walked_ref)
     finally:
         T._num_sms = sms
+    run_swiglu_step_down(N, I, R, a, Bgu, case)
     x, y, Bo = rnd(N, H).float(), rnd(N, H), rnd(H, R, scale=0.3)
     out = T.lora_residual_add(x, y, a, Bo)
     check("lora_residual_add.dtype", case, out.dtype == x.dtype, str(out.dtype))

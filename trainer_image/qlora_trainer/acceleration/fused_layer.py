@@ -483,6 +483,11 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
 # ---------------------------------------------------------------------------------------------
 # Installing it on a decoder layer
 
+# The largest LoRA rank the fused layer takes: its epilogue kernels hold a token block's q|k|v
+# adapter columns (3r) and B's [3r, head] tiles at once, so their registers and shared memory grow
+# with r (lora_rope_ takes 3r <= 256). The GPU checks compare it with fp32 at ranks 8 to 64
+# (benchmarks/speed_vs_unsloth.py, rank_sweep_checks); above 64 a layer runs per projection.
+FUSED_MAX_RANK = 64
 _NORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm"}
 
 
@@ -506,6 +511,9 @@ def fusable(layer) -> str | None:
         return "not every projection carries a plain LoRA adapter"
     if len({m._qlora_proj.dropout for m in mods}) != 1 or len({m.lora_A[m._qlora_adapter].weight.shape[0] for m in mods}) != 1:
         return "projections differ in LoRA rank or dropout"
+    rank = mods[0].lora_A[mods[0]._qlora_adapter].weight.shape[0]
+    if rank > FUSED_MAX_RANK:
+        return f"LoRA rank {rank} is above the fused layer's largest, {FUSED_MAX_RANK}"
     if getattr(attn, "sliding_window", None) or getattr(attn, "q_norm", None) is not None:
         return "sliding-window or q/k-normed attention"
     act = getattr(mlp, "act_fn", None)
