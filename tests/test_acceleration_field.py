@@ -72,6 +72,7 @@ def test_a_bad_diagnosis_switch_is_refused():
 
 
 def test_path_plain_makes_no_plan_and_the_plan_carries_the_graph_choice(tmp_path, monkeypatch):
+    from qlora_trainer.acceleration.planner import FUSED_MAX_RANK
     from qlora_trainer.acceleration.trainer_hooks import plan_before_loading
     from transformers import LlamaConfig
 
@@ -85,3 +86,9 @@ def test_path_plain_makes_no_plan_and_the_plan_carries_the_graph_choice(tmp_path
     assert no_graphs.fused_layers and not no_graphs.cuda_graphs
     assert "no CUDA graphs" in no_graphs.describe()
     assert plan_before_loading(tmp_path, _spec()).cuda_graphs
+    # a rank above the fused layer's largest is planned as it will run: per projection, no graphs
+    big = QLoRAJobSpec.model_validate({**BASE, "lora": {"r": FUSED_MAX_RANK + 1}})
+    above = plan_before_loading(tmp_path, big)
+    assert not above.fused_layers and not above.cuda_graphs
+    at = plan_before_loading(tmp_path, QLoRAJobSpec.model_validate({**BASE, "lora": {"r": FUSED_MAX_RANK}}))
+    assert at.fused_layers and at.cuda_graphs

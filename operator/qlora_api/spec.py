@@ -151,7 +151,8 @@ class AccelerationSpec(RuledModel):
     path: Literal["fused", "perProjection", "plain"] = Field(
         "fused",
         description="fused: the trainer's fast path with fused decoder layers where the architecture allows "
-        "(Llama-style layers: Llama, Qwen2, Mistral and the like) and per-projection LoRA functions elsewhere; "
+        "(Llama-style layers: Llama, Qwen2, Mistral and the like, at LoRA ranks up to 64) and per-projection LoRA "
+        "functions elsewhere; "
         "perProjection: the fast path without fused decoder layers; plain: the plain transformers + peft recipe "
         "(no memory plan: batchSize, gradientAccumulationSteps and gradientCheckpointing run as given).",
     )

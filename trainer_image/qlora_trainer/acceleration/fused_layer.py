@@ -46,6 +46,7 @@ import torch
 from . import attention
 from . import fused_ops as ops
 from .packing import _on_device
+from .planner import FUSED_MAX_RANK
 
 # ---------------------------------------------------------------------------------------------
 # Frozen weights of several projections as one matrix
@@ -483,11 +484,6 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
 # ---------------------------------------------------------------------------------------------
 # Installing it on a decoder layer
 
-# The largest LoRA rank the fused layer takes: its epilogue kernels hold a token block's q|k|v
-# adapter columns (3r) and B's [3r, head] tiles at once, so their registers and shared memory grow
-# with r (lora_rope_ takes 3r <= 256). The GPU checks compare it with fp32 at ranks 8 to 64
-# (benchmarks/speed_vs_unsloth.py, rank_sweep_checks); above 64 a layer runs per projection.
-FUSED_MAX_RANK = 64
 _NORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm"}
 
 

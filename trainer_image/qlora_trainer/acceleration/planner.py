@@ -24,6 +24,12 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 GIB = 1024**3
+# The largest LoRA rank the fused decoder layer takes (fused_layer.fusable): its epilogue kernels
+# hold a token block's q|k|v adapter columns (3r) and B's [3r, head] tiles at once, so registers and
+# shared memory grow with r (lora_rope_ takes 3r <= 256). The GPU checks compare the fused layer
+# with fp32 at ranks 8 to 64 (benchmarks/speed_vs_unsloth.py, rank_sweep_checks); above 64 the
+# layers run per projection, and the plan is made for that.
+FUSED_MAX_RANK = 64
 RECOMPUTE_MODES = ("none", "selective", "full", "offload")
 
 # Roofline constants (H100-class defaults; `GpuSpec` overrides). Calibrated in benchmarks/NOTES.md.

@@ -37,6 +37,7 @@ from . import (
     gpu_spec,
     plan_memory,
 )
+from .planner import FUSED_MAX_RANK
 from .sharded_plan import ShardedPlan, does_not_fit_message, plan_sharded, smallest_sharded_world
 from .sharded_plan import fits as sharded_fits
 
@@ -119,11 +120,16 @@ def plan_before_loading(model_path, spec, device: int = 0) -> MemoryPlan | None:
     if found is None:
         return None
     shape, job, gpu, config = found
+    fused = choice.path == "fused"
+    if fused and spec.lora.r > FUSED_MAX_RANK:  # planned as the layers will run: per projection
+        log.info("fused decoder layers off: LoRA rank %d is above the fused layer's largest, %d",
+                 spec.lora.r, FUSED_MAX_RANK)
+        fused = False
     try:
-        plan = plan_memory(shape, job, gpu, packing=spec.training.packing, fused=choice.path == "fused")
+        plan = plan_memory(shape, job, gpu, packing=spec.training.packing, fused=fused)
     except PlanDoesNotFit as exc:
         raise _does_not_fit(str(exc)) from exc
-    plan = replace(plan, cuda_graphs=choice.cuda_graphs)
+    plan = replace(plan, cuda_graphs=choice.cuda_graphs and fused)
     log.info("memory plan: %s", plan.describe())
     return plan
 
