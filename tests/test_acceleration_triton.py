@@ -226,50 +226,73 @@ def run_elementwise(N, H, I, heads, D, kept_heads):
           f"gradient equal {torch.equal(got, d)}, {int((gh_over != m).sum())} elements differ from swiglu's")
 
 
-def run_swiglu_step_down(N, I, R, a, Bgu, case):
-    """lora_swiglu_'s default launch steps down to the first of LORA_SWIGLU_FALLBACKS that fits the
-    card's shared memory (a large rank, a card with less than an H100's), and remembers it; here
-    the kernels refuse as Triton does (OutOfResources before anything runs) any launch with three
-    or more pipeline stages, then every launch."""
-    real = {name: getattr(T, name) for name in ("_lora_swiglu_persistent_kernel", "_lora_swiglu_kernel")}
+class Refusing:
+    """A jitted kernel that raises OutOfResources, as Triton does before anything runs when a
+    launch needs more shared memory than the card has, for the launches `refuse(kwargs)` picks."""
 
-    class Refusing:
-        def __init__(self, kernel, refuse):
-            self.kernel, self.refuse = kernel, refuse
+    def __init__(self, kernel, refuse):
+        self.kernel, self.refuse = kernel, refuse
 
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                if self.refuse(kwargs):
-                    raise T.OutOfResources(300000, 232448, "shared memory")
-                return self.kernel[grid](*args, **kwargs)
-            return launch
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.refuse(kwargs):
+                raise T.OutOfResources(300000, 232448, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
+
+def run_step_down(op, kernels, launches, call, case):
+    """A default launch steps down to the first of its fallbacks that fits the card's shared memory
+    (a large rank, a card with less than an H100's) and remembers it: with every launch of three or
+    more pipeline stages refused, the first two-stage one runs, computes what the reference does,
+    and is the one chosen again; with every launch refused, the last one's error propagates.
+    `call()` -> (output, reference) pairs of one fresh call of the op's default launch."""
+    real = {name: getattr(T, name) for name in kernels}
     memo = dict(T._FITTING_LAUNCH)
+    two_stages = next(i for i, lc in enumerate(launches) if lc.stages == 2)
     try:
         T._FITTING_LAUNCH.clear()
-        T._lora_swiglu_persistent_kernel = Refusing(real["_lora_swiglu_persistent_kernel"], lambda kw: kw["STAGES"] >= 3)
+        for name in kernels:
+            setattr(T, name, Refusing(real[name], lambda kw: kw.get("STAGES", 1) >= 3))
         for attempt in ("first call", "remembered"):
-            src = rnd(N, 2 * I, scale=2.0)
-            src_ref = ref(src)
-            record("lora_swiglu_.stepped_down", f"{case} {attempt}", T.lora_swiglu_(src, a, Bgu),
-                   F.lora_swiglu_(src_ref, ref(a), ref(Bgu)))
-            record("lora_swiglu_.stepped_down_gate_up", f"{case} {attempt}", src, src_ref)
+            for part, (out, expected) in enumerate(call()):
+                record(f"{op}.stepped_down", f"{case} {attempt} output {part}", out, expected)
             chosen = list(T._FITTING_LAUNCH.values())
-            check("lora_swiglu_.stepped_down_launch", f"{case} {attempt}",
-                  chosen == [2] and (T.LORA_SWIGLU_LAUNCH, *T.LORA_SWIGLU_FALLBACKS)[2].stages == 2, str(chosen))
+            check(f"{op}.stepped_down_launch", f"{case} {attempt}", chosen == [two_stages], str(chosen))
         T._FITTING_LAUNCH.clear()
-        T._lora_swiglu_persistent_kernel = Refusing(real["_lora_swiglu_persistent_kernel"], lambda kw: True)
-        T._lora_swiglu_kernel = Refusing(real["_lora_swiglu_kernel"], lambda kw: True)
+        for name in kernels:
+            setattr(T, name, Refusing(real[name], lambda kw: True))
         try:
-            T.lora_swiglu_(rnd(N, 2 * I), a, Bgu)
-            check("lora_swiglu_.nothing_fits", case, False, "no error when no launch fits")
+            call()
+            check(f"{op}.nothing_fits", case, False, "no error when no launch fits")
         except T.OutOfResources as exc:
-            check("lora_swiglu_.nothing_fits", case, not T._FITTING_LAUNCH, str(exc))
+            check(f"{op}.nothing_fits", case, not T._FITTING_LAUNCH, str(exc))
     finally:
         for name, kernel in real.items():
             setattr(T, name, kernel)
         T._FITTING_LAUNCH.clear()
         T._FITTING_LAUNCH.update(memo)
+
+
+def run_epilogue_step_downs(N, heads, kv_heads, D, I, R, a, B, Bgu, cos, sin, case):
+    W = (heads + 2 * kv_heads) * D
+
+    def rope():
+        qkv = rnd(N, W, scale=2.0)
+        expected = ref(qkv)
+        F.lora_rope_(expected, ref(a), ref(B), ref(cos), ref(sin), heads + kv_heads, D)
+        T.lora_rope_(qkv, a, B, cos, sin, heads + kv_heads, D)
+        return [(qkv, expected)]
+
+    def swiglu():
+        gu = rnd(N, 2 * I, scale=2.0)
+        gu_ref = ref(gu)
+        h_ref = F.lora_swiglu_(gu_ref, ref(a), ref(Bgu))
+        return [(T.lora_swiglu_(gu, a, Bgu), h_ref), (gu, gu_ref)]
+
+    run_step_down("lora_rope_", ("_lora_rope_kernel",), (T.LORA_ROPE_LAUNCH, *T.LORA_ROPE_FALLBACKS), rope, case)
+    run_step_down("lora_swiglu_", ("_lora_swiglu_persistent_kernel", "_lora_swiglu_kernel"),
+                  (T.LORA_SWIGLU_LAUNCH, *T.LORA_SWIGLU_FALLBACKS), swiglu, case)
 
 
 def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
@@ -288,7 +311,7 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
     # in a pipelined loop, the last program's heads partly past the end; column tiles past the end
     # of gate|up
     for launch in (T.EpilogueLaunch(block_m=16, heads=2), T.EpilogueLaunch(block_m=64, heads=4, warps=8),
-                   T.EpilogueLaunch(block_m=16, heads=2, heads_loop=True, stages=2)):
+                   T.EpilogueLaunch(block_m=16, heads=2, heads_loop=True, stages=2), *T.LORA_ROPE_FALLBACKS):
         tiled = rnd(N, W, scale=2.0)
         tiled_expected = ref(tiled)
         F.lora_rope_(tiled_expected, ref(a), ref(B), ref(cos), ref(sin), heads + kv_heads, D)
@@ -321,7 +344,7 @@ def run_adapter_epilogues(N, heads, kv_heads, D, I, H, R):
         record("lora_swiglu_.persistent_gate_up", f"{case} {persistent}", walked, walked_ref)
     finally:
         T._num_sms = sms
-    run_swiglu_step_down(N, I, R, a, Bgu, case)
+    run_epilogue_step_downs(N, heads, kv_heads, D, I, R, a, B, Bgu, cos, sin, case)
     x, y, Bo = rnd(N, H).float(), rnd(N, H), rnd(H, R, scale=0.3)
     out = T.lora_residual_add(x, y, a, Bo)
     check("lora_residual_add.dtype", case, out.dtype == x.dtype, str(out.dtype))

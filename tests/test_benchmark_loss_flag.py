@@ -197,7 +197,7 @@ def test_the_session_16_h200_table_renders_from_its_raw_results_with_no_departur
     read as errors there, and the next call's run of them (with ours-p0 again) renders as its file
     shows it, also without a departure."""
     bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200.json").read_text())["results"]
+    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session16.json").read_text())["results"]
     table = bench.render(results)
     assert "DEPARTS" not in table
     assert "ours +0.0138, lean +0.0088 |" in _loss_row(table, "7b-1024")
@@ -207,7 +207,7 @@ def test_the_session_16_h200_table_renders_from_its_raw_results_with_no_departur
     assert {r["name"]: r.get("error") for r in results if "error" in r} == {
         "8b-1024/lean-p0": "timed out after 13 s", "7b-1024/plain-p0": "skipped: out of time",
         "8b-1024/plain-p0": "skipped: out of time"}
-    assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200.md").read_text()
+    assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200_session16.md").read_text()
     rest = bench.render(json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_p0_rows_session16_h200.json")
                                    .read_text())["results"])
     assert "DEPARTS" not in rest
@@ -218,6 +218,25 @@ def test_the_session_16_h200_table_renders_from_its_raw_results_with_no_departur
     for part in ("| same dropout as Unsloth (0) |", "| loss at LoRA dropout 0, step 0 -> last step |"):
         section = part + rest.split(part)[1].split("\n\n")[0]
         assert section in shown, section
+
+
+def test_the_session_17_h200_table_renders_from_its_raw_results_with_no_departure():
+    """The session-17 table (one fill for a graphed layer's gradient sources; every configuration
+    in one call) as its results file shows it comes from its raw JSON: no loss departs, every row
+    ran, and each fast-path row carries the loop's host lead and GC passes per step."""
+    bench = _bench()
+    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200.json").read_text())["results"]
+    table = bench.render(results)
+    assert "DEPARTS" not in table and not [r["name"] for r in results if "error" in r]
+    assert "ours +0.0094, lean -0.0030 |" in _loss_row(table, "7b-1024")
+    assert "ours -0.0040, lean +0.0002 |" in _loss_row(table, "8b-1024")
+    assert "| 1.58x | 0.488 | 11,942 | 7.83 | 1.13x |" in _speed_row(table, "7b-1024")
+    assert "| 1.58x | 0.491 | 11,092 | 8.15 | 1.11x |" in _speed_row(table, "8b-1024")
+    assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200.md").read_text()
+    for name in ("1.5b-2048/ours", "7b-1024/ours", "8b-1024/ours"):  # the host stays a step ahead
+        row = next(r for r in results if r["name"] == name)
+        assert len(row["host_lead_ms"]) == len(row["step_times"]) and min(row["host_lead_ms"][3:]) > 200, name
+        assert not [g for g in row["gc_passes"] if g[0] >= 3 and g[2] > 1.0], name
 
 
 def test_a_row_whose_plain_p0_did_not_run_is_not_held_to_unsloth():
