@@ -239,6 +239,22 @@ def test_the_session_17_h200_table_renders_from_its_raw_results_with_no_departur
         assert not [g for g in row["gc_passes"] if g[0] >= 3 and g[2] > 1.0], name
 
 
+def test_the_session_17_final_tree_7b_8b_call_renders_from_its_raw_results():
+    """The 7B and 8B rows of the final tree, every engine in one call: no loss departs, and the
+    speed row reads MFU 0.502 and 0.505 at the recipe's dropout, as its results file shows."""
+    bench = _bench()
+    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_7b_8b_session17_h200.json").read_text())["results"]
+    table = bench.render(results)
+    assert "DEPARTS" not in table and not [r["name"] for r in results if "error" in r]
+    assert "| 1.58x | 0.502 | 12,131 | 7.83 | 1.11x |" in _speed_row(table, "7b-1024")
+    assert "| 1.70x | 0.505 | 11,373 | 8.15 | 1.20x |" in _speed_row(table, "8b-1024")
+    assert "ours +0.0149, lean +0.0159 |" in _loss_row(table, "7b-1024")
+    shown = (BENCHMARKS / "results" / "speed_vs_unsloth_7b_8b_session17_h200.md").read_text()
+    assert table.split("\nkernel checks on the GPU")[0] in shown
+    checks = next(r["checks"] for r in results if r["name"] == "checks/kernels")
+    assert checks["ok"] and checks["r64_fused_as_expected"] == 0.0 and checks["r128_fused_as_expected"] == 0.0
+
+
 def test_a_row_whose_plain_p0_did_not_run_is_not_held_to_unsloth():
     """An `--only` call without plain-p0 on the 7B and 8B rows (session 13's second-machine speed
     check): the dropout-0 loss column leaves them uncompared instead of falling back to Unsloth,
