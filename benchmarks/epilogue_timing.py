@@ -32,9 +32,11 @@ SHAPES = {"8b": (32, 8, 128, 14336, 2048, 32 * 2), "7b": (28, 4, 128, 18944, 204
           "1.5b": (12, 2, 128, 8960, 16384, 28 * 1)}
 TINY = {"8b": (4, 2, 16, 96, 40, 64), "7b": (4, 1, 16, 80, 33, 56), "1.5b": (3, 1, 16, 64, 50, 28)}  # CPU rehearsal
 
-# name: EpilogueLaunch fields; the first of each kernel is triton_ops' default (lora_rope_: session 11's choice from
-# results/epilogue_timing_h200.md, until then m32_h1_w4; lora_swiglu_: session 16's, until then m64_n128_w8)
+# name: EpilogueLaunch fields; the first of each kernel is triton_ops' default (lora_rope_: session 17's choice from
+# results/epilogue_timing_session17_h200.md, until then m64_h1_w4, and m32_h1_w4 before session 11; lora_swiglu_:
+# session 16's, until then m64_n128_w8)
 ROPE_VARIANTS = {
+    "m64_h12_w8_loop_s3": dict(block_m=64, heads=12, warps=8, heads_loop=True, stages=3),
     "m64_h1_w4": dict(block_m=64, heads=1, warps=4),
     "m32_h1_w4": dict(block_m=32, heads=1, warps=4),
     "m32_h2_w4": dict(block_m=32, heads=2, warps=4),
@@ -45,14 +47,13 @@ ROPE_VARIANTS = {
     "m16_h4_w4": dict(block_m=16, heads=4, warps=4),
     "m16_h8_w2": dict(block_m=16, heads=8, warps=2),
     # a program's heads in a loop that keeps `stages` heads' loads in flight, the token block's cos,
-    # sin and adapter input read once for all of them (session 16: not yet timed)
+    # sin and adapter input read once for all of them (session 16; timed in session 17)
     "m32_h6_w4_loop_s2": dict(block_m=32, heads=6, warps=4, heads_loop=True, stages=2),
     "m32_h6_w4_loop_s1": dict(block_m=32, heads=6, warps=4, heads_loop=True, stages=1),
     "m32_h8_w4_loop_s3": dict(block_m=32, heads=8, warps=4, heads_loop=True, stages=3),
     "m32_h12_w4_loop_s2": dict(block_m=32, heads=12, warps=4, heads_loop=True, stages=2),
     "m64_h4_w4_loop_s2": dict(block_m=64, heads=4, warps=4, heads_loop=True, stages=2),
     "m64_h6_w8_loop_s2": dict(block_m=64, heads=6, warps=8, heads_loop=True, stages=2),
-    "m64_h12_w8_loop_s3": dict(block_m=64, heads=12, warps=8, heads_loop=True, stages=3),
     "m16_h12_w4_loop_s2": dict(block_m=16, heads=12, warps=4, heads_loop=True, stages=2),
     "m16_h6_w2_loop_s3": dict(block_m=16, heads=6, warps=2, heads_loop=True, stages=3),
 }
