@@ -400,6 +400,8 @@ def test_a_rank_above_the_fused_layers_largest_runs_per_projection_and_says_so(m
     """The fused layer's kernels hold 3r adapter columns a token block; above FUSED_MAX_RANK the
     decoder layers run per projection (any rank), the report says why, and the model still trains
     as the plain one does."""
+    import dataclasses
+
     from qlora_trainer.acceleration import apply_acceleration, fused_layer
 
     plain = _tiny_peft_model()  # rank 4
@@ -412,6 +414,11 @@ def test_a_rank_above_the_fused_layers_largest_runs_per_projection_and_says_so(m
     ids = torch.randint(0, 96, (2, 12))
     fast.train(), plain.train()
     _assert_trains_as_plain(plain, fast, ids, ids)
+    # the trainer plans such a job per projection (trainer_hooks.plan_before_loading): the report
+    # names the rank as the reason, not only the plan
+    unplanned = apply_acceleration(copy.deepcopy(plain), dataclasses.replace(_plan(), fused_layers=False))
+    assert unplanned.skipped == ["decoder layers run per projection: the plan has fused decoder layers off "
+                                 "(LoRA rank 4 is above the fused layer's largest, 3)"], unplanned.skipped
     monkeypatch.setattr(fused_layer, "FUSED_MAX_RANK", 4)  # at the largest itself: fused
     assert apply_acceleration(copy.deepcopy(plain), _plan()).fused_layers == 2
 

@@ -197,7 +197,11 @@ def _cache_weights(layers, plan: MemoryPlan) -> tuple[int, int]:
 
 def _install_fused_layers(layers, config, dtype, report, plan: MemoryPlan) -> None:
     if not plan.fused_layers:
-        report.skipped.append("decoder layers run per projection: the plan has fused decoder layers off")
+        # what would have kept them unfused anyway (a rank above the fused layer's largest, which the
+        # trainer plans per projection) is named, so the published report says why
+        why = sorted({fused_layer.fusable(layer) for layer in layers} - {None})
+        report.skipped.append("decoder layers run per projection: the plan has fused decoder layers off"
+                              + (f" ({'; '.join(why)})" if why else ""))
         return
     if config is None:
         return
