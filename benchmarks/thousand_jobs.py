@@ -319,6 +319,10 @@ def summarize(n, args, times, jobs, final, operator, requests, peak, alive, cloc
     stamps = [(epoch(r["time"]), r) for r in requests]
     active = [r for t, r in stamps if wall_start <= t < wall_finished]
     idle = [r for t, r in stamps if wall_finished <= t < wall_settled]
+    # the idle window's second half: the operator's reactions to the last status changes (a
+    # reconcile each) have drained by then even on a loaded machine, what is left is its steady cost
+    late_from = wall_finished + (wall_settled - wall_finished) / 2
+    idle_late = [r for t, r in stamps if late_from <= t < wall_settled]
     active_min, idle_min = (wall_finished - wall_start) / 60, (wall_settled - wall_finished) / 60
     rss_done, cpu_done = operator.at(finished)
     rss_end, cpu_end = operator.at(settled)
@@ -347,6 +351,8 @@ def summarize(n, args, times, jobs, final, operator, requests, peak, alive, cloc
         "settle_seconds": round(settled - finished, 1),
         "requests_total": len(requests),
         "requests_active": len(active), "requests_idle": len(idle),
+        "requests_idle_second_half": len(idle_late),
+        "requests_by_kind_idle_second_half": dict(Counter(f"{r['verb']} {r['resource']}" for r in idle_late)),
         "requests_per_job_active": round(len(active) / n, 2),
         "requests_per_job_per_min_active": round(len(active) / n / active_min, 2),
         "requests_per_job_per_min_idle": round(len(idle) / n / idle_min, 2) if idle_min else None,
