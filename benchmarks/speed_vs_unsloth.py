@@ -590,6 +590,28 @@ def plan_job(cfg, folder: Path, seq: int, micro: int, accum: int, dropout: float
                         recompute=cfg.get("recompute"))
 
 
+class _GcPasses:
+    """While entered, every garbage-collector pass as (step, generation, ms); `step` is set by the
+    loop."""
+
+    def __init__(self):
+        self.step, self.passes, self._start = 0, [], None
+
+    def __enter__(self):
+        gc.callbacks.append(self._observe)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._observe)
+
+    def _observe(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.passes.append((self.step, info["generation"], round((time.perf_counter() - self._start) * 1e3, 2)))
+            self._start = None
+
+
 def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda", autocast=True, items=True):
     """Run optimizer steps; micro_batches_per_step(step) -> list of (kwargs, useful_tokens).
     Returns per-step seconds, losses and useful tokens.
@@ -632,20 +654,9 @@ def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda"
         torch.cuda.synchronize()
     step_ends, opt_starts, totals = [mark()], [], []
     host_ends = [time.perf_counter()]  # when the host had queued each step: the GPU's lead over it
-    collections, gc_state = [], {"step": 0, "start": None}  # (step, generation, ms) of each GC pass
-
-    def on_gc(phase, info):
-        if phase == "start":
-            gc_state["start"] = time.perf_counter()
-        elif gc_state["start"] is not None:
-            collections.append((gc_state["step"], info["generation"],
-                                round((time.perf_counter() - gc_state["start"]) * 1e3, 2)))
-            gc_state["start"] = None
-
-    gc.callbacks.append(on_gc)
-    try:
+    with _GcPasses() as gc_passes:
         for step in range(steps):
-            gc_state["step"] = step
+            gc_passes.step = step
             with region("batches"):
                 batches = micro_batches_per_step(step)
                 n_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b, _ in batches)
@@ -669,14 +680,12 @@ def train_steps(model, params, opt, micro_batches_per_step, steps, device="cuda"
             host_ends.append(time.perf_counter())
             totals.append(total / (1 if items else len(batches)))  # without items: a mean per micro-batch
             tokens.append(sum(u for _, u in batches))
-    finally:
-        gc.callbacks.remove(on_gc)
     if cuda:
         torch.cuda.synchronize()
     # how far the GPU ran behind the host at each step end (ms): near 0, the GPU waited on the host
     train_steps.host_lead_ms = [round(seconds(step_ends[0], step_ends[i]) * 1e3 - (host_ends[i] - host_ends[0]) * 1e3, 1)
                                 for i in range(1, steps + 1)]
-    train_steps.collections = collections
+    train_steps.collections = gc_passes.passes
     for step in range(steps):
         times.append(seconds(step_ends[step], step_ends[step + 1]))
         opt_times.append(seconds(opt_starts[step], step_ends[step + 1]))
@@ -1386,7 +1395,7 @@ def rank_sweep_checks() -> dict:
     out = {}
     for rank in SWEPT_RANKS:
         try:
-            got = fused_layer_checks(rank)
+            got = fused_layer_checks(rank, sweep=True)
         except Exception as exc:  # a kernel that does not compile at this rank: named, and a failure
             out[f"r{rank}_raised"] = 1.0
             out[f"r{rank}_error_info"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -1399,9 +1408,10 @@ def rank_sweep_checks() -> dict:
     return out
 
 
-def fused_layer_checks(rank: int = 16) -> dict:
+def fused_layer_checks(rank: int = 16, sweep: bool = False) -> dict:
     """A small bf16 Qwen2 with LoRA (dropout 0): the fused decoder layers' loss and LoRA gradients
-    against the same model's original forward."""
+    against the same model's original forward. `sweep`: only what a rank changes (rank_sweep_checks),
+    not the graph capture, recompute and accumulation checks."""
     import copy
 
     import torch
@@ -1443,7 +1453,7 @@ def fused_layer_checks(rank: int = 16) -> dict:
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten().float() for n, p in m.named_parameters() if p.requires_grad]))
     plain_err, fused_err = _rel(grads[1], grads[0]), _rel(grads[2], grads[0])
-    if rank != 16:  # the sweep: what the rank changes (the graph and recompute checks below are rank 16's)
+    if sweep:
         return {"fused_layers_count": report.fused_layers, "fused_model_loss_vs_fp32": round(_rel(losses[2], losses[0]), 6),
                 "plain_bf16_grads_vs_fp32_info": round(plain_err, 6), "fused_grads_vs_fp32_info": round(fused_err, 6),
                 "fused_grads_excess_error": round(max(0.0, fused_err - 1.2 * plain_err), 6),

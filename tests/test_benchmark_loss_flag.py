@@ -19,6 +19,12 @@ def _loss_row(table: str, row: str) -> str:
     return next(line for line in table.splitlines() if line.startswith(f"| {row} |") and "->" in line)
 
 
+def _rendered(stem: str) -> tuple[list, str]:
+    """A results file's raw rows and the tables the benchmark renders from them."""
+    results = json.loads((BENCHMARKS / "results" / f"{stem}.json").read_text())["results"]
+    return results, _bench().render(results)
+
+
 def _speed_row(table: str, row: str) -> str:
     """The row's line of the first speed table (the one with the ours/Unsloth ratios)."""
     return next(line for line in table.splitlines() if line.startswith(f"| {row} | ") and "x |" in line)
@@ -26,8 +32,7 @@ def _speed_row(table: str, row: str) -> str:
 
 def test_the_h100_tables_8b_and_7b_rows_are_flagged_and_a_matching_row_is_not():
     bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h100.json").read_text())["results"]
-    table = bench.render(results)
+    results, table = _rendered("speed_vs_unsloth_h100")
     assert "ours +0.1601 DEPARTS" in _loss_row(table, "8b-1024")  # 10.6987 against plain's 10.5386
     assert "ours +0.0301 DEPARTS" in _loss_row(table, "7b-1024")
     same = [dict(r, losses=list(by_plain)) if r["name"] == "8b-1024/ours" else r for r in results
@@ -96,8 +101,7 @@ def test_the_h200_tables_dropout_0_rows_against_plain_at_dropout_0_and_unsloth()
     are held to plain at dropout 0, the 1.5B ones to Unsloth; all within; Unsloth itself ends 0.0496
     above plain at dropout 0 on the 8B row, which is why plain-p0 is the reference where it ran."""
     bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session9.json").read_text())["results"]
-    table = bench.render(results)
+    results, table = _rendered("speed_vs_unsloth_h200_session9")
     p0 = {row: next(line for line in table.splitlines() if line.startswith(f"| {row} |") and "(vs " in line)
           for row in bench.ROWS}
     assert "ours-p0 -0.0022, lean-p0 +0.0061 (vs plain-p0)" in p0["8b-1024"]
@@ -112,9 +116,7 @@ def test_the_h200_tables_dropout_0_rows_against_plain_at_dropout_0_and_unsloth()
 def test_the_session_10_h200_table_renders_from_its_raw_results_with_no_departure():
     """The session-10 table (cuDNN attention in the fused layers) as the results file shows it comes
     from its raw JSON: no loss departs at either dropout, lean at 1.00x and 1.02x Unsloth at 0.05."""
-    bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session10.json").read_text())["results"]
-    table = bench.render(results)
+    results, table = _rendered("speed_vs_unsloth_h200_session10")
     assert "DEPARTS" not in table
     assert "ours -0.0008, lean -0.0063 |" in _loss_row(table, "8b-1024")
     assert "ours-p0 -0.0045, lean-p0 -0.0049 (vs plain-p0)" in table
@@ -127,9 +129,7 @@ def test_the_session_11_h200_table_renders_from_its_raw_results_with_no_departur
     """The session-11 table (the loop without host waits, the faster NF4 dequantization, fewer
     small kernels in the graphed layers) as the results file shows it comes from its raw JSON: no
     loss departs at either dropout; ours at 1.44x Unsloth at 8B, lean at 1.04x."""
-    bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session11.json").read_text())["results"]
-    table = bench.render(results)
+    results, table = _rendered("speed_vs_unsloth_h200_session11")
     assert "DEPARTS" not in table
     assert "ours -0.0076, lean +0.0038 |" in _loss_row(table, "8b-1024")
     assert "ours +0.0158, lean +0.0108 |" in _loss_row(table, "7b-1024")
@@ -143,9 +143,7 @@ def test_the_session_12_h200_table_renders_from_its_raw_results_and_flags_the_7b
     outside the graphs) as the results file shows it comes from its raw JSON. At the recipe's
     dropout no loss departs; at dropout 0 the 7B row's fast path is flagged (+0.0242 against
     plain-p0, spread 0.0215), as the call measured it; ours at 1.49x Unsloth at 8B, lean at 1.06x."""
-    bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session12.json").read_text())["results"]
-    table = bench.render(results)
+    results, table = _rendered("speed_vs_unsloth_h200_session12")
     assert "ours -0.0047, lean -0.0038 |" in _loss_row(table, "8b-1024")
     assert "ours -0.0015, lean -0.0030 |" in _loss_row(table, "7b-1024")
     departs = [line for line in table.splitlines() if "DEPARTS" in line]
@@ -159,9 +157,7 @@ def test_the_session_13_h200_table_renders_from_its_raw_results_with_no_departur
     """The session-13 table (labels checked on the host, the one-kernel factor refresh) as the
     results file shows it comes from its raw JSON: no loss departs at either dropout; ours at 1.52x
     and 1.53x Unsloth on the 7B and 8B rows in that call, lean at 1.08x and 1.09x."""
-    bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session13.json").read_text())["results"]
-    table = bench.render(results)
+    results, table = _rendered("speed_vs_unsloth_h200_session13")
     assert "DEPARTS" not in table
     assert "ours -0.0029, lean -0.0015 |" in _loss_row(table, "8b-1024")
     assert "ours -0.0105, lean -0.0059 |" in _loss_row(table, "7b-1024")
@@ -175,9 +171,7 @@ def test_the_session_14_h200_table_renders_from_its_raw_results_and_its_flags_ar
     its results file shows it comes from its raw JSON, with its two flags (8B ours-p0 -0.0106 from
     plain-p0, 8B lean at +0.0082); the same-seed rerun of the 8B dropout-0 pair in the next call
     ends within the spread (+0.0007)."""
-    bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session14.json").read_text())["results"]
-    table = bench.render(results)
+    results, table = _rendered("speed_vs_unsloth_h200_session14")
     assert "ours +0.0019, lean +0.0082 DEPARTS |" in _loss_row(table, "8b-1024")
     assert "ours +0.0110, lean +0.0017 |" in _loss_row(table, "7b-1024")
     p0 = table.split("loss at LoRA dropout 0")[1]
@@ -185,8 +179,7 @@ def test_the_session_14_h200_table_renders_from_its_raw_results_and_its_flags_ar
     assert "| 1.60x | 0.494 | 12,006 | 7.83 | 1.14x |" in _speed_row(table, "7b-1024")
     assert "| 1.57x | 0.496 | 11,228 | 8.15 | 1.10x |" in _speed_row(table, "8b-1024")
     assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200_session14.md").read_text()
-    rerun = bench.render(json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_8b_p0_rerun_h200.json")
-                                    .read_text())["results"])
+    rerun = _rendered("speed_vs_unsloth_8b_p0_rerun_h200")[1]
     row = _loss_row(rerun.split("loss at LoRA dropout 0")[1], "8b-1024")
     assert "ours-p0 +0.0007 (vs plain-p0)" in row and "DEPARTS" not in row
 
@@ -196,9 +189,7 @@ def test_the_session_16_h200_table_renders_from_its_raw_results_with_no_departur
     results file shows it comes from its raw JSON: no loss departs; the three rows the budget cut
     read as errors there, and the next call's run of them (with ours-p0 again) renders as its file
     shows it, also without a departure."""
-    bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200_session16.json").read_text())["results"]
-    table = bench.render(results)
+    results, table = _rendered("speed_vs_unsloth_h200_session16")
     assert "DEPARTS" not in table
     assert "ours +0.0138, lean +0.0088 |" in _loss_row(table, "7b-1024")
     assert "ours -0.0010, lean -0.0007 |" in _loss_row(table, "8b-1024")
@@ -208,8 +199,7 @@ def test_the_session_16_h200_table_renders_from_its_raw_results_with_no_departur
         "8b-1024/lean-p0": "timed out after 13 s", "7b-1024/plain-p0": "skipped: out of time",
         "8b-1024/plain-p0": "skipped: out of time"}
     assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200_session16.md").read_text()
-    rest = bench.render(json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_p0_rows_session16_h200.json")
-                                   .read_text())["results"])
+    rest = _rendered("speed_vs_unsloth_p0_rows_session16_h200")[1]
     assert "DEPARTS" not in rest
     p0 = rest.split("loss at LoRA dropout 0")[1]
     assert "ours-p0 +0.0015, lean-p0 -0.0042 (vs plain-p0)" in _loss_row(p0, "8b-1024")
@@ -224,9 +214,7 @@ def test_the_session_17_h200_table_renders_from_its_raw_results_with_no_departur
     """The session-17 table (one fill for a graphed layer's gradient sources; every configuration
     in one call) as its results file shows it comes from its raw JSON: no loss departs, every row
     ran, and each fast-path row carries the loop's host lead and GC passes per step."""
-    bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_h200.json").read_text())["results"]
-    table = bench.render(results)
+    results, table = _rendered("speed_vs_unsloth_h200")
     assert "DEPARTS" not in table and not [r["name"] for r in results if "error" in r]
     assert "ours +0.0094, lean -0.0030 |" in _loss_row(table, "7b-1024")
     assert "ours -0.0040, lean +0.0002 |" in _loss_row(table, "8b-1024")
@@ -242,9 +230,7 @@ def test_the_session_17_h200_table_renders_from_its_raw_results_with_no_departur
 def test_the_session_17_final_tree_7b_8b_call_renders_from_its_raw_results():
     """The 7B and 8B rows of the final tree, every engine in one call: no loss departs, and the
     speed row reads MFU 0.502 and 0.505 at the recipe's dropout, as its results file shows."""
-    bench = _bench()
-    results = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_7b_8b_session17_h200.json").read_text())["results"]
-    table = bench.render(results)
+    results, table = _rendered("speed_vs_unsloth_7b_8b_session17_h200")
     assert "DEPARTS" not in table and not [r["name"] for r in results if "error" in r]
     assert "| 1.58x | 0.502 | 12,131 | 7.83 | 1.11x |" in _speed_row(table, "7b-1024")
     assert "| 1.70x | 0.505 | 11,373 | 8.15 | 1.20x |" in _speed_row(table, "8b-1024")
