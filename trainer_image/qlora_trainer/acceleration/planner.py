@@ -430,7 +430,8 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
     """The fastest plan that fits (see the module docstring for the policies: auto, lean, max).
     `micro_batch` pins the micro-batch (it must divide the effective batch) and `recompute` the
     recompute mode (one of RECOMPUTE_MODES); the rest is planned. `fused`: the decoder layers run
-    as fused_layer.py's functions (CUDA graphs for fixed-length rows), else per projection.
+    as fused_layer.py's functions (CUDA graphs for fixed-length rows), else per projection; a LoRA
+    rank above FUSED_MAX_RANK is planned per projection whatever it says (the layers will run so).
 
     Raises PlanDoesNotFit, naming the largest sequence length that would fit, when nothing fits.
     """
@@ -440,6 +441,7 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
         raise ValueError(f"micro-batch {micro_batch} does not divide the effective batch {job.effective_batch}")
     if recompute is not None and recompute not in RECOMPUTE_MODES:
         raise ValueError(f"unknown recompute mode {recompute!r}: one of {', '.join(RECOMPUTE_MODES)}")
+    fused = fused and job.lora_rank <= FUSED_MAX_RANK
     usable = _usable(gpu)
     baseline = baseline_peak_bytes(shape, job)
     if policy == "auto" and usable < 1.5 * baseline:

@@ -120,16 +120,14 @@ def plan_before_loading(model_path, spec, device: int = 0) -> MemoryPlan | None:
     if found is None:
         return None
     shape, job, gpu, config = found
-    fused = choice.path == "fused"
-    if fused and spec.lora.r > FUSED_MAX_RANK:  # planned as the layers will run: per projection
-        log.info("fused decoder layers off: LoRA rank %d is above the fused layer's largest, %d",
-                 spec.lora.r, FUSED_MAX_RANK)
-        fused = False
     try:
-        plan = plan_memory(shape, job, gpu, packing=spec.training.packing, fused=fused)
+        plan = plan_memory(shape, job, gpu, packing=spec.training.packing, fused=choice.path == "fused")
     except PlanDoesNotFit as exc:
         raise _does_not_fit(str(exc)) from exc
-    plan = replace(plan, cuda_graphs=choice.cuda_graphs and fused)
+    if choice.path == "fused" and not plan.fused_layers:  # the planner's rank ceiling
+        log.info("fused decoder layers off: LoRA rank %d is above the fused layer's largest, %d",
+                 job.lora_rank, FUSED_MAX_RANK)
+    plan = replace(plan, cuda_graphs=choice.cuda_graphs and plan.fused_layers)
     log.info("memory plan: %s", plan.describe())
     return plan
 
