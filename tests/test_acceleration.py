@@ -414,7 +414,7 @@ def test_a_rank_above_the_fused_layers_largest_runs_per_projection_and_says_so(m
     ids = torch.randint(0, 96, (2, 12))
     fast.train(), plain.train()
     _assert_trains_as_plain(plain, fast, ids, ids)
-    # the trainer plans such a job per projection (trainer_hooks.plan_before_loading): the report
+    # the trainer plans such a job per projection (planner.plan_memory): the report
     # names the rank as the reason, not only the plan
     unplanned = apply_acceleration(copy.deepcopy(plain), dataclasses.replace(_plan(), fused_layers=False))
     assert unplanned.skipped == ["decoder layers run per projection: the plan has fused decoder layers off "
