@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 from qlora_localcluster import operator_install
 from qlora_localcluster.testing import kubectl
 from qlora_operator import settings
@@ -39,6 +40,32 @@ def test_records_count_transitions_and_keep_the_acquire_time_on_renewal():
     assert renewed.transitions == 0
     taken = next_record(renewed, "b", 15, t1)
     assert (taken.holder, taken.transitions, taken.acquire_time) == ("b", 1, taken.renew_time)
+
+
+class _RecordingKube:
+    """Kube's transport, answering a Lease's GET with 404 and recording each request's timeout."""
+
+    def __init__(self):
+        self.timeouts = []
+
+    def _call(self, method, path, *, body=None, timeout=None, **_):
+        self.timeouts.append((method, timeout))
+        if method == "GET":
+            raise ApiException(status=404)
+        return {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
+
+
+def test_the_operators_lease_requests_give_up_within_half_the_renew_deadline():
+    """A renewal hanging on a silent connection (the transport's 30 s) would outlast the renew
+    deadline, and the leader would step down only when it gave up: a CI run saw a leader cut off
+    from the API for 12 s never step down. Every Lease request is bounded by half the deadline."""
+    from qlora_operator.leadership import elector_for
+
+    kube = _RecordingKube()
+    config = settings.parse([], environ={"QLORA_LEADER_ELECTION": "true", "QLORA_POD_NAME": "op-1",
+                                         "QLORA_RENEW_DEADLINE_SECONDS": "10"})
+    assert elector_for(kube, config).try_acquire_or_renew()
+    assert kube.timeouts == [("GET", 5.0), ("POST", 5.0)]
 
 
 class _MemoryLock:

@@ -65,14 +65,14 @@ class Kube:
 
     # --- transport ---------------------------------------------------------------------------
     def _call(self, method: str, path: str, *, query: dict | None = None, body=None,
-              content_type: str = "application/json", raw: bool = False):
+              content_type: str = "application/json", raw: bool = False, timeout: float | None = None):
         headers = {"Accept": "*/*" if raw else "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
         request = self.api.param_serialize(method=method, resource_path=path, header_params=headers, body=body,
                                            query_params=list((query or {}).items()) or None,
                                            auth_settings=["BearerToken"])
-        response = self.api.call_api(*request, _request_timeout=self.timeout)
+        response = self.api.call_api(*request, _request_timeout=timeout or self.timeout)
         response.read()
         if not 200 <= response.status < 300:
             raise ApiException(http_resp=response)

@@ -83,13 +83,16 @@ def next_record(current: LeaseRecord | None, me: str, lease_duration: int, now: 
 class LeaseLock:
     """Reads and writes one Lease through the operator's Kube transport (RBAC: get/create/update)."""
 
-    def __init__(self, kube, namespace: str, name: str):
-        self.kube, self.namespace, self.name = kube, namespace, name
+    def __init__(self, kube, namespace: str, name: str, timeout: float | None = None):
+        # `timeout` bounds each request: a renewal hanging on a silent connection must not outlast
+        # the renew deadline, or the leader would notice its loss only when the request gives up
+        self.kube, self.namespace, self.name, self.timeout = kube, namespace, name, timeout
         self._collection = f"/apis/coordination.k8s.io/v1/namespaces/{quote(namespace)}/leases"
 
     def get(self) -> LeaseRecord | None:
         try:
-            return LeaseRecord.from_lease(self.kube._call("GET", f"{self._collection}/{quote(self.name)}"))
+            return LeaseRecord.from_lease(self.kube._call("GET", f"{self._collection}/{quote(self.name)}",
+                                                             timeout=self.timeout))
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -103,9 +106,10 @@ class LeaseLock:
                 "spec": record.to_spec()}
         try:
             if create:
-                lease = self.kube._call("POST", self._collection, body=body)
+                lease = self.kube._call("POST", self._collection, body=body, timeout=self.timeout)
             else:
-                lease = self.kube._call("PUT", f"{self._collection}/{quote(self.name)}", body=body)
+                lease = self.kube._call("PUT", f"{self._collection}/{quote(self.name)}", body=body,
+                                        timeout=self.timeout)
         except ApiException as e:
             if e.status in (409, 404):
                 return None

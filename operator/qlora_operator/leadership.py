@@ -50,7 +50,10 @@ def standby_health_server(port: int) -> ThreadingHTTPServer | None:
 
 
 def elector_for(kube: Kube, config: OperatorSettings) -> LeaderElector:
-    return LeaderElector(LeaseLock(kube, config.leader_election_namespace, config.leader_election_lease),
+    # two Lease requests fit in a renew deadline however the connection fails (30 s otherwise)
+    lock = LeaseLock(kube, config.leader_election_namespace, config.leader_election_lease,
+                     timeout=config.renew_deadline / 2)
+    return LeaderElector(lock,
                          identity=config.leader_election_identity, lease_duration=config.lease_duration,
                          renew_deadline=config.renew_deadline, retry_period=config.retry_period)
 
