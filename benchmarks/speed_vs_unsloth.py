@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import dataclasses
 import gc
 import json
@@ -144,8 +145,9 @@ def configs(only: set[str] | None) -> list[dict]:
 
 
 def _variant(name: str) -> dict | None:
-    """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], or <row>/plain-<seed<N>|p0>;
-    mods: seed<N> (another dropout seed, set after loading), p0 (LoRA dropout 0), max (the plan may use
+    """Variants run only when named: <row>/<ours|lean>-<mod>[-<mod>...], or <row>/plain-<seed<N>|p0|rerun<N>>;
+    mods: rerun, rerun<N> (the same configuration again, in a process of its own: the same-seed
+    rerun spread), seed<N> (another dropout seed, set after loading), p0 (LoRA dropout 0), max (the plan may use
     the whole card), unfused (QLORA_FUSED_LAYER=0), fused (QLORA_FUSED_LAYER=1: the fused decoder
     layer, the default), eager (QLORA_CUDA_GRAPHS=0), varlen (QLORA_ATTENTION=varlen: FlashAttention-2
     for fixed-length rows too, instead of cuDNN), mb<N> (micro-batch
@@ -154,7 +156,7 @@ def _variant(name: str) -> dict | None:
     base, *mods = rest.split("-")
     if row not in ROWS or base not in ("ours", "lean", "plain") or not mods:
         return None
-    if base == "plain" and not all(m.startswith("seed") or m == "p0" for m in mods):
+    if base == "plain" and not all(m.startswith(("seed", "rerun")) or m == "p0" for m in mods):
         return None
     cfg = dict(name=name, task="fixed", engine="plain" if base == "plain" else "ours", row=row, timeout=150, env={})
     if base == "lean":
@@ -176,6 +178,8 @@ def _variant(name: str) -> dict | None:
             cfg["recompute"] = mod
         elif mod.startswith("mb") and mod[2:].isdigit():
             cfg["micro_batch"] = int(mod[2:])
+        elif mod.startswith("rerun") and (mod[5:].isdigit() or not mod[5:]):
+            pass  # nothing changes: the name alone makes it another run
         elif mod.startswith("seed") and mod[4:].isdigit():  # another dropout seed (the adapter's init is kept)
             cfg["torch_seed"] = int(mod[4:])
         else:
@@ -1266,8 +1270,35 @@ def run_checks(cfg) -> dict:
     checks.update(fused_op_checks())
     checks.update(fused_layer_checks())
     checks.update(rank_sweep_checks())
-    checks["ok"] = all(v < 1e-2 for k, v in checks.items() if k != "ok" and not k.endswith("_info"))
+    checks["ok"] = checks_ok(checks)
     return {"name": cfg["name"], "checks": checks}
+
+
+def as_plain_recipe(model):
+    """A bf16 peft model as the plain recipe trains it, less the quantization: what
+    prepare_model_for_kbit_training does to a 4-bit model (every frozen float parameter that
+    bitsandbytes left unquantized, the norms, the embeddings and the LM head, upcast to fp32, so the
+    residual stream is fp32) on a model whose decoder linears stay bf16 instead of NF4. Run it under
+    bf16 autocast, as the Trainer does (its LoRA branch then runs in bf16)."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kept = {id(p) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+            for p in m.parameters(recurse=False)}
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) and id(p) not in kept:
+            p.data = p.data.float()
+    return model
+
+
+def checks_ok(checks: dict) -> bool:
+    """The GPU checks pass when every measured error is under 1e-2 (keys ending in _info are shown,
+    not judged) and every `..._excess_error` is 0: those already allow 20% over their reference
+    (fused_layer_checks), so anything above that is a path further from fp32 than the reference,
+    however small (session 17's sweep passed 0.0009 at rank 128 under the 1e-2 rule alone)."""
+    judged = {k: v for k, v in checks.items() if k != "ok" and not k.endswith("_info")}
+    return all(v < 1e-2 for v in judged.values()) and all(v == 0 for k, v in judged.items()
+                                                          if k.endswith("excess_error"))
 
 
 def _rel(out, ref) -> float:
@@ -1402,9 +1433,12 @@ def rank_sweep_checks() -> dict:
             continue
         fused = rank <= fused_layer.FUSED_MAX_RANK
         out[f"r{rank}_fused_as_expected"] = 0.0 if got.pop("fused_layers_count") == (2 if fused else 0) else 1.0
-        for key in ("fused_grads_excess_error", "fused_model_loss_vs_fp32", "fused_grads_vs_fp32_info",
-                    "plain_bf16_grads_vs_fp32_info") + (("graphed_vs_eager_grads",) if fused else ()):
+        for key in ("fused_model_loss_vs_fp32", "fused_grads_vs_fp32_info", "plain_bf16_grads_vs_fp32_info",
+                    "plain_recipe_grads_vs_fp32_info", "grads_excess_over_recipe_error") \
+                + (("fused_grads_excess_error", "graphed_vs_eager_grads") if fused else ()):
             out[f"r{rank}_{key}"] = got[key]
+        if not fused:  # per projection: held to the recipe (fused_layer_checks), the stricter bar shown
+            out[f"r{rank}_excess_over_fp32_adapter_branch_info"] = got["fused_grads_excess_error"]
     return out
 
 
@@ -1441,22 +1475,31 @@ def fused_layer_checks(rank: int = 16, sweep: bool = False) -> dict:
     apply_acceleration(eager, plan)
     os.environ.pop("QLORA_CUDA_GRAPHS")
     exact = copy.deepcopy(model).float()  # the fp32 reference both bf16 paths are measured against
+    # `model` without autocast runs peft's fp32 adapters in fp32 (peft casts the input up to them):
+    # a stricter bar than the plain recipe, which the fused layers meet (their LoRA sums are fp32)
+    # and the per-projection path, whose LoRA branch is bf16, does not. The recipe itself (the
+    # benchmark's plain engine, the Trainer): fp32 norms and embeddings, bf16 autocast.
+    recipe = as_plain_recipe(copy.deepcopy(model))
     ids = torch.randint(0, 1000, (2, 300), device="cuda")
     losses, grads = [], []
-    for m in (exact, model, fast, eager, recomputed):
+    for m in (exact, model, fast, eager, recomputed, recipe):
         m.train()
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if m is recipe else contextlib.nullcontext()
         for _ in range(3):  # the graphed model captures on its first step and replays after
             for p in m.parameters():
                 p.grad = None
-            loss = m(input_ids=ids, labels=ids).loss
+            with ctx:
+                loss = m(input_ids=ids, labels=ids).loss
             loss.backward()
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten().float() for n, p in m.named_parameters() if p.requires_grad]))
-    plain_err, fused_err = _rel(grads[1], grads[0]), _rel(grads[2], grads[0])
+    plain_err, fused_err, recipe_err = _rel(grads[1], grads[0]), _rel(grads[2], grads[0]), _rel(grads[5], grads[0])
     if sweep:
         return {"fused_layers_count": report.fused_layers, "fused_model_loss_vs_fp32": round(_rel(losses[2], losses[0]), 6),
                 "plain_bf16_grads_vs_fp32_info": round(plain_err, 6), "fused_grads_vs_fp32_info": round(fused_err, 6),
+                "plain_recipe_grads_vs_fp32_info": round(recipe_err, 6),
                 "fused_grads_excess_error": round(max(0.0, fused_err - 1.2 * plain_err), 6),
+                "grads_excess_over_recipe_error": round(max(0.0, fused_err - 1.2 * recipe_err), 6),
                 "graphed_vs_eager_grads": round(_rel(grads[2], grads[3]), 6)}
     graphs = fast.get_base_model().model.layers[0]._qlora_graphs
     for p in fast.parameters():  # gradient accumulation through replays: two backward passes, 2x
@@ -1469,6 +1512,7 @@ def fused_layer_checks(rank: int = 16, sweep: bool = False) -> dict:
     return {"fused_layers": 0.0 if report.fused_layers == 2 else 1.0,
             "fused_model_loss_vs_fp32": round(_rel(losses[2], losses[0]), 6),
             "plain_bf16_grads_vs_fp32_info": round(plain_err, 6),
+            "plain_recipe_grads_vs_fp32_info": round(recipe_err, 6),
             "fused_grads_vs_fp32_info": round(fused_err, 6),
             "fused_grads_excess_error": round(max(0.0, fused_err - 1.2 * plain_err), 6),
             "graphs_captured": 0.0 if graphs.key is not None and len(graphs.states) == 2 else 1.0,
