@@ -85,3 +85,27 @@ def test_the_publish_phase_is_compared_with_its_own_files_uploaded_again_with_on
     assert "one PUT per file 0.20 s (2.00x)" in line and "at the base's upload rate 0.33 s" in line
     assert not ok
     assert len([x for x in table.splitlines() if x.startswith("| 1.5b-2048 | publish |")]) == 1
+
+
+def _recorded(name: str) -> dict:
+    import json
+
+    return json.loads((BENCHMARKS / "results" / name).read_text())
+
+
+def test_session_18s_cli_tables_render_from_their_raw_results():
+    """Session 18, the final tree: the CLI at 0.978-1.026 of the fast path on the three fixed-length
+    rows (2.05x on the packed one, whose rows the CLI fills fuller); one phase missed, the 7B
+    publish at 1.57x its floor (0.66 s against 0.42), and met on the rerun of that row (1.16x)."""
+    bench = _bench()
+    table, ok = bench.render(_recorded("trainer_cli_speed_session18_h200.json"))
+    assert not ok
+    for row, ratio in (("8b-1024", "0.978"), ("7b-1024", "1.011"), ("1.5b-2048", "1.026"), ("varlen", "2.046")):
+        assert next(line for line in table.splitlines() if line.startswith(f"| {row} | ") and "| met |" in line
+                    and f"| {ratio} |" in line)
+    missed = [line for line in table.splitlines() if "MISSED" in line]
+    assert len(missed) == 1 and "| 0.66 | 0.42 | 1.57x | MISSED |" in _line(table, "7b-1024", "publish")
+    again, _ = bench.render(_recorded("trainer_cli_speed_session18b_h200.json"))
+    assert "| 0.62 | 0.53 | 1.16x | met |" in _line(again, "7b-1024", "publish")
+    assert _line(again, "7b-1024", "16820.9").endswith("| 1.010 | met |")
+    assert not [line for line in again.splitlines() if "MISSED" in line]
