@@ -111,8 +111,9 @@ def test_auto_spends_the_budget_left_on_bf16_weight_copies(shape, seq, batch, pl
 
 def test_recomputed_fused_layers_count_the_lora_a_sides_they_keep():
     """A fused layer that recomputes keeps its input in fp32 and its LoRA A sides in bf16 (7r values
-    per token: fused_layer.ASides); per-projection layers (torch's checkpoint) only their bf16
-    input, offloaded ones nothing on the GPU. The lean cap allows the A sides on top."""
+    per token: fused_layer.ASides); per-projection layers (torch's checkpoint) only their input,
+    fp32 on the recipe's residual stream; offloaded ones nothing on the GPU. The lean cap allows
+    the fp32 half of the inputs on top for both, and the A sides for the fused ones."""
     llama_8b = ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
                           vocab=128256)
     job = JobShape(seq_len=1024, micro_batch=2, grad_accum=2, lora_rank=32)
@@ -121,10 +122,10 @@ def test_recomputed_fused_layers_count_the_lora_a_sides_they_keep():
     _, unfused = plan_peak_bytes(llama_8b, job, 2, 32, 0, fused=False)
     _, offload = plan_peak_bytes(llama_8b, job, 2, 32, 0, offload=True)
     assert fused["activations"] == tokens * 32 * (4 * h + 2 * 7 * 32)
-    assert unfused["activations"] == tokens * 32 * 2 * h
+    assert unfused["activations"] == tokens * 32 * 4 * h
     assert offload["activations"] == 0
     cap_gain = planner.lean_cap_bytes(llama_8b, job, 2) - planner.lean_cap_bytes(llama_8b, job, 2, fused=False)
-    assert cap_gain == tokens * 32 * (2 * h + 2 * 7 * 32)
+    assert cap_gain == tokens * 32 * 2 * 7 * 32
 
 
 def test_lean_keeps_the_small_loss_chunk_where_the_large_one_would_pass_its_cap():
@@ -423,20 +424,62 @@ def test_a_rank_above_the_fused_layers_largest_runs_per_projection_and_says_so(m
     assert apply_acceleration(copy.deepcopy(plain), _plan()).fused_layers == 2
 
 
+@pytest.mark.parametrize("targets,stream", [(None, torch.float32), (["q_proj", "v_proj"], torch.bfloat16)])
+def test_per_projection_layers_take_the_fp32_stream_only_when_every_linear_has_an_adapter(targets, stream):
+    """Per projection, the residual stream is fp32 (as the plain recipe's) when every linear of every
+    layer is a LoRA projection this module casts for: the embeddings' output and each layer's input
+    are fp32, q/k/v and the MLP see the compute dtype, and the LM head gets its own dtype. With a
+    linear left without an adapter (k_proj here) the stream keeps the compute dtype, as before."""
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+    from qlora_trainer.acceleration import apply_acceleration
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    model = get_peft_model(Qwen2ForCausalLM(config).to(torch.bfloat16), LoraConfig(
+        r=4, lora_alpha=8, task_type="CAUSAL_LM",
+        target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    report = apply_acceleration(model, dataclasses.replace(_plan(), fused_layers=False))
+    assert report.fused_layers == 0 and report.residual == str(stream).replace("torch.", "")
+    seen = {}
+
+    def note(key, tensor):
+        seen.setdefault(key, tensor.dtype)  # and return None: the hooks change nothing
+
+    layers = model.get_base_model().model.layers
+    hooks = [layers[1].register_forward_pre_hook(
+                 lambda m, a, kw: note("layer", a[0] if a else kw["hidden_states"]), with_kwargs=True),
+             layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: note("q", out)),
+             model.get_base_model().lm_head.register_forward_pre_hook(lambda m, a: note("head", a[0]))]
+    ids = torch.randint(0, 96, (2, 10))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    assert seen["layer"] == stream and seen["q"] == torch.bfloat16
+    assert seen.get("head", torch.bfloat16) == torch.bfloat16  # the chunked loss casts, or the head's hook
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_the_per_projection_path_is_as_close_to_fp32_as_the_plain_recipe():
-    """Ranks above FUSED_MAX_RANK (and `path: perProjection`) train per projection, whose LoRA branch
-    runs in bf16 and whose residual stream is bf16. The plain recipe as it trains (fp32 norms and
+    """Ranks above FUSED_MAX_RANK (and `path: perProjection`) train per projection: a bf16 LoRA
+    branch as the recipe's under autocast, and, like the recipe's, an fp32 residual stream
+    (apply._keep_residual_fp32). On a 16-layer model the plain recipe as it trains (fp32 norms and
     embeddings from prepare_model_for_kbit_training, bf16 autocast: the benchmark's
     `as_plain_recipe`, the GPU checks' reference for these ranks) must be no closer to an fp32 run
-    of the same model than this path is, within the checks' 20%. The same bf16 model without autocast
-    (peft then runs its fp32 adapters in fp32) is a stricter bar the fused layers meet and this
-    path does not claim; it must be the closer one, or the reference here is not the recipe."""
+    than this path is. With a bf16 stream this path read 1.10x the recipe's error here (0.91x with
+    the fp32 one). The same bf16 model without autocast (peft then runs its fp32 adapters in fp32)
+    is a stricter bar: it must be the closer one, or the reference here is not the recipe."""
     import importlib.util
     from pathlib import Path
 
     from peft import LoraConfig, get_peft_model
     from qlora_trainer.acceleration import apply_acceleration
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = importlib.util.spec_from_file_location(
         "speed_vs_unsloth", Path(__file__).parents[1] / "benchmarks" / "speed_vs_unsloth.py")
@@ -449,15 +492,16 @@ def test_the_per_projection_path_is_as_close_to_fp32_as_the_plain_recipe():
     def grads(m, autocast):
         m.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            m(input_ids=ids, labels=ids).loss.backward()
+            loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
         return torch.cat([p.grad.float().flatten() for p in m.parameters() if p.requires_grad])
 
     errors = []
     for seed in range(3):
         torch.manual_seed(seed)
-        config = Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+        config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=16,
                              num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
-        model = get_peft_model(Qwen2ForCausalLM(config).to(torch.bfloat16),
+        model = get_peft_model(LlamaForCausalLM(config).to(torch.bfloat16),
                                LoraConfig(r=128, lora_alpha=256, lora_dropout=0.0, task_type="CAUSAL_LM",
                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                           "up_proj", "down_proj"]))
@@ -465,18 +509,19 @@ def test_the_per_projection_path_is_as_close_to_fp32_as_the_plain_recipe():
             if "lora_B" in name:
                 p.data.normal_(0, 0.05)
         fast = copy.deepcopy(model)
-        assert apply_acceleration(fast, _plan()).fused_layers == 0  # rank 128: per projection
+        report = apply_acceleration(fast, _plan())
+        assert report.fused_layers == 0 and report.residual == "float32"  # rank 128: per projection
         recipe = bench.as_plain_recipe(copy.deepcopy(model))
         frozen = {n: p.dtype for n, p in recipe.named_parameters() if not p.requires_grad}
         assert {d for n, d in frozen.items() if "norm" in n or "embed" in n or "lm_head" in n} == {torch.float32}
         assert {d for n, d in frozen.items() if "proj.base_layer" in n} == {torch.bfloat16}
         ids = torch.randint(0, 256, (2, 128))
         exact = grads(copy.deepcopy(model).float(), False)
-        errors.append([rel(grads(fast, False), exact), rel(grads(recipe, True), exact),
+        errors.append([rel(grads(fast, True), exact), rel(grads(recipe, True), exact),
                        rel(grads(copy.deepcopy(model), False), exact)])
     fast_err, recipe_err, strict_err = (sum(e[k] for e in errors) / 3 for k in range(3))
     assert strict_err < recipe_err, errors
-    assert fast_err <= 1.2 * recipe_err, errors
+    assert fast_err <= recipe_err, errors
 
 
 @pytest.mark.parametrize("fused", [True, "graphed", False])

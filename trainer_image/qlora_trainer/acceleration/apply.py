@@ -8,7 +8,8 @@ unchanged); what changes is how its modules compute in training:
   (its default); the plan's fused_layers and cuda_graphs turn them off;
 - other LoRA layers over frozen linears run as one autograd function (LoRALinearFunction);
 - gated SiLU MLPs (Llama, Qwen2, Mistral, ...) run as one function that keeps x, gate and up;
-- Llama-style RMSNorms keep their compute-dtype input instead of fp32 copies;
+- Llama-style RMSNorms keep their input and an fp32 scale per token, not fp32 copies of it;
+- the residual stream stays fp32, as the plain recipe's, wherever every layer can take it;
 - the plan's layers keep a bf16 copy of their NF4 weights (no dequantization per pass);
 - the plan's layers recompute in backward (or none, or all with inputs offloaded to host memory);
 - attention runs per packed record through variable-length flash attention;
@@ -109,8 +110,7 @@ def _patch_lora_linear(module, dtype) -> None:
                 or list(self.active_adapters) != [self._qlora_adapter]):
             return original(x, *args, **kwargs)
         a, b = self.lora_A[self._qlora_adapter].weight, self.lora_B[self._qlora_adapter].weight
-        x = x.to(self._qlora_proj.weight.dtype)
-        return LoRALinearFunction.apply(x, a, b, self._qlora_proj, self.training)
+        return LoRALinearFunction.apply(x, a, b, self._qlora_proj, self.training)  # it casts x itself
 
     module._qlora_original_forward = original
     module.forward = types.MethodType(forward, module)
@@ -132,7 +132,6 @@ def _patch_gated_mlp(mlp) -> bool:
         weights = []
         for m in (g, u, d):
             weights += [m.lora_A[m._qlora_adapter].weight, m.lora_B[m._qlora_adapter].weight]
-        x = x.to(g._qlora_proj.weight.dtype)
         return LoRAGatedMLPFunction.apply(x, *weights, (g._qlora_proj, u._qlora_proj, d._qlora_proj),
                                           self.training)
 
@@ -148,6 +147,7 @@ def _patch_rmsnorm(norm) -> bool:
         return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
 
     norm.forward = types.MethodType(forward, norm)
+    norm._qlora_rmsnorm = True
     return True
 
 
@@ -222,21 +222,56 @@ def _upcast_embeddings(module, args, output):
     return None
 
 
-def _keep_residual_fp32(lm, layers, dtype, report: AccelerationReport, plan: MemoryPlan) -> None:
+def _cast_to_head_dtype(head, args):
+    """Forward pre-hook on the LM head: an fp32 stream's final norm output goes in as the head's
+    dtype (what autocast does to the plain recipe's), also where the chunked loss is not patched in."""
+    if args and torch.is_tensor(args[0]) and args[0].dtype != head.weight.dtype:
+        return (args[0].to(head.weight.dtype),) + tuple(args[1:])
+    return None
+
+
+def _takes_fp32_stream(layer) -> bool:
+    """Whether a decoder layer runs on an fp32 residual stream as the plain recipe's does: a fused
+    one natively; a per-projection one when each of its norms is this module's RMSNorm (fp32 in,
+    fp32 out) and each of its linears belongs to a LoRA projection this module patched (which casts
+    its input to the compute dtype and returns that dtype; the residual adds then promote to fp32).
+    Anything else (a linear without an adapter, a norm of its own kind) keeps the compute dtype."""
+    if hasattr(layer, "_qlora_qkv"):
+        return True
+    norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
+    if not all(getattr(n, "_qlora_rmsnorm", False) for n in norms):
+        return False
+    patched = [m for m in layer.modules() if hasattr(m, "_qlora_proj")]
+    covered = {id(sub) for m in patched for sub in m.modules()}
+    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+    return bool(patched) and all(id(m) in covered for m in linears)
+
+
+def _keep_residual_fp32(lm, layers, dtype, report: AccelerationReport, plan: MemoryPlan,
+                        attention_ours: bool) -> None:
     """The plain recipe's residual stream is fp32 (prepare_model_for_kbit_training upcasts the
     embeddings and norms); in bf16 the fast path learned measurably slower at the Llama-3-8B shape
-    (benchmarks/results/lora_grad_parity_h200.md). Only when every decoder layer is fused: those
-    take an fp32 stream natively; the per-projection path keeps the compute dtype."""
-    fused = [layer for layer in layers if hasattr(layer, "_qlora_qkv")]
+    (benchmarks/results/lora_grad_parity_h200.md), and a per-projection layer's gradients were
+    1.2-1.3x as far from fp32 as the recipe's on a 16-layer model (tests/test_acceleration.py).
+    Fused layers take an fp32 stream natively, per-projection ones when _takes_fp32_stream (and
+    attention is varlen_attention_forward, which casts RoPE's fp32 q and k to v's dtype); when any
+    layer cannot, the whole stream keeps the compute dtype."""
     report.residual = str(dtype).replace("torch.", "")
-    if dtype.itemsize >= 4 or not plan.fp32_residual or not fused or len(fused) != len(layers):
+    if dtype.itemsize >= 4 or not plan.fp32_residual or not layers:
         return  # an fp32 or fp64 model's stream is already at least fp32
+    per_projection = [layer for layer in layers if not hasattr(layer, "_qlora_qkv")]
+    if not all(_takes_fp32_stream(layer) for layer in layers) or (per_projection and not attention_ours):
+        return
     embed = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
     if embed is None:
         return
-    for layer in fused:
-        layer._qlora_residual = torch.float32
+    for layer in layers:
+        if hasattr(layer, "_qlora_qkv"):
+            layer._qlora_residual = torch.float32
     embed.register_forward_hook(_upcast_embeddings)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        head.register_forward_pre_hook(_cast_to_head_dtype)
     report.residual = "float32"
 
 
@@ -315,18 +350,14 @@ def apply_acceleration(model, plan: MemoryPlan) -> AccelerationReport:
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(lm, "config", None)
     _install_fused_layers(layers, config.get_text_config() if config is not None else None, dtype, report, plan)
-    _keep_residual_fp32(lm, layers, dtype, report, plan)
-    report.recompute = plan.recompute
-    report.recompute_layers = _set_recompute(layers, plan)
-    if report.fused_layers:
-        report.graphed_layers = fused_layer.install_graphs(layers, enabled=plan.cuda_graphs)
-    report.cached_layers, report.cached_bytes = _cache_weights(layers, plan)
+    attention_ours = False
     try:
         name = register_varlen_attention()
         if hasattr(lm, "set_attn_implementation"):
             lm.set_attn_implementation(name)
         else:
             lm.config._attn_implementation = name
+        attention_ours = True
         report.attention = "varlen flash (per packed record)"
         if report.fused_layers:  # the fused layers call their kernels directly (attention.py)
             fused = next(layer for layer in layers if hasattr(layer, "_qlora_qkv"))
@@ -335,6 +366,12 @@ def apply_acceleration(model, plan: MemoryPlan) -> AccelerationReport:
                 report.attention += "; other layers: varlen flash (per packed record)"
     except Exception as exc:  # an architecture that refuses custom attention keeps its own
         report.skipped.append(f"attention: {exc}")
+    _keep_residual_fp32(lm, layers, dtype, report, plan, attention_ours)
+    report.recompute = plan.recompute
+    report.recompute_layers = _set_recompute(layers, plan)
+    if report.fused_layers:
+        report.graphed_layers = fused_layer.install_graphs(layers, enabled=plan.cuda_graphs)
+    report.cached_layers, report.cached_bytes = _cache_weights(layers, plan)
     report.fused_cross_entropy = _patch_causal_lm_loss(lm, plan)
     if not report.lora_layers:
         report.skipped.append("no vanilla LoRA layers found: adapters keep peft's forward")

@@ -541,7 +541,7 @@ def install(layer, config, dtype: torch.dtype) -> bool:
     layer._qlora_gate_up_lora = LoRASet(gate_up, dtype)
     layer._qlora_down_lora = LoRASet([mlp.down_proj], dtype)
     layer._qlora_all_lora = qkv + [attn.o_proj] + gate_up + [mlp.down_proj]
-    layer._qlora_residual = dtype  # apply._keep_residual_fp32 makes it fp32 when every layer is fused
+    layer._qlora_residual = dtype  # apply._keep_residual_fp32 makes it fp32 when every layer takes fp32
     original = layer.forward
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,

@@ -145,10 +145,15 @@ def _lora_backward(gy, x2, mask, a, proj: Projection, A, B, need_input_grad: boo
 
 
 class LoRALinearFunction(torch.autograd.Function):
+    """One LoRA projection. An input wider than the compute dtype (an fp32 residual stream's norm
+    output, shared by q, k and v) is cast inside, kept as it came (one tensor for the three, not a
+    compute-dtype copy each), and gets its gradient back in its own dtype: the three projections'
+    input gradients then meet in fp32, as the plain recipe's do (bitsandbytes casts its input)."""
+
     @staticmethod
     def forward(ctx, x, A, B, proj: Projection, training: bool):
         x2 = x.reshape(-1, x.shape[-1])
-        y, mask, a = _lora_forward(x2, proj, A, B, training)
+        y, mask, a = _lora_forward(x2.to(proj.weight.dtype), proj, A, B, training)
         ctx.proj, ctx.in_shape = proj, x.shape
         ctx.save_for_backward(x2, mask, a, A, B)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -156,22 +161,25 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x2, mask, a, A, B = ctx.saved_tensors
-        gx, gA, gB = _lora_backward(gy.reshape(-1, gy.shape[-1]), x2, mask, a, ctx.proj, A, B,
-                                    ctx.needs_input_grad[0])
-        return (None if gx is None else gx.view(ctx.in_shape)), gA, gB, None, None
+        gx, gA, gB = _lora_backward(gy.reshape(-1, gy.shape[-1]), x2.to(ctx.proj.weight.dtype), mask, a, ctx.proj,
+                                    A, B, ctx.needs_input_grad[0])
+        return (None if gx is None else gx.to(x2.dtype).view(ctx.in_shape)), gA, gB, None, None
 
 
 class LoRAGatedMLPFunction(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)), every projection with LoRA; keeps x, gate and up for backward
-    and recomputes silu and the product (cheap elementwise) instead of keeping them."""
+    and recomputes silu and the product (cheap elementwise) instead of keeping them. A wider input
+    (an fp32 stream's norm output) is cast inside and gets its gradient back in its own dtype, the
+    gate's and up's parts summed there (LoRALinearFunction)."""
 
     @staticmethod
     def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, projs, training: bool):
         pg, pu, pd = projs
         x2 = x.reshape(-1, x.shape[-1])
-        g, mg, ag = _lora_forward(x2, pg, Ag, Bg, training)
+        xc = x2.to(pg.weight.dtype)
+        g, mg, ag = _lora_forward(xc, pg, Ag, Bg, training)
         s = F.silu(g)
-        u, mu, au = _lora_forward(x2, pu, Au, Bu, training)
+        u, mu, au = _lora_forward(xc, pu, Au, Bu, training)
         h = s * u
         del s
         y, md, ad = _lora_forward(h, pd, Ad, Bd, training)
@@ -195,16 +203,19 @@ class LoRAGatedMLPFunction(torch.autograd.Function):
         gg = torch.ops.aten.silu_backward(gs, g)
         del gs
         need_x = ctx.needs_input_grad[0]
-        gxg, gAg, gBg = _lora_backward(gg, x2, mg, ag, pg, Ag, Bg, need_x)
+        xc = x2.to(pg.weight.dtype)
+        gxg, gAg, gBg = _lora_backward(gg, xc, mg, ag, pg, Ag, Bg, need_x)
         del gg
-        gxu, gAu, gBu = _lora_backward(gu, x2, mu, au, pu, Au, Bu, need_x)
-        gx = None if not need_x else (gxg + gxu).view(ctx.in_shape)
+        gxu, gAu, gBu = _lora_backward(gu, xc, mu, au, pu, Au, Bu, need_x)
+        gx = None if not need_x else (gxg.to(x2.dtype) + gxu.to(x2.dtype)).view(ctx.in_shape)
         return gx, gAg, gBg, gAu, gBu, gAd, gBd, None, None
 
 
 class RMSNormFunction(torch.autograd.Function):
     """weight * (x * rsqrt(mean(x^2) + eps)) in fp32, cast back, as transformers' Llama/Qwen2
-    RMSNorm; keeps the compute-dtype input and one fp32 scale per token instead of fp32 copies."""
+    RMSNorm; keeps its input and one fp32 scale per token instead of fp32 copies. On an fp32
+    residual stream the input and the output are fp32, as the plain recipe's norms (upcast by
+    prepare_model_for_kbit_training) give them."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):

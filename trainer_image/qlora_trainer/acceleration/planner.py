@@ -184,7 +184,7 @@ class MemoryPlan:
     breakdown: dict = field(default_factory=dict)
     fused_layers: bool = True  # decoder layers as fused_layer.py's functions (else per projection)
     cuda_graphs: bool = True  # fused layers of fixed-length rows replayed as CUDA graphs
-    fp32_residual: bool = True  # fused layers keep the residual stream in fp32, as the plain recipe
+    fp32_residual: bool = True  # the decoder layers keep the residual stream in fp32, as the plain recipe
 
     def describe(self) -> str:
         return (
@@ -216,8 +216,10 @@ def static_bytes(shape: ModelShape, lora_rank: int, adapter_bytes: int = 2) -> d
     return {"nf4_weights": int(nf4), "embeddings": int(embed), "lora_and_optimizer": int(lora)}
 
 
-# The fused layers keep the residual stream (their inputs, the gradient between them) in fp32 as the
-# plain recipe does (fused_layer.py, MemoryPlan.fp32_residual); the per-projection path in bf16.
+# Both paths keep the residual stream (the layers' inputs, the gradient between them) in fp32 as the
+# plain recipe does (fused_layer.py, apply._keep_residual_fp32, MemoryPlan.fp32_residual); a
+# per-projection layer with a linear outside LoRA or a norm of another kind keeps the compute dtype
+# (planned as fp32 all the same: the estimate stays on the safe side).
 RESIDUAL_BYTES = 4
 
 
@@ -225,12 +227,13 @@ def activation_bytes_per_token_layer(shape: ModelShape, dropout: float, fused: b
     """What a decoder layer keeps for backward, per token, with nothing recomputed.
     Fused (fused_layer.py): both blocks' inputs, the qkv buffer, the attention output and its fp32
     logsumexp, gate|up, and the small LoRA A-side activations (r=16 assumed; masks are redrawn).
-    Per projection: the norm inputs, the attention input, q/k/v after RoPE, the attention output
-    (and its reshaped copy for o_proj), the MLP input, gate and up, and a 1-byte dropout mask per
-    LoRA input when dropout is on."""
+    Per projection: the norm inputs, the attention input and the MLP input (the norms' outputs,
+    which the projections keep as they came), all four on the residual stream's fp32; q/k/v after
+    RoPE, the attention output (and its reshaped copy for o_proj), gate and up; and a 1-byte
+    dropout mask per LoRA input when dropout is on."""
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
     if not fused:
-        return 2 * (4 * h + q + 2 * kv + q + 2 * i) + ((5 * h + q + i) if dropout > 0 else 0)
+        return RESIDUAL_BYTES * 4 * h + 2 * (q + 2 * kv + q + 2 * i) + ((5 * h + q + i) if dropout > 0 else 0)
     return 2 * (q + 2 * kv + q + 2 * i + 7 * 16) + RESIDUAL_BYTES * 2 * h + 4 * shape.heads
 
 
@@ -277,7 +280,7 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     static = static_bytes(shape, job.lora_rank, job.adapter_bytes)
     kept_layers = shape.layers - recompute_layers
     act = activation_bytes_per_token_layer(shape, job.lora_dropout, fused)
-    res = RESIDUAL_BYTES if fused else 2  # bytes per element of the residual stream
+    res = RESIDUAL_BYTES  # bytes per element of the residual stream
     # A recomputed layer keeps its input (a fused one also its A sides); offloaded layers, under
     # torch's checkpoint, keep nothing on the GPU.
     kept_per_recomputed = res * shape.hidden + (recompute_a_sides_bytes_per_token(job.lora_rank) if fused else 0)
@@ -484,13 +487,13 @@ def _with_weight_copies(choice, cands):
 
 def lean_cap_bytes(shape: ModelShape, job: JobShape, micro_batch: int, fused: bool = True) -> int:
     """The most a lean plan at this micro-batch may need (_lean_choice): 1.3x the weights and
-    optimizer, 0.25 GiB, and the fused layers' fp32 half of the layer checkpoints and their kept
-    LoRA A sides (both came after the rule was set: allowed on top, so the same jobs get the same
-    micro-batch)."""
+    optimizer, 0.25 GiB, and the fp32 half of the layer checkpoints (both paths) and the fused
+    layers' kept LoRA A sides (both came after the rule was set: allowed on top, so the same jobs
+    get the same micro-batch)."""
     base_cap = 1.3 * sum(static_bytes(shape, job.lora_rank, job.adapter_bytes).values()) + 0.25 * GIB
-    per_token_layer = (RESIDUAL_BYTES - 2) * shape.hidden + recompute_a_sides_bytes_per_token(job.lora_rank)
-    fused_extra = per_token_layer * shape.layers * job.seq_len if fused else 0
-    return int(base_cap + fused_extra * micro_batch)
+    per_token_layer = (RESIDUAL_BYTES - 2) * shape.hidden + (recompute_a_sides_bytes_per_token(job.lora_rank)
+                                                              if fused else 0)
+    return int(base_cap + per_token_layer * shape.layers * job.seq_len * micro_batch)
 
 
 def _lean_choice(shape: ModelShape, job: JobShape, cands, fused: bool = True):
