@@ -474,17 +474,12 @@ def test_the_per_projection_path_is_as_close_to_fp32_as_the_plain_recipe():
     than this path is. With a bf16 stream this path read 1.10x the recipe's error here (0.91x with
     the fp32 one). The same bf16 model without autocast (peft then runs its fp32 adapters in fp32)
     is a stricter bar: it must be the closer one, or the reference here is not the recipe."""
-    import importlib.util
-    from pathlib import Path
-
     from peft import LoraConfig, get_peft_model
     from qlora_trainer.acceleration import apply_acceleration
+    from support.benchmarks import load_benchmark
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    spec = importlib.util.spec_from_file_location(
-        "speed_vs_unsloth", Path(__file__).parents[1] / "benchmarks" / "speed_vs_unsloth.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("speed_vs_unsloth")
 
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())

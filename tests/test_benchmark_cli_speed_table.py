@@ -2,17 +2,15 @@
 below 95% of the benchmark's fast path or a phase is more than 1.5x its floor, and compares a
 download only where the model was downloaded (issue 19)."""
 
-import importlib.util
 from pathlib import Path
+
+from support.benchmarks import load_benchmark
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("trainer_cli_speed", BENCHMARKS / "trainer_cli_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # stdlib imports only at module level: no torch needed
-    return module
+    return load_benchmark("trainer_cli_speed")
 
 
 def _results(cli_tps: float, download_s: float, store: str = "s3") -> dict:

@@ -2,18 +2,16 @@
 held to: the fused layers to a bf16 model whose LoRA branch runs in fp32, the per-projection path
 (ranks above FUSED_MAX_RANK) to the plain recipe (issue 19 part 1, session 18)."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from support.benchmarks import load_benchmark
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("speed_vs_unsloth", BENCHMARKS / "speed_vs_unsloth.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # stdlib imports only at module level: no torch needed
-    return module
+    return load_benchmark("speed_vs_unsloth")
 
 
 def _checks(stem: str) -> dict:

@@ -1,18 +1,16 @@
 """The speed benchmark's table flags a row whose fast path trains a different model than the plain
 recipe: its last loss further from plain's than plain's own seed-to-seed spread (issue 19)."""
 
-import importlib.util
 import json
 from pathlib import Path
+
+from support.benchmarks import load_benchmark
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("speed_vs_unsloth", BENCHMARKS / "speed_vs_unsloth.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # stdlib imports only at module level: no torch needed
-    return module
+    return load_benchmark("speed_vs_unsloth")
 
 
 def _loss_row(table: str, row: str) -> str:

@@ -3,9 +3,10 @@ reads (GEMMs, attention, NF4 dequant, the masked LoRA A side, epilogues, loss, o
 with the LM head's GEMMs moved to the loss. CPU only: a fake kernel list, and one real CPU profile
 for the LM head's operator match."""
 
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
+
+from support.benchmarks import load_benchmark
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -30,10 +31,7 @@ KERNELS = [
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("speed_vs_unsloth", BENCHMARKS / "speed_vs_unsloth.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # stdlib imports only at module level: no torch needed
-    return module
+    return load_benchmark("speed_vs_unsloth")
 
 
 def test_kernels_fall_into_the_notes_categories():

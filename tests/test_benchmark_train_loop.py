@@ -2,10 +2,10 @@
 returns are the ones a plain loop computes on the same batches, per step, in both loss modes, and
 every step is timed. CPU only (a tiny Llama); the CUDA path differs only in where it waits."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from support.benchmarks import load_benchmark
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -14,10 +14,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("speed_vs_unsloth", BENCHMARKS / "speed_vs_unsloth.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed_vs_unsloth")
 
 
 def _model():
