@@ -251,8 +251,9 @@ def _keep_residual_fp32(lm, layers, dtype, report: AccelerationReport, plan: Mem
                         attention_ours: bool) -> None:
     """The plain recipe's residual stream is fp32 (prepare_model_for_kbit_training upcasts the
     embeddings and norms); in bf16 the fast path learned measurably slower at the Llama-3-8B shape
-    (benchmarks/results/lora_grad_parity_h200.md), and a per-projection layer's gradients were
-    1.2-1.3x as far from fp32 as the recipe's on a 16-layer model (tests/test_acceleration.py).
+    (benchmarks/results/lora_grad_parity_h200.md), and with a bf16 stream the per-projection path's
+    gradients were 1.10x as far from fp32 as the recipe's on a 16-layer model, 0.91x with the fp32
+    one (tests/test_acceleration.py).
     Fused layers take an fp32 stream natively, per-projection ones when _takes_fp32_stream (and
     attention is varlen_attention_forward, which casts RoPE's fp32 q and k to v's dtype); when any
     layer cannot, the whole stream keeps the compute dtype."""
