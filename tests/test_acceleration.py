@@ -334,7 +334,7 @@ def test_an_unchecked_label_outside_the_vocabulary_counts_as_ignored():
 
 # --- the whole model ----------------------------------------------------------------------------
 
-def _tiny_peft_model(dropout=0.0):
+def _tiny_peft_model(dropout=0.0, targets=None):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -344,8 +344,8 @@ def _tiny_peft_model(dropout=0.0):
                          attn_implementation="sdpa")
     model = Qwen2ForCausalLM(config)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                             "gate_proj", "up_proj", "down_proj"]))
+                                             target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                        "gate_proj", "up_proj", "down_proj"]))
     for name, p in model.named_parameters():  # LoRA B starts at zero; make the adapter matter
         if "lora_B" in name:
             p.data.normal_(0, 0.2)
@@ -432,16 +432,9 @@ def test_per_projection_layers_take_the_fp32_stream_only_when_every_linear_has_a
     linear left without an adapter (k_proj here) the stream keeps the compute dtype, as before."""
     import dataclasses
 
-    from peft import LoraConfig, get_peft_model
     from qlora_trainer.acceleration import apply_acceleration
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
-    model = get_peft_model(Qwen2ForCausalLM(config).to(torch.bfloat16), LoraConfig(
-        r=4, lora_alpha=8, task_type="CAUSAL_LM",
-        target_modules=targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = _tiny_peft_model(targets=targets).to(torch.bfloat16)
     report = apply_acceleration(model, dataclasses.replace(_plan(), fused_layers=False))
     assert report.fused_layers == 0 and report.residual == str(stream).replace("torch.", "")
     seen = {}

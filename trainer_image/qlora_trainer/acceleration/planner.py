@@ -280,17 +280,16 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     static = static_bytes(shape, job.lora_rank, job.adapter_bytes)
     kept_layers = shape.layers - recompute_layers
     act = activation_bytes_per_token_layer(shape, job.lora_dropout, fused)
-    res = RESIDUAL_BYTES  # bytes per element of the residual stream
     # A recomputed layer keeps its input (a fused one also its A sides); offloaded layers, under
     # torch's checkpoint, keep nothing on the GPU.
-    kept_per_recomputed = res * shape.hidden + (recompute_a_sides_bytes_per_token(job.lora_rank) if fused else 0)
+    kept_per_recomputed = RESIDUAL_BYTES * shape.hidden + (recompute_a_sides_bytes_per_token(job.lora_rank) if fused else 0)
     checkpoints = 0 if offload else recompute_layers * kept_per_recomputed
     parts = dict(static)
     parts["bf16_weight_copies"] = cached_layers * shape.linear_params_per_layer * 2
     parts["activations"] = tokens * (kept_layers * act + checkpoints)
     # Recomputing a layer rebuilds its activations while its backward runs.
     parts["recompute_working_set"] = tokens * act if recompute_layers else 0
-    parts["transient"] = tokens * (transient_bytes_per_token(shape) + 4 * res * shape.hidden)
+    parts["transient"] = tokens * (transient_bytes_per_token(shape) + 4 * RESIDUAL_BYTES * shape.hidden)
     chunk = choose_ce_chunk(shape, tokens, ce_work_bytes)
     parts["cross_entropy"] = ce_chunk_bytes(shape, chunk) + tokens * shape.hidden * 2
     # A dequantized weight of the largest matrix (not cached) lives while its matmul runs; a layer
@@ -303,7 +302,7 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     held = shape.linear_params_per_layer * 2 if holds_layer else 2 * shape.hidden * shape.intermediate * 2
     parts["dequant_buffer"] = held if cached_layers < shape.layers else 0
     if graphs:  # chained graphs: two gradient buffers and the last layer's output (cuda_graphs.py)
-        parts["cuda_graph_buffers"] = 3 * tokens * shape.hidden * res
+        parts["cuda_graph_buffers"] = 3 * tokens * shape.hidden * RESIDUAL_BYTES
     # The loss runs before any layer's backward: its chunk and a layer's backward working set are
     # never live together, so the peak takes the larger of the two.
     layer_phase = parts["recompute_working_set"] + parts["transient"] + parts["dequant_buffer"]
