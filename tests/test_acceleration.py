@@ -428,8 +428,9 @@ def test_a_rank_above_the_fused_layers_largest_runs_per_projection_and_says_so(m
 def test_per_projection_layers_take_the_fp32_stream_only_when_every_linear_has_an_adapter(targets, stream):
     """Per projection, the residual stream is fp32 (as the plain recipe's) when every linear of every
     layer is a LoRA projection this module casts for: the embeddings' output and each layer's input
-    are fp32, q/k/v and the MLP see the compute dtype, and the LM head gets its own dtype. With a
-    linear left without an adapter (k_proj here) the stream keeps the compute dtype, as before."""
+    are fp32, q/k/v come out in fp32 as bitsandbytes returns them (its input's dtype), attention
+    runs in the compute dtype (o_proj's input), and the LM head gets its own dtype. With a linear
+    left without an adapter (k_proj here) the stream keeps the compute dtype, as before."""
     import dataclasses
 
     from qlora_trainer.acceleration import apply_acceleration
@@ -446,6 +447,7 @@ def test_per_projection_layers_take_the_fp32_stream_only_when_every_linear_has_a
     hooks = [layers[1].register_forward_pre_hook(
                  lambda m, a, kw: note("layer", a[0] if a else kw["hidden_states"]), with_kwargs=True),
              layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: note("q", out)),
+             layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: note("attention", a[0])),
              model.get_base_model().lm_head.register_forward_pre_hook(lambda m, a: note("head", a[0]))]
     ids = torch.randint(0, 96, (2, 10))
     model.train()
@@ -453,7 +455,7 @@ def test_per_projection_layers_take_the_fp32_stream_only_when_every_linear_has_a
     loss.backward()
     for h in hooks:
         h.remove()
-    assert seen["layer"] == stream and seen["q"] == torch.bfloat16
+    assert seen["layer"] == stream and seen["q"] == stream and seen["attention"] == torch.bfloat16
     assert seen.get("head", torch.bfloat16) == torch.bfloat16  # the chunked loss casts, or the head's hook
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
@@ -510,6 +512,57 @@ def test_the_per_projection_path_is_as_close_to_fp32_as_the_plain_recipe():
     fast_err, recipe_err, strict_err = (sum(e[k] for e in errors) / 3 for k in range(3))
     assert strict_err < recipe_err, errors
     assert fast_err <= recipe_err, errors
+
+
+def test_a_young_adapter_reaches_a_per_projection_output_on_the_fp32_stream():
+    """On the plain recipe's fp32 stream, bitsandbytes returns q/k/v's, gate/up's and down_proj's
+    outputs in fp32 (its input's dtype) and peft adds the bf16 LoRA product there, so a young
+    adapter's product, far below a bf16 step of the projection's output, reaches it element by
+    element. The per-projection functions summed the two in bf16 (addmm), where it survived only as
+    a whole step in a few elements: the 8B row then ended 0.049 above the plain recipe, as far as
+    the recipe itself with a bf16 stream (results/lora_grad_parity_h200.md, section 3)."""
+    from qlora_trainer.acceleration.kernels import (
+        FrozenWeight,
+        LoRAGatedMLPFunction,
+        LoRALinearFunction,
+        Projection,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    n, k, h, inter, r = 256, 64, 128, 96, 8
+
+    def proj(rows, cols, bias):
+        base = torch.nn.Linear(cols, rows, dtype=torch.bfloat16)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(rows, cols, generator=g) / 16)
+            base.bias.fill_(bias)  # outputs near 6: a bf16 step of 1/32
+        return Projection(FrozenWeight(base, torch.bfloat16), scaling=2.0, dropout=0.0)
+
+    def young(rows, cols):  # A of order one, B of order 1e-4: products of order 2e-3
+        return torch.randn(r, cols, generator=g) / 8, torch.randn(rows, r, generator=g) * 1e-4
+
+    x = torch.randn(n, k, generator=g)  # an fp32 norm output
+
+    def worst(effect, exact):
+        return float((effect.double() - exact).abs().max() / exact.abs().max())
+
+    q = proj(h, k, 6.0)
+    A, B = young(h, k)
+    y = LoRALinearFunction.apply(x, A, B, q, True)
+    assert y.dtype == torch.float32
+    effect = y - LoRALinearFunction.apply(x, A, 0 * B, q, True)
+    exact = (x.double() @ A.double().t()) @ (2.0 * B.double()).t()
+    assert worst(effect, exact) < 0.02, worst(effect, exact)
+
+    gate, up, down = proj(inter, k, 1.0), proj(inter, k, 1.0), proj(h, inter, 6.0)
+    (Ag, Bg), (Au, Bu), (Ad, Bd) = young(inter, k), young(inter, k), young(h, inter)
+    zero = [0 * Bg, 0 * Bu]
+    out = LoRAGatedMLPFunction.apply(x, Ag, zero[0], Au, zero[1], Ad, Bd, (gate, up, down), True)
+    effect = out - LoRAGatedMLPFunction.apply(x, Ag, zero[0], Au, zero[1], Ad, 0 * Bd, (gate, up, down), True)
+    xb = x.to(torch.bfloat16).double()
+    act = F.silu(xb @ gate.weight.get().double().t() + 1.0) * (xb @ up.weight.get().double().t() + 1.0)
+    exact = (act @ Ad.double().t()) @ (2.0 * Bd.double()).t()
+    assert out.dtype == torch.float32 and worst(effect, exact) < 0.03, worst(effect, exact)
 
 
 @pytest.mark.parametrize("fused", [True, "graphed", False])

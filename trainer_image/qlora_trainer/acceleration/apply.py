@@ -255,8 +255,8 @@ def _keep_residual_fp32(lm, layers, dtype, report: AccelerationReport, plan: Mem
     gradients were 1.10x as far from fp32 as the recipe's on a 16-layer model, 0.91x with the fp32
     one (tests/test_acceleration.py).
     Fused layers take an fp32 stream natively, per-projection ones when _takes_fp32_stream (and
-    attention is varlen_attention_forward, which casts RoPE's fp32 q and k to v's dtype); when any
-    layer cannot, the whole stream keeps the compute dtype."""
+    attention is varlen_attention_forward, which casts their fp32 q, k and v to the compute dtype);
+    when any layer cannot, the whole stream keeps the compute dtype."""
     report.residual = str(dtype).replace("torch.", "")
     if dtype.itemsize >= 4 or not plan.fp32_residual or not layers:
         return  # an fp32 or fp64 model's stream is already at least fp32
@@ -269,6 +269,8 @@ def _keep_residual_fp32(lm, layers, dtype, report: AccelerationReport, plan: Mem
     for layer in layers:
         if hasattr(layer, "_qlora_qkv"):
             layer._qlora_residual = torch.float32
+        elif getattr(layer, "self_attn", None) is not None:
+            layer.self_attn._qlora_compute_dtype = dtype  # its fp32 q, k and v: varlen_attention_forward
     embed.register_forward_hook(_upcast_embeddings)
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if head is not None and hasattr(head, "weight"):

@@ -3,8 +3,10 @@ function, a memory-lean RMSNorm, and cross-entropy that never builds the full-vo
 
 Numerics follow the plain recipe op for op: the base matmul is F.linear(x, dequantize_4bit(W)) as
 in bitsandbytes' training path, the LoRA branch is lora_B(lora_A(dropout(x))) * scaling in the
-compute dtype (what autocast does to peft's fp32 adapters), SiLU and the product in the compute
-dtype, RMSNorm in fp32, the loss from compute-dtype logits upcast to fp32. What changes is what is
+compute dtype (what autocast does to peft's fp32 adapters), each projection's output (the two
+products summed), SiLU and the product in the input's dtype (fp32 on the recipe's fp32 residual
+stream: bitsandbytes returns its input's dtype), RMSNorm in fp32, the loss from compute-dtype
+logits upcast to fp32. What changes is what is
 kept for backward (inputs and 1-byte dropout masks instead of every intermediate), how often the
 frozen weights are dequantized (never, where a bf16 copy is cached), and the logits (a chunk at a
 time).
@@ -109,11 +111,16 @@ class Projection:
         self.weight, self.scaling, self.dropout = weight, float(scaling), float(dropout)
 
 
-def _lora_forward(x2, proj: Projection, A, B, training: bool):
+def _lora_forward(x2, proj: Projection, A, B, training: bool, out_dtype: torch.dtype | None = None):
     """y = x W^T + b + s * (drop(x) A^T) B^T. Returns y, the dropout mask (or None) and
-    drop(x) A^T. The scalings ride on the small LoRA matrices and the LoRA product is accumulated
-    into the base output by the GEMM itself (addmm), so the branch costs no full-width passes
-    beyond the dropout mask."""
+    drop(x) A^T. The scalings ride on the small LoRA matrices. In the compute dtype the LoRA product
+    is accumulated into the base output by the GEMM itself (addmm), so the branch costs no
+    full-width passes beyond the dropout mask. `out_dtype` wider than the compute dtype (the input
+    came from an fp32 residual stream's norm, or from an fp32 SwiGLU): the output is in that dtype,
+    the base and LoRA products each rounded to the compute dtype and summed there, as the plain
+    recipe's are (bitsandbytes returns a projection's output in its input's dtype and peft adds the
+    LoRA product to it); summed in bf16, a young adapter's product, far below a bf16 step of the
+    projection's output, rounded away and the path learned slower than the recipe at 8B."""
     y = F.linear(x2, proj.weight.get(), proj.weight.bias)
     mask = None
     if training and proj.dropout > 0:
@@ -121,12 +128,24 @@ def _lora_forward(x2, proj: Projection, A, B, training: bool):
         a = F.linear(x2 * mask, (A * (1.0 / (1.0 - proj.dropout))).to(x2.dtype))
     else:
         a = F.linear(x2, A.to(x2.dtype))
-    y.addmm_(a, (B * proj.scaling).to(x2.dtype).t())
+    Bs = (B * proj.scaling).to(x2.dtype)
+    if out_dtype is None or out_dtype == y.dtype:
+        y.addmm_(a, Bs.t())
+    else:
+        y = y.to(out_dtype).add_(a @ Bs.t())
     return y, mask, a
 
 
-def _lora_backward(gy, x2, mask, a, proj: Projection, A, B, need_input_grad: bool):
-    """Gradients of _lora_forward: input (base + LoRA branch), A and B."""
+def _wider(dtype: torch.dtype, compute: torch.dtype) -> torch.dtype | None:
+    """`dtype` when it is wider than the compute dtype (an fp32 stream's tensor on a bf16 model)."""
+    return dtype if dtype.is_floating_point and dtype.itemsize > compute.itemsize else None
+
+
+def _lora_backward(gy, x2, mask, a, proj: Projection, A, B, need_input_grad: bool,
+                   gx_dtype: torch.dtype | None = None):
+    """Gradients of _lora_forward: input (base + LoRA branch), A and B. gy in the compute dtype.
+    `gx_dtype` wider than it: the base and LoRA parts of the input gradient are each rounded to the
+    compute dtype and summed in gx_dtype, as autograd sums the recipe's (its fp32 input feeds both)."""
     keep = 1.0 / (1.0 - proj.dropout) if mask is not None else 1.0
     Bs = (B * proj.scaling).to(gy.dtype)
     gB = (gy.t() @ a) * proj.scaling
@@ -137,7 +156,10 @@ def _lora_backward(gy, x2, mask, a, proj: Projection, A, B, need_input_grad: boo
     if need_input_grad:
         gx = gy @ proj.weight.get()
         As = (A * keep).to(gy.dtype)
-        if mask is None:
+        if gx_dtype is not None and gx_dtype != gx.dtype:
+            lora = ga @ As
+            gx = gx.to(gx_dtype).add_(lora if mask is None else lora.mul_(mask))
+        elif mask is None:
             gx.addmm_(ga, As)
         else:
             gx.addcmul_(ga @ As, mask)
@@ -145,15 +167,18 @@ def _lora_backward(gy, x2, mask, a, proj: Projection, A, B, need_input_grad: boo
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """One LoRA projection. An input wider than the compute dtype (an fp32 residual stream's norm
-    output, shared by q, k and v) is cast inside, kept as it came (one tensor for the three, not a
-    compute-dtype copy each), and gets its gradient back in its own dtype: the three projections'
-    input gradients then meet in fp32, as the plain recipe's do (bitsandbytes casts its input)."""
+    """One LoRA projection. Its output is in its input's dtype, as bitsandbytes' Linear4bit returns
+    it: an input wider than the compute dtype (an fp32 residual stream's norm output, shared by q,
+    k and v) is cast inside for the GEMMs, kept as it came (one tensor for the three, not a
+    compute-dtype copy each), and the projection's output and the input's gradient come back in
+    that dtype (_lora_forward, _lora_backward): the LoRA product joins the output, and the three
+    projections' input gradients meet, in fp32 as in the plain recipe."""
 
     @staticmethod
     def forward(ctx, x, A, B, proj: Projection, training: bool):
         x2 = x.reshape(-1, x.shape[-1])
-        y, mask, a = _lora_forward(x2.to(proj.weight.dtype), proj, A, B, training)
+        y, mask, a = _lora_forward(x2.to(proj.weight.dtype), proj, A, B, training,
+                                   _wider(x2.dtype, proj.weight.dtype))
         ctx.proj, ctx.in_shape = proj, x.shape
         ctx.save_for_backward(x2, mask, a, A, B)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -161,28 +186,32 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x2, mask, a, A, B = ctx.saved_tensors
-        gx, gA, gB = _lora_backward(gy.reshape(-1, gy.shape[-1]), x2.to(ctx.proj.weight.dtype), mask, a, ctx.proj,
-                                    A, B, ctx.needs_input_grad[0])
+        compute = ctx.proj.weight.dtype
+        gx, gA, gB = _lora_backward(gy.reshape(-1, gy.shape[-1]).to(compute), x2.to(compute), mask, a, ctx.proj,
+                                    A, B, ctx.needs_input_grad[0], _wider(x2.dtype, compute))
         return (None if gx is None else gx.to(x2.dtype).view(ctx.in_shape)), gA, gB, None, None
 
 
 class LoRAGatedMLPFunction(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)), every projection with LoRA; keeps x, gate and up for backward
-    and recomputes silu and the product (cheap elementwise) instead of keeping them. A wider input
-    (an fp32 stream's norm output) is cast inside and gets its gradient back in its own dtype, the
-    gate's and up's parts summed there (LoRALinearFunction)."""
+    and recomputes silu and the product (cheap elementwise) instead of keeping them. On a wider
+    input (an fp32 stream's norm output) it runs as the plain recipe's MLP does: gate and up come
+    out in that dtype with their LoRA products (LoRALinearFunction), SiLU and the product run
+    there, down_proj casts its input for the GEMMs and returns that dtype; the gradients meet there."""
 
     @staticmethod
     def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, projs, training: bool):
         pg, pu, pd = projs
         x2 = x.reshape(-1, x.shape[-1])
-        xc = x2.to(pg.weight.dtype)
-        g, mg, ag = _lora_forward(xc, pg, Ag, Bg, training)
+        compute = pg.weight.dtype
+        wide = _wider(x2.dtype, compute)
+        xc = x2.to(compute)
+        g, mg, ag = _lora_forward(xc, pg, Ag, Bg, training, wide)
         s = F.silu(g)
-        u, mu, au = _lora_forward(xc, pu, Au, Bu, training)
-        h = s * u
+        u, mu, au = _lora_forward(xc, pu, Au, Bu, training, wide)
+        h = (s * u).to(compute)
         del s
-        y, md, ad = _lora_forward(h, pd, Ad, Bd, training)
+        y, md, ad = _lora_forward(h, pd, Ad, Bd, training, wide)
         del h
         ctx.projs, ctx.in_shape = projs, x.shape
         ctx.save_for_backward(x2, g, u, mg, mu, md, ag, au, ad, Ag, Bg, Au, Bu, Ad, Bd)
@@ -192,10 +221,12 @@ class LoRAGatedMLPFunction(torch.autograd.Function):
     def backward(ctx, gy):
         x2, g, u, mg, mu, md, ag, au, ad, Ag, Bg, Au, Bu, Ad, Bd = ctx.saved_tensors
         pg, pu, pd = ctx.projs
-        gy2 = gy.reshape(-1, gy.shape[-1])
+        compute = pg.weight.dtype
+        wide = _wider(x2.dtype, compute)
+        gy2 = gy.reshape(-1, gy.shape[-1]).to(compute)
         s = F.silu(g)
-        h = s * u
-        gh, gAd, gBd = _lora_backward(gy2, h, md, ad, pd, Ad, Bd, True)
+        h = (s * u).to(compute)
+        gh, gAd, gBd = _lora_backward(gy2, h, md, ad, pd, Ad, Bd, True, wide)
         del h
         gu = gh * s
         gs = gh * u
@@ -203,10 +234,10 @@ class LoRAGatedMLPFunction(torch.autograd.Function):
         gg = torch.ops.aten.silu_backward(gs, g)
         del gs
         need_x = ctx.needs_input_grad[0]
-        xc = x2.to(pg.weight.dtype)
-        gxg, gAg, gBg = _lora_backward(gg, xc, mg, ag, pg, Ag, Bg, need_x)
+        xc = x2.to(compute)
+        gxg, gAg, gBg = _lora_backward(gg.to(compute), xc, mg, ag, pg, Ag, Bg, need_x, wide)
         del gg
-        gxu, gAu, gBu = _lora_backward(gu, xc, mu, au, pu, Au, Bu, need_x)
+        gxu, gAu, gBu = _lora_backward(gu.to(compute), xc, mu, au, pu, Au, Bu, need_x, wide)
         gx = None if not need_x else (gxg.to(x2.dtype) + gxu.to(x2.dtype)).view(ctx.in_shape)
         return gx, gAg, gBg, gAu, gBu, gAd, gBd, None, None
 

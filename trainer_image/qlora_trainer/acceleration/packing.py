@@ -158,11 +158,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         max_len = int(kwargs.get("max_length_q") or seq)
     else:
         cu, max_len = _cu_for(kwargs.get("position_ids"), bsz, seq)
-    # On an fp32 residual stream RoPE's cos and sin are fp32, so q and k come out fp32 while v keeps
-    # the projections' dtype: all three go in as v's, as autocast sends the plain recipe's to SDPA.
-    q = query.transpose(1, 2).reshape(bsz * seq, heads, dim).to(value.dtype)
-    k = key.transpose(1, 2).reshape(bsz * seq, key.shape[1], dim).to(value.dtype)
-    v = value.transpose(1, 2).reshape(bsz * seq, value.shape[1], dim)
+    # On an fp32 residual stream q, k and v come out of their projections in fp32 (and RoPE's cos
+    # and sin are fp32): all three go in as the compute dtype the layer was given
+    # (apply._keep_residual_fp32), as autocast sends the plain recipe's to SDPA.
+    dtype = getattr(module, "_qlora_compute_dtype", value.dtype)
+    q = query.transpose(1, 2).reshape(bsz * seq, heads, dim).to(dtype)
+    k = key.transpose(1, 2).reshape(bsz * seq, key.shape[1], dim).to(dtype)
+    v = value.transpose(1, 2).reshape(bsz * seq, value.shape[1], dim).to(dtype)
     if q.is_cuda:
         out = _varlen(q, k, v, cu, max_len, scaling)
     else:

@@ -229,11 +229,13 @@ def activation_bytes_per_token_layer(shape: ModelShape, dropout: float, fused: b
     logsumexp, gate|up, and the small LoRA A-side activations (r=16 assumed; masks are redrawn).
     Per projection: the norm inputs, the attention input and the MLP input (the norms' outputs,
     which the projections keep as they came), all four on the residual stream's fp32; q/k/v after
-    RoPE, the attention output (and its reshaped copy for o_proj), gate and up; and a 1-byte
-    dropout mask per LoRA input when dropout is on."""
+    RoPE and the attention output (and its reshaped copy for o_proj) in the compute dtype; gate and
+    up in the stream's fp32 (kernels.LoRAGatedMLPFunction: a projection returns its input's dtype,
+    as bitsandbytes does); and a 1-byte dropout mask per LoRA input when dropout is on."""
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
     if not fused:
-        return RESIDUAL_BYTES * 4 * h + 2 * (q + 2 * kv + q + 2 * i) + ((5 * h + q + i) if dropout > 0 else 0)
+        return (RESIDUAL_BYTES * (4 * h + 2 * i) + 2 * (q + 2 * kv + q)
+                + ((5 * h + q + i) if dropout > 0 else 0))
     return 2 * (q + 2 * kv + q + 2 * i + 7 * 16) + RESIDUAL_BYTES * 2 * h + 4 * shape.heads
 
 
@@ -244,10 +246,15 @@ def recompute_a_sides_bytes_per_token(lora_rank: int) -> int:
     return 2 * 7 * lora_rank
 
 
-def transient_bytes_per_token(shape: ModelShape) -> int:
-    """Working memory of the layer being run backward, beyond what it saved: in the MLP's backward
-    the SwiGLU output's gradient and gate|up's gradient live together (SwiGLU's output, which
-    down_proj's A gradient reads, is written over its gradient), plus a few hidden-size gradients."""
+def transient_bytes_per_token(shape: ModelShape, fused: bool = True) -> int:
+    """Working memory of the layer being run backward, beyond what it saved: in the fused MLP's
+    backward the SwiGLU output's gradient and gate|up's gradient live together (SwiGLU's output,
+    which down_proj's A gradient reads, is written over its gradient), plus a few hidden-size
+    gradients. Per projection on the fp32 stream (kernels.LoRAGatedMLPFunction.backward) SiLU's
+    output, the SwiGLU output's gradient and gate's and up's gradients, fp32, live together with
+    a compute-dtype copy of one of them for the GEMMs."""
+    if not fused:
+        return RESIDUAL_BYTES * 4 * shape.intermediate + 2 * (shape.intermediate + 2 * shape.hidden)
     return 2 * (3 * shape.intermediate + 2 * shape.hidden)
 
 
@@ -289,7 +296,7 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
     parts["activations"] = tokens * (kept_layers * act + checkpoints)
     # Recomputing a layer rebuilds its activations while its backward runs.
     parts["recompute_working_set"] = tokens * act if recompute_layers else 0
-    parts["transient"] = tokens * (transient_bytes_per_token(shape) + 4 * RESIDUAL_BYTES * shape.hidden)
+    parts["transient"] = tokens * (transient_bytes_per_token(shape, fused) + 4 * RESIDUAL_BYTES * shape.hidden)
     chunk = choose_ce_chunk(shape, tokens, ce_work_bytes)
     parts["cross_entropy"] = ce_chunk_bytes(shape, chunk) + tokens * shape.hidden * 2
     # A dequantized weight of the largest matrix (not cached) lives while its matmul runs; a layer
