@@ -22,7 +22,9 @@ def test_the_fast_path_is_the_default_with_graphs_left_to_it():
 
 @pytest.mark.parametrize("acceleration", [{"path": "off"}, {"path": False}, {"path": "Fused"}, {"cudaGraphs": "maybe"},
                                           {"path": "plain", "cudaGraphs": True},
-                                          {"path": "perProjection", "cudaGraphs": True}, {"fusedLayers": False}])
+                                          {"path": "perProjection", "cudaGraphs": True}, {"fusedLayers": False},
+                                          {"memory": "huge"}, {"memory": "Max"}, {"path": "plain", "memory": "max"},
+                                          {"path": "plain", "memory": "lean"}])
 def test_bad_settings_are_refused(acceleration):
     with pytest.raises(ValidationError):
         _spec(acceleration)
@@ -42,6 +44,10 @@ def test_the_crd_carries_the_field_and_its_rule():
     assert acc["properties"]["path"]["enum"] == ["fused", "perProjection", "plain"]
     assert acc["properties"]["path"]["default"] == "fused"
     assert any("cudaGraphs applies to path fused only" == r["message"] for r in acc["x-kubernetes-validations"])
+    assert acc["properties"]["memory"]["enum"] == ["auto", "lean", "max"]
+    assert acc["properties"]["memory"]["default"] == "auto"
+    assert any(r["message"].startswith("memory applies to paths fused and perProjection only")
+               for r in acc["x-kubernetes-validations"])
 
 
 @pytest.mark.parametrize("acceleration,env,expected", [
@@ -92,3 +98,30 @@ def test_path_plain_makes_no_plan_and_the_plan_carries_the_graph_choice(tmp_path
     assert not above.fused_layers and not above.cuda_graphs
     at = plan_before_loading(tmp_path, QLoRAJobSpec.model_validate({**BASE, "lora": {"r": FUSED_MAX_RANK}}))
     assert at.fused_layers and at.cuda_graphs
+
+
+def test_the_memory_policy_reaches_the_plan(tmp_path, monkeypatch):
+    """spec.training.acceleration.memory is the planner's policy: on a pretend 80 GiB GPU, a
+    Llama-3-8B-shaped job plans under the plain recipe's memory with auto, every layer recomputed
+    with lean, and on the whole card with max (more memory, predicted faster); the plan says which
+    policy it took, and auto and max name no other. The effective batch is the job's in all three."""
+    from qlora_trainer.acceleration.trainer_hooks import plan_before_loading
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(tmp_path)
+    monkeypatch.setenv("QLORA_ACCELERATION", "cpu")
+    monkeypatch.setenv("QLORA_CPU_PLAN_GIB", "80")
+    job = {"maxSeqLength": 1024, "batchSize": 4, "gradientAccumulationSteps": 1, "packing": False}
+
+    def plan(memory):
+        spec = QLoRAJobSpec.model_validate({**BASE, "training": {**job, "acceleration": {"memory": memory}}})
+        return plan_before_loading(tmp_path, spec)
+
+    auto, lean, most = plan("auto"), plan("lean"), plan("max")
+    assert (auto.policy, lean.policy, most.policy) == ("auto", "lean", "max")
+    assert {p.micro_batch * p.grad_accum for p in (auto, lean, most)} == {4}
+    assert lean.recompute == "full" and lean.predicted_peak_bytes < auto.predicted_peak_bytes
+    assert most.predicted_peak_bytes > auto.predicted_peak_bytes >= 0
+    assert most.predicted_tokens_per_s > auto.predicted_tokens_per_s > lean.predicted_tokens_per_s
+    assert auto.predicted_peak_bytes <= auto.budget_bytes < most.budget_bytes

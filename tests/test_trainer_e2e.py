@@ -223,5 +223,5 @@ def test_the_fast_path_trains_through_the_real_trainer(s3, tiny_model_uri, colou
     assert len(train) >= 3 and train[-1] < 0.5 * train[0], train
     ran = json.loads(s3.get("adapters", "adapters/team-a/colours/run-fast/training_config.json"))
     assert "micro-batch" in json.dumps(ran), ran
-    assert ran["resolved"]["acceleration"] == {"path": "fused", "cudaGraphs": True,
+    assert ran["resolved"]["acceleration"] == {"path": "fused", "cudaGraphs": True, "memory": "auto",
                                                "why": "spec.training.acceleration"}, ran["resolved"]

@@ -282,7 +282,8 @@ def _acceleration_as_run(cfg: TrainerRunConfig, plan, layout=None) -> dict:
     why = choice.why
     if choice.cuda_graphs and not plan.cuda_graphs:
         why = trainer_hooks.NO_GRAPHS_UNDER_DDP
-    return {"path": "fused" if plan.fused_layers else "perProjection", "cudaGraphs": plan.cuda_graphs, "why": why}
+    return {"path": "fused" if plan.fused_layers else "perProjection", "cudaGraphs": plan.cuda_graphs,
+            "memory": plan.policy, "why": why}  # memory: the policy the plan took (auto may turn lean)
 
 
 def _fmt(value: float | None) -> str:

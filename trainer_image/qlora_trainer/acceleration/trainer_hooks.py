@@ -6,7 +6,7 @@ path once the adapter is on.
     training = trainer_hooks.accelerate(model, plan, spec.training)        # the spec the Trainer runs
 
 What runs is the QLoRAJob's `spec.training.acceleration` (path fused | perProjection | plain,
-cudaGraphs). The trainer's environment keeps three switches for diagnosis, and they can only turn
+cudaGraphs, memory: the planner's policy auto | lean | max). The trainer's environment keeps three switches for diagnosis, and they can only turn
 things off, never on against the spec: QLORA_ACCELERATION=0 (the plain recipe), QLORA_FUSED_LAYER=0
 (no fused decoder layers), QLORA_CUDA_GRAPHS=0 (no CUDA graphs). On a CPU, for architectures the
 planner does not know, or with the path plain, the plan is None and the trainer runs the plain recipe
@@ -121,7 +121,8 @@ def plan_before_loading(model_path, spec, device: int = 0) -> MemoryPlan | None:
         return None
     shape, job, gpu, config = found
     try:
-        plan = plan_memory(shape, job, gpu, packing=spec.training.packing, fused=choice.path == "fused")
+        plan = plan_memory(shape, job, gpu, policy=spec.training.acceleration.memory, packing=spec.training.packing,
+                           fused=choice.path == "fused")
     except PlanDoesNotFit as exc:
         raise _does_not_fit(str(exc)) from exc
     if choice.path == "fused" and not plan.fused_layers:  # the planner's rank ceiling
