@@ -471,18 +471,28 @@ def fast_path_with_floors(row: dict, folder: Path, floors: bool, diagnostics: bo
     return {**fast_path(row, folder), **out}
 
 
+def memory_policy() -> str:
+    """The memory plan's policy of every run in this call (--memory; the environment carries it to
+    the rows' own processes): the CLI's spec.training.acceleration.memory and the fast path's plan."""
+    policy = os.environ.get("QLORA_BENCH_MEMORY", "auto")
+    if policy not in ("auto", "lean", "max"):
+        raise SystemExit(f"QLORA_BENCH_MEMORY must be auto, lean or max, got {policy!r}")
+    return policy
+
+
 def fast_path(row: dict, folder: Path) -> dict:
-    """speed_vs_unsloth's own measurement of the row (engine ours) on a GPU; on a CPU (dry run) the
-    plain recipe's steps through the same helpers, so the whole pipeline runs."""
+    """speed_vs_unsloth's own measurement of the row (engine ours, under memory_policy()) on a GPU;
+    on a CPU (dry run) the plain recipe's steps through the same helpers, so the whole pipeline runs."""
     import speed_vs_unsloth as svu
     import torch
 
     if torch.cuda.is_available() and row["bench"]:
         svu.SHM = folder.parent  # the benchmark reads SHM/<shape>: our layer-by-layer checkpoint
+        policy = {"policy": memory_policy()}
         if row["bench"] == "varlen":
-            r = svu.run_varlen({"name": "varlen/ours", "engine": "ours", "row": "varlen"})
+            r = svu.run_varlen({"name": "varlen/ours", "engine": "ours", "row": "varlen", **policy})
             return {"tokens_per_s": r["useful_tokens_per_s"], "plan": r.get("plan")}
-        r = svu.run_fixed({"name": f"{row['bench']}/ours", "engine": "ours", "row": row["bench"]})
+        r = svu.run_fixed({"name": f"{row['bench']}/ours", "engine": "ours", "row": row["bench"], **policy})
         return {"tokens_per_s": r["tokens_per_s"], "plan": r.get("plan"), "peak_gib": r.get("peak_gib")}
     model = svu.load_model("plain", folder, row["seq"], 0.05, device="cpu")
     params, opt = svu.make_optimizer(model, device="cpu")
@@ -589,7 +599,7 @@ def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int,
             "training": {"maxSteps": steps, "learningRate": 2e-4, "batchSize": row["batch"],
                          "gradientAccumulationSteps": row["accum"], "maxSeqLength": row["seq"],
                          "packing": row["data"] == "varlen", "loggingSteps": max(1, steps // 6), "warmupSteps": 2,
-                         "checkpointSteps": steps},
+                         "checkpointSteps": steps, "acceleration": {"memory": memory_policy()}},
         },
     }
     run_dir = work / f"cli-{name}"
@@ -733,7 +743,7 @@ def drive(opts) -> int:
                                                  **results_env, "staged_s": staged},
                "options": {"only": opts.only, "steps": steps, "budget_s": opts.budget_s,
                            "no_download": opts.no_download, "no_diagnostics": opts.no_diagnostics,
-                           "fresh_tokenize_floor": opts.fresh_tokenize_floor},
+                           "fresh_tokenize_floor": opts.fresh_tokenize_floor, "memory": memory_policy()},
                "checkpoints_s": round(time.monotonic() - t0, 1), "waited_for_checkpoints_s": round(time.monotonic() - t, 1)}
     uploaded: set[str] = set()
     floored: set[str] = set()
@@ -954,9 +964,14 @@ def main() -> int:
                          "(a process start, ~20 s on the H200 machine); when taken, the phase is judged against it: "
                          "the CLI's pass is its process's first too, and a process's first large pass pays a fixed "
                          "cost (its heap growing) that the driver's warm process has already paid")
+    ap.add_argument("--memory", choices=("auto", "lean", "max"), default=None,
+                    help="the memory plan's policy for the CLI (spec.training.acceleration.memory) and the fast "
+                         "path alike (default auto)")
     ap.add_argument("--task", help=argparse.SUPPRESS)
     ap.add_argument("task_args", nargs="*", help=argparse.SUPPRESS)
     opts = ap.parse_args()
+    if opts.memory:
+        os.environ["QLORA_BENCH_MEMORY"] = opts.memory  # the rows' own processes inherit it
     if opts.task == "checkpoints":
         for shape in opts.task_args[0].split(","):
             write_checkpoint(shape, ROOT / CLAIM / shape)
