@@ -629,10 +629,11 @@ def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int,
             if getattr(p, q) is not None:
                 entry[q] = entry.get(q, 0) + getattr(p, q)
     stderr = (run_dir / "stderr.log").read_text()
+    adapter_uri = message.result.adapter_uri if message is not None and message.event == "result" else None
     steady = [p.tokens_per_second for p in progress[1:] if p.tokens_per_second] or \
              [p.tokens_per_second for p in progress if p.tokens_per_second]
     return {"rc": rc, "ok": rc == 0 and message is not None and message.event == "result",
-            "adapter_uri": message.result.adapter_uri if message is not None and message.event == "result" else None,
+            "adapter_uri": adapter_uri, "resolved": _resolved(s3, adapter_uri),
             "wall_s": round(wall, 2), "steady_tokens_per_s": round(statistics.mean(steady), 1) if steady else None,
             "reports": [p.tokens_per_second for p in progress], "phases": phases,
             "texts": train + held_out, "stderr_tail": stderr[-3000:],
@@ -642,6 +643,20 @@ def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int,
             # which loader read the checkpoint (model_loading.choose_loader) and how far it read ahead
             "loader_log": [line[line.index("fromPretrained:"):] for line in stderr.splitlines()
                            if "fromPretrained:" in line]}
+
+
+def _resolved(s3, adapter_uri: str | None) -> dict | None:
+    """What the CLI's published training_config.json says it ran: its memory plan (the policy in
+    it) and its fast path, read back from the store before the call's store goes away."""
+    if not adapter_uri:
+        return None
+    bucket, _, prefix = adapter_uri.removeprefix("s3://").partition("/")
+    try:
+        body = s3.get_object(Bucket=bucket, Key=prefix.rstrip("/") + "/training_config.json")["Body"].read()
+    except Exception as exc:  # noqa: BLE001  (a record, not the measurement)
+        return {"error": repr(exc)[-300:]}
+    resolved = json.loads(body).get("resolved", {})
+    return {k: resolved.get(k) for k in ("memoryPlan", "acceleration", "batchSize", "gradientAccumulationSteps")}
 
 
 # -- the driver ------------------------------------------------------------------------------------------
