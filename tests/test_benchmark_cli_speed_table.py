@@ -107,3 +107,25 @@ def test_session_18s_cli_tables_render_from_their_raw_results():
     assert "| 0.62 | 0.53 | 1.16x | met |" in _line(again, "7b-1024", "publish")
     assert _line(again, "7b-1024", "16820.9").endswith("| 1.010 | met |")
     assert not [line for line in again.splitlines() if "MISSED" in line]
+
+
+def test_session_19s_cli_under_memory_max_renders_from_its_raw_results():
+    """Session 19, spec.training.acceleration.memory: max through the real trainer CLI: the fast path
+    under the same policy reads 17,259 and 18,217 tokens/s (8B, 7B; auto's table reads 15,867 and
+    16,751) and the CLI keeps at least 95% of it, every phase within 1.5x its floor. The second call
+    reads back the CLI's published training_config.json: its plan took the max policy."""
+    bench = _bench()
+    first = _recorded("trainer_cli_speed_memory_max_session19_h200.json")
+    assert first["options"]["memory"] == "max"
+    table, ok = bench.render(first)
+    assert ok and "MISSED" not in table
+    for row, ratio in (("8b-1024", "0.973"), ("7b-1024", "1.013")):
+        assert next(line for line in table.splitlines() if line.startswith(f"| {row} | ") and f"| {ratio} | met |" in line)
+        assert "budget (max)" in first["rows"][row]["fast_path"]["plan"]
+    second = _recorded("trainer_cli_speed_memory_max_session19b_h200.json")
+    again, ok = bench.render(second)
+    assert ok and _line(again, "7b-1024", "18608.0").endswith("| 1.019 | met |")
+    resolved = second["rows"]["7b-1024"]["cli"]["resolved"]
+    assert resolved["acceleration"] == {"path": "fused", "cudaGraphs": True, "memory": "max",
+                                        "why": "spec.training.acceleration"}
+    assert "budget (max)" in resolved["memoryPlan"] and "bf16 weight copies in 28 layers" in resolved["memoryPlan"]
