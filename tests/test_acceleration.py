@@ -565,6 +565,73 @@ def test_a_young_adapter_reaches_a_per_projection_output_on_the_fp32_stream():
     assert out.dtype == torch.float32 and worst(effect, exact) < 0.03, worst(effect, exact)
 
 
+def test_per_projection_gradients_on_the_fp32_stream_with_dropout_are_the_recipes():
+    """With dropout on a wide (fp32) input, the per-projection functions' outputs and gradients
+    (input, A and B of every projection) are those of the recipe's arithmetic with the same masks,
+    computed in fp64 from the same bf16 weights: the masks reach the A side, the A gradient and
+    the LoRA part of the input gradient alike. The adapters are far from young here, so the LoRA
+    parts weigh as much as the base's."""
+    from qlora_trainer.acceleration.kernels import (
+        FrozenWeight,
+        LoRAGatedMLPFunction,
+        LoRALinearFunction,
+        Projection,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    n, k, inter, h, r, p = 64, 32, 40, 48, 4, 0.3
+
+    def proj(rows, cols):
+        base = torch.nn.Linear(cols, rows, bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(rows, cols, generator=g) / cols ** 0.5)
+        return Projection(FrozenWeight(base, torch.bfloat16), scaling=2.0, dropout=p)
+
+    def adapter(rows, cols):
+        return [(torch.randn(r, cols, generator=g) / cols ** 0.5).requires_grad_(),
+                (torch.randn(rows, r, generator=g) / r ** 0.5).requires_grad_()]
+
+    def lora64(x, pr, A, B, mask):
+        w = pr.weight.get().double()
+        return x @ w.t() + ((x * mask / (1 - p)) @ A.double().t()) @ (pr.scaling * B.double()).t()
+
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    def check(ours, leaves, ref_fn, seed):
+        torch.manual_seed(seed)
+        out = ours()
+        gy = torch.randn(out.shape, generator=g)
+        out.backward(gy)
+        copies = [t.detach().double().requires_grad_() for t in leaves]
+        torch.manual_seed(seed)  # the same draws, in the same order
+        ref = ref_fn(*copies)
+        ref.backward(gy.double())
+        assert out.dtype == torch.float32 and rel(out, ref.detach()) < 2e-2
+        for i, (t, c) in enumerate(zip(leaves, copies)):
+            assert rel(t.grad, c.grad) < 3e-2, (i, rel(t.grad, c.grad))
+
+    def draw(rows, cols):
+        return torch.empty(rows, cols, dtype=torch.bool).bernoulli_(1.0 - p)
+
+    x = torch.randn(n, k, generator=g).requires_grad_()
+    q = proj(h, k)
+    A, B = adapter(h, k)
+    check(lambda: LoRALinearFunction.apply(x, A, B, q, True), [x, A, B],
+          lambda x_, A_, B_: lora64(x_, q, A_, B_, draw(n, k)), seed=11)
+
+    x = torch.randn(n, k, generator=g).requires_grad_()
+    gate, up, down = proj(inter, k), proj(inter, k), proj(h, inter)
+    ws = adapter(inter, k) + adapter(inter, k) + adapter(h, inter)
+
+    def mlp64(x_, Ag, Bg, Au, Bu, Ad, Bd):
+        mg, mu = draw(n, k), draw(n, k)
+        act = F.silu(lora64(x_, gate, Ag, Bg, mg)) * lora64(x_, up, Au, Bu, mu)
+        return lora64(act, down, Ad, Bd, draw(n, inter))
+
+    check(lambda: LoRAGatedMLPFunction.apply(x, *ws, (gate, up, down), True), [x, *ws], mlp64, seed=12)
+
+
 @pytest.mark.parametrize("fused", [True, "graphed", False])
 @pytest.mark.parametrize("optimizer", ["adamw_fused", "adamw_foreach", "sgd"])
 def test_accelerated_forward_sees_every_optimizer_step(fused, optimizer, monkeypatch):
