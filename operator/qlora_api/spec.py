@@ -168,7 +168,7 @@ class AccelerationSpec(RuledModel):
         "memory than the plain recipe would for the same job (lean when the GPU has less than 1.5x that); lean: "
         "every layer recomputed, for a small or shared GPU or long sequences; max: the whole GPU less a margin, "
         "for speed (Llama-3-8B on an H200: 1.07x auto's tokens/s with twice its memory). Applies to paths fused "
-        "and perProjection.",
+        "and perProjection on one GPU or data parallel (a sharded job plans its shards itself).",
     )
 
     cross_field_rules = (
