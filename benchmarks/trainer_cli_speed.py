@@ -474,9 +474,11 @@ def fast_path_with_floors(row: dict, folder: Path, floors: bool, diagnostics: bo
 def memory_policy() -> str:
     """The memory plan's policy of every run in this call (--memory; the environment carries it to
     the rows' own processes): the CLI's spec.training.acceleration.memory and the fast path's plan."""
+    from qlora_trainer.acceleration.planner import MEMORY_POLICIES
+
     policy = os.environ.get("QLORA_BENCH_MEMORY", "auto")
-    if policy not in ("auto", "lean", "max"):
-        raise SystemExit(f"QLORA_BENCH_MEMORY must be auto, lean or max, got {policy!r}")
+    if policy not in MEMORY_POLICIES:
+        raise SystemExit(f"QLORA_BENCH_MEMORY must be one of {', '.join(MEMORY_POLICIES)}, got {policy!r}")
     return policy
 
 
@@ -979,7 +981,9 @@ def main() -> int:
                          "(a process start, ~20 s on the H200 machine); when taken, the phase is judged against it: "
                          "the CLI's pass is its process's first too, and a process's first large pass pays a fixed "
                          "cost (its heap growing) that the driver's warm process has already paid")
-    ap.add_argument("--memory", choices=("auto", "lean", "max"), default=None,
+    from qlora_trainer.acceleration.planner import MEMORY_POLICIES
+
+    ap.add_argument("--memory", choices=MEMORY_POLICIES, default=None,
                     help="the memory plan's policy for the CLI (spec.training.acceleration.memory) and the fast "
                          "path alike (default auto)")
     ap.add_argument("--task", help=argparse.SUPPRESS)

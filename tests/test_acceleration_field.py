@@ -45,6 +45,9 @@ def test_the_crd_carries_the_field_and_its_rule():
     assert acc["properties"]["path"]["default"] == "fused"
     assert any("cudaGraphs applies to path fused only" == r["message"] for r in acc["x-kubernetes-validations"])
     assert acc["properties"]["memory"]["enum"] == ["auto", "lean", "max"]
+    from qlora_trainer.acceleration.planner import MEMORY_POLICIES  # the API offers what the planner has
+
+    assert tuple(acc["properties"]["memory"]["enum"]) == MEMORY_POLICIES
     assert acc["properties"]["memory"]["default"] == "auto"
     assert any(r["message"].startswith("memory applies to paths fused and perProjection only")
                for r in acc["x-kubernetes-validations"])

@@ -234,7 +234,7 @@ def _takes_fp32_stream(layer) -> bool:
     """Whether a decoder layer runs on an fp32 residual stream as the plain recipe's does: a fused
     one natively; a per-projection one when each of its norms is this module's RMSNorm (fp32 in,
     fp32 out) and each of its linears belongs to a LoRA projection this module patched (which casts
-    its input to the compute dtype and returns that dtype; the residual adds then promote to fp32).
+    its input to the compute dtype for the GEMMs and returns its input's dtype, as bitsandbytes does).
     Anything else (a linear without an adapter, a norm of its own kind) keeps the compute dtype."""
     if hasattr(layer, "_qlora_qkv"):
         return True
@@ -251,9 +251,9 @@ def _keep_residual_fp32(lm, layers, dtype, report: AccelerationReport, plan: Mem
                         attention_ours: bool) -> None:
     """The plain recipe's residual stream is fp32 (prepare_model_for_kbit_training upcasts the
     embeddings and norms); in bf16 the fast path learned measurably slower at the Llama-3-8B shape
-    (benchmarks/results/lora_grad_parity_h200.md), and with a bf16 stream the per-projection path's
-    gradients were 1.10x as far from fp32 as the recipe's on a 16-layer model, 0.91x with the fp32
-    one (tests/test_acceleration.py).
+    (benchmarks/results/lora_grad_parity_h200.md), and so did the per-projection path at 8B until
+    its projections also returned their fp32 input's dtype
+    (benchmarks/results/per_projection_parity_session19_h200.md).
     Fused layers take an fp32 stream natively, per-projection ones when _takes_fp32_stream (and
     attention is varlen_attention_forward, which casts their fp32 q, k and v to the compute dtype);
     when any layer cannot, the whole stream keeps the compute dtype."""

@@ -31,6 +31,8 @@ GIB = 1024**3
 # layers run per projection, and the plan is made for that.
 FUSED_MAX_RANK = 64
 RECOMPUTE_MODES = ("none", "selective", "full", "offload")
+# The budget policies (module docstring); spec.training.acceleration.memory offers the same names.
+MEMORY_POLICIES = ("auto", "lean", "max")
 
 # Roofline constants (H100-class defaults; `GpuSpec` overrides). Calibrated in benchmarks/NOTES.md.
 _GEMM_TOKENS_HALF_EFFICIENCY = 64  # tokens per micro-step at which GEMMs run at half their peak
@@ -444,7 +446,7 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
 
     Raises PlanDoesNotFit, naming the largest sequence length that would fit, when nothing fits.
     """
-    if policy not in ("auto", "lean", "max"):
+    if policy not in MEMORY_POLICIES:
         raise ValueError(f"unknown memory policy {policy!r}")
     if micro_batch is not None and (micro_batch < 1 or job.effective_batch % micro_batch):
         raise ValueError(f"micro-batch {micro_batch} does not divide the effective batch {job.effective_batch}")
