@@ -50,6 +50,8 @@ CARRY = REPO / ".gpu_carry"
 SHM = Path("/dev/shm/qlora-bench") if Path("/dev/shm").is_dir() else Path("/tmp/qlora-bench")
 SITE = Path("/tmp/qlora-bench-site")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Every linear of a decoder layer for the architectures named otherwise (the recipe's all-linear).
+TARGETS_BY_TYPE = {"gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}
 
 SHAPES = {
     "qwen2.5-1.5b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_hidden_layers=28,
@@ -64,13 +66,27 @@ SHAPES = {
                        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                        vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=8192,
                        rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu"),
+    # Pythia-6.9B's shape: GPT-NeoX, which takes the general (per-projection) path, LayerNorm,
+    # parallel residual, a quarter of each head rotated, biases on every linear
+    "pythia-6.9b": dict(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], num_hidden_layers=32,
+                        hidden_size=4096, intermediate_size=16384, num_attention_heads=32, vocab_size=50432,
+                        tie_word_embeddings=False, max_position_embeddings=2048, rotary_pct=0.25,
+                        rotary_emb_base=10000, use_parallel_residual=True, layer_norm_eps=1e-5,
+                        hidden_act="gelu"),
 }
+# Shapes whose random checkpoints get zero biases (the real ones are near zero): the bias of one that
+# every other shape's 1-d tensors get would add 2 to the residual stream in every layer.
+ZERO_BIAS_SHAPES = ("pythia-6.9b",)
 ROWS = {  # name: (shape, seq_len, micro_batch) -- the effective batch is micro_batch sequences
     "1.5b-512": ("qwen2.5-1.5b", 512, 4),
     "1.5b-2048": ("qwen2.5-1.5b", 2048, 8),
     "7b-1024": ("qwen2.5-7b", 1024, 4),
     "8b-1024": ("llama-3-8b", 1024, 4),
 }
+# Rows run only when named (`--only neox-1024/plain-rerun,...`: the variants of _variant), outside
+# the tables, for questions of their own (benchmarks/NOTES.md, session 20: a NeoX-shaped row).
+ON_REQUEST_ROWS = {"neox-1024": ("pythia-6.9b", 1024, 4)}
+ALL_ROWS = {**ROWS, **ON_REQUEST_ROWS}
 WARMUP, TIMED = 3, 10
 # The plain recipe's own seed-to-seed spread of the loss at these rows' length (13 steps): the
 # largest |plain(seed 0) - plain(seed 1)| over steps 8-12 on the 8B row, measured by
@@ -154,7 +170,7 @@ def _variant(name: str) -> dict | None:
     pinned to N), none/selective/full/offload (recompute mode pinned); the rest is planned."""
     row, _, rest = name.partition("/")
     base, *mods = rest.split("-")
-    if row not in ROWS or base not in ("ours", "lean", "plain") or not mods:
+    if row not in ALL_ROWS or base not in ("ours", "lean", "plain") or not mods:
         return None
     if base == "plain" and not all(m.startswith(("seed", "rerun")) or m == "p0" for m in mods):
         return None
@@ -244,7 +260,8 @@ def make_models(names: list[str]) -> None:
             if config.tie_word_embeddings and key == "lm_head.weight":
                 continue
             if p.dim() == 1:
-                tensors[key] = torch.ones(p.shape, dtype=torch.bfloat16)
+                zero = name in ZERO_BIAS_SHAPES and key.endswith(".bias")
+                tensors[key] = (torch.zeros if zero else torch.ones)(p.shape, dtype=torch.bfloat16)
             else:
                 tensors[key] = torch.randn(p.shape, generator=g, device=device).mul_(0.02).to(torch.bfloat16).cpu()
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -311,10 +328,10 @@ def drive(args) -> None:
     for c in todo:
         c["profile"] = bool(args.profile) and c["task"] == "fixed"
 
-    shapes = sorted({ROWS[c["row"]][0] for c in todo if c["row"] in ROWS}
+    shapes = sorted({ALL_ROWS[c["row"]][0] for c in todo if c["row"] in ALL_ROWS}
                     | ({"qwen2.5-1.5b"} if any(c["row"] == "varlen" for c in todo) else set())
                     | ({"smollm2-135m"} if any(c["row"] == "lossmatch" for c in todo) else set()))
-    order = {"smollm2-135m": 0, "qwen2.5-1.5b": 1, "qwen2.5-7b": 2, "llama-3-8b": 3}
+    order = {"smollm2-135m": 0, "qwen2.5-1.5b": 1, "qwen2.5-7b": 2, "llama-3-8b": 3, "pythia-6.9b": 4}
     maker = prepare_models(sorted(shapes, key=order.get), gpu=args.gpu_weights)
     results = []
     env_info = {"python": sys.version.split()[0], "site": site}
@@ -322,7 +339,7 @@ def drive(args) -> None:
     queue = [Worker(c, env, log_dir) for c in todo[:2]]  # two started ahead: imports overlap runs
     for i, cfg in enumerate(todo):
         cur = queue.pop(0)
-        shape = ROWS.get(cfg["row"], ("qwen2.5-1.5b" if cfg["row"] == "varlen" else "smollm2-135m",))[0]
+        shape = ALL_ROWS.get(cfg["row"], ("qwen2.5-1.5b" if cfg["row"] == "varlen" else "smollm2-135m",))[0]
         if cfg["task"] != "checks":
             while not (SHM / shape / ".done").exists() and time.monotonic() < deadline:
                 if maker is not None and maker.poll() not in (None, 0):
@@ -505,7 +522,7 @@ def _wait_for_go():
 
 
 def _row_job(cfg):
-    shape, seq, batch = ROWS[cfg["row"]]
+    shape, seq, batch = ALL_ROWS[cfg["row"]]
     return shape, seq, batch
 
 
@@ -565,9 +582,15 @@ def load_model(engine: str, folder: Path, seq: int, dropout: float, device: str 
                 m.support_avx512bf16_for_cpu = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS,
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets(folder),
                                              bias="none", task_type="CAUSAL_LM"))
     return model
+
+
+def targets(folder: Path) -> list[str]:
+    """The LoRA target modules of the checkpoint in `folder` (by its config's model_type)."""
+    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    return TARGETS_BY_TYPE.get(model_type, TARGETS)
 
 
 def make_optimizer(model, device="cuda", plan=None):

@@ -128,3 +128,22 @@ def test_the_memory_policy_reaches_the_plan(tmp_path, monkeypatch):
     assert most.predicted_peak_bytes > auto.predicted_peak_bytes >= 0
     assert most.predicted_tokens_per_s > auto.predicted_tokens_per_s > lean.predicted_tokens_per_s
     assert auto.predicted_peak_bytes <= auto.budget_bytes < most.budget_bytes
+
+
+def test_an_architecture_the_fused_layer_does_not_take_is_planned_per_projection(tmp_path, monkeypatch):
+    """A GPT-NeoX job runs per projection whatever the plan says (fused_layer.fusable), so it is
+    planned so: planned as fused, the H200 ran it 2.2x slower than the plain recipe at 1.3x its
+    memory (benchmarks/results/neox_row_session20_h200.md). A Llama job keeps the fused plan."""
+    from qlora_trainer.acceleration.trainer_hooks import plan_before_loading
+    from transformers import GPTNeoXConfig, LlamaConfig
+
+    monkeypatch.setenv("QLORA_ACCELERATION", "cpu")
+    neox, llama = tmp_path / "neox", tmp_path / "llama"
+    GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  vocab_size=128).save_pretrained(neox)
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=128).save_pretrained(llama)
+    neox_plan = plan_before_loading(neox, _spec())
+    assert not neox_plan.fused_layers and not neox_plan.cuda_graphs
+    assert "fused decoder layers off" in neox_plan.describe()
+    assert plan_before_loading(llama, _spec()).fused_layers

@@ -95,3 +95,33 @@ def _cpu_plan():
                       ce_chunk_tokens=8, packing=False, predicted_peak_bytes=0, predicted_tokens_per_s=0.0,
                       budget_bytes=0, policy="test")
     return dataclasses.replace(plan, fused_layers=True)  # fused wanted: the layers themselves refuse it
+
+
+def test_the_fast_paths_attention_takes_autocasts_dtype_as_sdpa_does():
+    """Under CUDA autocast a LayerNorm runs in fp32, so a GPT-NeoX layer's projections (which return
+    their input's dtype, as bitsandbytes' do) hand the attention fp32 q, k and v, and the flash
+    kernels take only fp16 and bf16: the fast path's attention casts them to autocast's dtype, as
+    SDPA does under autocast (found on an H200 with a Pythia-6.9B-shaped model, where every step
+    failed; the CPU's autocast stands in for the GPU's here). Outside autocast they go in as given."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    from qlora_trainer.acceleration import packing
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    module = types.SimpleNamespace()  # an attention module the fast path gave no compute dtype
+    seen = []  # what the kernel gets (on a GPU the flash kernel, which autocast does not cover)
+    kernel = packing._per_record_sdpa
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packing, "_per_record_sdpa", lambda *a: seen.append([t.dtype for t in a[:3]]) or kernel(*a))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = packing.varlen_attention_forward(module, q, k, v, None)
+        plain, _ = packing.varlen_attention_forward(module, q, k, v, None)
+    assert seen == [[torch.bfloat16] * 3, [torch.float32] * 3]
+    assert out.dtype == torch.bfloat16
+    expected = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=2e-2, atol=2e-2)
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(plain, F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2))

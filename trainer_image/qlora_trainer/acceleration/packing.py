@@ -160,8 +160,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         cu, max_len = _cu_for(kwargs.get("position_ids"), bsz, seq)
     # On an fp32 residual stream q, k and v come out of their projections in fp32 (and RoPE's cos
     # and sin are fp32): all three go in as the compute dtype the layer was given
-    # (apply._keep_residual_fp32), as autocast sends the plain recipe's to SDPA.
-    dtype = getattr(module, "_qlora_compute_dtype", value.dtype)
+    # (apply._keep_residual_fp32), as autocast sends the plain recipe's to SDPA. Under autocast
+    # they go in as its dtype, as SDPA's would: a LayerNorm runs in fp32 under CUDA autocast, so a
+    # GPT-NeoX layer's projections (which return their input's dtype, as bitsandbytes' do) hand
+    # it fp32 q, k and v, which the flash kernels refuse (session 20, a NeoX-shaped GPU row).
+    dtype = getattr(module, "_qlora_compute_dtype", None) or _autocast_dtype(value)
     q = query.transpose(1, 2).reshape(bsz * seq, heads, dim).to(dtype)
     k = key.transpose(1, 2).reshape(bsz * seq, key.shape[1], dim).to(dtype)
     v = value.transpose(1, 2).reshape(bsz * seq, value.shape[1], dim).to(dtype)
@@ -170,6 +173,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     else:
         out = _per_record_sdpa(q, k, v, cu, scaling)
     return out.view(bsz, seq, heads, dim), None
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives t's device's lower-precision ops when it is on there, else t's."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
 def register_varlen_attention() -> str:

@@ -70,6 +70,19 @@ _CE_CHUNK_HOST_S = 0.00005
 # fits: the plan asks for fused AdamW (the same 32-bit AdamW update).
 OPTIMIZER = "adamw_torch_fused"
 
+# The model types whose decoder layers fused_layer.fusable takes (Llama-style RMSNorm, SiLU-gated
+# MLP, rotary q/k/v/o attention). Any other architecture runs per projection, so it is planned so:
+# planned as fused, a GPT-NeoX job got the fused layers' activation estimate and host cost, a plan
+# 2.2x slower than the plain recipe at 1.3x its memory (benchmarks/NOTES.md, session 20).
+FUSABLE_MODEL_TYPES = ("llama", "qwen2", "mistral", "smollm3", "granite")
+
+
+def fusable_architecture(config) -> bool:
+    """Whether a transformers config (or its dict) names an architecture the fused layer takes."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return model_type in FUSABLE_MODEL_TYPES
+
+
 def fused_layer_wanted(setting: str | None) -> bool:
     """Whether plans use the fused decoder layer (fused_layer.py): yes unless QLORA_FUSED_LAYER=0,
     which keeps the per-projection functions (a way around a suspected fused-path problem)."""

@@ -33,11 +33,12 @@ from . import (
     ModelShape,
     PlanDoesNotFit,
     apply_acceleration,
+    fusable_architecture,
     fused_layer_wanted,
     gpu_spec,
     plan_memory,
 )
-from .planner import FUSED_MAX_RANK
+from .planner import FUSABLE_MODEL_TYPES, FUSED_MAX_RANK
 from .sharded_plan import ShardedPlan, does_not_fit_message, plan_sharded, smallest_sharded_world
 from .sharded_plan import fits as sharded_fits
 
@@ -122,10 +123,13 @@ def plan_before_loading(model_path, spec, device: int = 0) -> MemoryPlan | None:
     shape, job, gpu, config = found
     try:
         plan = plan_memory(shape, job, gpu, policy=spec.training.acceleration.memory, packing=spec.training.packing,
-                           fused=choice.path == "fused")
+                           fused=choice.path == "fused" and fusable_architecture(config))
     except PlanDoesNotFit as exc:
         raise _does_not_fit(str(exc)) from exc
-    if choice.path == "fused" and not plan.fused_layers:  # the planner's rank ceiling
+    if choice.path == "fused" and not fusable_architecture(config):
+        log.info("fused decoder layers off: %s is not an architecture they take (%s); its layers run per "
+                 "projection", getattr(config, "model_type", type(config).__name__), ", ".join(FUSABLE_MODEL_TYPES))
+    elif choice.path == "fused" and not plan.fused_layers:  # the planner's rank ceiling
         log.info("fused decoder layers off: LoRA rank %d is above the fused layer's largest, %d",
                  job.lora_rank, FUSED_MAX_RANK)
     plan = replace(plan, cuda_graphs=choice.cuda_graphs and plan.fused_layers)
