@@ -74,8 +74,9 @@ SHAPES = {
                         rotary_emb_base=10000, use_parallel_residual=True, layer_norm_eps=1e-5,
                         hidden_act="gelu"),
 }
-# Shapes whose random checkpoints get zero biases (the real ones are near zero): the bias of one that
-# every other shape's 1-d tensors get would add 2 to the residual stream in every layer.
+# Shapes whose random checkpoints get zero biases (the real ones are near zero). Every other 1-d
+# tensor is drawn as ones: as the biases of a NeoX layer's two output projections they would add 2
+# to the residual stream in every layer.
 ZERO_BIAS_SHAPES = ("pythia-6.9b",)
 ROWS = {  # name: (shape, seq_len, micro_batch) -- the effective batch is micro_batch sequences
     "1.5b-512": ("qwen2.5-1.5b", 512, 4),
