@@ -105,7 +105,6 @@ def test_the_fast_paths_attention_takes_autocasts_dtype_as_sdpa_does():
     failed; the CPU's autocast stands in for the GPU's here). Outside autocast they go in as given."""
     import types
 
-    import torch
     import torch.nn.functional as F
     from qlora_trainer.acceleration import packing
 
