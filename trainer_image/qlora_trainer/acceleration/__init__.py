@@ -20,7 +20,6 @@ from .planner import (
     MemoryPlan,
     ModelShape,
     PlanDoesNotFit,
-    fusable_architecture,
     fused_layer_wanted,
     plan_memory,
 )
@@ -47,10 +46,9 @@ def plan_for_gpu(model_config, job: JobShape, policy: str = "auto", device: int 
                  fused: bool | None = None) -> MemoryPlan:
     """Plan from a transformers config (or its dict) for the GPU this process sees; whether the
     decoder layers run fused: `fused`, or by default QLORA_FUSED_LAYER (planner.fused_layer_wanted),
-    and only for an architecture the fused layer takes (planner.fusable_architecture)."""
+    and only for an architecture the fused layer takes (ModelShape.fusable)."""
     if fused is None:
         fused = fused_layer_wanted(os.environ.get("QLORA_FUSED_LAYER"))
-    fused = fused and fusable_architecture(model_config)
     return plan_memory(ModelShape.from_hf_config(model_config), job, gpu_spec(device, memory_fraction),
                        policy=policy, packing=packing, micro_batch=micro_batch,
                        recompute=recompute, fused=fused)
@@ -79,7 +77,6 @@ __all__ = [
     "ModelShape",
     "PlanDoesNotFit",
     "apply_acceleration",
-    "fusable_architecture",
     "fused_layer_wanted",
     "gpu_spec",
     "labels_checked_on_host",

@@ -46,7 +46,7 @@ import torch
 from . import attention
 from . import fused_ops as ops
 from .packing import _on_device
-from .planner import FUSED_MAX_RANK
+from .planner import FUSABLE_ARCHITECTURES, FUSED_MAX_RANK
 
 # ---------------------------------------------------------------------------------------------
 # Frozen weights of several projections as one matrix
@@ -484,7 +484,7 @@ def _mlp_backward(layer, x, norm_w, seeds, lora_params, saved, gy, gyc=None, gx_
 # ---------------------------------------------------------------------------------------------
 # Installing it on a decoder layer
 
-_NORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm"}
+_NORM_CLASSES = {f"{prefix}RMSNorm" for prefix in FUSABLE_ARCHITECTURES.values()}  # what the planner plans fused
 
 
 def _adapters_live(modules) -> bool:

@@ -70,17 +70,13 @@ _CE_CHUNK_HOST_S = 0.00005
 # fits: the plan asks for fused AdamW (the same 32-bit AdamW update).
 OPTIMIZER = "adamw_torch_fused"
 
-# The model types whose decoder layers fused_layer.fusable takes (Llama-style RMSNorm, SiLU-gated
-# MLP, rotary q/k/v/o attention). Any other architecture runs per projection, so it is planned so:
+# The architectures whose decoder layers fused_layer.fusable takes (Llama-style RMSNorm, SiLU-gated
+# MLP, rotary q/k/v/o attention): model type -> the prefix of its RMSNorm class (fused_layer checks
+# the class). Any other architecture runs per projection, so it is planned so (ModelShape.fusable):
 # planned as fused, a GPT-NeoX job got the fused layers' activation estimate and host cost, a plan
 # 2.2x slower than the plain recipe at 1.3x its memory (benchmarks/NOTES.md, session 20).
-FUSABLE_MODEL_TYPES = ("llama", "qwen2", "mistral", "smollm3", "granite")
-
-
-def fusable_architecture(config) -> bool:
-    """Whether a transformers config (or its dict) names an architecture the fused layer takes."""
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
-    return model_type in FUSABLE_MODEL_TYPES
+FUSABLE_ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "smollm3": "SmolLM3",
+                         "granite": "Granite"}
 
 
 def fused_layer_wanted(setting: str | None) -> bool:
@@ -107,6 +103,7 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied_embeddings: bool = False
+    fusable: bool = True  # an architecture the fused decoder layer takes (FUSABLE_ARCHITECTURES)
 
     @classmethod
     def from_hf_config(cls, config) -> ModelShape:
@@ -122,6 +119,7 @@ class ModelShape:
             head_dim=get("head_dim") or hidden // heads,
             vocab=get("vocab_size"),
             tied_embeddings=bool(get("tie_word_embeddings", False)),
+            fusable=get("model_type") in FUSABLE_ARCHITECTURES,
         )
 
     @property
@@ -455,7 +453,8 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
     `micro_batch` pins the micro-batch (it must divide the effective batch) and `recompute` the
     recompute mode (one of RECOMPUTE_MODES); the rest is planned. `fused`: the decoder layers run
     as fused_layer.py's functions (CUDA graphs for fixed-length rows), else per projection; a LoRA
-    rank above FUSED_MAX_RANK is planned per projection whatever it says (the layers will run so).
+    rank above FUSED_MAX_RANK, or an architecture the fused layer does not take (shape.fusable), is
+    planned per projection whatever it says (the layers will run so).
 
     Raises PlanDoesNotFit, naming the largest sequence length that would fit, when nothing fits.
     """
@@ -465,7 +464,7 @@ def plan_memory(shape: ModelShape, job: JobShape, gpu: GpuSpec, policy: str = "a
         raise ValueError(f"micro-batch {micro_batch} does not divide the effective batch {job.effective_batch}")
     if recompute is not None and recompute not in RECOMPUTE_MODES:
         raise ValueError(f"unknown recompute mode {recompute!r}: one of {', '.join(RECOMPUTE_MODES)}")
-    fused = fused and job.lora_rank <= FUSED_MAX_RANK
+    fused = fused and shape.fusable and job.lora_rank <= FUSED_MAX_RANK
     usable = _usable(gpu)
     baseline = baseline_peak_bytes(shape, job)
     if policy == "auto" and usable < 1.5 * baseline:

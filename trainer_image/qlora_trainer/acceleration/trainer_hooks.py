@@ -33,12 +33,11 @@ from . import (
     ModelShape,
     PlanDoesNotFit,
     apply_acceleration,
-    fusable_architecture,
     fused_layer_wanted,
     gpu_spec,
     plan_memory,
 )
-from .planner import FUSABLE_MODEL_TYPES, FUSED_MAX_RANK
+from .planner import FUSABLE_ARCHITECTURES, FUSED_MAX_RANK
 from .sharded_plan import ShardedPlan, does_not_fit_message, plan_sharded, smallest_sharded_world
 from .sharded_plan import fits as sharded_fits
 
@@ -123,12 +122,12 @@ def plan_before_loading(model_path, spec, device: int = 0) -> MemoryPlan | None:
     shape, job, gpu, config = found
     try:
         plan = plan_memory(shape, job, gpu, policy=spec.training.acceleration.memory, packing=spec.training.packing,
-                           fused=choice.path == "fused" and fusable_architecture(config))
+                           fused=choice.path == "fused")
     except PlanDoesNotFit as exc:
         raise _does_not_fit(str(exc)) from exc
-    if choice.path == "fused" and not fusable_architecture(config):
+    if choice.path == "fused" and not shape.fusable:
         log.info("fused decoder layers off: %s is not an architecture they take (%s); its layers run per "
-                 "projection", getattr(config, "model_type", type(config).__name__), ", ".join(FUSABLE_MODEL_TYPES))
+                 "projection", getattr(config, "model_type", type(config).__name__), ", ".join(FUSABLE_ARCHITECTURES))
     elif choice.path == "fused" and not plan.fused_layers:  # the planner's rank ceiling
         log.info("fused decoder layers off: LoRA rank %d is above the fused layer's largest, %d",
                  job.lora_rank, FUSED_MAX_RANK)
