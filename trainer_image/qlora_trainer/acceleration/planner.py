@@ -77,6 +77,20 @@ OPTIMIZER = "adamw_torch_fused"
 # 2.2x slower than the plain recipe at 1.3x its memory (benchmarks/NOTES.md, session 20).
 FUSABLE_ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "smollm3": "SmolLM3",
                          "granite": "Granite"}
+# Architectures whose MLP is two matrices (up, activation, down) where Llama's is three (gate, up,
+# down): model type -> matrices. Counted as three, a GPT-NeoX layer's weights came out a third
+# too large, and with them the plain recipe's memory (13.1 GiB planned against 10.17 measured),
+# the plan's own memory and time, and the MFU the benchmark reports (benchmarks/NOTES.md, session 21).
+UNGATED_MLP_ARCHITECTURES = ("gpt_neox", "gpt2", "gptj", "gpt_neo", "gpt_bigcode", "phi", "falcon", "opt", "bloom",
+                             "starcoder2", "codegen", "mpt", "persimmon", "biogpt", "xglm")
+# Saving a layer's input to host memory (apply.offloaded_checkpoint: torch's save_on_cpu) blocks:
+# the copy to pinned memory runs on the compute stream and the host waits for it, and the copy back
+# runs in the backward's path. Measured on an H200 (Pythia-6.9B's shape, 4,096-token micro-steps,
+# 2.15 GB out and back a step): the offloaded plan's step 114 ms longer than full recompute's
+# (662.5 against 548.4 ms), about 19 GB/s, with nothing overlapped (benchmarks/NOTES.md, session 21).
+# Priced as overlapping 80% of its 25 GB/s, offload looked free, and the 3% rule picked it over full
+# recompute for a memory saving of 0.16 GiB at 0.83x the speed.
+_OFFLOAD_BYTES_PER_S = 19e9
 
 
 def fused_layer_wanted(setting: str | None) -> bool:
@@ -104,22 +118,31 @@ class ModelShape:
     vocab: int
     tied_embeddings: bool = False
     fusable: bool = True  # an architecture the fused decoder layer takes (FUSABLE_ARCHITECTURES)
+    mlp_matrices: int = 3  # 3: gated (gate, up, down); 2: up and down (UNGATED_MLP_ARCHITECTURES)
 
     @classmethod
     def from_hf_config(cls, config) -> ModelShape:
         get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
         heads = get("num_attention_heads")
         hidden = get("hidden_size")
+        ungated = get("model_type") in UNGATED_MLP_ARCHITECTURES
+        # the MLP's width under its other names (OPT's ffn_dim, Falcon's ffn_hidden_size, GPT-2's
+        # n_inner); an ungated MLP left unset is 4x the hidden size, as those models build it
+        intermediate = next((get(k) for k in ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner")
+                             if get(k) is not None), None)
+        if intermediate is None and ungated and hidden is not None:
+            intermediate = 4 * hidden
         return cls(
             layers=get("num_hidden_layers"),
             hidden=hidden,
-            intermediate=get("intermediate_size"),
+            intermediate=intermediate,
             heads=heads,
             kv_heads=get("num_key_value_heads") or heads,
             head_dim=get("head_dim") or hidden // heads,
             vocab=get("vocab_size"),
             tied_embeddings=bool(get("tie_word_embeddings", False)),
             fusable=get("model_type") in FUSABLE_ARCHITECTURES,
+            mlp_matrices=2 if ungated else 3,
         )
 
     @property
@@ -133,7 +156,7 @@ class ModelShape:
     @property
     def linear_params_per_layer(self) -> int:
         h, i = self.hidden, self.intermediate
-        return h * self.q_width * 2 + h * self.kv_width * 2 + 3 * h * i
+        return h * self.q_width * 2 + h * self.kv_width * 2 + self.mlp_matrices * h * i
 
     @property
     def linear_params(self) -> int:
@@ -141,7 +164,7 @@ class ModelShape:
 
     def lora_params(self, rank: int) -> int:
         h, i, q, kv = self.hidden, self.intermediate, self.q_width, self.kv_width
-        per_layer = (h + q) * 2 + (h + kv) * 2 + (h + i) * 3
+        per_layer = (h + q) * 2 + (h + kv) * 2 + (h + i) * self.mlp_matrices
         return self.layers * rank * per_layer
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -244,11 +267,12 @@ def activation_bytes_per_token_layer(shape: ModelShape, dropout: float, fused: b
     which the projections keep as they came), all four on the residual stream's fp32; q/k/v after
     RoPE and the attention output (and its reshaped copy for o_proj) in the compute dtype; gate and
     up in the stream's fp32 (kernels.LoRAGatedMLPFunction: a projection returns its input's dtype,
-    as bitsandbytes does); and a 1-byte dropout mask per LoRA input when dropout is on."""
+    as bitsandbytes does; an ungated MLP keeps its up projection's output and the activation's, the
+    same two widths); and a 1-byte dropout mask per LoRA input when dropout is on."""
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
     if not fused:
         return (RESIDUAL_BYTES * (4 * h + 2 * i) + 2 * (q + 2 * kv + q)
-                + ((5 * h + q + i) if dropout > 0 else 0))
+                + (((2 + shape.mlp_matrices) * h + q + i) if dropout > 0 else 0))
     return 2 * (q + 2 * kv + q + 2 * i + 7 * 16) + RESIDUAL_BYTES * 2 * h + 4 * shape.heads
 
 
@@ -265,9 +289,11 @@ def transient_bytes_per_token(shape: ModelShape, fused: bool = True) -> int:
     which down_proj's A gradient reads, is written over its gradient), plus a few hidden-size
     gradients. Per projection on the fp32 stream (kernels.LoRAGatedMLPFunction.backward) SiLU's
     output, the SwiGLU output's gradient and gate's and up's gradients, fp32, live together with
-    a compute-dtype copy of one of them for the GEMMs."""
+    a compute-dtype copy of one of them for the GEMMs (an ungated MLP: the activation's output
+    gradient and its input gradient)."""
     if not fused:
-        return RESIDUAL_BYTES * 4 * shape.intermediate + 2 * (shape.intermediate + 2 * shape.hidden)
+        return (RESIDUAL_BYTES * 2 * (shape.mlp_matrices - 1) * shape.intermediate
+                + 2 * (shape.intermediate + 2 * shape.hidden))
     return 2 * (3 * shape.intermediate + 2 * shape.hidden)
 
 
@@ -334,7 +360,9 @@ def plan_peak_bytes(shape: ModelShape, job: JobShape, micro_batch: int, recomput
 def baseline_peak_bytes(shape: ModelShape, job: JobShape) -> int:
     """The standard recipe (what this plan must never exceed): peft + bitsandbytes, norms and
     embeddings upcast to fp32, checkpointing on every layer with fp32 hidden states, and the loss
-    over full-vocabulary logits (bf16 logits, their fp32 copy, log-softmax and its gradient)."""
+    over full-vocabulary logits (bf16 logits, their fp32 copy, log-softmax and its gradient). The
+    recomputed layer's MLP holds five intermediate-wide fp32 tensors and two bf16 ones when gated,
+    three and one when not (shape.mlp_matrices)."""
     tokens = job.micro_batch * job.seq_len
     static = static_bytes(shape, job.lora_rank, job.adapter_bytes)
     embed_fp32 = static["embeddings"] * 2
@@ -342,7 +370,8 @@ def baseline_peak_bytes(shape: ModelShape, job: JobShape) -> int:
     lora = shape.lora_params(job.lora_rank) * (2 * job.adapter_bytes + 8)
     h, i = shape.hidden, shape.intermediate
     checkpoints = shape.layers * tokens * h * 4
-    layer_eager = tokens * (4 * (10 * h + 5 * i) + 2 * (3 * h + 2 * i))
+    m = shape.mlp_matrices
+    layer_eager = tokens * (4 * (10 * h + (2 * m - 1) * i) + 2 * (3 * h + (m - 1) * i))
     logits = tokens * shape.vocab * (2 + 4 + 4 + 4)
     return int(static["nf4_weights"] + embed_fp32 + lora + checkpoints + layer_eager + logits)
 
@@ -380,7 +409,10 @@ def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: in
     elem = tokens * shape.layers * activation_bytes_per_token_layer(shape, job.lora_dropout, fused) * _ELEMENTWISE_PASSES
     elem_s = elem * (1 + 0.4 * frac_recomputed) / gpu.bandwidth
     elem_s += tokens * shape.vocab * _CE_BYTES_PER_LOGIT / gpu.bandwidth  # the loss's softmax passes
-    offload_s = (tokens * shape.layers * shape.hidden * 2 * 2 / 25e9) if offload else 0.0
+    # the saved inputs out and back (_OFFLOAD_BYTES_PER_S), in the residual stream's dtype: fp32
+    # where the layers keep it so (the fused architectures, RESIDUAL_BYTES), else the compute dtype
+    stream_bytes = RESIDUAL_BYTES if shape.fusable else 2
+    offload_s = (tokens * shape.layers * shape.hidden * stream_bytes * 2 / _OFFLOAD_BYTES_PER_S) if offload else 0.0
     fixed_s = shape.layers * _LAYER_FIXED_GPU_S * (1 + 0.5 * frac_recomputed)
     gpu_s = gemm_s + dequant_s + elem_s + fixed_s
     # The host issues ~300 kernels per layer per micro-step; small micro-steps are bound by it.
@@ -390,7 +422,8 @@ def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: in
         eager = recompute_layers if offload else 0
         host_s = eager * (_LAYER_OVERHEAD_S * 1.4 + 3 * _DEQUANT_OVERHEAD_S) + (shape.layers - eager) * _GRAPH_REPLAY_S
     host_s += math.ceil(tokens / chunk) * _CE_CHUNK_HOST_S
-    micro_s = max(gpu_s + offload_s * 0.2, host_s) + 0.1 * min(gpu_s, host_s)
+    # offload's copies block the host as well as the stream: nothing hides them (_OFFLOAD_BYTES_PER_S)
+    micro_s = max(gpu_s, host_s) + offload_s + 0.1 * min(gpu_s, host_s)
     return accum * micro_s + _STEP_OVERHEAD_S
 
 
