@@ -17,6 +17,7 @@ against their default launches (the reference rows). The variants compile in
 parallel worker processes first (Triton's cache on disk), so the timing process only loads them.
 
     python benchmarks/lora_a_timing.py --out $OUT      # table.md: ms per step, us per 8B call
+    python benchmarks/lora_a_timing.py --only s9,lora_a_backward,lora_x_backward_ --out $OUT
 """
 
 from __future__ import annotations
@@ -222,12 +223,17 @@ def _worker(cases: list[str], shapes: dict, barrier, lock, rows_path: str) -> No
             torch.cuda.empty_cache()
 
 
-def timings(shapes: dict, workers: int, rows_path: Path) -> dict:
+def timings(shapes: dict, workers: int, rows_path: Path, only: list[str] | None = None) -> dict:
     """{"models": {model: {group: {case: {"us": ..., "diff": ...}}}}, "edge_rel_err": {case: ...},
     "errors": [...]} from the workers' JSON lines; cases: the VARIANTS of lora_a, then the split-K
     sum alone and the two gradient kernels (REFERENCE_ROWS)."""
     t0 = time.monotonic()
     cases = list(VARIANTS) + list(REFERENCE_ROWS) + list(BACKWARD_VARIANTS)
+    if only:
+        unknown = sorted(set(only) - set(cases))
+        if unknown:
+            raise SystemExit(f"unknown cases {unknown}; known: {cases}")
+        cases = [c for c in cases if c in only]
     workers = max(1, min(workers, len(cases)))
     chunks = [cases[i::workers] for i in range(workers)]
     rows_path.write_text("")
@@ -297,6 +303,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--workers", type=int, default=min(14, len(VARIANTS)))
     parser.add_argument("--tiny", action="store_true", help="CPU rehearsal shapes (TRITON_INTERPRET=1)")
+    parser.add_argument("--only", help="comma-separated cases (VARIANTS, REFERENCE_ROWS, BACKWARD_VARIANTS)")
     parser.add_argument("--rows", help="only make the table from this rows.jsonl (a call cut short)")
     args = parser.parse_args()
     shapes = TINY if args.tiny else SHAPES
@@ -305,7 +312,8 @@ def main() -> None:
     if args.rows:
         result = collect(Path(args.rows).read_text().splitlines(), shapes)
     else:
-        result = timings(shapes, args.workers, out / "rows.jsonl")
+        only = args.only.split(",") if args.only else None
+        result = timings(shapes, args.workers, out / "rows.jsonl", only)
     result["shapes"] = shapes
     result["variants"] = {k: dataclasses.asdict(_config(v)) for k, v in VARIANTS.items()}
     (out / "lora_a_timing.json").write_text(json.dumps(result, indent=1))
