@@ -8,8 +8,6 @@ models of four other families, built in the test (no download), fp32 compute on 
 path gives the plain peft model's loss and LoRA gradients, and a few optimizer steps lower the loss.
 """
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -71,8 +69,8 @@ def test_a_non_llama_family_trains_through_the_general_path(tmp_path, monkeypatc
         return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
     plain_loss, plain_grads = loss_and_grads()
-    if plan is None:  # an architecture the planner cannot size (OPT names its MLP width ffn_dim)
-        plan = _cpu_plan()
+    # every family is sized by the planner (OPT's MLP width is ffn_dim) and planned per projection
+    assert plan is not None and not plan.fused_layers, plan
     report = apply_acceleration(model, plan)
     assert report.lora_layers >= 8 and report.fused_layers == 0, report.describe()
     fast_loss, fast_grads = loss_and_grads()
@@ -86,15 +84,6 @@ def test_a_non_llama_family_trains_through_the_general_path(tmp_path, monkeypatc
         optimizer.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.1, losses
-
-
-def _cpu_plan():
-    from qlora_trainer.acceleration import MemoryPlan
-
-    plan = MemoryPlan(micro_batch=2, grad_accum=1, recompute="none", recompute_layers=0, cached_layers=0,
-                      ce_chunk_tokens=8, packing=False, predicted_peak_bytes=0, predicted_tokens_per_s=0.0,
-                      budget_bytes=0, policy="test")
-    return dataclasses.replace(plan, fused_layers=True)  # fused wanted: the layers themselves refuse it
 
 
 def test_the_fast_paths_attention_takes_autocasts_dtype_as_sdpa_does():
