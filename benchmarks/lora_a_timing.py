@@ -123,6 +123,9 @@ def _setup():
     import torch
 
     if os.environ.get("TRITON_INTERPRET") == "1":
+        from qlora_trainer.acceleration.triton_interpreter import allow_scalar_loop_bounds
+
+        allow_scalar_loop_bounds()  # numpy >= 2.4 under Triton's interpreter
         return torch, "cpu", torch.float32
     return torch, "cuda", torch.bfloat16
 

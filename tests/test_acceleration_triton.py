@@ -36,21 +36,9 @@ MODE = sys.argv[1]
 INTERPRET = MODE == "interpret"
 
 if INTERPRET:
-    import numpy as np
-    from triton.runtime import interpreter as _interp
+    from qlora_trainer.acceleration.triton_interpreter import allow_scalar_loop_bounds
 
-    try:
-        int(np.array([1]))
-    except TypeError:
-        # numpy >= 2.4 refuses int() of a 1-element 1-d array, which is how Triton's (3.6)
-        # interpreter turns a scalar kernel argument into a loop bound (range(0, H, BLOCK)).
-        _patch = _interp._patch_lang_tensor
-
-        def _patch_lang_tensor(tensor, scope):
-            _patch(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-        _interp._patch_lang_tensor = _patch_lang_tensor
+    allow_scalar_loop_bounds()  # numpy >= 2.4 under Triton 3.6's interpreter
 
 import torch
 
