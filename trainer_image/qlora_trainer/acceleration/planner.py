@@ -78,7 +78,7 @@ OPTIMIZER = "adamw_torch_fused"
 FUSABLE_ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "smollm3": "SmolLM3",
                          "granite": "Granite"}
 # Architectures whose MLP is two matrices (up, activation, down) where Llama's is three (gate, up,
-# down): model type -> matrices. Counted as three, a GPT-NeoX layer's weights came out a third
+# down), by model type. Counted as three, a GPT-NeoX layer's weights came out a third
 # too large, and with them the plain recipe's memory (13.1 GiB planned against 10.17 measured),
 # the plan's own memory and time, and the MFU the benchmark reports (benchmarks/NOTES.md, session 21).
 UNGATED_MLP_ARCHITECTURES = ("gpt_neox", "gpt2", "gptj", "gpt_neo", "gpt_bigcode", "phi", "falcon", "opt", "bloom",
