@@ -426,6 +426,33 @@ def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_lay
     _assert_trains_as_plain(plain, fast, ids, labels)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_deep_copy_of_an_accelerated_model_runs_its_own_weights(fused):
+    """A copy of an accelerated model (an EMA of the weights, a snapshot kept for evaluation) runs
+    the copy's layers, adapters and head, and leaves the original's alone."""
+    import dataclasses
+
+    from qlora_trainer.acceleration import apply_acceleration
+
+    plain = _tiny_peft_model()
+    fast = copy.deepcopy(plain)
+    apply_acceleration(fast, dataclasses.replace(_plan(), fused_layers=fused))
+    ids = torch.randint(0, 96, (2, 12))
+    fast.train(), plain.train()
+    before = fast(input_ids=ids, labels=ids).loss.detach()
+    twin = copy.deepcopy(fast)
+    twin.train()
+    with torch.no_grad():
+        for model in (twin, plain):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-2.0)
+    after = twin(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(after, plain(input_ids=ids, labels=ids).loss, rtol=1e-5, atol=1e-6)
+    assert abs(float(after) - float(before)) > 1e-3  # the change reached the copy's output
+    torch.testing.assert_close(fast(input_ids=ids, labels=ids).loss.detach(), before, rtol=0, atol=0)
+
+
 def _assert_trains_as_plain(plain, fast, ids, labels):
     """The same loss and LoRA gradients as the plain model on one batch."""
     ref = plain(input_ids=ids, labels=labels)

@@ -108,7 +108,7 @@ def _patch_lora_linear(module, dtype) -> None:
     def forward(self, x, *args, **kwargs):
         if (args or kwargs or self.disable_adapters or self.merged
                 or list(self.active_adapters) != [self._qlora_adapter]):
-            return original(x, *args, **kwargs)
+            return self._qlora_original_forward(x, *args, **kwargs)
         a, b = self.lora_A[self._qlora_adapter].weight, self.lora_B[self._qlora_adapter].weight
         return LoRALinearFunction.apply(x, a, b, self._qlora_proj, self.training)  # it casts x itself
 
@@ -128,13 +128,14 @@ def _patch_gated_mlp(mlp) -> bool:
     def forward(self, x):
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
         if any(m.disable_adapters or m.merged or list(m.active_adapters) != [m._qlora_adapter] for m in (g, u, d)):
-            return original(x)
+            return self._qlora_original_forward(x)
         weights = []
         for m in (g, u, d):
             weights += [m.lora_A[m._qlora_adapter].weight, m.lora_B[m._qlora_adapter].weight]
         return LoRAGatedMLPFunction.apply(x, *weights, (g._qlora_proj, u._qlora_proj, d._qlora_proj),
                                           self.training)
 
+    mlp._qlora_original_forward = original  # looked up on self: a deep copy runs its own
     mlp.forward = types.MethodType(forward, mlp)
     return True
 
@@ -287,15 +288,20 @@ def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) \
             or getattr(config, "logits_scaling", None):
         return False
-    original = lm.forward
+    # The forward it replaces, kept on the model as a bound method, and the head and backbone looked
+    # up on the model it runs for: a deep copy of the model (copy.deepcopy rebinds bound methods)
+    # then runs its own layers and head, not those of the model that was patched.
+    lm._qlora_forward_before_loss = lm.forward
+    prefix = getattr(lm, "base_model_prefix", "model")
 
     def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        head = self.get_output_embeddings()
         if labels is None or not self.training or head.weight.requires_grad:
             if labels is not None:
                 kwargs["labels"] = labels
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
-            return original(input_ids=input_ids, **kwargs)
+            return self._qlora_forward_before_loss(input_ids=input_ids, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         kwargs.pop("logits_to_keep", None)
@@ -306,7 +312,7 @@ def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
             # as CUDA graphs (transformers would otherwise pass fresh position_ids every step).
             cu, longest = fused_layer.rows_pack(input_ids.shape[0], input_ids.shape[1], input_ids.device)
             kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-        out = backbone(input_ids=input_ids, **kwargs)
+        out = getattr(self, prefix)(input_ids=input_ids, **kwargs)
         hidden = out.last_hidden_state.to(head.weight.dtype)  # an fp32 residual stream: the LM head runs in bf16
         shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
         # labels the trainer's collator already checked on the host (data.check_token_ids) are not

@@ -184,7 +184,10 @@ class LayerGraphs:
         graphs' RNG seed and offset with two eager kernels before every forward replay (128 small
         launches and ~1.1 ms of GPU idle an 8B step: benchmarks/results/speed_small_kernels_8b_session11_h200.md).
         A fresh tensor each micro-step: an eager layer's backward keeps its own rows."""
-        pos = self.position[id(layer)]
+        pos = self.position.get(id(layer))
+        if pos is None:  # a deep copy's layers (copy.deepcopy gives this object the copy's list)
+            self.position = {id(each): i for i, each in enumerate(self.layers)}
+            pos = self.position[id(layer)]
         if pos == 0 or self.seed_table is None:
             self.seed_table = torch.randint(1, 2**30, (len(self.layers), 4), device=device)
         seeds = self.seed_table[pos]
