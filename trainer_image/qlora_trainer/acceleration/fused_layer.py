@@ -549,9 +549,10 @@ def install(layer, config, dtype: torch.dtype) -> bool:
         if (not self.training or not torch.is_grad_enabled() or past_key_values is not None
                 or position_embeddings is None or not _adapters_live(self._qlora_all_lora)
                 or self.input_layernorm.weight.requires_grad or self.post_attention_layernorm.weight.requires_grad):
-            return self._qlora_original_layer_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache,
-                            position_embeddings=position_embeddings, **kwargs)
+            return self._qlora_original_layer_forward(  # on self: a deep copy runs its own
+                hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
+                **kwargs)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         if x.dtype != self._qlora_residual:
