@@ -154,7 +154,7 @@ def layer0_check(model, ids) -> float:
         rope = flm.model.rotary_emb(hidden, positions)
         fused = layer(hidden, position_embeddings=rope)
         fused = fused[0] if isinstance(fused, tuple) else fused
-        original = layer._qlora_original_layer_forward(hidden, position_embeddings=rope)
+        original = layer._qlora_original_forward(hidden, position_embeddings=rope)
         original = original[0] if isinstance(original, tuple) else original
     return _rel(fused, original)
 

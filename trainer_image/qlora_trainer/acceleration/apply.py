@@ -20,7 +20,6 @@ Anything it does not recognise keeps its own forward, so any HF causal LM still 
 from __future__ import annotations
 
 import logging
-import types
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from . import attention, fused_layer
+from .forward_patch import replace_forward
 from .kernels import (
     FrozenWeight,
     LoRAGatedMLPFunction,
@@ -103,7 +103,6 @@ def _patch_lora_linear(module, dtype) -> None:
     p = drop.p if isinstance(drop, nn.Dropout) else 0.0
     module._qlora_adapter = name
     module._qlora_proj = Projection(FrozenWeight(module.base_layer, dtype), module.scaling[name], p)
-    original = module.forward
 
     def forward(self, x, *args, **kwargs):
         if (args or kwargs or self.disable_adapters or self.merged
@@ -112,8 +111,7 @@ def _patch_lora_linear(module, dtype) -> None:
         a, b = self.lora_A[self._qlora_adapter].weight, self.lora_B[self._qlora_adapter].weight
         return LoRALinearFunction.apply(x, a, b, self._qlora_proj, self.training)  # it casts x itself
 
-    module._qlora_original_forward = original
-    module.forward = types.MethodType(forward, module)
+    replace_forward(module, forward)
 
 
 def _patch_gated_mlp(mlp) -> bool:
@@ -123,7 +121,6 @@ def _patch_gated_mlp(mlp) -> bool:
     act = getattr(mlp, "act_fn", None)
     if not isinstance(act, nn.SiLU) and type(act).__name__ not in ("SiLU", "SiLUActivation"):
         return False
-    original = mlp.forward
 
     def forward(self, x):
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
@@ -135,8 +132,7 @@ def _patch_gated_mlp(mlp) -> bool:
         return LoRAGatedMLPFunction.apply(x, *weights, (g._qlora_proj, u._qlora_proj, d._qlora_proj),
                                           self.training)
 
-    mlp._qlora_original_forward = original  # looked up on self: a deep copy runs its own
-    mlp.forward = types.MethodType(forward, mlp)
+    replace_forward(mlp, forward)
     return True
 
 
@@ -147,7 +143,7 @@ def _patch_rmsnorm(norm) -> bool:
     def forward(self, x):
         return RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
 
-    norm.forward = types.MethodType(forward, norm)
+    replace_forward(norm, forward)
     norm._qlora_rmsnorm = True
     return True
 
@@ -288,11 +284,7 @@ def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) \
             or getattr(config, "logits_scaling", None):
         return False
-    # The forward it replaces, kept on the model as a bound method, and the head and backbone looked
-    # up on the model it runs for: a deep copy of the model (copy.deepcopy rebinds bound methods)
-    # then runs its own layers and head, not those of the model that was patched.
-    lm._qlora_forward_before_loss = lm.forward
-    prefix = getattr(lm, "base_model_prefix", "model")
+    prefix = getattr(lm, "base_model_prefix", "model")  # the backbone, looked up on self (replace_forward)
 
     def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
         head = self.get_output_embeddings()
@@ -301,7 +293,7 @@ def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
                 kwargs["labels"] = labels
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
-            return self._qlora_forward_before_loss(input_ids=input_ids, **kwargs)
+            return self._qlora_original_forward(input_ids=input_ids, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         kwargs.pop("logits_to_keep", None)
@@ -321,7 +313,7 @@ def _patch_causal_lm_loss(lm, plan: MemoryPlan) -> bool:
                                      check_labels=not getattr(self, "_qlora_labels_checked", False))
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
-    lm.forward = types.MethodType(forward, lm)
+    replace_forward(lm, forward)
     # training_loop.LeanSFTTrainer sends the training loss here rather than through trl's LM head
     lm._qlora_fused_loss = True
     return True

@@ -39,12 +39,11 @@ architectures) keeps the original forward.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from . import attention
 from . import fused_ops as ops
+from .forward_patch import replace_forward
 from .packing import _on_device
 from .planner import FUSABLE_ARCHITECTURES, FUSED_MAX_RANK
 
@@ -542,14 +541,13 @@ def install(layer, config, dtype: torch.dtype) -> bool:
     layer._qlora_down_lora = LoRASet([mlp.down_proj], dtype)
     layer._qlora_all_lora = qkv + [attn.o_proj] + gate_up + [mlp.down_proj]
     layer._qlora_residual = dtype  # apply._keep_residual_fp32 makes it fp32 when every layer takes fp32
-    original = layer.forward
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, position_embeddings=None, **kwargs):
         if (not self.training or not torch.is_grad_enabled() or past_key_values is not None
                 or position_embeddings is None or not _adapters_live(self._qlora_all_lora)
                 or self.input_layernorm.weight.requires_grad or self.post_attention_layernorm.weight.requires_grad):
-            return self._qlora_original_layer_forward(  # on self: a deep copy runs its own
+            return self._qlora_original_forward(
                 hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=past_key_values, use_cache=use_cache, position_embeddings=position_embeddings,
                 **kwargs)
@@ -567,8 +565,7 @@ def install(layer, config, dtype: torch.dtype) -> bool:
                 return z.view(shape)
         return run_fused_layer(self, x, cos, sin, pack, seeds).view(shape)
 
-    layer._qlora_original_layer_forward = original
-    layer.forward = types.MethodType(forward, layer)
+    replace_forward(layer, forward)
     return True
 
 

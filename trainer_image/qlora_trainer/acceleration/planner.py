@@ -125,11 +125,12 @@ class ModelShape:
         get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
         heads = get("num_attention_heads")
         hidden = get("hidden_size")
-        ungated = get("model_type") in UNGATED_MLP_ARCHITECTURES
+        model_type = get("model_type")
+        ungated = model_type in UNGATED_MLP_ARCHITECTURES
         # the MLP's width under its other names (OPT's ffn_dim, Falcon's ffn_hidden_size, GPT-2's
         # n_inner); an ungated MLP left unset is 4x the hidden size, as those models build it
-        intermediate = next((get(k) for k in ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner")
-                             if get(k) is not None), None)
+        widths = (get(k) for k in ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner"))
+        intermediate = next((w for w in widths if w is not None), None)
         if intermediate is None and ungated and hidden is not None:
             intermediate = 4 * hidden
         return cls(
@@ -141,7 +142,7 @@ class ModelShape:
             head_dim=get("head_dim") or hidden // heads,
             vocab=get("vocab_size"),
             tied_embeddings=bool(get("tie_word_embeddings", False)),
-            fusable=get("model_type") in FUSABLE_ARCHITECTURES,
+            fusable=model_type in FUSABLE_ARCHITECTURES,
             mlp_matrices=2 if ungated else 3,
         )
 
