@@ -1531,6 +1531,15 @@ def fused_layer_checks(rank: int = 16, sweep: bool = False) -> dict:
     for _ in range(2):
         fast(input_ids=ids, labels=ids).loss.backward()
     twice = torch.cat([p.grad.flatten().float() for n, p in fast.named_parameters() if p.requires_grad])
+    # a copy taken after capture (trl's reference model, an EMA) captures graphs of its own and
+    # leaves the original's gradients alone (cuda_graphs.LayerGraphs.__deepcopy__)
+    twin = copy.deepcopy(fast)
+    for p in twin.parameters():
+        p.grad = None
+    twin(input_ids=ids, labels=ids).loss.backward()
+    twin_grads = torch.cat([p.grad.flatten().float() for n, p in twin.named_parameters() if p.requires_grad])
+    twin_graphs = twin.get_base_model().model.layers[0]._qlora_graphs
+    after = torch.cat([p.grad.flatten().float() for n, p in fast.named_parameters() if p.requires_grad])
     # bf16 rounding alone moves LoRA gradients by ~1%: the fused path must be no further from fp32
     # than the plain bf16 path is (with a little slack).
     return {"fused_layers": 0.0 if report.fused_layers == 2 else 1.0,
@@ -1545,7 +1554,11 @@ def fused_layer_checks(rank: int = 16, sweep: bool = False) -> dict:
             "graphed_recomputing_vs_eager_loss": round(_rel(losses[4], losses[3]), 6),
             "graphed_vs_eager_grads": round(_rel(grads[2], grads[3]), 6),
             "graphed_vs_eager_loss": round(_rel(losses[2], losses[3]), 6),
-            "graphed_accumulation": round(_rel(twice, 2 * grads[2]), 6)}
+            "graphed_accumulation": round(_rel(twice, 2 * grads[2]), 6),
+            "deep_copy_captured_its_own": 0.0 if twin_graphs is not graphs and len(twin_graphs.states) == 2
+            and twin_graphs.key is not None else 1.0,
+            "deep_copy_vs_original_grads": round(_rel(twin_grads, grads[2]), 6),
+            "deep_copy_left_original_grads": 0.0 if torch.equal(after, twice) else 1.0}
 
 
 def worker(cfg: dict) -> None:

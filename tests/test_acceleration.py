@@ -453,6 +453,45 @@ def test_a_deep_copy_of_an_accelerated_model_runs_its_own_weights(fused):
     torch.testing.assert_close(fast(input_ids=ids, labels=ids).loss.detach(), before, rtol=0, atol=0)
 
 
+def test_a_deep_copy_taken_after_the_graphs_were_built_builds_its_own(monkeypatch):
+    """Copied after training began (trl's reference model, an EMA), the copy gets graphs of its own:
+    the original's (captured graphs cannot be copied; their buffers and states belong to the
+    original's layers) made copy.deepcopy raise. The copy trains on its own weights through its own
+    graph programs (emulated here) and leaves the original's gradients alone."""
+    from qlora_trainer.acceleration import apply_acceleration
+
+    monkeypatch.setenv("QLORA_CUDA_GRAPHS", "emulate")
+    plain = _tiny_peft_model()
+    fast = copy.deepcopy(plain)
+    apply_acceleration(fast, _plan())
+    fast.train(), plain.train()
+    ids = torch.randint(0, 96, (2, 12))
+    before = fast(input_ids=ids, labels=ids).loss
+    before.backward()
+    graphs = fast.get_base_model().model.layers[0]._qlora_graphs
+    assert len(graphs.states) == 2  # the original's programs are built
+    grads = {n: p.grad.clone() for n, p in fast.named_parameters() if p.requires_grad}
+
+    twin = copy.deepcopy(fast)
+    twin.train()
+    layers = twin.get_base_model().model.layers
+    twin_graphs = layers[0]._qlora_graphs
+    assert twin_graphs is not graphs and layers[1]._qlora_graphs is twin_graphs
+    assert twin_graphs.layers == list(layers) and not twin_graphs.states
+    with torch.no_grad():
+        for model in (twin, plain):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-2.0)
+    twin.zero_grad(set_to_none=True)
+    _assert_trains_as_plain(plain, twin, ids, ids)
+    assert [st.layer for st in twin_graphs.states.values()] == list(layers)  # its own programs ran
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, grads[n]), n
+    torch.testing.assert_close(fast(input_ids=ids, labels=ids).loss.detach(), before.detach(), rtol=0, atol=0)
+
+
 def _assert_trains_as_plain(plain, fast, ids, labels):
     """The same loss and LoRA gradients as the plain model on one batch."""
     ref = plain(input_ids=ids, labels=labels)

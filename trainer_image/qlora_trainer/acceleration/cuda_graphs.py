@@ -38,6 +38,7 @@ buffers eagerly, on any device (how the CPU tests check the chaining and gradien
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -159,6 +160,7 @@ class LayerGraphs:
 
     def __init__(self, layers, enabled: bool = True):
         self.layers = layers  # every fused decoder layer, in order
+        self.enabled = enabled
         mode = os.environ.get("QLORA_CUDA_GRAPHS", "1")  # 0 or emulate: diagnosis and CPU tests
         self.failed = mode == "0" or not enabled
         self.emulate = mode == "emulate"
@@ -177,6 +179,16 @@ class LayerGraphs:
         self.seed_table: torch.Tensor | None = None  # this micro-step's dropout seeds, [fused layers, 4]
         self.static_seeds: torch.Tensor | None = None  # what the graphed layers read
 
+    def __deepcopy__(self, memo):
+        """A copy of the model (an EMA, a reference model, a snapshot for evaluation) gets graphs of
+        its own, not yet built: what this object holds (captured graphs, which cannot be copied;
+        static buffers the graphs read and write; states keyed by the original layers) belongs to
+        the original's layers. The copy builds its own on its first graphed forward."""
+        fresh = LayerGraphs.__new__(LayerGraphs)
+        memo[id(self)] = fresh  # the copy's layers refer back to it while they are copied
+        fresh.__init__(copy.deepcopy(self.layers, memo), enabled=self.enabled)
+        return fresh
+
     def draw_seeds(self, layer, device) -> torch.Tensor:
         """The layer's four dropout seeds for this micro-step. The first fused layer draws every
         layer's in one kernel (the rest take their rows), whether the layers then run graphed or
@@ -184,10 +196,7 @@ class LayerGraphs:
         graphs' RNG seed and offset with two eager kernels before every forward replay (128 small
         launches and ~1.1 ms of GPU idle an 8B step: benchmarks/results/speed_small_kernels_8b_session11_h200.md).
         A fresh tensor each micro-step: an eager layer's backward keeps its own rows."""
-        pos = self.position.get(id(layer))
-        if pos is None:  # a deep copy's layers (copy.deepcopy gives this object the copy's list)
-            self.position = {id(each): i for i, each in enumerate(self.layers)}
-            pos = self.position[id(layer)]
+        pos = self.position[id(layer)]
         if pos == 0 or self.seed_table is None:
             self.seed_table = torch.randint(1, 2**30, (len(self.layers), 4), device=device)
         seeds = self.seed_table[pos]
