@@ -16,8 +16,9 @@ variable-length records, Qwen2.5-7B and Llama-3-8B at 1024 x 4) it measures, in 
   the same texts (train and eval) on the tokenizer's threads: target each phase within 1.5x its
   floor. The import and quantization floors are taken at the start of the fast-path row's own
   fresh process (before it loads anything), which saves a process start per shape. The quantize
-  phase is also shown step by step (its sub-phases deviceWarmup, fromPretrained, prepareKbit)
-  beside the floor's parts (read, place, quantize, cast).
+  phase is also shown step by step (its sub-phases fromPretrained, prepareKbit) beside the floor's
+  parts (read, place, quantize, cast), and the start-up thread's own time (imports, then the GPU's
+  warm-up; device_warmup.py) beside what the startup phase waited for it.
 
 No full bf16 checkpoint is ever held in memory: random weights are drawn one decoder layer at a time
 (on the GPU when there is one) and written as one safetensors shard per layer with an index, every
@@ -73,7 +74,7 @@ FRESH_TOKENIZE_FLOOR_S = 20
 PUBLISH_FLOOR_S = 5  # publish_floor: a light process (no torch), the adapter down once and up twice per way
 S3_ROW_EXTRA_S = 22  # the download floor and the CLI's download (the upload is staged while checkpoints are written)
 UPLOAD_SAMPLE_BYTES = 500 << 20
-QUANTIZE_STEPS = ("deviceWarmup", "fromPretrained", "prepareKbit", "prepareSharded")  # sub-phases of quantize
+QUANTIZE_STEPS = ("fromPretrained", "prepareKbit", "prepareSharded")  # sub-phases of quantize
 
 TINY = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
@@ -639,9 +640,10 @@ def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int,
             "wall_s": round(wall, 2), "steady_tokens_per_s": round(statistics.mean(steady), 1) if steady else None,
             "reports": [p.tokens_per_second for p in progress], "phases": phases,
             "texts": train + held_out, "stderr_tail": stderr[-3000:],
-            # the GPU warm-up's own time on its thread (device_warmup.py logs it), beside the wait
-            "warmup_log": next((line[line.index("device warmed"):] for line in stderr.splitlines()
-                                if "device warmed up in" in line), None),
+            # the start-up thread's own time (imports, then the GPU's warm-up; device_warmup.py logs
+            # it), beside what the startup phase waited for it
+            "warmup_log": next((line[line.index("start-up (imports"):] for line in stderr.splitlines()
+                                if "start-up (imports, device warm-up) took" in line), None),
             # which loader read the checkpoint (model_loading.choose_loader) and how far it read ahead
             "loader_log": [line[line.index("fromPretrained:"):] for line in stderr.splitlines()
                            if "fromPretrained:" in line]}
@@ -921,15 +923,15 @@ def render(results: dict) -> tuple[str, bool]:
             ok &= met
             lines.append(f"| {name} | {phase} | {seconds:.2f} | {floor_s:.2f} | {f'{ratio:.2f}x' if ratio else '-'} | "
                          f"{'met' if met else 'MISSED'} | {what} |")
-    lines += ["", "| row | quantize s | deviceWarmup (waited; on its thread) | fromPretrained | prepareKbit | floor s | "
+    lines += ["", "| row | quantize s | start-up thread s (startup phase waited) | fromPretrained | prepareKbit | floor s | "
               "floor: read, place, quantize, cast | fromPretrained / floor |", "|---|---|---|---|---|---|---|---|"]
     for name, res, ph, quant in _ran(results):
-        step = {k: ph.get(k, {}).get("seconds") for k in ("quantize", "deviceWarmup", "fromPretrained", "prepareKbit")}
+        step = {k: ph.get(k, {}).get("seconds") for k in ("quantize", "startup", "fromPretrained", "prepareKbit")}
         parts = quant.get("parts", {})
         cells = [f"{v:.2f}" if v is not None else "-" for v in step.values()]
         warmed = (res["cli"].get("warmup_log") or "").split()
-        if len(warmed) > 4:  # "device warmed up in 0.31 s on a thread, ..."
-            cells[1] += f" ({warmed[4]} s)"
+        if len(warmed) > 5:  # "start-up (imports, device warm-up) took 17.9 s on a thread, ..."
+            cells[1] = f"{warmed[5]} ({cells[1]})"
         lines.append(f"| {name} | " + " | ".join(cells)
                      + f" | {_round(quant.get('seconds'), 2)} | "
                      + (", ".join(f"{parts[k]:.2f}" for k in ("read", "place", "quantize", "cast")) if parts else "-")

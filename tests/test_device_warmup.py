@@ -1,5 +1,6 @@
-"""The GPU warm-up thread (device_warmup.py): the quantize phase waits only for what is left of it,
-and a warm-up that fails never fails the run by itself (the model load reports the real error)."""
+"""The start-up thread (device_warmup.py): the training libraries' imports, then the GPU's warm-up.
+The startup phase waits only for what is left of it, and nothing that fails there fails the run by
+itself (the main thread's import, or the model load, reports the real error)."""
 
 import logging
 import sys
@@ -11,7 +12,6 @@ from qlora_trainer.device_warmup import DeviceWarmup
 
 def test_the_wait_is_only_what_is_left_of_the_warmup():
     warmup = DeviceWarmup(lambda: time.sleep(0.3))
-    assert warmup.active
     time.sleep(0.2)  # the run downloads and tokenizes meanwhile
     waited = warmup.wait()
     assert warmup.seconds >= 0.3 and warmup.error is None
@@ -30,10 +30,29 @@ def test_a_failed_warmup_is_logged_not_raised(caplog):
     assert "no CUDA-capable device" in caplog.text
 
 
-def test_nothing_to_warm_without_a_gpu():
-    warmup = DeviceWarmup.start(None)
-    assert not warmup.active and warmup.wait() < 0.01
-    assert DeviceWarmup.start(0).active == torch.cuda.is_available()
+def test_the_thread_imports_first_and_warms_no_device_without_a_gpu(monkeypatch):
+    import qlora_trainer.device_warmup as device_warmup
+
+    warmed = []
+    monkeypatch.setattr(device_warmup, "warm_device", warmed.append)
+    monkeypatch.setattr(device_warmup, "warm_loader", lambda: warmed.append("loader"))
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    startup = DeviceWarmup.start(0, ("colorsys",))
+    startup.wait()
+    assert "colorsys" in sys.modules and startup.error is None
+    assert warmed == (["loader", 0] if torch.cuda.is_available() else [])
+    DeviceWarmup.start(None).wait()  # index None: nothing to warm, whatever the machine has
+    assert warmed == (["loader", 0] if torch.cuda.is_available() else [])
+
+
+def test_an_import_that_fails_on_the_thread_is_left_to_the_main_threads_import(caplog):
+    """The run's own import statement after the startup phase meets the same error where failures
+    are reported (cli.py); the thread only logs it, and the modules after it are not tried."""
+    with caplog.at_level(logging.WARNING, logger="qlora_trainer.device_warmup"):
+        startup = DeviceWarmup.start(None, ("qlora_no_such_module", "colorsys"))
+        startup.wait()
+    assert isinstance(startup.error, ModuleNotFoundError)
+    assert "qlora_no_such_module" in caplog.text
 
 
 def test_the_loader_warmup_builds_transformers_conversion_rules_once():

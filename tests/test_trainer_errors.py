@@ -45,9 +45,13 @@ def test_bad_json_line_exits_3_naming_file_and_line(s3, tiny_model_uri, tmp_path
     lines = jsonl(chat_records(5)).decode().splitlines()
     lines[2] = lines[2][:-5]  # a truncated record on line 3
     data_uri = s3.put("datasets", "broken/bad.jsonl", "\n".join(lines).encode())
-    error = failed(run_trainer(tmp_path, run_config(s3, tiny_model_uri, data_uri, "run-bad-json"), trainer_env(s3)))
+    proc = run_trainer(tmp_path, run_config(s3, tiny_model_uri, data_uri, "run-bad-json"), trainer_env(s3))
+    error = failed(proc)
     assert (error.exit_code, error.reason) == (ExitCode.BAD_DATA, "BadData")
     assert error.message.startswith("bad.jsonl line 3: not valid JSON")
+    # It failed while torch and the training libraries were still importing on their thread: no
+    # "startup" phase waited for them (background_imports.py).
+    assert [p.phase for p in proc.phases] == ["checkStorage", "downloadData"]
 
 
 @pytest.mark.slow

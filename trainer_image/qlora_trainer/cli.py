@@ -13,12 +13,17 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from qlora_api import ExitCode
 from qlora_api.protocol import CONFIG_PATH, TERMINATION_MESSAGE_PATH
 
+# sft is light to import: torch and the training libraries import on a thread once a run starts
+# (sft.main), while it checks its storage and downloads its data.
+from qlora_trainer import sft
 from qlora_trainer.config import load_run_config
 from qlora_trainer.errors import classify, interrupted
+from qlora_trainer.interruption import Interruption
 from qlora_trainer.launcher import RANK_DONE, rank_message_path
 from qlora_trainer.phases import PhaseClock
 from qlora_trainer.reporting import (
@@ -92,12 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config)
         # Under torchrun rank 0 alone prints phase lines (sft.main silences the others once it knows the world).
         phases = PhaseClock(reporter if os.environ.get("RANK", "0") == "0" else None)
-        with phases.phase("startup"):  # importing torch, transformers, peft, trl: seconds of its own
-            from pathlib import Path
-
-            from qlora_trainer import sft
-            from qlora_trainer.training_loop import Interruption
-
         interruption = Interruption()
         _handle_sigterm(interruption)
         result = sft.main(cfg, reporter, interruption, Path(args.workdir) if args.workdir else None, phases)

@@ -1,26 +1,51 @@
-"""The GPU's one-off start-up costs, paid on a thread while the run downloads and tokenizes.
+"""The run's one-off start-up costs, paid on a thread while the run checks its storage and
+downloads its data.
 
-A process's first allocation on a GPU creates its CUDA context, bitsandbytes' first launch loads
-its quantization kernel, and transformers' first load compiles its checkpoint conversion rules: a
-few hundred milliseconds that nothing before the weights load needs, so they used to land inside
-the quantize phase (the planner reads the device's properties, which does not create a context). `DeviceWarmup.start` does both on a daemon thread right after
-the run starts; the quantize phase waits for it (`wait`, its `deviceWarmup` sub-phase) and then
-finds the context and the kernel ready. A warm-up that fails only logs: the model load that follows
-meets the same error and reports it as the run's failure.
+Importing torch, transformers, peft, trl and bitsandbytes takes seconds (about 18 s in a fresh
+process on the GPU benchmark's machine, 10 s of one core on a build machine), and nothing before
+the model needs them: the storage check, an earlier attempt's publication and the data's
+record-by-record check are boto3 and json. Imported first, as they were, they made every run wait
+for them before it could fail on a wrong bucket or a bad record, and a rerun of a published run
+paid them to report a result it only reads. Then, on a GPU: a process's first allocation creates
+its CUDA context, bitsandbytes' first launch loads its quantization kernel, and transformers' first
+load compiles its checkpoint conversion rules, a few hundred milliseconds that nothing before the
+weights load needs either.
 
-    warmup = DeviceWarmup.start(world.local_rank)   # a no-op without a GPU
-    ...download, tokenize...
-    warmup.wait()                                   # seconds the caller waited
+`DeviceWarmup.start` does all of it on a daemon thread as the run starts: the imports, then the
+GPU's warm-up. The run's "startup" phase waits for it after the data is downloaded (`wait`: what
+the downloads did not hide), so the phases after it (the model's download, the tokenizer's pass)
+run with the GIL to themselves. Nothing fails on the thread: an import or a warm-up that fails
+only logs, and the main thread's own import (or the model load) meets the same error and reports
+it as the run's failure. A run that fails or finishes before `wait` exits without joining it.
+
+    startup = DeviceWarmup.start(world.local_rank, TRAINING_MODULES)   # the run's first step
+    ...check storage, download and check the data...
+    startup.wait()                                                     # seconds the caller waited
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import threading
 import time
 
 log = logging.getLogger(__name__)
+
+# What sft.py imports once its data is in, heaviest first (torch alone is about a third).
+TRAINING_MODULES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "qlora_trainer.training_loop",
+    "qlora_trainer.model_loading",
+    "qlora_trainer.evaluation",
+    "qlora_trainer.sharding",
+    "qlora_trainer.merged_export",
+    "qlora_trainer.acceleration.trainer_hooks",
+)
 
 # The GIL's switch interval while the warm-up runs. Its first part is Python (transformers' rules,
 # bitsandbytes' import and op registration) holding the GIL; the run meanwhile releases the GIL
@@ -58,7 +83,7 @@ def warm_device(index: int) -> None:
 
 
 class DeviceWarmup:
-    """One warm-up on a daemon thread; `seconds` is how long it ran there (None until it ends)."""
+    """The start-up work on a daemon thread; `seconds` is how long it ran there (None until it ends)."""
 
     def __init__(self, work=None):
         self.seconds: float | None = None
@@ -69,22 +94,20 @@ class DeviceWarmup:
             self._thread.start()
 
     @classmethod
-    def start(cls, index: int | None) -> DeviceWarmup:
-        """Warm GPU `index` in the background; nothing to do without a GPU (or index None)."""
-        import torch
-
-        if index is None or not torch.cuda.is_available():
-            return cls()
+    def start(cls, index: int | None, imports: tuple[str, ...] = ()) -> DeviceWarmup:
+        """Import `imports`, then warm GPU `index` (none without a GPU, or with index None), in the
+        background."""
         def work():
-            warm_loader()  # first: pure Python, while the run waits on the network (storage check, data)
+            for name in imports:  # a failure stops here: the main thread's import raises it
+                importlib.import_module(name)
+            import torch
+
+            if index is None or not torch.cuda.is_available():
+                return
+            warm_loader()
             warm_device(index)
 
         return cls(work)
-
-    @property
-    def active(self) -> bool:
-        """Whether there is a warm-up to wait for (a GPU)."""
-        return self._thread is not None
 
     def _run(self, work) -> None:
         began = time.monotonic()
@@ -94,18 +117,18 @@ class DeviceWarmup:
             work()
         except BaseException as exc:  # noqa: BLE001  (the load that follows reports the real failure)
             self.error = exc
-            log.warning("device warm-up failed (the model load will meet it again): %s", exc)
+            log.warning("start-up work failed on its thread (the run meets it again where it needs it): %s", exc)
         finally:
             if sys.getswitchinterval() == min(before, WARMUP_SWITCH_INTERVAL_S):  # unless changed meanwhile
                 sys.setswitchinterval(before)
             self.seconds = time.monotonic() - began
 
     def wait(self) -> float:
-        """Block until the warm-up has ended; the seconds this call waited."""
+        """Block until the thread's work has ended; the seconds this call waited."""
         began = time.monotonic()
         if self._thread is not None:
             self._thread.join()
             if self.seconds is not None and self.error is None:
-                log.info("device warmed up in %.2f s on a thread, %.2f s of it waited for",
+                log.info("start-up (imports, device warm-up) took %.2f s on a thread, %.2f s of it waited for",
                          self.seconds, time.monotonic() - began)
         return time.monotonic() - began

@@ -12,36 +12,34 @@ share of every batch (distributed.py); rank 0 alone uploads checkpoints, prints 
 publishes, and the other ranks return None.
 """
 
+from __future__ import annotations
+
 import gc
 import importlib.metadata
 import logging
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from qlora_api import TrainerRunConfig, TrainingResult
-from transformers import set_seed
 
-from qlora_trainer import (
-    data,
-    distributed,
-    evaluation,
-    model_checks,
-    model_loading,
-    publishing,
-    sharding,
-    training_loop,
-)
-from qlora_trainer.acceleration import trainer_hooks
+# Light: what a run needs before its model (storage, data, publication). torch, transformers,
+# peft and trl import on a thread meanwhile (device_warmup.py) and are imported here only after
+# the "startup" phase has waited for them.
+from qlora_trainer import data, distributed, model_checks, publishing
 from qlora_trainer.checkpoints import CheckpointStore
-from qlora_trainer.device_warmup import DeviceWarmup
+from qlora_trainer.device_warmup import TRAINING_MODULES, DeviceWarmup
 from qlora_trainer.errors import interrupted
-from qlora_trainer.merged_export import export_merged
+from qlora_trainer.interruption import Interruption
 from qlora_trainer.phases import PhaseClock, folder_bytes
 from qlora_trainer.publishing import RunLocation
 from qlora_trainer.reporting import ProgressReporter
 from qlora_trainer.storage import S3Storage
-from qlora_trainer.training_loop import Interruption
+
+if TYPE_CHECKING:
+    import torch
+
+    from qlora_trainer.acceleration import trainer_hooks
 
 log = logging.getLogger("qlora_trainer")
 
@@ -49,28 +47,26 @@ log = logging.getLogger("qlora_trainer")
 def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interruption | None = None,
          workdir: Path | None = None, phases: PhaseClock | None = None) -> TrainingResult | None:
     world = distributed.World.from_env()
+    # First: the imports and the GPU's warm-up, on a thread that the downloads below hide.
+    startup = DeviceWarmup.start(world.local_rank, TRAINING_MODULES)
     phases = phases or PhaseClock(reporter)
     if not world.is_main:
         phases.reporter = None  # rank 0 alone prints on stdout (its log lines stay)
     distributed.join(world)
     try:
-        return _run(cfg, reporter, interruption or Interruption(), workdir, world, phases)
+        return _run(cfg, reporter, interruption or Interruption(), workdir, world, phases, startup)
     finally:
         distributed.leave(world)
 
 
 def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interruption, workdir: Path | None,
-         world: distributed.World, phases: PhaseClock) -> TrainingResult | None:
+         world: distributed.World, phases: PhaseClock, startup: DeviceWarmup) -> TrainingResult | None:
     # Each rank trains its share of the spec's effective batch (distributed.per_rank_training).
     spec = cfg.spec.model_copy(update={"training": distributed.per_rank_training(cfg.spec.training, world)})
     workdir = workdir / f"rank-{world.rank}" if workdir and world.distributed else workdir
     workdir = workdir or Path(tempfile.mkdtemp(prefix="qlora-"))
     log.info("run %s of %s/%s (attempt %d), %s, work folder %s", cfg.run_id, cfg.namespace, cfg.name, cfg.attempt,
              world.describe(), workdir)
-    # The GPU's context and bitsandbytes' first kernel load while the data and model download (the
-    # quantize phase waits for it in its deviceWarmup sub-phase).
-    warmup = DeviceWarmup.start(world.local_rank)
-
     # Storage first: an unreachable or refusing S3 fails the run in seconds, not after model loading.
     with phases.phase("checkStorage"):
         storage = S3Storage(spec.output)
@@ -87,6 +83,15 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
         records = data.load_records(spec.dataset, storage, workdir, spec.training.seed)
         phase.bytes = sum(folder_bytes(workdir / d) for d in ("data", "eval-data") if (workdir / d).exists())
         phase.rows = len(records.train) + len(records.eval)
+    # The training libraries imported (and the GPU warmed) on a thread since the run began: a wrong
+    # bucket or a bad record failed above without waiting for them.
+    with phases.phase("startup"):
+        startup.wait()
+        from transformers import set_seed
+
+        from qlora_trainer import evaluation, model_loading, sharding, training_loop
+        from qlora_trainer.acceleration import trainer_hooks
+        from qlora_trainer.merged_export import export_merged
     # The spec is checked against the model's config, and the memory plan made for this world (data
     # parallel or sharded), before any weight is downloaded: a job no GPU count here can hold fails now.
     layouts: list[trainer_hooks.Layout] = []
@@ -122,9 +127,6 @@ def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
     set_seed(spec.training.seed)
     dtype = model_loading.compute_dtype(spec.quantization)
     with phases.phase("quantize") as phase:  # read the weights, quantize to 4 bits, place on the GPU
-        if warmup.active:
-            with phases.phase("deviceWarmup"):
-                warmup.wait()
         model = model_loading.load_quantized_model(model_files, spec.model, spec.quantization, spec.training,
                                                    device_map=distributed.device_map(world), sharded=sharded,
                                                    phases=phases)
@@ -240,6 +242,9 @@ def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, pla
                     gradient_sync: str | None = None) -> dict:
     """The config as run: the job's spec plus what the trainer decided (the memory plan may have
     re-planned micro-batch, accumulation, recompute and optimizer) and the library versions."""
+    import torch
+
+    from qlora_trainer import training_loop
     training = planned or cfg.spec.training
     versions = {}
     for package in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate"):
@@ -273,6 +278,8 @@ def resolved_config(cfg: TrainerRunConfig, dtype: torch.dtype, planned=None, pla
 
 
 def _acceleration_as_run(cfg: TrainerRunConfig, plan, layout=None) -> dict:
+    from qlora_trainer.acceleration import trainer_hooks
+
     choice = trainer_hooks.choose_acceleration(cfg.spec.training.acceleration)
     if layout is not None and layout.mode == "sharded":
         return {"path": "plain", "cudaGraphs": False, "why": "sharded (FSDP2 over NF4): the plain recipe"}

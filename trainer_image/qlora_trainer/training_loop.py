@@ -23,6 +23,7 @@ from qlora_trainer import distributed, evaluation
 from qlora_trainer.acceleration import labels_checked_on_host
 from qlora_trainer.checkpoints import CheckpointStore
 from qlora_trainer.data import Collator, Example, to_dataset
+from qlora_trainer.interruption import Interruption
 from qlora_trainer.phases import PhaseClock, folder_bytes
 from qlora_trainer.reporting import ProgressReporter, summary
 
@@ -34,17 +35,6 @@ DEFAULT_WARMUP_RATIO = 0.03
 GRACE_WARN_SHARE = 0.5
 # Dense bf16/fp16 tensor-core peaks (datasheets), for MFU; GPUs not listed report no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
-
-
-@dataclass
-class Interruption:
-    """Set by the SIGTERM handler while training runs: the loop saves a checkpoint and stops.
-    While the adapter is being published, a SIGTERM lets the publication finish instead (see cli.py)."""
-
-    requested: bool = False
-    training: bool = False
-    publishing: bool = False
-    requested_at: float | None = None  # time.monotonic() of the SIGTERM: the grace period runs from it
 
 
 @dataclass
