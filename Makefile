@@ -45,9 +45,12 @@ demo: up ## Set up everything and fine-tune SmolLM2 end to end through a QLoRAJo
 # --durations: every log shows the slowest tests, the numbers that schedule needs.
 TEST_WORKERS ?= 4
 
+# One OpenMP thread per process: with more workers than cores, every torch process's threads
+# spin-wait for each other (test_acceleration.py alone on 2 cores, 4 workers: 113 s with torch's
+# default of one thread per core, 52 s with one). The local cluster passes it on to its pods.
 test: build ## Run the whole test suite (unit, trainer on CPU, operator on the local cluster)
 	$(PY) -m qlora_localcluster build --test-tools
-	$(PY) -m pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile
 
 crds: setup ## Regenerate crds/ and the chart's CRD from the API models
 	$(PY) -m qlora_api.crd

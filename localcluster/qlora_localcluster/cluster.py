@@ -344,6 +344,9 @@ class LocalCluster:
             f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
             f"--client-ca-file={pki.ca.cert}",
             f"--root-dir={self.state_dir / 'nodes' / node}",
+            # A thread limit set for this host's processes (the test suite sets one: its workers
+            # outnumber the cores) holds for the pods too, which run as processes on this host.
+            *(["--pass-env=OMP_NUM_THREADS"] if "OMP_NUM_THREADS" in os.environ else []),
         ]
 
     def _delegated_auth(self, name: str) -> list[str]:
