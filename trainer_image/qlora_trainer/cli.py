@@ -18,9 +18,6 @@ from pathlib import Path
 from qlora_api import ExitCode
 from qlora_api.protocol import CONFIG_PATH, TERMINATION_MESSAGE_PATH
 
-# sft is light to import: torch and the training libraries import on a thread once a run starts
-# (sft.main), while it checks its storage and downloads its data.
-from qlora_trainer import sft
 from qlora_trainer.config import load_run_config
 from qlora_trainer.errors import classify, interrupted
 from qlora_trainer.interruption import Interruption
@@ -95,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The config is checked before torch is imported: a bad spec fails in a second.
         cfg = load_run_config(args.config)
+        # Light (boto3, the data checks): torch and the training libraries import on a thread once
+        # the run starts (sft.main). Here, not at the top: --help and the torchrun launcher need none
+        # of it, and before the phase clock starts, which covers the run from here on.
+        from qlora_trainer import sft
+
         # Under torchrun rank 0 alone prints phase lines (sft.main silences the others once it knows the world).
         phases = PhaseClock(reporter if os.environ.get("RANK", "0") == "0" else None)
         interruption = Interruption()

@@ -18,7 +18,7 @@ run with the GIL to themselves. Nothing fails on the thread: an import or a warm
 only logs, and the main thread's own import (or the model load) meets the same error and reports
 it as the run's failure. A run that fails or finishes before `wait` exits without joining it.
 
-    startup = DeviceWarmup.start(world.local_rank, TRAINING_MODULES)   # the run's first step
+    startup = DeviceWarmup.start(world.local_rank, sft.TRAINING_MODULES)   # the run's first step
     ...check storage, download and check the data...
     startup.wait()                                                     # seconds the caller waited
 """
@@ -32,20 +32,6 @@ import threading
 import time
 
 log = logging.getLogger(__name__)
-
-# What sft.py imports once its data is in, heaviest first (torch alone is about a third).
-TRAINING_MODULES = (
-    "torch",
-    "transformers",
-    "peft",
-    "trl",
-    "qlora_trainer.training_loop",
-    "qlora_trainer.model_loading",
-    "qlora_trainer.evaluation",
-    "qlora_trainer.sharding",
-    "qlora_trainer.merged_export",
-    "qlora_trainer.acceleration.trainer_hooks",
-)
 
 # The GIL's switch interval while the warm-up runs. Its first part is Python (transformers' rules,
 # bitsandbytes' import and op registration) holding the GIL; the run meanwhile releases the GIL

@@ -28,7 +28,7 @@ from qlora_api import TrainerRunConfig, TrainingResult
 # the "startup" phase has waited for them.
 from qlora_trainer import data, distributed, model_checks, publishing
 from qlora_trainer.checkpoints import CheckpointStore
-from qlora_trainer.device_warmup import TRAINING_MODULES, DeviceWarmup
+from qlora_trainer.device_warmup import DeviceWarmup
 from qlora_trainer.errors import interrupted
 from qlora_trainer.interruption import Interruption
 from qlora_trainer.phases import PhaseClock, folder_bytes
@@ -42,6 +42,21 @@ if TYPE_CHECKING:
     from qlora_trainer.acceleration import trainer_hooks
 
 log = logging.getLogger("qlora_trainer")
+
+# What _run imports once its data is in (its "startup" phase), imported first on the start-up
+# thread, heaviest first (torch alone is about a third). Keep it in step with that import block.
+TRAINING_MODULES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "qlora_trainer.training_loop",
+    "qlora_trainer.model_loading",
+    "qlora_trainer.evaluation",
+    "qlora_trainer.sharding",
+    "qlora_trainer.merged_export",
+    "qlora_trainer.acceleration.trainer_hooks",
+)
 
 
 def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interruption | None = None,
