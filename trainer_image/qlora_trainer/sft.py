@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("qlora_trainer")
 
 # What _run imports once its data is in (its "startup" phase), imported first on the start-up
-# thread, heaviest first (torch alone is about a third). Keep it in step with that import block.
+# thread, heaviest first (torch alone is about a third). In step with that import block
+# (tests/test_device_warmup.py checks both ways).
 TRAINING_MODULES = (
     "torch",
     "transformers",
