@@ -38,9 +38,13 @@ TRAINER_IMAGE = "ghcr.io/qlora-operator/trainer:0.1.0"
 NAMESPACE = "preempt"
 JOB = "steady"
 CHECKPOINT_STEPS = 3
-# Enough steps that the third disruption lands while training even on an idle machine (at 30 a
-# fast run reached its end and was publishing when the scheduler preempted it).
-MAX_STEPS = 48
+# Enough steps that the third disruption lands while training even on an idle machine: at 30 a
+# fast run reached its end and was publishing when the scheduler preempted it; at 48, once pods ran
+# one OpenMP thread each (about 0.15 s a step), the third pod trained its last 21 steps in 3 s and
+# finished first. (A trainer that publishes as it is preempted succeeds: the operator takes the
+# result from the exiting pod, or reads it back in one more attempt when the pod is already gone;
+# test_reconcile_derivation.py. This test is about disruptions that land in training.)
+MAX_STEPS = 150
 JOB_LABEL = "batch.kubernetes.io/job-name"
 INTERRUPTED = 7  # qlora_api.ExitCode.INTERRUPTED: stopped by SIGTERM after checkpointing
 GRACE_SECONDS = 120  # qlora_operator.rendering.TERMINATION_GRACE_SECONDS

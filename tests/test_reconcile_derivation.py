@@ -119,6 +119,38 @@ def test_exit_zero_without_a_result_is_not_success():
     assert cond(status, ConditionType.FAILED) == ("True", Reason.RESULT_MISSING)
 
 
+@pytest.mark.parametrize("job_finished", [None, "Complete"])
+def test_a_trainer_that_published_as_it_was_preempted_succeeds(job_finished):
+    """The scheduler (or an eviction, a drain) reached the trainer while it published: it exited 0
+    with its result, not INTERRUPTED, and the Job completes. Its pod is being deleted, so this look
+    may be the last one at its termination message: the result is taken now."""
+    job = qlorajob()
+    tj = trainer_job(job, finished=job_finished)
+    p = pod(tj, phase="Succeeded", state=terminated(0, result_message("s3://adapters/x/run/")),
+            conditions=[disruption("PreemptionByScheduler", "preempted by urgent")], deleting=True)
+    status, _ = derive(job, [tj], [p])
+    assert status.phase == "Succeeded", status.message
+    assert status.result.adapter_uri == "s3://adapters/x/run/" and status.attempts == 1
+
+
+def test_a_completed_job_whose_pod_is_gone_reads_its_result_back_in_one_more_attempt():
+    """The pod went (deleted as it exited) before the operator read its result: not a failure of
+    the training, so one attempt more reads the published adapter back, at once and even past
+    backoffLimit; a second loss in a row fails, as any retry would."""
+    job = qlorajob(spec={"backoffLimit": 0})
+    first = trainer_job(job, finished="Complete", finished_at=60)
+    status, _ = derive(job, [first], [], now=61)
+    assert status.phase == "Pending", status.message
+    assert cond(status, ConditionType.RUNNING) == ("False", Reason.RESULT_MISSING)
+    assert "pod is gone" in status.message and "attempt 2 starts now" in status.message
+    second = trainer_job(job, 2, created=62, finished="Complete", finished_at=70)
+    read = pod(second, "fghij", created=63, phase="Succeeded", state=terminated(0, result_message("s3://a/run/")))
+    done, _ = derive(with_status(job, status), [first, second], [read], now=71)
+    assert done.phase == "Succeeded" and done.attempts == 2 and done.result.adapter_uri == "s3://a/run/"
+    lost_again, _ = derive(with_status(job, status), [first, second], [], now=71)
+    assert lost_again.phase == "Failed" and "backoffLimit 0 reached" in lost_again.message
+
+
 def test_oom_killed_fails_at_once_with_a_hint():
     job = qlorajob(spec={"resources": {"memory": "8Gi"}, "backoffLimit": 5})
     tj = trainer_job(job, finished="Failed")

@@ -123,10 +123,24 @@ def _succeeded(job: dict, pods: list[dict]) -> AttemptState:
                             f"the trainer reported {said.result.adapter_uri} without a manifest digest, so nothing "
                             "shows the files are complete; the next attempt publishes (or finds) the manifest",
                             retryable=True, finished_at=finished)
+    if not done:
+        # The pod that succeeded is gone, and its termination message with it: deleted as it exited
+        # (a preemption, eviction or drain that raced the trainer's last seconds), before the
+        # operator read it. The adapter is published under the run's id, so the next attempt's
+        # trainer finds it and reports it in seconds, without training (sft._run, checkStorage).
+        return AttemptState(AttemptPhase.FAILED, Reason.RESULT_MISSING,
+                            f"trainer Job {job['metadata']['name']} completed but its pod is gone with the result "
+                            "it reported (deleted as it exited); the next attempt reads the published adapter back "
+                            "without training", retryable=True, finished_at=finished)
     seen = pf.log_tail((term or {}).get("message"), lines=3, chars=300) or "nothing"
     return AttemptState(AttemptPhase.FAILED, Reason.RESULT_MISSING,
                         f"the trainer exited 0 but its termination message holds no result (it said: {seen})",
                         finished_at=finished)
+
+
+def result_read_back(state: AttemptState) -> bool:
+    """A succeeded attempt whose result was lost with its pod: the next attempt only reads it back."""
+    return state.reason == Reason.RESULT_MISSING and state.retryable
 
 
 def _failed(job: dict, pods: list[dict]) -> AttemptState:
@@ -205,10 +219,21 @@ def _concluded_by_pod(pod: dict) -> AttemptState | None:
         return None
     term = pf.trainer_terminated(pod) or {}
     if term.get("exitCode") == 0:
-        said = parse_termination_message(term.get("message"))
-        return _published(said.result, timestamps.parse(term.get("finishedAt"))) if _verified(said) else None
+        return _published_by_pod(pod)
     failed = classify_pod_failure(pod)
     return None if failed.retryable else failed
+
+
+def _published_by_pod(pod: dict) -> AttemptState | None:
+    """Succeeded, from a pod that exited 0 with a verified result, whatever else happens to it: a
+    preemption, eviction or drain that reaches the trainer while it publishes finds it done (it
+    exits 0, not INTERRUPTED), and the Job completes. The pod may be gone by the next look, and its
+    termination message with it: its result is read while it is there."""
+    if (pod.get("status") or {}).get("phase") != "Succeeded":
+        return None
+    term = pf.trainer_terminated(pod) or {}
+    said = parse_termination_message(term.get("message")) if term.get("exitCode") == 0 else None
+    return _published(said.result, timestamps.parse(term.get("finishedAt"))) if _verified(said) else None
 
 
 def _disrupted(pod: dict) -> AttemptState:
@@ -304,10 +329,11 @@ def assess_attempt(job: dict, pods: list[dict], workload: dict | None = None,
     if workers > 1:
         return _assess_group(pods, workers)
     current = pods[-1]
-    if pf.disruption(current) or current["metadata"].get("deletionTimestamp"):
+    published = _published_by_pod(current)
+    if published is None and (pf.disruption(current) or current["metadata"].get("deletionTimestamp")):
         return _disrupted(current)
     state = _pending_pod(current)
-    concluded = _concluded_by_pod(current)
+    concluded = published or _concluded_by_pod(current)
     if concluded is not None:
         return replace(concluded, scheduled=state.scheduled if state else None)
     if state is not None and state.reason != Reason.PENDING:
@@ -378,12 +404,14 @@ def judge(job: QLoRAJob, observed: Observed, settings: OperatorSettings, start: 
             f"failed ({state.reason}: {state.message})", finished_at=now))
     if not state.retryable:
         return Verdict(attempt, state)
-    if attempt > job.spec.backoff_limit:
+    read_back = result_read_back(state)
+    # A read-back is not a retry of the training: one is allowed past backoffLimit, at once.
+    if attempt > job.spec.backoff_limit + (1 if read_back else 0):
         return Verdict(attempt, replace(
             state, retryable=False,
             message=f"{state.message} (attempt {attempt}; spec.backoffLimit {job.spec.backoff_limit} reached)"))
     failed_at = state.finished_at or now
-    return Verdict(attempt, state, failed_at + retry_delay(attempt, settings))
+    return Verdict(attempt, state, failed_at if read_back else failed_at + retry_delay(attempt, settings))
 
 
 def _noticed(job: QLoRAJob, reason: str) -> datetime | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from qlora_api import ConditionType, QLoRAJobStatus, Reason, TrainingProgress, TrainingResult
 
 from qlora_operator import group, rendezvous, timestamps
-from qlora_operator.attempts import AttemptPhase, Verdict, judge
+from qlora_operator.attempts import AttemptPhase, Verdict, judge, result_read_back
 from qlora_operator.conditions import find, is_terminal, is_true, set_condition
 from qlora_operator.kstatus_conditions import KSTATUS_CONDITION_TYPES, set_kstatus_conditions
 from qlora_operator.naming import trainer_job_name
@@ -104,9 +104,13 @@ def _apply_verdict(new: QLoRAJobStatus, verdict: Verdict, job: QLoRAJob, gen: in
     elif verdict.next_attempt_at is not None:  # a retryable failure
         new.phase = "Pending"
         when = "now" if verdict.next_attempt_at <= now else f"at {timestamps.format(verdict.next_attempt_at)}"
-        cond(ConditionType.RUNNING, False, state.reason,
-             f"attempt {verdict.attempt} failed: {state.message}; attempt {verdict.attempt + 1} of "
-             f"{job.spec.backoff_limit + 1} starts {when}")
+        if result_read_back(state):
+            cond(ConditionType.RUNNING, False, state.reason,
+                 f"attempt {verdict.attempt}: {state.message}; attempt {verdict.attempt + 1} starts {when}")
+        else:
+            cond(ConditionType.RUNNING, False, state.reason,
+                 f"attempt {verdict.attempt} failed: {state.message}; attempt {verdict.attempt + 1} of "
+                 f"{job.spec.backoff_limit + 1} starts {when}")
     else:
         new.phase = "Failed"
         new.completion_time = state.finished_at or now
