@@ -18,7 +18,7 @@ variable-length records, Qwen2.5-7B and Llama-3-8B at 1024 x 4) it measures, in 
   fresh process (before it loads anything), which saves a process start per shape. The quantize
   phase is also shown step by step (its sub-phases fromPretrained, prepareKbit) beside the floor's
   parts (read, place, quantize, cast), and the start-up thread's own time (imports, then the GPU's
-  warm-up; device_warmup.py) beside what the startup phase waited for it.
+  warm-up; startup_thread.py) beside what the startup phase waited for it.
 
 No full bf16 checkpoint is ever held in memory: random weights are drawn one decoder layer at a time
 (on the GPU when there is one) and written as one safetensors shard per layer with an index, every
@@ -223,7 +223,7 @@ def quantize_floor(folder: Path) -> dict:
     does to the frozen floats), nothing else: no module tree, no per-parameter bookkeeping.
     The device's one-off costs (the CUDA context, bitsandbytes' and the cast's first kernels) are
     paid before the clock starts, as the trainer pays them on a thread while it downloads
-    (device_warmup.py). `parts`: host-side seconds of each step (the placement also waits for the
+    (startup_thread.py). `parts`: host-side seconds of each step (the placement also waits for the
     quantizations queued before it; the end's synchronisation is counted with quantize)."""
     import bitsandbytes.functional as bnbf
     import torch
@@ -335,8 +335,8 @@ def trainer_load_in_process(folder: Path, repeats: int = 2) -> dict:
 
     import torch
     from qlora_api.spec import ModelSource, QuantizationSpec, TrainingSpec
-    from qlora_trainer.device_warmup import warm_loader
     from qlora_trainer.model_loading import ModelFiles, load_quantized_model
+    from qlora_trainer.startup_thread import warm_loader
 
     warm_loader()
     out, profile = [], None
@@ -640,7 +640,7 @@ def run_cli(name: str, row: dict, model_uri: str, endpoint: str, s3, steps: int,
             "wall_s": round(wall, 2), "steady_tokens_per_s": round(statistics.mean(steady), 1) if steady else None,
             "reports": [p.tokens_per_second for p in progress], "phases": phases,
             "texts": train + held_out, "stderr_tail": stderr[-3000:],
-            # the start-up thread's own time (imports, then the GPU's warm-up; device_warmup.py logs
+            # the start-up thread's own time (imports, then the GPU's warm-up; startup_thread.py logs
             # it), beside what the startup phase waited for it
             "warmup_log": next((line[line.index("start-up (imports"):] for line in stderr.splitlines()
                                 if "start-up (imports, device warm-up) took" in line), None),

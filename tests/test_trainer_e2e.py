@@ -99,7 +99,7 @@ def test_phases_account_for_the_run_in_stdout_and_training_config(trained, s3, t
     metrics = json.loads(s3.get("adapters", prefix + "metrics.json"))
     by = phases["byPhase"]
     # the training libraries import on a thread from the start: "startup" is what the storage check
-    # and the data download did not hide (device_warmup.py)
+    # and the data download did not hide (startup_thread.py)
     assert phases["order"] == ["checkStorage", "downloadData", "startup", "downloadModel", "loadTokenizer",
                                "tokenize", "planMemory", "fromPretrained", "prepareKbit", "quantize", "prepareAdapter", "restoreCheckpoint", "buildTrainer", "evalBefore",
                                "evalDuring", "checkpointUpload", "train", "evalAfter", "saveAdapter",

@@ -50,7 +50,7 @@ def test_bad_json_line_exits_3_naming_file_and_line(s3, tiny_model_uri, tmp_path
     assert (error.exit_code, error.reason) == (ExitCode.BAD_DATA, "BadData")
     assert error.message.startswith("bad.jsonl line 3: not valid JSON")
     # It failed while torch and the training libraries were still importing on their thread: no
-    # "startup" phase waited for them (device_warmup.py).
+    # "startup" phase waited for them (startup_thread.py).
     assert [p.phase for p in proc.phases] == ["checkStorage", "downloadData"]
 
 

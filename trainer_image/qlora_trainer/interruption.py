@@ -1,6 +1,6 @@
 """What a SIGTERM asks of the run: cli.py's handler sets it, the training loop and the publication
 read it. A module of its own so that the handler is in place before the training libraries import
-(device_warmup.py)."""
+(startup_thread.py)."""
 
 from dataclasses import dataclass
 

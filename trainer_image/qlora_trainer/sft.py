@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING
 from qlora_api import TrainerRunConfig, TrainingResult
 
 # Light: what a run needs before its model (storage, data, publication). torch, transformers,
-# peft and trl import on a thread meanwhile (device_warmup.py) and are imported here only after
+# peft and trl import on a thread meanwhile (startup_thread.py) and are imported here only after
 # the "startup" phase has waited for them.
 from qlora_trainer import data, distributed, model_checks, publishing
 from qlora_trainer.checkpoints import CheckpointStore
-from qlora_trainer.device_warmup import DeviceWarmup
 from qlora_trainer.errors import interrupted
 from qlora_trainer.interruption import Interruption
 from qlora_trainer.phases import PhaseClock, folder_bytes
 from qlora_trainer.publishing import RunLocation
 from qlora_trainer.reporting import ProgressReporter
+from qlora_trainer.startup_thread import StartupThread
 from qlora_trainer.storage import S3Storage
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ log = logging.getLogger("qlora_trainer")
 
 # What _run imports once its data is in (its "startup" phase), imported first on the start-up
 # thread, heaviest first (torch alone is about a third). In step with that import block
-# (tests/test_device_warmup.py checks both ways).
+# (tests/test_startup_thread.py checks both ways).
 TRAINING_MODULES = (
     "torch",
     "transformers",
@@ -64,7 +64,7 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
          workdir: Path | None = None, phases: PhaseClock | None = None) -> TrainingResult | None:
     world = distributed.World.from_env()
     # First: the imports and the GPU's warm-up, on a thread that the downloads below hide.
-    startup = DeviceWarmup.start(world.local_rank, TRAINING_MODULES)
+    startup = StartupThread.start(world.local_rank, TRAINING_MODULES)
     phases = phases or PhaseClock(reporter)
     if not world.is_main:
         phases.reporter = None  # rank 0 alone prints on stdout (its log lines stay)
@@ -76,7 +76,7 @@ def main(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interr
 
 
 def _run(cfg: TrainerRunConfig, reporter: ProgressReporter, interruption: Interruption, workdir: Path | None,
-         world: distributed.World, phases: PhaseClock, startup: DeviceWarmup) -> TrainingResult | None:
+         world: distributed.World, phases: PhaseClock, startup: StartupThread) -> TrainingResult | None:
     # Each rank trains its share of the spec's effective batch (distributed.per_rank_training).
     spec = cfg.spec.model_copy(update={"training": distributed.per_rank_training(cfg.spec.training, world)})
     workdir = workdir / f"rank-{world.rank}" if workdir and world.distributed else workdir

@@ -1,4 +1,4 @@
-"""The start-up thread (device_warmup.py): the training libraries' imports, then the GPU's warm-up.
+"""The start-up thread (startup_thread.py): the training libraries' imports, then the GPU's warm-up.
 The startup phase waits only for what is left of it, and nothing that fails there fails the run by
 itself (the main thread's import, or the model load, reports the real error)."""
 
@@ -8,11 +8,11 @@ import sys
 import time
 
 import torch
-from qlora_trainer.device_warmup import DeviceWarmup
+from qlora_trainer.startup_thread import StartupThread
 
 
 def test_the_wait_is_only_what_is_left_of_the_warmup():
-    warmup = DeviceWarmup(lambda: time.sleep(0.3))
+    warmup = StartupThread(lambda: time.sleep(0.3))
     time.sleep(0.2)  # the run downloads and tokenizes meanwhile
     waited = warmup.wait()
     assert warmup.seconds >= 0.3 and warmup.error is None
@@ -24,40 +24,40 @@ def test_a_failed_warmup_is_logged_not_raised(caplog):
     def broken():
         raise RuntimeError("no CUDA-capable device is detected")
 
-    with caplog.at_level(logging.WARNING, logger="qlora_trainer.device_warmup"):
-        warmup = DeviceWarmup(broken)
+    with caplog.at_level(logging.WARNING, logger="qlora_trainer.startup_thread"):
+        warmup = StartupThread(broken)
         warmup.wait()
     assert isinstance(warmup.error, RuntimeError) and warmup.seconds is not None
     assert "no CUDA-capable device" in caplog.text
 
 
 def test_the_thread_imports_first_and_warms_no_device_without_a_gpu(monkeypatch):
-    import qlora_trainer.device_warmup as device_warmup
+    import qlora_trainer.startup_thread as startup_thread
 
     warmed = []
-    monkeypatch.setattr(device_warmup, "warm_device", warmed.append)
-    monkeypatch.setattr(device_warmup, "warm_loader", lambda: warmed.append("loader"))
+    monkeypatch.setattr(startup_thread, "warm_device", warmed.append)
+    monkeypatch.setattr(startup_thread, "warm_loader", lambda: warmed.append("loader"))
     monkeypatch.delitem(sys.modules, "colorsys", raising=False)
-    startup = DeviceWarmup.start(0, ("colorsys",))
+    startup = StartupThread.start(0, ("colorsys",))
     startup.wait()
     assert "colorsys" in sys.modules and startup.error is None
     assert warmed == (["loader", 0] if torch.cuda.is_available() else [])
-    DeviceWarmup.start(None).wait()  # index None: nothing to warm, whatever the machine has
+    StartupThread.start(None).wait()  # index None: nothing to warm, whatever the machine has
     assert warmed == (["loader", 0] if torch.cuda.is_available() else [])
 
 
 def test_an_import_that_fails_on_the_thread_is_left_to_the_main_threads_import(caplog):
     """The run's own import statement after the startup phase meets the same error where failures
     are reported (cli.py); the thread only logs it, and the modules after it are not tried."""
-    with caplog.at_level(logging.WARNING, logger="qlora_trainer.device_warmup"):
-        startup = DeviceWarmup.start(None, ("qlora_no_such_module", "colorsys"))
+    with caplog.at_level(logging.WARNING, logger="qlora_trainer.startup_thread"):
+        startup = StartupThread.start(None, ("qlora_no_such_module", "colorsys"))
         startup.wait()
     assert isinstance(startup.error, ModuleNotFoundError)
     assert "qlora_no_such_module" in caplog.text
 
 
 def test_the_loader_warmup_builds_transformers_conversion_rules_once():
-    from qlora_trainer.device_warmup import warm_loader
+    from qlora_trainer.startup_thread import warm_loader
     from transformers import conversion_mapping
 
     conversion_mapping._checkpoint_conversion_mapping_cache = None  # as in a fresh process
@@ -72,13 +72,13 @@ def test_the_loader_warmup_builds_transformers_conversion_rules_once():
 
 def test_the_warmup_lowers_the_gil_switch_interval_while_it_runs_python():
     """The warm-up's Python holds the GIL; the run (tokenizing, downloading) releases it in every
-    native call and must not wait the default 5 ms to get it back each time (device_warmup.py):
+    native call and must not wait the default 5 ms to get it back each time (startup_thread.py):
     the interval is lowered while the warm-up runs and the process's own comes back after it.
     (The effect itself is timed in the GPU benchmark's tokenize phase, not here: a timing bound
     on a loaded 2-core CI machine would be a flake.)"""
     default = sys.getswitchinterval()
     seen = []
-    warmup = DeviceWarmup(lambda: seen.append(sys.getswitchinterval()))
+    warmup = StartupThread(lambda: seen.append(sys.getswitchinterval()))
     warmup.wait()
     assert seen == [min(default, 0.0005)]
     assert sys.getswitchinterval() == default
@@ -88,7 +88,7 @@ def test_the_warmup_leaves_an_interval_set_meanwhile_alone():
     """Someone else changed the interval while the warm-up ran: theirs stays."""
     default = sys.getswitchinterval()
     try:
-        warmup = DeviceWarmup(lambda: sys.setswitchinterval(0.002))
+        warmup = StartupThread(lambda: sys.setswitchinterval(0.002))
         warmup.wait()
         assert sys.getswitchinterval() == 0.002
     finally:

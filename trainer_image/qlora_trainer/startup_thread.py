@@ -11,14 +11,14 @@ its CUDA context, bitsandbytes' first launch loads its quantization kernel, and 
 load compiles its checkpoint conversion rules, a few hundred milliseconds that nothing before the
 weights load needs either.
 
-`DeviceWarmup.start` does all of it on a daemon thread as the run starts: the imports, then the
+`StartupThread.start` does all of it on a daemon thread as the run starts: the imports, then the
 GPU's warm-up. The run's "startup" phase waits for it after the data is downloaded (`wait`: what
 the downloads did not hide), so the phases after it (the model's download, the tokenizer's pass)
 run with the GIL to themselves. Nothing fails on the thread: an import or a warm-up that fails
 only logs, and the main thread's own import (or the model load) meets the same error and reports
 it as the run's failure. A run that fails or finishes before `wait` exits without joining it.
 
-    startup = DeviceWarmup.start(world.local_rank, sft.TRAINING_MODULES)   # the run's first step
+    startup = StartupThread.start(world.local_rank, sft.TRAINING_MODULES)   # the run's first step
     ...check storage, download and check the data...
     startup.wait()                                                     # seconds the caller waited
 """
@@ -68,7 +68,7 @@ def warm_device(index: int) -> None:
         torch.cuda.synchronize(index)
 
 
-class DeviceWarmup:
+class StartupThread:
     """The start-up work on a daemon thread; `seconds` is how long it ran there (None until it ends)."""
 
     def __init__(self, work=None):
@@ -76,11 +76,11 @@ class DeviceWarmup:
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if work is not None:
-            self._thread = threading.Thread(target=self._run, args=(work,), name="device-warmup", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(work,), name="startup", daemon=True)
             self._thread.start()
 
     @classmethod
-    def start(cls, index: int | None, imports: tuple[str, ...] = ()) -> DeviceWarmup:
+    def start(cls, index: int | None, imports: tuple[str, ...] = ()) -> StartupThread:
         """Import `imports`, then warm GPU `index` (none without a GPU, or with index None), in the
         background."""
         def work():
