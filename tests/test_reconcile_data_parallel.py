@@ -116,6 +116,18 @@ def test_the_groups_result_is_rank_0s():
     assert status.phase == "Succeeded" and status.result.adapter_uri.startswith("s3://adapters/")
 
 
+def test_a_group_whose_rank_0_pod_is_gone_reads_its_result_back_not_fails():
+    """Rank 0 alone reports the result; its pod deleted as it exited (the others still there, exit
+    0 with nothing to say) loses only the message: the next attempt reads the adapter back."""
+    qj = group_job(workers=2)
+    tj = trainer_job(qj, finished="Complete")
+    pods = [indexed_pod(tj, 1, phase="Succeeded", state=terminated(0, '{"event": "rank-done"}'), created=3)]
+    status, _ = derive_status(qj, observe(qj, [tj], pods), NO_DELAY)
+    assert status.phase == "Pending", status.message
+    assert find(status, ConditionType.RUNNING).reason == Reason.RESULT_MISSING
+    assert "reads the published adapter back" in status.message
+
+
 def test_a_failed_group_reports_the_worker_that_failed_first_and_retries():
     qj = group_job(workers=2)
     tj = trainer_job(qj, finished="Failed")

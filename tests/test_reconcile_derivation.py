@@ -142,7 +142,7 @@ def test_a_completed_job_whose_pod_is_gone_reads_its_result_back_in_one_more_att
     status, _ = derive(job, [first], [], now=61)
     assert status.phase == "Pending", status.message
     assert cond(status, ConditionType.RUNNING) == ("False", Reason.RESULT_MISSING)
-    assert "pod is gone" in status.message and "attempt 2 starts now" in status.message
+    assert "is gone" in status.message and "attempt 2 starts now" in status.message
     second = trainer_job(job, 2, created=62, finished="Complete", finished_at=70)
     read = pod(second, "fghij", created=63, phase="Succeeded", state=terminated(0, result_message("s3://a/run/")))
     done, _ = derive(with_status(job, status), [first, second], [read], now=71)

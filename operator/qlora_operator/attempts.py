@@ -123,15 +123,16 @@ def _succeeded(job: dict, pods: list[dict]) -> AttemptState:
                             f"the trainer reported {said.result.adapter_uri} without a manifest digest, so nothing "
                             "shows the files are complete; the next attempt publishes (or finds) the manifest",
                             retryable=True, finished_at=finished)
-    if not done:
-        # The pod that succeeded is gone, and its termination message with it: deleted as it exited
-        # (a preemption, eviction or drain that raced the trainer's last seconds), before the
-        # operator read it. The adapter is published under the run's id, so the next attempt's
-        # trainer finds it and reports it in seconds, without training (sft._run, checkStorage).
+    if not any(pf.completion_index(p) in (None, 0) for p in done):
+        # The pod that reports (the only one, or a group's index 0) is gone, and its termination
+        # message with it: deleted as it exited (a preemption, eviction or drain that raced the
+        # trainer's last seconds) before the operator read it. The adapter is published under the
+        # run's id, so the next attempt's trainer finds it and reports it in seconds, without
+        # training (sft._run, checkStorage).
         return AttemptState(AttemptPhase.FAILED, Reason.RESULT_MISSING,
-                            f"trainer Job {job['metadata']['name']} completed but its pod is gone with the result "
-                            "it reported (deleted as it exited); the next attempt reads the published adapter back "
-                            "without training", retryable=True, finished_at=finished)
+                            f"trainer Job {job['metadata']['name']} completed but the pod that reported its result "
+                            "is gone, and the result with it (deleted as it exited); the next attempt reads the "
+                            "published adapter back without training", retryable=True, finished_at=finished)
     seen = pf.log_tail((term or {}).get("message"), lines=3, chars=300) or "nothing"
     return AttemptState(AttemptPhase.FAILED, Reason.RESULT_MISSING,
                         f"the trainer exited 0 but its termination message holds no result (it said: {seen})",
