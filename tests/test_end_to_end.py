@@ -66,16 +66,22 @@ def job_manifest(namespace: str, endpoint: str) -> dict:
     }
 
 
-@pytest.fixture
-def finished_job(local_cluster, namespace, minio, tiny_base, tmp_path):
+def start_operator(local_cluster, namespace, tmp_path) -> OperatorProcess:
+    """The CRD, the operator's RBAC and the trainer's S3 Secret in `namespace`, then the operator,
+    once the cluster's one GPU is free (another test's trainer may hold it)."""
     install_crd_and_rbac(local_cluster)
     kubeconfig = service_account_kubeconfig(local_cluster, tmp_path / "operator.kubeconfig")
     creds = local_cluster.s3_credentials
     kubectl(local_cluster, "-n", namespace, "create", "secret", "generic", "minio",
             f"--from-literal=AWS_ACCESS_KEY_ID={creds['aws_access_key_id']}",
             f"--from-literal=AWS_SECRET_ACCESS_KEY={creds['aws_secret_access_key']}")
-    wait_for_the_gpu(local_cluster)  # the cluster's one GPU: another test's trainer may hold it
-    operator = OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log", trainer_image=TRAINER_IMAGE).start()
+    wait_for_the_gpu(local_cluster)
+    return OperatorProcess(kubeconfig, namespace, tmp_path / "operator.log", trainer_image=TRAINER_IMAGE).start()
+
+
+@pytest.fixture
+def finished_job(local_cluster, namespace, minio, tiny_base, tmp_path):
+    operator = start_operator(local_cluster, namespace, tmp_path)
     try:
         kubectl(local_cluster, "apply", "-f", "-", input=json.dumps(job_manifest(namespace, local_cluster.s3_endpoint)))
         started = time.monotonic()
@@ -139,3 +145,55 @@ def test_a_qlorajob_trains_publishes_and_the_adapter_loads_from_s3(finished_job,
     before = reply_loss(base, tokenizer, held_out)
     tuned = PeftModel.from_pretrained(base, tmp_path)
     assert reply_loss(tuned, tokenizer, held_out) < 0.5 * before
+
+
+def test_a_result_lost_with_its_pod_is_read_back_without_training(local_cluster, namespace, minio, tiny_base,
+                                                                  tmp_path):
+    """The trainer published and exited 0, and its pod was deleted before the operator read the
+    result in its termination message (here the operator is down meanwhile; a preemption that races
+    the trainer's last seconds does the same). The operator then sees a completed Job without the
+    pod: it starts one more attempt, whose trainer finds the publication and reports it without
+    training, and the QLoRAJob succeeds with the first attempt's adapter."""
+    operator = start_operator(local_cluster, namespace, tmp_path)
+    manifest = job_manifest(namespace, local_cluster.s3_endpoint)
+    manifest["metadata"]["name"] = "lost"
+    manifest["spec"]["training"].update(maxSteps=10, checkpointSteps=100)
+
+    def status() -> dict:
+        got = kubectl(local_cluster, "-n", namespace, "get", "qlorajob", "lost", "-o", "json").stdout
+        return json.loads(got).get("status") or {}
+
+    def wait(what, check, timeout=300):
+        deadline = time.monotonic() + timeout
+        while not (found := check()):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {status()}\n{operator.log_tail()}"
+            time.sleep(0.5)
+        return found
+
+    try:
+        kubectl(local_cluster, "apply", "-f", "-", input=json.dumps(manifest))
+        wait("the trainer to run", lambda: status().get("phase") == "Running" and status().get("jobName") == "lost-1")
+        operator.stop()
+        waited = local_cluster.kubectl("-n", namespace, "wait", "--for=condition=Complete", "job/lost-1",
+                                       "--timeout=300s", timeout=330)
+        assert waited.returncode == 0, waited.stderr
+        first_log = kubectl(local_cluster, "-n", namespace, "logs", "job/lost-1").stdout
+        kubectl(local_cluster, "-n", namespace, "delete", "pod", "-l", "batch.kubernetes.io/job-name=lost-1",
+                "--timeout=60s")
+        assert status().get("phase") == "Running"  # the operator never saw the result
+        operator.start()
+        done = wait("Succeeded", lambda: (st := status()).get("phase") in ("Succeeded", "Failed") and st)
+        assert done["phase"] == "Succeeded", done
+        assert done["attempts"] == 2 and done["jobName"] == "lost-2", done
+        uid = json.loads(kubectl(local_cluster, "-n", namespace, "get", "qlorajob", "lost", "-o", "json").stdout)[
+            "metadata"]["uid"]
+        assert done["result"]["adapterUri"] == f"s3://e2e-adapters/runs/{namespace}/lost/{uid}/"
+        assert done["result"]["adapterUri"] in first_log  # what attempt 1 published
+        second_log = kubectl(local_cluster, "-n", namespace, "logs", "job/lost-2").stdout
+        assert "is already published" in second_log and '"event":"progress"' not in second_log, second_log[-2000:]
+        events = json.loads(kubectl(local_cluster, "-n", namespace, "get", "events", "--field-selector",
+                                    "involvedObject.kind=QLoRAJob,reason=ResultMissing", "-o", "json").stdout)
+        assert any("reads the published adapter back" in e["message"] for e in events["items"]), events
+    finally:
+        kubectl(local_cluster, "-n", namespace, "delete", "qlorajob", "lost", "--timeout=60s", check=False)
+        operator.stop()
