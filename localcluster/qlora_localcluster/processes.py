@@ -38,11 +38,23 @@ def running_pid(pidfile: Path) -> int | None:
     if not _alive(pid):
         return None
     # After a reboot the pid may belong to something else: check it still runs our program.
+    cmdline = _cmdline(pid)
+    if cmdline is None:
+        return None  # gone since _alive looked
+    # Empty for a moment as a process starts its program: read right after start(), 2 starts of
+    # Kueue in 30 showed none, and the caller waiting for it took it for a process that had exited.
+    return pid if not cmdline or program.strip() in cmdline else None
+
+
+def _cmdline(pid: int) -> str | None:
+    """The process's command line, "" when the kernel shows none (or will not show it to us), None
+    when the process is gone."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        return None
     except OSError:
-        return pid
-    return pid if program.strip() in cmdline else None
+        return ""
 
 
 def start(component: Component) -> int:
