@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer_image"))
 
 # name: (q heads, kv heads, head dim, records, record length). The micro-steps the planner picks
-# (results/speed_vs_unsloth_h200.json: micro_batch 4 / 8 at 1.5B, 2 x accumulation 2 at 7B and 8B).
+# (results/speed_vs_unsloth_h200_session19.json: micro_batch 4 / 8 at 1.5B, 2 x accumulation 2 at 7B and 8B).
 CASES = {
     "8b-1024": (32, 8, 128, [1024] * 2),
     "7b-1024": (28, 4, 128, [1024] * 2),

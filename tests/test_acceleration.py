@@ -93,7 +93,7 @@ def test_dequantization_is_priced_as_the_8b_profile_measured_it():
 def test_auto_spends_the_budget_left_on_bf16_weight_copies(shape, seq, batch, plain_measured_gib):
     """The benchmark's rows on the H200: the auto plan keeps bf16 copies in as many layers as its
     budget (0.9x the plain recipe's estimated peak) holds while they still make it faster, and its
-    predicted peak stays under the plain recipe's peak as measured (results/speed_vs_unsloth_h200.md)."""
+    predicted peak stays under the plain recipe's peak as measured (results/speed_vs_unsloth_h200_session19.md)."""
     job = JobShape(seq_len=seq, micro_batch=batch, grad_accum=1)
     plan = plan_memory(shape, job, H200, packing=False)
     assert plan.policy == "auto" and plan.cached_layers > 0

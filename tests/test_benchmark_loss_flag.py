@@ -311,7 +311,7 @@ def test_the_session_19_h200_table_renders_from_its_raw_results_and_flags_8b_lea
     shows it comes from its raw JSON: every configuration ran, 1.5x Unsloth and the lean target met,
     MFU 0.489 and 0.495 at dropout 0.05 (0.501 and 0.504 at dropout 0), and one flag, 8B lean-p0 at
     -0.0101 from plain-p0."""
-    results, table = _rendered("speed_vs_unsloth_h200")
+    results, table = _rendered("speed_vs_unsloth_h200_session19")
     assert not [r["name"] for r in results if "error" in r]
     assert "| 1.54x | 0.489 | 11,924 | 7.83 | 1.10x |" in _speed_row(table, "7b-1024")
     assert "| 1.69x | 0.495 | 11,108 | 8.15 | 1.18x |" in _speed_row(table, "8b-1024")
@@ -319,6 +319,19 @@ def test_the_session_19_h200_table_renders_from_its_raw_results_and_flags_8b_lea
         line for line in table.split("loss at LoRA dropout 0")[1].splitlines() if line.startswith("| 8b-1024 |")]
     assert "lean-p0 -0.0101 DEPARTS (vs plain-p0)" in table
     assert "ours +0.0034, lean +0.0031 |" in _loss_row(table, "8b-1024")
+    assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200_session19.md").read_text()
+
+
+def test_the_session_23_h200_table_renders_from_its_raw_results_without_a_flag():
+    """The session-23 table (the final tree, `speed_vs_unsloth_h200.md`) comes from its raw JSON:
+    the budget cut three runs and says so, 1.5x Unsloth and the lean target met, MFU 0.491 and
+    0.493 at dropout 0.05, and no row flagged."""
+    results, table = _rendered("speed_vs_unsloth_h200")
+    assert sorted(r["name"] for r in results if "error" in r) == ["7b-1024/plain-p0", "8b-1024/lean-p0",
+                                                                  "8b-1024/plain-p0"]
+    assert "| 1.61x | 0.491 | 12,069 | 7.83 | 1.16x |" in _speed_row(table, "7b-1024")
+    assert "| 1.70x | 0.493 | 11,139 | 8.15 | 1.20x |" in _speed_row(table, "8b-1024")
+    assert "DEPARTS" not in table
     assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200.md").read_text()
 
 
@@ -329,7 +342,7 @@ def test_the_8b_lean_p0_flag_of_session_19_does_not_come_back_when_both_run_agai
     (results/speed_vs_unsloth_p0_reruns_session19_h200.md)."""
     bench = _bench()
     reruns, table = _rendered("speed_vs_unsloth_p0_reruns_session19_h200")
-    full, _ = _rendered("speed_vs_unsloth_h200")
+    full, _ = _rendered("speed_vs_unsloth_h200_session19")
     assert "DEPARTS" not in table and "lean-p0 +0.0017 (vs plain-p0)" in table
     plain = _last_losses(reruns, "8b-1024", "plain-p0")
     lean = _last_losses(reruns, "8b-1024", "lean-p0")
