@@ -115,7 +115,7 @@ def _startup_phase_imports() -> set[str]:
             # `from pkg import mod` imports pkg.mod when mod is a module, else pkg (a name in it)
             for alias in node.names:
                 name = f"{node.module}.{alias.name}"
-                found.add(name if importlib.util.find_spec(node.module) and _is_module(name) else node.module)
+                found.add(name if _is_module(name) else node.module)
     return found
 
 

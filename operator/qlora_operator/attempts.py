@@ -208,33 +208,35 @@ def _secret_fix(pod: dict, secret: str, said: str) -> str:
             "and starts once it exists")
 
 
-def _concluded_by_pod(pod: dict) -> AttemptState | None:
-    """The outcome of a one-pod attempt (not a data-parallel group) that its ended pod decides already,
-    before the Job controller has marked the Job: a verified publication (exit 0 with the manifest's
-    digest; completions 1, so the Job can only complete) or a failure that is never retried
-    (backoffLimit 0 and a podFailurePolicy that ignores only disruptions and INTERRUPTED, so the Job
-    can only fail). After an API server outage the Job controller may take tens of seconds to catch
-    up (its watches back off), and the truth must not wait for it. Anything retryable still waits for
-    the Job, so that the next attempt is planned from the Job's own verdict."""
-    if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed") or _ignored_by_job(pod):
-        return None
-    term = pf.trainer_terminated(pod) or {}
-    if term.get("exitCode") == 0:
-        return _published_by_pod(pod)
-    failed = classify_pod_failure(pod)
-    return None if failed.retryable else failed
-
-
 def _published_by_pod(pod: dict) -> AttemptState | None:
-    """Succeeded, from a pod that exited 0 with a verified result, whatever else happens to it: a
-    preemption, eviction or drain that reaches the trainer while it publishes finds it done (it
-    exits 0, not INTERRUPTED), and the Job completes. The pod may be gone by the next look, and its
-    termination message with it: its result is read while it is there."""
+    """Succeeded, from a pod that exited 0 with a verified result (the manifest's URI and digest),
+    whatever else happens to it:
+    - before the Job controller has marked the Job (completions 1, so the Job can only complete):
+      after an API server outage the Job controller may take tens of seconds to catch up (its
+      watches back off), and the truth must not wait for it;
+    - while the pod is being deleted: a preemption, eviction or drain that reaches the trainer while
+      it publishes finds it done (it exits 0, not INTERRUPTED), and the Job completes. The pod may
+      be gone by the next look, and its termination message with it: its result is read while it
+      is there."""
     if (pod.get("status") or {}).get("phase") != "Succeeded":
         return None
     term = pf.trainer_terminated(pod) or {}
     said = parse_termination_message(term.get("message")) if term.get("exitCode") == 0 else None
     return _published(said.result, timestamps.parse(term.get("finishedAt"))) if _verified(said) else None
+
+
+def _never_retried(pod: dict) -> AttemptState | None:
+    """A one-pod attempt's failure that its ended pod decides already, before the Job controller has
+    marked the Job: one that is never retried (backoffLimit 0 and a podFailurePolicy that ignores
+    only disruptions and INTERRUPTED, so the Job can only fail; see _published_by_pod for why the
+    truth must not wait for the Job). Anything retryable still waits for the Job, so that the next
+    attempt is planned from the Job's own verdict."""
+    if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed") or _ignored_by_job(pod):
+        return None
+    if (pf.trainer_terminated(pod) or {}).get("exitCode") == 0:
+        return None  # exit 0 decides only with a verified result (_published_by_pod)
+    failed = classify_pod_failure(pod)
+    return None if failed.retryable else failed
 
 
 def _disrupted(pod: dict) -> AttemptState:
@@ -334,7 +336,7 @@ def assess_attempt(job: dict, pods: list[dict], workload: dict | None = None,
     if published is None and (pf.disruption(current) or current["metadata"].get("deletionTimestamp")):
         return _disrupted(current)
     state = _pending_pod(current)
-    concluded = published or _concluded_by_pod(current)
+    concluded = published or _never_retried(current)
     if concluded is not None:
         return replace(concluded, scheduled=state.scheduled if state else None)
     if state is not None and state.reason != Reason.PENDING:

@@ -104,13 +104,10 @@ def _apply_verdict(new: QLoRAJobStatus, verdict: Verdict, job: QLoRAJob, gen: in
     elif verdict.next_attempt_at is not None:  # a retryable failure
         new.phase = "Pending"
         when = "now" if verdict.next_attempt_at <= now else f"at {timestamps.format(verdict.next_attempt_at)}"
-        if result_read_back(state):
-            cond(ConditionType.RUNNING, False, state.reason,
-                 f"attempt {verdict.attempt}: {state.message}; attempt {verdict.attempt + 1} starts {when}")
-        else:
-            cond(ConditionType.RUNNING, False, state.reason,
-                 f"attempt {verdict.attempt} failed: {state.message}; attempt {verdict.attempt + 1} of "
-                 f"{job.spec.backoff_limit + 1} starts {when}")
+        # a read-back is not a failure of the training, and backoffLimit does not count it
+        said, of = ("", "") if result_read_back(state) else (" failed", f" of {job.spec.backoff_limit + 1}")
+        cond(ConditionType.RUNNING, False, state.reason,
+             f"attempt {verdict.attempt}{said}: {state.message}; attempt {verdict.attempt + 1}{of} starts {when}")
     else:
         new.phase = "Failed"
         new.completion_time = state.finished_at or now
