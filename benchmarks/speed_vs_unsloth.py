@@ -38,6 +38,7 @@ import math
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -166,7 +167,8 @@ def _variant(name: str) -> dict | None:
     mods: rerun, rerun<N> (the same configuration again, in a process of its own: the same-seed
     rerun spread), seed<N> (another dropout seed, set after loading), p0 (LoRA dropout 0), max (the plan may use
     the whole card), unfused (QLORA_FUSED_LAYER=0), fused (QLORA_FUSED_LAYER=1: the fused decoder
-    layer, the default), eager (QLORA_CUDA_GRAPHS=0), varlen (QLORA_ATTENTION=varlen: FlashAttention-2
+    layer, the default), eager (QLORA_CUDA_GRAPHS=0), noturn (QLORA_TURN_WEIGHTS=0: every forward
+    dequantizes, acceleration/turn_weights.py), varlen (QLORA_ATTENTION=varlen: FlashAttention-2
     for fixed-length rows too, instead of cuDNN), mb<N> (micro-batch
     pinned to N), none/selective/full/offload (recompute mode pinned); the rest is planned."""
     row, _, rest = name.partition("/")
@@ -189,6 +191,8 @@ def _variant(name: str) -> dict | None:
             cfg["env"]["QLORA_FUSED_LAYER"] = "1"
         elif mod == "eager":
             cfg["env"]["QLORA_CUDA_GRAPHS"] = "0"
+        elif mod == "noturn":
+            cfg["env"]["QLORA_TURN_WEIGHTS"] = "0"
         elif mod == "varlen":
             cfg["env"]["QLORA_ATTENTION"] = "varlen"
         elif mod in ("none", "selective", "full", "offload"):
@@ -376,7 +380,7 @@ def drive(args) -> None:
 def _brief(r: dict) -> str:
     if "error" in r:
         return "ERROR " + r["error"][-300:].replace("\n", " | ")
-    keys = ("tokens_per_s", "useful_tokens_per_s", "peak_gib", "optimizer_s", "mfu", "plan", "checks")
+    keys = ("tokens_per_s", "useful_tokens_per_s", "peak_gib", "optimizer_s", "mfu", "turn_layers", "plan", "checks")
     return ", ".join(f"{k}={r[k]}" for k in keys if k in r)
 
 
@@ -792,6 +796,9 @@ def run_fixed(cfg) -> dict:
                   losses=[round(x, 4) for x in losses], mfu=_mfu(model, shape, seq, tokens / step),
                   optimizer_s=round(statistics.median(train_steps.optimizer_seconds[WARMUP:]), 4),
                   host_lead_ms=train_steps.host_lead_ms, gc_passes=train_steps.collections)
+    graphs = _layer_graphs(model)
+    if graphs is not None:  # the layers whose weights were kept across the turn (acceleration/turn_weights.py)
+        result["turn_layers"] = len(graphs.turn.kept) if graphs.turn is not None else 0
     if cfg.get("profile"):
         result["profile"] = profile_steps(model, params, opt, _fixed_batches(vocab, micro, seq, accum), engine)
     return result
@@ -1294,6 +1301,7 @@ def run_checks(cfg) -> dict:
     checks.update(fused_op_checks())
     checks.update(fused_layer_checks())
     checks.update(rank_sweep_checks())
+    checks.update(turn_weights_checks())
     checks["ok"] = checks_ok(checks)
     return {"name": cfg["name"], "checks": checks}
 
@@ -1315,14 +1323,152 @@ def as_plain_recipe(model):
     return model
 
 
+def _layer_graphs(model):
+    """The fused layers' LayerGraphs of an accelerated model, or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None) or []
+    return getattr(layers[0], "_qlora_graphs", None) if len(layers) else None
+
+
 def checks_ok(checks: dict) -> bool:
     """The GPU checks pass when every measured error is under 1e-2 (keys ending in _info are shown,
     not judged) and every `..._excess_error` is 0: those already allow 20% over their reference
     (fused_layer_checks), so anything above that is a path further from fp32 than the reference,
-    however small (session 17's sweep passed 0.0009 at rank 128 under the 1e-2 rule alone)."""
+    however small (session 17's sweep passed 0.0009 at rank 128 under the 1e-2 rule alone). A
+    `..._differs` is a comparison that must hold bit for bit: 0 or it fails."""
     judged = {k: v for k, v in checks.items() if k != "ok" and not k.endswith("_info")}
     return all(v < 1e-2 for v in judged.values()) and all(v == 0 for k, v in judged.items()
-                                                          if k.endswith("excess_error"))
+                                                          if k.endswith(("excess_error", "_differs")))
+
+
+def turn_weights_checks() -> dict:
+    """The weights kept across the turn (acceleration/turn_weights.py) on an NF4 model in CUDA
+    graphs: 4 layers, 2 optimizer steps of 2 micro-steps at dropout 0.05, trained with the turn on
+    and off from the same weights and seeds: the same losses, and gradients as close as two runs
+    of the dequantizing path are to each other (the LoRA gradient kernels sum with fp32 atomics);
+    the same with the programs run eagerly ("emulate"), with only the activations moved into the
+    arena ("arena") and with every forward dequantizing into the regions ("noskip"), which tell a
+    failure's part; and a forward after a backward uses what the backward left (the kept layers'
+    NF4 bytes scrambled in between: its loss is the clean one, a dequantizing forward's is not)."""
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from qlora_trainer.acceleration import apply_acceleration
+    from qlora_trainer.acceleration.planner import MemoryPlan
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=1000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
+    folder = tempfile.mkdtemp(prefix="turn-check-")
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    plan = MemoryPlan(micro_batch=2, grad_accum=2, recompute="none", recompute_layers=0, cached_layers=0,
+                      ce_chunk_tokens=512, packing=False, predicted_peak_bytes=0, predicted_tokens_per_s=0.0,
+                      budget_bytes=0, policy="check")
+    batches = [torch.randint(0, 1000, (2, 512), device="cuda") for _ in range(6)]
+
+    def build(turn: str, variant: str = ""):
+        """variant: "emulate" (the graph programs run eagerly), "arena" (the activations placed in the
+        arena, no layer keeps its weights), "noskip" (the regions, but every forward dequantizes)."""
+        from qlora_trainer.acceleration import cuda_graphs, kernels
+
+        os.environ["QLORA_TURN_WEIGHTS"] = turn
+        os.environ["QLORA_CUDA_GRAPHS"] = "emulate" if variant == "emulate" else "1"
+        patched = []
+        if variant == "arena":
+            layout_of = cuda_graphs.LayerGraphs._turn_layout
+
+            def arena_only(self, layers, x):
+                layout = layout_of(self, layers, x)
+                if layout is not None:
+                    layout.weights = {}
+                return layout
+
+            patched.append((cuda_graphs.LayerGraphs, "_turn_layout", layout_of))
+            cuda_graphs.LayerGraphs._turn_layout = arena_only
+        if variant == "noskip":
+            get_into = kernels.FrozenWeight.get_into
+            patched.append((kernels.FrozenWeight, "get_into", get_into))
+            kernels.FrozenWeight.get_into = lambda self, out, skip=None: get_into(self, out)
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
+                                                     device_map="cuda")
+        torch.manual_seed(1)  # the same adapter in every build (peft draws A from the global generator)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
+                                                 task_type="CAUSAL_LM"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+        apply_acceleration(model, plan)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        torch.manual_seed(2)
+        losses, grads = [], []
+        for step in (batches[0:2], batches[2:4]):
+            optimizer.zero_grad(set_to_none=True)
+            for ids in step:
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                losses.append(loss.detach().float())
+            grads.append(torch.cat([p.grad.flatten().float() for p in params]))
+            optimizer.step()
+        model(input_ids=batches[4], labels=batches[4]).loss.backward()  # the layers' regions filled
+        for owner, name, original in patched:
+            setattr(owner, name, original)
+        os.environ.pop("QLORA_CUDA_GRAPHS")
+        return model, torch.stack(losses), torch.cat(grads)
+
+    def scrambled_loss(model, scramble: bool):
+        """batches[5]'s loss with the NF4 bytes of layers 0-2 (every projection) flipped, then
+        restored: each 4-bit code becomes its mirror, the weights roughly their negatives."""
+        weights = [m.base_layer.weight for layer in model.get_base_model().model.layers[:3]
+                   for m in layer.modules() if hasattr(m, "base_layer") and hasattr(m.base_layer.weight, "quant_state")]
+        for w in weights if scramble else ():
+            w.data.bitwise_xor_(0xFF)
+        torch.manual_seed(3)
+        loss = model(input_ids=batches[5], labels=batches[5]).loss
+        loss.backward()
+        for w in weights if scramble else ():
+            w.data.bitwise_xor_(0xFF)
+        return loss.detach().float()
+
+    on, on_losses, on_grads = build("1")
+    graphs = on.get_base_model().model.layers[0]._qlora_graphs
+    kept = graphs.turn.kept if graphs.turn is not None else []
+    on_scrambled = scrambled_loss(on, True)
+    del on
+    off, off_losses, off_grads = build("0")
+    off_clean = scrambled_loss(off, False)
+    off_scrambled = scrambled_loss(off, True)
+    del off
+    # the LoRA gradient kernels sum in fp32 atomics: two runs of the same path differ a little; the
+    # turn may differ from the dequantizing path by no more than twice that
+    _, _, again = build("0")
+    noise = _rel(again, off_grads)
+
+    def excess(grads):
+        return round(max(0.0, _rel(grads, off_grads) - 2 * noise - 1e-6), 6)
+
+    out = {"turn_kept_layers_differs": 0.0 if kept == [0, 1, 2] else 1.0,
+           "turn_dequantized_rerun_grads_info": round(noise, 6),
+           "turn_vs_dequantized_grads_excess_error": excess(on_grads),
+           "turn_vs_dequantized_losses_excess_error": round(max(0.0, _rel(on_losses, off_losses) - 1e-4), 6),
+           # the kept layers' NF4 bytes scrambled after a backward: the next forward finds the kept
+           # weights (its loss the clean one, within the runs' noise), a dequantizing forward does not
+           "turn_scrambled_bytes_reach_a_dequantizing_forward_differs": 0.0 if _rel(off_scrambled, off_clean) > 1e-3
+           else 1.0,
+           "turn_forward_used_kept_weights_excess_error": round(
+               max(0.0, _rel(on_scrambled, off_clean) - 0.01 * _rel(off_scrambled, off_clean)), 6),
+           "turn_scrambled_loss_change_info": round(_rel(off_scrambled, off_clean), 6)}
+    for variant in ("emulate", "arena", "noskip"):
+        _, _, grads = build("1", variant)
+        out[f"turn_{variant}_vs_dequantized_grads_excess_error"] = excess(grads)
+    os.environ.pop("QLORA_TURN_WEIGHTS")
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
 
 
 def _rel(out, ref) -> float:

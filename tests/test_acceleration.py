@@ -80,9 +80,11 @@ def test_lean_takes_the_large_loss_chunk_where_it_costs_no_memory():
 H200 = GpuSpec(memory_bytes=143771 * 2**20, peak_flops=989e12, bandwidth=4.3e12, name="NVIDIA H200")
 
 
-def test_dequantization_is_priced_as_the_8b_profile_measured_it():
+def test_dequantization_is_priced_as_the_8b_profile_measured_it(monkeypatch):
     """~25 ms a step at 8B on the H200 (2 micro-steps of 2,048 tokens; benchmarks/NOTES.md): what
-    keeping every layer's bf16 copy would save in the speed model."""
+    keeping every layer's bf16 copy would save in the speed model (as profiled then, before the
+    layers kept their weights across the turn: turn_weights.py)."""
+    monkeypatch.setattr(planner, "kept_across_turn", lambda *a, **k: 0)
     job = JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
     none, every = (planner.step_seconds(LLAMA_8B, job, H200, 2, 0, cached, graphs=True) for cached in (0, 32))
     assert 0.022 < none - every < 0.028
@@ -1381,28 +1383,10 @@ def test_graphed_backward_reads_the_gradients_compute_copy_on_an_fp32_stream(mon
 def test_fused_layers_on_an_nf4_model_match_its_plain_forward(tmp_path, cached_layers):
     """The fused path over real NF4 weights (double quantization, dequantized into one buffer per
     fused projection group): same loss and LoRA gradients as the plain peft + bitsandbytes model."""
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
     from qlora_trainer.acceleration import apply_acceleration
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Qwen2Config, Qwen2ForCausalLM
+    from support.nf4_model import tiny_nf4_peft_model
 
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
-    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32,
-                                                 device_map="cpu")
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                             "gate_proj", "up_proj", "down_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.2)
+    model = tiny_nf4_peft_model(tmp_path)
     model.train()
     ids = torch.randint(0, 96, (2, 10))
 

@@ -388,6 +388,16 @@ def run_nf4(shape, nested, blocksize=64, launch=None):
     flat.shape = torch.Size([w.numel()])
     expected = bF.dequantize_4bit(q, qs if DEV == "cuda" else flat).view(shape)
     check("dequantize_nf4", case, torch.equal(out, expected), f"max diff {float((out - expected).abs().max())}")
+    if launch is None and blocksize == 64:
+        # a set flag leaves the output as it was (the region already holds the weight: turn_weights.py),
+        # a clear one writes it
+        flag = torch.ones(1, dtype=torch.int32, device=DEV)
+        kept = torch.full(shape, float("nan"), device=DEV, dtype=DT)
+        T.dequantize_nf4(q, qs, kept, skip=flag)
+        check("dequantize_nf4", case + " skip=1", bool(kept.isnan().all()), "wrote with the flag set")
+        flag.zero_()
+        T.dequantize_nf4(q, qs, kept, skip=flag)
+        check("dequantize_nf4", case + " skip=0", torch.equal(kept, expected), "differs with the flag clear")
 
 
 def run_nf4_errors():

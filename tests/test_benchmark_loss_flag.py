@@ -323,16 +323,41 @@ def test_the_session_19_h200_table_renders_from_its_raw_results_and_flags_8b_lea
 
 
 def test_the_session_23_h200_table_renders_from_its_raw_results_without_a_flag():
-    """The session-23 table (the final tree, `speed_vs_unsloth_h200.md`) comes from its raw JSON:
-    the budget cut three runs and says so, 1.5x Unsloth and the lean target met, MFU 0.491 and
-    0.493 at dropout 0.05, and no row flagged."""
-    results, table = _rendered("speed_vs_unsloth_h200")
+    """The session-23 table (that session's final tree, `speed_vs_unsloth_h200_session23.md`) comes
+    from its raw JSON: the budget cut three runs and says so, 1.5x Unsloth and the lean target met,
+    MFU 0.491 and 0.493 at dropout 0.05, and no row flagged."""
+    results, table = _rendered("speed_vs_unsloth_h200_session23")
     assert sorted(r["name"] for r in results if "error" in r) == ["7b-1024/plain-p0", "8b-1024/lean-p0",
                                                                   "8b-1024/plain-p0"]
     assert "| 1.61x | 0.491 | 12,069 | 7.83 | 1.16x |" in _speed_row(table, "7b-1024")
     assert "| 1.70x | 0.493 | 11,139 | 8.15 | 1.20x |" in _speed_row(table, "8b-1024")
     assert "DEPARTS" not in table
+    assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200_session23.md").read_text()
+
+
+def test_the_session_24_h200_table_renders_from_its_raw_results_and_its_7b_flag_is_run_to_run_movement():
+    """The session-24 table (weights kept across the turn, `speed_vs_unsloth_h200.md`): MFU 0.502 and
+    0.504 at dropout 0.05, every row at least 1.5x Unsloth; it flags 7B ours (+0.0234 against the
+    row's 0.0215). The next call ran 7B plain and ours twice more (the same seed): ours on either
+    side of plain, its two last losses inside the range of plain's three over both calls, and the
+    means of ours and plain over both calls 0.0055 apart, a quarter of the spread
+    (results/speed_vs_unsloth_7b_reruns_session24_h200.json). The 8B lean run the budget cut ran
+    there too."""
+    results, table = _rendered("speed_vs_unsloth_h200")
+    assert "| 1.67x | 0.502 | 12,063 | 7.83 | 1.18x |" in _speed_row(table, "7b-1024")
+    assert "| 1.90x | 0.504 |" in _speed_row(table, "8b-1024")
+    assert "ours +0.0234 DEPARTS, lean -0.0019" in _loss_row(table, "7b-1024")
+    assert "DEPARTS" not in _loss_row(table, "8b-1024")
     assert table in (BENCHMARKS / "results" / "speed_vs_unsloth_h200.md").read_text()
+    reruns = json.loads((BENCHMARKS / "results" / "speed_vs_unsloth_7b_reruns_session24_h200.json").read_text())["results"]
+    plain = _last_losses(reruns, "7b-1024", "plain") + _last_losses(results, "7b-1024", "plain")
+    ours = _last_losses(reruns, "7b-1024", "ours")
+    assert len(plain) == 3 and len(ours) == 2 and all(min(plain) <= x <= max(plain) for x in ours), (plain, ours)
+    ours += _last_losses(results, "7b-1024", "ours")
+    assert abs(sum(ours) / len(ours) - sum(plain) / len(plain)) < _bench().seed_spread("7b-1024") / 3
+    lean = next(r for r in reruns if r["name"] == "8b-1024/lean")  # the table's budget cut it
+    unsloth = next(r for r in results if r["name"] == "8b-1024/unsloth")
+    assert lean["tokens_per_s"] > 1.3 * unsloth["tokens_per_s"] and lean["peak_gib"] < 1.2 * unsloth["peak_gib"]
 
 
 def test_the_8b_lean_p0_flag_of_session_19_does_not_come_back_when_both_run_again():

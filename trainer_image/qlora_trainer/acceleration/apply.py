@@ -178,9 +178,12 @@ def _set_recompute(layers, plan: MemoryPlan) -> int:
 
 
 def _cache_weights(layers, plan: MemoryPlan) -> tuple[int, int]:
-    # Recomputed layers first (they dequantize three times per step, the others twice).
+    # Recomputed layers first (they dequantize three times per step, the others twice). With none
+    # recomputed, the top layers: the lower ones keep their weights across the turn instead
+    # (turn_weights.py), which only layers without a copy can.
     n, total = 0, 0
-    for layer in layers[: plan.cached_layers]:
+    chosen = layers[max(0, len(layers) - plan.cached_layers):] if plan.recompute_layers == 0 else layers[:plan.cached_layers]
+    for layer in chosen:
         if hasattr(layer, "_qlora_qkv"):
             total += fused_layer.keep_weight_copies(layer)
         else:

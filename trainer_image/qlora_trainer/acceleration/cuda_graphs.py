@@ -23,6 +23,11 @@ The layers are chained through static buffers, so graphing costs almost no memor
 A recomputing layer's backward graph runs its forward again first; its temporaries are freed
 inside the capture, so the next layer's backward reuses that memory.
 
+When no layer recomputes, the lower layers keep their NF4 weights, dequantized by their backward,
+for the next micro-step's forward, in an arena that also holds the saved activations of the layers
+above them, dead by then (turn_weights.py: 28 of an 8B step's 96 layer dequantizations, at no
+memory). QLORA_TURN_WEIGHTS=0 turns that off (diagnosis).
+
 What makes the layers capturable: no host syncs; dropout seeds read from a static buffer (every
 fused layer's seeds for a micro-step drawn in one eager kernel before the first layer, the same draw
 an eager micro-step makes, and copied in: no RNG inside the graphs, so torch writes no generator
@@ -45,6 +50,7 @@ import os
 import torch
 
 from . import fused_ops as ops
+from . import turn_weights
 from .fused_layer import (
     _count_optimizer_steps,
     graph_program,
@@ -135,6 +141,8 @@ class _LayerState:
         self.seeds = torch.ones(4, dtype=torch.int64, device=x_in.device)
         self.keep = not getattr(layer, "_qlora_recompute", False)
         self.saved = None  # what the forward keeps for backward (ASides: the backward recomputes)
+        self.into: dict = {}  # where the forward writes saved q|k|v, y and gate|up (the turn's arena)
+        self.turn_flag: torch.Tensor | None = None  # this layer's weights kept across the turn: its flag
         self.forward: _Program | None = None
         self.backward: _Program | None = None
         self.lora_grads: LayerGrads | None = None
@@ -178,6 +186,9 @@ class LayerGraphs:
         self.position = {id(layer): i for i, layer in enumerate(layers)}
         self.seed_table: torch.Tensor | None = None  # this micro-step's dropout seeds, [fused layers, 4]
         self.static_seeds: torch.Tensor | None = None  # what the graphed layers read
+        self.turn: turn_weights.TurnLayout | None = None  # weights kept across the turn (turn_weights.py)
+        self.arena: torch.Tensor | None = None
+        self.turn_flags: torch.Tensor | None = None
 
     def __deepcopy__(self, memo):
         """A copy of the model (an EMA, a reference model, a snapshot for evaluation) gets graphs of
@@ -215,13 +226,22 @@ class LayerGraphs:
         new = lambda: torch.zeros(n, h, dtype=x.dtype, device=x.device)  # noqa: E731
         self.rope = (cos.detach().clone(), sin.detach().clone())
         self.pack = pack
-        inputs = {id(layer): new() for layer in layers}
+        self.turn = self._turn_layout(layers, x)
+        self.arena = torch.empty(self.turn.size, dtype=torch.uint8, device=x.device) if self.turn else None
+        inputs = {}
+        for k, layer in enumerate(layers):
+            at = self._piece(k, "x_in", x.dtype, (n, h))
+            inputs[id(layer)] = new() if at is None else at
         position = self.position
         states = []
         for k, layer in enumerate(layers):
             nxt = self.layers[position[id(layer)] + 1] if position[id(layer)] + 1 < len(self.layers) else None
             out = inputs[id(nxt)] if nxt is not None and id(nxt) in inputs else new()
             states.append(_LayerState(layer, k, inputs[id(layer)], out))
+        if self.turn:
+            self._place_turn(states, x)
+            log.info("layers %d-%d keep their weights across the turn (an arena of %.2f GiB of their activations)",
+                     self.turn.kept[0], self.turn.kept[-1], self.turn.size / 2**30)
         self.static_seeds = torch.ones(len(self.layers), 4, dtype=torch.int64, device=x.device)
         for st in states:
             st.seeds = self.static_seeds[position[id(st.layer)]]
@@ -253,6 +273,52 @@ class LayerGraphs:
         self.last = states[-1]
         self.first = states[0]
 
+    def _turn_layout(self, layers, x) -> turn_weights.TurnLayout | None:
+        """Which layers keep their weights across the turn, and where (turn_weights.plan_layout):
+        only when every fused layer is graphed and none recomputes (a recompute dequantizes
+        in its backward anyway, and its forward keeps no activations to lie over)."""
+        if os.environ.get("QLORA_TURN_WEIGHTS", "1") == "0" or len(layers) != len(self.layers):
+            return None
+        if not all(not getattr(layer, "_qlora_recompute", False) for layer in layers):
+            return None
+        first = layers[0]
+        compute = first._qlora_o.dtype
+        csize = torch.empty((), dtype=compute).element_size()
+        q, kv = first._qlora_qkv.rows[0], first._qlora_qkv.rows[1]
+        hidden, inter = x.shape[1], first._qlora_gate_up.rows[0]
+        pieces = turn_weights.layer_pieces(len(layers), x.shape[0], hidden, inter, q + 2 * kv, x.element_size(), csize)
+        candidates = {k: turn_weights.layer_weight_bytes(hidden, inter, q, kv, csize) for k, layer in enumerate(layers)
+                      if all(w.dequantizes for w in _weights(layer).values())}
+        layout = turn_weights.plan_layout(pieces, candidates)
+        return layout if layout.weights else None
+
+    def _piece(self, k: int, kind: str, dtype, shape) -> torch.Tensor | None:
+        """Layer k's activation `kind` as its place in the arena, or None (where it was)."""
+        at = self.turn.pieces.get((k, kind)) if self.turn else None
+        if at is None:
+            return None
+        nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+        return self.arena[at:at + nbytes].view(dtype).view(shape)
+
+    def _place_turn(self, states, x) -> None:
+        n = x.shape[0]
+        self.turn_flags = torch.zeros(len(states), dtype=torch.int32, device=x.device)
+        for st in states:
+            layer, k = st.layer, st.index
+            compute = layer._qlora_o.dtype
+            for kind, width, dtype in (("qkv", sum(layer._qlora_qkv.rows), compute), ("y", x.shape[1], x.dtype),
+                                       ("gate_up", sum(layer._qlora_gate_up.rows), compute)):
+                at = self._piece(k, kind, dtype, (n, width))
+                if at is not None:
+                    st.into[kind] = at
+            if k in self.turn.weights:
+                st.turn_flag = self.turn_flags[k:k + 1]
+                for kind, w in _weights(layer).items():
+                    nbytes = sum(w.rows) * w.in_features * torch.empty((), dtype=w.dtype).element_size()
+                    at = self.turn.weights[k][kind]
+                    w.turn = self.arena[at:at + nbytes].view(w.dtype).view(sum(w.rows), w.in_features)
+                    w.turn_flag = st.turn_flag
+
     def _factor_key(self):
         """Changes whenever the LoRA factors may have: an optimizer step anywhere in the process
         (fused AdamW writes without bumping versions), or a parameter's storage or version."""
@@ -264,11 +330,13 @@ class LayerGraphs:
 
     def _forward_fn(self, st: _LayerState):
         def run():
-            with graph_program():
+            with graph_program("forward"):
                 z, st.saved = layer_forward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.keep,
-                                            out=st.x_out)
+                                            out=st.x_out, into=st.into)
                 if z.data_ptr() != st.x_out.data_ptr():  # written in place: no 32 MB copy per layer (8B)
                     st.x_out.copy_(z)
+                if st.turn_flag is not None:  # the layers above will write over the region from here on
+                    st.turn_flag.zero_()
         return run
 
     def _backward_fn(self, st: _LayerState):
@@ -276,7 +344,7 @@ class LayerGraphs:
         gc_in, gc_out = self.grad_io_c[(st.index + 1) % 2], self.grad_io_c[st.index % 2]
 
         def run():
-            with graph_program():
+            with graph_program("backward"):
                 if st.lora_grads is not None:
                     st.lora_grads.clear()  # the sinks the backward's LoRA kernels sum into
                 gx, grads = layer_backward(st.layer, st.x_in, *self.rope, self.pack, st.seeds, st.saved, g_in,
@@ -287,6 +355,8 @@ class LayerGraphs:
                     st.lora_grads.accumulate()
                 else:
                     torch._foreach_add_([p.grad for p in st.params], grads)
+                if st.turn_flag is not None:  # the region holds the weights until this layer's next forward
+                    st.turn_flag.fill_(1)
         return run
 
     def _capture(self, states) -> None:
@@ -318,6 +388,8 @@ class LayerGraphs:
         finally:  # the warm-up's gradients were not real, whether or not the capture worked
             for p, g in zip(self.params, grads_before):
                 p.grad.copy_(g)
+            if self.turn_flags is not None:  # the first forward dequantizes
+                self.turn_flags.zero_()
 
     # -- replay ----------------------------------------------------------------------------
 
@@ -370,6 +442,10 @@ class LayerGraphs:
                 log.warning("CUDA graphs off for this model, the fused layers run eagerly: %s", exc)
                 self.failed = True
                 self.states = {}
+                for layer in self.layers:  # the arena goes with the graphs
+                    for w in _weights(layer).values():
+                        w.turn = w.turn_flag = None
+                self.arena = self.turn = self.turn_flags = None
                 return None
             self.key = key
             log.info("captured CUDA graphs of %d decoder layers for %d tokens", len(self.states), x.shape[0])
@@ -386,3 +462,8 @@ class LayerGraphs:
                 self.factor_key = factors
         with torch.autocast(device_type=x.device.type, enabled=False):
             return _GraphedLayer.apply(x, st.params[0], self, st)
+
+
+def _weights(layer) -> dict:
+    """A fused layer's four frozen weights by turn_weights.WEIGHT_KINDS."""
+    return {"qkv": layer._qlora_qkv, "o": layer._qlora_o, "gate_up": layer._qlora_gate_up, "down": layer._qlora_down}

@@ -53,7 +53,8 @@ from .planner import FUSABLE_ARCHITECTURES, FUSED_MAX_RANK
 
 class FusedWeight:
     """The compute-dtype weight [sum(out_j), in] of projections sharing an input: a cached copy, or
-    each NF4 weight dequantized into its rows of one fresh buffer."""
+    each NF4 weight dequantized into its rows of one fresh buffer, or, inside a graphed layer's
+    programs, of its region kept across the turn (turn_weights.py)."""
 
     def __init__(self, projs, dtype: torch.dtype):
         self.projs = projs  # kernels.Projection, each with .weight (FrozenWeight)
@@ -61,6 +62,10 @@ class FusedWeight:
         self.rows = [p.weight.shape[0] for p in projs]
         self.in_features = projs[0].weight.shape[1]
         self.cache: torch.Tensor | None = None
+        # cuda_graphs.LayerGraphs sets both when the layer keeps its weights across the turn: the
+        # region [sum(out_j), in] and the layer's flag (nonzero: the region holds the weights)
+        self.turn: torch.Tensor | None = None
+        self.turn_flag: torch.Tensor | None = None
         biases = [p.weight.bias for p in projs]
         if any(b is not None for b in biases):
             self.bias = torch.cat([b if b is not None else torch.zeros(r, dtype=dtype, device=self._device())
@@ -71,9 +76,33 @@ class FusedWeight:
     def _device(self):
         return self.projs[0].weight.base.weight.device
 
+    def __deepcopy__(self, memo):
+        """A copy of the model gets no region: it belongs to the original's graphs (the copy's own
+        graphs place the copy's weights when they are built)."""
+        import copy
+
+        fresh = FusedWeight.__new__(FusedWeight)
+        memo[id(self)] = fresh
+        for k, v in self.__dict__.items():
+            setattr(fresh, k, None if k in ("turn", "turn_flag") else copy.deepcopy(v, memo))
+        return fresh
+
+    @property
+    def dequantizes(self) -> bool:
+        """Every pass dequantizes it: no copy is cached and every part is NF4."""
+        return self.cache is None and all(p.weight.quantized and p.weight.cache is None for p in self.projs)
+
     def get(self) -> torch.Tensor:
         if self.cache is not None:
             return self.cache
+        if self.turn is not None and _IN_GRAPH[0]:
+            # a forward program leaves the region alone while the flag says the backward filled it
+            skip = self.turn_flag if _IN_GRAPH[0] == "forward" else None
+            start = 0
+            for p, r in zip(self.projs, self.rows):
+                p.weight.get_into(self.turn[start:start + r], skip=skip)
+                start += r
+            return self.turn
         if len(self.projs) == 1:
             return self.projs[0].weight.get()
         out = torch.empty(sum(self.rows), self.in_features, dtype=self.dtype, device=self._device())
@@ -110,18 +139,24 @@ class held_weights:
         return False
 
 
-_IN_GRAPH = [False]  # True while cuda_graphs runs (captures or emulates) a layer's program
+_IN_GRAPH = [None]  # "forward" or "backward" while cuda_graphs runs (captures or emulates) a layer's program
 
 
 class graph_program:
     """While a graphed layer's program is captured or emulated, LoRASet.factors hands out the
-    static factor buffers (which LayerGraphs refreshes once after each optimizer step)."""
+    static factor buffers (which LayerGraphs refreshes once after each optimizer step), and a
+    weight kept across the turn is read from (forward) or dequantized into (backward) its region."""
+
+    def __init__(self, kind: str):
+        if kind not in ("forward", "backward"):
+            raise ValueError(f"graph_program: forward or backward, got {kind!r}")
+        self.kind = kind
 
     def __enter__(self):
-        _IN_GRAPH[0] = True
+        _IN_GRAPH[0] = self.kind
 
     def __exit__(self, *exc):
-        _IN_GRAPH[0] = False
+        _IN_GRAPH[0] = None
         return False
 
 
@@ -299,16 +334,19 @@ class ASides(tuple):
     forward's very values, so the backward sees what a non-recomputing layer would."""
 
 
-def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params, a_sides=None):
+def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params, a_sides=None, into=None):
     """y = x + o_proj(attention(rope(qkv(rms_norm(x))))) and what backward needs; `a_sides`
-    (ASides of the qkv and o_proj A sides): a recompute's, reused instead of drawn again."""
+    (ASides of the qkv and o_proj A sides): a recompute's, reused instead of drawn again; `into`:
+    buffers for q|k|v and y ({"qkv": ..., "y": ...}, either left out: a fresh one)."""
+    into = into or {}
     shape, W, Wo = layer._qlora_attn_shape, layer._qlora_qkv, layer._qlora_o
     qkv_lora, o_lora = layer._qlora_qkv_lora, layer._qlora_o_lora
     A, B = qkv_lora.factors(lora_params[:6])
     Ao, Bo = o_lora.factors(lora_params[6:])
     h, rstd = ops.rms_norm(x, norm_w, shape.eps, W.dtype)
     w = W.get()
-    qkv = torch.addmm(W.bias, h, w.t()) if W.bias is not None else h @ w.t()
+    qkv = torch.addmm(W.bias, h, w.t(), out=into.get("qkv")) if W.bias is not None else \
+        torch.mm(h, w.t(), out=into.get("qkv"))
     del w
     a = ops.lora_a(h, A, seeds[0], qkv_lora.p, 3) if a_sides is None else a_sides[0]
     del h
@@ -325,7 +363,7 @@ def _attention_forward(layer, x, norm_w, cos, sin, pack, seeds, lora_params, a_s
     out, state = attention.forward(q, k, v, pack[0], pack[1], shape.scale)
     o2 = out.view(out.shape[0], -1)
     ao = ops.lora_a(o2, Ao, seeds[1], o_lora.p, 1) if a_sides is None else a_sides[1]
-    y = _project_and_add(x, o2, Wo.get(), ao, Bo)
+    y = _project_and_add(x, o2, Wo.get(), ao, Bo, out=into.get("y"))
     return y, (rstd, qkv, out, state, a, ao)
 
 
@@ -401,16 +439,16 @@ def _attention_backward(layer, x, norm_w, rope, pack, seeds, lora_params, saved,
     return gx, [*qkv_grads, *o_grads]
 
 
-def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None, out=None):
+def _mlp_forward(layer, x, norm_w, seeds, lora_params, a_sides=None, out=None, gate_up_out=None):
     """z = x + down(silu(gate(n)) * up(n)), n = rms_norm(x), and what backward needs; `a_sides`
-    (ASides of the gate|up and down_proj A sides): a recompute's, reused; z written into `out` when
-    given."""
+    (ASides of the gate|up and down_proj A sides): a recompute's, reused; z written into `out` and
+    gate|up into `gate_up_out` when given."""
     Wgu, Wd = layer._qlora_gate_up, layer._qlora_down
     gu_lora, d_lora = layer._qlora_gate_up_lora, layer._qlora_down_lora
     A, B = gu_lora.factors(lora_params[:4])
     Ad, Bd = d_lora.factors(lora_params[4:])
     h, rstd = ops.rms_norm(x, norm_w, layer._qlora_attn_shape.eps, Wgu.dtype)
-    gu = h @ Wgu.get().t()
+    gu = torch.mm(h, Wgu.get().t(), out=gate_up_out)
     a = ops.lora_a(h, A, seeds[0], gu_lora.p, 2) if a_sides is None else a_sides[0]
     del h
     if x.dtype == torch.float32 and gu.dtype != torch.float32:
@@ -588,17 +626,22 @@ def layer_lora_params(layer) -> list[torch.Tensor]:
             *layer._qlora_gate_up_lora.params(), *layer._qlora_down_lora.params()]
 
 
-def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool, a_sides: ASides | None = None, out=None):
+def layer_forward(layer, x, cos, sin, pack, seeds, keep: bool, a_sides: ASides | None = None, out=None,
+                  into: dict | None = None):
     """One installed layer without autograd (what cuda_graphs.py captures): z, and what
     layer_backward needs (when `keep` is False only the four A sides, ASides: backward runs this
     forward again with them, `a_sides`). `seeds` [4] on the device: the attention block's two
     dropout seeds, then the MLP block's. z is written into `out` when given (a graphed layer's
-    output buffer, which is the next layer's input: no copy of the residual stream per layer)."""
+    output buffer, which is the next layer's input: no copy of the residual stream per layer), and
+    the saved q|k|v, y and gate|up into `into`'s "qkv", "y" and "gate_up" where it has them (a
+    graphed layer's places in the turn's arena: turn_weights.py)."""
     params = layer_lora_params(layer)
+    into = into or {}
     attn_a, mlp_a = (None, None) if a_sides is None else (ASides(a_sides[:2]), ASides(a_sides[2:]))
     y, attn = _attention_forward(layer, x, layer.input_layernorm.weight, cos, sin, pack, seeds[:2], params[:8],
-                                 attn_a)
-    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp_a, out)
+                                 attn_a, into)
+    z, mlp = _mlp_forward(layer, y, layer.post_attention_layernorm.weight, seeds[2:], params[8:], mlp_a, out,
+                          into.get("gate_up"))
     return z, ((y, attn, mlp) if keep else ASides((*attn[4:], *mlp[2:])))
 
 

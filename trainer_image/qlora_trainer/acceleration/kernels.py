@@ -22,10 +22,12 @@ from . import fused_ops as ops
 _FAST_NF4: list = [None]  # None: not checked yet; then whether triton_ops.dequantize_nf4 is used
 
 
-def _dequantize_into(w: torch.Tensor, qs, out: torch.Tensor) -> None:
+def _dequantize_into(w: torch.Tensor, qs, out: torch.Tensor, skip: torch.Tensor | None = None) -> None:
     """bitsandbytes' NF4 dequantization of w into out: one Triton launch on a GPU (bitsandbytes
     takes two, the nested absmax first, and reaches about half the card's bandwidth), checked bit
-    for bit against bitsandbytes on its first use in the process (falls back to it otherwise)."""
+    for bit against bitsandbytes on its first use in the process (falls back to it otherwise).
+    `skip` (a device flag, turn_weights.py): the Triton kernel leaves `out` alone while it reads
+    nonzero; bitsandbytes' has no such flag and writes the same values again."""
     import bitsandbytes.functional as bnbf
 
     if _FAST_NF4[0] is None and not torch.cuda.is_current_stream_capturing():
@@ -48,7 +50,7 @@ def _dequantize_into(w: torch.Tensor, qs, out: torch.Tensor) -> None:
     if _FAST_NF4[0] and qs.quant_type == "nf4":
         from . import fused_ops
 
-        fused_ops._triton_ops().dequantize_nf4(w, qs, out)
+        fused_ops._triton_ops().dequantize_nf4(w, qs, out, skip=skip)
         return
     bnbf.dequantize_4bit(w, qs, out=out)
 
@@ -86,15 +88,25 @@ class FrozenWeight:
             return bnbf.dequantize_4bit(w.data, qs).to(self.dtype)
         return w.detach().to(self.dtype)
 
-    def get_into(self, out: torch.Tensor) -> None:
-        """Write the compute-dtype weight into `out` (rows of a fused weight buffer)."""
+    @property
+    def quantized(self) -> bool:
+        return getattr(self.base.weight, "quant_state", None) is not None
+
+    def get_into(self, out: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """Write the compute-dtype weight into `out` (rows of a fused weight buffer); not while the
+        one-element flag `skip` is nonzero (`out` still holds it: turn_weights.py), a test the
+        GPU kernel makes as it runs (inside a CUDA graph) and the host makes elsewhere."""
+        if skip is not None and not out.is_cuda:
+            if int(skip.reshape(-1)[0]) != 0:
+                return
+            skip = None
         if self.cache is not None:
             out.copy_(self.cache)
             return
         w = self.base.weight
         qs = getattr(w, "quant_state", None)
         if qs is not None and qs.dtype == out.dtype and out.is_cuda:  # bitsandbytes has no CPU `out=` kernel
-            _dequantize_into(w.data, qs, out)
+            _dequantize_into(w.data, qs, out, skip)
             return
         out.copy_(self.get())
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from .turn_weights import kept_across_turn
+
 GIB = 1024**3
 # The largest LoRA rank the fused decoder layer takes (fused_layer.fusable): its epilogue kernels
 # hold a token block's q|k|v adapter columns (3r) and B's [3r, head] tiles at once, so registers and
@@ -404,6 +406,9 @@ def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: in
     # Uncached layers pay it in forward and backward (a recomputed layer's backward reuses the
     # weights its recompute dequantized: fused_layer.held_weights).
     passes = 2 * (shape.layers - cached_layers)
+    if graphs and fused and recompute_layers == 0:  # forwards that find their weights kept across the turn
+        passes -= kept_across_turn(shape.layers, cached_layers, tokens, shape.hidden, shape.intermediate,
+                                   shape.q_width, shape.kv_width, RESIDUAL_BYTES)
     dequant_s = passes * shape.linear_params_per_layer * _DEQUANT_BYTES / gpu.bandwidth
     # Elementwise work (norms, RoPE, SwiGLU, dropout, copies): passes over a layer's saved
     # activations per token, forward and backward.

@@ -1421,9 +1421,12 @@ _NF4_LOOKUPS = {"load": 0, "code": 1, "table": 2}
 
 @triton.jit
 def _dequantize_nf4_kernel(q_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr, n_bytes,
-                           HALF: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                           skip_ptr, HALF: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                            ROWS: tl.constexpr, LOOKUP: tl.constexpr, STREAM_OUT: tl.constexpr,
-                           VEC: tl.constexpr):
+                           VEC: tl.constexpr, SKIP: tl.constexpr):
+    if SKIP:  # the output already holds these values (turn_weights.py): the flag is set
+        if tl.load(skip_ptr) != 0:
+            return
     pid = tl.program_id(0).to(tl.int64)
     first = pid * (ROWS * HALF)  # this program's first byte (int64: a weight may pass 2**31 values)
     rows = pid * ROWS + tl.arange(0, ROWS)  # absmax blocks
@@ -1470,9 +1473,12 @@ def _dequantize_nf4_kernel(q_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr
         tl.store(dst, vals, mask=local_out < 2 * (n_bytes - first))
 
 
-def dequantize_nf4(q: torch.Tensor, state, out: torch.Tensor, *, _launch: _Nf4Launch | None = None) -> None:
+def dequantize_nf4(q: torch.Tensor, state, out: torch.Tensor, *, skip: torch.Tensor | None = None,
+                   _launch: _Nf4Launch | None = None) -> None:
     """Write bitsandbytes' dequantization of the packed NF4 weight `q` (its QuantState `state`)
-    into `out` (contiguous, state.shape's element count, any float dtype)."""
+    into `out` (contiguous, state.shape's element count, any float dtype). `skip`: a one-element
+    int32 device tensor; when it reads nonzero as the kernel runs, `out` is left as it is (a CUDA
+    graph replays the launch either way: turn_weights.py)."""
     if not (state.quant_type == "nf4" and q.dtype == torch.uint8 and out.is_contiguous()):
         raise ValueError(f"dequantize_nf4: an NF4 uint8 weight and a contiguous output, got {state.quant_type} "
                          f"{q.dtype}")
@@ -1502,9 +1508,9 @@ def dequantize_nf4(q: torch.Tensor, state, out: torch.Tensor, *, _launch: _Nf4La
     rows = max(1, launch.bytes_per_program // half)
     with _device_of(q):
         _dequantize_nf4_kernel[(triton.cdiv(n // 2, rows * half),)](
-            q, absmax, code2, absmax2, offset, code, out, n // 2, HALF=half, BLOCKSIZE2=bs2, NESTED=nested,
-            ROWS=rows, LOOKUP=_NF4_LOOKUPS[launch.lookup], STREAM_OUT=launch.stream_out, VEC=launch.vec_bytes,
-            num_warps=launch.num_warps, enable_fp_fusion=False)
+            q, absmax, code2, absmax2, offset, code, out, n // 2, q if skip is None else skip, HALF=half,
+            BLOCKSIZE2=bs2, NESTED=nested, ROWS=rows, LOOKUP=_NF4_LOOKUPS[launch.lookup], STREAM_OUT=launch.stream_out,
+            VEC=launch.vec_bytes, SKIP=skip is not None, num_warps=launch.num_warps, enable_fp_fusion=False)
 
 
 _NF4_LAUNCH = _Nf4Launch()
