@@ -199,7 +199,7 @@ def _train_nf4(folder, monkeypatch, turn: str):
         grads.append(torch.cat([p.grad.flatten() for p in params]))
         optimizer.step()
     monkeypatch.setattr(bnbf, "dequantize_4bit", real)
-    return losses, grads, dequantized, model.get_base_model().model.layers
+    return losses, grads, dequantized, model
 
 
 def test_weights_kept_across_the_turn_train_bit_for_bit_as_dequantized_ones(tmp_path, monkeypatch):
@@ -211,10 +211,10 @@ def test_weights_kept_across_the_turn_train_bit_for_bit_as_dequantized_ones(tmp_
 
     on = _train_nf4(tmp_path, monkeypatch, "1")
     off = _train_nf4(tmp_path, monkeypatch, "0")
-    layers = on[3]
+    layers = on[3].get_base_model().model.layers
     graphs = layers[0]._qlora_graphs
     assert graphs.turn is not None and graphs.turn.kept == [0, 1, 2]
-    assert off[3][0]._qlora_graphs.turn is None
+    assert off[3].get_base_model().model.layers[0]._qlora_graphs.turn is None
     assert layers[3]._qlora_qkv.cache is not None and layers[0]._qlora_qkv.cache is None
     kept = len(graphs.turn.kept)
     per_pass = 3 * 7  # three uncached layers, seven NF4 weights each
@@ -226,3 +226,24 @@ def test_weights_kept_across_the_turn_train_bit_for_bit_as_dequantized_ones(tmp_
     assert layers[1]._qlora_gate_up.turn.untyped_storage().data_ptr() == graphs.arena.untyped_storage().data_ptr()
     st = graphs.states[id(layers[1])]
     assert st.into["gate_up"].untyped_storage().data_ptr() == graphs.arena.untyped_storage().data_ptr()
+
+
+def test_a_copy_of_a_model_with_kept_weights_places_its_own(tmp_path, monkeypatch):
+    """A deep copy (an EMA, a reference model) taken after the graphs were built holds no region of
+    the original's arena: its own graphs lay out their own on its first step."""
+    import copy
+
+    import torch
+
+    model = _train_nf4(tmp_path, monkeypatch, "1")[3]
+    twin = copy.deepcopy(model)
+    originals = model.get_base_model().model.layers
+    twins = twin.get_base_model().model.layers
+    assert all(w.turn is None and w.turn_flag is None for layer in twins
+               for w in (layer._qlora_qkv, layer._qlora_o, layer._qlora_gate_up, layer._qlora_down))
+    ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(9))
+    twin(input_ids=ids, labels=ids).loss.backward()
+    mine, theirs = twins[0]._qlora_graphs, originals[0]._qlora_graphs
+    assert mine is not theirs and mine.turn is not None and mine.turn.kept == [0, 1, 2]
+    assert twins[0]._qlora_qkv.turn.untyped_storage().data_ptr() == mine.arena.untyped_storage().data_ptr()
+    assert mine.arena.untyped_storage().data_ptr() != theirs.arena.untyped_storage().data_ptr()
