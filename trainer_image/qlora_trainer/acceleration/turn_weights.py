@@ -25,6 +25,7 @@ Pure Python (the planner prices it before torch loads): `plan_layout` places the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 ALIGN = 512  # bytes: every piece and matrix starts where the CUDA caching allocator would start one
@@ -118,10 +119,12 @@ def layer_weight_bytes(hidden: int, intermediate: int, q_width: int, kv_width: i
             "gate_up": 2 * intermediate * hidden * compute_bytes, "down": hidden * intermediate * compute_bytes}
 
 
+@functools.lru_cache(maxsize=4096)
 def kept_across_turn(layers: int, cached_layers: int, tokens: int, hidden: int, intermediate: int,
                      q_width: int, kv_width: int, residual_bytes: int = 4, compute_bytes: int = 2) -> int:
     """How many layers keep their weights across the turn, with the bf16 copies in the top
-    `cached_layers` layers (apply._cache_weights) and the others NF4."""
+    `cached_layers` layers (apply._cache_weights) and the others NF4 (cached: the planner asks for
+    every plan it prices)."""
     pieces = layer_pieces(layers, tokens, hidden, intermediate, q_width + 2 * kv_width, residual_bytes, compute_bytes)
     weights = layer_weight_bytes(hidden, intermediate, q_width, kv_width, compute_bytes)
     return len(plan_layout(pieces, {layer: weights for layer in range(layers - cached_layers)}).weights)
