@@ -1393,6 +1393,14 @@ def turn_weights_checks() -> dict:
             get_into = kernels.FrozenWeight.get_into
             patched.append((kernels.FrozenWeight, "get_into", get_into))
             kernels.FrozenWeight.get_into = lambda self, out, skip=None: get_into(self, out)
+        try:
+            return train()
+        finally:
+            for owner, name, original in patched:
+                setattr(owner, name, original)
+            os.environ.pop("QLORA_CUDA_GRAPHS")
+
+    def train():
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16,
                                                      device_map="cuda")
         torch.manual_seed(1)  # the same adapter in every build (peft draws A from the global generator)
@@ -1416,9 +1424,6 @@ def turn_weights_checks() -> dict:
             grads.append(torch.cat([p.grad.flatten().float() for p in params]))
             optimizer.step()
         model(input_ids=batches[4], labels=batches[4]).loss.backward()  # the layers' regions filled
-        for owner, name, original in patched:
-            setattr(owner, name, original)
-        os.environ.pop("QLORA_CUDA_GRAPHS")
         return model, torch.stack(losses), torch.cat(grads)
 
     def scrambled_loss(model, scramble: bool):
