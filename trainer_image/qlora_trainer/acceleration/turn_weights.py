@@ -17,7 +17,7 @@ What may hold layer L's weights (cuda_graphs.py writes and reads them in this or
 Each layer's weights take one contiguous region (four matrices, each contiguous), so they can
 straddle several activations. A device flag per layer says whether its region still holds its
 weights: set by B(L), cleared by F(L), which dequantizes (into the same region) only when it is
-clear (the first step, after anything else ran in between).
+clear (the first micro-step, or a forward that did not follow this layer's backward).
 
 Pure Python (the planner prices it before torch loads): `plan_layout` places the regions,
 `kept_across_turn` counts the layers it serves for a model shape.
