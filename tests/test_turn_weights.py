@@ -247,3 +247,21 @@ def test_a_copy_of_a_model_with_kept_weights_places_its_own(tmp_path, monkeypatc
     assert mine is not theirs and mine.turn is not None and mine.turn.kept == [0, 1, 2]
     assert twins[0]._qlora_qkv.turn.untyped_storage().data_ptr() == mine.arena.untyped_storage().data_ptr()
     assert mine.arena.untyped_storage().data_ptr() != theirs.arena.untyped_storage().data_ptr()
+
+
+def test_the_plan_says_how_many_layers_keep_their_weights_across_the_turn():
+    """What the trainer logs and publishes (training_config.json's memoryPlan): the 8B row's auto
+    plan keeps 14 layers' weights across the turn; packed rows (eager layers) and a lean plan (every
+    layer recomputed) none, and say nothing of it."""
+    from qlora_trainer.acceleration import planner
+
+    shape = planner.ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
+                               vocab=128256)
+    job = planner.JobShape(seq_len=1024, micro_batch=4, grad_accum=1)
+    gpu = planner.GpuSpec(memory_bytes=139 * planner.GIB, bandwidth=4.3e12)
+    fixed = planner.plan_memory(shape, job, gpu, packing=False)
+    assert (fixed.recompute_layers, fixed.cached_layers, fixed.turn_layers) == (0, 8, 14)
+    assert "bf16 weight copies in 8 layers, weights kept across the turn in 14 layers," in fixed.describe()
+    for plan in (planner.plan_memory(shape, job, gpu, packing=True), planner.plan_memory(shape, job, gpu, "lean",
+                                                                                          packing=False)):
+        assert plan.turn_layers == 0 and "across the turn" not in plan.describe()

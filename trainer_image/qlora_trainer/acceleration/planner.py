@@ -224,11 +224,14 @@ class MemoryPlan:
     fused_layers: bool = True  # decoder layers as fused_layer.py's functions (else per projection)
     cuda_graphs: bool = True  # fused layers of fixed-length rows replayed as CUDA graphs
     fp32_residual: bool = True  # the decoder layers keep the residual stream in fp32, as the plain recipe
+    turn_layers: int = 0  # layers planned to keep their weights across the turn (turn_weights.py)
 
     def describe(self) -> str:
         return (
             f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, recompute {self.recompute}"
             f" ({self.recompute_layers} layers), bf16 weight copies in {self.cached_layers} layers,"
+            + (f" weights kept across the turn in {self.turn_layers} layers,"
+               if self.turn_layers and self.cuda_graphs and self.fused_layers else "") +
             f" cross-entropy in chunks of {self.ce_chunk_tokens} tokens, packing {'on' if self.packing else 'off'},"
             f" fused decoder layers {('on' + ('' if self.cuda_graphs else ', no CUDA graphs')) if self.fused_layers else 'off'},"
             f" {self.optimizer};"
@@ -467,6 +470,8 @@ def _mode(shape: ModelShape, cand) -> str:
 def _make_plan(shape, job, gpu, cand, budget, policy, packing, fused) -> MemoryPlan:
     b, rec, cached, offload, peak, secs, parts, chunk = cand
     mode = _mode(shape, cand)
+    turn = kept_across_turn(shape.layers, cached, b * job.seq_len, shape.hidden, shape.intermediate, shape.q_width,
+                            shape.kv_width, RESIDUAL_BYTES) if fused and not packing and rec == 0 else 0
     return MemoryPlan(
         micro_batch=b,
         grad_accum=job.effective_batch // b,
@@ -482,6 +487,7 @@ def _make_plan(shape, job, gpu, cand, budget, policy, packing, fused) -> MemoryP
         optimizer=OPTIMIZER,
         breakdown={k: int(v) for k, v in parts.items()},
         fused_layers=fused,
+        turn_layers=turn,
     )
 
 
