@@ -283,7 +283,7 @@ class LayerGraphs:
             return None
         first = layers[0]
         compute = first._qlora_o.dtype
-        csize = torch.empty((), dtype=compute).element_size()
+        csize = compute.itemsize
         q, kv = first._qlora_qkv.rows[0], first._qlora_qkv.rows[1]
         hidden, inter = x.shape[1], first._qlora_gate_up.rows[0]
         pieces = turn_weights.layer_pieces(len(layers), x.shape[0], hidden, inter, q + 2 * kv, x.element_size(), csize)
@@ -297,7 +297,7 @@ class LayerGraphs:
         at = self.turn.pieces.get((k, kind)) if self.turn else None
         if at is None:
             return None
-        nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+        nbytes = shape[0] * shape[1] * dtype.itemsize
         return self.arena[at:at + nbytes].view(dtype).view(shape)
 
     def _place_turn(self, states, x) -> None:
@@ -314,7 +314,7 @@ class LayerGraphs:
             if k in self.turn.weights:
                 st.turn_flag = self.turn_flags[k:k + 1]
                 for kind, w in _weights(layer).items():
-                    nbytes = sum(w.rows) * w.in_features * torch.empty((), dtype=w.dtype).element_size()
+                    nbytes = sum(w.rows) * w.in_features * w.dtype.itemsize
                     at = self.turn.weights[k][kind]
                     w.turn = self.arena[at:at + nbytes].view(w.dtype).view(sum(w.rows), w.in_features)
                     w.turn_flag = st.turn_flag
