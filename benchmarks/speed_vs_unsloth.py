@@ -1441,7 +1441,7 @@ def turn_weights_checks() -> dict:
         return loss.detach().float()
 
     on, on_losses, on_grads = build("1")
-    graphs = on.get_base_model().model.layers[0]._qlora_graphs
+    graphs = _layer_graphs(on)
     kept = graphs.turn.kept if graphs.turn is not None else []
     on_scrambled = scrambled_loss(on, True)
     del on
@@ -1676,7 +1676,7 @@ def fused_layer_checks(rank: int = 16, sweep: bool = False) -> dict:
                 "fused_grads_excess_error": round(max(0.0, fused_err - 1.2 * plain_err), 6),
                 "grads_excess_over_recipe_error": round(max(0.0, fused_err - 1.2 * recipe_err), 6),
                 "graphed_vs_eager_grads": round(_rel(grads[2], grads[3]), 6)}
-    graphs = fast.get_base_model().model.layers[0]._qlora_graphs
+    graphs = _layer_graphs(fast)
     for p in fast.parameters():  # gradient accumulation through replays: two backward passes, 2x
         p.grad = None
     for _ in range(2):
@@ -1689,7 +1689,7 @@ def fused_layer_checks(rank: int = 16, sweep: bool = False) -> dict:
         p.grad = None
     twin(input_ids=ids, labels=ids).loss.backward()
     twin_grads = torch.cat([p.grad.flatten().float() for n, p in twin.named_parameters() if p.requires_grad])
-    twin_graphs = twin.get_base_model().model.layers[0]._qlora_graphs
+    twin_graphs = _layer_graphs(twin)
     after = torch.cat([p.grad.flatten().float() for n, p in fast.named_parameters() if p.requires_grad])
     # bf16 rounding alone moves LoRA gradients by ~1%: the fused path must be no further from fp32
     # than the plain bf16 path is (with a little slack).
@@ -1700,7 +1700,7 @@ def fused_layer_checks(rank: int = 16, sweep: bool = False) -> dict:
             "fused_grads_vs_fp32_info": round(fused_err, 6),
             "fused_grads_excess_error": round(max(0.0, fused_err - 1.2 * plain_err), 6),
             "graphs_captured": 0.0 if graphs.key is not None and len(graphs.states) == 2 else 1.0,
-            "graphs_captured_recomputing": 0.0 if len(recomputed.get_base_model().model.layers[0]._qlora_graphs.states) == 2 else 1.0,
+            "graphs_captured_recomputing": 0.0 if len(_layer_graphs(recomputed).states) == 2 else 1.0,
             "graphed_recomputing_vs_eager_grads": round(_rel(grads[4], grads[3]), 6),
             "graphed_recomputing_vs_eager_loss": round(_rel(losses[4], losses[3]), 6),
             "graphed_vs_eager_grads": round(_rel(grads[2], grads[3]), 6),

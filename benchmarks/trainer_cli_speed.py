@@ -72,7 +72,7 @@ ROW_ESTIMATE_S = {"1.5b-2048": (64, 0.5), "varlen": (62, 0.8), "7b-1024": (60, 0
 DIAGNOSTICS_S_PER_B = 4.0  # the session-10 1.5B row took 132 s with them and the fresh tokenize floor
 FRESH_TOKENIZE_FLOOR_S = 20
 PUBLISH_FLOOR_S = 5  # publish_floor: a light process (no torch), the adapter down once and up twice per way
-S3_ROW_EXTRA_S = 22  # the download floor and the CLI's download (the upload is staged while checkpoints are written)
+S3_ROW_EXTRA_S = 72  # the download floor, the CLI's download, the quantize floor on a downloaded copy (three processes)
 UPLOAD_SAMPLE_BYTES = 500 << 20
 QUANTIZE_STEPS = ("fromPretrained", "prepareKbit", "prepareSharded")  # sub-phases of quantize
 
@@ -198,8 +198,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
 # -- floors (each in a process of its own, like the CLI) ------------------------------------------------------
 
 
-def download_floor(endpoint: str, prefix: str, dest: Path) -> dict:
-    """The store's download bandwidth: boto3 with the trainer's transfer settings, file by file."""
+def download_floor(endpoint: str, prefix: str, dest: Path, keep: bool = False) -> dict:
+    """The store's download bandwidth: boto3 with the trainer's transfer settings, file by file
+    (the copy removed afterwards unless `keep`)."""
     import boto3
     from qlora_trainer.storage import TRANSFER
 
@@ -212,8 +213,19 @@ def download_floor(endpoint: str, prefix: str, dest: Path) -> dict:
         s3.download_file("models", o["Key"], str(path), Config=TRANSFER)
     seconds = time.perf_counter() - t
     total = sum(o["Size"] for o in objects)
-    shutil.rmtree(dest, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(dest, ignore_errors=True)
     return {"seconds": seconds, "bytes": total, "megabytes_per_second": total / 1e6 / seconds}
+
+
+def quantize_floor_downloaded(endpoint: str, prefix: str, dest: Path, folder: Path) -> dict:
+    """Where a downloaded model's quantize phase loses against the floor (session 25: 1.72x at the
+    1.5B row through the store, 1.18x on the same checkpoint as pvc://). In this process: the model
+    downloaded as the trainer downloads it, the floor on that copy, then on the original; the caller
+    also takes the floor on the copy in a fresh process. The copy's pages or the download's process?"""
+    download = download_floor(endpoint, prefix, dest, keep=True)
+    return {"download_s": download["seconds"], "on_copy_after_download": quantize_floor(dest)["seconds"],
+            "on_original_after_download": quantize_floor(folder)["seconds"]}
 
 
 def quantize_floor(folder: Path) -> dict:
@@ -695,6 +707,8 @@ def task_main(task: str, args: list[str]) -> None:
         result = publish_floor(args[0], args[1], Path(args[2]))
     elif task == "quantize-floor":
         result = quantize_floor(Path(args[0]))
+    elif task == "quantize-floor-downloaded":
+        result = quantize_floor_downloaded(args[0], args[1], Path(args[2]), Path(args[3]))
     elif task == "fast-path":
         result = fast_path_with_floors(json.loads(args[0]), Path(args[1]), args[2].startswith("floors"),
                                        diagnostics=args[2] != "floors-lean")
@@ -816,6 +830,13 @@ def drive(opts) -> int:
         (work / "texts.json").write_text(json.dumps(texts))  # for the fresh-process floor
         if fresh_floor:  # a process start (~20 s on the H200 machine)
             res["tokenize_floor"]["fresh_process"] = in_child("tokenize-floor", str(folder), str(work / "texts.json"))
+        if row["store"] == "s3":  # two process starts: the quantize floor on a downloaded copy
+            copy = work / "quantize-download"
+            res["quantize_download"] = in_child("quantize-floor-downloaded", endpoint, f"{row['shape']}/", str(copy),
+                                                str(folder))
+            res["quantize_download"]["on_copy_fresh_process"] = in_child("quantize-floor", str(copy)).get("seconds")
+            res["quantize_download"]["on_original_fresh_process"] = in_child("quantize-floor", str(folder)).get("seconds")
+            shutil.rmtree(copy, ignore_errors=True)
         res["cli"] = cli
         res["row_s"] = round(time.monotonic() - row_began, 1)  # what ROW_ESTIMATE_S estimates
         results["rows"][name] = res
@@ -945,6 +966,16 @@ def render(results: dict) -> tuple[str, bool]:
         lines.append(f"| {name} | {_round(quant.get('seconds'), 2)} | {_round(quant.get('again'), 2)} | "
                      f"{_round(pinned.get('seconds'), 2)} ({pinned.get('pin_s', '-')}) | "
                      f"{', '.join(f'{v:.2f}' for v in loads) or quant.get('diagnostics_error', '-')[:60]} | {cli_s:.2f} |")
+    downloaded = [(name, res["quantize_download"]) for name, res, _, _ in _ran(results) if res.get("quantize_download")]
+    if downloaded:  # quantize_floor_downloaded: the floor on a downloaded copy beside the original
+        lines += ["", "| row | CLI quantize s | floor on the original, fresh process | on a downloaded copy, fresh process "
+                  "| after a download in the same process: on the copy, on the original |", "|---|---|---|---|---|"]
+        for name, d in downloaded:
+            quant = next(ph for n, _, ph, _ in _ran(results) if n == name).get("quantize", {}).get("seconds")
+            lines.append(f"| {name} | {_round(quant, 2)} | {_round(d.get('on_original_fresh_process'), 2)} | "
+                         f"{_round(d.get('on_copy_fresh_process'), 2)} | {_round(d.get('on_copy_after_download'), 2)}, "
+                         f"{_round(d.get('on_original_after_download'), 2)} |" if "error" not in d
+                         else f"| {name} | {_round(quant, 2)} | {d['error'][-80:]} | - | - |")
     lines += ["", "| row | CLI wall s | train s | outside training s | eval before + after s (share of train) | "
               "every phase (s) |", "|---|---|---|---|---|---|"]
     for name, res, ph, _ in _ran(results):

@@ -18,6 +18,7 @@ from qlora_trainer.acceleration import (
     planner,
 )
 from qlora_trainer.acceleration.planner import baseline_peak_bytes, plan_peak_bytes
+from support.memory_plans import fixed_plan
 
 QWEN_7B = ModelShape(layers=28, hidden=3584, intermediate=18944, heads=28, kv_heads=4, head_dim=128, vocab=152064)
 QWEN_1_5B = ModelShape(layers=28, hidden=1536, intermediate=8960, heads=12, kv_heads=2, head_dim=128,
@@ -396,14 +397,6 @@ def _tiny_peft_model(dropout=0.0, targets=None):
     return model
 
 
-def _plan(recompute_layers=0, recompute="none"):
-    from qlora_trainer.acceleration.planner import MemoryPlan
-
-    return MemoryPlan(micro_batch=2, grad_accum=1, recompute=recompute, recompute_layers=recompute_layers,
-                      cached_layers=2, ce_chunk_tokens=7, packing=True, predicted_peak_bytes=0,
-                      predicted_tokens_per_s=0.0, budget_bytes=0, policy="test")
-
-
 @pytest.mark.parametrize("recompute_layers,recompute,fused", [(0, "none", True), (1, "selective", True),
                                                                (2, "full", True), (0, "none", False),
                                                                (2, "full", False)])
@@ -415,7 +408,7 @@ def test_accelerated_model_has_the_plain_models_loss_and_gradients(recompute_lay
 
     plain = _tiny_peft_model()
     fast = copy.deepcopy(plain)
-    report = apply_acceleration(fast, dataclasses.replace(_plan(recompute_layers, recompute), fused_layers=fused))
+    report = apply_acceleration(fast, dataclasses.replace(fixed_plan(recompute_layers, recompute), fused_layers=fused))
     assert report.lora_layers == 14 and report.fused_mlps == 2 and report.fused_cross_entropy
     assert report.fused_layers == (2 if fused else 0), report.skipped
     if not fused:
@@ -438,7 +431,7 @@ def test_a_deep_copy_of_an_accelerated_model_runs_its_own_weights(fused):
 
     plain = _tiny_peft_model()
     fast = copy.deepcopy(plain)
-    apply_acceleration(fast, dataclasses.replace(_plan(), fused_layers=fused))
+    apply_acceleration(fast, dataclasses.replace(fixed_plan(), fused_layers=fused))
     ids = torch.randint(0, 96, (2, 12))
     fast.train(), plain.train()
     before = fast(input_ids=ids, labels=ids).loss.detach()
@@ -465,7 +458,7 @@ def test_a_deep_copy_taken_after_the_graphs_were_built_builds_its_own(monkeypatc
     monkeypatch.setenv("QLORA_CUDA_GRAPHS", "emulate")
     plain = _tiny_peft_model()
     fast = copy.deepcopy(plain)
-    apply_acceleration(fast, _plan())
+    apply_acceleration(fast, fixed_plan())
     fast.train(), plain.train()
     ids = torch.randint(0, 96, (2, 12))
     before = fast(input_ids=ids, labels=ids).loss
@@ -518,7 +511,7 @@ def test_a_rank_above_the_fused_layers_largest_runs_per_projection_and_says_so(m
     plain = _tiny_peft_model()  # rank 4
     monkeypatch.setattr(fused_layer, "FUSED_MAX_RANK", 3)
     fast = copy.deepcopy(plain)
-    report = apply_acceleration(fast, _plan())
+    report = apply_acceleration(fast, fixed_plan())
     assert report.fused_layers == 0 and report.lora_layers == 14
     assert report.skipped == ["decoder layers without the fused path: LoRA rank 4 is above the fused layer's "
                               "largest, 3"], report.skipped
@@ -527,11 +520,11 @@ def test_a_rank_above_the_fused_layers_largest_runs_per_projection_and_says_so(m
     _assert_trains_as_plain(plain, fast, ids, ids)
     # the trainer plans such a job per projection (planner.plan_memory): the report
     # names the rank as the reason, not only the plan
-    unplanned = apply_acceleration(copy.deepcopy(plain), dataclasses.replace(_plan(), fused_layers=False))
+    unplanned = apply_acceleration(copy.deepcopy(plain), dataclasses.replace(fixed_plan(), fused_layers=False))
     assert unplanned.skipped == ["decoder layers run per projection: the plan has fused decoder layers off "
                                  "(LoRA rank 4 is above the fused layer's largest, 3)"], unplanned.skipped
     monkeypatch.setattr(fused_layer, "FUSED_MAX_RANK", 4)  # at the largest itself: fused
-    assert apply_acceleration(copy.deepcopy(plain), _plan()).fused_layers == 2
+    assert apply_acceleration(copy.deepcopy(plain), fixed_plan()).fused_layers == 2
 
 
 @pytest.mark.parametrize("targets,stream", [(None, torch.float32), (["q_proj", "v_proj"], torch.bfloat16)])
@@ -546,7 +539,7 @@ def test_per_projection_layers_take_the_fp32_stream_only_when_every_linear_has_a
     from qlora_trainer.acceleration import apply_acceleration
 
     model = _tiny_peft_model(targets=targets).to(torch.bfloat16)
-    report = apply_acceleration(model, dataclasses.replace(_plan(), fused_layers=False))
+    report = apply_acceleration(model, dataclasses.replace(fixed_plan(), fused_layers=False))
     assert report.fused_layers == 0 and report.residual == str(stream).replace("torch.", "")
     seen = {}
 
@@ -609,7 +602,7 @@ def test_the_per_projection_path_is_as_close_to_fp32_as_the_plain_recipe():
             if "lora_B" in name:
                 p.data.normal_(0, 0.05)
         fast = copy.deepcopy(model)
-        report = apply_acceleration(fast, _plan())
+        report = apply_acceleration(fast, fixed_plan())
         assert report.fused_layers == 0 and report.residual == "float32"  # rank 128: per projection
         recipe = bench.as_plain_recipe(copy.deepcopy(model))
         frozen = {n: p.dtype for n, p in recipe.named_parameters() if not p.requires_grad}
@@ -759,7 +752,7 @@ def test_accelerated_forward_sees_every_optimizer_step(fused, optimizer, monkeyp
         monkeypatch.setenv("QLORA_CUDA_GRAPHS", "emulate")
     plain = _tiny_peft_model()
     fast = copy.deepcopy(plain)
-    apply_acceleration(fast, dataclasses.replace(_plan(), fused_layers=fused))
+    apply_acceleration(fast, dataclasses.replace(fixed_plan(), fused_layers=fused))
     make = {"adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=3e-2, fused=True),
             "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=3e-2, foreach=True),
             "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5)}[optimizer]
@@ -795,7 +788,7 @@ def test_packed_records_do_not_see_each_other():
     from qlora_trainer.acceleration.packing import pack_records
 
     model = _tiny_peft_model()
-    apply_acceleration(model, _plan())
+    apply_acceleration(model, fixed_plan())
     model.eval()
     torch.manual_seed(3)
     recs = [torch.randint(0, 96, (n,)).tolist() for n in (5, 9, 4)]
@@ -851,7 +844,7 @@ def _fused_double_layer(dropout: float):
     from qlora_trainer.acceleration import apply_acceleration
 
     model = _tiny_peft_model(dropout).double()
-    report = apply_acceleration(model, _plan())
+    report = apply_acceleration(model, fixed_plan())
     assert report.fused_layers == 2, report.skipped
     model.train()
     lm = model.get_base_model()
@@ -957,7 +950,7 @@ def _recompute_model_and_loss(layers: int, mode: str):
     from qlora_trainer.acceleration import apply_acceleration
 
     model = _tiny_peft_model(0.3)
-    apply_acceleration(model, _plan(layers, mode))
+    apply_acceleration(model, fixed_plan(layers, mode))
     model.train()
     torch.manual_seed(5)
     ids = torch.randint(0, 96, (2, 12))
@@ -1010,7 +1003,7 @@ def test_fixed_length_rows_reach_the_cuda_graph_path_and_packed_rows_do_not(monk
     original = LayerGraphs.__call__
     monkeypatch.setattr(LayerGraphs, "__call__", lambda self, layer, *a: asked.append(layer) or original(self, layer, *a))
     model = _tiny_peft_model()
-    report = apply_acceleration(model, _plan())
+    report = apply_acceleration(model, fixed_plan())
     assert report.graphed_layers == 0  # none on the CPU: the graphs decline there
     model.train()
     ids = torch.randint(0, 96, (2, 12))
@@ -1033,7 +1026,7 @@ def test_chained_layer_graphs_train_like_the_eager_layers(monkeypatch, recompute
     for mode in ("0", "emulate"):
         monkeypatch.setenv("QLORA_CUDA_GRAPHS", mode)
         models[mode] = _tiny_peft_model()
-        apply_acceleration(models[mode], _plan(recompute_layers, recompute))
+        apply_acceleration(models[mode], fixed_plan(recompute_layers, recompute))
         models[mode].train()
     torch.manual_seed(3)
     batches = [torch.randint(0, 96, (2, 12)) for _ in range(3)]
@@ -1094,7 +1087,7 @@ def _bf16_lora_sets():
     from qlora_trainer.acceleration.fused_layer import LoRASet
 
     model = _tiny_peft_model(dropout=0.1)
-    apply_acceleration(model, _plan())
+    apply_acceleration(model, fixed_plan())
     layer = model.get_base_model().model.layers[0]
     sets = [LoRASet(layer._qlora_qkv_lora.modules, torch.bfloat16), LoRASet(layer._qlora_o_lora.modules, torch.bfloat16)]
     torch.manual_seed(5)
@@ -1134,7 +1127,7 @@ def test_graph_programs_write_the_chained_buffers_without_a_copy(monkeypatch, re
 
     monkeypatch.setenv("QLORA_CUDA_GRAPHS", "emulate")
     model = _tiny_peft_model()
-    apply_acceleration(model, _plan(recompute_layers, recompute))
+    apply_acceleration(model, fixed_plan(recompute_layers, recompute))
     model.train()
     ids = torch.randint(0, 96, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -1175,7 +1168,7 @@ def _eager_and_emulated_graphs(monkeypatch, apply_acceleration, make=None, after
     for mode in ("0", "emulate"):
         monkeypatch.setenv("QLORA_CUDA_GRAPHS", mode)
         model = (make or _tiny_peft_model)()
-        apply_acceleration(model, _plan())
+        apply_acceleration(model, fixed_plan())
         model.train()
         if after is not None:
             after(model)
@@ -1255,7 +1248,7 @@ def test_graphed_backward_zeroes_its_lora_sources_in_one_fill_for_the_kernels_to
 
     monkeypatch.setenv("QLORA_CUDA_GRAPHS", "emulate")
     model = _tiny_peft_model()
-    apply_acceleration(model, _plan())
+    apply_acceleration(model, fixed_plan())
     model.train()
     ids = torch.randint(0, 96, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -1303,7 +1296,7 @@ def test_dropout_seeds_are_drawn_once_per_micro_step_outside_the_graphs_as_eager
     for mode in ("0", "emulate"):
         monkeypatch.setenv("QLORA_CUDA_GRAPHS", mode)
         models[mode] = _tiny_peft_model(dropout=0.1)
-        apply_acceleration(models[mode], _plan())
+        apply_acceleration(models[mode], fixed_plan())
         models[mode].train()
     batches = [torch.randint(0, 96, (2, 12)) for _ in range(2)]
     results = {}
@@ -1400,7 +1393,7 @@ def test_fused_layers_on_an_nf4_model_match_its_plain_forward(tmp_path, cached_l
     plain_loss, plain_grads = loss_and_grads()
     import dataclasses
 
-    report = apply_acceleration(model, dataclasses.replace(_plan(), cached_layers=cached_layers))
+    report = apply_acceleration(model, dataclasses.replace(fixed_plan(), cached_layers=cached_layers))
     assert report.fused_layers == 2, report.skipped
     assert report.cached_layers == cached_layers
     fast_loss, fast_grads = loss_and_grads()
@@ -1472,7 +1465,7 @@ def test_fused_layers_keep_the_residual_stream_in_fp32_as_the_plain_recipe():
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
-        report = apply_acceleration(model, dataclasses.replace(_plan(), fp32_residual=fp32_residual))
+        report = apply_acceleration(model, dataclasses.replace(fixed_plan(), fp32_residual=fp32_residual))
         assert report.fused_layers == 2, report.skipped
         assert report.residual == ("float32" if fp32_residual else "bfloat16")
         loss, grads, seen = run(model)

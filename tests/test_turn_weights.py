@@ -167,13 +167,13 @@ def _train_nf4(folder, monkeypatch, turn: str):
     import bitsandbytes.functional as bnbf
     import torch
     from qlora_trainer.acceleration import apply_acceleration
+    from support.memory_plans import fixed_plan
     from support.nf4_model import tiny_nf4_peft_model
-    from test_acceleration import _plan
 
     monkeypatch.setenv("QLORA_CUDA_GRAPHS", "emulate")
     monkeypatch.setenv("QLORA_TURN_WEIGHTS", turn)
     model = tiny_nf4_peft_model(folder / turn, layers=4, dropout=0.1)
-    apply_acceleration(model, dataclasses.replace(_plan(), cached_layers=1))
+    apply_acceleration(model, dataclasses.replace(fixed_plan(), cached_layers=1))
     model.train()
     calls = [0]
     real = bnbf.dequantize_4bit
