@@ -129,3 +129,38 @@ def test_session_19s_cli_under_memory_max_renders_from_its_raw_results():
     assert resolved["acceleration"] == {"path": "fused", "cudaGraphs": True, "memory": "max",
                                         "why": "spec.training.acceleration"}
     assert "budget (max)" in resolved["memoryPlan"] and "bf16 weight copies in 28 layers" in resolved["memoryPlan"]
+
+
+def test_the_quantize_floor_on_a_downloaded_copy_is_shown_beside_the_original():
+    """quantize_floor_downloaded (session 25): where the model came through the store, the floor
+    taken on a downloaded copy and on the original, in fresh processes and after a download."""
+    results = _results(cli_tps=48_000.0, download_s=14.0)
+    results["rows"]["1.5b-2048"]["quantize_download"] = {
+        "download_s": 9.0, "on_copy_after_download": 11.5, "on_original_after_download": 10.5,
+        "on_copy_fresh_process": 11.0, "on_original_fresh_process": 10.2}
+    table, _ = _bench().render(results)
+    assert _line(table, "1.5b-2048", "12.0", "10.2") == "| 1.5b-2048 | 12.0 | 10.2 | 11.0 | 11.5, 10.5 |"
+    del results["rows"]["1.5b-2048"]["quantize_download"]
+    table, _ = _bench().render(results)
+    assert "on a downloaded copy" not in table
+
+
+def test_session_25s_cli_on_the_turn_weights_tree_renders_from_its_raw_results():
+    """Session 25, the tree with the weights kept across the turn (c622bfc): the CLI at 0.967-1.024
+    of the fast path on the three fixed-length rows in both calls. Phases missed: the 7B tokenize
+    (0.07-0.08 s against 0.04-0.05, both calls), the 8B tokenize against the driver's warm pass
+    (call a; met against the fresh process's pass in call b), the 1.5B quantize after a download
+    (call b, 1.23 s against 0.71 s; 1.18x in call a from the pvc:// checkpoint)."""
+    bench = _bench()
+    first, ok = bench.render(_recorded("trainer_cli_speed_session25a_h200.json"))
+    assert not ok
+    for row, ratio in (("8b-1024", "0.974"), ("7b-1024", "1.022"), ("1.5b-2048", "1.024"), ("varlen", "2.064")):
+        assert next(line for line in first.splitlines() if line.startswith(f"| {row} | ") and f"| {ratio} | met |" in line)
+    assert sorted(line.split(" | ")[0:2] for line in first.splitlines() if "MISSED" in line) == [
+        ["| 7b-1024", "tokenize"], ["| 8b-1024", "tokenize"]]
+    second, ok = bench.render(_recorded("trainer_cli_speed_session25b_h200.json"))
+    for row, ratio in (("8b-1024", "0.967"), ("7b-1024", "1.017"), ("1.5b-2048", "1.021")):
+        assert next(line for line in second.splitlines() if line.startswith(f"| {row} | ") and f"| {ratio} | met |" in line)
+    assert "| 1.23 | 0.71 | 1.72x | MISSED |" in _line(second, "1.5b-2048", "quantize")
+    assert sorted(line.split(" | ")[0:2] for line in second.splitlines() if "MISSED" in line) == [
+        ["| 1.5b-2048", "quantize"], ["| 7b-1024", "tokenize"]]
