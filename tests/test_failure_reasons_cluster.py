@@ -21,6 +21,7 @@ from support.cluster_s3 import (
     upload_tiny_model_and_data,
 )
 from support.operator_process import OperatorProcess, install_crd_and_rbac, service_account_kubeconfig
+from support.polling import qlorajob_status
 from support.shared_gpu import wait_for_the_gpu
 from trainer_fixtures.runs import jsonl
 from trainer_fixtures.tiny_model import chat_records
@@ -65,15 +66,10 @@ def manifest(namespace: str, endpoint: str, name: str, secret: str = "minio", **
                        "metadata": {"name": name, "namespace": namespace}, "spec": body})
 
 
-def status(cluster, namespace, name) -> dict:
-    out = kubectl(cluster, "-n", namespace, "get", "qlorajob", name, "-o", "json").stdout
-    return json.loads(out).get("status") or {}
-
-
 def wait_status(cluster, namespace, name, check, operator, timeout=300.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        current = status(cluster, namespace, name)
+        current = qlorajob_status(cluster, namespace, name)
         if check(current):
             return current
         time.sleep(1)
@@ -105,7 +101,7 @@ def test_a_permanent_trainer_failure_is_not_retried(local_cluster, namespace, op
     assert failed["reason"] == reason and says in failed["message"], failed
     assert says in final["message"]
     time.sleep(3)  # several resyncs: a retry would have created the next Job by now
-    assert status(local_cluster, namespace, name)["attempts"] == 1
+    assert qlorajob_status(local_cluster, namespace, name)["attempts"] == 1
     assert trainer_jobs(local_cluster, namespace, name) == [f"{name}-1"]
 
 

@@ -27,6 +27,7 @@ from qlora_api import GROUP, PLURAL, VERSION, QLoRAJobSpec
 from qlora_localcluster.testing import kubectl
 from support.cluster_s3 import TRAINER_IMAGE, credentials_secret, upload_tiny_model_and_data
 from support.operator_process import OperatorProcess, install_crd_and_rbac, service_account_kubeconfig
+from support.polling import qlorajob_status
 from support.shared_gpu import wait_for_the_gpu
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -92,11 +93,6 @@ def aimed_at_the_cluster(doc: dict, endpoint: str) -> dict:
     return doc
 
 
-def status(cluster, namespace: str, name: str) -> dict:
-    out = kubectl(cluster, "-n", namespace, "get", "qlorajob", name, "-o", "json").stdout
-    return json.loads(out).get("status") or {}
-
-
 def failed_reason(current: dict) -> str | None:
     return next((c["reason"] for c in current.get("conditions", []) if c["type"] == "Failed"
                  and c["status"] == "True"), None)
@@ -118,7 +114,7 @@ def test_every_hostile_qlorajob_is_refused_or_fails_with_its_reason_while_anothe
                               "resources": {"image": "qlora-fake-trainer:test"}}}
         assert create(api, namespace, bystander) is None
         started = time.monotonic()
-        while (status(local_cluster, namespace, "bystander").get("progress") or {}).get("step", 0) < 1:
+        while (qlorajob_status(local_cluster, namespace, "bystander").get("progress") or {}).get("step", 0) < 1:
             assert time.monotonic() - started < 120, operator.log_tail()
             time.sleep(0.5)
 
@@ -141,14 +137,14 @@ def test_every_hostile_qlorajob_is_refused_or_fails_with_its_reason_while_anothe
         outcomes: dict[str, dict] = {}
         while len(outcomes) < len(admitted) and time.monotonic() < deadline:
             for name in admitted.keys() - outcomes.keys():
-                current = status(local_cluster, namespace, name)
+                current = qlorajob_status(local_cluster, namespace, name)
                 if current.get("phase") in ("Failed", "Succeeded"):
                     outcomes[name] = current
             assert operator.proc.poll() is None, operator.log_tail()
             time.sleep(1)
         for name, (kind, reason) in admitted.items():
             current = outcomes.get(name)
-            assert current is not None, f"{name} did not finish: {status(local_cluster, namespace, name)}"
+            assert current is not None, f"{name} did not finish: {qlorajob_status(local_cluster, namespace, name)}"
             if kind == "failed":
                 assert failed_reason(current) == reason, (name, current)
                 assert (current.get("attempts") or 0) <= 1, (name, current)  # a permanent failure: no retry
@@ -158,7 +154,7 @@ def test_every_hostile_qlorajob_is_refused_or_fails_with_its_reason_while_anothe
         assert all(len(j["metadata"]["name"]) <= 63 for j in jobs)
         assert not any(j["metadata"]["name"].startswith(("affinity-garbage", "selector-key-bang")) for j in jobs)
 
-        assert status(local_cluster, namespace, "bystander")["phase"] == "Succeeded"
+        assert qlorajob_status(local_cluster, namespace, "bystander")["phase"] == "Succeeded"
         assert operator.proc.poll() is None and operator.errors_in_log() == [], operator.log_tail()
     finally:
         kubectl(local_cluster, "-n", namespace, "delete", "qlorajobs", "--all", "--wait=false", check=False)

@@ -18,6 +18,7 @@ from qlora_operator import settings
 from qlora_operator.kube import Kube
 from qlora_operator.leader_election import LeaderElector, LeaseLock, LeaseRecord, may_take, next_record
 from support.operator_process import OperatorProcess, fake_trainer_qlorajob
+from support.polling import wait_for
 from support.shared_gpu import wait_for_the_gpu
 
 # --- the rules, no server ----------------------------------------------------------------------
@@ -216,15 +217,6 @@ def lease(cluster) -> dict:
     result = kubectl(cluster, "-n", operator_install.NAMESPACE, "get", "lease", operator_install.LEADER_LEASE,
                      "-o", "json", check=False)
     return json.loads(result.stdout)["spec"] if result.returncode == 0 else {}
-
-
-def wait_for(what, check, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} after {timeout} s")
 
 
 @pytest.fixture

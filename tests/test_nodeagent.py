@@ -13,6 +13,7 @@ import time
 
 import pytest
 from qlora_localcluster.testing import kubectl, private_cluster
+from support.polling import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -25,17 +26,6 @@ def apply(cluster, namespace: str, *objects: dict) -> None:
 def get(cluster, namespace: str, kind: str, name: str) -> dict | None:
     r = kubectl(cluster, "-n", namespace, "get", kind, name, "-o", "json", check=False)
     return json.loads(r.stdout) if r.returncode == 0 else None
-
-
-def wait_for(what: str, probe, timeout: float = 60.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
 
 
 def pod(name: str, *containers: dict, restart: str = "Never", **spec) -> dict:

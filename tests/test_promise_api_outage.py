@@ -41,6 +41,7 @@ from support.operator_process import (
     service_account_kubeconfig,
 )
 from support.outages import ApiServerStopped, OperatorCutOff, Supervised, pod_processes
+from support.polling import operator_log, qlorajob_status, wait_for
 from support.tcp_proxy import CuttableProxy
 
 NAMESPACE = "outage"
@@ -134,24 +135,24 @@ def test_the_true_terminal_state_arrives_after_an_api_outage_and_no_attempt_is_r
     operator = Supervised(process).start()
     try:
         kubectl(cluster, "apply", "-f", "-", input=fake_trainer_qlorajob(name, NAMESPACE, scenario))
-        wait_for(f"{name} training", lambda: (status(cluster, name).get("progress") or {}).get("step", 0) >= 2,
-                 60, process)
+        wait_for(f"{name} training", lambda: (job_status(cluster, name).get("progress") or {}).get("step", 0) >= 2,
+                 60, explain=operator_log(process))
         pod = the_pod(cluster, name)
         stopping = outage.begin()
         outage_began = time.time()
         gate(cluster, name).touch()  # the trainer exits within one step (0.2 s) of this
         wait_for("the trainer's processes to exit", lambda: not pod_processes(cluster, pod["metadata"]["uid"]), 10,
-                 process)
+                 explain=operator_log(process))
         time.sleep(hold)
         outage_ended = time.time()
         back = outage.end()
         terminal = "Succeeded" if scenario == "gated" else "Failed"
-        wait_for(f"{name} {terminal}", lambda: status(cluster, name).get("phase") in ("Succeeded", "Failed"),
-                 90, process)
+        wait_for(f"{name} {terminal}", lambda: job_status(cluster, name).get("phase") in ("Succeeded", "Failed"),
+                 90, explain=operator_log(process))
         took = time.monotonic() - back
         time.sleep(1.5 * INTERVAL_S)  # another resync: nothing may start after the end
 
-        final = status(cluster, name)
+        final = job_status(cluster, name)
         assert final["phase"] == terminal, final
         failed = next((c for c in final["conditions"] if c["type"] == "Failed"), {})
         if terminal == "Failed":
@@ -180,9 +181,8 @@ def test_the_true_terminal_state_arrives_after_an_api_outage_and_no_attempt_is_r
         kubectl(cluster, "-n", NAMESPACE, "delete", "qlorajob", name, "--wait=false", check=False)
 
 
-def status(cluster, name) -> dict:
-    return json.loads(kubectl(cluster, "-n", NAMESPACE, "get", "qlorajob", name, "-o", "json").stdout).get(
-        "status") or {}
+def job_status(cluster, name) -> dict:
+    return qlorajob_status(cluster, NAMESPACE, name)
 
 
 def children(cluster, kind, name) -> list[str]:
@@ -209,10 +209,3 @@ def gate(cluster, name):
 def runs(cluster, name) -> list[dict]:
     path = scratch(cluster) / job_file_name(NAMESPACE, name, "runs")
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(what, check, timeout, operator) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s; operator log:\n{operator.log_tail()}"
-        time.sleep(0.3)

@@ -32,6 +32,7 @@ from support.operator_process import (
     service_account_kubeconfig,
 )
 from support.outages import pod_processes
+from support.polling import operator_log, wait_for
 
 pytestmark = pytest.mark.cluster
 NAMESPACE = "deletion"
@@ -87,7 +88,7 @@ def test_a_qlorajob_deleted_while_its_operator_or_s3_is_down_is_gone_and_its_tra
             name, NAMESPACE, scenario, steps=100_000,
             output={"endpointUrl": cluster.s3_endpoint, "addressingStyle": "path"}))
         wait_for(f"{name} training", lambda: (status(cluster, name).get("progress") or {}).get("step", 0) >= 3,
-                 60, operator)
+                 60, explain=operator_log(operator))
         pod = only(objects(cluster, "pods", name))
         uid = pod["metadata"]["uid"]
         assert pod_processes(cluster, uid), "the trainer runs as a process of the node agent"
@@ -97,7 +98,8 @@ def test_a_qlorajob_deleted_while_its_operator_or_s3_is_down_is_gone_and_its_tra
         if s3_down:
             cluster.stop_component("minio")
             log = cluster.state_dir / "nodes" / "gpu-node-0" / "pods" / uid / "logs" / "trainer" / "0.log"
-            wait_for("the trainer retrying S3", lambda: "retrying" in log.read_text(errors="replace"), 60, operator)
+            wait_for("the trainer retrying S3", lambda: "retrying" in log.read_text(errors="replace"), 60,
+                     explain=operator_log(operator))
 
         gone_bound = GONE_S3_DOWN_S if s3_down else GONE_S
         bound = DELETED_S if cascade == "background" else gone_bound  # foreground: once its pod is gone
@@ -110,10 +112,11 @@ def test_a_qlorajob_deleted_while_its_operator_or_s3_is_down_is_gone_and_its_tra
         assert deleted_s <= bound
 
         wait_for(f"the trainer's processes of {name} to stop", lambda: not pod_processes(cluster, uid),
-                 gone_bound, operator)
+                 gone_bound, explain=operator_log(operator))
         stopped_s = time.monotonic() - started
         wait_for(f"the children of {name} to go", lambda: not any(
-            objects(cluster, kind, name) for kind in ("jobs", "pods", "configmaps")), gone_bound, operator)
+            objects(cluster, kind, name) for kind in ("jobs", "pods", "configmaps")), gone_bound,
+                 explain=operator_log(operator))
         gone_s = time.monotonic() - started
         assert gone_s <= gone_bound
         watch.stop()
@@ -156,10 +159,3 @@ def only(items: list[dict]) -> dict:
 def status(cluster, name) -> dict:
     items = objects(cluster, "qlorajobs", name, by_name=True)
     return (items[0].get("status") or {}) if items else {}
-
-
-def wait_for(what, check, timeout, operator) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s; operator log:\n{operator.log_tail()}"
-        time.sleep(0.3)

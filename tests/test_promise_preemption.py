@@ -32,6 +32,7 @@ from kubernetes import client, config, watch
 from qlora_localcluster.testing import kubectl, private_cluster
 from support.cluster_s3 import stage_tiny_run
 from support.operator_process import OperatorProcess, install_crd_and_rbac, service_account_kubeconfig
+from support.polling import qlorajob_status, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 TRAINER_IMAGE = "ghcr.io/qlora-operator/trainer:0.1.0"
@@ -151,20 +152,13 @@ def manifest(endpoint: str) -> dict:
 
 
 def status(env) -> dict:
-    got = kubectl(env["cluster"], "-n", NAMESPACE, "get", "qlorajob", JOB, "-o", "json")
-    return json.loads(got.stdout).get("status") or {}
+    return qlorajob_status(env["cluster"], NAMESPACE, JOB)
 
 
 def wait_until(env, what: str, check, timeout: float = 180, every: float = 0.3):
     """check() until it returns something truthy; on timeout fail with the status and the operator's log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}\nstatus: {json.dumps(status(env), indent=1)}\n"
-                         f"operator log:\n{env['operator'].log_tail(30)}")
+    return wait_for(what, check, timeout, every=every, explain=lambda: f"status: {json.dumps(status(env), indent=1)}\n"
+                    f"operator log:\n{env['operator'].log_tail(30)}")
 
 
 def complete_checkpoints(s3) -> dict[int, str]:
