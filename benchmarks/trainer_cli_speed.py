@@ -966,16 +966,15 @@ def render(results: dict) -> tuple[str, bool]:
         lines.append(f"| {name} | {_round(quant.get('seconds'), 2)} | {_round(quant.get('again'), 2)} | "
                      f"{_round(pinned.get('seconds'), 2)} ({pinned.get('pin_s', '-')}) | "
                      f"{', '.join(f'{v:.2f}' for v in loads) or quant.get('diagnostics_error', '-')[:60]} | {cli_s:.2f} |")
-    downloaded = [(name, res["quantize_download"]) for name, res, _, _ in _ran(results) if res.get("quantize_download")]
+    downloaded = [(name, ph, res["quantize_download"]) for name, res, ph, _ in _ran(results) if res.get("quantize_download")]
     if downloaded:  # quantize_floor_downloaded: the floor on a downloaded copy beside the original
         lines += ["", "| row | CLI quantize s | floor on the original, fresh process | on a downloaded copy, fresh process "
                   "| after a download in the same process: on the copy, on the original |", "|---|---|---|---|---|"]
-        for name, d in downloaded:
-            quant = next(ph for n, _, ph, _ in _ran(results) if n == name).get("quantize", {}).get("seconds")
-            lines.append(f"| {name} | {_round(quant, 2)} | {_round(d.get('on_original_fresh_process'), 2)} | "
-                         f"{_round(d.get('on_copy_fresh_process'), 2)} | {_round(d.get('on_copy_after_download'), 2)}, "
-                         f"{_round(d.get('on_original_after_download'), 2)} |" if "error" not in d
-                         else f"| {name} | {_round(quant, 2)} | {d['error'][-80:]} | - | - |")
+        for name, ph, d in downloaded:
+            cells = ([d["error"][-80:], "-", "-"] if "error" in d else
+                     [_round(d.get("on_original_fresh_process"), 2), _round(d.get("on_copy_fresh_process"), 2),
+                      f"{_round(d.get('on_copy_after_download'), 2)}, {_round(d.get('on_original_after_download'), 2)}"])
+            lines.append(f"| {name} | {_round(ph.get('quantize', {}).get('seconds'), 2)} | " + " | ".join(map(str, cells)) + " |")
     lines += ["", "| row | CLI wall s | train s | outside training s | eval before + after s (share of train) | "
               "every phase (s) |", "|---|---|---|---|---|---|"]
     for name, res, ph, _ in _ran(results):

@@ -390,6 +390,16 @@ def _gemm_efficiency(tokens: int) -> float:
     return _GEMM_EFFICIENCY * tokens / (tokens + _GEMM_TOKENS_HALF_EFFICIENCY)
 
 
+def turn_layers(shape: ModelShape, cached_layers: int, tokens: int, recompute_layers: int, graphs: bool,
+                fused: bool) -> int:
+    """Layers whose next forward finds its weights kept across the turn (turn_weights.py): only
+    graphed fused layers with none recomputed (cuda_graphs.LayerGraphs._turn_layout)."""
+    if not (graphs and fused and recompute_layers == 0):
+        return 0
+    return kept_across_turn(shape.layers, cached_layers, tokens, shape.hidden, shape.intermediate, shape.q_width,
+                            shape.kv_width, RESIDUAL_BYTES)
+
+
 def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: int, recompute_layers: int,
                  cached_layers: int, offload: bool = False, graphs: bool = False, fused: bool = True,
                  ce_chunk: int | None = None) -> float:
@@ -409,9 +419,7 @@ def step_seconds(shape: ModelShape, job: JobShape, gpu: GpuSpec, micro_batch: in
     # Uncached layers pay it in forward and backward (a recomputed layer's backward reuses the
     # weights its recompute dequantized: fused_layer.held_weights).
     passes = 2 * (shape.layers - cached_layers)
-    if graphs and fused and recompute_layers == 0:  # forwards that find their weights kept across the turn
-        passes -= kept_across_turn(shape.layers, cached_layers, tokens, shape.hidden, shape.intermediate,
-                                   shape.q_width, shape.kv_width, RESIDUAL_BYTES)
+    passes -= turn_layers(shape, cached_layers, tokens, recompute_layers, graphs, fused)  # forwards that find them
     dequant_s = passes * shape.linear_params_per_layer * _DEQUANT_BYTES / gpu.bandwidth
     # Elementwise work (norms, RoPE, SwiGLU, dropout, copies): passes over a layer's saved
     # activations per token, forward and backward.
@@ -470,8 +478,7 @@ def _mode(shape: ModelShape, cand) -> str:
 def _make_plan(shape, job, gpu, cand, budget, policy, packing, fused) -> MemoryPlan:
     b, rec, cached, offload, peak, secs, parts, chunk = cand
     mode = _mode(shape, cand)
-    turn = kept_across_turn(shape.layers, cached, b * job.seq_len, shape.hidden, shape.intermediate, shape.q_width,
-                            shape.kv_width, RESIDUAL_BYTES) if fused and not packing and rec == 0 else 0
+    turn = turn_layers(shape, cached, b * job.seq_len, rec, graphs=not packing, fused=fused)
     return MemoryPlan(
         micro_batch=b,
         grad_accum=job.effective_batch // b,
